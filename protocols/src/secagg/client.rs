@@ -1,0 +1,699 @@
+//! The site's side of SecAgg+.
+//!
+//! The client is a one-way state machine: each stage can run at most once, so whatever the
+//! server sends, a client reveals at most one kind of share per peer (the self-mask seed share
+//! of a survivor or the mask-key share of a dropout, never both). Secrets live only in this
+//! struct, are zeroised when it is dropped or fails, and never appear in `Debug` output.
+//!
+//! A message for another round or out of order is refused but leaves the client as it was
+//! (a stale duplicate must not kill a healthy round). Everything that indicates an attack or
+//! an inconsistent server — a bad signature, a share that fails to decrypt, a survivor set that
+//! changed after it was signed — fails the client for good.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chacha20::ChaCha20Rng;
+use ed25519_dalek::VerifyingKey;
+use rand_core::{Rng, SeedableRng};
+use thiserror::Error;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroize;
+
+use super::crypto::{self, IdentityVerifier, SharedSecret, SiteIdentity};
+use super::graph::{GraphError, NeighbourGraph};
+use super::messages::*;
+use super::params::{ParamError, Params};
+use super::prg::{Sign, apply_mask};
+use super::quant::QuantisedInput;
+use super::shamir::{self, SHARE_BYTES, Share};
+use super::word::Word;
+use super::{ClientId, RoundId};
+
+/// Where a client is in the round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientStage {
+    AwaitingSetup,
+    AwaitingNeighbourKeys,
+    AwaitingShares,
+    /// Shares are in; masking waits for the local update (training may still be running).
+    AwaitingInput,
+    /// The masked input was sent; waiting for the consistency check or the unmask request.
+    AwaitingSurvivors,
+    /// The survivor set was signed; waiting for the unmask request.
+    AwaitingUnmask,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ClientError {
+    #[error("{got} is not expected while the client is in stage {stage:?}")]
+    UnexpectedMessage {
+        stage: ClientStage,
+        got: &'static str,
+    },
+    #[error("message for {got}, but this client is in {expected}")]
+    WrongRound { expected: RoundId, got: RoundId },
+    #[error("the server's parameters are unsafe or invalid: {0}")]
+    InvalidParams(#[from] ParamError),
+    #[error("the round uses modulus 2^{round_bits} but this client was built for 2^{client_bits}")]
+    ModulusMismatch { round_bits: u32, client_bits: u32 },
+    #[error("{participants} participants listed but the parameters say {sites}")]
+    ParticipantCount { participants: usize, sites: u32 },
+    #[error("this site ({id}) is not among the round's participants")]
+    NotAParticipant { id: ClientId },
+    #[error("neighbour graph: {0}")]
+    Graph(#[from] GraphError),
+    #[error("site {peer}'s identity was not accepted: {reason}")]
+    BadIdentity { peer: ClientId, reason: String },
+    #[error("site {peer}'s signature does not verify: its keys may have been substituted")]
+    BadSignature { peer: ClientId },
+    #[error("site {peer}'s keys were advertised for another round: replayed")]
+    ReplayedKey { peer: ClientId },
+    #[error("site {peer} is not a neighbour of this site in this round")]
+    NotANeighbour { peer: ClientId },
+    #[error("site {peer} appears twice")]
+    Duplicate { peer: ClientId },
+    #[error("site {peer}'s public key repeats another key in the round")]
+    ReusedKey { peer: ClientId },
+    #[error("site {peer}'s public key is a low-order point")]
+    WeakKey { peer: ClientId },
+    #[error(
+        "only {live} live neighbours (this site included) at stage {stage:?}, threshold is {threshold}"
+    )]
+    TooFewNeighbours {
+        stage: ClientStage,
+        live: usize,
+        threshold: u32,
+    },
+    #[error("the shares from site {peer} do not decrypt: tampered or misrouted")]
+    ShareDecryption { peer: ClientId },
+    #[error("the shares from site {peer} are malformed")]
+    MalformedShare { peer: ClientId },
+    #[error("the input has {got} elements, the round needs {expected}")]
+    InputLength { got: usize, expected: usize },
+    #[error("the survivor set is inconsistent: {0}")]
+    InconsistentSurvivors(String),
+    #[error("the server asked for both shares of site {peer}: refused")]
+    BothSharesRequested { peer: ClientId },
+    #[error("the unmask request says nothing about neighbour {peer}")]
+    IncompleteUnmaskRequest { peer: ClientId },
+    #[error("the survivor set differs from the one this site signed")]
+    SurvivorSetChanged,
+    #[error("this client failed earlier in the round; start a new attempt")]
+    Failed,
+}
+
+impl ClientError {
+    /// Errors that leave the client usable: stale or misordered messages.
+    fn is_benign(&self) -> bool {
+        matches!(
+            self,
+            ClientError::UnexpectedMessage { .. } | ClientError::WrongRound { .. }
+        )
+    }
+}
+
+/// What this site knows about a neighbour whose signed keys it accepted.
+struct Peer {
+    verifying_key: VerifyingKey,
+    cipher_secret: SharedSecret,
+    mask_secret: SharedSecret,
+    /// The neighbour's shares of its own secrets (self-mask seed, mask key), once received.
+    shares: Option<(Share, Share)>,
+}
+
+/// State of one site in one round attempt. Build a new one for every attempt.
+pub struct Client<W: Word> {
+    identity: SiteIdentity,
+    verifier: Arc<dyn IdentityVerifier>,
+    round: RoundId,
+    rng: ChaCha20Rng,
+    stage: ClientStage,
+    params: Option<Params>,
+    graph: Option<NeighbourGraph>,
+    cipher_sk: Option<StaticSecret>,
+    mask_sk: Option<StaticSecret>,
+    /// This site's advertised (cipher, mask) public keys, to detect key reuse by others.
+    my_public: ([u8; 32], [u8; 32]),
+    self_seed: [u8; 32],
+    own_shares: Option<(Share, Share)>,
+    peers: BTreeMap<ClientId, Peer>,
+    input: Option<QuantisedInput<W>>,
+    signed_survivors: Option<Vec<ClientId>>,
+}
+
+impl<W: Word> std::fmt::Debug for Client<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.identity.id)
+            .field("round", &self.round)
+            .field("stage", &self.stage)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Word> Drop for Client<W> {
+    fn drop(&mut self) {
+        self.self_seed.zeroize();
+    }
+}
+
+impl<W: Word> Client<W> {
+    /// A client for `round`. `rng_seed` must come from a CSPRNG (the OS) in production; it is a
+    /// parameter so tests and simulations replay exactly.
+    pub fn new(
+        identity: SiteIdentity,
+        verifier: Arc<dyn IdentityVerifier>,
+        round: RoundId,
+        rng_seed: [u8; 32],
+    ) -> Self {
+        Client {
+            identity,
+            verifier,
+            round,
+            rng: ChaCha20Rng::from_seed(rng_seed),
+            stage: ClientStage::AwaitingSetup,
+            params: None,
+            graph: None,
+            cipher_sk: None,
+            mask_sk: None,
+            my_public: ([0; 32], [0; 32]),
+            self_seed: [0; 32],
+            own_shares: None,
+            peers: BTreeMap::new(),
+            input: None,
+            signed_survivors: None,
+        }
+    }
+
+    pub fn id(&self) -> ClientId {
+        self.identity.id
+    }
+
+    pub fn stage(&self) -> ClientStage {
+        self.stage
+    }
+
+    pub fn round(&self) -> RoundId {
+        self.round
+    }
+
+    /// Handles one message from the server and returns the reply, if this stage has one.
+    pub fn handle(
+        &mut self,
+        msg: &ServerMessage,
+    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+        let result = self.dispatch(msg);
+        self.settle(result)
+    }
+
+    /// Provides the quantised local update. Returns the masked input if the shares have already
+    /// arrived; otherwise it is sent as soon as they do.
+    pub fn set_input(
+        &mut self,
+        input: QuantisedInput<W>,
+    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+        let result = self.accept_input(input);
+        self.settle(result)
+    }
+
+    fn settle(
+        &mut self,
+        result: Result<Option<ClientMessage<W>>, ClientError>,
+    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+        if let Err(e) = &result
+            && !e.is_benign()
+        {
+            self.fail();
+        }
+        result
+    }
+
+    fn fail(&mut self) {
+        self.stage = ClientStage::Failed;
+        self.peers.clear();
+        self.cipher_sk = None;
+        self.mask_sk = None;
+        self.own_shares = None;
+        self.input = None;
+        self.self_seed.zeroize();
+    }
+
+    fn dispatch(&mut self, msg: &ServerMessage) -> Result<Option<ClientMessage<W>>, ClientError> {
+        if self.stage == ClientStage::Failed {
+            return Err(ClientError::Failed);
+        }
+        if msg.round() != self.round {
+            return Err(ClientError::WrongRound {
+                expected: self.round,
+                got: msg.round(),
+            });
+        }
+        let consistency = self.params.as_ref().is_some_and(|p| p.consistency_check);
+        match (self.stage, msg) {
+            (ClientStage::AwaitingSetup, ServerMessage::Setup(m)) => self.on_setup(m).map(Some),
+            (ClientStage::AwaitingNeighbourKeys, ServerMessage::NeighbourKeys(m)) => {
+                self.on_neighbour_keys(m).map(Some)
+            }
+            (ClientStage::AwaitingShares, ServerMessage::ForwardedShares(m)) => {
+                self.on_forwarded_shares(m)
+            }
+            (ClientStage::AwaitingSurvivors, ServerMessage::ConsistencyRequest(m))
+                if consistency =>
+            {
+                self.on_consistency_request(m).map(Some)
+            }
+            (ClientStage::AwaitingSurvivors, ServerMessage::UnmaskRequest(m)) if !consistency => {
+                self.on_unmask_request(m).map(Some)
+            }
+            (ClientStage::AwaitingUnmask, ServerMessage::UnmaskRequest(m)) => {
+                self.on_unmask_request(m).map(Some)
+            }
+            (stage, msg) => Err(ClientError::UnexpectedMessage {
+                stage,
+                got: msg.name(),
+            }),
+        }
+    }
+
+    fn params(&self) -> Result<&Params, ClientError> {
+        self.params.as_ref().ok_or(ClientError::UnexpectedMessage {
+            stage: self.stage,
+            got: "a message before Setup",
+        })
+    }
+
+    fn threshold(&self) -> u32 {
+        self.params.as_ref().map_or(0, |p| p.threshold)
+    }
+
+
+    fn on_setup(&mut self, m: &Setup) -> Result<ClientMessage<W>, ClientError> {
+        m.params.validate()?;
+        if m.params.modulus.bits() != W::BITS {
+            return Err(ClientError::ModulusMismatch {
+                round_bits: m.params.modulus.bits(),
+                client_bits: W::BITS,
+            });
+        }
+        if m.participants.len() != m.params.sites as usize {
+            return Err(ClientError::ParticipantCount {
+                participants: m.participants.len(),
+                sites: m.params.sites,
+            });
+        }
+        let graph = NeighbourGraph::new(&m.participants, m.params.neighbours, &m.graph_seed)?;
+        let me = self.identity.id;
+        if !graph.contains(me) {
+            return Err(ClientError::NotAParticipant { id: me });
+        }
+        if let Some(input) = &self.input
+            && input.values.len() != m.params.vector_len()
+        {
+            return Err(ClientError::InputLength {
+                got: input.values.len(),
+                expected: m.params.vector_len(),
+            });
+        }
+        let cipher_sk = StaticSecret::from(random_bytes(&mut self.rng));
+        let mask_sk = StaticSecret::from(random_bytes(&mut self.rng));
+        let cipher_pk = PublicKey::from(&cipher_sk).to_bytes();
+        let mask_pk = PublicKey::from(&mask_sk).to_bytes();
+        let payload = crypto::advertise_payload(self.round, me, &cipher_pk, &mask_pk);
+        let signature = crypto::sign(&self.identity.signing_key, &payload);
+        self.params = Some(m.params.clone());
+        self.graph = Some(graph);
+        self.mask_sk = Some(mask_sk);
+        self.cipher_sk = Some(cipher_sk);
+        self.my_public = (cipher_pk, mask_pk);
+        self.stage = ClientStage::AwaitingNeighbourKeys;
+        Ok(ClientMessage::AdvertiseKeys(AdvertiseKeys {
+            round: self.round,
+            sender: me,
+            cipher_pk,
+            mask_pk,
+            credential: self.identity.credential.clone(),
+            signature,
+        }))
+    }
+
+    fn on_neighbour_keys(&mut self, m: &NeighbourKeys) -> Result<ClientMessage<W>, ClientError> {
+        let me = self.identity.id;
+        let threshold = self.threshold();
+        let (Some(graph), Some(cipher_sk), Some(mask_sk)) =
+            (&self.graph, self.cipher_sk.take(), self.mask_sk.take())
+        else {
+            return Err(ClientError::UnexpectedMessage {
+                stage: self.stage,
+                got: "NeighbourKeys before Setup",
+            });
+        };
+        let mut seen_keys: BTreeSet<[u8; 32]> = BTreeSet::new();
+        seen_keys.insert(self.my_public.0);
+        seen_keys.insert(self.my_public.1);
+        let mut peers = BTreeMap::new();
+        for k in &m.keys {
+            let peer = k.sender;
+            if k.round != self.round {
+                return Err(ClientError::ReplayedKey { peer });
+            }
+            if peer == me || !graph.are_neighbours(me, peer) {
+                return Err(ClientError::NotANeighbour { peer });
+            }
+            if peers.contains_key(&peer) {
+                return Err(ClientError::Duplicate { peer });
+            }
+            let verifying_key = self
+                .verifier
+                .verify_identity(peer, &k.credential)
+                .map_err(|reason| ClientError::BadIdentity { peer, reason })?;
+            let payload = crypto::advertise_payload(self.round, peer, &k.cipher_pk, &k.mask_pk);
+            if !crypto::verify(&verifying_key, &payload, &k.signature) {
+                return Err(ClientError::BadSignature { peer });
+            }
+            if !seen_keys.insert(k.cipher_pk) || !seen_keys.insert(k.mask_pk) {
+                return Err(ClientError::ReusedKey { peer });
+            }
+            let cipher_secret =
+                crypto::agree(&cipher_sk, &k.cipher_pk).ok_or(ClientError::WeakKey { peer })?;
+            let mask_secret =
+                crypto::agree(&mask_sk, &k.mask_pk).ok_or(ClientError::WeakKey { peer })?;
+            peers.insert(
+                peer,
+                Peer {
+                    verifying_key,
+                    cipher_secret,
+                    mask_secret,
+                    shares: None,
+                },
+            );
+        }
+        let live = peers.len() + 1;
+        if live < threshold as usize {
+            return Err(ClientError::TooFewNeighbours {
+                stage: self.stage,
+                live,
+                threshold,
+            });
+        }
+        // Share the self-mask seed and the mask key among the live neighbourhood, self included.
+        let holders: Vec<ClientId> = peers.keys().copied().chain([me]).collect();
+        self.self_seed = random_bytes(&mut self.rng);
+        let mut mask_key = mask_sk.to_bytes();
+        let b_shares = shamir::share(&self.self_seed, &holders, threshold as usize, &mut self.rng);
+        let s_shares = shamir::share(&mask_key, &holders, threshold as usize, &mut self.rng);
+        mask_key.zeroize();
+        let (b_shares, s_shares) = match (b_shares, s_shares) {
+            (Ok(b), Ok(s)) => (b, s),
+            // holders are distinct and at least `threshold` by the checks above
+            _ => unreachable!("share parameters were validated"),
+        };
+        let mut shares = Vec::with_capacity(peers.len());
+        for ((&holder, b), s) in holders.iter().zip(b_shares).zip(s_shares) {
+            match peers.get(&holder) {
+                Some(peer) => {
+                    let mut plain = [0u8; 2 * SHARE_BYTES];
+                    plain[..SHARE_BYTES].copy_from_slice(&b.to_bytes());
+                    plain[SHARE_BYTES..].copy_from_slice(&s.to_bytes());
+                    let ciphertext =
+                        crypto::encrypt_share(&peer.cipher_secret, self.round, me, holder, &plain);
+                    plain.zeroize();
+                    shares.push(EncryptedShare {
+                        peer: holder,
+                        ciphertext,
+                    });
+                }
+                None => self.own_shares = Some((b, s)),
+            }
+        }
+        self.peers = peers;
+        // Both ephemeral secret keys have done their job (every agreement is computed); they
+        // were taken out of `self` above and are zeroised as they go out of scope here.
+        drop((cipher_sk, mask_sk));
+        self.stage = ClientStage::AwaitingShares;
+        Ok(ClientMessage::ShareKeys(ShareKeys {
+            round: self.round,
+            sender: me,
+            shares,
+        }))
+    }
+
+    fn on_forwarded_shares(
+        &mut self,
+        m: &ForwardedShares,
+    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+        let me = self.identity.id;
+        let round = self.round;
+        for s in &m.shares {
+            let peer = s.peer;
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return Err(ClientError::NotANeighbour { peer });
+            };
+            if p.shares.is_some() {
+                return Err(ClientError::Duplicate { peer });
+            }
+            let mut plain = crypto::decrypt_share(&p.cipher_secret, round, peer, me, &s.ciphertext)
+                .ok_or(ClientError::ShareDecryption { peer })?;
+            let parsed = parse_share_pair(&plain);
+            plain.zeroize();
+            p.shares = Some(parsed.ok_or(ClientError::MalformedShare { peer })?);
+        }
+        // Neighbours that advertised but never shared are out of the round for this site.
+        self.peers.retain(|_, p| p.shares.is_some());
+        let live = self.peers.len() + 1;
+        let threshold = self.threshold();
+        if live < threshold as usize {
+            return Err(ClientError::TooFewNeighbours {
+                stage: self.stage,
+                live,
+                threshold,
+            });
+        }
+        self.stage = ClientStage::AwaitingInput;
+        match self.input.take() {
+            Some(input) => self.mask(input).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn accept_input(
+        &mut self,
+        input: QuantisedInput<W>,
+    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+        match self.stage {
+            ClientStage::Failed => return Err(ClientError::Failed),
+            ClientStage::AwaitingSetup
+            | ClientStage::AwaitingNeighbourKeys
+            | ClientStage::AwaitingShares
+            | ClientStage::AwaitingInput
+                if self.input.is_none() => {}
+            stage => {
+                return Err(ClientError::UnexpectedMessage {
+                    stage,
+                    got: "a second input",
+                });
+            }
+        }
+        if let Some(p) = &self.params
+            && input.values.len() != p.vector_len()
+        {
+            return Err(ClientError::InputLength {
+                got: input.values.len(),
+                expected: p.vector_len(),
+            });
+        }
+        if self.stage == ClientStage::AwaitingInput {
+            self.mask(input).map(Some)
+        } else {
+            self.input = Some(input);
+            Ok(None)
+        }
+    }
+
+    /// y = x + PRG(b) + Σ_{v > u} PRG(s_uv) - Σ_{v < u} PRG(s_uv): the pairwise masks cancel in
+    /// the sum over any set of sites that includes both ends of every pair.
+    fn mask(&mut self, input: QuantisedInput<W>) -> Result<ClientMessage<W>, ClientError> {
+        let me = self.identity.id;
+        let expected = self.params()?.vector_len();
+        if input.values.len() != expected {
+            return Err(ClientError::InputLength {
+                got: input.values.len(),
+                expected,
+            });
+        }
+        let mut values = input.values.clone();
+        drop(input);
+        apply_mask(
+            &mut values,
+            &crypto::self_mask_seed(&self.self_seed, self.round, me),
+            Sign::Add,
+        );
+        for (&peer, p) in &self.peers {
+            let seed = crypto::pairwise_seed(&p.mask_secret, self.round, me, peer);
+            let sign = if me < peer { Sign::Add } else { Sign::Sub };
+            apply_mask(&mut values, &seed, sign);
+        }
+        self.stage = ClientStage::AwaitingSurvivors;
+        Ok(ClientMessage::MaskedInput(MaskedInput {
+            round: self.round,
+            sender: me,
+            values,
+        }))
+    }
+
+    /// Checks a survivor set against what this site knows: canonical, contains this site, has
+    /// only neighbours this site masked with, and leaves at least `t` of them.
+    fn check_survivors(&self, survivors: &[ClientId]) -> Result<(), ClientError> {
+        let me = self.identity.id;
+        if survivors.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ClientError::InconsistentSurvivors(
+                "the list is not sorted and duplicate-free".into(),
+            ));
+        }
+        if survivors.binary_search(&me).is_err() {
+            return Err(ClientError::InconsistentSurvivors(format!(
+                "this site ({me}) sent its input but is not listed"
+            )));
+        }
+        let graph = self.graph.as_ref().ok_or(ClientError::Failed)?;
+        let mut live = 0;
+        for &s in survivors {
+            if s == me || self.peers.contains_key(&s) {
+                live += 1;
+            } else if graph.are_neighbours(me, s) {
+                return Err(ClientError::InconsistentSurvivors(format!(
+                    "neighbour {s} is listed as a survivor but never shared keys with this site"
+                )));
+            }
+        }
+        let threshold = self.threshold();
+        if live < threshold as usize {
+            return Err(ClientError::TooFewNeighbours {
+                stage: self.stage,
+                live,
+                threshold,
+            });
+        }
+        Ok(())
+    }
+
+    fn on_consistency_request(
+        &mut self,
+        m: &ConsistencyRequest,
+    ) -> Result<ClientMessage<W>, ClientError> {
+        self.check_survivors(&m.survivors)?;
+        let payload = crypto::consistency_payload(self.round, &m.survivors);
+        let signature = crypto::sign(&self.identity.signing_key, &payload);
+        self.signed_survivors = Some(m.survivors.clone());
+        self.stage = ClientStage::AwaitingUnmask;
+        Ok(ClientMessage::ConsistencySignature(ConsistencySignature {
+            round: self.round,
+            sender: self.identity.id,
+            signature,
+        }))
+    }
+
+    fn on_unmask_request(&mut self, m: &UnmaskRequest) -> Result<ClientMessage<W>, ClientError> {
+        let me = self.identity.id;
+        let threshold = self.threshold();
+        if let Some(signed) = &self.signed_survivors {
+            if *signed != m.survivors {
+                return Err(ClientError::SurvivorSetChanged);
+            }
+            // At least t neighbours (this site included) must have signed the same set, so the
+            // server cannot have shown different sets to different neighbours.
+            let payload = crypto::consistency_payload(self.round, &m.survivors);
+            let mut signers = BTreeSet::from([me]);
+            for (signer, signature) in &m.signatures {
+                let Some(p) = self.peers.get(signer) else {
+                    return Err(ClientError::NotANeighbour { peer: *signer });
+                };
+                if m.survivors.binary_search(signer).is_err() {
+                    return Err(ClientError::InconsistentSurvivors(format!(
+                        "site {signer} signed but is not a survivor"
+                    )));
+                }
+                if !crypto::verify(&p.verifying_key, &payload, signature) {
+                    return Err(ClientError::BadSignature { peer: *signer });
+                }
+                signers.insert(*signer);
+            }
+            if signers.len() < threshold as usize {
+                return Err(ClientError::TooFewNeighbours {
+                    stage: self.stage,
+                    live: signers.len(),
+                    threshold,
+                });
+            }
+        } else {
+            self.check_survivors(&m.survivors)?;
+        }
+        if m.dropped.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ClientError::InconsistentSurvivors(
+                "the dropped list is not sorted and duplicate-free".into(),
+            ));
+        }
+        if m.dropped.binary_search(&me).is_ok() {
+            return Err(ClientError::BothSharesRequested { peer: me });
+        }
+        let mut revealed = Vec::with_capacity(self.peers.len() + 1);
+        if let Some((b, _)) = &self.own_shares {
+            revealed.push(RevealedShare {
+                owner: me,
+                kind: ShareKind::SelfMaskSeed,
+                share: b.clone(),
+            });
+        }
+        for (&peer, p) in &self.peers {
+            let survived = m.survivors.binary_search(&peer).is_ok();
+            let dropped = m.dropped.binary_search(&peer).is_ok();
+            let Some((b, s)) = &p.shares else {
+                continue;
+            };
+            let (kind, share) = match (survived, dropped) {
+                (true, true) => return Err(ClientError::BothSharesRequested { peer }),
+                (true, false) => (ShareKind::SelfMaskSeed, b.clone()),
+                (false, true) => (ShareKind::MaskKey, s.clone()),
+                (false, false) => return Err(ClientError::IncompleteUnmaskRequest { peer }),
+            };
+            revealed.push(RevealedShare {
+                owner: peer,
+                kind,
+                share,
+            });
+        }
+        // Nothing secret is needed any more: forget it before answering.
+        self.peers.clear();
+        self.own_shares = None;
+        self.self_seed.zeroize();
+        self.stage = ClientStage::Done;
+        Ok(ClientMessage::UnmaskShares(UnmaskShares {
+            round: self.round,
+            sender: me,
+            shares: revealed,
+        }))
+    }
+}
+
+fn random_bytes(rng: &mut ChaCha20Rng) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rng.fill_bytes(&mut b);
+    b
+}
+
+fn parse_share_pair(plain: &[u8]) -> Option<(Share, Share)> {
+    if plain.len() != 2 * SHARE_BYTES {
+        return None;
+    }
+    let mut b = [0u8; SHARE_BYTES];
+    let mut s = [0u8; SHARE_BYTES];
+    b.copy_from_slice(&plain[..SHARE_BYTES]);
+    s.copy_from_slice(&plain[SHARE_BYTES..]);
+    let out = Share::from_bytes(&b).ok().zip(Share::from_bytes(&s).ok());
+    b.zeroize();
+    s.zeroize();
+    out
+}

@@ -1,0 +1,230 @@
+//! Key derivation, share encryption and the signatures that bind ephemeral keys to identities.
+//!
+//! Every derived key is bound by HKDF `info` to the round attempt and to the sites involved, so
+//! no key, mask or ciphertext from one attempt or pair of sites is valid in another.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::Aes256Gcm;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::prg::MaskSeed;
+use super::{ClientId, RoundId};
+
+const SALT: &[u8] = b"cohort-secagg-v1";
+
+/// A site's long-term identity: the Ed25519 key of its certificate, and the credential peers use
+/// to check that key (the raw public key when pinned, the certificate when a CA vouches for it).
+pub struct SiteIdentity {
+    pub id: ClientId,
+    pub signing_key: SigningKey,
+    pub credential: Vec<u8>,
+}
+
+impl fmt::Debug for SiteIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteIdentity")
+            .field("id", &self.id)
+            .field("verifying_key", &self.signing_key.verifying_key())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteIdentity {
+    /// An identity whose credential is just its public key, for use with [`PinnedIdentities`].
+    pub fn pinned(id: ClientId, signing_key: SigningKey) -> Self {
+        let credential = signing_key.verifying_key().to_bytes().to_vec();
+        SiteIdentity {
+            id,
+            signing_key,
+            credential,
+        }
+    }
+}
+
+/// Decides whether a credential proves that its holder is site `id`, and yields the key that
+/// site signs with. This is where trust is anchored: with a verifier the server cannot forge,
+/// the server cannot substitute a site's ephemeral keys (they are signed with this key).
+pub trait IdentityVerifier: Send + Sync {
+    fn verify_identity(&self, id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String>;
+}
+
+/// A verifier with a fixed table of site keys, as a provisioning step would distribute them.
+#[derive(Debug, Clone, Default)]
+pub struct PinnedIdentities {
+    keys: HashMap<ClientId, VerifyingKey>,
+}
+
+impl PinnedIdentities {
+    pub fn new(keys: impl IntoIterator<Item = (ClientId, VerifyingKey)>) -> Self {
+        PinnedIdentities {
+            keys: keys.into_iter().collect(),
+        }
+    }
+}
+
+impl IdentityVerifier for PinnedIdentities {
+    fn verify_identity(&self, id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String> {
+        let pinned = self
+            .keys
+            .get(&id)
+            .ok_or_else(|| format!("site {id} has no pinned identity"))?;
+        if credential != pinned.as_bytes() {
+            return Err(format!("credential of site {id} does not match its pinned key"));
+        }
+        Ok(*pinned)
+    }
+}
+
+/// What a site signs to bind its two ephemeral X25519 keys to the round and to itself.
+pub(crate) fn advertise_payload(
+    round: RoundId,
+    sender: ClientId,
+    cipher_pk: &[u8; 32],
+    mask_pk: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128);
+    m.extend_from_slice(b"cohort-secagg-v1/advertise");
+    round.write(&mut m);
+    m.extend_from_slice(&sender.to_le_bytes());
+    m.extend_from_slice(cipher_pk);
+    m.extend_from_slice(mask_pk);
+    m
+}
+
+/// What a site signs in the consistency check: the survivor set it was shown.
+pub(crate) fn consistency_payload(round: RoundId, survivors: &[ClientId]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(48 + 4 * survivors.len());
+    m.extend_from_slice(b"cohort-secagg-v1/consistency");
+    round.write(&mut m);
+    m.extend_from_slice(&(survivors.len() as u32).to_le_bytes());
+    for s in survivors {
+        m.extend_from_slice(&s.to_le_bytes());
+    }
+    m
+}
+
+pub(crate) fn sign(key: &SigningKey, payload: &[u8]) -> [u8; 64] {
+    key.sign(payload).to_bytes()
+}
+
+pub(crate) fn verify(key: &VerifyingKey, payload: &[u8], signature: &[u8; 64]) -> bool {
+    key.verify_strict(payload, &Signature::from_bytes(signature))
+        .is_ok()
+}
+
+/// A raw X25519 output. Zeroised on drop; never leaves the process.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub(crate) struct SharedSecret([u8; 32]);
+
+/// X25519 agreement that refuses low-order peer keys (all-zero output), which would make the
+/// "secret" known to everyone.
+pub(crate) fn agree(secret: &StaticSecret, peer: &[u8; 32]) -> Option<SharedSecret> {
+    let shared = secret.diffie_hellman(&PublicKey::from(*peer));
+    shared
+        .was_contributory()
+        .then(|| SharedSecret(shared.to_bytes()))
+}
+
+fn expand(ikm: &[u8], info: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    if Hkdf::<Sha256>::new(Some(SALT), ikm)
+        .expand(info, &mut out)
+        .is_err()
+    {
+        unreachable!("HKDF-SHA256 can expand 32 bytes");
+    }
+    out
+}
+
+fn info(label: &[u8], round: RoundId, a: ClientId, b: ClientId) -> Vec<u8> {
+    let mut i = Vec::with_capacity(label.len() + 20);
+    i.extend_from_slice(label);
+    round.write(&mut i);
+    i.extend_from_slice(&a.to_le_bytes());
+    i.extend_from_slice(&b.to_le_bytes());
+    i
+}
+
+/// The pairwise mask seed of `a` and `b` (order-independent: both derive the same one).
+pub(crate) fn pairwise_seed(
+    shared: &SharedSecret,
+    round: RoundId,
+    a: ClientId,
+    b: ClientId,
+) -> MaskSeed {
+    MaskSeed(expand(
+        &shared.0,
+        &info(b"pairwise-mask", round, a.min(b), a.max(b)),
+    ))
+}
+
+/// The self-mask seed expanded from a site's 256-bit secret `b_u`.
+pub(crate) fn self_mask_seed(b: &[u8; 32], round: RoundId, owner: ClientId) -> MaskSeed {
+    MaskSeed(expand(b, &info(b"self-mask", round, owner, owner)))
+}
+
+/// Associated data of an encrypted share: the round and both ends, so a ciphertext cannot be
+/// replayed into another round or passed off as coming from another site.
+fn share_aad(round: RoundId, sender: ClientId, recipient: ClientId) -> Vec<u8> {
+    info(b"share-aad", round, sender, recipient)
+}
+
+/// Direction-specific key: each key encrypts exactly one message, so the fixed nonce is safe.
+fn share_cipher(
+    shared: &SharedSecret,
+    round: RoundId,
+    sender: ClientId,
+    recipient: ClientId,
+) -> Aes256Gcm {
+    let mut key = expand(&shared.0, &info(b"share-key", round, sender, recipient));
+    let cipher = Aes256Gcm::new(&key.into());
+    key.zeroize();
+    cipher
+}
+
+pub(crate) fn encrypt_share(
+    shared: &SharedSecret,
+    round: RoundId,
+    sender: ClientId,
+    recipient: ClientId,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let aad = share_aad(round, sender, recipient);
+    match share_cipher(shared, round, sender, recipient).encrypt(
+        &[0u8; 12].into(),
+        Payload {
+            msg: plaintext,
+            aad: &aad,
+        },
+    ) {
+        Ok(c) => c,
+        Err(_) => unreachable!("AES-GCM encrypts any message under 64 GiB"),
+    }
+}
+
+pub(crate) fn decrypt_share(
+    shared: &SharedSecret,
+    round: RoundId,
+    sender: ClientId,
+    recipient: ClientId,
+    ciphertext: &[u8],
+) -> Option<Vec<u8>> {
+    let aad = share_aad(round, sender, recipient);
+    share_cipher(shared, round, sender, recipient)
+        .decrypt(
+            &[0u8; 12].into(),
+            Payload {
+                msg: ciphertext,
+                aad: &aad,
+            },
+        )
+        .ok()
+}

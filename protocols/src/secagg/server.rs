@@ -1,0 +1,815 @@
+//! The coordinator's side of SecAgg+.
+//!
+//! The server routes keys and encrypted shares, adds masked inputs into a single accumulator as
+//! they arrive (memory O(d), not O(n·d)), and at the end removes the self masks of survivors
+//! and the pairwise masks of dropouts by re-expanding them from reconstructed secrets.
+//!
+//! Misbehaviour by one site costs that site its place, never the round: every message is
+//! checked against what the server knows (sender, round, stage, neighbour sets, lengths,
+//! signatures) and a bad one yields a [`Rejection`] and excludes the site from later stages.
+//! The round aborts only when the remaining sites can no longer recover the sum — some site
+//! that matters has fewer than `t` live neighbours — and the abort names the site and stage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use thiserror::Error;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroize;
+
+use super::crypto::{self, IdentityVerifier};
+use super::graph::{GraphError, NeighbourGraph};
+use super::messages::*;
+use super::params::{ParamError, Params};
+use super::prg::{Sign, apply_mask};
+use super::shamir::{self, ShamirError, Share};
+use super::word::{Word, add_assign};
+use super::{ClientId, Millis, RoundId};
+
+/// The stage the server is collecting messages for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerStage {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencyCheck,
+    Unmask,
+    Done,
+    Aborted,
+}
+
+/// How long each stage waits for stragglers, in milliseconds. A site that misses a deadline is
+/// a dropout; the server never waits forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageTimeouts {
+    pub advertise_keys: Millis,
+    pub share_keys: Millis,
+    pub masked_input: Millis,
+    pub consistency_check: Millis,
+    pub unmask: Millis,
+}
+
+impl Default for StageTimeouts {
+    fn default() -> Self {
+        StageTimeouts {
+            advertise_keys: 60_000,
+            share_keys: 60_000,
+            masked_input: 600_000,
+            consistency_check: 60_000,
+            unmask: 60_000,
+        }
+    }
+}
+
+/// Why a site's message was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RejectReason {
+    #[error("not a participant of this round")]
+    NotParticipant,
+    #[error("the message claims to come from site {claimed}")]
+    WrongSender { claimed: ClientId },
+    #[error("the message is for {got}")]
+    WrongRound { got: RoundId },
+    #[error("{got} is not accepted in stage {stage:?}")]
+    OutOfStage {
+        stage: ServerStage,
+        got: &'static str,
+    },
+    #[error("the stage's deadline has passed")]
+    Late,
+    #[error("the site was already excluded from this round")]
+    Excluded,
+    #[error("second {0} from the same site")]
+    Duplicate(&'static str),
+    #[error("identity not accepted: {0}")]
+    BadIdentity(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("public key repeats a key already in the round")]
+    ReusedKey,
+    #[error("the site did not take part in the previous stage")]
+    MissedPreviousStage,
+    #[error("shares are addressed to the wrong set of neighbours")]
+    WrongShareRecipients,
+    #[error("an encrypted share has {got} bytes, expected {expected}")]
+    BadCiphertextLength { got: usize, expected: usize },
+    #[error("the masked vector has {got} elements, expected {expected}")]
+    WrongLength { got: usize, expected: usize },
+    #[error("revealed shares do not match the request: {0}")]
+    WrongShares(String),
+}
+
+/// A refused message: the site, the stage and the reason, for the driver to log.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("site {client} rejected in stage {stage:?}: {reason}")]
+pub struct Rejection {
+    pub client: ClientId,
+    pub stage: ServerStage,
+    pub reason: RejectReason,
+}
+
+/// Why a round attempt was abandoned. The driver retries with a new attempt and fresh keys.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum AbortReason {
+    #[error("invalid parameters: {0}")]
+    Params(#[from] ParamError),
+    #[error("invalid participants: {0}")]
+    Graph(#[from] GraphError),
+    #[error("the round is for modulus 2^{round_bits} but the server was built for 2^{server_bits}")]
+    ModulusMismatch { round_bits: u32, server_bits: u32 },
+    #[error(
+        "site {client} has only {live} live neighbours (itself included), fewer than the threshold {threshold}"
+    )]
+    TooFewNeighbours {
+        client: ClientId,
+        live: usize,
+        threshold: u32,
+    },
+    #[error("the {kind:?} of site {owner} could not be reconstructed: {error}")]
+    Reconstruction {
+        owner: ClientId,
+        kind: ShareKind,
+        error: ShamirError,
+    },
+    #[error("the reconstructed mask key of site {owner} does not match its advertised key")]
+    KeyMismatch { owner: ClientId },
+    #[error("the round has already finished")]
+    Finished,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+#[error("{round} aborted in stage {stage:?}: {reason}")]
+pub struct Abort {
+    pub round: RoundId,
+    pub stage: ServerStage,
+    pub reason: AbortReason,
+}
+
+/// The result of a round: the exact sum of the survivors' quantised vectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output<W: Word> {
+    pub round: RoundId,
+    pub sum: Vec<W>,
+    /// Sites whose input is in `sum`, sorted.
+    pub survivors: Vec<ClientId>,
+    /// Participants whose input is not in `sum`, sorted.
+    pub dropped: Vec<ClientId>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// What the driver should do next.
+#[derive(Debug)]
+pub enum Poll<W: Word> {
+    /// Keep collecting messages; call `poll` again at `deadline` at the latest.
+    Pending { deadline: Millis },
+    /// The stage closed: deliver these messages and collect replies.
+    Send(Vec<(ClientId, ServerMessage)>),
+    /// The round is complete.
+    Done(Box<Output<W>>),
+}
+
+/// The server of one round attempt.
+pub struct Server<W: Word> {
+    params: Params,
+    round: RoundId,
+    verifier: Arc<dyn IdentityVerifier>,
+    graph: NeighbourGraph,
+    participants: BTreeSet<ClientId>,
+    timeouts: StageTimeouts,
+    stage: ServerStage,
+    deadline: Millis,
+    excluded: BTreeSet<ClientId>,
+    rejections: Vec<Rejection>,
+    /// U1: accepted advertisements.
+    advertised: BTreeMap<ClientId, AdvertiseKeys>,
+    seen_keys: BTreeSet<[u8; 32]>,
+    identities: BTreeMap<ClientId, VerifyingKey>,
+    /// U2 (keys): encrypted shares by sender, until routed.
+    share_keys: BTreeMap<ClientId, Vec<EncryptedShare>>,
+    u2: BTreeSet<ClientId>,
+    /// U3: sites whose masked input is in `acc`.
+    u3: BTreeSet<ClientId>,
+    acc: Vec<W>,
+    /// U4: consistency signatures.
+    signatures: BTreeMap<ClientId, [u8; 64]>,
+    /// U5: revealed shares by sender.
+    revealed: BTreeMap<ClientId, Vec<RevealedShare>>,
+    abort: Option<Abort>,
+}
+
+impl<W: Word> std::fmt::Debug for Server<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("round", &self.round)
+            .field("stage", &self.stage)
+            .field("participants", &self.participants.len())
+            .field("excluded", &self.excluded.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Word> Server<W> {
+    /// Starts a round attempt at time `now` and returns the set-up message for every
+    /// participant. `graph_seed` must be fresh for every attempt.
+    pub fn new(
+        params: Params,
+        round: RoundId,
+        participants: &[ClientId],
+        graph_seed: [u8; 32],
+        verifier: Arc<dyn IdentityVerifier>,
+        timeouts: StageTimeouts,
+        now: Millis,
+    ) -> Result<(Self, Setup), Abort> {
+        let abort = |reason| Abort {
+            round,
+            stage: ServerStage::AdvertiseKeys,
+            reason,
+        };
+        params.validate().map_err(|e| abort(e.into()))?;
+        if params.modulus.bits() != W::BITS {
+            return Err(abort(AbortReason::ModulusMismatch {
+                round_bits: params.modulus.bits(),
+                server_bits: W::BITS,
+            }));
+        }
+        if participants.len() != params.sites as usize {
+            return Err(abort(AbortReason::Graph(GraphError::WrongCount {
+                participants: participants.len(),
+                sites: params.sites,
+            })));
+        }
+        let graph = NeighbourGraph::new(participants, params.neighbours, &graph_seed)
+            .map_err(|e| abort(e.into()))?;
+        let mut sorted = participants.to_vec();
+        sorted.sort_unstable();
+        let setup = Setup {
+            round,
+            params: params.clone(),
+            graph_seed,
+            participants: sorted.clone(),
+        };
+        let acc = vec![W::ZERO; params.vector_len()];
+        Ok((
+            Server {
+                params,
+                round,
+                verifier,
+                graph,
+                participants: sorted.into_iter().collect(),
+                timeouts,
+                stage: ServerStage::AdvertiseKeys,
+                deadline: now.saturating_add(timeouts.advertise_keys),
+                excluded: BTreeSet::new(),
+                rejections: Vec::new(),
+                advertised: BTreeMap::new(),
+                seen_keys: BTreeSet::new(),
+                identities: BTreeMap::new(),
+                share_keys: BTreeMap::new(),
+                u2: BTreeSet::new(),
+                u3: BTreeSet::new(),
+                acc,
+                signatures: BTreeMap::new(),
+                revealed: BTreeMap::new(),
+                abort: None,
+            },
+            setup,
+        ))
+    }
+
+    pub fn stage(&self) -> ServerStage {
+        self.stage
+    }
+
+    pub fn round(&self) -> RoundId {
+        self.round
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn graph(&self) -> &NeighbourGraph {
+        &self.graph
+    }
+
+    pub fn deadline(&self) -> Millis {
+        self.deadline
+    }
+
+    /// Rejections so far, in order.
+    pub fn rejections(&self) -> &[Rejection] {
+        &self.rejections
+    }
+
+    /// Accepts one message from site `from` (the identity the transport authenticated).
+    /// A rejected message excludes its sender from the rest of the round unless it was merely
+    /// late or out of stage.
+    pub fn receive(
+        &mut self,
+        from: ClientId,
+        msg: ClientMessage<W>,
+        now: Millis,
+    ) -> Result<(), Rejection> {
+        let result = self.check_and_store(from, msg, now);
+        if let Err(reason) = &result {
+            let exclude = !matches!(
+                reason,
+                RejectReason::Late
+                    | RejectReason::OutOfStage { .. }
+                    | RejectReason::Excluded
+                    | RejectReason::NotParticipant
+            );
+            if exclude {
+                self.excluded.insert(from);
+            }
+            let rejection = Rejection {
+                client: from,
+                stage: self.stage,
+                reason: reason.clone(),
+            };
+            self.rejections.push(rejection.clone());
+            return Err(rejection);
+        }
+        Ok(())
+    }
+
+    fn check_and_store(
+        &mut self,
+        from: ClientId,
+        msg: ClientMessage<W>,
+        now: Millis,
+    ) -> Result<(), RejectReason> {
+        if !self.participants.contains(&from) {
+            return Err(RejectReason::NotParticipant);
+        }
+        if self.excluded.contains(&from) {
+            return Err(RejectReason::Excluded);
+        }
+        if msg.sender() != from {
+            return Err(RejectReason::WrongSender {
+                claimed: msg.sender(),
+            });
+        }
+        if msg.round() != self.round {
+            return Err(RejectReason::WrongRound { got: msg.round() });
+        }
+        if now >= self.deadline && !matches!(self.stage, ServerStage::Done | ServerStage::Aborted)
+        {
+            return Err(RejectReason::Late);
+        }
+        match (self.stage, msg) {
+            (ServerStage::AdvertiseKeys, ClientMessage::AdvertiseKeys(m)) => self.on_advertise(m),
+            (ServerStage::ShareKeys, ClientMessage::ShareKeys(m)) => self.on_share_keys(m),
+            (ServerStage::MaskedInput, ClientMessage::MaskedInput(m)) => self.on_masked_input(m),
+            (ServerStage::ConsistencyCheck, ClientMessage::ConsistencySignature(m)) => {
+                self.on_consistency(m)
+            }
+            (ServerStage::Unmask, ClientMessage::UnmaskShares(m)) => self.on_unmask(m),
+            (stage, msg) => Err(RejectReason::OutOfStage {
+                stage,
+                got: msg.name(),
+            }),
+        }
+    }
+
+    fn on_advertise(&mut self, m: AdvertiseKeys) -> Result<(), RejectReason> {
+        if self.advertised.contains_key(&m.sender) {
+            return Err(RejectReason::Duplicate("AdvertiseKeys"));
+        }
+        let key = self
+            .verifier
+            .verify_identity(m.sender, &m.credential)
+            .map_err(RejectReason::BadIdentity)?;
+        let payload = crypto::advertise_payload(self.round, m.sender, &m.cipher_pk, &m.mask_pk);
+        if !crypto::verify(&key, &payload, &m.signature) {
+            return Err(RejectReason::BadSignature);
+        }
+        if m.cipher_pk == m.mask_pk
+            || self.seen_keys.contains(&m.cipher_pk)
+            || self.seen_keys.contains(&m.mask_pk)
+        {
+            return Err(RejectReason::ReusedKey);
+        }
+        self.seen_keys.insert(m.cipher_pk);
+        self.seen_keys.insert(m.mask_pk);
+        self.identities.insert(m.sender, key);
+        self.advertised.insert(m.sender, m);
+        Ok(())
+    }
+
+    fn on_share_keys(&mut self, m: ShareKeys) -> Result<(), RejectReason> {
+        if !self.advertised.contains_key(&m.sender) {
+            return Err(RejectReason::MissedPreviousStage);
+        }
+        if self.share_keys.contains_key(&m.sender) {
+            return Err(RejectReason::Duplicate("ShareKeys"));
+        }
+        let expected: Vec<ClientId> = self
+            .graph
+            .neighbours(m.sender)
+            .into_iter()
+            .filter(|v| *v != m.sender && self.advertised.contains_key(v))
+            .collect();
+        let mut got: Vec<ClientId> = m.shares.iter().map(|s| s.peer).collect();
+        got.sort_unstable();
+        if got != expected {
+            return Err(RejectReason::WrongShareRecipients);
+        }
+        if let Some(bad) = m
+            .shares
+            .iter()
+            .find(|s| s.ciphertext.len() != SHARE_CIPHERTEXT_BYTES)
+        {
+            return Err(RejectReason::BadCiphertextLength {
+                got: bad.ciphertext.len(),
+                expected: SHARE_CIPHERTEXT_BYTES,
+            });
+        }
+        self.share_keys.insert(m.sender, m.shares);
+        Ok(())
+    }
+
+    fn on_masked_input(&mut self, m: MaskedInput<W>) -> Result<(), RejectReason> {
+        if !self.u2.contains(&m.sender) {
+            return Err(RejectReason::MissedPreviousStage);
+        }
+        if self.u3.contains(&m.sender) {
+            return Err(RejectReason::Duplicate("MaskedInput"));
+        }
+        if m.values.len() != self.acc.len() {
+            return Err(RejectReason::WrongLength {
+                got: m.values.len(),
+                expected: self.acc.len(),
+            });
+        }
+        add_assign(&mut self.acc, &m.values);
+        self.u3.insert(m.sender);
+        Ok(())
+    }
+
+    fn on_consistency(&mut self, m: ConsistencySignature) -> Result<(), RejectReason> {
+        if !self.u3.contains(&m.sender) {
+            return Err(RejectReason::MissedPreviousStage);
+        }
+        if self.signatures.contains_key(&m.sender) {
+            return Err(RejectReason::Duplicate("ConsistencySignature"));
+        }
+        let survivors: Vec<ClientId> = self.u3.iter().copied().collect();
+        let payload = crypto::consistency_payload(self.round, &survivors);
+        let key = self
+            .identities
+            .get(&m.sender)
+            .ok_or(RejectReason::MissedPreviousStage)?;
+        if !crypto::verify(key, &payload, &m.signature) {
+            return Err(RejectReason::BadSignature);
+        }
+        self.signatures.insert(m.sender, m.signature);
+        Ok(())
+    }
+
+    fn unmask_expected(&self) -> &BTreeSet<ClientId> {
+        &self.u3
+    }
+
+    fn on_unmask(&mut self, m: UnmaskShares) -> Result<(), RejectReason> {
+        let eligible = if self.params.consistency_check {
+            self.signatures.contains_key(&m.sender)
+        } else {
+            self.unmask_expected().contains(&m.sender)
+        };
+        if !eligible {
+            return Err(RejectReason::MissedPreviousStage);
+        }
+        if self.revealed.contains_key(&m.sender) {
+            return Err(RejectReason::Duplicate("UnmaskShares"));
+        }
+        // The sender holds shares of exactly its neighbours that shared keys, itself included.
+        let expected: Vec<ClientId> = self
+            .graph
+            .neighbours(m.sender)
+            .into_iter()
+            .filter(|v| self.u2.contains(v))
+            .collect();
+        let mut got: Vec<ClientId> = m.shares.iter().map(|s| s.owner).collect();
+        got.sort_unstable();
+        if got != expected {
+            return Err(RejectReason::WrongShares(format!(
+                "shares for {got:?}, expected one for each of {expected:?}"
+            )));
+        }
+        for s in &m.shares {
+            let want = if self.u3.contains(&s.owner) {
+                ShareKind::SelfMaskSeed
+            } else {
+                ShareKind::MaskKey
+            };
+            if s.kind != want {
+                return Err(RejectReason::WrongShares(format!(
+                    "a {:?} share for site {}, expected {:?}",
+                    s.kind, s.owner, want
+                )));
+            }
+        }
+        self.revealed.insert(m.sender, m.shares);
+        Ok(())
+    }
+
+    /// Closes the current stage if everyone expected has answered or the deadline has passed.
+    pub fn poll(&mut self, now: Millis) -> Result<Poll<W>, Abort> {
+        if let Some(a) = &self.abort {
+            return Err(a.clone());
+        }
+        let (expected, arrived): (Vec<ClientId>, usize) = match self.stage {
+            ServerStage::AdvertiseKeys => (
+                self.participants.iter().copied().collect(),
+                self.advertised.len(),
+            ),
+            ServerStage::ShareKeys => (
+                self.advertised.keys().copied().collect(),
+                self.share_keys.len(),
+            ),
+            ServerStage::MaskedInput => (self.u2.iter().copied().collect(), self.u3.len()),
+            ServerStage::ConsistencyCheck => (self.u3.iter().copied().collect(), self.signatures.len()),
+            ServerStage::Unmask => (
+                if self.params.consistency_check {
+                    self.signatures.keys().copied().collect()
+                } else {
+                    self.u3.iter().copied().collect()
+                },
+                self.revealed.len(),
+            ),
+            ServerStage::Done | ServerStage::Aborted => {
+                return Err(self.abort_with(AbortReason::Finished));
+            }
+        };
+        let still_expected = expected
+            .iter()
+            .filter(|c| !self.excluded.contains(c))
+            .count();
+        if arrived < still_expected && now < self.deadline {
+            return Ok(Poll::Pending {
+                deadline: self.deadline,
+            });
+        }
+        let result = match self.stage {
+            ServerStage::AdvertiseKeys => self.close_advertise(now),
+            ServerStage::ShareKeys => self.close_share_keys(now),
+            ServerStage::MaskedInput => self.close_masked_input(now),
+            ServerStage::ConsistencyCheck => self.close_consistency(now),
+            ServerStage::Unmask => self.close_unmask(),
+            ServerStage::Done | ServerStage::Aborted => Err(AbortReason::Finished),
+        };
+        result.map_err(|reason| self.abort_with(reason))
+    }
+
+    fn abort_with(&mut self, reason: AbortReason) -> Abort {
+        let abort = Abort {
+            round: self.round,
+            stage: self.stage,
+            reason,
+        };
+        if self.abort.is_none() && !matches!(abort.reason, AbortReason::Finished) {
+            self.abort = Some(abort.clone());
+            self.stage = ServerStage::Aborted;
+            // Free what the aborted attempt held; nothing of it may be reused.
+            self.acc = Vec::new();
+            self.share_keys.clear();
+            self.revealed.clear();
+        }
+        abort
+    }
+
+    /// Every site in `need` must keep at least `t` neighbours (itself included) in `live`.
+    fn check_quorum(
+        &self,
+        live: &BTreeSet<ClientId>,
+        need: &BTreeSet<ClientId>,
+    ) -> Result<(), AbortReason> {
+        let t = self.params.threshold;
+        for &v in need {
+            let count = self
+                .graph
+                .neighbours(v)
+                .iter()
+                .filter(|u| live.contains(u))
+                .count();
+            if count < t as usize {
+                return Err(AbortReason::TooFewNeighbours {
+                    client: v,
+                    live: count,
+                    threshold: t,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn open_stage(&mut self, stage: ServerStage, now: Millis) {
+        let timeout = match stage {
+            ServerStage::AdvertiseKeys => self.timeouts.advertise_keys,
+            ServerStage::ShareKeys => self.timeouts.share_keys,
+            ServerStage::MaskedInput => self.timeouts.masked_input,
+            ServerStage::ConsistencyCheck => self.timeouts.consistency_check,
+            ServerStage::Unmask => self.timeouts.unmask,
+            ServerStage::Done | ServerStage::Aborted => 0,
+        };
+        self.stage = stage;
+        self.deadline = now.saturating_add(timeout);
+    }
+
+    fn close_advertise(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
+        self.advertised.retain(|id, _| !self.excluded.contains(id));
+        let u1: BTreeSet<ClientId> = self.advertised.keys().copied().collect();
+        self.check_quorum(&u1, &u1)?;
+        let messages = u1
+            .iter()
+            .map(|&u| {
+                let keys = self
+                    .graph
+                    .neighbours(u)
+                    .into_iter()
+                    .filter(|v| *v != u)
+                    .filter_map(|v| self.advertised.get(&v).cloned())
+                    .collect();
+                (
+                    u,
+                    ServerMessage::NeighbourKeys(NeighbourKeys {
+                        round: self.round,
+                        keys,
+                    }),
+                )
+            })
+            .collect();
+        self.open_stage(ServerStage::ShareKeys, now);
+        Ok(Poll::Send(messages))
+    }
+
+    fn close_share_keys(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
+        self.share_keys.retain(|id, _| !self.excluded.contains(id));
+        self.u2 = self.share_keys.keys().copied().collect();
+        self.check_quorum(&self.u2, &self.u2)?;
+        let mut inbox: BTreeMap<ClientId, Vec<EncryptedShare>> =
+            self.u2.iter().map(|&u| (u, Vec::new())).collect();
+        for (sender, shares) in std::mem::take(&mut self.share_keys) {
+            for s in shares {
+                if let Some(list) = inbox.get_mut(&s.peer) {
+                    list.push(EncryptedShare {
+                        peer: sender,
+                        ciphertext: s.ciphertext,
+                    });
+                }
+            }
+        }
+        let messages = inbox
+            .into_iter()
+            .map(|(u, shares)| {
+                (
+                    u,
+                    ServerMessage::ForwardedShares(ForwardedShares {
+                        round: self.round,
+                        shares,
+                    }),
+                )
+            })
+            .collect();
+        self.open_stage(ServerStage::MaskedInput, now);
+        Ok(Poll::Send(messages))
+    }
+
+    fn close_masked_input(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
+        // Inputs already added stay in the accumulator even if the site is excluded later:
+        // its self mask is then removed with the other survivors' shares.
+        self.check_quorum(&self.u3, &self.u2)?;
+        let survivors: Vec<ClientId> = self.u3.iter().copied().collect();
+        let messages = if self.params.consistency_check {
+            self.open_stage(ServerStage::ConsistencyCheck, now);
+            survivors
+                .iter()
+                .map(|&u| {
+                    (
+                        u,
+                        ServerMessage::ConsistencyRequest(ConsistencyRequest {
+                            round: self.round,
+                            survivors: survivors.clone(),
+                        }),
+                    )
+                })
+                .collect()
+        } else {
+            self.open_stage(ServerStage::Unmask, now);
+            let dropped: Vec<ClientId> = self.u2.difference(&self.u3).copied().collect();
+            survivors
+                .iter()
+                .map(|&u| {
+                    (
+                        u,
+                        ServerMessage::UnmaskRequest(UnmaskRequest {
+                            round: self.round,
+                            survivors: survivors.clone(),
+                            dropped: dropped.clone(),
+                            signatures: Vec::new(),
+                        }),
+                    )
+                })
+                .collect()
+        };
+        Ok(Poll::Send(messages))
+    }
+
+    fn close_consistency(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
+        self.signatures.retain(|id, _| !self.excluded.contains(id));
+        let u4: BTreeSet<ClientId> = self.signatures.keys().copied().collect();
+        self.check_quorum(&u4, &self.u2)?;
+        let survivors: Vec<ClientId> = self.u3.iter().copied().collect();
+        let dropped: Vec<ClientId> = self.u2.difference(&self.u3).copied().collect();
+        let messages = u4
+            .iter()
+            .map(|&u| {
+                let signatures = self
+                    .graph
+                    .neighbours(u)
+                    .into_iter()
+                    .filter(|v| *v != u)
+                    .filter_map(|v| self.signatures.get(&v).map(|s| (v, *s)))
+                    .collect();
+                (
+                    u,
+                    ServerMessage::UnmaskRequest(UnmaskRequest {
+                        round: self.round,
+                        survivors: survivors.clone(),
+                        dropped: dropped.clone(),
+                        signatures,
+                    }),
+                )
+            })
+            .collect();
+        self.open_stage(ServerStage::Unmask, now);
+        Ok(Poll::Send(messages))
+    }
+
+    fn close_unmask(&mut self) -> Result<Poll<W>, AbortReason> {
+        self.revealed.retain(|id, _| !self.excluded.contains(id));
+        let u5: BTreeSet<ClientId> = self.revealed.keys().copied().collect();
+        self.check_quorum(&u5, &self.u2)?;
+        // owner -> (holder, share), gathered from the responders.
+        let mut by_owner: BTreeMap<ClientId, Vec<(ClientId, &Share)>> = BTreeMap::new();
+        for (&holder, shares) in &self.revealed {
+            for s in shares {
+                by_owner.entry(s.owner).or_default().push((holder, &s.share));
+            }
+        }
+        let t = self.params.threshold as usize;
+        let mut acc = std::mem::take(&mut self.acc);
+        for &owner in &self.u2 {
+            let shares = by_owner.get(&owner).map(Vec::as_slice).unwrap_or(&[]);
+            let survived = self.u3.contains(&owner);
+            let kind = if survived {
+                ShareKind::SelfMaskSeed
+            } else {
+                ShareKind::MaskKey
+            };
+            let mut secret = shamir::reconstruct(shares, t).map_err(|error| {
+                AbortReason::Reconstruction { owner, kind, error }
+            })?;
+            if survived {
+                let seed = crypto::self_mask_seed(&secret, self.round, owner);
+                secret.zeroize();
+                apply_mask(&mut acc, &seed, Sign::Sub);
+            } else {
+                let sk = StaticSecret::from(secret);
+                secret.zeroize();
+                let advertised = self
+                    .advertised
+                    .get(&owner)
+                    .ok_or(AbortReason::KeyMismatch { owner })?;
+                if PublicKey::from(&sk).to_bytes() != advertised.mask_pk {
+                    return Err(AbortReason::KeyMismatch { owner });
+                }
+                // Undo the pairwise masks the survivors added with the dropped site.
+                for u in self.graph.neighbours(owner) {
+                    if u == owner || !self.u3.contains(&u) {
+                        continue;
+                    }
+                    let Some(peer) = self.advertised.get(&u) else {
+                        continue;
+                    };
+                    let shared = crypto::agree(&sk, &peer.mask_pk)
+                        .ok_or(AbortReason::KeyMismatch { owner: u })?;
+                    let seed = crypto::pairwise_seed(&shared, self.round, u, owner);
+                    let added = if u < owner { Sign::Add } else { Sign::Sub };
+                    apply_mask(&mut acc, &seed, added.flip());
+                }
+            }
+        }
+        self.stage = ServerStage::Done;
+        self.revealed.clear();
+        Ok(Poll::Done(Box::new(Output {
+            round: self.round,
+            sum: acc,
+            survivors: self.u3.iter().copied().collect(),
+            dropped: self.participants.difference(&self.u3).copied().collect(),
+            rejections: self.rejections.clone(),
+        })))
+    }
+}
