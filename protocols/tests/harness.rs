@@ -1,7 +1,7 @@
 //! A deterministic in-memory network for SecAgg+ tests: N clients and one server, with sites
 //! that vanish at chosen stages. Shared by the protocol tests (included with `mod harness`).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -68,18 +68,48 @@ pub fn run_round<W: Word>(
     seed: u64,
     input_of: &dyn Fn(ClientId, usize) -> W,
 ) -> Run<W> {
+    match drive(params, ids, drops, seed, input_of, false) {
+        Driven::Finished(run) => run,
+        Driven::ReadyToUnmask(_) => unreachable!("ran to the end"),
+    }
+}
+
+pub enum Driven<W: Word> {
+    Finished(Run<W>),
+    /// Every unmask response is in; the next `poll` reconstructs and unmasks.
+    ReadyToUnmask(Box<Server<W>>),
+}
+
+/// Like [`run_round`], but with `stop_before_unmask` returns the server just before its final
+/// `poll`, for benchmarking the unmasking alone.
+pub fn drive<W: Word>(
+    params: &Params,
+    ids: &[ClientId],
+    drops: &BTreeMap<ClientId, DropAt>,
+    seed: u64,
+    input_of: &dyn Fn(ClientId, usize) -> W,
+    stop_before_unmask: bool,
+) -> Driven<W> {
     let round = RoundId::new(seed, 0);
     let (idents, verifier) = identities(ids, seed);
     let mut clients: BTreeMap<ClientId, Client<W>> = idents
         .into_iter()
         .map(|ident| {
             let id = ident.id;
-            (id, Client::new(ident, verifier.clone(), round, seed32(seed, id as u64)))
+            (
+                id,
+                Client::new(ident, verifier.clone(), round, seed32(seed, id as u64)),
+            )
         })
         .collect();
     let inputs: BTreeMap<ClientId, Vec<W>> = ids
         .iter()
-        .map(|&id| (id, (0..params.vector_len()).map(|i| input_of(id, i)).collect()))
+        .map(|&id| {
+            (
+                id,
+                (0..params.vector_len()).map(|i| input_of(id, i)).collect(),
+            )
+        })
         .collect();
     let (mut server, setup) = match Server::<W>::new(
         params.clone(),
@@ -92,12 +122,12 @@ pub fn run_round<W: Word>(
     ) {
         Ok(x) => x,
         Err(abort) => {
-            return Run {
+            return Driven::Finished(Run {
                 result: Err(abort),
                 inputs,
                 client_errors: vec![],
                 rejections: vec![],
-            };
+            });
         }
     };
     let mut client_errors = Vec::new();
@@ -110,13 +140,19 @@ pub fn run_round<W: Word>(
     loop {
         // Deliver to the live clients; collect replies. Inputs are provided with the shares.
         for (to, msg) in outbox.drain(..) {
-            let gone = drops.get(&to).is_some_and(|d| (*d as u8) <= stage_index(stage, params));
+            let gone = drops
+                .get(&to)
+                .is_some_and(|d| (*d as u8) <= stage_index(stage, params));
             if gone {
                 continue;
             }
-            let Some(client) = clients.get_mut(&to) else { continue };
+            let Some(client) = clients.get_mut(&to) else {
+                continue;
+            };
             let mut reply = client.handle(&msg);
-            if matches!(msg, ServerMessage::ForwardedShares(_)) && reply.as_ref().is_ok_and(|r| r.is_none()) {
+            if matches!(msg, ServerMessage::ForwardedShares(_))
+                && reply.as_ref().is_ok_and(|r| r.is_none())
+            {
                 reply = client.set_input(QuantisedInput::from_values(inputs[&to].clone()));
             }
             match reply {
@@ -131,6 +167,9 @@ pub fn run_round<W: Word>(
                 Err(e) => client_errors.push((to, e)),
             }
         }
+        if stop_before_unmask && server.stage() == ServerStage::Unmask && outbox.is_empty() {
+            return Driven::ReadyToUnmask(Box::new(server));
+        }
         match server.poll(now) {
             Ok(Poll::Pending { deadline }) => now = deadline,
             Ok(Poll::Send(msgs)) => {
@@ -138,26 +177,27 @@ pub fn run_round<W: Word>(
                 outbox = msgs
                     .into_iter()
                     .map(|(to, m)| {
-                        let decoded = ServerMessage::decode(&m.encode()).expect("own encoding decodes");
+                        let decoded =
+                            ServerMessage::decode(&m.encode()).expect("own encoding decodes");
                         (to, decoded)
                     })
                     .collect();
             }
             Ok(Poll::Done(out)) => {
-                return Run {
+                return Driven::Finished(Run {
                     result: Ok(*out),
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
-                };
+                });
             }
             Err(abort) => {
-                return Run {
+                return Driven::Finished(Run {
                     result: Err(abort),
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
-                };
+                });
             }
         }
     }
@@ -192,24 +232,40 @@ pub fn expected_outcome<W: Word>(
     let t = params.threshold as usize;
     let ok = |live: &BTreeSet<ClientId>, need: &BTreeSet<ClientId>| {
         need.iter().all(|&v| {
-            graph.neighbours(v).iter().filter(|u| live.contains(u)).count() >= t
+            graph
+                .neighbours(v)
+                .iter()
+                .filter(|u| live.contains(u))
+                .count()
+                >= t
         })
     };
     let u1 = alive_after(DropAt::Advertise);
     let u2 = alive_after(DropAt::ShareKeys);
     let u3 = alive_after(DropAt::MaskedInput);
-    let u4 = if params.consistency_check { alive_after(DropAt::Consistency) } else { u3.clone() };
+    let u4 = if params.consistency_check {
+        alive_after(DropAt::Consistency)
+    } else {
+        u3.clone()
+    };
     let u5 = alive_after(DropAt::Unmask);
     if !(ok(&u1, &u1) && ok(&u2, &u2) && ok(&u3, &u2) && ok(&u4, &u2) && ok(&u5, &u2)) {
         return None;
     }
     // Plain sum, written independently of the crate's helpers.
     let mut sum = vec![0u64; params.vector_len()];
-    let mask = if W::BITS == 64 { u64::MAX } else { (1u64 << W::BITS) - 1 };
+    let mask = if W::BITS == 64 {
+        u64::MAX
+    } else {
+        (1u64 << W::BITS) - 1
+    };
     for id in &u3 {
         for (s, x) in sum.iter_mut().zip(&inputs[id]) {
             *s = s.wrapping_add(x.to_u64()) & mask;
         }
     }
-    Some((sum.into_iter().map(W::from_u64_wrapping).collect(), u3.into_iter().collect()))
+    Some((
+        sum.into_iter().map(W::from_u64_wrapping).collect(),
+        u3.into_iter().collect(),
+    ))
 }

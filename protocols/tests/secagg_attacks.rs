@@ -1,6 +1,8 @@
 //! A lying server, tampering on the wire, replays, malformed encodings and misbehaving sites.
 //! Each test drives the state machines by hand up to the point of attack.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 mod harness;
 
 use std::collections::BTreeMap;
@@ -58,13 +60,18 @@ impl World {
             round,
             clients,
             server,
-            outbox: ids.iter().map(|&i| (i, ServerMessage::Setup(setup.clone()))).collect(),
+            outbox: ids
+                .iter()
+                .map(|&i| (i, ServerMessage::Setup(setup.clone())))
+                .collect(),
             verifier,
         }
     }
 
     fn input(&self, id: ClientId) -> Vec<u32> {
-        (0..self.params.vector_len() as u32).map(|i| id * 1000 + i).collect()
+        (0..self.params.vector_len() as u32)
+            .map(|i| id * 1000 + i)
+            .collect()
     }
 
     /// Delivers the outbox to every client (except `skip`), feeds the replies to the server
@@ -88,7 +95,9 @@ impl World {
             }
         }
         for (from, r) in &replies {
-            self.server.receive(*from, r.clone(), 0).expect("honest message accepted");
+            self.server
+                .receive(*from, r.clone(), 0)
+                .expect("honest message accepted");
         }
         self.poll_through();
         replies
@@ -118,10 +127,13 @@ impl World {
 fn substituted_public_key_is_detected() {
     let mut w = World::new(false);
     w.step(&[]); // setup -> advertise; outbox: neighbour keys
-    let ServerMessage::NeighbourKeys(mut keys) = w.message_for(0) else { panic!() };
+    let ServerMessage::NeighbourKeys(mut keys) = w.message_for(0) else {
+        panic!()
+    };
     let victim = keys.keys[0].sender;
     // The server swaps in a mask key it knows the secret of; the signature no longer matches.
-    keys.keys[0].mask_pk = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32])).to_bytes();
+    keys.keys[0].mask_pk =
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32])).to_bytes();
     let client = w.clients.get_mut(&0).expect("client 0");
     assert_eq!(
         client.handle(&ServerMessage::NeighbourKeys(keys.clone())),
@@ -132,17 +144,28 @@ fn substituted_public_key_is_detected() {
     // Re-signing with the server's own key fails the identity check instead.
     let mut w = World::new(false);
     w.step(&[]);
-    let ServerMessage::NeighbourKeys(mut keys) = w.message_for(0) else { panic!() };
+    let ServerMessage::NeighbourKeys(mut keys) = w.message_for(0) else {
+        panic!()
+    };
     let server_key = SigningKey::from_bytes(&[42u8; 32]);
     keys.keys[0].credential = server_key.verifying_key().to_bytes().to_vec();
-    let err = w.clients.get_mut(&0).expect("client 0").handle(&ServerMessage::NeighbourKeys(keys));
-    assert!(matches!(err, Err(ClientError::BadIdentity { peer, .. }) if peer == victim), "{err:?}");
+    let err = w
+        .clients
+        .get_mut(&0)
+        .expect("client 0")
+        .handle(&ServerMessage::NeighbourKeys(keys));
+    assert!(
+        matches!(err, Err(ClientError::BadIdentity { peer, .. }) if peer == victim),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn server_rejects_forged_advertisement_and_round_goes_on() {
     let mut w = World::new(false);
-    let ServerMessage::Setup(setup) = w.message_for(3) else { panic!() };
+    let ServerMessage::Setup(setup) = w.message_for(3) else {
+        panic!()
+    };
     // Site 3 signs its keys with a key that is not its identity.
     let forged_ident = SiteIdentity {
         id: 3,
@@ -150,8 +173,16 @@ fn server_rejects_forged_advertisement_and_round_goes_on() {
         credential: identities(&[3], 1).0.remove(0).credential,
     };
     let mut forger: Client<u32> = Client::new(forged_ident, w.verifier.clone(), w.round, [3u8; 32]);
-    let Some(forged) = forger.handle(&ServerMessage::Setup(setup)).expect("setup ok") else { panic!() };
-    let rejection = w.server.receive(3, forged, 0).expect_err("forged keys must be rejected");
+    let Some(forged) = forger
+        .handle(&ServerMessage::Setup(setup))
+        .expect("setup ok")
+    else {
+        panic!()
+    };
+    let rejection = w
+        .server
+        .receive(3, forged, 0)
+        .expect_err("forged keys must be rejected");
     assert_eq!(rejection.reason, RejectReason::BadSignature);
     w.outbox.retain(|(to, _)| *to != 3);
     // The other six finish the round; site 3 is simply absent.
@@ -170,7 +201,9 @@ fn client_refuses_to_reveal_both_shares_of_a_peer() {
     w.step(&[]); // advertise
     w.step(&[]); // share keys
     w.step(&[]); // masked input; outbox: unmask requests
-    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else { panic!() };
+    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else {
+        panic!()
+    };
     // Ask for the mask key of a neighbour that also appears as a survivor.
     let peer = *honest.survivors.iter().find(|&&s| s != 0).expect("a peer");
     let mut both = honest.clone();
@@ -181,22 +214,40 @@ fn client_refuses_to_reveal_both_shares_of_a_peer() {
         Err(ClientError::BothSharesRequested { peer })
     );
     // After a refusal the client stays failed: asking again honestly reveals nothing.
-    assert_eq!(client.handle(&ServerMessage::UnmaskRequest(honest)), Err(ClientError::Failed));
+    assert_eq!(
+        client.handle(&ServerMessage::UnmaskRequest(honest)),
+        Err(ClientError::Failed)
+    );
 
     // Asking twice: the second request (with the peer now "dropped") is refused.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]);
     w.step(&[]);
-    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else { panic!() };
+    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else {
+        panic!()
+    };
     let client = w.clients.get_mut(&0).expect("client 0");
-    let first = client.handle(&ServerMessage::UnmaskRequest(honest.clone())).expect("honest request");
+    let first = client
+        .handle(&ServerMessage::UnmaskRequest(honest.clone()))
+        .expect("honest request");
     assert!(matches!(first, Some(ClientMessage::UnmaskShares(_))));
     let mut second = honest;
     second.survivors.retain(|&s| s != peer);
     second.dropped = vec![peer];
-    let err = client.handle(&ServerMessage::UnmaskRequest(second)).expect_err("refused");
-    assert!(matches!(err, ClientError::UnexpectedMessage { stage: ClientStage::Done, .. }), "{err:?}");
+    let err = client
+        .handle(&ServerMessage::UnmaskRequest(second))
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            ClientError::UnexpectedMessage {
+                stage: ClientStage::Done,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -205,9 +256,14 @@ fn consistency_check_catches_a_changed_survivor_set() {
     w.step(&[]);
     w.step(&[]);
     w.step(&[]); // masked input; outbox: consistency requests
-    assert!(matches!(w.message_for(0), ServerMessage::ConsistencyRequest(_)));
+    assert!(matches!(
+        w.message_for(0),
+        ServerMessage::ConsistencyRequest(_)
+    ));
     w.step(&[]); // signatures; outbox: unmask requests with signatures
-    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else { panic!() };
+    let ServerMessage::UnmaskRequest(honest) = w.message_for(0) else {
+        panic!()
+    };
     assert!(honest.signatures.len() + 1 >= w.params.threshold as usize);
     let mut changed = honest.clone();
     let peer = *changed.survivors.iter().find(|&&s| s != 0).expect("a peer");
@@ -215,15 +271,23 @@ fn consistency_check_catches_a_changed_survivor_set() {
     changed.dropped.push(peer);
     changed.dropped.sort_unstable();
     assert_eq!(
-        w.clients.get_mut(&0).expect("client 0").handle(&ServerMessage::UnmaskRequest(changed)),
+        w.clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::UnmaskRequest(changed)),
         Err(ClientError::SurvivorSetChanged)
     );
     // A forged neighbour signature is caught too.
-    let ServerMessage::UnmaskRequest(mut forged) = w.message_for(2) else { panic!() };
+    let ServerMessage::UnmaskRequest(mut forged) = w.message_for(2) else {
+        panic!()
+    };
     forged.signatures[0].1[5] ^= 1;
     let signer = forged.signatures[0].0;
     assert_eq!(
-        w.clients.get_mut(&2).expect("client 2").handle(&ServerMessage::UnmaskRequest(forged)),
+        w.clients
+            .get_mut(&2)
+            .expect("client 2")
+            .handle(&ServerMessage::UnmaskRequest(forged)),
         Err(ClientError::BadSignature { peer: signer })
     );
 }
@@ -233,24 +297,34 @@ fn tampered_or_misrouted_share_is_rejected() {
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]); // outbox: forwarded shares
-    let ServerMessage::ForwardedShares(shares) = w.message_for(0) else { panic!() };
+    let ServerMessage::ForwardedShares(shares) = w.message_for(0) else {
+        panic!()
+    };
     let mut tampered = shares.clone();
     tampered.shares[0].ciphertext[10] ^= 0x80;
     let from = tampered.shares[0].peer;
     assert_eq!(
-        w.clients.get_mut(&0).expect("client 0").handle(&ServerMessage::ForwardedShares(tampered)),
+        w.clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::ForwardedShares(tampered)),
         Err(ClientError::ShareDecryption { peer: from })
     );
     // The same ciphertext attributed to another sender does not decrypt either (AAD binds it).
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]);
-    let ServerMessage::ForwardedShares(mut misrouted) = w.message_for(0) else { panic!() };
+    let ServerMessage::ForwardedShares(mut misrouted) = w.message_for(0) else {
+        panic!()
+    };
     let (a, b) = (misrouted.shares[0].peer, misrouted.shares[1].peer);
     misrouted.shares[0].peer = b;
     misrouted.shares[1].peer = a;
     assert_eq!(
-        w.clients.get_mut(&0).expect("client 0").handle(&ServerMessage::ForwardedShares(misrouted)),
+        w.clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::ForwardedShares(misrouted)),
         Err(ClientError::ShareDecryption { peer: b })
     );
 }
@@ -259,7 +333,9 @@ fn tampered_or_misrouted_share_is_rejected() {
 fn messages_from_another_round_are_rejected() {
     // A client ignores a server message from another attempt and stays usable.
     let mut w = World::new(false);
-    let ServerMessage::Setup(mut setup) = w.message_for(0) else { panic!() };
+    let ServerMessage::Setup(mut setup) = w.message_for(0) else {
+        panic!()
+    };
     setup.round = RoundId::new(9, 1);
     let client = w.clients.get_mut(&0).expect("client 0");
     assert!(matches!(
@@ -271,15 +347,27 @@ fn messages_from_another_round_are_rejected() {
     // Keys advertised in attempt 0, replayed by the server into attempt 1, are refused.
     let mut old = World::with_round(false, RoundId::new(9, 0));
     old.step(&[]);
-    let ServerMessage::NeighbourKeys(old_keys) = old.message_for(0) else { panic!() };
+    let ServerMessage::NeighbourKeys(old_keys) = old.message_for(0) else {
+        panic!()
+    };
     let mut new = World::with_round(false, RoundId::new(9, 1));
     new.step(&[]);
-    let ServerMessage::NeighbourKeys(mut keys) = new.message_for(0) else { panic!() };
-    let replayed = old_keys.keys.iter().find(|k| k.sender == keys.keys[0].sender).expect("same neighbour").clone();
+    let ServerMessage::NeighbourKeys(mut keys) = new.message_for(0) else {
+        panic!()
+    };
+    let replayed = old_keys
+        .keys
+        .iter()
+        .find(|k| k.sender == keys.keys[0].sender)
+        .expect("same neighbour")
+        .clone();
     let peer = replayed.sender;
     keys.keys[0] = replayed;
     assert_eq!(
-        new.clients.get_mut(&0).expect("client 0").handle(&ServerMessage::NeighbourKeys(keys)),
+        new.clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::NeighbourKeys(keys)),
         Err(ClientError::ReplayedKey { peer })
     );
 
@@ -288,17 +376,36 @@ fn messages_from_another_round_are_rejected() {
     let replies = {
         let mut r = Vec::new();
         for (to, msg) in std::mem::take(&mut w.outbox) {
-            let m = w.clients.get_mut(&to).expect("client").handle(&msg).expect("ok").expect("reply");
+            let m = w
+                .clients
+                .get_mut(&to)
+                .expect("client")
+                .handle(&msg)
+                .expect("ok")
+                .expect("reply");
             r.push((to, m));
         }
         r
     };
-    let (from, ClientMessage::AdvertiseKeys(mut adv)) = replies[2].clone() else { panic!() };
+    let (from, ClientMessage::AdvertiseKeys(mut adv)) = replies[2].clone() else {
+        panic!()
+    };
     adv.round = RoundId::new(8, 0);
-    let rej = w.server.receive(from, ClientMessage::AdvertiseKeys(adv), 0).expect_err("replay");
-    assert_eq!(rej.reason, RejectReason::WrongRound { got: RoundId::new(8, 0) });
+    let rej = w
+        .server
+        .receive(from, ClientMessage::AdvertiseKeys(adv), 0)
+        .expect_err("replay");
+    assert_eq!(
+        rej.reason,
+        RejectReason::WrongRound {
+            got: RoundId::new(8, 0)
+        }
+    );
     // ...and once excluded, its genuine message is refused too.
-    let rej = w.server.receive(from, replies[2].1.clone(), 0).expect_err("excluded");
+    let rej = w
+        .server
+        .receive(from, replies[2].1.clone(), 0)
+        .expect_err("excluded");
     assert_eq!(rej.reason, RejectReason::Excluded);
 }
 
@@ -312,13 +419,20 @@ fn wrong_length_upload_drops_the_site_and_the_round_completes() {
         let input = w.input(to);
         let c = w.clients.get_mut(&to).expect("client");
         assert!(c.handle(&msg).expect("ok").is_none());
-        replies.push((to, c.set_input(QuantisedInput::from_values(input)).expect("ok").expect("masked")));
+        replies.push((
+            to,
+            c.set_input(QuantisedInput::from_values(input))
+                .expect("ok")
+                .expect("masked"),
+        ));
     }
     let bad = 4;
     let mut expected = vec![0u32; w.params.vector_len()];
     for (from, msg) in replies {
         let msg = if from == bad {
-            let ClientMessage::MaskedInput(mut m) = msg else { panic!() };
+            let ClientMessage::MaskedInput(mut m) = msg else {
+                panic!()
+            };
             m.values.pop();
             ClientMessage::MaskedInput(m)
         } else {
@@ -327,7 +441,13 @@ fn wrong_length_upload_drops_the_site_and_the_round_completes() {
         };
         let r = w.server.receive(from, msg, 0);
         if from == bad {
-            assert_eq!(r.expect_err("short vector").reason, RejectReason::WrongLength { got: 17, expected: 18 });
+            assert_eq!(
+                r.expect_err("short vector").reason,
+                RejectReason::WrongLength {
+                    got: 17,
+                    expected: 18
+                }
+            );
         } else {
             r.expect("accepted");
         }
@@ -335,13 +455,28 @@ fn wrong_length_upload_drops_the_site_and_the_round_completes() {
     w.poll_through();
     let replies: Vec<_> = std::mem::take(&mut w.outbox)
         .into_iter()
-        .map(|(to, m)| (to, w.clients.get_mut(&to).expect("c").handle(&m).expect("ok").expect("shares")))
+        .map(|(to, m)| {
+            (
+                to,
+                w.clients
+                    .get_mut(&to)
+                    .expect("c")
+                    .handle(&m)
+                    .expect("ok")
+                    .expect("shares"),
+            )
+        })
         .collect();
-    assert!(replies.iter().all(|(to, _)| *to != bad), "the dropped site is not asked to unmask");
+    assert!(
+        replies.iter().all(|(to, _)| *to != bad),
+        "the dropped site is not asked to unmask"
+    );
     for (from, m) in replies {
         w.server.receive(from, m, 0).expect("accepted");
     }
-    let Poll::Done(out) = w.server.poll(0).expect("no abort") else { panic!("not done") };
+    let Poll::Done(out) = w.server.poll(0).expect("no abort") else {
+        panic!("not done")
+    };
     assert_eq!(out.dropped, vec![bad]);
     assert_eq!(out.sum, expected);
 }
@@ -360,10 +495,16 @@ fn stage_timeout_turns_silent_sites_into_dropouts() {
         let input = w.input(to);
         let c = w.clients.get_mut(&to).expect("client");
         c.handle(&msg).expect("ok");
-        let m = c.set_input(QuantisedInput::from_values(input)).expect("ok").expect("masked");
+        let m = c
+            .set_input(QuantisedInput::from_values(input))
+            .expect("ok")
+            .expect("masked");
         w.server.receive(to, m, deadline - 1).expect("in time");
     }
-    assert!(matches!(w.server.poll(deadline - 1), Ok(Poll::Pending { .. })));
+    assert!(matches!(
+        w.server.poll(deadline - 1),
+        Ok(Poll::Pending { .. })
+    ));
     assert!(matches!(w.server.poll(deadline), Ok(Poll::Send(_))));
     assert_eq!(w.server.stage(), ServerStage::Unmask);
 }
@@ -371,10 +512,23 @@ fn stage_timeout_turns_silent_sites_into_dropouts() {
 #[test]
 fn unsafe_parameters_from_the_server_are_refused() {
     let mut w = World::new(false);
-    let ServerMessage::Setup(mut setup) = w.message_for(0) else { panic!() };
+    let ServerMessage::Setup(mut setup) = w.message_for(0) else {
+        panic!()
+    };
     setup.params.threshold = 2; // below a majority of the neighbourhood
-    let err = w.clients.get_mut(&0).expect("c").handle(&ServerMessage::Setup(setup)).expect_err("unsafe");
-    assert!(matches!(err, ClientError::InvalidParams(ParamError::ThresholdTooLow { .. })), "{err:?}");
+    let err = w
+        .clients
+        .get_mut(&0)
+        .expect("c")
+        .handle(&ServerMessage::Setup(setup))
+        .expect_err("unsafe");
+    assert!(
+        matches!(
+            err,
+            ClientError::InvalidParams(ParamError::ThresholdTooLow { .. })
+        ),
+        "{err:?}"
+    );
 }
 
 // ---- encoding -------------------------------------------------------------------------------
@@ -401,22 +555,36 @@ fn every_truncation_and_extension_is_a_decode_error() {
         let bytes = m.encode();
         assert_eq!(ServerMessage::decode(&bytes).as_ref(), Ok(m));
         for cut in 0..bytes.len() {
-            assert!(ServerMessage::decode(&bytes[..cut]).is_err(), "{} cut at {cut}", m.name());
+            assert!(
+                ServerMessage::decode(&bytes[..cut]).is_err(),
+                "{} cut at {cut}",
+                m.name()
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert_eq!(ServerMessage::decode(&longer), Err(DecodeError::TrailingBytes { extra: 1 }));
+        assert_eq!(
+            ServerMessage::decode(&longer),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        );
     }
     for m in &client_msgs {
         let bytes = m.encode();
         assert_eq!(bytes.len(), m.encoded_len());
         assert_eq!(ClientMessage::<u32>::decode(&bytes).as_ref(), Ok(m));
         for cut in 0..bytes.len() {
-            assert!(ClientMessage::<u32>::decode(&bytes[..cut]).is_err(), "{} cut at {cut}", m.name());
+            assert!(
+                ClientMessage::<u32>::decode(&bytes[..cut]).is_err(),
+                "{} cut at {cut}",
+                m.name()
+            );
         }
         let mut longer = bytes.clone();
         longer.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(ClientMessage::<u32>::decode(&longer), Err(DecodeError::TrailingBytes { extra: 3 }));
+        assert_eq!(
+            ClientMessage::<u32>::decode(&longer),
+            Err(DecodeError::TrailingBytes { extra: 3 })
+        );
     }
 }
 
@@ -430,20 +598,38 @@ fn header_and_field_errors_are_specific() {
         .encode();
     let mut bad = masked.clone();
     bad[0] = b'X';
-    assert_eq!(ClientMessage::<u32>::decode(&bad), Err(DecodeError::BadMagic));
+    assert_eq!(
+        ClientMessage::<u32>::decode(&bad),
+        Err(DecodeError::BadMagic)
+    );
     let mut bad = masked.clone();
     bad[3] = 2;
-    assert_eq!(ClientMessage::<u32>::decode(&bad), Err(DecodeError::UnsupportedVersion { got: 2 }));
+    assert_eq!(
+        ClientMessage::<u32>::decode(&bad),
+        Err(DecodeError::UnsupportedVersion { got: 2 })
+    );
     let mut bad = masked.clone();
     bad[4] = 0x7f;
-    assert!(matches!(ClientMessage::<u32>::decode(&bad), Err(DecodeError::UnknownTag { tag: 0x7f, .. })));
+    assert!(matches!(
+        ClientMessage::<u32>::decode(&bad),
+        Err(DecodeError::UnknownTag { tag: 0x7f, .. })
+    ));
     // a 32-bit round's vector is not accepted as a 64-bit one
-    assert!(matches!(ClientMessage::<u64>::decode(&masked), Err(DecodeError::Invalid { what: "element width", .. })));
+    assert!(matches!(
+        ClientMessage::<u64>::decode(&masked),
+        Err(DecodeError::Invalid {
+            what: "element width",
+            ..
+        })
+    ));
     // a count far beyond the message is refused before allocating
     let mut bad = masked.clone();
     let count_at = 5 + 12 + 4 + 1;
     bad[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(ClientMessage::<u32>::decode(&bad), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        ClientMessage::<u32>::decode(&bad),
+        Err(DecodeError::Truncated { .. })
+    ));
     // a server message is not a client message
     let (server_msgs, _) = sample_messages();
     assert!(matches!(

@@ -3,6 +3,8 @@
 //! abort — and it is the abort exactly when some site that matters keeps fewer than t live
 //! neighbours.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 mod harness;
 
 use std::collections::BTreeMap;
@@ -37,38 +39,45 @@ fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
                 proptest::collection::btree_set(0u32..1_000_000, n as usize),
             )
         })
-        .prop_map(move |((n, seed, dim, consistency, drop_rate), k, t_index, drop_draws, ids)| {
-            let t_min = k / 2 + 1;
-            let t = t_min + t_index.index((k - 1 - t_min + 1) as usize) as u32;
-            let ids: Vec<ClientId> = ids.into_iter().collect();
-            let drops = ids
-                .iter()
-                .zip(drop_draws)
-                .filter(|(_, (p, _))| *p < drop_rate)
-                .map(|(&id, (_, stage))| {
-                    let at = match stage {
-                        0 => DropAt::Advertise,
-                        1 => DropAt::ShareKeys,
-                        2 => DropAt::MaskedInput,
-                        3 => DropAt::Consistency,
-                        _ => DropAt::Unmask,
-                    };
-                    (id, at)
-                })
-                .collect();
-            let params = Params {
-                sites: n,
-                neighbours: k,
-                threshold: t,
-                dim,
-                clip: 1.0,
-                quant_bits: 8,
-                modulus,
-                max_weight: 100,
-                consistency_check: consistency,
-            };
-            Case { params, ids, drops, seed }
-        })
+        .prop_map(
+            move |((n, seed, dim, consistency, drop_rate), k, t_index, drop_draws, ids)| {
+                let t_min = k / 2 + 1;
+                let t = t_min + t_index.index((k - 1 - t_min + 1) as usize) as u32;
+                let ids: Vec<ClientId> = ids.into_iter().collect();
+                let drops = ids
+                    .iter()
+                    .zip(drop_draws)
+                    .filter(|(_, (p, _))| *p < drop_rate)
+                    .map(|(&id, (_, stage))| {
+                        let at = match stage {
+                            0 => DropAt::Advertise,
+                            1 => DropAt::ShareKeys,
+                            2 => DropAt::MaskedInput,
+                            3 => DropAt::Consistency,
+                            _ => DropAt::Unmask,
+                        };
+                        (id, at)
+                    })
+                    .collect();
+                let params = Params {
+                    sites: n,
+                    neighbours: k,
+                    threshold: t,
+                    dim,
+                    clip: 1.0,
+                    quant_bits: 8,
+                    modulus,
+                    max_weight: 100,
+                    consistency_check: consistency,
+                };
+                Case {
+                    params,
+                    ids,
+                    drops,
+                    seed,
+                }
+            },
+        )
 }
 
 fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
@@ -81,14 +90,18 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
         W::from_u64_wrapping(x ^ (x >> 29))
     };
     let run = run_round::<W>(&c.params, &c.ids, &c.drops, c.seed, &input_of);
-    prop_assert!(run.client_errors.is_empty(), "honest clients failed: {:?}", run.client_errors);
-    prop_assert!(run.rejections.is_empty(), "honest messages rejected: {:?}", run.rejections);
-    let graph = NeighbourGraph::new(
-        &c.ids,
-        c.params.neighbours,
-        &seed32(c.seed, u64::MAX),
-    )
-    .expect("valid graph");
+    prop_assert!(
+        run.client_errors.is_empty(),
+        "honest clients failed: {:?}",
+        run.client_errors
+    );
+    prop_assert!(
+        run.rejections.is_empty(),
+        "honest messages rejected: {:?}",
+        run.rejections
+    );
+    let graph = NeighbourGraph::new(&c.ids, c.params.neighbours, &seed32(c.seed, u64::MAX))
+        .expect("valid graph");
     let expected = expected_outcome(&c.params, &c.ids, &c.drops, &graph, &run.inputs);
     match (run.result, expected) {
         (Ok(out), Some((sum, survivors))) => {
@@ -103,14 +116,19 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
             );
         }
         (Ok(_), None) => prop_assert!(false, "round completed although quorum was lost"),
-        (Err(abort), Some(_)) => prop_assert!(false, "round aborted although it could recover: {}", abort),
+        (Err(abort), Some(_)) => {
+            prop_assert!(false, "round aborted although it could recover: {}", abort)
+        }
     }
     Ok(())
 }
 
 /// Cases per modulus; two tests run in parallel, so CI covers twice this many patterns.
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
 }
 
 proptest! {

@@ -202,10 +202,7 @@ impl<W: Word> Client<W> {
     }
 
     /// Handles one message from the server and returns the reply, if this stage has one.
-    pub fn handle(
-        &mut self,
-        msg: &ServerMessage,
-    ) -> Result<Option<ClientMessage<W>>, ClientError> {
+    pub fn handle(&mut self, msg: &ServerMessage) -> Result<Option<ClientMessage<W>>, ClientError> {
         let result = self.dispatch(msg);
         self.settle(result)
     }
@@ -289,7 +286,6 @@ impl<W: Word> Client<W> {
     fn threshold(&self) -> u32 {
         self.params.as_ref().map_or(0, |p| p.threshold)
     }
-
 
     fn on_setup(&mut self, m: &Setup) -> Result<ClientMessage<W>, ClientError> {
         m.params.validate()?;

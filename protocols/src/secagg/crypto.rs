@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -76,7 +76,9 @@ impl IdentityVerifier for PinnedIdentities {
             .get(&id)
             .ok_or_else(|| format!("site {id} has no pinned identity"))?;
         if credential != pinned.as_bytes() {
-            return Err(format!("credential of site {id} does not match its pinned key"));
+            return Err(format!(
+                "credential of site {id} does not match its pinned key"
+            ));
         }
         Ok(*pinned)
     }

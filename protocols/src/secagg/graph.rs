@@ -25,7 +25,10 @@ pub enum GraphError {
     #[error("{participants} participants but the parameters say {sites} sites")]
     WrongCount { participants: usize, sites: u32 },
     #[error("neighbourhood size {neighbours} is invalid for {participants} participants")]
-    BadNeighbours { neighbours: u32, participants: usize },
+    BadNeighbours {
+        neighbours: u32,
+        participants: usize,
+    },
 }
 
 /// The neighbour relation of one round attempt.
@@ -52,7 +55,7 @@ impl NeighbourGraph {
         }
         let n = ring.len();
         let k = neighbours as usize;
-        if k < 1 || k > n || (k < n && k % 2 == 0) {
+        if k < 1 || k > n || (k < n && k.is_multiple_of(2)) {
             return Err(GraphError::BadNeighbours {
                 neighbours,
                 participants: n,
@@ -115,7 +118,9 @@ impl NeighbourGraph {
             None => self.ring.clone(),
             Some(h) => {
                 let n = self.ring.len();
-                (0..=2 * h).map(|o| self.ring[(p + n - h + o) % n]).collect()
+                (0..=2 * h)
+                    .map(|o| self.ring[(p + n - h + o) % n])
+                    .collect()
             }
         };
         out.sort_unstable();

@@ -485,7 +485,10 @@ impl ServerMessage {
                 w.0
             }
             ServerMessage::ConsistencyRequest(m) => {
-                let mut w = Writer::new(tag::CONSISTENCY_REQUEST, HEADER + 16 + 4 * m.survivors.len());
+                let mut w = Writer::new(
+                    tag::CONSISTENCY_REQUEST,
+                    HEADER + 16 + 4 * m.survivors.len(),
+                );
                 w.round(m.round);
                 w.ids(&m.survivors);
                 w.0
@@ -664,11 +667,13 @@ impl<W: Word> ClientMessage<W> {
                     values,
                 })
             }
-            tag::CONSISTENCY_SIGNATURE => ClientMessage::ConsistencySignature(ConsistencySignature {
-                round: r.round()?,
-                sender: r.u32("sender")?,
-                signature: r.array("signature")?,
-            }),
+            tag::CONSISTENCY_SIGNATURE => {
+                ClientMessage::ConsistencySignature(ConsistencySignature {
+                    round: r.round()?,
+                    sender: r.u32("sender")?,
+                    signature: r.array("signature")?,
+                })
+            }
             tag::UNMASK_SHARES => {
                 let round = r.round()?;
                 let sender = r.u32("sender")?;

@@ -35,8 +35,7 @@ pub use params::{MAX_DIM, Modulus, ParamError, Params};
 pub use prg::{MaskCipher, MaskSeed, Sign, apply_mask, keystream};
 pub use quant::{Aggregate, ClipReport, QuantError, QuantisedInput, dequantise, quantise};
 pub use server::{
-    Abort, AbortReason, Output, Poll, Rejection, RejectReason, Server, ServerStage,
-    StageTimeouts,
+    Abort, AbortReason, Output, Poll, RejectReason, Rejection, Server, ServerStage, StageTimeouts,
 };
 pub use word::{Word, add_assign};
 

@@ -183,7 +183,7 @@ impl Params {
                 suggested: suggested_k,
             });
         }
-        if k < n && k % 2 == 0 {
+        if k < n && k.is_multiple_of(2) {
             return Err(ParamError::NeighboursEven {
                 neighbours: k,
                 sites: n,
@@ -293,28 +293,106 @@ mod tests {
     fn rejects_insecure_or_fragile_parameters() {
         let base = Params::with_defaults(10, 100);
         let cases: Vec<(Params, &str)> = vec![
-            (Params { sites: 2, ..base.clone() }, "at least 3 sites"),
-            (Params { neighbours: 2, ..base.clone() }, "between 3 and sites"),
-            (Params { neighbours: 11, ..base.clone() }, "between 3 and sites"),
-            (Params { neighbours: 6, ..base.clone() }, "use an odd value such as 7"),
-            (Params { neighbours: 7, threshold: 3, ..base.clone() }, "threshold between 4 and 6"),
-            (Params { neighbours: 7, threshold: 7, ..base.clone() }, "single dropout"),
-            (Params { dim: 0, ..base.clone() }, "dim = 0"),
-            (Params { clip: f32::NAN, ..base.clone() }, "clip = NaN"),
-            (Params { quant_bits: 32, ..base.clone() }, "quant_bits = 32"),
-            (Params { max_weight: 0, ..base.clone() }, "max_weight = 0"),
             (
-                Params { sites: 70_000, neighbours: 33, threshold: 18, ..base.clone() },
+                Params {
+                    sites: 2,
+                    ..base.clone()
+                },
+                "at least 3 sites",
+            ),
+            (
+                Params {
+                    neighbours: 2,
+                    ..base.clone()
+                },
+                "between 3 and sites",
+            ),
+            (
+                Params {
+                    neighbours: 11,
+                    ..base.clone()
+                },
+                "between 3 and sites",
+            ),
+            (
+                Params {
+                    neighbours: 6,
+                    ..base.clone()
+                },
+                "use an odd value such as 7",
+            ),
+            (
+                Params {
+                    neighbours: 7,
+                    threshold: 3,
+                    ..base.clone()
+                },
+                "threshold between 4 and 6",
+            ),
+            (
+                Params {
+                    neighbours: 7,
+                    threshold: 7,
+                    ..base.clone()
+                },
+                "single dropout",
+            ),
+            (
+                Params {
+                    dim: 0,
+                    ..base.clone()
+                },
+                "dim = 0",
+            ),
+            (
+                Params {
+                    clip: f32::NAN,
+                    ..base.clone()
+                },
+                "clip = NaN",
+            ),
+            (
+                Params {
+                    quant_bits: 32,
+                    ..base.clone()
+                },
+                "quant_bits = 32",
+            ),
+            (
+                Params {
+                    max_weight: 0,
+                    ..base.clone()
+                },
+                "max_weight = 0",
+            ),
+            (
+                Params {
+                    sites: 70_000,
+                    neighbours: 33,
+                    threshold: 18,
+                    ..base.clone()
+                },
                 "use quant_bits <= 15",
             ),
-            (Params { max_weight: 1 << 30, ..base.clone() }, "max_weight <= 429496729"),
+            (
+                Params {
+                    max_weight: 1 << 30,
+                    ..base.clone()
+                },
+                "max_weight <= 429496729",
+            ),
         ];
         for (p, needle) in cases {
             let err = p.validate().expect_err("must be rejected").to_string();
             assert!(err.contains(needle), "{err:?} should contain {needle:?}");
         }
         // classic SecAgg with an even number of sites is fine
-        let classic = Params { sites: 10, neighbours: 10, threshold: 6, ..base };
+        let classic = Params {
+            sites: 10,
+            neighbours: 10,
+            threshold: 6,
+            ..base
+        };
         assert_eq!(classic.validate(), Ok(()));
     }
 }

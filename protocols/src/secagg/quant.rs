@@ -244,8 +244,20 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
         let (a, ra) = quantise::<u64, _>(&p, &[0.0, 2.0, -3.0, 0.5, 1.0], 10, &mut rng).unwrap();
         let (b, rb) = quantise::<u64, _>(&p, &[1.5, 0.0, 0.0, 0.0, 0.0], 10_000, &mut rng).unwrap();
-        assert_eq!(ra, ClipReport { clipped: 2, weight_capped: false });
-        assert_eq!(rb, ClipReport { clipped: 1, weight_capped: true });
+        assert_eq!(
+            ra,
+            ClipReport {
+                clipped: 2,
+                weight_capped: false
+            }
+        );
+        assert_eq!(
+            rb,
+            ClipReport {
+                clipped: 1,
+                weight_capped: true
+            }
+        );
         let mut sum = vec![0u64; p.vector_len()];
         crate::secagg::word::add_assign(&mut sum, a.values());
         crate::secagg::word::add_assign(&mut sum, b.values());
@@ -271,12 +283,24 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         assert_eq!(
             quantise::<u32, _>(&p, &[0.0, 1.0], 1, &mut rng).unwrap_err(),
-            QuantError::WrongLength { got: 2, expected: 3 }
+            QuantError::WrongLength {
+                got: 2,
+                expected: 3
+            }
         );
         let err = quantise::<u32, _>(&p, &[0.0, f32::NAN, 0.0], 1, &mut rng).unwrap_err();
         assert!(matches!(err, QuantError::NotFinite { index: 1, .. }));
-        assert_eq!(dequantise::<u32>(&p, &[0; 5], 1).unwrap_err(), QuantError::ZeroWeight);
-        assert_eq!(dequantise::<u32>(&p, &[1; 5], 0).unwrap_err(), QuantError::NoSurvivors);
-        assert!(matches!(dequantise::<u32>(&p, &[1; 4], 1), Err(QuantError::WrongAggregateLength { .. })));
+        assert_eq!(
+            dequantise::<u32>(&p, &[0; 5], 1).unwrap_err(),
+            QuantError::ZeroWeight
+        );
+        assert_eq!(
+            dequantise::<u32>(&p, &[1; 5], 0).unwrap_err(),
+            QuantError::NoSurvivors
+        );
+        assert!(matches!(
+            dequantise::<u32>(&p, &[1; 4], 1),
+            Err(QuantError::WrongAggregateLength { .. })
+        ));
     }
 }

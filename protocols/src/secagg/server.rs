@@ -354,8 +354,7 @@ impl<W: Word> Server<W> {
         if msg.round() != self.round {
             return Err(RejectReason::WrongRound { got: msg.round() });
         }
-        if now >= self.deadline && !matches!(self.stage, ServerStage::Done | ServerStage::Aborted)
-        {
+        if now >= self.deadline && !matches!(self.stage, ServerStage::Done | ServerStage::Aborted) {
             return Err(RejectReason::Late);
         }
         match (self.stage, msg) {
@@ -530,7 +529,9 @@ impl<W: Word> Server<W> {
                 self.share_keys.len(),
             ),
             ServerStage::MaskedInput => (self.u2.iter().copied().collect(), self.u3.len()),
-            ServerStage::ConsistencyCheck => (self.u3.iter().copied().collect(), self.signatures.len()),
+            ServerStage::ConsistencyCheck => {
+                (self.u3.iter().copied().collect(), self.signatures.len())
+            }
             ServerStage::Unmask => (
                 if self.params.consistency_check {
                     self.signatures.keys().copied().collect()
@@ -756,7 +757,10 @@ impl<W: Word> Server<W> {
         let mut by_owner: BTreeMap<ClientId, Vec<(ClientId, &Share)>> = BTreeMap::new();
         for (&holder, shares) in &self.revealed {
             for s in shares {
-                by_owner.entry(s.owner).or_default().push((holder, &s.share));
+                by_owner
+                    .entry(s.owner)
+                    .or_default()
+                    .push((holder, &s.share));
             }
         }
         let t = self.params.threshold as usize;
@@ -769,9 +773,8 @@ impl<W: Word> Server<W> {
             } else {
                 ShareKind::MaskKey
             };
-            let mut secret = shamir::reconstruct(shares, t).map_err(|error| {
-                AbortReason::Reconstruction { owner, kind, error }
-            })?;
+            let mut secret = shamir::reconstruct(shares, t)
+                .map_err(|error| AbortReason::Reconstruction { owner, kind, error })?;
             if survived {
                 let seed = crypto::self_mask_seed(&secret, self.round, owner);
                 secret.zeroize();

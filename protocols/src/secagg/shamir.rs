@@ -172,7 +172,10 @@ pub fn share<R: Rng + ?Sized>(
             let mut y = [0u64; LIMBS];
             for (l, yl) in y.iter_mut().enumerate() {
                 // Horner from the highest coefficient down.
-                *yl = coefficients.iter().rev().fold(0, |acc, row| add(mul(acc, x), row[l]));
+                *yl = coefficients
+                    .iter()
+                    .rev()
+                    .fold(0, |acc, row| add(mul(acc, x), row[l]));
             }
             Share(y)
         })
@@ -327,8 +330,14 @@ mod tests {
     #[test]
     fn rejects_bad_inputs() {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        assert!(matches!(share(&[0; 32], &[1, 2, 1], 2, &mut rng), Err(ShamirError::DuplicateHolder(1))));
-        assert!(matches!(share(&[0; 32], &[1, 2], 3, &mut rng), Err(ShamirError::BadThreshold { .. })));
+        assert!(matches!(
+            share(&[0; 32], &[1, 2, 1], 2, &mut rng),
+            Err(ShamirError::DuplicateHolder(1))
+        ));
+        assert!(matches!(
+            share(&[0; 32], &[1, 2], 3, &mut rng),
+            Err(ShamirError::BadThreshold { .. })
+        ));
         let shares = share(&[9; 32], &[1, 2, 3], 2, &mut rng).unwrap();
         assert_eq!(
             reconstruct(&[(1, &shares[0]), (1, &shares[0])], 2),
@@ -337,6 +346,9 @@ mod tests {
         let mut bytes = [0u8; SHARE_BYTES];
         bytes[..8].copy_from_slice(&P.to_le_bytes());
         assert_eq!(Share::from_bytes(&bytes), Err(ShamirError::NotInField));
-        assert_eq!(Share::from_bytes(&shares[1].to_bytes()), Ok(shares[1].clone()));
+        assert_eq!(
+            Share::from_bytes(&shares[1].to_bytes()),
+            Ok(shares[1].clone())
+        );
     }
 }

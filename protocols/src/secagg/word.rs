@@ -13,9 +13,7 @@ mod sealed {
 }
 
 /// An element of Z/2^BITS: `u32` for modulus 2^32, `u64` for modulus 2^64.
-pub trait Word:
-    Copy + Default + Eq + Ord + Debug + Send + Sync + 'static + sealed::Sealed
-{
+pub trait Word: Copy + Default + Eq + Ord + Debug + Send + Sync + 'static + sealed::Sealed {
     /// log2 of the modulus.
     const BITS: u32;
     /// Bytes per element on the wire and in the keystream.
