@@ -6,7 +6,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-#[path = "../tests/harness.rs"]
+#[path = "../tests/harness/mod.rs"]
 mod harness;
 
 use std::collections::BTreeMap;

@@ -51,6 +51,7 @@ pub fn seed32(a: u64, b: u64) -> [u8; 32] {
     s
 }
 
+#[derive(Debug)]
 pub struct Run<W: Word> {
     pub result: Result<Output<W>, Abort>,
     pub inputs: BTreeMap<ClientId, Vec<W>>,
@@ -74,6 +75,7 @@ pub fn run_round<W: Word>(
     }
 }
 
+#[derive(Debug)]
 pub enum Driven<W: Word> {
     Finished(Run<W>),
     /// Every unmask response is in; the next `poll` reconstructs and unmasks.
