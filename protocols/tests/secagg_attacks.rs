@@ -650,3 +650,44 @@ proptest! {
         let _ = ClientMessage::<u64>::decode(&framed);
     }
 }
+
+#[test]
+fn a_duplicate_message_excludes_its_sender_but_the_stage_still_waits_for_the_others() {
+    let mut w = World::new(false);
+    let mut replies = Vec::new();
+    for (to, msg) in std::mem::take(&mut w.outbox) {
+        let m = w
+            .clients
+            .get_mut(&to)
+            .expect("client")
+            .handle(&msg)
+            .expect("ok")
+            .expect("reply");
+        replies.push((to, m));
+    }
+    // Sites 0..=5 answer, site 0 twice; site 6 has not answered yet.
+    let last = replies.pop().expect("site 6");
+    w.server
+        .receive(0, replies[0].1.clone(), 0)
+        .expect("first is fine");
+    let rej = w
+        .server
+        .receive(0, replies[0].1.clone(), 0)
+        .expect_err("duplicate");
+    assert_eq!(rej.reason, RejectReason::Duplicate("AdvertiseKeys"));
+    for (from, m) in replies.into_iter().skip(1) {
+        w.server.receive(from, m, 0).expect("fine");
+    }
+    // Six advertisements are stored, but one is from the excluded site: five of the six live
+    // sites have answered, so the stage must keep waiting for site 6.
+    assert!(matches!(w.server.poll(1), Ok(Poll::Pending { .. })));
+    w.server.receive(last.0, last.1, 1).expect("fine");
+    let Ok(Poll::Send(msgs)) = w.server.poll(1) else {
+        panic!("stage should close")
+    };
+    assert!(
+        msgs.iter().all(|(to, _)| *to != 0),
+        "the excluded site gets nothing more"
+    );
+    assert_eq!(msgs.len(), N as usize - 1);
+}

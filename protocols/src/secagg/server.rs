@@ -467,15 +467,11 @@ impl<W: Word> Server<W> {
         Ok(())
     }
 
-    fn unmask_expected(&self) -> &BTreeSet<ClientId> {
-        &self.u3
-    }
-
     fn on_unmask(&mut self, m: UnmaskShares) -> Result<(), RejectReason> {
         let eligible = if self.params.consistency_check {
             self.signatures.contains_key(&m.sender)
         } else {
-            self.unmask_expected().contains(&m.sender)
+            self.u3.contains(&m.sender)
         };
         if !eligible {
             return Err(RejectReason::MissedPreviousStage);
@@ -519,36 +515,38 @@ impl<W: Word> Server<W> {
         if let Some(a) = &self.abort {
             return Err(a.clone());
         }
-        let (expected, arrived): (Vec<ClientId>, usize) = match self.stage {
+        // Who is expected in this stage and who has answered; excluded sites count as neither.
+        let (expected, answered): (Vec<ClientId>, Vec<ClientId>) = match self.stage {
             ServerStage::AdvertiseKeys => (
                 self.participants.iter().copied().collect(),
-                self.advertised.len(),
+                self.advertised.keys().copied().collect(),
             ),
             ServerStage::ShareKeys => (
                 self.advertised.keys().copied().collect(),
-                self.share_keys.len(),
+                self.share_keys.keys().copied().collect(),
             ),
-            ServerStage::MaskedInput => (self.u2.iter().copied().collect(), self.u3.len()),
-            ServerStage::ConsistencyCheck => {
-                (self.u3.iter().copied().collect(), self.signatures.len())
-            }
+            ServerStage::MaskedInput => (
+                self.u2.iter().copied().collect(),
+                self.u3.iter().copied().collect(),
+            ),
+            ServerStage::ConsistencyCheck => (
+                self.u3.iter().copied().collect(),
+                self.signatures.keys().copied().collect(),
+            ),
             ServerStage::Unmask => (
                 if self.params.consistency_check {
                     self.signatures.keys().copied().collect()
                 } else {
                     self.u3.iter().copied().collect()
                 },
-                self.revealed.len(),
+                self.revealed.keys().copied().collect(),
             ),
             ServerStage::Done | ServerStage::Aborted => {
                 return Err(self.abort_with(AbortReason::Finished));
             }
         };
-        let still_expected = expected
-            .iter()
-            .filter(|c| !self.excluded.contains(c))
-            .count();
-        if arrived < still_expected && now < self.deadline {
+        let live = |ids: &[ClientId]| ids.iter().filter(|c| !self.excluded.contains(c)).count();
+        if live(&answered) < live(&expected) && now < self.deadline {
             return Ok(Poll::Pending {
                 deadline: self.deadline,
             });
