@@ -74,6 +74,18 @@ struct Report {
     modulus: u32,
     consistency_check: bool,
     peak_rss_mib: Option<f64>,
+    /// Wall time of each stage, clients and server together (extra keys: not part of the
+    /// comparison contract).
+    stage_seconds: StageSeconds,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct StageSeconds {
+    advertise_keys: f64,
+    share_keys: f64,
+    masked_input: f64,
+    /// Consistency check (if on) and unmasking.
+    unmask: f64,
 }
 
 pub fn main(args: &BenchArgs) -> Result<ExitCode> {
@@ -199,11 +211,18 @@ fn run<W: Word>(params: &Params, args: &BenchArgs) -> Result<Report> {
 
     // Stages 1 and 2: advertise keys, share keys.
     let mut inbox: Vec<Option<ServerMessage>> = vec![Some(ServerMessage::Setup(setup)); n as usize];
-    for _ in 0..2 {
+    let mut stage_seconds = StageSeconds::default();
+    for stage in [
+        &mut stage_seconds.advertise_keys,
+        &mut stage_seconds.share_keys,
+    ] {
+        let t0 = Instant::now();
         let replies = respond(&mut clients, &mut inbox)?;
         deliver(&mut server, replies, &mut bytes_up)?;
         inbox = route(server.poll(now).map_err(|e| anyhow!("{e}"))?, n)?;
+        *stage = t0.elapsed().as_secs_f64();
     }
+    let masked_start = Instant::now();
 
     // Stage 3: masked input, from the sites that did not drop. Batches bound memory to a few
     // masked vectors while the server accumulates.
@@ -247,6 +266,8 @@ fn run<W: Word>(params: &Params, args: &BenchArgs) -> Result<Report> {
 
     // Optional consistency check, then unmask.
     // server_unmask: from the first revealed share reaching the server to the unmasked sum.
+    stage_seconds.masked_input = masked_start.elapsed().as_secs_f64();
+    let unmask_stage_start = Instant::now();
     let (output, server_unmask) = loop {
         let replies = respond(&mut clients, &mut inbox)?;
         let unmask_start = Instant::now();
@@ -257,6 +278,7 @@ fn run<W: Word>(params: &Params, args: &BenchArgs) -> Result<Report> {
         }
     };
     let total = start.elapsed();
+    stage_seconds.unmask = unmask_stage_start.elapsed().as_secs_f64();
 
     // Independent check: plain wrapping sum of the survivors' inputs.
     let modulus_mask = if W::BITS == 64 {
@@ -292,6 +314,7 @@ fn run<W: Word>(params: &Params, args: &BenchArgs) -> Result<Report> {
         modulus: W::BITS,
         consistency_check: params.consistency_check,
         peak_rss_mib: peak_rss_mib(),
+        stage_seconds,
     })
 }
 
@@ -364,6 +387,12 @@ fn print_table(r: &Report) {
     );
     println!("  server unmask        {:>10.4} s", r.seconds.server_unmask);
     println!("  bytes up per site    {:>12}", r.bytes_up_per_site);
+    let st = &r.stage_seconds;
+    println!("  stages (wall)");
+    println!("    advertise keys     {:>10.4} s", st.advertise_keys);
+    println!("    share keys         {:>10.4} s", st.share_keys);
+    println!("    masked input       {:>10.4} s", st.masked_input);
+    println!("    (check +) unmask   {:>10.4} s", st.unmask);
     if let Some(m) = r.peak_rss_mib {
         println!("  peak RSS             {:>8.1} MiB", m);
     }
