@@ -185,21 +185,64 @@ pub fn share<R: Rng + ?Sized>(
     Ok(shares)
 }
 
-/// Lagrange coefficients for evaluating the polynomial through `xs` at `at`.
-fn lagrange(xs: &[u64], at: u64) -> Vec<u64> {
-    xs.iter()
-        .enumerate()
-        .map(|(i, &xi)| {
-            let (mut num, mut den) = (1u64, 1u64);
-            for (j, &xj) in xs.iter().enumerate() {
-                if i != j {
-                    num = mul(num, sub(at, xj));
-                    den = mul(den, sub(xi, xj));
-                }
-            }
-            mul(num, inv(den))
-        })
-        .collect()
+/// Replaces every element of `v` (all non-zero) by its inverse with one field inversion
+/// (Montgomery's trick).
+fn batch_invert(v: &mut [u64]) {
+    let mut prefix = Vec::with_capacity(v.len());
+    let mut acc = 1u64;
+    for &x in v.iter() {
+        prefix.push(acc);
+        acc = mul(acc, x);
+    }
+    let mut inv_acc = inv(acc);
+    for (x, p) in v.iter_mut().zip(prefix).rev() {
+        let inv_x = mul(inv_acc, p);
+        inv_acc = mul(inv_acc, *x);
+        *x = inv_x;
+    }
+}
+
+/// Lagrange basis of the points `xs`, evaluated anywhere with O(t) work per point.
+///
+/// λ_i(a) = Π_{j≠i} (a − x_j) / (x_i − x_j). The denominators do not depend on `a`, so they are
+/// inverted once; the numerators are N(a) / (a − x_i) with N(a) = Π_j (a − x_j). This keeps the
+/// verification of every extra share cheap even for classic SecAgg's large neighbourhoods.
+struct LagrangeBasis<'a> {
+    xs: &'a [u64],
+    inv_denominators: Vec<u64>,
+}
+
+impl<'a> LagrangeBasis<'a> {
+    /// `xs` must be distinct.
+    fn new(xs: &'a [u64]) -> Self {
+        let mut inv_denominators: Vec<u64> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &xi)| {
+                xs.iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .fold(1, |acc, (_, &xj)| mul(acc, sub(xi, xj)))
+            })
+            .collect();
+        batch_invert(&mut inv_denominators);
+        LagrangeBasis {
+            xs,
+            inv_denominators,
+        }
+    }
+
+    /// The basis at `at`, which must not be one of the points.
+    fn at(&self, at: u64) -> Vec<u64> {
+        let mut diffs: Vec<u64> = self.xs.iter().map(|&x| sub(at, x)).collect();
+        let numerator = diffs.iter().fold(1, |acc, &d| mul(acc, d));
+        batch_invert(&mut diffs);
+        diffs
+            .iter()
+            .zip(&self.inv_denominators)
+            .map(|(&inv_diff, &inv_den)| mul(mul(numerator, inv_diff), inv_den))
+            .collect()
+    }
 }
 
 fn interpolate(coeffs: &[u64], shares: &[&Share]) -> [u64; LIMBS] {
@@ -233,9 +276,10 @@ pub fn reconstruct(shares: &[(u32, &Share)], threshold: usize) -> Result<[u8; 32
     let (base, extra) = shares.split_at(threshold);
     let xs: Vec<u64> = base.iter().map(|(h, _)| x_of(*h)).collect();
     let ys: Vec<&Share> = base.iter().map(|(_, s)| *s).collect();
-    let mut limbs = interpolate(&lagrange(&xs, 0), &ys);
+    let basis = LagrangeBasis::new(&xs);
+    let mut limbs = interpolate(&basis.at(0), &ys);
     for (h, s) in extra {
-        if interpolate(&lagrange(&xs, x_of(*h)), &ys) != s.0 {
+        if interpolate(&basis.at(x_of(*h)), &ys) != s.0 {
             limbs.zeroize();
             return Err(ShamirError::Inconsistent);
         }
@@ -260,6 +304,14 @@ mod tests {
     use chacha20::ChaCha20Rng;
     use proptest::prelude::*;
     use rand_core::SeedableRng;
+
+    #[test]
+    fn batch_inversion_matches_single_inversions() {
+        let mut v: Vec<u64> = vec![1, 2, 3, P - 1, 1 << 60, 123_456_789];
+        let expected: Vec<u64> = v.iter().map(|&x| inv(x)).collect();
+        batch_invert(&mut v);
+        assert_eq!(v, expected);
+    }
 
     #[test]
     fn field_arithmetic() {
