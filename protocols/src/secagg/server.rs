@@ -297,7 +297,8 @@ impl<W: Word> Server<W> {
         self.deadline
     }
 
-    /// Rejections so far, in order.
+    /// The rejections that excluded a site, in order (late or out-of-stage messages are only
+    /// returned from [`Server::receive`]).
     pub fn rejections(&self) -> &[Rejection] {
         &self.rejections
     }
@@ -320,15 +321,17 @@ impl<W: Word> Server<W> {
                     | RejectReason::Excluded
                     | RejectReason::NotParticipant
             );
-            if exclude {
-                self.excluded.insert(from);
-            }
             let rejection = Rejection {
                 client: from,
                 stage: self.stage,
                 reason: reason.clone(),
             };
-            self.rejections.push(rejection.clone());
+            // Only the rejection that excludes a site is kept (at most one per site), so a
+            // site that keeps sending cannot grow the server's memory.
+            if exclude {
+                self.excluded.insert(from);
+                self.rejections.push(rejection.clone());
+            }
             return Err(rejection);
         }
         Ok(())
