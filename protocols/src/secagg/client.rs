@@ -287,6 +287,19 @@ impl<W: Word> Client<W> {
         self.params.as_ref().map_or(0, |p| p.threshold)
     }
 
+    /// Every stage needs at least t live sites in this site's neighbourhood, itself included.
+    fn require_quorum(&self, live: usize) -> Result<(), ClientError> {
+        let threshold = self.threshold();
+        if live < threshold as usize {
+            return Err(ClientError::TooFewNeighbours {
+                stage: self.stage,
+                live,
+                threshold,
+            });
+        }
+        Ok(())
+    }
+
     fn on_setup(&mut self, m: &Setup) -> Result<ClientMessage<W>, ClientError> {
         m.params.validate()?;
         if m.params.modulus.bits() != W::BITS {
@@ -388,13 +401,7 @@ impl<W: Word> Client<W> {
             );
         }
         let live = peers.len() + 1;
-        if live < threshold as usize {
-            return Err(ClientError::TooFewNeighbours {
-                stage: self.stage,
-                live,
-                threshold,
-            });
-        }
+        self.require_quorum(live)?;
         // Share the self-mask seed and the mask key among the live neighbourhood, self included.
         let holders: Vec<ClientId> = peers.keys().copied().chain([me]).collect();
         self.self_seed = random_bytes(&mut self.rng);
@@ -460,14 +467,7 @@ impl<W: Word> Client<W> {
         // Neighbours that advertised but never shared are out of the round for this site.
         self.peers.retain(|_, p| p.shares.is_some());
         let live = self.peers.len() + 1;
-        let threshold = self.threshold();
-        if live < threshold as usize {
-            return Err(ClientError::TooFewNeighbours {
-                stage: self.stage,
-                live,
-                threshold,
-            });
-        }
+        self.require_quorum(live)?;
         self.stage = ClientStage::AwaitingInput;
         match self.input.take() {
             Some(input) => self.mask(input).map(Some),
@@ -565,14 +565,7 @@ impl<W: Word> Client<W> {
                 )));
             }
         }
-        let threshold = self.threshold();
-        if live < threshold as usize {
-            return Err(ClientError::TooFewNeighbours {
-                stage: self.stage,
-                live,
-                threshold,
-            });
-        }
+        self.require_quorum(live)?;
         Ok(())
     }
 
@@ -594,7 +587,6 @@ impl<W: Word> Client<W> {
 
     fn on_unmask_request(&mut self, m: &UnmaskRequest) -> Result<ClientMessage<W>, ClientError> {
         let me = self.identity.id;
-        let threshold = self.threshold();
         if let Some(signed) = &self.signed_survivors {
             if *signed != m.survivors {
                 return Err(ClientError::SurvivorSetChanged);
@@ -617,13 +609,7 @@ impl<W: Word> Client<W> {
                 }
                 signers.insert(*signer);
             }
-            if signers.len() < threshold as usize {
-                return Err(ClientError::TooFewNeighbours {
-                    stage: self.stage,
-                    live: signers.len(),
-                    threshold,
-                });
-            }
+            self.require_quorum(signers.len())?;
         } else {
             self.check_survivors(&m.survivors)?;
         }
