@@ -1,0 +1,282 @@
+//! The site's data: a CSV file encoded by the shared schema, split into train and test, and
+//! standardised with statistics every site shares.
+//!
+//! Nothing in this module leaves the site. The only thing derived from the data that is sent
+//! anywhere is [`SiteData::stats_vector`], and only through secure aggregation.
+
+use std::path::Path;
+
+use chacha20::ChaCha20Rng;
+use cohort_protocols::model::{DataSchema, SchemaError, stats};
+use rand_core::{Rng, SeedableRng};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is empty: it needs a header row")]
+    Empty { path: String },
+    #[error("{path}, line {line}, column {column:?}: {value:?} is not a number")]
+    NotANumber {
+        path: String,
+        line: usize,
+        column: String,
+        value: String,
+    },
+    #[error("{path}: {source}")]
+    Schema { path: String, source: SchemaError },
+    #[error("{path}: no usable rows after applying the schema")]
+    NoRows { path: String },
+    #[error("the two CSV files have different headers")]
+    HeaderMismatch,
+    #[error("test_fraction = {0}: must be in (0, 1)")]
+    BadFraction(f64),
+}
+
+/// Encoded rows: features may be missing (None) until imputation.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    pub features: Vec<Vec<Option<f64>>>,
+    pub labels: Vec<f32>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn push(&mut self, f: Vec<Option<f64>>, y: f32) {
+        self.features.push(f);
+        self.labels.push(y);
+    }
+
+    /// Dense, standardised features (row-major) with missing values replaced by the mean
+    /// (0 after standardisation).
+    pub fn standardised(&self, mean: &[f64], std: &[f64]) -> Vec<f32> {
+        self.features
+            .iter()
+            .flat_map(|row| {
+                row.iter().enumerate().map(|(j, v)| match v {
+                    Some(x) => ((x - mean[j]) / std[j]) as f32,
+                    None => 0.0,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SiteData {
+    pub inputs: usize,
+    pub train: Rows,
+    pub test: Rows,
+    /// Rows dropped for missing values (reported in the agent's log only).
+    pub dropped_rows: usize,
+}
+
+/// Reads a CSV with a header; empty cells are missing values.
+fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<Option<f64>>>), DataError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .ok_or_else(|| DataError::Empty { path: name.clone() })?
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let row = line
+            .split(',')
+            .enumerate()
+            .map(|(j, cell)| {
+                let cell = cell.trim();
+                if cell.is_empty() || cell == "?" {
+                    return Ok(None);
+                }
+                cell.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| DataError::NotANumber {
+                        path: name.clone(),
+                        line: i + 2,
+                        column: header.get(j).cloned().unwrap_or_else(|| format!("#{j}")),
+                        value: cell.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.push(row);
+    }
+    Ok((header, rows))
+}
+
+fn encode(
+    schema: &DataSchema,
+    path: &Path,
+) -> Result<(Vec<String>, usize, Rows, usize), DataError> {
+    let name = path.display().to_string();
+    let (header, raw) = read_csv(path)?;
+    let resolved = schema.resolve(&header).map_err(|source| DataError::Schema {
+        path: name.clone(),
+        source,
+    })?;
+    let mut rows = Rows::default();
+    let mut dropped = 0;
+    for (i, r) in raw.iter().enumerate() {
+        match resolved
+            .encode(i + 2, r, header.len())
+            .map_err(|source| DataError::Schema {
+                path: name.clone(),
+                source,
+            })? {
+            Some(e) => rows.push(e.features, e.label),
+            None => dropped += 1,
+        }
+    }
+    if rows.is_empty() {
+        return Err(DataError::NoRows { path: name });
+    }
+    Ok((header, resolved.width(), rows, dropped))
+}
+
+impl SiteData {
+    /// Loads `train_csv`; the test split is `test_csv` if given, otherwise a stratified
+    /// `test_fraction` of `train_csv` chosen with `seed`.
+    pub fn load(
+        schema: &DataSchema,
+        train_csv: &Path,
+        test_csv: Option<&Path>,
+        test_fraction: f64,
+        seed: u64,
+    ) -> Result<Self, DataError> {
+        let (header, inputs, all, dropped_rows) = encode(schema, train_csv)?;
+        if let Some(test_path) = test_csv {
+            let (test_header, _, test, dropped_test) = encode(schema, test_path)?;
+            if test_header != header {
+                return Err(DataError::HeaderMismatch);
+            }
+            return Ok(SiteData {
+                inputs,
+                train: all,
+                test,
+                dropped_rows: dropped_rows + dropped_test,
+            });
+        }
+        if !(test_fraction > 0.0 && test_fraction < 1.0) {
+            return Err(DataError::BadFraction(test_fraction));
+        }
+        let (train, test) = stratified_split(&all, test_fraction, seed);
+        Ok(SiteData {
+            inputs,
+            train,
+            test,
+            dropped_rows,
+        })
+    }
+
+    /// Per input: [non-missing count, Σx, Σx²] over the training rows, as fixed-point integers
+    /// in Z/2^64 ready for secure summation (layout in [`stats`]). Element 0 is the row count.
+    pub fn stats_vector(&self) -> Vec<u64> {
+        let mut v = vec![0u64; 1 + 3 * self.inputs];
+        v[0] = self.train.len() as u64;
+        for row in &self.train.features {
+            for (j, x) in row.iter().enumerate() {
+                if let Some(x) = x {
+                    v[1 + 3 * j] += 1;
+                    v[2 + 3 * j] = v[2 + 3 * j].wrapping_add(stats::to_fixed(*x));
+                    v[3 + 3 * j] = v[3 + 3 * j].wrapping_add(stats::to_fixed(x * x));
+                }
+            }
+        }
+        v
+    }
+}
+
+fn stratified_split(all: &Rows, test_fraction: f64, seed: u64) -> (Rows, Rows) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let (mut train, mut test) = (Rows::default(), Rows::default());
+    for class in [0.0f32, 1.0] {
+        let mut idx: Vec<usize> = (0..all.len()).filter(|&i| all.labels[i] == class).collect();
+        for i in (1..idx.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            idx.swap(i, j);
+        }
+        let n_test = (idx.len() as f64 * test_fraction).round() as usize;
+        for (k, &i) in idx.iter().enumerate() {
+            let target = if k < n_test { &mut test } else { &mut train };
+            target.push(all.features[i].clone(), all.labels[i]);
+        }
+    }
+    (train, test)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> DataSchema {
+        toml::from_str(
+            r#"
+            label = { column = "num", greater_than = 0 }
+            drop = ["slope", "ca", "thal"]
+            categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+            missing = "drop_row"
+            "#,
+        )
+        .expect("schema")
+    }
+
+    fn heart(site: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../data/heart-disease/{site}.csv"))
+    }
+
+    #[test]
+    fn flamby_row_counts_and_split() {
+        for (site, rows, test) in [("cleveland", 303, 104), ("hungary", 261, 89), ("switzerland", 46, 16), ("va", 130, 44)] {
+            let d = SiteData::load(&schema(), &heart(site), None, 0.34, 42).expect(site);
+            assert_eq!(d.inputs, 13);
+            assert_eq!(d.train.len() + d.test.len(), rows, "{site}");
+            assert!((d.test.len() as i64 - test).abs() <= 1, "{site}: {} test rows", d.test.len());
+            // stratified: both classes appear in test when both exist
+            let pos = d.test.labels.iter().filter(|&&y| y == 1.0).count();
+            assert!(pos > 0, "{site}");
+        }
+    }
+
+    #[test]
+    fn stats_sum_gives_mean_and_std() {
+        let d = SiteData::load(&schema(), &heart("cleveland"), None, 0.34, 1).expect("load");
+        let (mean, std) = stats::from_sum(&d.stats_vector(), d.inputs);
+        let ages: Vec<f64> = d.train.features.iter().map(|r| r[0].expect("age")).collect();
+        let m = ages.iter().sum::<f64>() / ages.len() as f64;
+        let s = (ages.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / ages.len() as f64).sqrt();
+        assert!((mean[0] - m).abs() < 1e-3 && (std[0] - s).abs() < 1e-3);
+        let x = d.train.standardised(&mean, &std);
+        assert_eq!(x.len(), d.train.len() * 13);
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("bad.csv");
+        std::fs::write(&p, "age,num\n40,1\nforty,0\n").expect("write");
+        let s: DataSchema = toml::from_str("label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"").expect("schema");
+        let err = SiteData::load(&s, &p, None, 0.3, 1).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("\"forty\""), "{err}");
+        let err = SiteData::load(&s, &dir.path().join("nope.csv"), None, 0.3, 1).unwrap_err().to_string();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,310 @@
+//! The coordinator's TOML configuration.
+//!
+//! Unknown keys are errors (serde's `deny_unknown_fields`): a misspelt `treshold` must not
+//! silently fall back to a default. Values are validated after parsing and every error names
+//! the key, the value and what is allowed, because the reader is editing the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cohort_protocols::model::{DataSchema, ModelKind, ModelSpec};
+use cohort_protocols::secagg::{Modulus, Params};
+use cohort_protocols::strategy::StrategyConfig;
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key} = {value}: {allowed}")]
+    Invalid {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address, e.g. "0.0.0.0:7700".
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub rounds: RoundsConfig,
+    #[serde(default)]
+    pub secagg: SecAggConfig,
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    pub model: ModelConfig,
+    pub schema: DataSchema,
+    /// Passed verbatim to the agents: local training settings.
+    pub training: toml::Table,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundsConfig {
+    pub count: u64,
+    /// Sites that must be connected before a round starts (and survive it).
+    pub min_sites: u32,
+    /// Sites selected per round (default: all connected).
+    #[serde(default)]
+    pub sites_per_round: Option<u32>,
+    /// How long to wait for `min_sites` to connect before each round.
+    #[serde(default = "default_wait")]
+    pub wait_for_sites_secs: u64,
+    /// Per-stage timeout of the secure-aggregation protocol.
+    #[serde(default = "default_stage")]
+    pub stage_timeout_secs: u64,
+    /// Timeout for local training (the masked-input stage).
+    #[serde(default = "default_train")]
+    pub train_timeout_secs: u64,
+    /// Attempts per round before the run stops with an error.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_wait() -> u64 {
+    300
+}
+fn default_stage() -> u64 {
+    60
+}
+fn default_train() -> u64 {
+    600
+}
+fn default_attempts() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub neighbours: Option<u32>,
+    pub threshold: Option<u32>,
+    #[serde(default = "default_clip")]
+    pub clip: f32,
+    #[serde(default = "default_q")]
+    pub quant_bits: u32,
+    #[serde(default = "default_modulus")]
+    pub modulus_bits: u32,
+    #[serde(default = "default_weight")]
+    pub max_weight: u64,
+    #[serde(default)]
+    pub consistency_check: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_clip() -> f32 {
+    1.0
+}
+fn default_q() -> u32 {
+    20
+}
+fn default_modulus() -> u32 {
+    64
+}
+fn default_weight() -> u64 {
+    100_000
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        SecAggConfig {
+            enabled: true,
+            neighbours: None,
+            threshold: None,
+            clip: default_clip(),
+            quant_bits: default_q(),
+            modulus_bits: default_modulus(),
+            max_weight: default_weight(),
+            consistency_check: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    /// Number of model inputs after encoding (the agents check it against their data).
+    pub inputs: usize,
+}
+
+impl ModelConfig {
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            kind: self.kind,
+            inputs: self.inputs,
+            hidden: self.hidden.clone(),
+        }
+    }
+}
+
+impl SecAggConfig {
+    /// SecAgg+ parameters for a round with `sites` participants and a `dim`-value update.
+    pub fn params(&self, sites: u32, dim: u32) -> Params {
+        let neighbours = self
+            .neighbours
+            .unwrap_or_else(|| Params::default_neighbours(sites))
+            .min(sites);
+        Params {
+            sites,
+            neighbours,
+            threshold: self
+                .threshold
+                .unwrap_or_else(|| Params::default_threshold(neighbours)),
+            dim,
+            clip: self.clip,
+            quant_bits: self.quant_bits,
+            modulus: Modulus::from_bits(self.modulus_bits).unwrap_or(Modulus::Bits64),
+            max_weight: self.max_weight,
+            consistency_check: self.consistency_check,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config.relative_to(path.parent().unwrap_or(Path::new("."))))
+    }
+
+    /// Parses and validates a configuration.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: CoordinatorConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: "<config>".into(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Relative paths in the file are relative to the file.
+    fn relative_to(mut self, base: &Path) -> Self {
+        for p in [
+            &mut self.data_dir,
+            &mut self.tls.ca_cert,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.rounds;
+        if r.count == 0 {
+            return Err(invalid("rounds.count", r.count, "must be at least 1"));
+        }
+        if r.min_sites < 3 && self.secagg.enabled {
+            return Err(invalid(
+                "rounds.min_sites",
+                r.min_sites,
+                "secure aggregation needs at least 3 sites per round",
+            ));
+        }
+        if r.min_sites == 0 {
+            return Err(invalid("rounds.min_sites", 0, "must be at least 1"));
+        }
+        if let Some(n) = r.sites_per_round
+            && n < r.min_sites
+        {
+            return Err(invalid(
+                "rounds.sites_per_round",
+                n,
+                format!("must be at least rounds.min_sites = {}", r.min_sites),
+            ));
+        }
+        for (key, v) in [
+            ("rounds.stage_timeout_secs", r.stage_timeout_secs),
+            ("rounds.train_timeout_secs", r.train_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, v, "must be at least 1 second"));
+            }
+        }
+        if r.max_attempts == 0 {
+            return Err(invalid("rounds.max_attempts", 0, "must be at least 1"));
+        }
+        let s = &self.secagg;
+        if Modulus::from_bits(s.modulus_bits).is_none() {
+            return Err(invalid("secagg.modulus_bits", s.modulus_bits, "32 or 64"));
+        }
+        if self.model.inputs == 0 {
+            return Err(invalid("model.inputs", 0, "must be at least 1"));
+        }
+        if self.model.kind == ModelKind::Mlp && self.model.hidden.is_empty() {
+            return Err(invalid(
+                "model.hidden",
+                "[]",
+                "an mlp needs at least one hidden layer, e.g. hidden = [32]",
+            ));
+        }
+        if self.model.hidden.contains(&0) {
+            return Err(invalid(
+                "model.hidden",
+                format!("{:?}", self.model.hidden),
+                "layer sizes must be at least 1",
+            ));
+        }
+        self.strategy
+            .validate()
+            .map_err(|e| invalid("strategy", e.to_string(), "see docs/configuration.md"))?;
+        if s.enabled {
+            let dim = self.model.spec().num_params() as u32;
+            // Check the parameters for the largest round this configuration allows.
+            let sites = r.sites_per_round.unwrap_or(r.min_sites).max(r.min_sites);
+            self.secagg
+                .params(sites, dim)
+                .validate()
+                .map_err(|e| invalid("secagg", e.to_string(), "fix the [secagg] table"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,643 @@
+//! The round driver: one task that runs the statistics round, the training rounds and the
+//! evaluations, driving the `cohort-protocols` SecAgg+ server with messages from the hub.
+//!
+//! The driver never waits forever: every wait has a deadline (a stage timeout, the training
+//! timeout, the wait for sites), and a round that loses its quorum is retried with a new
+//! attempt number — fresh keys, fresh masks — up to `max_attempts` times.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cohort_proto::v1::{
+    AgentMessage, Chunk, RoundStart, Shutdown, Task, agent_message, coordinator_message,
+};
+use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::model::{self, ModelSpec, stats};
+use cohort_protocols::secagg::{
+    ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, StageTimeouts, Word,
+    dequantise,
+};
+use cohort_protocols::strategy::Strategy;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::CoordinatorConfig;
+use crate::hub::{Hub, Inbound};
+
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("only {connected} sites connected within {waited:?}; rounds.min_sites = {min}")]
+    NotEnoughSites {
+        connected: usize,
+        min: u32,
+        waited: Duration,
+    },
+    #[error("round {round} failed after {attempts} attempts; last reason: {reason}")]
+    RoundFailed {
+        round: u64,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("the hub closed")]
+    HubClosed,
+}
+
+/// One finished round, as reported in `summary.json` and `rounds.csv`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundSummary {
+    pub round: u64,
+    pub attempts: u32,
+    pub sites: usize,
+    pub dropped: usize,
+    pub clipped: u64,
+    pub seconds: f64,
+    /// Mean of the sites' local test accuracies after the round.
+    pub accuracy: f64,
+    /// Example-weighted mean test loss.
+    pub loss: f64,
+    pub auc: f64,
+    pub total_weight: u64,
+    pub model_sha3_512: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteResult {
+    pub examples: u64,
+    pub test_examples: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub auc: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub secure: bool,
+    pub rounds: Vec<RoundSummary>,
+    pub initial: Evaluation,
+    pub per_site: BTreeMap<String, SiteResult>,
+    pub model: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Evaluation {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub auc: f64,
+}
+
+pub struct Driver {
+    cfg: CoordinatorConfig,
+    hub: Arc<Hub>,
+    inbox: mpsc::Receiver<Inbound>,
+    ca_der: Vec<u8>,
+    spec: ModelSpec,
+    global: Vec<f32>,
+    strategy: Strategy,
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    training_toml: String,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").finish_non_exhaustive()
+    }
+}
+
+fn now_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut s = [0u8; 32];
+    rand::fill(&mut s);
+    s
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Collects chunks into whole messages, per site, with a size limit.
+struct Reassembler {
+    buffers: HashMap<String, Vec<u8>>,
+    limit: usize,
+}
+
+impl Reassembler {
+    fn new(limit: usize) -> Self {
+        Reassembler {
+            buffers: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// Some(bytes) when `chunk` completes a message; Err when the site exceeds the limit.
+    fn push(&mut self, site: &str, chunk: Chunk) -> Result<Option<Vec<u8>>, usize> {
+        let buf = self.buffers.entry(site.to_string()).or_default();
+        if buf.len() + chunk.data.len() > self.limit {
+            let len = buf.len() + chunk.data.len();
+            self.buffers.remove(site);
+            return Err(len);
+        }
+        buf.extend_from_slice(&chunk.data);
+        Ok(if chunk.last {
+            self.buffers.remove(site)
+        } else {
+            None
+        })
+    }
+}
+
+enum Aggregated {
+    /// Sum of the survivors' vectors, as u64 (mod the round's modulus), and the survivors.
+    Sum { sum: Vec<u64>, survivors: Vec<String>, dropped: usize },
+}
+
+impl Driver {
+    pub fn new(
+        cfg: CoordinatorConfig,
+        hub: Arc<Hub>,
+        inbox: mpsc::Receiver<Inbound>,
+        ca_der: Vec<u8>,
+    ) -> Result<Self, toml::ser::Error> {
+        let spec = cfg.model.spec();
+        let global = spec.init(cfg.model.seed);
+        let strategy = Strategy::new(cfg.strategy.clone(), spec.num_params());
+        let training_toml = toml::to_string(&cfg.training)?;
+        Ok(Driver {
+            hub,
+            inbox,
+            ca_der,
+            global,
+            strategy,
+            mean: vec![0.0; spec.inputs],
+            std: vec![1.0; spec.inputs],
+            spec,
+            training_toml,
+            cfg,
+        })
+    }
+
+    fn secure(&self) -> bool {
+        self.cfg.secagg.enabled
+    }
+
+    /// Runs the whole federated training and returns its summary.
+    pub async fn run(mut self) -> Result<RunSummary, DriverError> {
+        if !self.secure() {
+            warn!("secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)");
+        }
+        self.wait_for_sites().await?;
+        // Round 0: federated feature statistics for standardisation.
+        let sum = self
+            .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
+            .await?;
+        let (mean, std) = stats::from_sum(&sum, self.spec.inputs);
+        self.mean = mean;
+        self.std = std;
+        info!(round = 0, "feature statistics aggregated from {} rows", sum.first().copied().unwrap_or(0));
+
+        let initial = self.evaluate(0).await;
+        info!(round = 0, accuracy = initial.0.accuracy, loss = initial.0.loss, "initial model");
+        let mut rounds = Vec::new();
+        let mut per_site = initial.1.clone();
+        for r in 1..=self.cfg.rounds.count {
+            let started = Instant::now();
+            let span = info_span!("round", round = r);
+            let (agg_mean, total_weight, clipped, sites, dropped, attempts) = async {
+                let mut attempts = 0;
+                let result = self
+                    .with_attempts(r, |d, attempt| {
+                        attempts = attempt + 1;
+                        Box::pin(d.train_round(r, attempt))
+                    })
+                    .await?;
+                Ok::<_, DriverError>((result.0, result.1, result.2, result.3, result.4, attempts))
+            }
+            .instrument(span.clone())
+            .await?;
+            if let Err(e) = self.strategy.apply(&mut self.global, &agg_mean) {
+                return Err(DriverError::RoundFailed {
+                    round: r,
+                    attempts,
+                    reason: e.to_string(),
+                });
+            }
+            let (eval, sites_eval) = self.evaluate(r).instrument(span).await;
+            per_site = sites_eval;
+            let hash = model::sha3_512(&model::to_bytes(&self.global));
+            let summary = RoundSummary {
+                round: r,
+                attempts,
+                sites,
+                dropped,
+                clipped,
+                seconds: started.elapsed().as_secs_f64(),
+                accuracy: eval.accuracy,
+                loss: eval.loss,
+                auc: eval.auc,
+                total_weight,
+                model_sha3_512: hex(&hash),
+            };
+            info!(round = r, accuracy = eval.accuracy, loss = eval.loss, auc = eval.auc, sites, dropped, clipped, "round complete");
+            rounds.push(summary);
+        }
+        for (site, _) in self.hub.connected() {
+            self.hub
+                .send(
+                    &site,
+                    coordinator_message::Kind::Shutdown(Shutdown {
+                        reason: "training finished".into(),
+                    }),
+                )
+                .await;
+        }
+        Ok(RunSummary {
+            secure: self.secure(),
+            rounds,
+            initial: initial.0,
+            per_site,
+            model: self.global.clone(),
+        })
+    }
+
+    async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
+        let min = self.cfg.rounds.min_sites as usize;
+        let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            let connected = self.hub.connected().len();
+            if connected >= min {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Err(_) => {
+                    return Err(DriverError::NotEnoughSites {
+                        connected,
+                        min: self.cfg.rounds.min_sites,
+                        waited,
+                    });
+                }
+                Ok(None) => return Err(DriverError::HubClosed),
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    async fn with_attempts<T>(
+        &mut self,
+        round: u64,
+        mut f: impl for<'a> FnMut(
+            &'a mut Driver,
+            u32,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>,
+    ) -> Result<T, DriverError> {
+        let mut last = String::new();
+        for attempt in 0..self.cfg.rounds.max_attempts {
+            if let Err(e) = self.wait_for_sites().await {
+                last = e.to_string();
+                break;
+            }
+            match f(self, attempt).await {
+                Ok(v) => return Ok(v),
+                Err(reason) => {
+                    warn!(round, attempt, %reason, "round attempt aborted; retrying with fresh keys");
+                    last = reason;
+                }
+            }
+        }
+        Err(DriverError::RoundFailed {
+            round,
+            attempts: self.cfg.rounds.max_attempts,
+            reason: last,
+        })
+    }
+
+    /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
+    fn select(&self) -> Vec<(String, u32)> {
+        let mut sites: Vec<(String, u32)> = self
+            .hub
+            .connected()
+            .into_iter()
+            .map(|(name, s)| (name, s.id))
+            .collect();
+        if let Some(k) = self.cfg.rounds.sites_per_round {
+            sites.truncate(k as usize);
+        }
+        sites
+    }
+
+    async fn start_round(&self, sites: &[(String, u32)], start: RoundStart, model: Option<&[u8]>) -> Vec<(String, u32)> {
+        let mut reached = Vec::new();
+        for (site, id) in sites {
+            let mut ok = self
+                .hub
+                .send(site, coordinator_message::Kind::RoundStart(start.clone()))
+                .await;
+            if ok && let Some(bytes) = model {
+                ok = self
+                    .hub
+                    .send_chunked(site, bytes, coordinator_message::Kind::Model)
+                    .await;
+            }
+            if ok {
+                reached.push((site.clone(), *id));
+            } else {
+                warn!(%site, "site unreachable at round start");
+            }
+        }
+        reached
+    }
+
+    fn round_start(&self, round: u64, attempt: u32, task: Task, model: Option<&[u8]>) -> RoundStart {
+        RoundStart {
+            round,
+            attempt,
+            task: task as i32,
+            secure: self.secure(),
+            model_sha3_512: model.map(|m| model::sha3_512(m).to_vec()).unwrap_or_default(),
+            model_bytes: model.map_or(0, |m| m.len() as u64),
+            training_toml: self.training_toml.clone(),
+            feature_mean: self.mean.clone(),
+            feature_std: self.std.clone(),
+        }
+    }
+
+    async fn stats_round(&mut self, attempt: u32) -> Result<Vec<u64>, String> {
+        let sites = self.select();
+        let start = self.round_start(0, attempt, Task::Stats, None);
+        let sites = self.start_round(&sites, start, None).await;
+        let len = stats::vector_len(self.spec.inputs);
+        let agg = if self.secure() {
+            let params = Params {
+                modulus: Modulus::Bits64,
+                ..self.cfg.secagg.params(sites.len() as u32, (len - 2) as u32)
+            };
+            self.secagg::<u64>(RoundId::new(0, attempt), &sites, params).await?
+        } else {
+            self.plain_sum(&sites, len, true).await?
+        };
+        let Aggregated::Sum { sum, .. } = agg;
+        Ok(sum)
+    }
+
+    /// One training round: returns (mean delta, total weight, clipped, sites, dropped).
+    async fn train_round(&mut self, round: u64, attempt: u32) -> Result<(Vec<f32>, u64, u64, usize, usize), String> {
+        let sites = self.select();
+        let bytes = model::to_bytes(&self.global);
+        let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
+        let sites = self.start_round(&sites, start, Some(&bytes)).await;
+        for (s, _) in &sites {
+            self.hub.record(s, |st| st.rounds_joined += 1);
+        }
+        let dim = self.spec.num_params();
+        if self.secure() {
+            let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
+            let agg = match params.modulus {
+                Modulus::Bits32 => self.secagg::<u32>(RoundId::new(round, attempt), &sites, params.clone()).await?,
+                Modulus::Bits64 => self.secagg::<u64>(RoundId::new(round, attempt), &sites, params.clone()).await?,
+            };
+            let Aggregated::Sum { sum, survivors, dropped } = agg;
+            let a = match params.modulus {
+                Modulus::Bits32 => {
+                    let s: Vec<u32> = sum.iter().map(|v| *v as u32).collect();
+                    dequantise(&params, &s, survivors.len())
+                }
+                Modulus::Bits64 => dequantise(&params, &sum, survivors.len()),
+            }
+            .map_err(|e| e.to_string())?;
+            if a.clipped > 0 {
+                warn!(round, clipped = a.clipped, "values were clipped to [-{}, {}]", params.clip, params.clip);
+            }
+            Ok((a.mean, a.total_weight, a.clipped, sites.len(), dropped))
+        } else {
+            let Aggregated::Sum { sum, survivors, dropped } = self.plain_sum(&sites, dim + 1, false).await?;
+            // plain: sum[0] = Σw (as f64 bits), sum[1..] = Σ wΔ (f64 bits)
+            let total = f64::from_bits(sum[0]);
+            if total <= 0.0 {
+                return Err("the surviving sites reported no examples".into());
+            }
+            let mean = sum[1..].iter().map(|v| (f64::from_bits(*v) / total) as f32).collect();
+            let _ = survivors;
+            Ok((mean, total as u64, 0, sites.len(), dropped))
+        }
+    }
+
+    /// Runs one SecAgg+ aggregation among `sites`.
+    async fn secagg<W: Word>(
+        &mut self,
+        round: RoundId,
+        sites: &[(String, u32)],
+        params: Params,
+    ) -> Result<Aggregated, String> {
+        let clock = Instant::now();
+        let by_id: HashMap<u32, String> = sites.iter().map(|(s, id)| (*id, s.clone())).collect();
+        let by_name: HashMap<String, u32> = sites.iter().map(|(s, id)| (s.clone(), *id)).collect();
+        let ids: Vec<u32> = sites.iter().map(|(_, id)| *id).collect();
+        let stage = self.cfg.rounds.stage_timeout_secs * 1000;
+        let timeouts = StageTimeouts {
+            advertise_keys: stage,
+            share_keys: stage,
+            masked_input: self.cfg.rounds.train_timeout_secs * 1000,
+            consistency_check: stage,
+            unmask: stage,
+        };
+        let verifier = CaVerifier::new(self.ca_der.clone(), chrono_now()).map_err(|e| e.to_string())?;
+        let (mut server, setup) = Server::<W>::new(
+            params.clone(),
+            round,
+            &ids,
+            random_seed(),
+            Arc::new(verifier),
+            timeouts,
+            now_ms(clock),
+        )
+        .map_err(|e| e.to_string())?;
+        let setup_bytes = cohort_protocols::secagg::ServerMessage::Setup(setup).encode();
+        for (site, _) in sites {
+            self.hub.send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg).await;
+        }
+        let limit = params.vector_len() * 8 + (1 << 20) + 64 * sites.len() * 256;
+        let mut chunks = Reassembler::new(limit);
+        let mut banned: HashSet<String> = HashSet::new();
+        loop {
+            match server.poll(now_ms(clock)) {
+                Err(abort) => return Err(abort.to_string()),
+                Ok(Poll::Done(out)) => {
+                    let Output { sum, survivors, dropped, rejections, .. } = *out;
+                    for r in &rejections {
+                        warn!(round = round.round, site = %by_id.get(&r.client).cloned().unwrap_or_default(), reason = %r.reason, "site dropped from the round");
+                    }
+                    for d in &dropped {
+                        if let Some(s) = by_id.get(d) {
+                            self.hub.record(s, |st| st.dropouts += 1);
+                        }
+                    }
+                    return Ok(Aggregated::Sum {
+                        sum: sum.into_iter().map(Word::to_u64).collect(),
+                        survivors: survivors.iter().filter_map(|id| by_id.get(id).cloned()).collect(),
+                        dropped: dropped.len(),
+                    });
+                }
+                Ok(Poll::Send(messages)) => {
+                    for (id, m) in messages {
+                        if let Some(site) = by_id.get(&id) {
+                            let bytes = m.encode();
+                            self.hub.send_chunked(site, &bytes, coordinator_message::Kind::Secagg).await;
+                        }
+                    }
+                }
+                Ok(Poll::Pending { deadline }) => {
+                    let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)));
+                    let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
+                        Err(_) => continue,
+                        Ok(None) => return Err("hub closed".into()),
+                        Ok(Some(m)) => m,
+                    };
+                    let Inbound::Message { site, msg } = msg else { continue };
+                    let Some(&id) = by_name.get(&site) else { continue };
+                    if banned.contains(&site) {
+                        continue;
+                    }
+                    match msg.kind {
+                        Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk) {
+                            Err(len) => {
+                                warn!(round = round.round, %site, len, "site dropped: message exceeds the size limit");
+                                banned.insert(site);
+                            }
+                            Ok(None) => {}
+                            Ok(Some(bytes)) => match ClientMessage::<W>::decode(&bytes) {
+                                Err(e) => {
+                                    warn!(round = round.round, %site, error = %e, "site dropped: undecodable message");
+                                    banned.insert(site);
+                                }
+                                Ok(m) => {
+                                    if let Err(r) = server.receive(id, m, now_ms(clock)) {
+                                        warn!(round = round.round, %site, reason = %r.reason, "message rejected");
+                                    }
+                                }
+                            },
+                        },
+                        Some(agent_message::Kind::Decline(d)) => {
+                            warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
+                            banned.insert(site);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Plain aggregation for comparison runs. Training rounds: each site sends
+    /// [w, Δ...] as f32 and the sum is kept as f64 (w·Δ); stats rounds: u64 wrapping sums.
+    async fn plain_sum(&mut self, sites: &[(String, u32)], len: usize, integer: bool) -> Result<Aggregated, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
+        let names: HashSet<String> = sites.iter().map(|(s, _)| s.clone()).collect();
+        let mut sum = vec![0u64; len];
+        let mut fsum = vec![0f64; len];
+        let mut done: Vec<String> = Vec::new();
+        let mut chunks = Reassembler::new(len * 8 + 1024);
+        while done.len() < sites.len() {
+            let msg = match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Err(_) => break,
+                Ok(None) => return Err("hub closed".into()),
+                Ok(Some(m)) => m,
+            };
+            let Inbound::Message { site, msg } = msg else { continue };
+            if !names.contains(&site) || done.contains(&site) {
+                continue;
+            }
+            if let Some(agent_message::Kind::PlainUpdate(chunk)) = msg.kind {
+                let Ok(Some(bytes)) = chunks.push(&site, chunk) else { continue };
+                if integer {
+                    if bytes.len() != len * 8 {
+                        warn!(%site, "plain statistics of the wrong length");
+                        continue;
+                    }
+                    for (s, c) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
+                        *s = s.wrapping_add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                    }
+                } else {
+                    let Ok(v) = model::from_bytes(&bytes) else { continue };
+                    if v.len() != len || v.iter().any(|x| !x.is_finite()) {
+                        warn!(%site, "plain update of the wrong length or not finite");
+                        continue;
+                    }
+                    let w = v[0] as f64;
+                    fsum[0] += w;
+                    for (s, d) in fsum[1..].iter_mut().zip(&v[1..]) {
+                        *s += w * *d as f64;
+                    }
+                }
+                done.push(site);
+            }
+        }
+        if done.len() < self.cfg.rounds.min_sites as usize {
+            return Err(format!("only {} of {} sites sent their update", done.len(), sites.len()));
+        }
+        if !integer {
+            sum = fsum.iter().map(|v| v.to_bits()).collect();
+        }
+        Ok(Aggregated::Sum {
+            dropped: sites.len() - done.len(),
+            survivors: done,
+            sum,
+        })
+    }
+
+    /// Sends the current model to every connected site for evaluation on its test split.
+    async fn evaluate(&mut self, round: u64) -> (Evaluation, BTreeMap<String, SiteResult>) {
+        let sites = self.select();
+        let bytes = model::to_bytes(&self.global);
+        let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
+        let sites = self.start_round(&sites, start, Some(&bytes)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.stage_timeout_secs);
+        let mut results: BTreeMap<String, SiteResult> = BTreeMap::new();
+        while results.len() < sites.len() {
+            let msg = match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(m)) => m,
+            };
+            let Inbound::Message { site, msg: AgentMessage { kind: Some(agent_message::Kind::Eval(e)) } } = msg else { continue };
+            let valid = e.round == round
+                && e.examples > 0
+                && [e.loss, e.accuracy, e.auc].iter().all(|v| v.is_finite())
+                && (0.0..=1.0).contains(&e.accuracy)
+                && (0.0..=1.0).contains(&e.auc);
+            if !valid || !sites.iter().any(|(s, _)| *s == site) {
+                continue;
+            }
+            let examples = self.hub.sites.get(&site).map_or(0, |s| s.examples);
+            self.hub.record(&site, |s| {
+                s.last_accuracy = Some(e.accuracy);
+                s.last_loss = Some(e.loss);
+                s.last_auc = Some(e.auc);
+                s.test_examples = e.examples;
+            });
+            results.insert(site, SiteResult { examples, test_examples: e.examples, accuracy: e.accuracy, loss: e.loss, auc: e.auc });
+        }
+        if results.is_empty() {
+            return (Evaluation::default(), results);
+        }
+        let n = results.len() as f64;
+        let total: f64 = results.values().map(|r| r.test_examples as f64).sum();
+        let eval = Evaluation {
+            accuracy: results.values().map(|r| r.accuracy).sum::<f64>() / n,
+            loss: results.values().map(|r| r.loss * r.test_examples as f64).sum::<f64>() / total,
+            auc: results.values().map(|r| r.auc).sum::<f64>() / n,
+        };
+        (eval, results)
+    }
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

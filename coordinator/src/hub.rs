@@ -1,0 +1,209 @@
+//! Connected sites: who is there, how to reach them, and their per-site counters.
+//!
+//! Each agent session has a reader task that forwards the agent's messages into one inbox
+//! consumed by the round driver, and an outbound channel the driver sends on. Per-site state
+//! lives in a [`ShardedMap`] because reader tasks update it concurrently while the driver (and
+//! later the status API) read it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
+use cohort_proto::MAX_CHUNK_BYTES;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::sharded::ShardedMap;
+
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// What the coordinator knows about a site. Never data, never an update.
+#[derive(Debug, Clone)]
+pub struct SiteState {
+    pub id: u32,
+    pub connected: bool,
+    /// Increases with every new session, so a stale session's disconnect is ignored.
+    pub session: u64,
+    pub examples: u64,
+    pub last_seen: Option<SystemTime>,
+    pub rounds_joined: u64,
+    pub dropouts: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub last_accuracy: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub last_auc: Option<f64>,
+    pub test_examples: u64,
+}
+
+/// A message from an agent, or the end of its session.
+#[derive(Debug)]
+pub enum Inbound {
+    Message {
+        site: String,
+        msg: cohort_proto::v1::AgentMessage,
+    },
+    Disconnected {
+        site: String,
+        session: u64,
+    },
+}
+
+#[derive(Debug)]
+pub struct Hub {
+    pub sites: ShardedMap<String, SiteState>,
+    outbound: ShardedMap<String, Outbound>,
+    ids: Mutex<BTreeMap<String, u32>>,
+    pub inbox: mpsc::Sender<Inbound>,
+}
+
+impl Hub {
+    pub fn new(inbox: mpsc::Sender<Inbound>) -> Self {
+        Hub {
+            sites: ShardedMap::new(4),
+            outbound: ShardedMap::new(4),
+            ids: Mutex::new(BTreeMap::new()),
+            inbox,
+        }
+    }
+
+    /// Registers a new session of `site` and returns (site id, session number).
+    pub fn connect(&self, site: &str, examples: u64, tx: Outbound) -> (u32, u64) {
+        let id = {
+            let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            let next = ids.len() as u32;
+            *ids.entry(site.to_string()).or_insert(next)
+        };
+        self.outbound.update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
+        let session = self.sites.update(
+            &site.to_string(),
+            || SiteState {
+                id,
+                connected: false,
+                session: 0,
+                examples: 0,
+                last_seen: None,
+                rounds_joined: 0,
+                dropouts: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                last_accuracy: None,
+                last_loss: None,
+                last_auc: None,
+                test_examples: 0,
+            },
+            |s| {
+                s.connected = true;
+                s.session += 1;
+                s.examples = examples;
+                s.last_seen = Some(SystemTime::now());
+                s.session
+            },
+        );
+        (id, session)
+    }
+
+    pub fn disconnect(&self, site: &str, session: u64) {
+        let current = self.sites.update(
+            &site.to_string(),
+            || unreachable_state(),
+            |s| {
+                if s.session == session {
+                    s.connected = false;
+                    true
+                } else {
+                    false
+                }
+            },
+        );
+        if current {
+            self.outbound.remove(&site.to_string());
+        }
+    }
+
+    pub fn touch(&self, site: &str, bytes: u64) {
+        self.sites.update(&site.to_string(), unreachable_state, |s| {
+            s.last_seen = Some(SystemTime::now());
+            s.bytes_in += bytes;
+        });
+    }
+
+    /// Connected sites as (name, state), ordered by site id.
+    pub fn connected(&self) -> Vec<(String, SiteState)> {
+        let mut v: Vec<_> = self
+            .sites
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s)| s.connected)
+            .collect();
+        v.sort_by_key(|(_, s)| s.id);
+        v
+    }
+
+    /// Sends one message; false if the site is gone or does not read within 30 s.
+    pub async fn send(&self, site: &str, msg: coordinator_message::Kind) -> bool {
+        let Some(tx) = self.outbound.get(&site.to_string()) else {
+            return false;
+        };
+        let message = CoordinatorMessage { kind: Some(msg) };
+        let bytes = prost::Message::encoded_len(&message) as u64;
+        let ok = tokio::time::timeout(Duration::from_secs(30), tx.send(Ok(message)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok {
+            self.sites
+                .update(&site.to_string(), unreachable_state, |s| s.bytes_out += bytes);
+        }
+        ok
+    }
+
+    /// Sends `bytes` as chunks of at most [`MAX_CHUNK_BYTES`], wrapped by `wrap`.
+    pub async fn send_chunked(
+        &self,
+        site: &str,
+        bytes: &[u8],
+        wrap: fn(Chunk) -> coordinator_message::Kind,
+    ) -> bool {
+        let pieces: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(MAX_CHUNK_BYTES).collect()
+        };
+        let last = pieces.len() - 1;
+        for (i, p) in pieces.into_iter().enumerate() {
+            let chunk = Chunk {
+                data: p.to_vec(),
+                last: i == last,
+            };
+            if !self.send(site, wrap(chunk)).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub fn record(&self, site: &str, f: impl FnOnce(&mut SiteState)) {
+        self.sites.update(&site.to_string(), unreachable_state, f);
+    }
+}
+
+/// Sites are inserted by `connect` before anything else touches them; an update for an
+/// unknown site (a race with nothing to lose) records into a throwaway state.
+fn unreachable_state() -> SiteState {
+    SiteState {
+        id: u32::MAX,
+        connected: false,
+        session: 0,
+        examples: 0,
+        last_seen: None,
+        rounds_joined: 0,
+        dropouts: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        last_accuracy: None,
+        last_loss: None,
+        last_auc: None,
+        test_examples: 0,
+    }
+}

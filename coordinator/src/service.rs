@@ -1,0 +1,129 @@
+//! The gRPC service: authenticates each session and wires it to the hub.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_proto::v1::coordinator_server::Coordinator;
+use cohort_proto::v1::{AgentMessage, CoordinatorMessage, Welcome, agent_message, coordinator_message};
+use cohort_protocols::identity::CaVerifier;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::hub::{Hub, Inbound};
+
+/// Version of the session protocol; an agent speaking another is refused at join.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug)]
+pub struct Service {
+    pub hub: Arc<Hub>,
+    pub ca_der: Vec<u8>,
+    pub schema_hash: String,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        // rustls has already checked the chain; this extracts the identity it vouches for.
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let verifier = CaVerifier::new(self.ca_der.clone(), now_unix())
+            .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
+        let cert = verifier
+            .verify(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let site = cert.common_name;
+
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Join within 30 s"))??;
+        let Some(AgentMessage {
+            kind: Some(agent_message::Kind::Join(join)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("the first message must be Join"));
+        };
+        if join.site != site {
+            warn!(%site, claimed = %join.site, "join refused: site name differs from certificate");
+            return Err(Status::permission_denied(format!(
+                "the certificate is for {site:?}, the agent claims {:?}",
+                join.site
+            )));
+        }
+        if join.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported (coordinator speaks {PROTOCOL_VERSION})",
+                join.protocol_version
+            )));
+        }
+        if join.schema_hash != self.schema_hash {
+            warn!(%site, "join refused: data schema differs from the coordinator's");
+            return Err(Status::failed_precondition(
+                "the agent's [schema] differs from the coordinator's: copy it exactly",
+            ));
+        }
+
+        let (tx, rx) = mpsc::channel(256);
+        let (id, session) = self.hub.connect(&site, join.examples, tx.clone());
+        info!(%site, id, examples = join.examples, "site joined");
+        let welcome = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Welcome(Welcome {
+                site_id: id,
+                protocol_version: PROTOCOL_VERSION,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::unavailable("session closed"))?;
+
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        hub.touch(&site, prost::Message::encoded_len(&msg) as u64);
+                        if hub
+                            .inbox
+                            .send(Inbound::Message {
+                                site: site.clone(),
+                                msg,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(%site, error = %e, "session error");
+                        break;
+                    }
+                }
+            }
+            info!(%site, "site disconnected");
+            hub.disconnect(&site, session);
+            let _ = hub.inbox.send(Inbound::Disconnected { site, session }).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

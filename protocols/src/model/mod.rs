@@ -1,0 +1,159 @@
+//! What the coordinator and the agents agree on about the model and the data.
+//!
+//! A model travels as one flat vector of f32 parameters in a canonical order (layer by layer:
+//! the weight matrix `[d_in, d_out]` row-major, then the bias), so the coordinator can average,
+//! hash and sign it without knowing anything about burn, and the agent can load it bit-exactly.
+
+mod schema;
+pub mod stats;
+
+pub use schema::{DataSchema, LabelRule, MissingValues, SchemaError};
+
+use chacha20::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_512};
+use thiserror::Error;
+
+/// The model families Cohort trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Logistic regression: one linear layer and a sigmoid.
+    Logreg,
+    /// A multi-layer perceptron with ReLU between layers and a sigmoid output.
+    Mlp,
+}
+
+/// A binary classifier over `inputs` features.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    pub inputs: usize,
+    /// Hidden layer sizes (MLP only).
+    pub hidden: Vec<usize>,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ModelError {
+    #[error("the model has {expected} parameters, got {got}")]
+    WrongLength { expected: usize, got: usize },
+    #[error("model bytes are not a whole number of f32 values ({0} bytes)")]
+    BadBytes(usize),
+    #[error("parameter {index} is {value}, not a finite number")]
+    NotFinite { index: usize, value: f32 },
+}
+
+impl ModelSpec {
+    /// `(d_in, d_out)` of every linear layer, input first.
+    pub fn layers(&self) -> Vec<(usize, usize)> {
+        let hidden: &[usize] = match self.kind {
+            ModelKind::Logreg => &[],
+            ModelKind::Mlp => &self.hidden,
+        };
+        let mut sizes = vec![self.inputs];
+        sizes.extend_from_slice(hidden);
+        sizes.push(1);
+        sizes.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layers().iter().map(|(i, o)| i * o + o).sum()
+    }
+
+    /// Parameter names and shapes in canonical order, PyTorch-style names
+    /// (`layers.0.weight` is `[d_in, d_out]` here: transpose it for `torch.nn.Linear`).
+    pub fn manifest(&self) -> Vec<(String, Vec<usize>)> {
+        self.layers()
+            .iter()
+            .enumerate()
+            .flat_map(|(l, &(i, o))| {
+                [
+                    (format!("layers.{l}.weight"), vec![i, o]),
+                    (format!("layers.{l}.bias"), vec![o]),
+                ]
+            })
+            .collect()
+    }
+
+    /// The initial global model. Logistic regression starts at zero (the convex problem needs
+    /// no symmetry breaking); MLP weights are uniform in ±1/√d_in (PyTorch's default scale),
+    /// drawn from `seed` so every run with the same seed starts from the same model.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let mut params = Vec::with_capacity(self.num_params());
+        for (i, o) in self.layers() {
+            let bound = 1.0 / (i as f64).sqrt();
+            let zero = self.kind == ModelKind::Logreg;
+            for _ in 0..(i * o + o) {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                params.push(if zero { 0.0 } else { ((2.0 * u - 1.0) * bound) as f32 });
+            }
+        }
+        params
+    }
+
+    /// Checks a parameter vector received from outside.
+    pub fn check(&self, params: &[f32]) -> Result<(), ModelError> {
+        if params.len() != self.num_params() {
+            return Err(ModelError::WrongLength {
+                expected: self.num_params(),
+                got: params.len(),
+            });
+        }
+        if let Some((index, &value)) = params.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::NotFinite { index, value });
+        }
+        Ok(())
+    }
+}
+
+/// Little-endian f32 bytes: the wire and storage form of a model.
+pub fn to_bytes(params: &[f32]) -> Vec<u8> {
+    params.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+pub fn from_bytes(bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(ModelError::BadBytes(bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// SHA3-512 of a model's bytes: what the agent checks before training on it.
+pub fn sha3_512(bytes: &[u8]) -> [u8; 64] {
+    Sha3_512::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_init() {
+        let logreg = ModelSpec { kind: ModelKind::Logreg, inputs: 13, hidden: vec![32] };
+        assert_eq!(logreg.layers(), vec![(13, 1)]);
+        assert_eq!(logreg.num_params(), 14);
+        assert!(logreg.init(1).iter().all(|&p| p == 0.0));
+        let mlp = ModelSpec { kind: ModelKind::Mlp, inputs: 13, hidden: vec![16, 8] };
+        assert_eq!(mlp.layers(), vec![(13, 16), (16, 8), (8, 1)]);
+        assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);
+        let names: Vec<String> = mlp.manifest().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names[0], "layers.0.weight");
+        assert_eq!(names[5], "layers.2.bias");
+        let a = mlp.init(7);
+        assert_eq!(a, mlp.init(7));
+        assert_ne!(a, mlp.init(8));
+        // each layer within ±1/√d_in; the widest bound here is the last layer's (d_in = 8)
+        assert!(a.iter().all(|p| p.abs() <= 1.0 / 8f32.sqrt()));
+        assert!(a[..13 * 16].iter().all(|p| p.abs() <= 1.0 / 13f32.sqrt()));
+        assert_eq!(from_bytes(&to_bytes(&a)).unwrap(), a);
+        assert_eq!(mlp.check(&a), Ok(()));
+        assert!(matches!(mlp.check(&a[1..]), Err(ModelError::WrongLength { .. })));
+        assert_eq!(from_bytes(&[0; 5]), Err(ModelError::BadBytes(5)));
+        assert_ne!(sha3_512(&to_bytes(&a)), sha3_512(&to_bytes(&mlp.init(8))));
+    }
+}

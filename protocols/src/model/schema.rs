@@ -1,0 +1,319 @@
+//! The data schema every site must share: which CSV columns are features, how the label is
+//! derived, how categories are one-hot encoded and what happens to missing values.
+//!
+//! Categories are listed in the configuration rather than discovered from the data, because
+//! discovering them would make a site's encoding depend on its own data: two sites could then
+//! disagree about what input 7 means. The schema's hash is exchanged at join time, so an agent
+//! configured differently from the coordinator is refused instead of silently training on
+//! misaligned inputs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_256};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingValues {
+    /// Drop every row with a missing value in a used column.
+    DropRow,
+    /// Replace a missing value with the federated mean of the column.
+    ImputeMean,
+}
+
+/// How the label column becomes 0/1: positive when `value > greater_than`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRule {
+    pub column: String,
+    pub greater_than: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSchema {
+    pub label: LabelRule,
+    /// Feature columns in order. Empty: every column but the label and `drop`.
+    #[serde(default)]
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Categorical columns and their levels; encoded one-hot with the first level dropped.
+    #[serde(default)]
+    pub categorical: BTreeMap<String, Vec<f64>>,
+    pub missing: MissingValues,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SchemaError {
+    #[error("column {0:?} is named by the schema but not in the CSV header")]
+    MissingColumn(String),
+    #[error("column {0:?} appears twice in the CSV header")]
+    DuplicateColumn(String),
+    #[error("categorical column {column:?} has no levels")]
+    NoLevels { column: String },
+    #[error("row {row}: column {column:?} has value {value}, not one of its levels {levels:?}")]
+    UnknownLevel {
+        row: usize,
+        column: String,
+        value: f64,
+        levels: Vec<f64>,
+    },
+    #[error("row {row}: the label is missing")]
+    MissingLabel { row: usize },
+    #[error("row {row} has {got} fields, the header has {expected}")]
+    RowLength {
+        row: usize,
+        got: usize,
+        expected: usize,
+    },
+    #[error("the schema uses no feature columns")]
+    NoFeatures,
+}
+
+/// A schema resolved against a CSV header.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    label: usize,
+    /// (column index, levels if categorical)
+    columns: Vec<(usize, String, Option<Vec<f64>>)>,
+    width: usize,
+    missing: MissingValues,
+    greater_than: f64,
+}
+
+/// One encoded row: features (None where missing) and the label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedRow {
+    pub features: Vec<Option<f64>>,
+    pub label: f32,
+}
+
+impl DataSchema {
+    /// A stable digest of everything that affects the encoding.
+    pub fn hash(&self) -> String {
+        let mut h = Sha3_256::new();
+        let mut put = |s: &str| {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        put("cohort-schema-v1");
+        put(&self.label.column);
+        put(&self.label.greater_than.to_bits().to_string());
+        for f in &self.features {
+            put(f);
+        }
+        put("|drop");
+        for d in &self.drop {
+            put(d);
+        }
+        put("|categorical");
+        for (c, levels) in &self.categorical {
+            put(c);
+            for l in levels {
+                put(&l.to_bits().to_string());
+            }
+        }
+        put(match self.missing {
+            MissingValues::DropRow => "drop_row",
+            MissingValues::ImputeMean => "impute_mean",
+        });
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The feature columns in order, given the CSV header.
+    fn feature_columns(&self, header: &[String]) -> Vec<String> {
+        if self.features.is_empty() {
+            header
+                .iter()
+                .filter(|c| **c != self.label.column && !self.drop.contains(c))
+                .cloned()
+                .collect()
+        } else {
+            self.features
+                .iter()
+                .filter(|c| !self.drop.contains(c))
+                .cloned()
+                .collect()
+        }
+    }
+
+    /// Number of model inputs for a CSV with this header.
+    pub fn input_dim(&self, header: &[String]) -> Result<usize, SchemaError> {
+        Ok(self.resolve(header)?.width)
+    }
+
+    /// Names of the model inputs (one-hot columns as `column=level`).
+    pub fn input_names(&self, header: &[String]) -> Result<Vec<String>, SchemaError> {
+        let r = self.resolve(header)?;
+        Ok(r.columns
+            .iter()
+            .flat_map(|(_, name, levels)| match levels {
+                None => vec![name.clone()],
+                Some(l) => l[1..].iter().map(|v| format!("{name}={v}")).collect(),
+            })
+            .collect())
+    }
+
+    pub fn resolve(&self, header: &[String]) -> Result<Resolved, SchemaError> {
+        for (i, c) in header.iter().enumerate() {
+            if header[..i].contains(c) {
+                return Err(SchemaError::DuplicateColumn(c.clone()));
+            }
+        }
+        let index = |c: &str| {
+            header
+                .iter()
+                .position(|h| h == c)
+                .ok_or_else(|| SchemaError::MissingColumn(c.to_string()))
+        };
+        let label = index(&self.label.column)?;
+        for c in self.drop.iter().chain(self.categorical.keys()) {
+            index(c)?;
+        }
+        let mut columns = Vec::new();
+        let mut width = 0;
+        for name in self.feature_columns(header) {
+            let i = index(&name)?;
+            let levels = match self.categorical.get(&name) {
+                Some(l) if l.is_empty() => {
+                    return Err(SchemaError::NoLevels { column: name });
+                }
+                Some(l) => {
+                    width += l.len() - 1;
+                    Some(l.clone())
+                }
+                None => {
+                    width += 1;
+                    None
+                }
+            };
+            columns.push((i, name, levels));
+        }
+        if width == 0 {
+            return Err(SchemaError::NoFeatures);
+        }
+        Ok(Resolved {
+            label,
+            columns,
+            width,
+            missing: self.missing,
+            greater_than: self.label.greater_than,
+        })
+    }
+}
+
+impl Resolved {
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Encodes one CSV row (`None` = empty cell). `Ok(None)`: the row is dropped for a
+    /// missing value under [`MissingValues::DropRow`].
+    pub fn encode(
+        &self,
+        row_number: usize,
+        row: &[Option<f64>],
+        header_len: usize,
+    ) -> Result<Option<EncodedRow>, SchemaError> {
+        if row.len() != header_len {
+            return Err(SchemaError::RowLength {
+                row: row_number,
+                got: row.len(),
+                expected: header_len,
+            });
+        }
+        let label = row[self.label].ok_or(SchemaError::MissingLabel { row: row_number })?;
+        let mut features = Vec::with_capacity(self.width);
+        for (i, name, levels) in &self.columns {
+            let value = row[*i];
+            if value.is_none() && self.missing == MissingValues::DropRow {
+                return Ok(None);
+            }
+            match (levels, value) {
+                (None, v) => features.push(v),
+                (Some(l), None) => features.extend(std::iter::repeat_n(None, l.len() - 1)),
+                (Some(l), Some(v)) => {
+                    let Some(pos) = l.iter().position(|x| *x == v) else {
+                        return Err(SchemaError::UnknownLevel {
+                            row: row_number,
+                            column: name.clone(),
+                            value: v,
+                            levels: l.clone(),
+                        });
+                    };
+                    features.extend((1..l.len()).map(|k| Some(if k == pos { 1.0 } else { 0.0 })));
+                }
+            }
+        }
+        Ok(Some(EncodedRow {
+            features,
+            label: if label > self.greater_than { 1.0 } else { 0.0 },
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flamby() -> DataSchema {
+        toml::from_str(
+            r#"
+            label = { column = "num", greater_than = 0 }
+            drop = ["slope", "ca", "thal"]
+            categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+            missing = "drop_row"
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn header() -> Vec<String> {
+        "age,sex,cp,trestbps,chol,fbs,restecg,thalach,exang,oldpeak,slope,ca,thal,num"
+            .split(',')
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn flamby_encoding_has_13_inputs() {
+        let s = flamby();
+        assert_eq!(s.input_dim(&header()).unwrap(), 13);
+        let names = s.input_names(&header()).unwrap();
+        assert_eq!(names[2..5], ["cp=2", "cp=3", "cp=4"]);
+        let r = s.resolve(&header()).unwrap();
+        let row: Vec<Option<f64>> = [63., 1., 1., 145., 233., 1., 2., 150., 0., 2.3, 3., 0., 6., 2.]
+            .into_iter()
+            .map(Some)
+            .collect();
+        let e = r.encode(1, &row, 14).unwrap().unwrap();
+        assert_eq!(e.label, 1.0);
+        assert_eq!(e.features.len(), 13);
+        // cp = 1 is the dropped first level; restecg = 2 is the last one-hot column of restecg
+        assert_eq!(e.features[2..5], [Some(0.0), Some(0.0), Some(0.0)]);
+        assert_eq!(e.features[8..10], [Some(0.0), Some(1.0)]);
+        let mut missing = row.clone();
+        missing[3] = None;
+        assert_eq!(r.encode(2, &missing, 14).unwrap(), None);
+        missing[10] = None; // slope is dropped: irrelevant
+        let mut bad = row.clone();
+        bad[2] = Some(9.0);
+        assert!(matches!(r.encode(3, &bad, 14), Err(SchemaError::UnknownLevel { .. })));
+        assert!(matches!(r.encode(4, &row[1..], 14), Err(SchemaError::RowLength { .. })));
+    }
+
+    #[test]
+    fn hash_changes_with_the_encoding_and_errors_name_columns() {
+        let a = flamby();
+        let mut b = flamby();
+        b.drop.pop();
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash(), flamby().hash());
+        let mut c = flamby();
+        c.categorical.insert("nope".into(), vec![1.0]);
+        assert_eq!(c.resolve(&header()).unwrap_err(), SchemaError::MissingColumn("nope".into()));
+        assert!(toml::from_str::<DataSchema>("label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"\nbogus = 1").is_err());
+    }
+}
