@@ -1,4 +1,10 @@
-//! The Cohort agent: runs at a site, next to its data.
+//! The Cohort agent: runs at a site, next to its data, dials out to the coordinator, trains
+//! the global model locally and sends back only a masked update.
 
+pub mod config;
 pub mod data;
+pub mod session;
 pub mod train;
+
+pub use config::AgentConfig;
+pub use session::run;

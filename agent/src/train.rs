@@ -13,38 +13,11 @@ use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::TensorData;
 use chacha20::ChaCha20Rng;
-use cohort_protocols::model::ModelSpec;
+use cohort_protocols::model::{ModelSpec, OptimizerKind, TrainingConfig};
 use rand_core::{Rng, SeedableRng};
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::data::Rows;
-
-/// Local training settings, sent by the coordinator each round (its `[training]` table).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainingConfig {
-    #[serde(default = "default_optimizer")]
-    pub optimizer: OptimizerKind,
-    pub learning_rate: f64,
-    pub batch_size: usize,
-    /// Local updates (batches) per round.
-    pub local_steps: usize,
-    /// FedProx proximal term μ (0 = FedAvg).
-    #[serde(default)]
-    pub fedprox_mu: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    Sgd,
-    Adam,
-}
-
-fn default_optimizer() -> OptimizerKind {
-    OptimizerKind::Adam
-}
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -312,7 +285,7 @@ mod tests {
             rows.features.push(vec![Some(a as f64), Some(0.3)]);
             rows.labels.push(if a > 0.0 { 1.0 } else { 0.0 });
         }
-        let cfg = TrainingConfig { optimizer: OptimizerKind::Adam, learning_rate: 0.05, batch_size: 8, local_steps: 200, fedprox_mu: 0.0 };
+        let cfg = TrainingConfig { optimizer: OptimizerKind::Adam, learning_rate: 0.05, batch_size: 8, local_steps: 200, fedprox_mu: 0.0, hidden: vec![] };
         let before = evaluate(&spec, &spec.init(0), &x, &rows.labels).expect("eval");
         let trained = train(&spec, &spec.init(0), &x, &rows, &cfg, 1).expect("train");
         let after = evaluate(&spec, &trained, &x, &rows.labels).expect("eval");

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use cohort_protocols::model::{DataSchema, ModelKind, ModelSpec};
+use cohort_protocols::model::{DataSchema, ModelKind, ModelSpec, TrainingConfig};
 use cohort_protocols::secagg::{Modulus, Params};
 use cohort_protocols::strategy::StrategyConfig;
 use serde::Deserialize;
@@ -52,7 +52,8 @@ pub struct CoordinatorConfig {
     pub strategy: StrategyConfig,
     pub model: ModelConfig,
     pub schema: DataSchema,
-    /// Passed verbatim to the agents: local training settings.
+    /// Local training settings, sent to the agents every round (see
+    /// `cohort_protocols::model::TrainingConfig`).
     pub training: toml::Table,
 }
 
@@ -291,6 +292,17 @@ impl CoordinatorConfig {
                 "model.hidden",
                 format!("{:?}", self.model.hidden),
                 "layer sizes must be at least 1",
+            ));
+        }
+        let training: TrainingConfig = toml::Value::Table(self.training.clone())
+            .try_into()
+            .map_err(|e| invalid("training", format!("{:?}", self.training.to_string()), e.to_string()))?;
+        training.validate().map_err(|e| invalid("training", "", e))?;
+        if !training.hidden.is_empty() {
+            return Err(invalid(
+                "training.hidden",
+                format!("{:?}", training.hidden),
+                "set hidden layers in [model], not in [training]",
             ));
         }
         self.strategy

@@ -167,7 +167,13 @@ impl Driver {
         let spec = cfg.model.spec();
         let global = spec.init(cfg.model.seed);
         let strategy = Strategy::new(cfg.strategy.clone(), spec.num_params());
-        let training_toml = toml::to_string(&cfg.training)?;
+        // The agents get the [training] table plus the model's hidden sizes.
+        let mut training = cfg.training.clone();
+        training.insert(
+            "hidden".into(),
+            toml::Value::Array(cfg.model.hidden.iter().map(|h| toml::Value::Integer(*h as i64)).collect()),
+        );
+        let training_toml = toml::to_string(&training)?;
         Ok(Driver {
             hub,
             inbox,
@@ -274,16 +280,19 @@ impl Driver {
             if connected >= min {
                 return Ok(());
             }
-            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Err(_) => {
-                    return Err(DriverError::NotEnoughSites {
-                        connected,
-                        min: self.cfg.rounds.min_sites,
-                        waited,
-                    });
-                }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::NotEnoughSites {
+                    connected,
+                    min: self.cfg.rounds.min_sites,
+                    waited,
+                });
+            }
+            // Joins do not pass through the inbox: look again at least every 250 ms. Messages
+            // that arrive meanwhile belong to no round and are dropped.
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            match tokio::time::timeout_at(tick, self.inbox.recv()).await {
                 Ok(None) => return Err(DriverError::HubClosed),
-                Ok(Some(_)) => {}
+                Ok(Some(_)) | Err(_) => {}
             }
         }
     }

@@ -9,6 +9,56 @@ pub mod stats;
 
 pub use schema::{DataSchema, LabelRule, MissingValues, SchemaError};
 
+/// Local training settings, sent by the coordinator each round (its `[training]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerKind,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    /// Local updates (batches) per round.
+    pub local_steps: usize,
+    /// FedProx proximal term μ (0 = FedAvg).
+    #[serde(default)]
+    pub fedprox_mu: f64,
+    /// Hidden layer sizes of the MLP (empty: logistic regression). Mirrors the coordinator's
+    /// `model.hidden`, which it copies here.
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+}
+
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adam
+}
+
+impl TrainingConfig {
+    /// Checks the values; errors name the key under `[training]`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(format!("training.learning_rate = {}: must be > 0", self.learning_rate));
+        }
+        if self.batch_size == 0 {
+            return Err("training.batch_size = 0: must be at least 1".into());
+        }
+        if self.local_steps == 0 {
+            return Err("training.local_steps = 0: must be at least 1".into());
+        }
+        if !(self.fedprox_mu.is_finite() && self.fedprox_mu >= 0.0) {
+            return Err(format!("training.fedprox_mu = {}: must be >= 0", self.fedprox_mu));
+        }
+        Ok(())
+    }
+}
+
+
 use chacha20::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

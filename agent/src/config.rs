@@ -1,0 +1,149 @@
+//! The agent's TOML configuration. Unknown keys are errors; paths are relative to the file.
+
+use std::path::{Path, PathBuf};
+
+use cohort_protocols::model::DataSchema;
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key} = {value}: {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Must equal the common name of this site's certificate.
+    pub site: String,
+    pub coordinator: CoordinatorAddress,
+    pub tls: TlsFiles,
+    pub data: DataConfig,
+    pub schema: DataSchema,
+    #[serde(default)]
+    pub reconnect: Reconnect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorAddress {
+    /// e.g. "https://coordinator.example.org:7700"
+    pub url: String,
+    /// Name in the coordinator's certificate (default: the URL's host).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub csv: PathBuf,
+    /// A separate test set; without it, `test_fraction` of `csv` is held out (stratified).
+    pub test_csv: Option<PathBuf>,
+    #[serde(default = "default_fraction")]
+    pub test_fraction: f64,
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn default_fraction() -> f64 {
+    0.34
+}
+
+/// Exponential backoff with jitter between reconnection attempts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconnect {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.tls.ca_cert,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.data.csv,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = cfg.data.test_csv.as_mut()
+            && t.is_relative()
+        {
+            *t = base.join(&*t);
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
+        if !(cfg.data.test_fraction > 0.0 && cfg.data.test_fraction < 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "data.test_fraction",
+                value: cfg.data.test_fraction.to_string(),
+                allowed: "a fraction strictly between 0 and 1",
+            });
+        }
+        if !cfg.coordinator.url.starts_with("https://") {
+            return Err(ConfigError::Invalid {
+                key: "coordinator.url",
+                value: cfg.coordinator.url.clone(),
+                allowed: "an https:// URL (the agent only speaks TLS)",
+            });
+        }
+        if cfg.reconnect.initial_ms == 0 || cfg.reconnect.max_ms < cfg.reconnect.initial_ms {
+            return Err(ConfigError::Invalid {
+                key: "reconnect",
+                value: format!("{:?}", cfg.reconnect),
+                allowed: "initial_ms >= 1 and max_ms >= initial_ms",
+            });
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,509 @@
+//! One agent: dials the coordinator (never listens), keeps a session open, and answers each
+//! round. Reconnects with exponential backoff and jitter when the session ends.
+//!
+//! Local training runs on a blocking thread while the session keeps answering the SecAgg+ key
+//! exchange, so key agreement overlaps training as the design intends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use chacha20::ChaCha20Rng;
+use cohort_proto::MAX_CHUNK_BYTES;
+use cohort_proto::v1::coordinator_client::CoordinatorClient;
+use cohort_proto::v1::{
+    AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, Task, agent_message,
+    coordinator_message,
+};
+use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::model::{self, ModelSpec};
+use cohort_protocols::secagg::{
+    Client, ClientError, Modulus, Params, QuantisedInput, RoundId, ServerMessage, SiteIdentity,
+    Word, quantise,
+};
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use rand_core::SeedableRng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::data::SiteData;
+use crate::train;
+use cohort_protocols::model::TrainingConfig;
+
+/// Must match the coordinator's.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The coordinator said training is over.
+    Shutdown,
+    /// The connection closed; reconnect.
+    Closed,
+}
+
+/// The site's identity material, loaded once.
+struct Credentials {
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    signing_key: SigningKey,
+}
+
+fn pem_der(pem: &str, what: &str) -> Result<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    Ok(CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow!("{what}: {e}"))?
+        .as_ref()
+        .to_vec())
+}
+
+fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let ca_pem = read(&cfg.tls.ca_cert)?;
+    let cert_pem = read(&cfg.tls.cert)?;
+    let key_pem = read(&cfg.tls.key)?;
+    let signing_key = SigningKey::from_pkcs8_pem(&key_pem)
+        .map_err(|e| anyhow!("{}: not an Ed25519 PKCS#8 key: {e}", cfg.tls.key.display()))?;
+    Ok(Credentials {
+        ca_der: pem_der(&ca_pem, "CA certificate")?,
+        cert_der: pem_der(&cert_pem, "site certificate")?,
+        ca_pem,
+        cert_pem,
+        key_pem,
+        signing_key,
+    })
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the agent until the coordinator shuts training down.
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let data = Arc::new(
+        SiteData::load(
+            &cfg.schema,
+            &cfg.data.csv,
+            cfg.data.test_csv.as_deref(),
+            cfg.data.test_fraction,
+            cfg.data.split_seed,
+        )
+        .context("loading the site's data")?,
+    );
+    info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
+    let creds = Arc::new(load_credentials(&cfg)?);
+    let mut backoff = cfg.reconnect.initial_ms;
+    loop {
+        let mut welcomed = false;
+        match session(&cfg, &data, &creds, &mut welcomed).await {
+            Ok(SessionEnd::Shutdown) => {
+                info!(site = %cfg.site, "coordinator finished training; exiting");
+                return Ok(());
+            }
+            Ok(SessionEnd::Closed) => warn!(site = %cfg.site, "session closed"),
+            Err(e) => warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed"),
+        }
+        if welcomed {
+            backoff = cfg.reconnect.initial_ms;
+        }
+        // Full jitter: sleep uniformly in [backoff/2, backoff], so agents that lost the
+        // coordinator together do not reconnect in lockstep.
+        let jitter = rand::random::<u64>() % (backoff / 2 + 1);
+        tokio::time::sleep(Duration::from_millis(backoff / 2 + jitter)).await;
+        backoff = (backoff * 2).min(cfg.reconnect.max_ms);
+    }
+}
+
+/// The SecAgg+ client of the current round, for the round's modulus.
+enum SecClient {
+    B32(Client<u32>),
+    B64(Client<u64>),
+}
+
+/// What the site will feed into the protocol once the round's parameters are known.
+enum Pending {
+    Stats(Vec<u64>),
+    Delta { delta: Vec<f32>, weight: u64 },
+}
+
+struct Round {
+    start: RoundStart,
+    model: Vec<u8>,
+    secagg_buf: Vec<u8>,
+    params: Option<Params>,
+    client: Option<SecClient>,
+    pending: Option<Pending>,
+}
+
+struct Session<'a> {
+    cfg: &'a AgentConfig,
+    data: &'a Arc<SiteData>,
+    creds: &'a Arc<Credentials>,
+    out: mpsc::Sender<AgentMessage>,
+    site_id: Option<u32>,
+    round: Option<Round>,
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    trained: mpsc::Sender<(u64, u32, Result<Vec<f32>, String>)>,
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    data: &Arc<SiteData>,
+    creds: &Arc<Credentials>,
+    welcomed: &mut bool,
+) -> Result<SessionEnd> {
+    let host = cfg
+        .coordinator
+        .server_name
+        .clone()
+        .or_else(|| {
+            cfg.coordinator
+                .url
+                .trim_start_matches("https://")
+                .split([':', '/'])
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&creds.ca_pem))
+        .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
+        .domain_name(host);
+    let channel = Endpoint::from_shared(cfg.coordinator.url.clone())
+        .context("coordinator.url")?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cfg.coordinator.url))?;
+    let mut client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(8 * 1024 * 1024)
+        .max_encoding_message_size(8 * 1024 * 1024);
+    let (out, out_rx) = mpsc::channel(256);
+    out.send(AgentMessage {
+        kind: Some(agent_message::Kind::Join(Join {
+            site: cfg.site.clone(),
+            examples: data.train.len() as u64,
+            schema_hash: cfg.schema.hash(),
+            protocol_version: PROTOCOL_VERSION,
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(out_rx))
+        .await
+        .context("opening the session")?
+        .into_inner();
+    let (trained_tx, mut trained_rx) = mpsc::channel(4);
+    let mut s = Session {
+        cfg,
+        data,
+        creds,
+        out,
+        site_id: None,
+        round: None,
+        mean: vec![0.0; data.inputs],
+        std: vec![1.0; data.inputs],
+        trained: trained_tx,
+    };
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(msg) = msg.context("reading from the coordinator")? else {
+                    return Ok(SessionEnd::Closed);
+                };
+                let Some(kind) = msg.kind else { continue };
+                if let coordinator_message::Kind::Welcome(w) = &kind {
+                    *welcomed = true;
+                    info!(site = %cfg.site, id = w.site_id, "joined the federation");
+                }
+                if let Some(end) = s.handle(kind).await? {
+                    return Ok(end);
+                }
+            }
+            Some((round, attempt, result)) = trained_rx.recv() => {
+                s.on_trained(round, attempt, result).await?;
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    async fn send(&self, kind: agent_message::Kind) -> Result<()> {
+        self.out
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| anyhow!("session closed"))
+    }
+
+    async fn send_chunked(&self, bytes: &[u8], wrap: fn(Chunk) -> agent_message::Kind) -> Result<()> {
+        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[]] } else { bytes.chunks(MAX_CHUNK_BYTES).collect() };
+        let last = pieces.len() - 1;
+        for (i, p) in pieces.into_iter().enumerate() {
+            self.send(wrap(Chunk { data: p.to_vec(), last: i == last })).await?;
+        }
+        Ok(())
+    }
+
+    async fn decline(&self, round: u64, reason: String) -> Result<()> {
+        warn!(site = %self.cfg.site, round, %reason, "declining the round");
+        self.send(agent_message::Kind::Decline(Decline { round, reason })).await
+    }
+
+    fn spec(&self, start: &RoundStart) -> Result<ModelSpec> {
+        // The model family is implied by the parameter count: logistic regression has
+        // inputs + 1 parameters; anything else is described by the training settings.
+        let params = start.model_bytes as usize / 4;
+        let cfg: TrainingConfig = toml::from_str(&start.training_toml).context("the coordinator's [training] table")?;
+        let hidden = cfg.hidden.clone();
+        let kind = if hidden.is_empty() { model::ModelKind::Logreg } else { model::ModelKind::Mlp };
+        let spec = ModelSpec { kind, inputs: self.data.inputs, hidden };
+        if spec.num_params() != params {
+            bail!(
+                "the coordinator's model has {params} parameters but this site's data gives {} inputs ({} parameters): do the schemas match?",
+                self.data.inputs,
+                spec.num_params()
+            );
+        }
+        Ok(spec)
+    }
+
+    async fn handle(&mut self, kind: coordinator_message::Kind) -> Result<Option<SessionEnd>> {
+        use coordinator_message::Kind;
+        match kind {
+            Kind::Welcome(w) => self.site_id = Some(w.site_id),
+            Kind::Shutdown(_) => return Ok(Some(SessionEnd::Shutdown)),
+            Kind::RoundEnd(_) => {}
+            Kind::RoundStart(start) => self.on_round_start(start).await?,
+            Kind::Model(chunk) => {
+                let Some(r) = self.round.as_mut() else { return Ok(None) };
+                if r.model.len() + chunk.data.len() > r.start.model_bytes as usize {
+                    let round = r.start.round;
+                    self.round = None;
+                    self.decline(round, "the model is larger than announced".into()).await?;
+                    return Ok(None);
+                }
+                r.model.extend_from_slice(&chunk.data);
+                if chunk.last {
+                    self.on_model().await?;
+                }
+            }
+            Kind::Secagg(chunk) => {
+                let Some(r) = self.round.as_mut() else { return Ok(None) };
+                r.secagg_buf.extend_from_slice(&chunk.data);
+                if r.secagg_buf.len() > 64 * 1024 * 1024 {
+                    bail!("a SecAgg+ message from the coordinator exceeds 64 MiB");
+                }
+                if chunk.last {
+                    let bytes = std::mem::take(&mut r.secagg_buf);
+                    self.on_secagg(&bytes).await?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
+        if start.feature_mean.len() == self.data.inputs && start.feature_std.len() == self.data.inputs
+            && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
+            && start.feature_mean.iter().all(|m| m.is_finite())
+        {
+            self.mean = start.feature_mean.clone();
+            self.std = start.feature_std.clone();
+        }
+        let task = Task::try_from(start.task).unwrap_or(Task::Unspecified);
+        let round = start.round;
+        let secure = start.secure;
+        self.round = Some(Round { start, model: Vec::new(), secagg_buf: Vec::new(), params: None, client: None, pending: None });
+        if task == Task::Stats {
+            let v = self.data.stats_vector();
+            if secure {
+                self.provide(Pending::Stats(v)).await?;
+            } else {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                self.send_chunked(&bytes, agent_message::Kind::PlainUpdate).await?;
+            }
+        } else if task == Task::Unspecified {
+            self.decline(round, "unknown task".into()).await?;
+        }
+        Ok(())
+    }
+
+    /// The model is complete: verify it, then train or evaluate.
+    async fn on_model(&mut self) -> Result<()> {
+        let Some(r) = self.round.as_ref() else { return Ok(()) };
+        let start = r.start.clone();
+        let digest = model::sha3_512(&r.model);
+        if digest.as_slice() != start.model_sha3_512.as_slice() || r.model.len() as u64 != start.model_bytes {
+            warn!(site = %self.cfg.site, round = start.round, "model hash mismatch: refusing to use it");
+            self.round = None;
+            return self.decline(start.round, "the model's SHA3-512 does not match".into()).await;
+        }
+        let params = model::from_bytes(&r.model).map_err(|e| anyhow!("{e}"))?;
+        let spec = match self.spec(&start) {
+            Ok(s) => s,
+            Err(e) => return self.decline(start.round, format!("{e:#}")).await,
+        };
+        if let Err(e) = spec.check(&params) {
+            return self.decline(start.round, e.to_string()).await;
+        }
+        match Task::try_from(start.task).unwrap_or(Task::Unspecified) {
+            Task::Evaluate => {
+                let data = self.data.clone();
+                let (mean, std) = (self.mean.clone(), self.std.clone());
+                let eval = tokio::task::spawn_blocking(move || {
+                    let x = data.test.standardised(&mean, &std);
+                    train::evaluate(&spec, &params, &x, &data.test.labels)
+                })
+                .await??;
+                self.send(agent_message::Kind::Eval(EvalReport {
+                    round: start.round,
+                    examples: eval.examples as u64,
+                    loss: eval.loss,
+                    accuracy: eval.accuracy,
+                    auc: eval.auc,
+                }))
+                .await?;
+            }
+            Task::Train => {
+                let cfg: TrainingConfig = toml::from_str(&start.training_toml).context("[training]")?;
+                let data = self.data.clone();
+                let (mean, std) = (self.mean.clone(), self.std.clone());
+                let tx = self.trained.clone();
+                let (round, attempt) = (start.round, start.attempt);
+                let seed = rand::random::<u64>();
+                tokio::task::spawn_blocking(move || {
+                    let x = data.train.standardised(&mean, &std);
+                    let result = train::train(&spec, &params, &x, &data.train, &cfg, seed)
+                        .map(|new| new.iter().zip(&params).map(|(a, b)| a - b).collect())
+                        .map_err(|e| e.to_string());
+                    let _ = tx.blocking_send((round, attempt, result));
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn on_trained(&mut self, round: u64, attempt: u32, result: Result<Vec<f32>, String>) -> Result<()> {
+        let current = self.round.as_ref().is_some_and(|r| r.start.round == round && r.start.attempt == attempt);
+        if !current {
+            return Ok(());
+        }
+        let delta = match result {
+            Ok(d) => d,
+            Err(e) => return self.decline(round, format!("local training failed: {e}")).await,
+        };
+        let weight = self.data.train.len() as u64;
+        let secure = self.round.as_ref().is_some_and(|r| r.start.secure);
+        if secure {
+            self.provide(Pending::Delta { delta, weight }).await
+        } else {
+            let mut v = Vec::with_capacity(delta.len() + 1);
+            v.push(weight as f32);
+            v.extend_from_slice(&delta);
+            self.send_chunked(&model::to_bytes(&v), agent_message::Kind::PlainUpdate).await
+        }
+    }
+
+    /// Hands the site's input to the SecAgg+ client once the round's parameters are known.
+    async fn provide(&mut self, pending: Pending) -> Result<()> {
+        let Some(r) = self.round.as_mut() else { return Ok(()) };
+        r.pending = Some(pending);
+        self.flush_input().await
+    }
+
+    async fn flush_input(&mut self) -> Result<()> {
+        let Some(r) = self.round.as_mut() else { return Ok(()) };
+        let (Some(params), Some(client)) = (r.params.clone(), r.client.as_mut()) else { return Ok(()) };
+        let Some(pending) = r.pending.take() else { return Ok(()) };
+        let mut rng = ChaCha20Rng::from_seed(rand::random());
+        let reply = match (client, pending) {
+            (SecClient::B64(c), Pending::Stats(v)) => c.set_input(QuantisedInput::from_values(v)).map(|m| m.map(|m| m.encode())),
+            (SecClient::B32(c), Pending::Delta { delta, weight }) => input(c, &params, &delta, weight, &mut rng)?,
+            (SecClient::B64(c), Pending::Delta { delta, weight }) => input(c, &params, &delta, weight, &mut rng)?,
+            (SecClient::B32(_), Pending::Stats(_)) => bail!("statistics rounds must use modulus 2^64"),
+        };
+        self.after_client(reply).await
+    }
+
+    async fn after_client(&mut self, reply: Result<Option<Vec<u8>>, ClientError>) -> Result<()> {
+        match reply {
+            Ok(Some(bytes)) => self.send_chunked(&bytes, agent_message::Kind::Secagg).await,
+            Ok(None) => Ok(()),
+            Err(e) => {
+                let round = self.round.as_ref().map_or(0, |r| r.start.round);
+                warn!(site = %self.cfg.site, round, error = %e, "secure aggregation refused");
+                self.round = None;
+                self.decline(round, e.to_string()).await
+            }
+        }
+    }
+
+    async fn on_secagg(&mut self, bytes: &[u8]) -> Result<()> {
+        let msg = match ServerMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let round = self.round.as_ref().map_or(0, |r| r.start.round);
+                return self.decline(round, format!("undecodable SecAgg+ message: {e}")).await;
+            }
+        };
+        let Some(r) = self.round.as_mut() else { return Ok(()) };
+        if let ServerMessage::Setup(setup) = &msg
+            && r.client.is_none()
+        {
+            let Some(id) = self.site_id else { bail!("SecAgg+ setup before Welcome") };
+            if setup.round != RoundId::new(r.start.round, r.start.attempt) {
+                return Ok(());
+            }
+            let identity = SiteIdentity { id, signing_key: self.creds.signing_key.clone(), credential: self.creds.cert_der.clone() };
+            let verifier = Arc::new(CaVerifier::new(self.creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?);
+            let seed: [u8; 32] = rand::random();
+            r.client = Some(match setup.params.modulus {
+                Modulus::Bits32 => SecClient::B32(Client::new(identity, verifier, setup.round, seed)),
+                Modulus::Bits64 => SecClient::B64(Client::new(identity, verifier, setup.round, seed)),
+            });
+            r.params = Some(setup.params.clone());
+        }
+        let Some(client) = r.client.as_mut() else { return Ok(()) };
+        let reply = match client {
+            SecClient::B32(c) => c.handle(&msg).map(|m| m.map(|m| m.encode())),
+            SecClient::B64(c) => c.handle(&msg).map(|m| m.map(|m| m.encode())),
+        };
+        let is_setup = matches!(msg, ServerMessage::Setup(_));
+        self.after_client(reply).await?;
+        if is_setup {
+            self.flush_input().await?;
+        }
+        Ok(())
+    }
+}
+
+fn input<W: Word>(
+    client: &mut Client<W>,
+    params: &Params,
+    delta: &[f32],
+    weight: u64,
+    rng: &mut ChaCha20Rng,
+) -> Result<Result<Option<Vec<u8>>, ClientError>> {
+    let (q, report) = quantise::<W, _>(params, delta, weight, rng).map_err(|e| anyhow!("{e}"))?;
+    if report.clipped > 0 {
+        warn!(clipped = report.clipped, "update values clipped to [-{}, {}] (reported to the coordinator only as a sum)", params.clip, params.clip);
+    }
+    Ok(client.set_input(q).map(|m| m.map(|m| m.encode())))
+}

@@ -1,0 +1,328 @@
+//! `cohort-sim run`: one coordinator and one agent per site in this process, over real gRPC
+//! with mutual TLS 1.3 on 127.0.0.1 and freshly provisioned certificates.
+//!
+//! The scenario file holds the sites and the same tables a coordinator configuration has
+//! (`[schema]`, `[model]`, `[training]`, `[strategy]`, `[secagg]`), so what runs here is what
+//! would run across hospitals; only the network is local.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use cohort_agent::AgentConfig;
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_coordinator::{CoordinatorConfig, RunSummary};
+use cohort_protocols::model::DataSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Scenario TOML (see examples/heart-disease.toml).
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Output directory for summary.json, rounds.csv and accuracy.png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    rounds: u64,
+    #[serde(default = "yes")]
+    secure: bool,
+    #[serde(default = "default_fraction")]
+    test_fraction: f64,
+    #[serde(default)]
+    split_seed: u64,
+    /// Per-stage timeout in seconds (sites that miss it are dropouts).
+    #[serde(default = "default_stage")]
+    stage_timeout_secs: u64,
+    sites: Vec<SiteSpec>,
+    schema: toml::Table,
+    model: toml::Table,
+    training: toml::Table,
+    #[serde(default)]
+    strategy: Option<toml::Table>,
+    #[serde(default)]
+    secagg: Option<toml::Table>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_fraction() -> f64 {
+    0.34
+}
+fn default_stage() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteSpec {
+    name: String,
+    csv: PathBuf,
+    test_csv: Option<PathBuf>,
+}
+
+/// `summary.json`. Its keys are read by other tools: keep them stable.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub rounds_completed: usize,
+    pub secure: bool,
+    #[serde(rename = "final")]
+    pub final_: Final,
+    pub initial: Final,
+    pub rounds: Vec<RoundRow>,
+    pub per_site: BTreeMap<String, SiteRow>,
+    pub wall_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Final {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub auc: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub auc: f64,
+    pub seconds: f64,
+    pub sites: usize,
+    pub dropped: usize,
+    pub clipped: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteRow {
+    pub examples: u64,
+    pub test_examples: u64,
+    pub accuracy: f64,
+    pub auc: f64,
+}
+
+fn table(pairs: Vec<(&str, toml::Value)>) -> toml::Table {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn path_value(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let scenario: Scenario = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid scenario", args.scenario.display()))?;
+    let base = args.scenario.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let summary = run_scenario(&scenario, &base, &args.out)?;
+    write_outputs(&summary, &args.out)?;
+    println!(
+        "{} rounds, secure aggregation {}: final mean site accuracy {:.4}, loss {:.4}, AUC {:.4} ({:.1} s)",
+        summary.rounds_completed,
+        if summary.secure { "on" } else { "OFF" },
+        summary.final_.accuracy,
+        summary.final_.loss,
+        summary.final_.auc,
+        summary.wall_seconds
+    );
+    println!("wrote {}/summary.json, rounds.csv, accuracy.png", args.out.display());
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
+    if s.sites.len() < 3 && s.secure {
+        bail!("secure aggregation needs at least 3 sites; the scenario has {}", s.sites.len());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let pki = out.join("pki");
+    if pki.exists() {
+        std::fs::remove_dir_all(&pki).with_context(|| format!("clearing {}", pki.display()))?;
+    }
+    let names: Vec<String> = s.sites.iter().map(|x| x.name.clone()).collect();
+    provision(&ProvisionOptions {
+        out: pki.clone(),
+        sites: names,
+        coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],
+        coordinator_url: "https://127.0.0.1:0".into(),
+    })?;
+
+    let schema: DataSchema = toml::Value::Table(s.schema.clone())
+        .try_into()
+        .context("[schema]")?;
+    let first = s.sites.first().context("the scenario has no sites")?;
+    let header = read_header(&base.join(&first.csv))?;
+    let inputs = schema.input_dim(&header).context("[schema] against the first site's CSV")?;
+    let mut model = s.model.clone();
+    model.insert("inputs".into(), toml::Value::Integer(inputs as i64));
+
+    let mut secagg = s.secagg.clone().unwrap_or_default();
+    secagg.insert("enabled".into(), toml::Value::Boolean(s.secure));
+    let mut coord = table(vec![
+        ("listen", toml::Value::String("127.0.0.1:0".into())),
+        ("data_dir", path_value(&out.join("coordinator"))),
+        (
+            "tls",
+            toml::Value::Table(table(vec![
+                ("ca_cert", path_value(&pki.join("ca.pem"))),
+                ("cert", path_value(&pki.join("coordinator/cert.pem"))),
+                ("key", path_value(&pki.join("coordinator/key.pem"))),
+            ])),
+        ),
+        (
+            "rounds",
+            toml::Value::Table(table(vec![
+                ("count", toml::Value::Integer(s.rounds as i64)),
+                ("min_sites", toml::Value::Integer(s.sites.len().min(3).max(1) as i64)),
+                ("wait_for_sites_secs", toml::Value::Integer(60)),
+                ("stage_timeout_secs", toml::Value::Integer(s.stage_timeout_secs as i64)),
+                ("train_timeout_secs", toml::Value::Integer(120)),
+            ])),
+        ),
+        ("secagg", toml::Value::Table(secagg)),
+        ("model", toml::Value::Table(model)),
+        ("schema", toml::Value::Table(s.schema.clone())),
+        ("training", toml::Value::Table(s.training.clone())),
+    ]);
+    if let Some(st) = &s.strategy {
+        coord.insert("strategy".into(), toml::Value::Table(st.clone()));
+    }
+    let coord_cfg = CoordinatorConfig::parse(&toml::to_string(&coord)?).context("coordinator configuration from the scenario")?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let started = Instant::now();
+    let result: Result<RunSummary> = rt.block_on(async {
+        let (tx, rx) = oneshot::channel();
+        let coordinator = tokio::spawn(cohort_coordinator::run(coord_cfg, Some(tx)));
+        let addr = rx.await.context("the coordinator did not start")?;
+        let mut agents = Vec::new();
+        for site in &s.sites {
+            let dir = pki.join("sites").join(&site.name);
+            let mut data = table(vec![
+                ("csv", path_value(&base.join(&site.csv))),
+                ("test_fraction", toml::Value::Float(s.test_fraction)),
+                ("split_seed", toml::Value::Integer(s.split_seed as i64)),
+            ]);
+            if let Some(t) = &site.test_csv {
+                data.insert("test_csv".into(), path_value(&base.join(t)));
+            }
+            let agent = table(vec![
+                ("site", toml::Value::String(site.name.clone())),
+                (
+                    "coordinator",
+                    toml::Value::Table(table(vec![
+                        ("url", toml::Value::String(format!("https://127.0.0.1:{}", addr.port()))),
+                        ("server_name", toml::Value::String("localhost".into())),
+                    ])),
+                ),
+                (
+                    "tls",
+                    toml::Value::Table(table(vec![
+                        ("ca_cert", path_value(&dir.join("ca.pem"))),
+                        ("cert", path_value(&dir.join("cert.pem"))),
+                        ("key", path_value(&dir.join("key.pem"))),
+                    ])),
+                ),
+                ("data", toml::Value::Table(data)),
+                ("schema", toml::Value::Table(s.schema.clone())),
+                (
+                    "reconnect",
+                    toml::Value::Table(table(vec![
+                        ("initial_ms", toml::Value::Integer(100)),
+                        ("max_ms", toml::Value::Integer(2000)),
+                    ])),
+                ),
+            ]);
+            let cfg = AgentConfig::parse(&toml::to_string(&agent)?)
+                .with_context(|| format!("agent configuration for {}", site.name))?;
+            agents.push(tokio::spawn(cohort_agent::run(cfg)));
+        }
+        let summary = coordinator.await.context("coordinator task")??;
+        for a in agents {
+            match tokio::time::timeout(Duration::from_secs(10), a).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %format!("{e:#}"), "agent ended with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "agent task failed"),
+                Err(_) => tracing::warn!("an agent did not stop within 10 s"),
+            }
+        }
+        Ok(summary)
+    });
+    let run = result?;
+    Ok(summarise(run, started.elapsed().as_secs_f64()))
+}
+
+fn read_header(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let line = text.lines().next().with_context(|| format!("{} is empty", path.display()))?;
+    Ok(line.split(',').map(|c| c.trim().to_string()).collect())
+}
+
+fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
+    let last = run.rounds.last();
+    Summary {
+        rounds_completed: run.rounds.len(),
+        secure: run.secure,
+        final_: Final {
+            accuracy: last.map_or(run.initial.accuracy, |r| r.accuracy),
+            loss: last.map_or(run.initial.loss, |r| r.loss),
+            auc: last.map_or(run.initial.auc, |r| r.auc),
+        },
+        initial: Final {
+            accuracy: run.initial.accuracy,
+            loss: run.initial.loss,
+            auc: run.initial.auc,
+        },
+        rounds: run
+            .rounds
+            .iter()
+            .map(|r| RoundRow {
+                round: r.round,
+                accuracy: r.accuracy,
+                loss: r.loss,
+                auc: r.auc,
+                seconds: r.seconds,
+                sites: r.sites,
+                dropped: r.dropped,
+                clipped: r.clipped,
+            })
+            .collect(),
+        per_site: run
+            .per_site
+            .into_iter()
+            .map(|(name, s)| {
+                (
+                    name,
+                    SiteRow {
+                        examples: s.examples,
+                        test_examples: s.test_examples,
+                        accuracy: s.accuracy,
+                        auc: s.auc,
+                    },
+                )
+            })
+            .collect(),
+        wall_seconds,
+    }
+}
+
+fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(summary)?)?;
+    let mut csv = String::from("round,accuracy,loss,auc,seconds,sites,dropped,clipped\n");
+    for r in &summary.rounds {
+        csv.push_str(&format!(
+            "{},{:.6},{:.6},{:.6},{:.3},{},{},{}\n",
+            r.round, r.accuracy, r.loss, r.auc, r.seconds, r.sites, r.dropped, r.clipped
+        ));
+    }
+    std::fs::write(out.join("rounds.csv"), csv)?;
+    crate::plot::accuracy_png(summary, &out.join("accuracy.png"))
+}
