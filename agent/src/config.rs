@@ -34,6 +34,40 @@ pub struct AgentConfig {
     pub schema: DataSchema,
     #[serde(default)]
     pub reconnect: Reconnect,
+    /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+/// A deliberate failure at one stage of one round.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub round: u64,
+    pub stage: FaultStage,
+    #[serde(default)]
+    pub action: FaultAction,
+}
+
+/// The SecAgg+ message the fault replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultStage {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencyCheck,
+    Unmask,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultAction {
+    /// Drop the connection instead of sending (and reconnect later): a site that died.
+    #[default]
+    Vanish,
+    /// Send a masked input one element short: a broken or malicious site.
+    Truncate,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -82,8 +82,11 @@ pub struct SiteData {
     pub dropped_rows: usize,
 }
 
+/// A CSV row; `None` is an empty cell.
+type RawRow = Vec<Option<f64>>;
+
 /// Reads a CSV with a header; empty cells are missing values.
-fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<Option<f64>>>), DataError> {
+fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
         path: name.clone(),
@@ -129,10 +132,12 @@ fn encode(
 ) -> Result<(Vec<String>, usize, Rows, usize), DataError> {
     let name = path.display().to_string();
     let (header, raw) = read_csv(path)?;
-    let resolved = schema.resolve(&header).map_err(|source| DataError::Schema {
-        path: name.clone(),
-        source,
-    })?;
+    let resolved = schema
+        .resolve(&header)
+        .map_err(|source| DataError::Schema {
+            path: name.clone(),
+            source,
+        })?;
     let mut rows = Rows::default();
     let mut dropped = 0;
     for (i, r) in raw.iter().enumerate() {
@@ -245,11 +250,20 @@ mod tests {
 
     #[test]
     fn flamby_row_counts_and_split() {
-        for (site, rows, test) in [("cleveland", 303, 104), ("hungary", 261, 89), ("switzerland", 46, 16), ("va", 130, 44)] {
+        for (site, rows, test) in [
+            ("cleveland", 303, 104),
+            ("hungary", 261, 89),
+            ("switzerland", 46, 16),
+            ("va", 130, 44),
+        ] {
             let d = SiteData::load(&schema(), &heart(site), None, 0.34, 42).expect(site);
             assert_eq!(d.inputs, 13);
             assert_eq!(d.train.len() + d.test.len(), rows, "{site}");
-            assert!((d.test.len() as i64 - test).abs() <= 1, "{site}: {} test rows", d.test.len());
+            assert!(
+                (d.test.len() as i64 - test).abs() <= 1,
+                "{site}: {} test rows",
+                d.test.len()
+            );
             // stratified: both classes appear in test when both exist
             let pos = d.test.labels.iter().filter(|&&y| y == 1.0).count();
             assert!(pos > 0, "{site}");
@@ -260,7 +274,12 @@ mod tests {
     fn stats_sum_gives_mean_and_std() {
         let d = SiteData::load(&schema(), &heart("cleveland"), None, 0.34, 1).expect("load");
         let (mean, std) = stats::from_sum(&d.stats_vector(), d.inputs);
-        let ages: Vec<f64> = d.train.features.iter().map(|r| r[0].expect("age")).collect();
+        let ages: Vec<f64> = d
+            .train
+            .features
+            .iter()
+            .map(|r| r[0].expect("age"))
+            .collect();
         let m = ages.iter().sum::<f64>() / ages.len() as f64;
         let s = (ages.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / ages.len() as f64).sqrt();
         assert!((mean[0] - m).abs() < 1e-3 && (std[0] - s).abs() < 1e-3);
@@ -273,10 +292,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("bad.csv");
         std::fs::write(&p, "age,num\n40,1\nforty,0\n").expect("write");
-        let s: DataSchema = toml::from_str("label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"").expect("schema");
-        let err = SiteData::load(&s, &p, None, 0.3, 1).unwrap_err().to_string();
+        let s: DataSchema = toml::from_str(
+            "label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"",
+        )
+        .expect("schema");
+        let err = SiteData::load(&s, &p, None, 0.3, 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 3") && err.contains("\"forty\""), "{err}");
-        let err = SiteData::load(&s, &dir.path().join("nope.csv"), None, 0.3, 1).unwrap_err().to_string();
+        let err = SiteData::load(&s, &dir.path().join("nope.csv"), None, 0.3, 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read"), "{err}");
     }
 }

@@ -18,8 +18,8 @@ use cohort_proto::v1::{
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec};
 use cohort_protocols::secagg::{
-    Client, ClientError, Modulus, Params, QuantisedInput, RoundId, ServerMessage, SiteIdentity,
-    Word, quantise,
+    Client, ClientError, ClientMessage, Modulus, Params, QuantisedInput, RoundId, ServerMessage,
+    SiteIdentity, Word, quantise,
 };
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::DecodePrivateKey;
@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Fault, FaultAction, FaultStage};
 use crate::data::SiteData;
 use crate::train;
 use cohort_protocols::model::TrainingConfig;
@@ -106,9 +106,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
     let creds = Arc::new(load_credentials(&cfg)?);
     let mut backoff = cfg.reconnect.initial_ms;
+    let mut fired: Vec<Fault> = Vec::new();
     loop {
         let mut welcomed = false;
-        match session(&cfg, &data, &creds, &mut welcomed).await {
+        match session(&cfg, &data, &creds, &mut welcomed, &mut fired).await {
             Ok(SessionEnd::Shutdown) => {
                 info!(site = %cfg.site, "coordinator finished training; exiting");
                 return Ok(());
@@ -158,6 +159,35 @@ struct Session<'a> {
     mean: Vec<f64>,
     std: Vec<f64>,
     trained: mpsc::Sender<(u64, u32, Result<Vec<f32>, String>)>,
+    /// Faults already injected (each fires once, across reconnections).
+    fired: &'a mut Vec<Fault>,
+}
+
+/// An encoded SecAgg+ reply and the stage it belongs to.
+struct Outgoing {
+    stage: FaultStage,
+    bytes: Vec<u8>,
+}
+
+fn stage_of<W: Word>(m: &ClientMessage<W>) -> FaultStage {
+    match m {
+        ClientMessage::AdvertiseKeys(_) => FaultStage::AdvertiseKeys,
+        ClientMessage::ShareKeys(_) => FaultStage::ShareKeys,
+        ClientMessage::MaskedInput(_) => FaultStage::MaskedInput,
+        ClientMessage::ConsistencySignature(_) => FaultStage::ConsistencyCheck,
+        ClientMessage::UnmaskShares(_) => FaultStage::Unmask,
+    }
+}
+
+/// Encodes a reply, applying a `truncate` fault to a masked input.
+fn outgoing<W: Word>(mut m: ClientMessage<W>, truncate: bool) -> Outgoing {
+    if truncate && let ClientMessage::MaskedInput(x) = &mut m {
+        x.values.pop();
+    }
+    Outgoing {
+        stage: stage_of(&m),
+        bytes: m.encode(),
+    }
 }
 
 async fn session(
@@ -165,6 +195,7 @@ async fn session(
     data: &Arc<SiteData>,
     creds: &Arc<Credentials>,
     welcomed: &mut bool,
+    fired: &mut Vec<Fault>,
 ) -> Result<SessionEnd> {
     let host = cfg
         .coordinator
@@ -220,6 +251,7 @@ async fn session(
         mean: vec![0.0; data.inputs],
         std: vec![1.0; data.inputs],
         trained: trained_tx,
+        fired,
     };
     loop {
         tokio::select! {
@@ -251,28 +283,50 @@ impl Session<'_> {
             .map_err(|_| anyhow!("session closed"))
     }
 
-    async fn send_chunked(&self, bytes: &[u8], wrap: fn(Chunk) -> agent_message::Kind) -> Result<()> {
-        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[]] } else { bytes.chunks(MAX_CHUNK_BYTES).collect() };
+    async fn send_chunked(
+        &self,
+        bytes: &[u8],
+        wrap: fn(Chunk) -> agent_message::Kind,
+    ) -> Result<()> {
+        let pieces: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(MAX_CHUNK_BYTES).collect()
+        };
         let last = pieces.len() - 1;
         for (i, p) in pieces.into_iter().enumerate() {
-            self.send(wrap(Chunk { data: p.to_vec(), last: i == last })).await?;
+            self.send(wrap(Chunk {
+                data: p.to_vec(),
+                last: i == last,
+            }))
+            .await?;
         }
         Ok(())
     }
 
     async fn decline(&self, round: u64, reason: String) -> Result<()> {
         warn!(site = %self.cfg.site, round, %reason, "declining the round");
-        self.send(agent_message::Kind::Decline(Decline { round, reason })).await
+        self.send(agent_message::Kind::Decline(Decline { round, reason }))
+            .await
     }
 
     fn spec(&self, start: &RoundStart) -> Result<ModelSpec> {
         // The model family is implied by the parameter count: logistic regression has
         // inputs + 1 parameters; anything else is described by the training settings.
         let params = start.model_bytes as usize / 4;
-        let cfg: TrainingConfig = toml::from_str(&start.training_toml).context("the coordinator's [training] table")?;
+        let cfg: TrainingConfig =
+            toml::from_str(&start.training_toml).context("the coordinator's [training] table")?;
         let hidden = cfg.hidden.clone();
-        let kind = if hidden.is_empty() { model::ModelKind::Logreg } else { model::ModelKind::Mlp };
-        let spec = ModelSpec { kind, inputs: self.data.inputs, hidden };
+        let kind = if hidden.is_empty() {
+            model::ModelKind::Logreg
+        } else {
+            model::ModelKind::Mlp
+        };
+        let spec = ModelSpec {
+            kind,
+            inputs: self.data.inputs,
+            hidden,
+        };
         if spec.num_params() != params {
             bail!(
                 "the coordinator's model has {params} parameters but this site's data gives {} inputs ({} parameters): do the schemas match?",
@@ -291,11 +345,14 @@ impl Session<'_> {
             Kind::RoundEnd(_) => {}
             Kind::RoundStart(start) => self.on_round_start(start).await?,
             Kind::Model(chunk) => {
-                let Some(r) = self.round.as_mut() else { return Ok(None) };
+                let Some(r) = self.round.as_mut() else {
+                    return Ok(None);
+                };
                 if r.model.len() + chunk.data.len() > r.start.model_bytes as usize {
                     let round = r.start.round;
                     self.round = None;
-                    self.decline(round, "the model is larger than announced".into()).await?;
+                    self.decline(round, "the model is larger than announced".into())
+                        .await?;
                     return Ok(None);
                 }
                 r.model.extend_from_slice(&chunk.data);
@@ -304,7 +361,9 @@ impl Session<'_> {
                 }
             }
             Kind::Secagg(chunk) => {
-                let Some(r) = self.round.as_mut() else { return Ok(None) };
+                let Some(r) = self.round.as_mut() else {
+                    return Ok(None);
+                };
                 r.secagg_buf.extend_from_slice(&chunk.data);
                 if r.secagg_buf.len() > 64 * 1024 * 1024 {
                     bail!("a SecAgg+ message from the coordinator exceeds 64 MiB");
@@ -319,7 +378,8 @@ impl Session<'_> {
     }
 
     async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
-        if start.feature_mean.len() == self.data.inputs && start.feature_std.len() == self.data.inputs
+        if start.feature_mean.len() == self.data.inputs
+            && start.feature_std.len() == self.data.inputs
             && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
             && start.feature_mean.iter().all(|m| m.is_finite())
         {
@@ -329,14 +389,22 @@ impl Session<'_> {
         let task = Task::try_from(start.task).unwrap_or(Task::Unspecified);
         let round = start.round;
         let secure = start.secure;
-        self.round = Some(Round { start, model: Vec::new(), secagg_buf: Vec::new(), params: None, client: None, pending: None });
+        self.round = Some(Round {
+            start,
+            model: Vec::new(),
+            secagg_buf: Vec::new(),
+            params: None,
+            client: None,
+            pending: None,
+        });
         if task == Task::Stats {
             let v = self.data.stats_vector();
             if secure {
                 self.provide(Pending::Stats(v)).await?;
             } else {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                self.send_chunked(&bytes, agent_message::Kind::PlainUpdate).await?;
+                self.send_chunked(&bytes, agent_message::Kind::PlainUpdate)
+                    .await?;
             }
         } else if task == Task::Unspecified {
             self.decline(round, "unknown task".into()).await?;
@@ -346,13 +414,19 @@ impl Session<'_> {
 
     /// The model is complete: verify it, then train or evaluate.
     async fn on_model(&mut self) -> Result<()> {
-        let Some(r) = self.round.as_ref() else { return Ok(()) };
+        let Some(r) = self.round.as_ref() else {
+            return Ok(());
+        };
         let start = r.start.clone();
         let digest = model::sha3_512(&r.model);
-        if digest.as_slice() != start.model_sha3_512.as_slice() || r.model.len() as u64 != start.model_bytes {
+        if digest.as_slice() != start.model_sha3_512.as_slice()
+            || r.model.len() as u64 != start.model_bytes
+        {
             warn!(site = %self.cfg.site, round = start.round, "model hash mismatch: refusing to use it");
             self.round = None;
-            return self.decline(start.round, "the model's SHA3-512 does not match".into()).await;
+            return self
+                .decline(start.round, "the model's SHA3-512 does not match".into())
+                .await;
         }
         let params = model::from_bytes(&r.model).map_err(|e| anyhow!("{e}"))?;
         let spec = match self.spec(&start) {
@@ -381,12 +455,17 @@ impl Session<'_> {
                 .await?;
             }
             Task::Train => {
-                let cfg: TrainingConfig = toml::from_str(&start.training_toml).context("[training]")?;
+                let cfg: TrainingConfig =
+                    toml::from_str(&start.training_toml).context("[training]")?;
                 let data = self.data.clone();
                 let (mean, std) = (self.mean.clone(), self.std.clone());
                 let tx = self.trained.clone();
                 let (round, attempt) = (start.round, start.attempt);
-                let seed = rand::random::<u64>();
+                // Batch order is derived from the split seed, the round and the site, so runs
+                // replay exactly (and secure and plain runs train identically).
+                let seed = self.cfg.data.split_seed
+                    ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    ^ site_hash(&self.cfg.site);
                 tokio::task::spawn_blocking(move || {
                     let x = data.train.standardised(&mean, &std);
                     let result = train::train(&spec, &params, &x, &data.train, &cfg, seed)
@@ -400,14 +479,26 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn on_trained(&mut self, round: u64, attempt: u32, result: Result<Vec<f32>, String>) -> Result<()> {
-        let current = self.round.as_ref().is_some_and(|r| r.start.round == round && r.start.attempt == attempt);
+    async fn on_trained(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        result: Result<Vec<f32>, String>,
+    ) -> Result<()> {
+        let current = self
+            .round
+            .as_ref()
+            .is_some_and(|r| r.start.round == round && r.start.attempt == attempt);
         if !current {
             return Ok(());
         }
         let delta = match result {
             Ok(d) => d,
-            Err(e) => return self.decline(round, format!("local training failed: {e}")).await,
+            Err(e) => {
+                return self
+                    .decline(round, format!("local training failed: {e}"))
+                    .await;
+            }
         };
         let weight = self.data.train.len() as u64;
         let secure = self.round.as_ref().is_some_and(|r| r.start.secure);
@@ -417,34 +508,82 @@ impl Session<'_> {
             let mut v = Vec::with_capacity(delta.len() + 1);
             v.push(weight as f32);
             v.extend_from_slice(&delta);
-            self.send_chunked(&model::to_bytes(&v), agent_message::Kind::PlainUpdate).await
+            self.send_chunked(&model::to_bytes(&v), agent_message::Kind::PlainUpdate)
+                .await
         }
     }
 
     /// Hands the site's input to the SecAgg+ client once the round's parameters are known.
     async fn provide(&mut self, pending: Pending) -> Result<()> {
-        let Some(r) = self.round.as_mut() else { return Ok(()) };
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
         r.pending = Some(pending);
         self.flush_input().await
     }
 
     async fn flush_input(&mut self) -> Result<()> {
-        let Some(r) = self.round.as_mut() else { return Ok(()) };
-        let (Some(params), Some(client)) = (r.params.clone(), r.client.as_mut()) else { return Ok(()) };
-        let Some(pending) = r.pending.take() else { return Ok(()) };
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
+        let (Some(params), true) = (r.params.clone(), r.client.is_some()) else {
+            return Ok(());
+        };
+        let Some(pending) = r.pending.take() else {
+            return Ok(());
+        };
+        let round = r.start.round;
+        let truncate = self.truncates(round);
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
+        let Some(client) = r.client.as_mut() else {
+            return Ok(());
+        };
         let mut rng = ChaCha20Rng::from_seed(rand::random());
         let reply = match (client, pending) {
-            (SecClient::B64(c), Pending::Stats(v)) => c.set_input(QuantisedInput::from_values(v)).map(|m| m.map(|m| m.encode())),
-            (SecClient::B32(c), Pending::Delta { delta, weight }) => input(c, &params, &delta, weight, &mut rng)?,
-            (SecClient::B64(c), Pending::Delta { delta, weight }) => input(c, &params, &delta, weight, &mut rng)?,
-            (SecClient::B32(_), Pending::Stats(_)) => bail!("statistics rounds must use modulus 2^64"),
+            (SecClient::B64(c), Pending::Stats(v)) => c
+                .set_input(QuantisedInput::from_values(v))
+                .map(|m| m.map(|m| outgoing(m, truncate))),
+            (SecClient::B32(c), Pending::Delta { delta, weight }) => {
+                input(c, &params, &delta, weight, &mut rng, truncate)?
+            }
+            (SecClient::B64(c), Pending::Delta { delta, weight }) => {
+                input(c, &params, &delta, weight, &mut rng, truncate)?
+            }
+            (SecClient::B32(_), Pending::Stats(_)) => {
+                bail!("statistics rounds must use modulus 2^64")
+            }
         };
         self.after_client(reply).await
     }
 
-    async fn after_client(&mut self, reply: Result<Option<Vec<u8>>, ClientError>) -> Result<()> {
+    /// Whether a `truncate` fault applies to this round's masked input.
+    fn truncates(&self, round: u64) -> bool {
+        self.cfg.faults.iter().any(|f| {
+            f.round == round
+                && f.stage == FaultStage::MaskedInput
+                && f.action == FaultAction::Truncate
+        })
+    }
+
+    async fn after_client(&mut self, reply: Result<Option<Outgoing>, ClientError>) -> Result<()> {
         match reply {
-            Ok(Some(bytes)) => self.send_chunked(&bytes, agent_message::Kind::Secagg).await,
+            Ok(Some(out)) => {
+                let round = self.round.as_ref().map_or(0, |r| r.start.round);
+                let fault = self.cfg.faults.iter().find(|f| {
+                    f.round == round && f.stage == out.stage && f.action == FaultAction::Vanish
+                });
+                if let Some(f) = fault.filter(|f| !self.fired.contains(f)) {
+                    self.fired.push(f.clone());
+                    bail!(
+                        "fault injected: vanishing before {:?} of round {round}",
+                        out.stage
+                    );
+                }
+                self.send_chunked(&out.bytes, agent_message::Kind::Secagg)
+                    .await
+            }
             Ok(None) => Ok(()),
             Err(e) => {
                 let round = self.round.as_ref().map_or(0, |r| r.start.round);
@@ -460,30 +599,55 @@ impl Session<'_> {
             Ok(m) => m,
             Err(e) => {
                 let round = self.round.as_ref().map_or(0, |r| r.start.round);
-                return self.decline(round, format!("undecodable SecAgg+ message: {e}")).await;
+                return self
+                    .decline(round, format!("undecodable SecAgg+ message: {e}"))
+                    .await;
             }
         };
-        let Some(r) = self.round.as_mut() else { return Ok(()) };
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
         if let ServerMessage::Setup(setup) = &msg
             && r.client.is_none()
         {
-            let Some(id) = self.site_id else { bail!("SecAgg+ setup before Welcome") };
+            let Some(id) = self.site_id else {
+                bail!("SecAgg+ setup before Welcome")
+            };
             if setup.round != RoundId::new(r.start.round, r.start.attempt) {
                 return Ok(());
             }
-            let identity = SiteIdentity { id, signing_key: self.creds.signing_key.clone(), credential: self.creds.cert_der.clone() };
-            let verifier = Arc::new(CaVerifier::new(self.creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?);
+            let identity = SiteIdentity {
+                id,
+                signing_key: self.creds.signing_key.clone(),
+                credential: self.creds.cert_der.clone(),
+            };
+            let verifier = Arc::new(
+                CaVerifier::new(self.creds.ca_der.clone(), now_unix())
+                    .map_err(|e| anyhow!("{e}"))?,
+            );
             let seed: [u8; 32] = rand::random();
             r.client = Some(match setup.params.modulus {
-                Modulus::Bits32 => SecClient::B32(Client::new(identity, verifier, setup.round, seed)),
-                Modulus::Bits64 => SecClient::B64(Client::new(identity, verifier, setup.round, seed)),
+                Modulus::Bits32 => {
+                    SecClient::B32(Client::new(identity, verifier, setup.round, seed))
+                }
+                Modulus::Bits64 => {
+                    SecClient::B64(Client::new(identity, verifier, setup.round, seed))
+                }
             });
             r.params = Some(setup.params.clone());
         }
-        let Some(client) = r.client.as_mut() else { return Ok(()) };
+        let round = r.start.round;
+        let truncate = self.truncates(round);
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
+        let Some(client) = r.client.as_mut() else {
+            return Ok(());
+        };
+        // The masked input may come out here (when the shares arrive after the update).
         let reply = match client {
-            SecClient::B32(c) => c.handle(&msg).map(|m| m.map(|m| m.encode())),
-            SecClient::B64(c) => c.handle(&msg).map(|m| m.map(|m| m.encode())),
+            SecClient::B32(c) => c.handle(&msg).map(|m| m.map(|m| outgoing(m, truncate))),
+            SecClient::B64(c) => c.handle(&msg).map(|m| m.map(|m| outgoing(m, truncate))),
         };
         let is_setup = matches!(msg, ServerMessage::Setup(_));
         self.after_client(reply).await?;
@@ -500,10 +664,24 @@ fn input<W: Word>(
     delta: &[f32],
     weight: u64,
     rng: &mut ChaCha20Rng,
-) -> Result<Result<Option<Vec<u8>>, ClientError>> {
+    truncate: bool,
+) -> Result<Result<Option<Outgoing>, ClientError>> {
     let (q, report) = quantise::<W, _>(params, delta, weight, rng).map_err(|e| anyhow!("{e}"))?;
     if report.clipped > 0 {
-        warn!(clipped = report.clipped, "update values clipped to [-{}, {}] (reported to the coordinator only as a sum)", params.clip, params.clip);
+        warn!(
+            clipped = report.clipped,
+            "update values clipped to [-{}, {}] (reported to the coordinator only as a sum)",
+            params.clip,
+            params.clip
+        );
     }
-    Ok(client.set_input(q).map(|m| m.map(|m| m.encode())))
+    Ok(client
+        .set_input(q)
+        .map(|m| m.map(|m| outgoing(m, truncate))))
+}
+
+fn site_hash(site: &str) -> u64 {
+    site.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -10,8 +10,8 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::TensorData;
+use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use chacha20::ChaCha20Rng;
 use cohort_protocols::model::{ModelSpec, OptimizerKind, TrainingConfig};
 use rand_core::{Rng, SeedableRng};
@@ -38,7 +38,11 @@ pub struct Net {
 
 impl Net {
     /// Builds the network from a flat parameter vector.
-    pub fn from_flat(spec: &ModelSpec, params: &[f32], device: &Device) -> Result<Self, TrainError> {
+    pub fn from_flat(
+        spec: &ModelSpec,
+        params: &[f32],
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         if params.len() != spec.num_params() {
             return Err(TrainError::WrongLength {
                 got: params.len(),
@@ -99,7 +103,13 @@ fn bce_with_logits(logits: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
     (pos + neg).neg().mean()
 }
 
-fn batch(x: &[f32], y: &[f32], idx: &[usize], inputs: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+fn batch(
+    x: &[f32],
+    y: &[f32],
+    idx: &[usize],
+    inputs: usize,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
     let mut xb = Vec::with_capacity(idx.len() * inputs);
     let mut yb = Vec::with_capacity(idx.len());
     for &i in idx {
@@ -201,7 +211,12 @@ pub struct Evaluation {
 }
 
 /// Loss, accuracy (threshold 0.5) and ROC AUC of `params` on standardised `x`.
-pub fn evaluate(spec: &ModelSpec, params: &[f32], x: &[f32], labels: &[f32]) -> Result<Evaluation, TrainError> {
+pub fn evaluate(
+    spec: &ModelSpec,
+    params: &[f32],
+    x: &[f32],
+    labels: &[f32],
+) -> Result<Evaluation, TrainError> {
     let n = labels.len();
     if n == 0 {
         return Err(TrainError::NoData);
@@ -260,7 +275,11 @@ mod tests {
 
     #[test]
     fn flat_round_trip_is_bit_exact() {
-        let spec = ModelSpec { kind: ModelKind::Mlp, inputs: 5, hidden: vec![4, 3] };
+        let spec = ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 5,
+            hidden: vec![4, 3],
+        };
         let params = spec.init(3);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("build");
         assert_eq!(net.to_flat().expect("flat"), params);
@@ -276,7 +295,11 @@ mod tests {
 
     #[test]
     fn training_separates_a_linearly_separable_set() {
-        let spec = ModelSpec { kind: ModelKind::Logreg, inputs: 2, hidden: vec![] };
+        let spec = ModelSpec {
+            kind: ModelKind::Logreg,
+            inputs: 2,
+            hidden: vec![],
+        };
         let mut rows = Rows::default();
         let mut x = Vec::new();
         for i in 0..40 {
@@ -285,14 +308,26 @@ mod tests {
             rows.features.push(vec![Some(a as f64), Some(0.3)]);
             rows.labels.push(if a > 0.0 { 1.0 } else { 0.0 });
         }
-        let cfg = TrainingConfig { optimizer: OptimizerKind::Adam, learning_rate: 0.05, batch_size: 8, local_steps: 200, fedprox_mu: 0.0, hidden: vec![] };
+        let cfg = TrainingConfig {
+            optimizer: OptimizerKind::Adam,
+            learning_rate: 0.05,
+            batch_size: 8,
+            local_steps: 200,
+            fedprox_mu: 0.0,
+            hidden: vec![],
+        };
         let before = evaluate(&spec, &spec.init(0), &x, &rows.labels).expect("eval");
         let trained = train(&spec, &spec.init(0), &x, &rows, &cfg, 1).expect("train");
         let after = evaluate(&spec, &trained, &x, &rows.labels).expect("eval");
         assert!(after.loss < before.loss * 0.5, "{before:?} -> {after:?}");
         assert!(after.accuracy >= 0.95, "{after:?}");
         // FedProx with a huge μ keeps the model near the global one
-        let prox = TrainingConfig { fedprox_mu: 1000.0, optimizer: OptimizerKind::Sgd, learning_rate: 0.0001, ..cfg };
+        let prox = TrainingConfig {
+            fedprox_mu: 1000.0,
+            optimizer: OptimizerKind::Sgd,
+            learning_rate: 0.0001,
+            ..cfg
+        };
         let held = train(&spec, &spec.init(0), &x, &rows, &prox, 1).expect("train");
         assert!(held.iter().all(|v| v.abs() < 0.1), "{held:?}");
     }

@@ -214,11 +214,10 @@ impl CoordinatorConfig {
 
     /// Parses and validates a configuration.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: CoordinatorConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse {
-                path: "<config>".into(),
-                message: e.to_string(),
-            })?;
+        let config: CoordinatorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -296,8 +295,16 @@ impl CoordinatorConfig {
         }
         let training: TrainingConfig = toml::Value::Table(self.training.clone())
             .try_into()
-            .map_err(|e| invalid("training", format!("{:?}", self.training.to_string()), e.to_string()))?;
-        training.validate().map_err(|e| invalid("training", "", e))?;
+            .map_err(|e| {
+                invalid(
+                    "training",
+                    format!("{:?}", self.training.to_string()),
+                    e.to_string(),
+                )
+            })?;
+        training
+            .validate()
+            .map_err(|e| invalid("training", "", e))?;
         if !training.hidden.is_empty() {
             return Err(invalid(
                 "training.hidden",

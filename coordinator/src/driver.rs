@@ -15,14 +15,13 @@ use cohort_proto::v1::{
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec, stats};
 use cohort_protocols::secagg::{
-    ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, StageTimeouts, Word,
-    dequantise,
+    ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, StageTimeouts, Word, dequantise,
 };
 use cohort_protocols::strategy::Strategy;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::hub::{Hub, Inbound};
@@ -154,7 +153,11 @@ impl Reassembler {
 
 enum Aggregated {
     /// Sum of the survivors' vectors, as u64 (mod the round's modulus), and the survivors.
-    Sum { sum: Vec<u64>, survivors: Vec<String>, dropped: usize },
+    Sum {
+        sum: Vec<u64>,
+        survivors: Vec<String>,
+        dropped: usize,
+    },
 }
 
 impl Driver {
@@ -171,7 +174,13 @@ impl Driver {
         let mut training = cfg.training.clone();
         training.insert(
             "hidden".into(),
-            toml::Value::Array(cfg.model.hidden.iter().map(|h| toml::Value::Integer(*h as i64)).collect()),
+            toml::Value::Array(
+                cfg.model
+                    .hidden
+                    .iter()
+                    .map(|h| toml::Value::Integer(*h as i64))
+                    .collect(),
+            ),
         );
         let training_toml = toml::to_string(&training)?;
         Ok(Driver {
@@ -195,7 +204,9 @@ impl Driver {
     /// Runs the whole federated training and returns its summary.
     pub async fn run(mut self) -> Result<RunSummary, DriverError> {
         if !self.secure() {
-            warn!("secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)");
+            warn!(
+                "secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)"
+            );
         }
         self.wait_for_sites().await?;
         // Round 0: federated feature statistics for standardisation.
@@ -205,10 +216,19 @@ impl Driver {
         let (mean, std) = stats::from_sum(&sum, self.spec.inputs);
         self.mean = mean;
         self.std = std;
-        info!(round = 0, "feature statistics aggregated from {} rows", sum.first().copied().unwrap_or(0));
+        info!(
+            round = 0,
+            "feature statistics aggregated from {} rows",
+            sum.first().copied().unwrap_or(0)
+        );
 
         let initial = self.evaluate(0).await;
-        info!(round = 0, accuracy = initial.0.accuracy, loss = initial.0.loss, "initial model");
+        info!(
+            round = 0,
+            accuracy = initial.0.accuracy,
+            loss = initial.0.loss,
+            "initial model"
+        );
         let mut rounds = Vec::new();
         let mut per_site = initial.1.clone();
         for r in 1..=self.cfg.rounds.count {
@@ -249,7 +269,16 @@ impl Driver {
                 total_weight,
                 model_sha3_512: hex(&hash),
             };
-            info!(round = r, accuracy = eval.accuracy, loss = eval.loss, auc = eval.auc, sites, dropped, clipped, "round complete");
+            info!(
+                round = r,
+                accuracy = eval.accuracy,
+                loss = eval.loss,
+                auc = eval.auc,
+                sites,
+                dropped,
+                clipped,
+                "round complete"
+            );
             rounds.push(summary);
         }
         for (site, _) in self.hub.connected() {
@@ -290,9 +319,8 @@ impl Driver {
             // Joins do not pass through the inbox: look again at least every 250 ms. Messages
             // that arrive meanwhile belong to no round and are dropped.
             let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
-            match tokio::time::timeout_at(tick, self.inbox.recv()).await {
-                Ok(None) => return Err(DriverError::HubClosed),
-                Ok(Some(_)) | Err(_) => {}
+            if let Ok(None) = tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                return Err(DriverError::HubClosed);
             }
         }
     }
@@ -303,7 +331,9 @@ impl Driver {
         mut f: impl for<'a> FnMut(
             &'a mut Driver,
             u32,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>,
+        >,
     ) -> Result<T, DriverError> {
         let mut last = String::new();
         for attempt in 0..self.cfg.rounds.max_attempts {
@@ -340,7 +370,12 @@ impl Driver {
         sites
     }
 
-    async fn start_round(&self, sites: &[(String, u32)], start: RoundStart, model: Option<&[u8]>) -> Vec<(String, u32)> {
+    async fn start_round(
+        &self,
+        sites: &[(String, u32)],
+        start: RoundStart,
+        model: Option<&[u8]>,
+    ) -> Vec<(String, u32)> {
         let mut reached = Vec::new();
         for (site, id) in sites {
             let mut ok = self
@@ -362,13 +397,21 @@ impl Driver {
         reached
     }
 
-    fn round_start(&self, round: u64, attempt: u32, task: Task, model: Option<&[u8]>) -> RoundStart {
+    fn round_start(
+        &self,
+        round: u64,
+        attempt: u32,
+        task: Task,
+        model: Option<&[u8]>,
+    ) -> RoundStart {
         RoundStart {
             round,
             attempt,
             task: task as i32,
             secure: self.secure(),
-            model_sha3_512: model.map(|m| model::sha3_512(m).to_vec()).unwrap_or_default(),
+            model_sha3_512: model
+                .map(|m| model::sha3_512(m).to_vec())
+                .unwrap_or_default(),
             model_bytes: model.map_or(0, |m| m.len() as u64),
             training_toml: self.training_toml.clone(),
             feature_mean: self.mean.clone(),
@@ -386,7 +429,8 @@ impl Driver {
                 modulus: Modulus::Bits64,
                 ..self.cfg.secagg.params(sites.len() as u32, (len - 2) as u32)
             };
-            self.secagg::<u64>(RoundId::new(0, attempt), &sites, params).await?
+            self.secagg::<u64>(RoundId::new(0, attempt), &sites, params)
+                .await?
         } else {
             self.plain_sum(&sites, len, true).await?
         };
@@ -395,7 +439,11 @@ impl Driver {
     }
 
     /// One training round: returns (mean delta, total weight, clipped, sites, dropped).
-    async fn train_round(&mut self, round: u64, attempt: u32) -> Result<(Vec<f32>, u64, u64, usize, usize), String> {
+    async fn train_round(
+        &mut self,
+        round: u64,
+        attempt: u32,
+    ) -> Result<(Vec<f32>, u64, u64, usize, usize), String> {
         let sites = self.select();
         let bytes = model::to_bytes(&self.global);
         let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
@@ -407,10 +455,20 @@ impl Driver {
         if self.secure() {
             let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
             let agg = match params.modulus {
-                Modulus::Bits32 => self.secagg::<u32>(RoundId::new(round, attempt), &sites, params.clone()).await?,
-                Modulus::Bits64 => self.secagg::<u64>(RoundId::new(round, attempt), &sites, params.clone()).await?,
+                Modulus::Bits32 => {
+                    self.secagg::<u32>(RoundId::new(round, attempt), &sites, params.clone())
+                        .await?
+                }
+                Modulus::Bits64 => {
+                    self.secagg::<u64>(RoundId::new(round, attempt), &sites, params.clone())
+                        .await?
+                }
             };
-            let Aggregated::Sum { sum, survivors, dropped } = agg;
+            let Aggregated::Sum {
+                sum,
+                survivors,
+                dropped,
+            } = agg;
             let a = match params.modulus {
                 Modulus::Bits32 => {
                     let s: Vec<u32> = sum.iter().map(|v| *v as u32).collect();
@@ -420,17 +478,30 @@ impl Driver {
             }
             .map_err(|e| e.to_string())?;
             if a.clipped > 0 {
-                warn!(round, clipped = a.clipped, "values were clipped to [-{}, {}]", params.clip, params.clip);
+                warn!(
+                    round,
+                    clipped = a.clipped,
+                    "values were clipped to [-{}, {}]",
+                    params.clip,
+                    params.clip
+                );
             }
             Ok((a.mean, a.total_weight, a.clipped, sites.len(), dropped))
         } else {
-            let Aggregated::Sum { sum, survivors, dropped } = self.plain_sum(&sites, dim + 1, false).await?;
+            let Aggregated::Sum {
+                sum,
+                survivors,
+                dropped,
+            } = self.plain_sum(&sites, dim + 1, false).await?;
             // plain: sum[0] = Σw (as f64 bits), sum[1..] = Σ wΔ (f64 bits)
             let total = f64::from_bits(sum[0]);
             if total <= 0.0 {
                 return Err("the surviving sites reported no examples".into());
             }
-            let mean = sum[1..].iter().map(|v| (f64::from_bits(*v) / total) as f32).collect();
+            let mean = sum[1..]
+                .iter()
+                .map(|v| (f64::from_bits(*v) / total) as f32)
+                .collect();
             let _ = survivors;
             Ok((mean, total as u64, 0, sites.len(), dropped))
         }
@@ -455,7 +526,8 @@ impl Driver {
             consistency_check: stage,
             unmask: stage,
         };
-        let verifier = CaVerifier::new(self.ca_der.clone(), chrono_now()).map_err(|e| e.to_string())?;
+        let verifier =
+            CaVerifier::new(self.ca_der.clone(), chrono_now()).map_err(|e| e.to_string())?;
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
@@ -468,7 +540,9 @@ impl Driver {
         .map_err(|e| e.to_string())?;
         let setup_bytes = cohort_protocols::secagg::ServerMessage::Setup(setup).encode();
         for (site, _) in sites {
-            self.hub.send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg).await;
+            self.hub
+                .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
+                .await;
         }
         let limit = params.vector_len() * 8 + (1 << 20) + 64 * sites.len() * 256;
         let mut chunks = Reassembler::new(limit);
@@ -477,7 +551,13 @@ impl Driver {
             match server.poll(now_ms(clock)) {
                 Err(abort) => return Err(abort.to_string()),
                 Ok(Poll::Done(out)) => {
-                    let Output { sum, survivors, dropped, rejections, .. } = *out;
+                    let Output {
+                        sum,
+                        survivors,
+                        dropped,
+                        rejections,
+                        ..
+                    } = *out;
                     for r in &rejections {
                         warn!(round = round.round, site = %by_id.get(&r.client).cloned().unwrap_or_default(), reason = %r.reason, "site dropped from the round");
                     }
@@ -488,7 +568,10 @@ impl Driver {
                     }
                     return Ok(Aggregated::Sum {
                         sum: sum.into_iter().map(Word::to_u64).collect(),
-                        survivors: survivors.iter().filter_map(|id| by_id.get(id).cloned()).collect(),
+                        survivors: survivors
+                            .iter()
+                            .filter_map(|id| by_id.get(id).cloned())
+                            .collect(),
                         dropped: dropped.len(),
                     });
                 }
@@ -496,7 +579,9 @@ impl Driver {
                     for (id, m) in messages {
                         if let Some(site) = by_id.get(&id) {
                             let bytes = m.encode();
-                            self.hub.send_chunked(site, &bytes, coordinator_message::Kind::Secagg).await;
+                            self.hub
+                                .send_chunked(site, &bytes, coordinator_message::Kind::Secagg)
+                                .await;
                         }
                     }
                 }
@@ -507,13 +592,18 @@ impl Driver {
                         Ok(None) => return Err("hub closed".into()),
                         Ok(Some(m)) => m,
                     };
-                    let Inbound::Message { site, msg } = msg else { continue };
-                    let Some(&id) = by_name.get(&site) else { continue };
+                    let Inbound::Message { site, msg } = msg else {
+                        continue;
+                    };
+                    let Some(&id) = by_name.get(&site) else {
+                        continue;
+                    };
                     if banned.contains(&site) {
                         continue;
                     }
                     match msg.kind {
-                        Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk) {
+                        Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk)
+                        {
                             Err(len) => {
                                 warn!(round = round.round, %site, len, "site dropped: message exceeds the size limit");
                                 banned.insert(site);
@@ -544,8 +634,14 @@ impl Driver {
 
     /// Plain aggregation for comparison runs. Training rounds: each site sends
     /// [w, Δ...] as f32 and the sum is kept as f64 (w·Δ); stats rounds: u64 wrapping sums.
-    async fn plain_sum(&mut self, sites: &[(String, u32)], len: usize, integer: bool) -> Result<Aggregated, String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
+    async fn plain_sum(
+        &mut self,
+        sites: &[(String, u32)],
+        len: usize,
+        integer: bool,
+    ) -> Result<Aggregated, String> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
         let names: HashSet<String> = sites.iter().map(|(s, _)| s.clone()).collect();
         let mut sum = vec![0u64; len];
         let mut fsum = vec![0f64; len];
@@ -557,12 +653,16 @@ impl Driver {
                 Ok(None) => return Err("hub closed".into()),
                 Ok(Some(m)) => m,
             };
-            let Inbound::Message { site, msg } = msg else { continue };
+            let Inbound::Message { site, msg } = msg else {
+                continue;
+            };
             if !names.contains(&site) || done.contains(&site) {
                 continue;
             }
             if let Some(agent_message::Kind::PlainUpdate(chunk)) = msg.kind {
-                let Ok(Some(bytes)) = chunks.push(&site, chunk) else { continue };
+                let Ok(Some(bytes)) = chunks.push(&site, chunk) else {
+                    continue;
+                };
                 if integer {
                     if bytes.len() != len * 8 {
                         warn!(%site, "plain statistics of the wrong length");
@@ -572,7 +672,9 @@ impl Driver {
                         *s = s.wrapping_add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
                     }
                 } else {
-                    let Ok(v) = model::from_bytes(&bytes) else { continue };
+                    let Ok(v) = model::from_bytes(&bytes) else {
+                        continue;
+                    };
                     if v.len() != len || v.iter().any(|x| !x.is_finite()) {
                         warn!(%site, "plain update of the wrong length or not finite");
                         continue;
@@ -587,7 +689,11 @@ impl Driver {
             }
         }
         if done.len() < self.cfg.rounds.min_sites as usize {
-            return Err(format!("only {} of {} sites sent their update", done.len(), sites.len()));
+            return Err(format!(
+                "only {} of {} sites sent their update",
+                done.len(),
+                sites.len()
+            ));
         }
         if !integer {
             sum = fsum.iter().map(|v| v.to_bits()).collect();
@@ -605,14 +711,24 @@ impl Driver {
         let bytes = model::to_bytes(&self.global);
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.stage_timeout_secs);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.stage_timeout_secs);
         let mut results: BTreeMap<String, SiteResult> = BTreeMap::new();
         while results.len() < sites.len() {
             let msg = match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
                 Err(_) | Ok(None) => break,
                 Ok(Some(m)) => m,
             };
-            let Inbound::Message { site, msg: AgentMessage { kind: Some(agent_message::Kind::Eval(e)) } } = msg else { continue };
+            let Inbound::Message {
+                site,
+                msg:
+                    AgentMessage {
+                        kind: Some(agent_message::Kind::Eval(e)),
+                    },
+            } = msg
+            else {
+                continue;
+            };
             let valid = e.round == round
                 && e.examples > 0
                 && [e.loss, e.accuracy, e.auc].iter().all(|v| v.is_finite())
@@ -628,7 +744,16 @@ impl Driver {
                 s.last_auc = Some(e.auc);
                 s.test_examples = e.examples;
             });
-            results.insert(site, SiteResult { examples, test_examples: e.examples, accuracy: e.accuracy, loss: e.loss, auc: e.auc });
+            results.insert(
+                site,
+                SiteResult {
+                    examples,
+                    test_examples: e.examples,
+                    accuracy: e.accuracy,
+                    loss: e.loss,
+                    auc: e.auc,
+                },
+            );
         }
         if results.is_empty() {
             return (Evaluation::default(), results);
@@ -637,7 +762,11 @@ impl Driver {
         let total: f64 = results.values().map(|r| r.test_examples as f64).sum();
         let eval = Evaluation {
             accuracy: results.values().map(|r| r.accuracy).sum::<f64>() / n,
-            loss: results.values().map(|r| r.loss * r.test_examples as f64).sum::<f64>() / total,
+            loss: results
+                .values()
+                .map(|r| r.loss * r.test_examples as f64)
+                .sum::<f64>()
+                / total,
             auc: results.values().map(|r| r.auc).sum::<f64>() / n,
         };
         (eval, results)

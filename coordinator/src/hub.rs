@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
 use cohort_proto::MAX_CHUNK_BYTES;
+use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -75,7 +75,8 @@ impl Hub {
             let next = ids.len() as u32;
             *ids.entry(site.to_string()).or_insert(next)
         };
-        self.outbound.update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
+        self.outbound
+            .update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
         let session = self.sites.update(
             &site.to_string(),
             || SiteState {
@@ -105,28 +106,27 @@ impl Hub {
     }
 
     pub fn disconnect(&self, site: &str, session: u64) {
-        let current = self.sites.update(
-            &site.to_string(),
-            || unreachable_state(),
-            |s| {
+        let current = self
+            .sites
+            .update(&site.to_string(), unreachable_state, |s| {
                 if s.session == session {
                     s.connected = false;
                     true
                 } else {
                     false
                 }
-            },
-        );
+            });
         if current {
             self.outbound.remove(&site.to_string());
         }
     }
 
     pub fn touch(&self, site: &str, bytes: u64) {
-        self.sites.update(&site.to_string(), unreachable_state, |s| {
-            s.last_seen = Some(SystemTime::now());
-            s.bytes_in += bytes;
-        });
+        self.sites
+            .update(&site.to_string(), unreachable_state, |s| {
+                s.last_seen = Some(SystemTime::now());
+                s.bytes_in += bytes;
+            });
     }
 
     /// Connected sites as (name, state), ordered by site id.
@@ -153,7 +153,9 @@ impl Hub {
             .is_ok_and(|r| r.is_ok());
         if ok {
             self.sites
-                .update(&site.to_string(), unreachable_state, |s| s.bytes_out += bytes);
+                .update(&site.to_string(), unreachable_state, |s| {
+                    s.bytes_out += bytes
+                });
         }
         ok
     }

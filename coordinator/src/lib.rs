@@ -28,7 +28,10 @@ const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 
 /// Starts serving on `config.listen` and runs the configured rounds. `bound` receives the
 /// actual address (useful with port 0). Returns when training is finished.
-pub async fn run(config: CoordinatorConfig, bound: Option<oneshot::Sender<SocketAddr>>) -> Result<RunSummary> {
+pub async fn run(
+    config: CoordinatorConfig,
+    bound: Option<oneshot::Sender<SocketAddr>>,
+) -> Result<RunSummary> {
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .context("loading the coordinator's TLS files")?;
     let ca_der = tls::load_certs(&config.tls.ca_cert)?
@@ -60,11 +63,15 @@ pub async fn run(config: CoordinatorConfig, bound: Option<oneshot::Sender<Socket
     let acceptor = TlsAcceptor::from(tls);
     let accept_task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }

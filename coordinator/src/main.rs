@@ -74,9 +74,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Provision { out, sites, add_site, coordinator_names, coordinator_url } => {
+        Command::Provision {
+            out,
+            sites,
+            add_site,
+            coordinator_names,
+            coordinator_url,
+        } => {
             let result = match add_site {
-                Some(site) => provision::add_site(&out, &site, &coordinator_url, &coordinator_names),
+                Some(site) => {
+                    provision::add_site(&out, &site, &coordinator_url, &coordinator_names)
+                }
                 None => provision::provision(&provision::ProvisionOptions {
                     out: out.clone(),
                     sites,

@@ -9,8 +9,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType,
 };
 use thiserror::Error;
 
@@ -94,10 +94,11 @@ fn leaf_params(
 ) -> Result<CertificateParams, ProvisionError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     for n in names {
-        p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(n.clone().try_into()?),
-        });
+        p.subject_alt_names
+            .push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into()?),
+            });
     }
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
@@ -139,7 +140,14 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
     write(&dir.join("ca.pem"), &ca_cert.pem())?;
 
     for site in &opts.sites {
-        site_bundle(&opts.out, site, &issuer, &ca_cert.pem(), &opts.coordinator_url, &opts.coordinator_names)?;
+        site_bundle(
+            &opts.out,
+            site,
+            &issuer,
+            &ca_cert.pem(),
+            &opts.coordinator_url,
+            &opts.coordinator_names,
+        )?;
     }
     Ok(())
 }
@@ -157,7 +165,14 @@ pub fn add_site(
     let ca_key_pem = fs::read_to_string(out.join("ca.key")).map_err(io(&out.join("ca.key")))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    site_bundle(out, site, &issuer, &ca_pem, coordinator_url, coordinator_names)
+    site_bundle(
+        out,
+        site,
+        &issuer,
+        &ca_pem,
+        coordinator_url,
+        coordinator_names,
+    )
 }
 
 fn site_bundle(
@@ -173,7 +188,8 @@ fn site_bundle(
         return Err(ProvisionError::Exists(dir.display().to_string()));
     }
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let cert = leaf_params(site, &[], ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(&key, issuer)?;
+    let cert =
+        leaf_params(site, &[], ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(&key, issuer)?;
     write(&dir.join("cert.pem"), &cert.pem())?;
     write(&dir.join("key.pem"), &key.serialize_pem())?;
     write(&dir.join("ca.pem"), ca_pem)?;

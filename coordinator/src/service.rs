@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::v1::coordinator_server::Coordinator;
-use cohort_proto::v1::{AgentMessage, CoordinatorMessage, Welcome, agent_message, coordinator_message};
+use cohort_proto::v1::{
+    AgentMessage, CoordinatorMessage, Welcome, agent_message, coordinator_message,
+};
 use cohort_protocols::identity::CaVerifier;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -122,7 +124,10 @@ impl Coordinator for Service {
             }
             info!(%site, "site disconnected");
             hub.disconnect(&site, session);
-            let _ = hub.inbox.send(Inbound::Disconnected { site, session }).await;
+            let _ = hub
+                .inbox
+                .send(Inbound::Disconnected { site, session })
+                .await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

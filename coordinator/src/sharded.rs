@@ -68,7 +68,12 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
     }
 
     /// Runs `f` on the entry for `key` (inserting `default()` first if absent).
-    pub fn update<R>(&self, key: &K, default: impl FnOnce() -> V, f: impl FnOnce(&mut V) -> R) -> R {
+    pub fn update<R>(
+        &self,
+        key: &K,
+        default: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R {
         let mut map = Self::lock(self.shard(key));
         let v = map.entry(key.clone()).or_insert_with(default);
         f(v)

@@ -86,6 +86,8 @@ impl CaVerifier {
 
 impl IdentityVerifier for CaVerifier {
     fn verify_identity(&self, _id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String> {
-        self.verify(credential).map(|c| c.key).map_err(|e| e.to_string())
+        self.verify(credential)
+            .map(|c| c.key)
+            .map_err(|e| e.to_string())
     }
 }

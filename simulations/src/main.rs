@@ -4,9 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod plot;
-mod run;
-mod secagg_bench;
+use cohort_sim::{run, secagg_bench};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,8 +38,9 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cohort_coordinator=info")),
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                        tracing_subscriber::EnvFilter::new("warn,cohort_coordinator=info")
+                    }),
                 )
                 .init();
             run::main(&args)

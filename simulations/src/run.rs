@@ -41,6 +41,9 @@ struct Scenario {
     /// Per-stage timeout in seconds (sites that miss it are dropouts).
     #[serde(default = "default_stage")]
     stage_timeout_secs: u64,
+    /// Local training timeout in seconds (the masked-input stage).
+    #[serde(default = "default_train")]
+    train_timeout_secs: u64,
     sites: Vec<SiteSpec>,
     schema: toml::Table,
     model: toml::Table,
@@ -49,6 +52,24 @@ struct Scenario {
     strategy: Option<toml::Table>,
     #[serde(default)]
     secagg: Option<toml::Table>,
+    #[serde(default)]
+    faults: Vec<FaultSpec>,
+}
+
+/// Sites that misbehave on purpose: `fraction` of the sites (the first ones in scenario
+/// order, at least one) do `action` at `stage` of each of `rounds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    rounds: Vec<u64>,
+    stage: String,
+    fraction: f64,
+    #[serde(default = "vanish")]
+    action: String,
+}
+
+fn vanish() -> String {
+    "vanish".into()
 }
 
 fn yes() -> bool {
@@ -60,6 +81,9 @@ fn default_fraction() -> f64 {
 fn default_stage() -> u64 {
     30
 }
+fn default_train() -> u64 {
+    120
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,7 +94,7 @@ struct SiteSpec {
 }
 
 /// `summary.json`. Its keys are read by other tools: keep them stable.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Summary {
     pub rounds_completed: usize,
     pub secure: bool,
@@ -82,14 +106,14 @@ pub struct Summary {
     pub wall_seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Final {
     pub accuracy: f64,
     pub loss: f64,
     pub auc: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RoundRow {
     pub round: u64,
     pub accuracy: f64,
@@ -101,7 +125,7 @@ pub struct RoundRow {
     pub clipped: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SiteRow {
     pub examples: u64,
     pub test_examples: u64,
@@ -118,13 +142,7 @@ fn path_value(p: &Path) -> toml::Value {
 }
 
 pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
-    let text = std::fs::read_to_string(&args.scenario)
-        .with_context(|| format!("reading {}", args.scenario.display()))?;
-    let scenario: Scenario = toml::from_str(&text)
-        .with_context(|| format!("{}: invalid scenario", args.scenario.display()))?;
-    let base = args.scenario.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let summary = run_scenario(&scenario, &base, &args.out)?;
-    write_outputs(&summary, &args.out)?;
+    let summary = run_file(&args.scenario, &args.out)?;
     println!(
         "{} rounds, secure aggregation {}: final mean site accuracy {:.4}, loss {:.4}, AUC {:.4} ({:.1} s)",
         summary.rounds_completed,
@@ -134,13 +152,36 @@ pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
         summary.final_.auc,
         summary.wall_seconds
     );
-    println!("wrote {}/summary.json, rounds.csv, accuracy.png", args.out.display());
+    println!(
+        "wrote {}/summary.json, rounds.csv, accuracy.png",
+        args.out.display()
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Runs a scenario file and writes its outputs; returns the summary.
+pub fn run_file(scenario: &Path, out: &Path) -> Result<Summary> {
+    let text = std::fs::read_to_string(scenario)
+        .with_context(|| format!("reading {}", scenario.display()))?;
+    let parsed: Scenario = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid scenario", scenario.display()))?;
+    let base = scenario.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let summary = run_scenario(&parsed, &base, out)?;
+    write_outputs(&summary, out)?;
+    Ok(summary)
+}
+
 fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
+    for f in &s.faults {
+        if !(f.fraction > 0.0 && f.fraction <= 1.0) {
+            bail!("faults.fraction = {}: must be in (0, 1]", f.fraction);
+        }
+    }
     if s.sites.len() < 3 && s.secure {
-        bail!("secure aggregation needs at least 3 sites; the scenario has {}", s.sites.len());
+        bail!(
+            "secure aggregation needs at least 3 sites; the scenario has {}",
+            s.sites.len()
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pki = out.join("pki");
@@ -160,7 +201,9 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
         .context("[schema]")?;
     let first = s.sites.first().context("the scenario has no sites")?;
     let header = read_header(&base.join(&first.csv))?;
-    let inputs = schema.input_dim(&header).context("[schema] against the first site's CSV")?;
+    let inputs = schema
+        .input_dim(&header)
+        .context("[schema] against the first site's CSV")?;
     let mut model = s.model.clone();
     model.insert("inputs".into(), toml::Value::Integer(inputs as i64));
 
@@ -181,10 +224,19 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             "rounds",
             toml::Value::Table(table(vec![
                 ("count", toml::Value::Integer(s.rounds as i64)),
-                ("min_sites", toml::Value::Integer(s.sites.len().min(3).max(1) as i64)),
+                (
+                    "min_sites",
+                    toml::Value::Integer(s.sites.len().clamp(1, 3) as i64),
+                ),
                 ("wait_for_sites_secs", toml::Value::Integer(60)),
-                ("stage_timeout_secs", toml::Value::Integer(s.stage_timeout_secs as i64)),
-                ("train_timeout_secs", toml::Value::Integer(120)),
+                (
+                    "stage_timeout_secs",
+                    toml::Value::Integer(s.stage_timeout_secs as i64),
+                ),
+                (
+                    "train_timeout_secs",
+                    toml::Value::Integer(s.train_timeout_secs as i64),
+                ),
             ])),
         ),
         ("secagg", toml::Value::Table(secagg)),
@@ -195,7 +247,8 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     if let Some(st) = &s.strategy {
         coord.insert("strategy".into(), toml::Value::Table(st.clone()));
     }
-    let coord_cfg = CoordinatorConfig::parse(&toml::to_string(&coord)?).context("coordinator configuration from the scenario")?;
+    let coord_cfg = CoordinatorConfig::parse(&toml::to_string(&coord)?)
+        .context("coordinator configuration from the scenario")?;
 
     let rt = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
@@ -204,8 +257,22 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
         let coordinator = tokio::spawn(cohort_coordinator::run(coord_cfg, Some(tx)));
         let addr = rx.await.context("the coordinator did not start")?;
         let mut agents = Vec::new();
-        for site in &s.sites {
+        for (index, site) in s.sites.iter().enumerate() {
             let dir = pki.join("sites").join(&site.name);
+            let faults: Vec<toml::Value> = s
+                .faults
+                .iter()
+                .filter(|f| index < ((f.fraction * s.sites.len() as f64).round() as usize).max(1))
+                .flat_map(|f| {
+                    f.rounds.iter().map(|r| {
+                        toml::Value::Table(table(vec![
+                            ("round", toml::Value::Integer(*r as i64)),
+                            ("stage", toml::Value::String(f.stage.clone())),
+                            ("action", toml::Value::String(f.action.clone())),
+                        ]))
+                    })
+                })
+                .collect();
             let mut data = table(vec![
                 ("csv", path_value(&base.join(&site.csv))),
                 ("test_fraction", toml::Value::Float(s.test_fraction)),
@@ -219,7 +286,10 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
                 (
                     "coordinator",
                     toml::Value::Table(table(vec![
-                        ("url", toml::Value::String(format!("https://127.0.0.1:{}", addr.port()))),
+                        (
+                            "url",
+                            toml::Value::String(format!("https://127.0.0.1:{}", addr.port())),
+                        ),
                         ("server_name", toml::Value::String("localhost".into())),
                     ])),
                 ),
@@ -240,6 +310,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
                         ("max_ms", toml::Value::Integer(2000)),
                     ])),
                 ),
+                ("faults", toml::Value::Array(faults)),
             ]);
             let cfg = AgentConfig::parse(&toml::to_string(&agent)?)
                 .with_context(|| format!("agent configuration for {}", site.name))?;
@@ -249,7 +320,9 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
         for a in agents {
             match tokio::time::timeout(Duration::from_secs(10), a).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(error = %format!("{e:#}"), "agent ended with an error"),
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %format!("{e:#}"), "agent ended with an error")
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, "agent task failed"),
                 Err(_) => tracing::warn!("an agent did not stop within 10 s"),
             }
@@ -261,8 +334,12 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
 }
 
 fn read_header(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let line = text.lines().next().with_context(|| format!("{} is empty", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let line = text
+        .lines()
+        .next()
+        .with_context(|| format!("{} is empty", path.display()))?;
     Ok(line.split(',').map(|c| c.trim().to_string()).collect())
 }
 
@@ -315,7 +392,10 @@ fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
 }
 
 fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(summary)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(summary)?,
+    )?;
     let mut csv = String::from("round,accuracy,loss,auc,seconds,sites,dropped,clipped\n");
     for r in &summary.rounds {
         csv.push_str(&format!(

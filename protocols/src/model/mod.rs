@@ -43,7 +43,10 @@ impl TrainingConfig {
     /// Checks the values; errors name the key under `[training]`.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(format!("training.learning_rate = {}: must be > 0", self.learning_rate));
+            return Err(format!(
+                "training.learning_rate = {}: must be > 0",
+                self.learning_rate
+            ));
         }
         if self.batch_size == 0 {
             return Err("training.batch_size = 0: must be at least 1".into());
@@ -52,12 +55,14 @@ impl TrainingConfig {
             return Err("training.local_steps = 0: must be at least 1".into());
         }
         if !(self.fedprox_mu.is_finite() && self.fedprox_mu >= 0.0) {
-            return Err(format!("training.fedprox_mu = {}: must be >= 0", self.fedprox_mu));
+            return Err(format!(
+                "training.fedprox_mu = {}: must be >= 0",
+                self.fedprox_mu
+            ));
         }
         Ok(())
     }
 }
-
 
 use chacha20::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -137,7 +142,11 @@ impl ModelSpec {
             let zero = self.kind == ModelKind::Logreg;
             for _ in 0..(i * o + o) {
                 let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                params.push(if zero { 0.0 } else { ((2.0 * u - 1.0) * bound) as f32 });
+                params.push(if zero {
+                    0.0
+                } else {
+                    ((2.0 * u - 1.0) * bound) as f32
+                });
             }
         }
         params
@@ -184,11 +193,19 @@ mod tests {
 
     #[test]
     fn layout_and_init() {
-        let logreg = ModelSpec { kind: ModelKind::Logreg, inputs: 13, hidden: vec![32] };
+        let logreg = ModelSpec {
+            kind: ModelKind::Logreg,
+            inputs: 13,
+            hidden: vec![32],
+        };
         assert_eq!(logreg.layers(), vec![(13, 1)]);
         assert_eq!(logreg.num_params(), 14);
         assert!(logreg.init(1).iter().all(|&p| p == 0.0));
-        let mlp = ModelSpec { kind: ModelKind::Mlp, inputs: 13, hidden: vec![16, 8] };
+        let mlp = ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 13,
+            hidden: vec![16, 8],
+        };
         assert_eq!(mlp.layers(), vec![(13, 16), (16, 8), (8, 1)]);
         assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);
         let names: Vec<String> = mlp.manifest().into_iter().map(|(n, _)| n).collect();
@@ -202,7 +219,10 @@ mod tests {
         assert!(a[..13 * 16].iter().all(|p| p.abs() <= 1.0 / 13f32.sqrt()));
         assert_eq!(from_bytes(&to_bytes(&a)).unwrap(), a);
         assert_eq!(mlp.check(&a), Ok(()));
-        assert!(matches!(mlp.check(&a[1..]), Err(ModelError::WrongLength { .. })));
+        assert!(matches!(
+            mlp.check(&a[1..]),
+            Err(ModelError::WrongLength { .. })
+        ));
         assert_eq!(from_bytes(&[0; 5]), Err(ModelError::BadBytes(5)));
         assert_ne!(sha3_512(&to_bytes(&a)), sha3_512(&to_bytes(&mlp.init(8))));
     }

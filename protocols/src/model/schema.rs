@@ -284,10 +284,12 @@ mod tests {
         let names = s.input_names(&header()).unwrap();
         assert_eq!(names[2..5], ["cp=2", "cp=3", "cp=4"]);
         let r = s.resolve(&header()).unwrap();
-        let row: Vec<Option<f64>> = [63., 1., 1., 145., 233., 1., 2., 150., 0., 2.3, 3., 0., 6., 2.]
-            .into_iter()
-            .map(Some)
-            .collect();
+        let row: Vec<Option<f64>> = [
+            63., 1., 1., 145., 233., 1., 2., 150., 0., 2.3, 3., 0., 6., 2.,
+        ]
+        .into_iter()
+        .map(Some)
+        .collect();
         let e = r.encode(1, &row, 14).unwrap().unwrap();
         assert_eq!(e.label, 1.0);
         assert_eq!(e.features.len(), 13);
@@ -300,8 +302,14 @@ mod tests {
         missing[10] = None; // slope is dropped: irrelevant
         let mut bad = row.clone();
         bad[2] = Some(9.0);
-        assert!(matches!(r.encode(3, &bad, 14), Err(SchemaError::UnknownLevel { .. })));
-        assert!(matches!(r.encode(4, &row[1..], 14), Err(SchemaError::RowLength { .. })));
+        assert!(matches!(
+            r.encode(3, &bad, 14),
+            Err(SchemaError::UnknownLevel { .. })
+        ));
+        assert!(matches!(
+            r.encode(4, &row[1..], 14),
+            Err(SchemaError::RowLength { .. })
+        ));
     }
 
     #[test]
@@ -313,7 +321,15 @@ mod tests {
         assert_eq!(a.hash(), flamby().hash());
         let mut c = flamby();
         c.categorical.insert("nope".into(), vec![1.0]);
-        assert_eq!(c.resolve(&header()).unwrap_err(), SchemaError::MissingColumn("nope".into()));
-        assert!(toml::from_str::<DataSchema>("label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"\nbogus = 1").is_err());
+        assert_eq!(
+            c.resolve(&header()).unwrap_err(),
+            SchemaError::MissingColumn("nope".into())
+        );
+        assert!(
+            toml::from_str::<DataSchema>(
+                "label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"\nbogus = 1"
+            )
+            .is_err()
+        );
     }
 }

@@ -85,18 +85,42 @@ impl StrategyConfig {
             if ok && value.is_finite() {
                 Ok(())
             } else {
-                Err(StrategyError::Invalid { key, value, allowed })
+                Err(StrategyError::Invalid {
+                    key,
+                    value,
+                    allowed,
+                })
             }
         };
         match *self {
             StrategyConfig::Fedavg { server_lr } => {
                 check("server_lr", server_lr, server_lr > 0.0, "must be > 0")
             }
-            StrategyConfig::Fedadam { server_lr, beta1, beta2, tau }
-            | StrategyConfig::Fedyogi { server_lr, beta1, beta2, tau } => {
+            StrategyConfig::Fedadam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | StrategyConfig::Fedyogi {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
                 check("server_lr", server_lr, server_lr > 0.0, "must be > 0")?;
-                check("beta1", beta1, (0.0..1.0).contains(&beta1), "must be in [0, 1)")?;
-                check("beta2", beta2, (0.0..1.0).contains(&beta2), "must be in [0, 1)")?;
+                check(
+                    "beta1",
+                    beta1,
+                    (0.0..1.0).contains(&beta1),
+                    "must be in [0, 1)",
+                )?;
+                check(
+                    "beta2",
+                    beta2,
+                    (0.0..1.0).contains(&beta2),
+                    "must be in [0, 1)",
+                )?;
                 check("tau", tau, tau > 0.0, "must be > 0")
             }
             StrategyConfig::Fedadagrad { server_lr, tau } => {
@@ -153,8 +177,18 @@ impl Strategy {
                     *x += server_lr * d;
                 }
             }
-            StrategyConfig::Fedadam { server_lr, beta1, beta2, tau }
-            | StrategyConfig::Fedyogi { server_lr, beta1, beta2, tau } => {
+            StrategyConfig::Fedadam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | StrategyConfig::Fedyogi {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
                 let yogi = matches!(self.config, StrategyConfig::Fedyogi { .. });
                 for i in 0..model.len() {
                     let d = mean_delta[i];
@@ -216,7 +250,10 @@ mod tests {
     #[test]
     fn invalid_configs_name_the_key() {
         let c: StrategyConfig = toml::from_str("name = \"fedadam\"\nbeta1 = 1.5").unwrap();
-        assert_eq!(c.validate().unwrap_err().to_string(), "strategy.beta1 = 1.5: must be in [0, 1)");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "strategy.beta1 = 1.5: must be in [0, 1)"
+        );
         assert!(toml::from_str::<StrategyConfig>("name = \"fedsgd\"").is_err());
         assert!(toml::from_str::<StrategyConfig>("name = \"fedavg\"\nbeta1 = 0.1").is_err());
     }

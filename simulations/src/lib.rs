@@ -1,0 +1,5 @@
+//! Cohort simulations and benchmarks: many sites in one process.
+
+pub mod plot;
+pub mod run;
+pub mod secagg_bench;
