@@ -126,3 +126,93 @@ fn a_wrong_length_upload_drops_only_that_site() {
     assert_eq!(s.rounds[0].dropped, 1, "{:?}", s.rounds);
     assert_eq!(s.rounds[1].dropped, 0);
 }
+
+#[test]
+fn an_agent_with_a_certificate_from_another_ca_is_refused() {
+    use cohort_coordinator::provision::{ProvisionOptions, provision};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |out: PathBuf| ProvisionOptions {
+        out,
+        sites: vec!["cleveland".into()],
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    };
+    let ours = dir.path().join("ours");
+    let theirs = dir.path().join("theirs");
+    provision(&opts(ours.clone())).unwrap();
+    provision(&opts(theirs.clone())).unwrap();
+    let coordinator = cohort_coordinator::CoordinatorConfig::parse(&format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = {data:?}
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[rounds]
+count = 1
+min_sites = 3
+wait_for_sites_secs = 3
+[model]
+kind = "logreg"
+inputs = 13
+[schema]
+label = {{ column = "num", greater_than = 0 }}
+drop = ["slope", "ca", "thal"]
+categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
+missing = "drop_row"
+[training]
+learning_rate = 0.001
+batch_size = 4
+local_steps = 10
+"#,
+        data = dir.path().join("data"),
+        ca = ours.join("ca.pem"),
+        cert = ours.join("coordinator/cert.pem"),
+        key = ours.join("coordinator/key.pem"),
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(cohort_coordinator::run(coordinator, Some(tx)));
+        let addr = rx.await.unwrap();
+        let site = theirs.join("sites/cleveland");
+        let agent = cohort_agent::AgentConfig::parse(&format!(
+            r#"
+site = "cleveland"
+[coordinator]
+url = "https://127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[data]
+csv = {csv:?}
+[schema]
+label = {{ column = "num", greater_than = 0 }}
+drop = ["slope", "ca", "thal"]
+categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
+missing = "drop_row"
+[reconnect]
+initial_ms = 100
+max_ms = 200
+"#,
+            port = addr.port(),
+            ca = ours.join("ca.pem"),
+            cert = site.join("cert.pem"),
+            key = site.join("key.pem"),
+            csv = data("cleveland"),
+        ))
+        .unwrap();
+        let agent = tokio::spawn(cohort_agent::run(agent));
+        let result = server.await.unwrap();
+        agent.abort();
+        result.expect_err("no site may join")
+    });
+    assert!(
+        err.to_string().contains("only 0 sites connected"),
+        "{err:#}"
+    );
+}

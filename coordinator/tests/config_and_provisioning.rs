@@ -1,0 +1,210 @@
+//! Configuration errors name the key, the value and what is allowed; provisioning creates
+//! certificates the identity checks accept and never overwrites keys.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use cohort_coordinator::CoordinatorConfig;
+use cohort_coordinator::provision::{ProvisionOptions, add_site, provision};
+use cohort_protocols::identity::{CaVerifier, IdentityError};
+
+const BASE: &str = r#"
+listen = "127.0.0.1:7700"
+data_dir = "data"
+
+[tls]
+ca_cert = "ca.pem"
+cert = "cert.pem"
+key = "key.pem"
+
+[rounds]
+count = 5
+min_sites = 3
+
+[secagg]
+quant_bits = 20
+modulus_bits = 64
+
+[model]
+kind = "logreg"
+inputs = 13
+
+[schema]
+label = { column = "num", greater_than = 0 }
+missing = "drop_row"
+
+[training]
+learning_rate = 0.001
+batch_size = 4
+local_steps = 100
+"#;
+
+fn with(replace: &str, by: &str) -> String {
+    assert!(BASE.contains(replace), "{replace:?} not in the base config");
+    BASE.replacen(replace, by, 1)
+}
+
+#[test]
+fn the_base_configuration_is_valid() {
+    CoordinatorConfig::parse(BASE).expect("valid");
+}
+
+#[test]
+fn bad_configurations_are_refused_with_a_precise_message() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            with("count = 5", "count = 5\ntreshold = 3"),
+            "unknown field `treshold`",
+        ),
+        (
+            with("count = 5", "count = 0"),
+            "rounds.count = 0: must be at least 1",
+        ),
+        (
+            with("min_sites = 3", "min_sites = 2"),
+            "rounds.min_sites = 2: secure aggregation needs at least 3",
+        ),
+        (
+            with("modulus_bits = 64", "modulus_bits = 48"),
+            "secagg.modulus_bits = 48: 32 or 64",
+        ),
+        (
+            with("kind = \"logreg\"", "kind = \"cnn\""),
+            "unknown variant `cnn`",
+        ),
+        (
+            with("kind = \"logreg\"", "kind = \"mlp\""),
+            "model.hidden = []",
+        ),
+        (with("inputs = 13", "inputs = 0"), "model.inputs = 0"),
+        (
+            with(
+                "[model]",
+                "[strategy]\nname = \"fedadam\"\nbeta1 = 1.5\n\n[model]",
+            ),
+            "strategy.beta1 = 1.5: must be in [0, 1)",
+        ),
+        (
+            with("[model]", "[strategy]\nname = \"fedsgd\"\n\n[model]"),
+            "unknown variant `fedsgd`",
+        ),
+        (
+            with("learning_rate = 0.001", "learning_rate = -1.0"),
+            "training.learning_rate = -1: must be > 0",
+        ),
+        (
+            with("local_steps = 100", "local_steps = 100\nepochs = 3"),
+            "unknown field `epochs`",
+        ),
+        (
+            with("quant_bits = 20", "quant_bits = 20\nthreshold = 1"),
+            "threshold = 1",
+        ),
+        (
+            with("missing = \"drop_row\"", ""),
+            "missing field `missing`",
+        ),
+        (
+            with("listen = \"127.0.0.1:7700\"", "listen = \"somewhere\""),
+            "invalid socket address",
+        ),
+        (
+            with("quant_bits = 20", "quant_bits = 20\nmax_weight = 0"),
+            "max_weight = 0",
+        ),
+    ];
+    for (text, needle) in cases {
+        let err = CoordinatorConfig::parse(&text)
+            .expect_err(needle)
+            .to_string();
+        assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn der(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(path)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[test]
+fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    let opts = ProvisionOptions {
+        out: out.clone(),
+        sites: vec![
+            "hospital-a".into(),
+            "hospital-b".into(),
+            "hospital-c".into(),
+        ],
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:7700".into(),
+    };
+    provision(&opts).unwrap();
+    let ca = CaVerifier::new(der(&out.join("ca.pem")), now()).unwrap();
+    let a = ca
+        .verify(&der(&out.join("sites/hospital-a/cert.pem")))
+        .unwrap();
+    assert_eq!(a.common_name, "hospital-a");
+    let agent_toml = std::fs::read_to_string(out.join("sites/hospital-a/agent.toml")).unwrap();
+    assert!(agent_toml.contains("site = \"hospital-a\""));
+
+    let before = std::fs::read(out.join("sites/hospital-b/key.pem")).unwrap();
+    add_site(
+        &out,
+        "hospital-d",
+        "https://localhost:7700",
+        &["localhost".into()],
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(out.join("sites/hospital-b/key.pem")).unwrap(),
+        before
+    );
+    let d = ca
+        .verify(&der(&out.join("sites/hospital-d/cert.pem")))
+        .unwrap();
+    assert_eq!(d.common_name, "hospital-d");
+
+    // never overwrite, never accept odd names
+    assert!(
+        provision(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists")
+    );
+    assert!(
+        add_site(&out, "hospital-d", "https://x:1", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("already exists")
+    );
+    assert!(
+        add_site(&out, "../evil", "https://x:1", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("not allowed")
+    );
+
+    // a certificate from another project's CA is refused
+    let other = dir.path().join("other");
+    provision(&ProvisionOptions {
+        out: other.clone(),
+        ..opts
+    })
+    .unwrap();
+    assert_eq!(
+        ca.verify(&der(&other.join("sites/hospital-a/cert.pem"))),
+        Err(IdentityError::WrongIssuer)
+    );
+}
