@@ -98,6 +98,7 @@ pub struct Driver {
     mean: Vec<f64>,
     std: Vec<f64>,
     training_toml: String,
+    progress: Option<mpsc::UnboundedSender<RoundSummary>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -166,6 +167,7 @@ impl Driver {
         hub: Arc<Hub>,
         inbox: mpsc::Receiver<Inbound>,
         ca_der: Vec<u8>,
+        progress: Option<mpsc::UnboundedSender<RoundSummary>>,
     ) -> Result<Self, toml::ser::Error> {
         let spec = cfg.model.spec();
         let global = spec.init(cfg.model.seed);
@@ -194,6 +196,7 @@ impl Driver {
             spec,
             training_toml,
             cfg,
+            progress,
         })
     }
 
@@ -279,6 +282,9 @@ impl Driver {
                 clipped,
                 "round complete"
             );
+            if let Some(p) = &self.progress {
+                let _ = p.send(summary.clone());
+            }
             rounds.push(summary);
         }
         for (site, _) in self.hub.connected() {

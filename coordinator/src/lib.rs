@@ -32,6 +32,15 @@ pub async fn run(
     config: CoordinatorConfig,
     bound: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<RunSummary> {
+    run_with_progress(config, bound, None).await
+}
+
+/// Like [`run`], and sends every finished round's summary to `progress`.
+pub async fn run_with_progress(
+    config: CoordinatorConfig,
+    bound: Option<oneshot::Sender<SocketAddr>>,
+    progress: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
+) -> Result<RunSummary> {
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .context("loading the coordinator's TLS files")?;
     let ca_der = tls::load_certs(&config.tls.ca_cert)?
@@ -89,7 +98,8 @@ pub async fn run(
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );
-    let driver = driver::Driver::new(config, hub, inbox_rx, ca_der).context("training settings")?;
+    let driver = driver::Driver::new(config, hub, inbox_rx, ca_der, progress)
+        .context("training settings")?;
     let result = driver.run().await;
     // Give the agents a moment to read the shutdown message before the server goes away.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

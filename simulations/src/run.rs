@@ -254,7 +254,27 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     let started = Instant::now();
     let result: Result<RunSummary> = rt.block_on(async {
         let (tx, rx) = oneshot::channel();
-        let coordinator = tokio::spawn(cohort_coordinator::run(coord_cfg, Some(tx)));
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+        let coordinator = tokio::spawn(cohort_coordinator::run_with_progress(
+            coord_cfg,
+            Some(tx),
+            Some(progress_tx),
+        ));
+        let bar = indicatif::ProgressBar::new(s.rounds);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let progress = tokio::spawn(async move {
+            while let Some(r) = progress_rx.recv().await {
+                bar.set_position(r.round);
+                bar.set_message(format!(
+                    "accuracy {:.3} loss {:.3} dropped {}",
+                    r.accuracy, r.loss, r.dropped
+                ));
+            }
+            bar.finish();
+        });
         let addr = rx.await.context("the coordinator did not start")?;
         let mut agents = Vec::new();
         for (index, site) in s.sites.iter().enumerate() {
@@ -317,6 +337,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
         let summary = coordinator.await.context("coordinator task")??;
+        let _ = progress.await;
         for a in agents {
             match tokio::time::timeout(Duration::from_secs(10), a).await {
                 Ok(Ok(Ok(()))) => {}
