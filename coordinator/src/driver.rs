@@ -78,6 +78,8 @@ pub struct RunSummary {
     pub initial: Evaluation,
     pub per_site: BTreeMap<String, SiteResult>,
     pub model: Vec<f32>,
+    /// Message kinds the coordinator received over the whole run.
+    pub received: crate::hub::ReceivedCounts,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -303,6 +305,7 @@ impl Driver {
             initial: initial.0,
             per_site,
             model: self.global.clone(),
+            received: self.hub.received.snapshot(),
         })
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use cohort_proto::MAX_CHUNK_BYTES;
@@ -50,9 +51,55 @@ pub enum Inbound {
     },
 }
 
+/// What kinds of message the coordinator has received, in total. In a secure run the count of
+/// plain updates stays 0: an agent's update only ever arrives masked, inside SecAgg+ chunks.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub joins: AtomicU64,
+    pub secagg_chunks: AtomicU64,
+    pub plain_updates: AtomicU64,
+    pub evaluations: AtomicU64,
+    pub declines: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReceivedCounts {
+    pub joins: u64,
+    pub secagg_chunks: u64,
+    pub plain_updates: u64,
+    pub evaluations: u64,
+    pub declines: u64,
+}
+
+impl Received {
+    pub fn count(&self, msg: &cohort_proto::v1::AgentMessage) {
+        use cohort_proto::v1::agent_message::Kind;
+        let counter = match &msg.kind {
+            Some(Kind::Join(_)) => &self.joins,
+            Some(Kind::Secagg(_)) => &self.secagg_chunks,
+            Some(Kind::PlainUpdate(_)) => &self.plain_updates,
+            Some(Kind::Eval(_)) => &self.evaluations,
+            Some(Kind::Decline(_)) => &self.declines,
+            None => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ReceivedCounts {
+        ReceivedCounts {
+            joins: self.joins.load(Ordering::Relaxed),
+            secagg_chunks: self.secagg_chunks.load(Ordering::Relaxed),
+            plain_updates: self.plain_updates.load(Ordering::Relaxed),
+            evaluations: self.evaluations.load(Ordering::Relaxed),
+            declines: self.declines.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Hub {
     pub sites: ShardedMap<String, SiteState>,
+    pub received: Received,
     outbound: ShardedMap<String, Outbound>,
     ids: Mutex<BTreeMap<String, u32>>,
     pub inbox: mpsc::Sender<Inbound>,
@@ -64,6 +111,7 @@ impl Hub {
             sites: ShardedMap::new(4),
             outbound: ShardedMap::new(4),
             ids: Mutex::new(BTreeMap::new()),
+            received: Received::default(),
             inbox,
         }
     }

@@ -84,6 +84,10 @@ impl Coordinator for Service {
             ));
         }
 
+        self.hub
+            .received
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(256);
         let (id, session) = self.hub.connect(&site, join.examples, tx.clone());
         info!(%site, id, examples = join.examples, "site joined");
@@ -103,6 +107,7 @@ impl Coordinator for Service {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
                         hub.touch(&site, prost::Message::encoded_len(&msg) as u64);
+                        hub.received.count(&msg);
                         if hub
                             .inbox
                             .send(Inbound::Message {

@@ -104,6 +104,15 @@ pub struct Summary {
     pub rounds: Vec<RoundRow>,
     pub per_site: BTreeMap<String, SiteRow>,
     pub wall_seconds: f64,
+    /// Message kinds the coordinator received: in a secure run `plain_updates` is 0.
+    pub coordinator_received: Received,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Received {
+    pub secagg_chunks: u64,
+    pub plain_updates: u64,
+    pub evaluations: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -365,6 +374,7 @@ fn read_header(path: &Path) -> Result<Vec<String>> {
 }
 
 fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
+    let received = run.received;
     let last = run.rounds.last();
     Summary {
         rounds_completed: run.rounds.len(),
@@ -409,6 +419,11 @@ fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
             })
             .collect(),
         wall_seconds,
+        coordinator_received: Received {
+            secagg_chunks: received.secagg_chunks,
+            plain_updates: received.plain_updates,
+            evaluations: received.evaluations,
+        },
     }
 }
 

@@ -84,10 +84,16 @@ fn secure_training_learns_and_matches_plain_fedavg() {
     assert!(secure.final_.loss < secure.initial.loss - 0.05);
     assert_eq!(secure.per_site.len(), 4);
     assert!(secure.rounds.iter().all(|r| r.sites == 4 && r.dropped == 0));
+    // What the coordinator received: updates only as SecAgg+ chunks, never in the clear.
+    assert_eq!(secure.coordinator_received.plain_updates, 0);
+    assert!(secure.coordinator_received.secagg_chunks >= 4 * 4 * 4);
 
     // Same seeds without secure aggregation: the only difference is quantisation (q = 20).
     let plain = run(dir.path(), 3, false, "");
     assert!(!plain.secure);
+    // the plain run is the control: there the updates do arrive in the clear
+    assert_eq!(plain.coordinator_received.plain_updates, 4 * 4);
+    assert_eq!(plain.coordinator_received.secagg_chunks, 0);
     assert!(
         (secure.final_.loss - plain.final_.loss).abs() < 1e-3,
         "{} vs {}",
