@@ -288,6 +288,26 @@ mod tests {
     }
 
     #[test]
+    fn impute_mean_keeps_rows_and_fills_the_mean() {
+        let mut s = schema();
+        s.missing = cohort_protocols::model::MissingValues::ImputeMean;
+        let d = SiteData::load(&s, &heart("va"), None, 0.34, 1).expect("load");
+        assert_eq!(d.train.len() + d.test.len(), 200, "no row dropped");
+        assert_eq!(d.dropped_rows, 0);
+        let (mean, std) = stats::from_sum(&d.stats_vector(), d.inputs);
+        let x = d.train.standardised(&mean, &std);
+        // a missing trestbps (input 5) becomes the mean, i.e. 0 after standardisation
+        let row = d
+            .train
+            .features
+            .iter()
+            .position(|r| r[5].is_none())
+            .expect("VA misses trestbps");
+        assert_eq!(x[row * d.inputs + 5], 0.0);
+        assert!(x.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("bad.csv");

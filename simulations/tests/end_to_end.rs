@@ -35,7 +35,7 @@ categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
 missing = "drop_row"
 
 [model]
-kind = "logreg"
+{MODEL}
 
 [training]
 optimizer = "adam"
@@ -49,10 +49,16 @@ modulus_bits = 64
 max_weight = 1000
 "#,
     );
-    text.push_str(extra);
+    text = text.replace("{MODEL}", model_lines(extra));
+    text.push_str(extra.split("#MODEL").next().unwrap_or(""));
     let path = dir.join(format!("scenario-{secure}-{rounds}-{}.toml", extra.len()));
     std::fs::write(&path, text).expect("write scenario");
     path
+}
+
+/// `extra` may end with `#MODEL` and lines for the [model] table (default: logistic regression).
+fn model_lines(extra: &str) -> &str {
+    extra.split("#MODEL").nth(1).unwrap_or("kind = \"logreg\"")
 }
 
 fn run(dir: &Path, rounds: u64, secure: bool, extra: &str) -> Summary {
@@ -221,4 +227,23 @@ max_ms = 200
         err.to_string().contains("only 0 sites connected"),
         "{err:#}"
     );
+}
+
+#[test]
+fn an_mlp_trained_with_fedadam_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(
+        dir.path(),
+        3,
+        true,
+        "\n[strategy]\nname = \"fedadam\"\nserver_lr = 0.05\n#MODEL\nkind = \"mlp\"\nhidden = [8]\nseed = 3\n",
+    );
+    assert_eq!(s.rounds_completed, 3);
+    assert!(
+        s.final_.loss < s.initial.loss,
+        "{} -> {}",
+        s.initial.loss,
+        s.final_.loss
+    );
+    assert!(s.final_.accuracy > 0.7, "{}", s.final_.accuracy);
 }
