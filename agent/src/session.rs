@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use chacha20::ChaCha20Rng;
-use cohort_proto::MAX_CHUNK_BYTES;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
     AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, Task, agent_message,
@@ -288,18 +287,8 @@ impl Session<'_> {
         bytes: &[u8],
         wrap: fn(Chunk) -> agent_message::Kind,
     ) -> Result<()> {
-        let pieces: Vec<&[u8]> = if bytes.is_empty() {
-            vec![&[]]
-        } else {
-            bytes.chunks(MAX_CHUNK_BYTES).collect()
-        };
-        let last = pieces.len() - 1;
-        for (i, p) in pieces.into_iter().enumerate() {
-            self.send(wrap(Chunk {
-                data: p.to_vec(),
-                last: i == last,
-            }))
-            .await?;
+        for chunk in cohort_proto::chunks(bytes) {
+            self.send(wrap(chunk)).await?;
         }
         Ok(())
     }

@@ -10,7 +10,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use cohort_proto::MAX_CHUNK_BYTES;
 use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -36,6 +35,26 @@ pub struct SiteState {
     pub last_loss: Option<f64>,
     pub last_auc: Option<f64>,
     pub test_examples: u64,
+}
+
+impl SiteState {
+    fn new(id: u32) -> Self {
+        SiteState {
+            id,
+            connected: false,
+            session: 0,
+            examples: 0,
+            last_seen: None,
+            rounds_joined: 0,
+            dropouts: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            last_accuracy: None,
+            last_loss: None,
+            last_auc: None,
+            test_examples: 0,
+        }
+    }
 }
 
 /// A message from an agent, or the end of its session.
@@ -127,21 +146,7 @@ impl Hub {
             .update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
         let session = self.sites.update(
             &site.to_string(),
-            || SiteState {
-                id,
-                connected: false,
-                session: 0,
-                examples: 0,
-                last_seen: None,
-                rounds_joined: 0,
-                dropouts: 0,
-                bytes_in: 0,
-                bytes_out: 0,
-                last_accuracy: None,
-                last_loss: None,
-                last_auc: None,
-                test_examples: 0,
-            },
+            || SiteState::new(id),
             |s| {
                 s.connected = true;
                 s.session += 1;
@@ -208,24 +213,14 @@ impl Hub {
         ok
     }
 
-    /// Sends `bytes` as chunks of at most [`MAX_CHUNK_BYTES`], wrapped by `wrap`.
+    /// Sends `bytes` as chunks of at most [`cohort_proto::MAX_CHUNK_BYTES`], wrapped by `wrap`.
     pub async fn send_chunked(
         &self,
         site: &str,
         bytes: &[u8],
         wrap: fn(Chunk) -> coordinator_message::Kind,
     ) -> bool {
-        let pieces: Vec<&[u8]> = if bytes.is_empty() {
-            vec![&[]]
-        } else {
-            bytes.chunks(MAX_CHUNK_BYTES).collect()
-        };
-        let last = pieces.len() - 1;
-        for (i, p) in pieces.into_iter().enumerate() {
-            let chunk = Chunk {
-                data: p.to_vec(),
-                last: i == last,
-            };
+        for chunk in cohort_proto::chunks(bytes) {
             if !self.send(site, wrap(chunk)).await {
                 return false;
             }
@@ -241,19 +236,5 @@ impl Hub {
 /// Sites are inserted by `connect` before anything else touches them; an update for an
 /// unknown site (a race with nothing to lose) records into a throwaway state.
 fn unreachable_state() -> SiteState {
-    SiteState {
-        id: u32::MAX,
-        connected: false,
-        session: 0,
-        examples: 0,
-        last_seen: None,
-        rounds_joined: 0,
-        dropouts: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        last_accuracy: None,
-        last_loss: None,
-        last_auc: None,
-        test_examples: 0,
-    }
+    SiteState::new(u32::MAX)
 }

@@ -10,3 +10,40 @@ pub mod v1 {
 /// Largest payload chunk on the wire. gRPC's default message limit is 4 MiB; chunks stay
 /// below it with room for the envelope.
 pub const MAX_CHUNK_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// Splits an encoded message into wire chunks of at most [`MAX_CHUNK_BYTES`]; the last one is
+/// marked. An empty message is one empty, last chunk.
+pub fn chunks(bytes: &[u8]) -> impl Iterator<Item = v1::Chunk> + '_ {
+    let n = bytes.len().div_ceil(MAX_CHUNK_BYTES).max(1);
+    (0..n).map(move |i| {
+        let end = ((i + 1) * MAX_CHUNK_BYTES).min(bytes.len());
+        v1::Chunk {
+            data: bytes[(i * MAX_CHUNK_BYTES).min(end)..end].to_vec(),
+            last: i + 1 == n,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_message_and_mark_the_last() {
+        let data = vec![7u8; 2 * MAX_CHUNK_BYTES + 5];
+        let c: Vec<v1::Chunk> = chunks(&data).collect();
+        assert_eq!(c.len(), 3);
+        assert!(c.iter().all(|x| x.data.len() <= MAX_CHUNK_BYTES));
+        assert_eq!(c.iter().map(|x| x.data.len()).sum::<usize>(), data.len());
+        assert_eq!(c.iter().filter(|x| x.last).count(), 1);
+        assert!(c[2].last);
+        let empty: Vec<v1::Chunk> = chunks(&[]).collect();
+        assert_eq!(
+            empty,
+            vec![v1::Chunk {
+                data: vec![],
+                last: true
+            }]
+        );
+    }
+}
