@@ -366,6 +366,8 @@ impl Driver {
     }
 
     /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
+    /// The sites of a round: every connected site, or a uniformly random `sites_per_round`
+    /// of them (so every site gets its turn), ordered by id.
     fn select(&self) -> Vec<(String, u32)> {
         let mut sites: Vec<(String, u32)> = self
             .hub
@@ -374,7 +376,7 @@ impl Driver {
             .map(|(name, s)| (name, s.id))
             .collect();
         if let Some(k) = self.cfg.rounds.sites_per_round {
-            sites.truncate(k as usize);
+            sites = choose(sites, k as usize, rand::random::<u64>);
         }
         sites
     }
@@ -782,9 +784,51 @@ impl Driver {
     }
 }
 
+/// A uniformly random `k` of `sites` (partial Fisher–Yates), ordered by id.
+fn choose(
+    mut sites: Vec<(String, u32)>,
+    k: usize,
+    mut random: impl FnMut() -> u64,
+) -> Vec<(String, u32)> {
+    let k = k.min(sites.len());
+    for i in 0..k {
+        let j = i + (random() % (sites.len() - i) as u64) as usize;
+        sites.swap(i, j);
+    }
+    sites.truncate(k);
+    sites.sort_by_key(|(_, id)| *id);
+    sites
+}
+
 fn chrono_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_draws_k_distinct_sites_and_gives_everyone_a_turn() {
+        let sites: Vec<(String, u32)> = (0..10).map(|i| (format!("s{i}"), i)).collect();
+        let mut state = 42u64;
+        let mut rng = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 11
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let c = choose(sites.clone(), 3, &mut rng);
+            assert_eq!(c.len(), 3);
+            assert!(c.windows(2).all(|w| w[0].1 < w[1].1), "sorted and distinct");
+            seen.extend(c.into_iter().map(|(_, id)| id));
+        }
+        assert_eq!(seen.len(), 10);
+        assert_eq!(choose(sites.clone(), 20, &mut rng).len(), 10);
+    }
 }
