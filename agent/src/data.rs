@@ -13,11 +13,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum DataError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is empty: it needs a header row")]
     Empty { path: String },
     #[error("{path}, line {line}, column {column:?}: {value:?} is not a number")]
@@ -27,8 +24,8 @@ pub enum DataError {
         column: String,
         value: String,
     },
-    #[error("{path}: {source}")]
-    Schema { path: String, source: SchemaError },
+    #[error("{path}: {error}")]
+    Schema { path: String, error: SchemaError },
     #[error("{path}: no usable rows after applying the schema")]
     NoRows { path: String },
     #[error("the two CSV files have different headers")]
@@ -88,9 +85,9 @@ type RawRow = Vec<Option<f64>>;
 /// Reads a CSV with a header; empty cells are missing values.
 fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| DataError::Read {
         path: name.clone(),
-        source,
+        error,
     })?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<String> = lines
@@ -132,20 +129,18 @@ fn encode(
 ) -> Result<(Vec<String>, usize, Rows, usize), DataError> {
     let name = path.display().to_string();
     let (header, raw) = read_csv(path)?;
-    let resolved = schema
-        .resolve(&header)
-        .map_err(|source| DataError::Schema {
-            path: name.clone(),
-            source,
-        })?;
+    let resolved = schema.resolve(&header).map_err(|error| DataError::Schema {
+        path: name.clone(),
+        error,
+    })?;
     let mut rows = Rows::default();
     let mut dropped = 0;
     for (i, r) in raw.iter().enumerate() {
         match resolved
             .encode(i + 2, r, header.len())
-            .map_err(|source| DataError::Schema {
+            .map_err(|error| DataError::Schema {
                 path: name.clone(),
-                source,
+                error,
             })? {
             Some(e) => rows.push(e.features, e.label),
             None => dropped += 1,

@@ -18,11 +18,8 @@ use thiserror::Error;
 pub enum ProvisionError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("site name {0:?} is not allowed: use letters, digits, '-' and '_' (at most 64)")]
     BadSiteName(String),
     #[error("{0} already exists: provisioning never overwrites keys (use --add-site)")]
@@ -45,9 +42,9 @@ pub struct ProvisionOptions {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
-    move |source| ProvisionError::Io {
+    move |error| ProvisionError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
