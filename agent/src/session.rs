@@ -521,11 +521,7 @@ impl Session<'_> {
         let Some(pending) = r.pending.take() else {
             return Ok(());
         };
-        let round = r.start.round;
-        let truncate = self.truncates(round);
-        let Some(r) = self.round.as_mut() else {
-            return Ok(());
-        };
+        let truncate = truncates(&self.cfg.faults, r.start.round);
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
@@ -545,15 +541,6 @@ impl Session<'_> {
             }
         };
         self.after_client(reply).await
-    }
-
-    /// Whether a `truncate` fault applies to this round's masked input.
-    fn truncates(&self, round: u64) -> bool {
-        self.cfg.faults.iter().any(|f| {
-            f.round == round
-                && f.stage == FaultStage::MaskedInput
-                && f.action == FaultAction::Truncate
-        })
     }
 
     async fn after_client(&mut self, reply: Result<Option<Outgoing>, ClientError>) -> Result<()> {
@@ -625,11 +612,7 @@ impl Session<'_> {
             });
             r.params = Some(setup.params.clone());
         }
-        let round = r.start.round;
-        let truncate = self.truncates(round);
-        let Some(r) = self.round.as_mut() else {
-            return Ok(());
-        };
+        let truncate = truncates(&self.cfg.faults, r.start.round);
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
@@ -667,6 +650,14 @@ fn input<W: Word>(
     Ok(client
         .set_input(q)
         .map(|m| m.map(|m| outgoing(m, truncate))))
+}
+
+/// Whether a `truncate` fault applies to this round's masked input. A free function over the
+/// fault list so it can be asked while the round state is borrowed.
+fn truncates(faults: &[Fault], round: u64) -> bool {
+    faults.iter().any(|f| {
+        f.round == round && f.stage == FaultStage::MaskedInput && f.action == FaultAction::Truncate
+    })
 }
 
 fn site_hash(site: &str) -> u64 {

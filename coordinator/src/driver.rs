@@ -154,13 +154,12 @@ impl Reassembler {
     }
 }
 
-enum Aggregated {
-    /// Sum of the survivors' vectors, as u64 (mod the round's modulus), and the survivors.
-    Sum {
-        sum: Vec<u64>,
-        survivors: Vec<String>,
-        dropped: usize,
-    },
+/// The result of one aggregation: the sum of the survivors' vectors as u64 (modulo the round's
+/// modulus; f64 bits in plain training rounds), the survivors and the number dropped.
+struct Aggregated {
+    sum: Vec<u64>,
+    survivors: Vec<String>,
+    dropped: usize,
 }
 
 impl Driver {
@@ -445,7 +444,7 @@ impl Driver {
         } else {
             self.plain_sum(&sites, len, true).await?
         };
-        let Aggregated::Sum { sum, .. } = agg;
+        let Aggregated { sum, .. } = agg;
         Ok(sum)
     }
 
@@ -475,7 +474,7 @@ impl Driver {
                         .await?
                 }
             };
-            let Aggregated::Sum {
+            let Aggregated {
                 sum,
                 survivors,
                 dropped,
@@ -499,11 +498,7 @@ impl Driver {
             }
             Ok((a.mean, a.total_weight, a.clipped, sites.len(), dropped))
         } else {
-            let Aggregated::Sum {
-                sum,
-                survivors,
-                dropped,
-            } = self.plain_sum(&sites, dim + 1, false).await?;
+            let Aggregated { sum, dropped, .. } = self.plain_sum(&sites, dim + 1, false).await?;
             // plain: sum[0] = Σw (as f64 bits), sum[1..] = Σ wΔ (f64 bits)
             let total = f64::from_bits(sum[0]);
             if total <= 0.0 {
@@ -513,7 +508,6 @@ impl Driver {
                 .iter()
                 .map(|v| (f64::from_bits(*v) / total) as f32)
                 .collect();
-            let _ = survivors;
             Ok((mean, total as u64, 0, sites.len(), dropped))
         }
     }
@@ -577,7 +571,7 @@ impl Driver {
                             self.hub.record(s, |st| st.dropouts += 1);
                         }
                     }
-                    return Ok(Aggregated::Sum {
+                    return Ok(Aggregated {
                         sum: sum.into_iter().map(Word::to_u64).collect(),
                         survivors: survivors
                             .iter()
@@ -709,7 +703,7 @@ impl Driver {
         if !integer {
             sum = fsum.iter().map(|v| v.to_bits()).collect();
         }
-        Ok(Aggregated::Sum {
+        Ok(Aggregated {
             dropped: sites.len() - done.len(),
             survivors: done,
             sum,
