@@ -691,3 +691,150 @@ fn a_duplicate_message_excludes_its_sender_but_the_stage_still_waits_for_the_oth
     );
     assert_eq!(msgs.len(), N as usize - 1);
 }
+
+/// Runs the first two stages and returns every site's encoded masked input, undelivered.
+fn encoded_inputs(w: &mut World) -> Vec<(ClientId, Vec<u8>)> {
+    w.step(&[]);
+    w.step(&[]); // outbox: forwarded shares
+    std::mem::take(&mut w.outbox)
+        .into_iter()
+        .map(|(to, msg)| {
+            let input = w.input(to);
+            let c = w.clients.get_mut(&to).expect("client");
+            assert!(c.handle(&msg).expect("ok").is_none());
+            let m = c
+                .set_input(QuantisedInput::from_values(input))
+                .expect("ok")
+                .expect("masked");
+            (to, m.encode())
+        })
+        .collect()
+}
+
+fn slot(w: &World, id: ClientId) -> Arc<InputSlot<u32>> {
+    w.server
+        .input_slots()
+        .into_iter()
+        .find(|(s, _)| *s == id)
+        .map(|(_, s)| s)
+        .expect("a slot for every site that shared keys")
+}
+
+/// Closes the masked-input stage and runs the unmasking with every site that is asked.
+fn finish(w: &mut World) -> Result<Output<u32>, Abort> {
+    let now = 600_001; // past the masked-input deadline
+    match w.server.poll(now)? {
+        Poll::Send(m) => w.outbox = m,
+        other => panic!("unexpected {other:?}"),
+    }
+    for (to, m) in std::mem::take(&mut w.outbox) {
+        let reply = w.clients.get_mut(&to).expect("c").handle(&m).expect("ok");
+        if let Some(r) = reply {
+            w.server.receive(to, r, now).expect("accepted");
+        }
+    }
+    match w.server.poll(now)? {
+        Poll::Done(out) => Ok(*out),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn streamed_uploads_are_checked_before_anything_reaches_the_sum() {
+    // Site 1 misbehaves in a different way each time; the others stream honestly.
+    for kind in ["short prefix", "wrong sender", "trailing bytes"] {
+        let mut w = World::new(false);
+        let inputs = encoded_inputs(&mut w);
+        let mut expected = vec![0u32; w.params.vector_len()];
+        for (from, bytes) in &inputs {
+            let s = slot(&w, *from);
+            if *from != 1 {
+                add_assign(&mut expected, &w.input(*from));
+                stream_in(&s, bytes, 7);
+                assert_eq!(
+                    s.feed(&bytes[..8], true),
+                    Err(RejectReason::Duplicate("MaskedInput"))
+                );
+                continue;
+            }
+            let mut b = bytes.clone();
+            match kind {
+                "short prefix" => {
+                    let at = MASKED_INPUT_PREFIX - 4;
+                    b[at..at + 4].copy_from_slice(&17u32.to_le_bytes());
+                    let r = s.feed(&b[..40], false);
+                    assert_eq!(
+                        r,
+                        Err(RejectReason::WrongLength {
+                            got: 17,
+                            expected: 18
+                        })
+                    );
+                    assert_eq!(s.feed(&b[40..], true), Err(RejectReason::Excluded));
+                }
+                "wrong sender" => {
+                    // Site 1 uploads site 3's bytes; its slot is the transport's identity.
+                    let other = &inputs.iter().find(|(i, _)| *i == 3).expect("3").1;
+                    let r = s.feed(other, true);
+                    assert_eq!(r, Err(RejectReason::WrongSender { claimed: 3 }));
+                }
+                _ => {
+                    b.extend_from_slice(&[0; 4]);
+                    let r = s.feed(&b, true);
+                    assert_eq!(
+                        r,
+                        Err(RejectReason::WrongLength {
+                            got: 19,
+                            expected: 18
+                        })
+                    );
+                }
+            }
+        }
+        let late = slot(&w, 0);
+        let out = finish(&mut w).expect("the others complete the round");
+        assert_eq!(out.sum, expected, "{kind}");
+        assert_eq!(out.dropped, vec![1], "{kind}");
+        let refused: Vec<_> = w.server.rejections().iter().map(|r| r.client).collect();
+        assert_eq!(refused, vec![1], "{kind}");
+        // After the stage closed nothing more reaches the sum.
+        assert_eq!(late.feed(&[0; 8], false), Err(RejectReason::Late));
+    }
+}
+
+#[test]
+fn an_upload_that_stops_part_way_aborts_the_attempt_naming_the_site() {
+    for last in [false, true] {
+        let mut w = World::new(false);
+        let inputs = encoded_inputs(&mut w);
+        for (from, bytes) in &inputs {
+            let s = slot(&w, *from);
+            if *from == 6 {
+                // Half the values, then the connection ends (or the chunk claims to be last).
+                let r = s.feed(&bytes[..bytes.len() / 2], last);
+                assert_eq!(r.is_err(), last);
+            } else {
+                stream_in(&s, bytes, 64);
+            }
+        }
+        let abort = finish(&mut w).expect_err("a partial input cannot be unmasked");
+        assert_eq!(abort.reason, AbortReason::PartialInput { client: 6 });
+        assert_eq!(abort.stage, ServerStage::MaskedInput);
+    }
+}
+
+#[test]
+fn the_stage_closes_early_once_every_upload_is_complete_or_refused() {
+    let mut w = World::new(false);
+    let inputs = encoded_inputs(&mut w);
+    for (from, bytes) in &inputs {
+        let s = slot(&w, *from);
+        assert!(matches!(w.server.poll(0), Ok(Poll::Pending { .. })));
+        if *from == 0 {
+            assert!(s.feed(&bytes[..3], true).is_err());
+        } else {
+            stream_in(&s, bytes, 1000);
+        }
+    }
+    assert!(matches!(w.server.poll(0), Ok(Poll::Send(_))));
+}

@@ -19,20 +19,31 @@ struct Case {
     ids: Vec<ClientId>,
     drops: BTreeMap<ClientId, DropAt>,
     seed: u64,
+    /// Masked inputs as whole messages (None) or streamed into the server's input slots in
+    /// chunks of this many bytes, splitting the prefix and elements at every possible place.
+    stream_chunk: Option<usize>,
 }
 
 fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
     // Mostly small rounds (cheap, many dropout patterns), sometimes up to 64 sites.
     let n = prop_oneof![5 => 3u32..=12, 2 => 13u32..=32, 1 => 33u32..=64];
-    (n, any::<u64>(), 1u32..=40, any::<bool>(), 0.0f64..0.3)
-        .prop_flat_map(|(n, seed, dim, consistency, drop_rate)| {
+    let chunk = prop_oneof![1 => Just(None), 2 => (1usize..=64).prop_map(Some)];
+    (
+        n,
+        any::<u64>(),
+        1u32..=40,
+        any::<bool>(),
+        0.0f64..0.3,
+        chunk,
+    )
+        .prop_flat_map(|(n, seed, dim, consistency, drop_rate, stream_chunk)| {
             // k: odd values in [3, n), or n (classic SecAgg). Large rounds mostly use sparse
             // graphs, as in production, which keeps the case count high within CI time.
             let max_sparse = if n > 32 { 15 } else { n };
             let mut ks: Vec<u32> = (3..n.min(max_sparse + 1)).filter(|k| k % 2 == 1).collect();
             ks.push(n);
             (
-                Just((n, seed, dim, consistency, drop_rate)),
+                Just((n, seed, dim, consistency, drop_rate, stream_chunk)),
                 proptest::sample::select(ks),
                 any::<proptest::sample::Index>(),
                 proptest::collection::vec((0.0f64..1.0, 0u8..5), n as usize),
@@ -40,7 +51,13 @@ fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
             )
         })
         .prop_map(
-            move |((n, seed, dim, consistency, drop_rate), k, t_index, drop_draws, ids)| {
+            move |(
+                (n, seed, dim, consistency, drop_rate, stream_chunk),
+                k,
+                t_index,
+                drop_draws,
+                ids,
+            )| {
                 let t_min = k / 2 + 1;
                 let t = t_min + t_index.index((k - 1 - t_min + 1) as usize) as u32;
                 let ids: Vec<ClientId> = ids.into_iter().collect();
@@ -75,6 +92,7 @@ fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
                     ids,
                     drops,
                     seed,
+                    stream_chunk,
                 }
             },
         )
@@ -89,7 +107,25 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
             .wrapping_add((i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9));
         W::from_u64_wrapping(x ^ (x >> 29))
     };
-    let run = run_round::<W>(&c.params, &c.ids, &c.drops, c.seed, &input_of);
+    let run = match c.stream_chunk {
+        None => run_round::<W>(&c.params, &c.ids, &c.drops, c.seed, &input_of),
+        Some(chunk) => {
+            let upload =
+                move |_: ClientId, bytes: &[u8], slot: &InputSlot<W>| stream_in(slot, bytes, chunk);
+            match drive_with::<W>(
+                &c.params,
+                &c.ids,
+                &c.drops,
+                c.seed,
+                &input_of,
+                false,
+                Some(&upload),
+            ) {
+                Driven::Finished(run) => run,
+                Driven::ReadyToUnmask(_) => unreachable!("ran to the end"),
+            }
+        }
+    };
     prop_assert!(
         run.client_errors.is_empty(),
         "honest clients failed: {:?}",

@@ -569,6 +569,44 @@ impl ServerMessage {
     }
 }
 
+/// Bytes before the values of an encoded [`MaskedInput`]: header, round, sender, element
+/// width and count.
+pub const MASKED_INPUT_PREFIX: usize = HEADER + 12 + 4 + 1 + 4;
+
+/// The fixed part of an encoded [`MaskedInput`], decoded on its own so that a streamed upload
+/// is checked — and can be refused — before a single value reaches the sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskedInputPrefix {
+    pub round: RoundId,
+    pub sender: ClientId,
+    /// Bytes per element.
+    pub width: usize,
+    pub count: usize,
+}
+
+impl MaskedInputPrefix {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (t, mut r) = open(bytes)?;
+        if t != tag::MASKED_INPUT {
+            return Err(DecodeError::Invalid {
+                what: "message tag",
+                detail: format!(
+                    "{t:#04x}, an upload must be a MaskedInput ({:#04x})",
+                    tag::MASKED_INPUT
+                ),
+            });
+        }
+        let prefix = MaskedInputPrefix {
+            round: r.round()?,
+            sender: r.u32("sender")?,
+            width: r.u8("element width")? as usize,
+            count: r.u32("masked values")? as usize,
+        };
+        r.finish()?;
+        Ok(prefix)
+    }
+}
+
 impl<W: Word> ClientMessage<W> {
     /// Exact size of [`Self::encode`]'s output, without encoding (used to account bandwidth).
     pub fn encoded_len(&self) -> usize {

@@ -8,10 +8,11 @@
 //!
 //! Stages: setup → advertise keys → share keys → masked input → (consistency check) → unmask.
 //! The server only ever holds one accumulator of `d + 2` elements, whatever the number of
-//! sites, and learns nothing but the sum of the survivors' quantised vectors.
+//! sites (uploads are added while they stream in, range by range), and learns nothing but the sum of the survivors' quantised vectors.
 //!
 //! See `docs/ARCHITECTURE.md` for the protocol walk-through and the security argument.
 
+pub mod accumulator;
 mod client;
 mod crypto;
 mod graph;
@@ -21,6 +22,7 @@ mod prg;
 pub mod quant;
 mod server;
 pub mod shamir;
+mod upload;
 mod word;
 
 pub use client::{Client, ClientError, ClientStage};
@@ -28,8 +30,9 @@ pub use crypto::{IdentityVerifier, PinnedIdentities, SiteIdentity};
 pub use graph::{GraphError, NeighbourGraph};
 pub use messages::{
     AdvertiseKeys, ClientMessage, ConsistencyRequest, ConsistencySignature, DecodeError,
-    EncryptedShare, ForwardedShares, MaskedInput, NeighbourKeys, RevealedShare, ServerMessage,
-    Setup, ShareKeys, ShareKind, UnmaskRequest, UnmaskShares, VERSION,
+    EncryptedShare, ForwardedShares, MASKED_INPUT_PREFIX, MaskedInput, MaskedInputPrefix,
+    NeighbourKeys, RevealedShare, ServerMessage, Setup, ShareKeys, ShareKind, UnmaskRequest,
+    UnmaskShares, VERSION,
 };
 pub use params::{MAX_DIM, Modulus, ParamError, Params};
 pub use prg::{MaskCipher, MaskSeed, Sign, apply_mask, keystream};
@@ -37,6 +40,7 @@ pub use quant::{Aggregate, ClipReport, QuantError, QuantisedInput, dequantise, q
 pub use server::{
     Abort, AbortReason, Output, Poll, RejectReason, Rejection, Server, ServerStage, StageTimeouts,
 };
+pub use upload::InputSlot;
 pub use word::{Word, add_assign};
 
 /// A site's number within a round. The driver maps its authenticated identity (the mTLS

@@ -1,7 +1,7 @@
 //! The coordinator's side of SecAgg+.
 //!
 //! The server routes keys and encrypted shares, adds masked inputs into a single accumulator as
-//! they arrive (memory O(d), not O(n·d)), and at the end removes the self masks of survivors
+//! they stream in (memory O(d), not O(n·d); see [`super::upload`]), and at the end removes the self masks of survivors
 //! and the pairwise masks of dropouts by re-expanding them from reconstructed secrets.
 //!
 //! Misbehaviour by one site costs that site its place, never the round: every message is
@@ -18,13 +18,15 @@ use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
+use super::accumulator::{DEFAULT_SHARD_LEN, ShardedAccumulator};
 use super::crypto::{self, IdentityVerifier};
 use super::graph::{GraphError, NeighbourGraph};
 use super::messages::*;
 use super::params::{ParamError, Params};
 use super::prg::{Sign, apply_mask};
 use super::shamir::{self, ShamirError, Share};
-use super::word::{Word, add_assign};
+use super::upload::{InputSlot, Outcome};
+use super::word::Word;
 use super::{ClientId, Millis, RoundId};
 
 /// The stage the server is collecting messages for.
@@ -98,6 +100,8 @@ pub enum RejectReason {
     WrongLength { got: usize, expected: usize },
     #[error("revealed shares do not match the request: {0}")]
     WrongShares(String),
+    #[error("malformed upload: {0}")]
+    Malformed(String),
 }
 
 /// A refused message: the site, the stage and the reason, for the driver to log.
@@ -134,6 +138,10 @@ pub enum AbortReason {
     },
     #[error("the reconstructed mask key of site {owner} does not match its advertised key")]
     KeyMismatch { owner: ClientId },
+    /// Part of the site's masked input is in the sum and cannot be taken out without
+    /// unmasking the site's own input; the attempt must restart without the site.
+    #[error("site {client} stopped part-way through its masked input")]
+    PartialInput { client: ClientId },
     #[error("the round has already finished")]
     Finished,
 }
@@ -188,9 +196,11 @@ pub struct Server<W: Word> {
     /// U2 (keys): encrypted shares by sender, until routed.
     share_keys: BTreeMap<ClientId, Vec<EncryptedShare>>,
     u2: BTreeSet<ClientId>,
-    /// U3: sites whose masked input is in `acc`.
+    /// One slot per U2 site while the masked-input stage is open.
+    slots: BTreeMap<ClientId, Arc<InputSlot<W>>>,
+    /// U3: sites whose masked input is in `acc`, fixed when the masked-input stage closes.
     u3: BTreeSet<ClientId>,
-    acc: Vec<W>,
+    acc: Arc<ShardedAccumulator<W>>,
     /// U4: consistency signatures.
     signatures: BTreeMap<ClientId, [u8; 64]>,
     /// U5: revealed shares by sender.
@@ -249,7 +259,10 @@ impl<W: Word> Server<W> {
             graph_seed,
             participants: sorted.clone(),
         };
-        let acc = vec![W::ZERO; params.vector_len()];
+        let acc = Arc::new(ShardedAccumulator::new(
+            params.vector_len(),
+            DEFAULT_SHARD_LEN,
+        ));
         Ok((
             Server {
                 params,
@@ -267,6 +280,7 @@ impl<W: Word> Server<W> {
                 identities: BTreeMap::new(),
                 share_keys: BTreeMap::new(),
                 u2: BTreeSet::new(),
+                slots: BTreeMap::new(),
                 u3: BTreeSet::new(),
                 acc,
                 signatures: BTreeMap::new(),
@@ -433,21 +447,21 @@ impl<W: Word> Server<W> {
     }
 
     fn on_masked_input(&mut self, m: MaskedInput<W>) -> Result<(), RejectReason> {
-        if !self.u2.contains(&m.sender) {
-            return Err(RejectReason::MissedPreviousStage);
+        let slot = self
+            .slots
+            .get(&m.sender)
+            .ok_or(RejectReason::MissedPreviousStage)?;
+        slot.add_whole(&m.values)
+    }
+
+    /// The slots into which the transport streams each site's masked input, while the
+    /// masked-input stage is open (empty otherwise). Each slot accepts only its own site's
+    /// upload; route by the authenticated identity, never by what the upload claims.
+    pub fn input_slots(&self) -> Vec<(ClientId, Arc<InputSlot<W>>)> {
+        if self.stage != ServerStage::MaskedInput {
+            return Vec::new();
         }
-        if self.u3.contains(&m.sender) {
-            return Err(RejectReason::Duplicate("MaskedInput"));
-        }
-        if m.values.len() != self.acc.len() {
-            return Err(RejectReason::WrongLength {
-                got: m.values.len(),
-                expected: self.acc.len(),
-            });
-        }
-        add_assign(&mut self.acc, &m.values);
-        self.u3.insert(m.sender);
-        Ok(())
+        self.slots.iter().map(|(id, s)| (*id, s.clone())).collect()
     }
 
     fn on_consistency(&mut self, m: ConsistencySignature) -> Result<(), RejectReason> {
@@ -530,7 +544,11 @@ impl<W: Word> Server<W> {
             ),
             ServerStage::MaskedInput => (
                 self.u2.iter().copied().collect(),
-                self.u3.iter().copied().collect(),
+                self.slots
+                    .iter()
+                    .filter(|(_, s)| s.settled())
+                    .map(|(id, _)| *id)
+                    .collect(),
             ),
             ServerStage::ConsistencyCheck => (
                 self.u3.iter().copied().collect(),
@@ -575,7 +593,11 @@ impl<W: Word> Server<W> {
             self.abort = Some(abort.clone());
             self.stage = ServerStage::Aborted;
             // Free what the aborted attempt held; nothing of it may be reused.
-            self.acc = Vec::new();
+            for slot in self.slots.values() {
+                slot.seal();
+            }
+            self.slots.clear();
+            drop(self.acc.take());
             self.share_keys.clear();
             self.revealed.clear();
         }
@@ -675,13 +697,40 @@ impl<W: Word> Server<W> {
                 )
             })
             .collect();
+        self.slots = self
+            .u2
+            .iter()
+            .map(|&u| (u, Arc::new(InputSlot::new(u, self.round, self.acc.clone()))))
+            .collect();
         self.open_stage(ServerStage::MaskedInput, now);
         Ok(Poll::Send(messages))
     }
 
     fn close_masked_input(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
-        // Inputs already added stay in the accumulator even if the site is excluded later:
-        // its self mask is then removed with the other survivors' shares.
+        // Sealing fixes U3: after this no upload can change the sum. Inputs already added
+        // stay in it even if the site is excluded later: its self mask is then removed with
+        // the other survivors' shares.
+        let mut partial = None;
+        for (id, slot) in std::mem::take(&mut self.slots) {
+            match slot.seal() {
+                Outcome::Complete => {
+                    self.u3.insert(id);
+                }
+                Outcome::Missing => {}
+                Outcome::Refused(reason) => {
+                    self.excluded.insert(id);
+                    self.rejections.push(Rejection {
+                        client: id,
+                        stage: ServerStage::MaskedInput,
+                        reason,
+                    });
+                }
+                Outcome::Partial => partial = partial.or(Some(id)),
+            }
+        }
+        if let Some(client) = partial {
+            return Err(AbortReason::PartialInput { client });
+        }
         self.check_quorum(&self.u3, &self.u2)?;
         let survivors: Vec<ClientId> = self.u3.iter().copied().collect();
         let messages = if self.params.consistency_check {
@@ -765,7 +814,7 @@ impl<W: Word> Server<W> {
             }
         }
         let t = self.params.threshold as usize;
-        let mut acc = std::mem::take(&mut self.acc);
+        let mut acc = self.acc.take();
         for &owner in &self.u2 {
             let shares = by_owner.get(&owner).map(Vec::as_slice).unwrap_or(&[]);
             let survived = self.u3.contains(&owner);

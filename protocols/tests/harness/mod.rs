@@ -82,6 +82,20 @@ pub enum Driven<W: Word> {
     ReadyToUnmask(Box<Server<W>>),
 }
 
+/// Delivers one site's encoded masked input into its slot, the way the transport streams it.
+pub type Uploader<'a, W> = &'a dyn Fn(ClientId, &[u8], &InputSlot<W>);
+
+/// Streams `bytes` into `slot` in chunks of `chunk` bytes, as the coordinator's connection
+/// tasks do.
+pub fn stream_in<W: Word>(slot: &InputSlot<W>, bytes: &[u8], chunk: usize) {
+    let n = bytes.len().div_ceil(chunk);
+    for (i, c) in bytes.chunks(chunk).enumerate() {
+        if slot.feed(c, i + 1 == n).is_err() {
+            return;
+        }
+    }
+}
+
 /// Like [`run_round`], but with `stop_before_unmask` returns the server just before its final
 /// `poll`, for benchmarking the unmasking alone.
 pub fn drive<W: Word>(
@@ -91,6 +105,20 @@ pub fn drive<W: Word>(
     seed: u64,
     input_of: &dyn Fn(ClientId, usize) -> W,
     stop_before_unmask: bool,
+) -> Driven<W> {
+    drive_with(params, ids, drops, seed, input_of, stop_before_unmask, None)
+}
+
+/// [`drive`] with masked inputs streamed through the server's input slots by `upload`
+/// instead of handed over as whole messages.
+pub fn drive_with<W: Word>(
+    params: &Params,
+    ids: &[ClientId],
+    drops: &BTreeMap<ClientId, DropAt>,
+    seed: u64,
+    input_of: &dyn Fn(ClientId, usize) -> W,
+    stop_before_unmask: bool,
+    upload: Option<Uploader<'_, W>>,
 ) -> Driven<W> {
     let round = RoundId::new(seed, 0);
     let (idents, verifier) = identities(ids, seed);
@@ -163,7 +191,15 @@ pub fn drive<W: Word>(
                     let bytes = m.encode();
                     let decoded = ClientMessage::<W>::decode(&bytes).expect("own encoding decodes");
                     assert_eq!(decoded.encoded_len(), bytes.len());
-                    let _ = server.receive(to, decoded, now);
+                    let slot = server.input_slots().into_iter().find(|(id, _)| *id == to);
+                    match (upload, &decoded, slot) {
+                        (Some(upload), ClientMessage::MaskedInput(_), Some((_, slot))) => {
+                            upload(to, &bytes, &slot)
+                        }
+                        _ => {
+                            let _ = server.receive(to, decoded, now);
+                        }
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => client_errors.push((to, e)),
