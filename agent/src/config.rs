@@ -65,6 +65,9 @@ pub enum FaultAction {
     Vanish,
     /// Send a masked input one element short: a broken or malicious site.
     Truncate,
+    /// Send the first half of the message, then drop the connection: a site that died
+    /// mid-upload.
+    Interrupt,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
 use chacha20::ChaCha20Rng;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
@@ -33,8 +34,7 @@ use crate::data::SiteData;
 use crate::train;
 use cohort_protocols::model::TrainingConfig;
 
-/// Must match the coordinator's.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use cohort_proto::PROTOCOL_VERSION;
 
 /// How a session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -222,8 +222,8 @@ async fn session(
         .await
         .with_context(|| format!("connecting to {}", cfg.coordinator.url))?;
     let mut client = CoordinatorClient::new(channel)
-        .max_decoding_message_size(8 * 1024 * 1024)
-        .max_encoding_message_size(8 * 1024 * 1024);
+        .max_decoding_message_size(cohort_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(cohort_proto::MAX_MESSAGE_BYTES);
     let (out, out_rx) = mpsc::channel(256);
     out.send(AgentMessage {
         kind: Some(agent_message::Kind::Join(Join {
@@ -284,9 +284,10 @@ impl Session<'_> {
 
     async fn send_chunked(
         &self,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         wrap: fn(Chunk) -> agent_message::Kind,
     ) -> Result<()> {
+        let bytes = Bytes::from(bytes);
         for chunk in cohort_proto::chunks(bytes) {
             self.send(wrap(chunk)).await?;
         }
@@ -392,7 +393,7 @@ impl Session<'_> {
                 self.provide(Pending::Stats(v)).await?;
             } else {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                self.send_chunked(&bytes, agent_message::Kind::PlainUpdate)
+                self.send_chunked(bytes, agent_message::Kind::PlainUpdate)
                     .await?;
             }
         } else if task == Task::Unspecified {
@@ -497,7 +498,7 @@ impl Session<'_> {
             let mut v = Vec::with_capacity(delta.len() + 1);
             v.push(weight as f32);
             v.extend_from_slice(&delta);
-            self.send_chunked(&model::to_bytes(&v), agent_message::Kind::PlainUpdate)
+            self.send_chunked(model::to_bytes(&v), agent_message::Kind::PlainUpdate)
                 .await
         }
     }
@@ -548,17 +549,40 @@ impl Session<'_> {
             Ok(Some(out)) => {
                 let round = self.round.as_ref().map_or(0, |r| r.start.round);
                 let fault = self.cfg.faults.iter().find(|f| {
-                    f.round == round && f.stage == out.stage && f.action == FaultAction::Vanish
+                    f.round == round
+                        && f.stage == out.stage
+                        && matches!(f.action, FaultAction::Vanish | FaultAction::Interrupt)
                 });
-                if let Some(f) = fault.filter(|f| !self.fired.contains(f)) {
+                if let Some(f) = fault.filter(|f| !self.fired.contains(f)).cloned() {
                     self.fired.push(f.clone());
+                    if f.action == FaultAction::Interrupt {
+                        let half = out.bytes[..out.bytes.len() / 2].to_vec();
+                        let kind = if out.stage == FaultStage::MaskedInput {
+                            agent_message::Kind::MaskedInput
+                        } else {
+                            agent_message::Kind::Secagg
+                        };
+                        self.send(kind(Chunk {
+                            data: Bytes::from(half),
+                            last: false,
+                        }))
+                        .await?;
+                        // Let the half reach the wire before the connection goes.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     bail!(
-                        "fault injected: vanishing before {:?} of round {round}",
+                        "fault injected: {:?} at {:?} of round {round}",
+                        f.action,
                         out.stage
                     );
                 }
-                self.send_chunked(&out.bytes, agent_message::Kind::Secagg)
-                    .await
+                // The masked input has a kind of its own: the coordinator streams it into the sum.
+                let wrap = if out.stage == FaultStage::MaskedInput {
+                    agent_message::Kind::MaskedInput
+                } else {
+                    agent_message::Kind::Secagg
+                };
+                self.send_chunked(out.bytes, wrap).await
             }
             Ok(None) => Ok(()),
             Err(e) => {

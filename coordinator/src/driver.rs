@@ -9,13 +9,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use cohort_proto::v1::{
     AgentMessage, Chunk, RoundStart, Shutdown, Task, agent_message, coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec, stats};
 use cohort_protocols::secagg::{
-    ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, StageTimeouts, Word, dequantise,
+    AbortReason, ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, ServerStage,
+    StageTimeouts, dequantise,
 };
 use cohort_protocols::strategy::Strategy;
 use serde::Serialize;
@@ -25,6 +27,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::hub::{Hub, Inbound};
+use crate::upload::{PlainOutcome, PlainSlot, PlainSum, SinkWord, UploadSink};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -101,6 +104,9 @@ pub struct Driver {
     std: Vec<f64>,
     training_toml: String,
     progress: Option<mpsc::UnboundedSender<RoundSummary>>,
+    /// Sites left out of the current round's remaining attempts because an upload of theirs
+    /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
+    sidelined: HashSet<String>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -123,7 +129,64 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Collects chunks into whole messages, per site, with a size limit.
+/// Removes the sites' upload slots when an aggregation ends, however it ends, so no chunk
+/// arriving later is fed to a closed sum and the sum's memory is freed.
+struct OpenUploads {
+    hub: Arc<Hub>,
+    sites: Vec<String>,
+}
+
+impl OpenUploads {
+    fn new(hub: &Arc<Hub>, sites: &[(String, u32)]) -> Self {
+        OpenUploads {
+            hub: hub.clone(),
+            sites: sites.iter().map(|(s, _)| s.clone()).collect(),
+        }
+    }
+
+    fn open(&self, site: &str, sink: UploadSink) {
+        self.hub.uploads.insert(site.to_string(), sink);
+    }
+}
+
+impl Drop for OpenUploads {
+    fn drop(&mut self) {
+        for s in &self.sites {
+            self.hub.uploads.remove(s);
+        }
+    }
+}
+
+/// A plain aggregation whose slots are open. Opened before the round starts, because a site
+/// answers a statistics round at once.
+struct PlainAggregation {
+    sum: Arc<PlainSum>,
+    slots: Vec<(String, Arc<PlainSlot>)>,
+    _uploads: OpenUploads,
+}
+
+impl PlainAggregation {
+    fn open(hub: &Arc<Hub>, sites: &[(String, u32)], len: usize, integer: bool) -> Self {
+        let sum = Arc::new(PlainSum::new(len, integer));
+        let uploads = OpenUploads::new(hub, sites);
+        let slots = sites
+            .iter()
+            .map(|(site, _)| {
+                let slot = Arc::new(PlainSlot::new(sum.clone()));
+                uploads.open(site, UploadSink::Plain(slot.clone()));
+                (site.clone(), slot)
+            })
+            .collect();
+        PlainAggregation {
+            sum,
+            slots,
+            _uploads: uploads,
+        }
+    }
+}
+
+/// Collects chunks of SecAgg+ control messages (keys, shares) into whole messages, per site,
+/// with a size limit.
 struct Reassembler {
     buffers: HashMap<String, Vec<u8>>,
     limit: usize,
@@ -198,6 +261,7 @@ impl Driver {
             training_toml,
             cfg,
             progress,
+            sidelined: HashSet::new(),
         })
     }
 
@@ -344,6 +408,7 @@ impl Driver {
         >,
     ) -> Result<T, DriverError> {
         let mut last = String::new();
+        self.sidelined.clear();
         for attempt in 0..self.cfg.rounds.max_attempts {
             if let Err(e) = self.wait_for_sites().await {
                 last = e.to_string();
@@ -372,6 +437,7 @@ impl Driver {
             .hub
             .connected()
             .into_iter()
+            .filter(|(name, _)| !self.sidelined.contains(name))
             .map(|(name, s)| (name, s.id))
             .collect();
         if let Some(k) = self.cfg.rounds.sites_per_round {
@@ -384,7 +450,7 @@ impl Driver {
         &self,
         sites: &[(String, u32)],
         start: RoundStart,
-        model: Option<&[u8]>,
+        model: Option<&Bytes>,
     ) -> Vec<(String, u32)> {
         let mut reached = Vec::new();
         for (site, id) in sites {
@@ -431,9 +497,10 @@ impl Driver {
 
     async fn stats_round(&mut self, attempt: u32) -> Result<Vec<u64>, String> {
         let sites = self.select();
+        let len = stats::vector_len(self.spec.inputs);
+        let plain = (!self.secure()).then(|| PlainAggregation::open(&self.hub, &sites, len, true));
         let start = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
-        let len = stats::vector_len(self.spec.inputs);
         let agg = if self.secure() {
             let params = Params {
                 modulus: Modulus::Bits64,
@@ -442,7 +509,7 @@ impl Driver {
             self.secagg::<u64>(RoundId::new(0, attempt), &sites, params)
                 .await?
         } else {
-            self.plain_sum(&sites, len, true).await?
+            self.plain_sum(plain, &sites).await?
         };
         let Aggregated { sum, .. } = agg;
         Ok(sum)
@@ -455,13 +522,15 @@ impl Driver {
         attempt: u32,
     ) -> Result<(Vec<f32>, u64, u64, usize, usize), String> {
         let sites = self.select();
-        let bytes = model::to_bytes(&self.global);
+        let dim = self.spec.num_params();
+        let plain =
+            (!self.secure()).then(|| PlainAggregation::open(&self.hub, &sites, dim + 1, false));
+        let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
         for (s, _) in &sites {
             self.hub.record(s, |st| st.rounds_joined += 1);
         }
-        let dim = self.spec.num_params();
         if self.secure() {
             let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
             let agg = match params.modulus {
@@ -498,7 +567,7 @@ impl Driver {
             }
             Ok((a.mean, a.total_weight, a.clipped, sites.len(), dropped))
         } else {
-            let Aggregated { sum, dropped, .. } = self.plain_sum(&sites, dim + 1, false).await?;
+            let Aggregated { sum, dropped, .. } = self.plain_sum(plain, &sites).await?;
             // plain: sum[0] = Σw (as f64 bits), sum[1..] = Σ wΔ (f64 bits)
             let total = f64::from_bits(sum[0]);
             if total <= 0.0 {
@@ -513,7 +582,7 @@ impl Driver {
     }
 
     /// Runs one SecAgg+ aggregation among `sites`.
-    async fn secagg<W: Word>(
+    async fn secagg<W: SinkWord>(
         &mut self,
         round: RoundId,
         sites: &[(String, u32)],
@@ -543,18 +612,31 @@ impl Driver {
             now_ms(clock),
         )
         .map_err(|e| e.to_string())?;
-        let setup_bytes = cohort_protocols::secagg::ServerMessage::Setup(setup).encode();
+        let setup_bytes =
+            Bytes::from(cohort_protocols::secagg::ServerMessage::Setup(setup).encode());
         for (site, _) in sites {
             self.hub
                 .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
                 .await;
         }
-        let limit = params.vector_len() * 8 + (1 << 20) + 64 * sites.len() * 256;
+        // Control messages only (masked inputs stream into their slots): an identity, or a
+        // share per neighbour, well under 1 MiB + 256 bytes per site.
+        let limit = (1 << 20) + 256 * sites.len();
         let mut chunks = Reassembler::new(limit);
         let mut banned: HashSet<String> = HashSet::new();
+        let uploads = OpenUploads::new(&self.hub, sites);
+        let mut slots_open = false;
         loop {
             match server.poll(now_ms(clock)) {
-                Err(abort) => return Err(abort.to_string()),
+                Err(abort) => {
+                    if let AbortReason::PartialInput { client } = abort.reason
+                        && let Some(site) = by_id.get(&client)
+                    {
+                        warn!(round = round.round, %site, "site left out of the round's next attempts: its upload stopped part-way");
+                        self.sidelined.insert(site.clone());
+                    }
+                    return Err(abort.to_string());
+                }
                 Ok(Poll::Done(out)) => {
                     let Output {
                         sum,
@@ -572,7 +654,7 @@ impl Driver {
                         }
                     }
                     return Ok(Aggregated {
-                        sum: sum.into_iter().map(Word::to_u64).collect(),
+                        sum: sum.into_iter().map(|w| w.to_u64()).collect(),
                         survivors: survivors
                             .iter()
                             .filter_map(|id| by_id.get(id).cloned())
@@ -581,9 +663,19 @@ impl Driver {
                     });
                 }
                 Ok(Poll::Send(messages)) => {
+                    // Open the slots before the shares go out: a fast site may answer with
+                    // its masked input before the last share is sent.
+                    if !slots_open && server.stage() == ServerStage::MaskedInput {
+                        for (id, slot) in server.input_slots() {
+                            if let Some(site) = by_id.get(&id) {
+                                uploads.open(site, W::sink(slot));
+                            }
+                        }
+                        slots_open = true;
+                    }
                     for (id, m) in messages {
                         if let Some(site) = by_id.get(&id) {
-                            let bytes = m.encode();
+                            let bytes = Bytes::from(m.encode());
                             self.hub
                                 .send_chunked(site, &bytes, coordinator_message::Kind::Secagg)
                                 .await;
@@ -597,6 +689,7 @@ impl Driver {
                         Ok(None) => return Err("hub closed".into()),
                         Ok(Some(m)) => m,
                     };
+                    // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
                     let Inbound::Message { site, msg } = msg else {
                         continue;
                     };
@@ -639,58 +732,56 @@ impl Driver {
 
     /// Plain aggregation for comparison runs. Training rounds: each site sends
     /// [w, Δ...] as f32 and the sum is kept as f64 (w·Δ); stats rounds: u64 wrapping sums.
+    /// Updates stream into the sum like masked inputs do.
     async fn plain_sum(
         &mut self,
+        plain: Option<PlainAggregation>,
         sites: &[(String, u32)],
-        len: usize,
-        integer: bool,
     ) -> Result<Aggregated, String> {
+        let Some(PlainAggregation {
+            sum,
+            mut slots,
+            _uploads: uploads,
+        }) = plain
+        else {
+            return Err("no plain aggregation was opened".into());
+        };
+        // Only the sites the round start reached are waited for.
+        slots.retain(|(site, _)| sites.iter().any(|(s, _)| s == site));
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
-        let names: HashSet<String> = sites.iter().map(|(s, _)| s.clone()).collect();
-        let mut sum = vec![0u64; len];
-        let mut fsum = vec![0f64; len];
-        let mut done: Vec<String> = Vec::new();
-        let mut chunks = Reassembler::new(len * 8 + 1024);
-        while done.len() < sites.len() {
-            let msg = match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+        let mut declined: HashSet<String> = HashSet::new();
+        while !slots
+            .iter()
+            .all(|(site, slot)| slot.settled() || declined.contains(site))
+        {
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
                 Err(_) => break,
                 Ok(None) => return Err("hub closed".into()),
-                Ok(Some(m)) => m,
-            };
-            let Inbound::Message { site, msg } = msg else {
-                continue;
-            };
-            if !names.contains(&site) || done.contains(&site) {
-                continue;
-            }
-            if let Some(agent_message::Kind::PlainUpdate(chunk)) = msg.kind {
-                let Ok(Some(bytes)) = chunks.push(&site, chunk) else {
-                    continue;
-                };
-                if integer {
-                    if bytes.len() != len * 8 {
-                        warn!(%site, "plain statistics of the wrong length");
-                        continue;
-                    }
-                    for (s, c) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
-                        *s = s.wrapping_add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-                    }
-                } else {
-                    let Ok(v) = model::from_bytes(&bytes) else {
-                        continue;
-                    };
-                    if v.len() != len || v.iter().any(|x| !x.is_finite()) {
-                        warn!(%site, "plain update of the wrong length or not finite");
-                        continue;
-                    }
-                    let w = v[0] as f64;
-                    fsum[0] += w;
-                    for (s, d) in fsum[1..].iter_mut().zip(&v[1..]) {
-                        *s += w * *d as f64;
-                    }
+                Ok(Some(Inbound::Message {
+                    site,
+                    msg:
+                        AgentMessage {
+                            kind: Some(agent_message::Kind::Decline(d)),
+                        },
+                })) => {
+                    warn!(%site, reason = %d.reason, "site declined the round");
+                    declined.insert(site);
                 }
-                done.push(site);
+                Ok(Some(_)) => {}
+            }
+        }
+        drop(uploads);
+        let mut done = Vec::new();
+        for (site, slot) in &slots {
+            match slot.seal() {
+                PlainOutcome::Complete => done.push(site.clone()),
+                PlainOutcome::Missing => {}
+                PlainOutcome::Partial => {
+                    warn!(%site, "site left out of the round's next attempts: its update stopped part-way");
+                    self.sidelined.insert(site.clone());
+                    return Err(format!("site {site} stopped part-way through its update"));
+                }
             }
         }
         if done.len() < self.cfg.rounds.min_sites as usize {
@@ -700,20 +791,17 @@ impl Driver {
                 sites.len()
             ));
         }
-        if !integer {
-            sum = fsum.iter().map(|v| v.to_bits()).collect();
-        }
         Ok(Aggregated {
             dropped: sites.len() - done.len(),
             survivors: done,
-            sum,
+            sum: sum.take(),
         })
     }
 
     /// Sends the current model to every connected site for evaluation on its test split.
     async fn evaluate(&mut self, round: u64) -> (Evaluation, BTreeMap<String, SiteResult>) {
         let sites = self.select();
-        let bytes = model::to_bytes(&self.global);
+        let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
         let deadline =

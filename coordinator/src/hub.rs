@@ -1,7 +1,9 @@
 //! Connected sites: who is there, how to reach them, and their per-site counters.
 //!
 //! Each agent session has a reader task that forwards the agent's messages into one inbox
-//! consumed by the round driver, and an outbound channel the driver sends on. Per-site state
+//! consumed by the round driver, and an outbound channel the driver sends on. Updates are the
+//! exception: the reader feeds them straight into the site's [`UploadSink`], so uploads are
+//! added in parallel by the readers instead of one by one by the driver. Per-site state
 //! lives in a [`ShardedMap`] because reader tasks update it concurrently while the driver (and
 //! later the status API) read it.
 
@@ -10,11 +12,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+
 use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::sharded::ShardedMap;
+use crate::upload::UploadSink;
 
 pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
@@ -68,6 +73,10 @@ pub enum Inbound {
         site: String,
         session: u64,
     },
+    /// The site's update is complete or was refused: the driver may close the stage early.
+    Uploaded {
+        site: String,
+    },
 }
 
 /// What kinds of message the coordinator has received, in total. In a secure run the count of
@@ -95,7 +104,7 @@ impl Received {
         use cohort_proto::v1::agent_message::Kind;
         let counter = match &msg.kind {
             Some(Kind::Join(_)) => &self.joins,
-            Some(Kind::Secagg(_)) => &self.secagg_chunks,
+            Some(Kind::Secagg(_) | Kind::MaskedInput(_)) => &self.secagg_chunks,
             Some(Kind::PlainUpdate(_)) => &self.plain_updates,
             Some(Kind::Eval(_)) => &self.evaluations,
             Some(Kind::Decline(_)) => &self.declines,
@@ -120,6 +129,8 @@ pub struct Hub {
     pub sites: ShardedMap<String, SiteState>,
     pub received: Received,
     outbound: ShardedMap<String, Outbound>,
+    /// The open aggregation's slot per site; empty between aggregations.
+    pub uploads: ShardedMap<String, UploadSink>,
     ids: Mutex<BTreeMap<String, u32>>,
     pub inbox: mpsc::Sender<Inbound>,
 }
@@ -129,6 +140,7 @@ impl Hub {
         Hub {
             sites: ShardedMap::new(4),
             outbound: ShardedMap::new(4),
+            uploads: ShardedMap::new(4),
             ids: Mutex::new(BTreeMap::new()),
             received: Received::default(),
             inbox,
@@ -213,14 +225,15 @@ impl Hub {
         ok
     }
 
-    /// Sends `bytes` as chunks of at most [`cohort_proto::MAX_CHUNK_BYTES`], wrapped by `wrap`.
+    /// Sends `bytes` as chunks of [`cohort_proto::CHUNK_BYTES`], wrapped by `wrap`. The chunks
+    /// share `bytes` (a model sent to every site is in memory once).
     pub async fn send_chunked(
         &self,
         site: &str,
-        bytes: &[u8],
+        bytes: &Bytes,
         wrap: fn(Chunk) -> coordinator_message::Kind,
     ) -> bool {
-        for chunk in cohort_proto::chunks(bytes) {
+        for chunk in cohort_proto::chunks(bytes.clone()) {
             if !self.send(site, wrap(chunk)).await {
                 return false;
             }

@@ -8,6 +8,7 @@ pub mod provision;
 pub mod service;
 pub mod sharded;
 pub mod tls;
+pub mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ pub use config::CoordinatorConfig;
 pub use driver::RunSummary;
 
 /// Largest gRPC message accepted (chunks are at most 4 MiB).
-const MAX_MESSAGE: usize = 8 * 1024 * 1024;
+const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
 
 /// Starts serving on `config.listen` and runs the configured rounds. `bound` receives the
 /// actual address (useful with port 0). Returns when training is finished.

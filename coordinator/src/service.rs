@@ -5,18 +5,17 @@ use std::time::Duration;
 
 use cohort_proto::v1::coordinator_server::Coordinator;
 use cohort_proto::v1::{
-    AgentMessage, CoordinatorMessage, Welcome, agent_message, coordinator_message,
+    AgentMessage, Chunk, CoordinatorMessage, Welcome, agent_message, coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::hub::{Hub, Inbound};
 
-/// Version of the session protocol; an agent speaking another is refused at join.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use cohort_proto::PROTOCOL_VERSION;
 
 #[derive(Debug)]
 pub struct Service {
@@ -108,6 +107,16 @@ impl Coordinator for Service {
                     Ok(Some(msg)) => {
                         hub.touch(&site, prost::Message::encoded_len(&msg) as u64);
                         hub.received.count(&msg);
+                        if let Some(
+                            agent_message::Kind::MaskedInput(chunk)
+                            | agent_message::Kind::PlainUpdate(chunk),
+                        ) = &msg.kind
+                        {
+                            if upload(&hub, &site, chunk).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
                         if hub
                             .inbox
                             .send(Inbound::Message {
@@ -136,4 +145,29 @@ impl Coordinator for Service {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Feeds an update chunk into the site's slot of the open aggregation, here on the site's own
+/// connection task so uploads from different sites are added in parallel. The driver is told
+/// when the update is complete or refused; Err means the driver is gone.
+async fn upload(hub: &Hub, site: &str, chunk: &Chunk) -> Result<(), ()> {
+    let Some(sink) = hub.uploads.get(&site.to_string()) else {
+        debug!(%site, "update chunk outside an open aggregation: ignored");
+        return Ok(());
+    };
+    let done = match sink.feed(&chunk.data, chunk.last) {
+        Ok(done) => done,
+        Err(reason) => {
+            warn!(%site, %reason, "update refused");
+            true
+        }
+    };
+    if done {
+        let site = site.to_string();
+        hub.inbox
+            .send(Inbound::Uploaded { site })
+            .await
+            .map_err(|_| ())?;
+    }
+    Ok(())
 }

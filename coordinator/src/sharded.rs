@@ -79,6 +79,11 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
         f(v)
     }
 
+    pub fn insert(&self, key: K, value: V) -> Option<V> {
+        let mut map = Self::lock(self.shard(&key));
+        map.insert(key, value)
+    }
+
     pub fn get(&self, key: &K) -> Option<V> {
         Self::lock(self.shard(key)).get(key).cloned()
     }

@@ -7,18 +7,33 @@ pub mod v1 {
     tonic::include_proto!("cohort.v1");
 }
 
-/// Largest payload chunk on the wire. gRPC's default message limit is 4 MiB; chunks stay
-/// below it with room for the envelope.
+use bytes::Bytes;
+
+/// Version of the session protocol, checked at join. 2: updates travel as their own chunk
+/// kind and are streamed into the aggregate.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Largest payload chunk accepted. gRPC's default message limit is 4 MiB; chunks stay below it
+/// with room for the envelope.
 pub const MAX_CHUNK_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
-/// Splits an encoded message into wire chunks of at most [`MAX_CHUNK_BYTES`]; the last one is
-/// marked. An empty message is one empty, last chunk.
-pub fn chunks(bytes: &[u8]) -> impl Iterator<Item = v1::Chunk> + '_ {
-    let n = bytes.len().div_ceil(MAX_CHUNK_BYTES).max(1);
+/// Largest encoded gRPC message either side accepts: a chunk and its envelope.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Size of the chunks Cohort sends. Each chunk is encoded into its own buffer per connection
+/// while it waits for the peer's flow-control window, so the chunk size times the number of
+/// sites bounds that memory: 256 KiB × 100 sites is 25 MiB, where 4 MiB chunks would be 400.
+/// Per-chunk overhead (a few dozen bytes of framing) stays negligible at this size.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Splits an encoded message into wire chunks of [`CHUNK_BYTES`]; the last one is marked. The
+/// chunks are views of `bytes`, not copies. An empty message is one empty, last chunk.
+pub fn chunks(bytes: Bytes) -> impl Iterator<Item = v1::Chunk> {
+    let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
     (0..n).map(move |i| {
-        let end = ((i + 1) * MAX_CHUNK_BYTES).min(bytes.len());
+        let end = ((i + 1) * CHUNK_BYTES).min(bytes.len());
         v1::Chunk {
-            data: bytes[(i * MAX_CHUNK_BYTES).min(end)..end].to_vec(),
+            data: bytes.slice((i * CHUNK_BYTES).min(end)..end),
             last: i + 1 == n,
         }
     })
@@ -30,18 +45,20 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_message_and_mark_the_last() {
-        let data = vec![7u8; 2 * MAX_CHUNK_BYTES + 5];
-        let c: Vec<v1::Chunk> = chunks(&data).collect();
+        let data = Bytes::from(vec![7u8; 2 * CHUNK_BYTES + 5]);
+        let c: Vec<v1::Chunk> = chunks(data.clone()).collect();
         assert_eq!(c.len(), 3);
-        assert!(c.iter().all(|x| x.data.len() <= MAX_CHUNK_BYTES));
+        assert!(c.iter().all(|x| x.data.len() <= CHUNK_BYTES));
+        let joined: Vec<u8> = c.iter().flat_map(|x| x.data.iter().copied()).collect();
+        assert_eq!(joined, data);
         assert_eq!(c.iter().map(|x| x.data.len()).sum::<usize>(), data.len());
         assert_eq!(c.iter().filter(|x| x.last).count(), 1);
         assert!(c[2].last);
-        let empty: Vec<v1::Chunk> = chunks(&[]).collect();
+        let empty: Vec<v1::Chunk> = chunks(Bytes::new()).collect();
         assert_eq!(
             empty,
             vec![v1::Chunk {
-                data: vec![],
+                data: Bytes::new(),
                 last: true
             }]
         );

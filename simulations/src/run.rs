@@ -132,6 +132,9 @@ pub struct RoundRow {
     pub sites: usize,
     pub dropped: usize,
     pub clipped: u64,
+    /// Attempts the round needed (1 unless an attempt was aborted and retried).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -401,6 +404,7 @@ fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
                 sites: r.sites,
                 dropped: r.dropped,
                 clipped: r.clipped,
+                attempts: r.attempts,
             })
             .collect(),
         per_site: run

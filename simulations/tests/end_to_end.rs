@@ -247,3 +247,24 @@ fn an_mlp_trained_with_fedadam_learns() {
     );
     assert!(s.final_.accuracy > 0.7, "{}", s.final_.accuracy);
 }
+
+#[test]
+fn a_site_that_dies_mid_upload_is_left_out_and_the_round_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(
+        dir.path(),
+        3,
+        true,
+        "\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
+    );
+    assert_eq!(s.rounds_completed, 3);
+    assert_eq!(s.rounds[0].attempts, 1);
+    // Attempt 1 is aborted (half a masked input is in its sum); attempt 2 runs without the site.
+    assert_eq!(s.rounds[1].attempts, 2, "{:?}", s.rounds);
+    assert_eq!(s.rounds[1].sites, 3);
+    assert_eq!(s.rounds[1].dropped, 0);
+    // The site reconnects and is back for the next round.
+    assert_eq!(s.rounds[2].sites, 4);
+    assert_eq!(s.rounds[2].attempts, 1);
+    assert!(s.final_.loss < s.initial.loss);
+}

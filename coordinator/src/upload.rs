@@ -1,0 +1,321 @@
+//! Where a site's streamed update goes while an aggregation is open.
+//!
+//! Updates are the only large thing agents send. Each connection task feeds its site's chunks
+//! straight into the site's slot, which adds them to a sum sharded by index range
+//! ([`ShardedAccumulator`]), so uploads from many sites are added in parallel and none is ever
+//! held whole. Secure rounds use the SecAgg+ server's own [`InputSlot`]s; plain comparison
+//! rounds use a [`PlainSlot`] with the same life cycle.
+
+use std::sync::{Arc, Mutex};
+
+use cohort_protocols::secagg::accumulator::{DEFAULT_SHARD_LEN, ElementCarry, ShardedAccumulator};
+use cohort_protocols::secagg::{InputSlot, Word};
+
+/// A site's slot in the open aggregation.
+#[derive(Debug, Clone)]
+pub enum UploadSink {
+    Masked32(Arc<InputSlot<u32>>),
+    Masked64(Arc<InputSlot<u64>>),
+    Plain(Arc<PlainSlot>),
+}
+
+impl UploadSink {
+    /// Feeds the next chunk; true once the update is complete.
+    pub fn feed(&self, bytes: &[u8], last: bool) -> Result<bool, String> {
+        match self {
+            UploadSink::Masked32(s) => s.feed(bytes, last).map_err(|e| e.to_string()),
+            UploadSink::Masked64(s) => s.feed(bytes, last).map_err(|e| e.to_string()),
+            UploadSink::Plain(s) => s.feed(bytes, last),
+        }
+    }
+}
+
+/// The ring elements a SecAgg+ round can use, each with its kind of sink.
+pub trait SinkWord: Word {
+    fn sink(slot: Arc<InputSlot<Self>>) -> UploadSink;
+}
+
+impl SinkWord for u32 {
+    fn sink(slot: Arc<InputSlot<u32>>) -> UploadSink {
+        UploadSink::Masked32(slot)
+    }
+}
+
+impl SinkWord for u64 {
+    fn sink(slot: Arc<InputSlot<u64>>) -> UploadSink {
+        UploadSink::Masked64(slot)
+    }
+}
+
+/// The sum of a plain aggregation.
+#[derive(Debug)]
+pub enum PlainSum {
+    /// Statistics: u64 vectors added with wrapping (their sums are exact integers).
+    Integer(ShardedAccumulator<u64>),
+    /// Training updates `[w, Δ…]` as f32: `sum[0] = Σw`, `sum[i] = Σ w·Δi`, in f64.
+    Weighted(ShardedAccumulator<f64>),
+}
+
+impl PlainSum {
+    pub fn new(len: usize, integer: bool) -> Self {
+        if integer {
+            PlainSum::Integer(ShardedAccumulator::new(len, DEFAULT_SHARD_LEN))
+        } else {
+            PlainSum::Weighted(ShardedAccumulator::new(len, DEFAULT_SHARD_LEN))
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            PlainSum::Integer(a) => a.len(),
+            PlainSum::Weighted(a) => a.len(),
+        }
+    }
+
+    fn width(&self) -> usize {
+        match self {
+            PlainSum::Integer(_) => 8,
+            PlainSum::Weighted(_) => 4,
+        }
+    }
+
+    /// The sum as u64 words (f64 bits for weighted sums), moved out.
+    pub fn take(&self) -> Vec<u64> {
+        match self {
+            PlainSum::Integer(a) => a.take(),
+            PlainSum::Weighted(a) => a.take().into_iter().map(f64::to_bits).collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum PlainState {
+    Open {
+        added: usize,
+        weight: f64,
+        carry: ElementCarry,
+    },
+    Complete,
+    Failed {
+        tainted: bool,
+    },
+    Sealed,
+}
+
+/// How a plain slot ended when the aggregation closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainOutcome {
+    Complete,
+    /// Nothing was added: the site simply counts as dropped.
+    Missing,
+    /// Part of the update is in the sum.
+    Partial,
+}
+
+/// One site's plain update, streamed into a [`PlainSum`]. The lock is the site's own; only
+/// sealing contends for it.
+#[derive(Debug)]
+pub struct PlainSlot {
+    sum: Arc<PlainSum>,
+    state: Mutex<PlainState>,
+}
+
+impl PlainSlot {
+    pub fn new(sum: Arc<PlainSum>) -> Self {
+        PlainSlot {
+            sum,
+            state: Mutex::new(PlainState::Open {
+                added: 0,
+                weight: 0.0,
+                carry: ElementCarry::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PlainState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn feed(&self, bytes: &[u8], last: bool) -> Result<bool, String> {
+        let mut state = self.state();
+        let PlainState::Open {
+            added,
+            weight,
+            carry,
+        } = &mut *state
+        else {
+            return Err(match &*state {
+                PlainState::Complete => "a second update from the same site".into(),
+                PlainState::Sealed => "the aggregation has closed".into(),
+                _ => "the site's update was already refused".into(),
+            });
+        };
+        let result = add_chunk(&self.sum, added, weight, carry, bytes, last);
+        let tainted = *added > 0;
+        match result {
+            Ok(true) => *state = PlainState::Complete,
+            Ok(false) => {}
+            Err(_) => *state = PlainState::Failed { tainted },
+        }
+        result
+    }
+
+    /// Whether nothing more will change before the deadline.
+    pub fn settled(&self) -> bool {
+        matches!(
+            *self.state(),
+            PlainState::Complete | PlainState::Failed { .. }
+        )
+    }
+
+    pub fn seal(&self) -> PlainOutcome {
+        let mut state = self.state();
+        let outcome = match &*state {
+            PlainState::Complete => PlainOutcome::Complete,
+            PlainState::Open { added: 0, .. } | PlainState::Sealed => PlainOutcome::Missing,
+            PlainState::Failed { tainted: false } => PlainOutcome::Missing,
+            PlainState::Open { .. } | PlainState::Failed { tainted: true } => PlainOutcome::Partial,
+        };
+        *state = PlainState::Sealed;
+        outcome
+    }
+}
+
+/// Adds one chunk's whole elements; every element is checked before any is added, so a
+/// refused chunk leaves the sum as it was.
+fn add_chunk(
+    sum: &PlainSum,
+    added: &mut usize,
+    weight: &mut f64,
+    carry: &mut ElementCarry,
+    bytes: &[u8],
+    last: bool,
+) -> Result<bool, String> {
+    let (len, width) = (sum.len(), sum.width());
+    let available = (carry.pending() + bytes.len()) / width;
+    if *added + available > len {
+        return Err(format!(
+            "the update has more than the {len} elements of this round"
+        ));
+    }
+    // The chunk's whole elements (a copy of at most one chunk; the plain path is only for
+    // comparison runs, and checking every element before adding keeps refusals clean).
+    let mut whole = Vec::with_capacity(available * width);
+    carry.feed(width, bytes, |w| whole.extend_from_slice(w));
+    let at = *added;
+    let count = whole.len() / width;
+    let range = match sum {
+        PlainSum::Integer(acc) => acc.update(at, count, |part, first| {
+            for (a, e) in part.iter_mut().zip(whole[first * 8..].chunks_exact(8)) {
+                *a = a.wrapping_add(u64::from_le_bytes(e.try_into().unwrap_or([0; 8])));
+            }
+        }),
+        PlainSum::Weighted(acc) => {
+            let values: Vec<f32> = whole
+                .chunks_exact(4)
+                .map(|e| f32::from_le_bytes([e[0], e[1], e[2], e[3]]))
+                .collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(format!("element {} is not a finite number", at + i));
+            }
+            if at == 0
+                && let Some(&w) = values.first()
+            {
+                if w < 0.0 {
+                    return Err(format!("the update's weight {w} is negative"));
+                }
+                *weight = w as f64;
+            }
+            let w = *weight;
+            acc.update(at, values.len(), |part, first| {
+                for (j, (a, v)) in part.iter_mut().zip(&values[first..]).enumerate() {
+                    // Element 0 is the weight itself: Σw. The others are weighted: Σ w·Δ.
+                    *a += if at + first + j == 0 {
+                        w
+                    } else {
+                        w * *v as f64
+                    };
+                }
+            })
+        }
+    };
+    range.map_err(|e| e.to_string())?;
+    *added += count;
+    if *added == len && carry.pending() == 0 {
+        return if last {
+            Ok(true)
+        } else {
+            Err("the update is complete but not marked as the last chunk".into())
+        };
+    }
+    if last {
+        return Err(format!(
+            "the update ended after {} of {len} elements",
+            *added
+        ));
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(weight: f32, delta: &[f32]) -> Vec<u8> {
+        std::iter::once(weight)
+            .chain(delta.iter().copied())
+            .flat_map(f32::to_le_bytes)
+            .collect()
+    }
+
+    #[test]
+    fn weighted_updates_stream_into_the_weighted_sum() {
+        let sum = Arc::new(PlainSum::new(4, false));
+        let a = PlainSlot::new(sum.clone());
+        let b = PlainSlot::new(sum.clone());
+        let ua = update(2.0, &[1.0, -1.0, 0.5]);
+        let ub = update(3.0, &[2.0, 0.0, -0.5]);
+        for (i, c) in ua.chunks(3).enumerate() {
+            let last = (i + 1) * 3 >= ua.len();
+            assert_eq!(a.feed(c, last), Ok(last));
+        }
+        assert_eq!(b.feed(&ub, true), Ok(true));
+        assert_eq!(a.seal(), PlainOutcome::Complete);
+        assert_eq!(b.seal(), PlainOutcome::Complete);
+        let s: Vec<f64> = sum.take().into_iter().map(f64::from_bits).collect();
+        assert_eq!(s, vec![5.0, 8.0, -2.0, -0.5]);
+    }
+
+    #[test]
+    fn bad_updates_are_refused_and_partial_ones_reported() {
+        let sum = Arc::new(PlainSum::new(3, false));
+        let nan = PlainSlot::new(sum.clone());
+        let err = nan.feed(&update(1.0, &[f32::NAN, 1.0]), true).unwrap_err();
+        assert!(err.contains("element 1 is not a finite number"), "{err}");
+        assert_eq!(nan.seal(), PlainOutcome::Missing);
+
+        let long = PlainSlot::new(sum.clone());
+        let err = long.feed(&update(1.0, &[1.0, 1.0, 1.0]), true).unwrap_err();
+        assert!(err.contains("more than the 3 elements"), "{err}");
+
+        let cut = PlainSlot::new(sum.clone());
+        let u = update(1.0, &[1.0, 1.0]);
+        assert_eq!(cut.feed(&u[..8], false), Ok(false));
+        assert_eq!(cut.seal(), PlainOutcome::Partial);
+        assert!(cut.feed(&u[8..], true).is_err(), "sealed");
+
+        let stopped = PlainSlot::new(sum);
+        assert!(stopped.feed(&u[..8], true).is_err());
+        assert_eq!(stopped.seal(), PlainOutcome::Partial);
+    }
+
+    #[test]
+    fn integer_sums_wrap() {
+        let sum = Arc::new(PlainSum::new(2, true));
+        for v in [[u64::MAX, 1], [2, 3]] {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert_eq!(PlainSlot::new(sum.clone()).feed(&bytes, true), Ok(true));
+        }
+        assert_eq!(sum.take(), vec![1, 4]);
+    }
+}
