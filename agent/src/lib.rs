@@ -4,7 +4,9 @@
 pub mod config;
 pub mod data;
 pub mod session;
+pub mod site;
 pub mod train;
 
 pub use config::AgentConfig;
-pub use session::run;
+pub use session::{run, run_site};
+pub use site::LocalSite;

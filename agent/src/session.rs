@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::config::{AgentConfig, Fault, FaultAction, FaultStage};
 use crate::data::SiteData;
-use crate::train;
+use crate::site::LocalSite;
 use cohort_protocols::model::TrainingConfig;
 
 pub use cohort_proto::PROTOCOL_VERSION;
@@ -103,6 +103,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("loading the site's data")?,
     );
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
+    run_site(cfg, data).await
+}
+
+/// Runs the agent for `site` until the coordinator shuts the federation down: connects,
+/// reconnects with backoff, and answers rounds.
+pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> {
     let creds = Arc::new(load_credentials(&cfg)?);
     let mut backoff = cfg.reconnect.initial_ms;
     let mut fired: Vec<Fault> = Vec::new();
@@ -150,7 +156,7 @@ struct Round {
 
 struct Session<'a> {
     cfg: &'a AgentConfig,
-    data: &'a Arc<SiteData>,
+    data: &'a Arc<dyn LocalSite>,
     creds: &'a Arc<Credentials>,
     out: mpsc::Sender<AgentMessage>,
     site_id: Option<u32>,
@@ -191,7 +197,7 @@ fn outgoing<W: Word>(mut m: ClientMessage<W>, truncate: bool) -> Outgoing {
 
 async fn session(
     cfg: &AgentConfig,
-    data: &Arc<SiteData>,
+    data: &Arc<dyn LocalSite>,
     creds: &Arc<Credentials>,
     welcomed: &mut bool,
     fired: &mut Vec<Fault>,
@@ -228,7 +234,7 @@ async fn session(
     out.send(AgentMessage {
         kind: Some(agent_message::Kind::Join(Join {
             site: cfg.site.clone(),
-            examples: data.train.len() as u64,
+            examples: data.train_examples(),
             schema_hash: cfg.schema.hash(),
             protocol_version: PROTOCOL_VERSION,
         })),
@@ -247,8 +253,8 @@ async fn session(
         out,
         site_id: None,
         round: None,
-        mean: vec![0.0; data.inputs],
-        std: vec![1.0; data.inputs],
+        mean: vec![0.0; data.inputs()],
+        std: vec![1.0; data.inputs()],
         trained: trained_tx,
         fired,
     };
@@ -314,13 +320,13 @@ impl Session<'_> {
         };
         let spec = ModelSpec {
             kind,
-            inputs: self.data.inputs,
+            inputs: self.data.inputs(),
             hidden,
         };
         if spec.num_params() != params {
             bail!(
                 "the coordinator's model has {params} parameters but this site's data gives {} inputs ({} parameters): do the schemas match?",
-                self.data.inputs,
+                self.data.inputs(),
                 spec.num_params()
             );
         }
@@ -368,8 +374,8 @@ impl Session<'_> {
     }
 
     async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
-        if start.feature_mean.len() == self.data.inputs
-            && start.feature_std.len() == self.data.inputs
+        if start.feature_mean.len() == self.data.inputs()
+            && start.feature_std.len() == self.data.inputs()
             && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
             && start.feature_mean.iter().all(|m| m.is_finite())
         {
@@ -431,10 +437,10 @@ impl Session<'_> {
                 let data = self.data.clone();
                 let (mean, std) = (self.mean.clone(), self.std.clone());
                 let eval = tokio::task::spawn_blocking(move || {
-                    let x = data.test.standardised(&mean, &std);
-                    train::evaluate(&spec, &params, &x, &data.test.labels)
+                    data.evaluate(&spec, &params, (&mean, &std))
                 })
-                .await??;
+                .await?
+                .map_err(|e| anyhow!("evaluation failed: {e}"))?;
                 self.send(agent_message::Kind::Eval(EvalReport {
                     round: start.round,
                     examples: eval.examples as u64,
@@ -457,10 +463,7 @@ impl Session<'_> {
                     ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)
                     ^ site_hash(&self.cfg.site);
                 tokio::task::spawn_blocking(move || {
-                    let x = data.train.standardised(&mean, &std);
-                    let result = train::train(&spec, &params, &x, &data.train, &cfg, seed)
-                        .map(|new| new.iter().zip(&params).map(|(a, b)| a - b).collect())
-                        .map_err(|e| e.to_string());
+                    let result = data.train(&spec, &params, (&mean, &std), &cfg, seed);
                     let _ = tx.blocking_send((round, attempt, result));
                 });
             }
@@ -490,7 +493,7 @@ impl Session<'_> {
                     .await;
             }
         };
-        let weight = self.data.train.len() as u64;
+        let weight = self.data.train_examples();
         let secure = self.round.as_ref().is_some_and(|r| r.start.secure);
         if secure {
             self.provide(Pending::Delta { delta, weight }).await

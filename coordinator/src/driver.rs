@@ -15,9 +15,11 @@ use cohort_proto::v1::{
 };
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec, stats};
+use cohort_protocols::secagg::accumulator::Ranges;
+use cohort_protocols::secagg::quant::{CLIPPED_INDEX, VALUES_OFFSET, WEIGHT_INDEX};
 use cohort_protocols::secagg::{
-    AbortReason, ClientMessage, Modulus, Output, Params, Poll, RoundId, Server, ServerStage,
-    StageTimeouts, dequantise,
+    AbortReason, ClientMessage, Dequantiser, Modulus, Output, Params, Poll, RoundId, Server,
+    ServerStage, StageTimeouts,
 };
 use cohort_protocols::strategy::Strategy;
 use serde::Serialize;
@@ -27,7 +29,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::hub::{Hub, Inbound};
-use crate::upload::{PlainOutcome, PlainSlot, PlainSum, SinkWord, UploadSink};
+use crate::upload::{PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -217,10 +219,17 @@ impl Reassembler {
     }
 }
 
-/// The result of one aggregation: the sum of the survivors' vectors as u64 (modulo the round's
-/// modulus; f64 bits in plain training rounds), the survivors and the number dropped.
-struct Aggregated {
-    sum: Vec<u64>,
+/// What the coordinator learns from a secure round besides the update: Σw and the number of
+/// clipped values.
+struct Unmasked {
+    total_weight: u64,
+    clipped: u64,
+}
+
+/// The result of one aggregation: the sum of the survivors' vectors (ring elements of the
+/// round's modulus, or a plain sum), the survivors and the number dropped.
+struct Aggregated<T> {
+    sum: T,
     survivors: Vec<String>,
     dropped: usize,
 }
@@ -302,7 +311,8 @@ impl Driver {
         for r in 1..=self.cfg.rounds.count {
             let started = Instant::now();
             let span = info_span!("round", round = r);
-            let (agg_mean, total_weight, clipped, sites, dropped, attempts) = async {
+            // The round's update is applied to the global model inside `train_round`.
+            let (total_weight, clipped, sites, dropped, attempts) = async {
                 let mut attempts = 0;
                 let result = self
                     .with_attempts(r, |d, attempt| {
@@ -310,20 +320,13 @@ impl Driver {
                         Box::pin(d.train_round(r, attempt))
                     })
                     .await?;
-                Ok::<_, DriverError>((result.0, result.1, result.2, result.3, result.4, attempts))
+                Ok::<_, DriverError>((result.0, result.1, result.2, result.3, attempts))
             }
             .instrument(span.clone())
             .await?;
-            if let Err(e) = self.strategy.apply(&mut self.global, &agg_mean) {
-                return Err(DriverError::RoundFailed {
-                    round: r,
-                    attempts,
-                    reason: e.to_string(),
-                });
-            }
             let (eval, sites_eval) = self.evaluate(r).instrument(span).await;
             per_site = sites_eval;
-            let hash = model::sha3_512(&model::to_bytes(&self.global));
+            let hash = model::params_sha3_512(&self.global);
             let summary = RoundSummary {
                 round: r,
                 attempts,
@@ -501,26 +504,30 @@ impl Driver {
         let plain = (!self.secure()).then(|| PlainAggregation::open(&self.hub, &sites, len, true));
         let start = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
-        let agg = if self.secure() {
+        if self.secure() {
             let params = Params {
                 modulus: Modulus::Bits64,
                 ..self.cfg.secagg.params(sites.len() as u32, (len - 2) as u32)
             };
-            self.secagg::<u64>(RoundId::new(0, attempt), &sites, params)
-                .await?
+            let agg = self
+                .secagg::<u64>(RoundId::new(0, attempt), &sites, params)
+                .await?;
+            Ok(agg.sum.to_vec())
         } else {
-            self.plain_sum(plain, &sites).await?
-        };
-        let Aggregated { sum, .. } = agg;
-        Ok(sum)
+            match self.plain_sum(plain, &sites).await?.sum {
+                PlainTotals::Integer(sum) => Ok(sum.to_vec()),
+                PlainTotals::Weighted(_) => Err("statistics must be summed as integers".into()),
+            }
+        }
     }
 
-    /// One training round: returns (mean delta, total weight, clipped, sites, dropped).
+    /// One training round, applied to the global model: returns (total weight, clipped,
+    /// sites, dropped).
     async fn train_round(
         &mut self,
         round: u64,
         attempt: u32,
-    ) -> Result<(Vec<f32>, u64, u64, usize, usize), String> {
+    ) -> Result<(u64, u64, usize, usize), String> {
         let sites = self.select();
         let dim = self.spec.num_params();
         let plain =
@@ -528,34 +535,26 @@ impl Driver {
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
+        // The queues to the sites hold views of it until sent; this copy is no longer needed.
+        drop(bytes);
         for (s, _) in &sites {
             self.hub.record(s, |st| st.rounds_joined += 1);
         }
         if self.secure() {
             let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
-            let agg = match params.modulus {
+            let id = RoundId::new(round, attempt);
+            // The sum stays in the round's own word size (a 2^32 sum is half the memory) and
+            // in its ranges, dequantised and applied range by range.
+            let (a, dropped) = match params.modulus {
                 Modulus::Bits32 => {
-                    self.secagg::<u32>(RoundId::new(round, attempt), &sites, params.clone())
-                        .await?
+                    let agg = self.secagg::<u32>(id, &sites, params.clone()).await?;
+                    (self.apply_masked(&params, &agg)?, agg.dropped)
                 }
                 Modulus::Bits64 => {
-                    self.secagg::<u64>(RoundId::new(round, attempt), &sites, params.clone())
-                        .await?
+                    let agg = self.secagg::<u64>(id, &sites, params.clone()).await?;
+                    (self.apply_masked(&params, &agg)?, agg.dropped)
                 }
             };
-            let Aggregated {
-                sum,
-                survivors,
-                dropped,
-            } = agg;
-            let a = match params.modulus {
-                Modulus::Bits32 => {
-                    let s: Vec<u32> = sum.iter().map(|v| *v as u32).collect();
-                    dequantise(&params, &s, survivors.len())
-                }
-                Modulus::Bits64 => dequantise(&params, &sum, survivors.len()),
-            }
-            .map_err(|e| e.to_string())?;
             if a.clipped > 0 {
                 warn!(
                     round,
@@ -565,20 +564,75 @@ impl Driver {
                     params.clip
                 );
             }
-            Ok((a.mean, a.total_weight, a.clipped, sites.len(), dropped))
+            Ok((a.total_weight, a.clipped, sites.len(), dropped))
         } else {
             let Aggregated { sum, dropped, .. } = self.plain_sum(plain, &sites).await?;
-            // plain: sum[0] = Σw (as f64 bits), sum[1..] = Σ wΔ (f64 bits)
-            let total = f64::from_bits(sum[0]);
+            let PlainTotals::Weighted(sum) = sum else {
+                return Err("training updates must be summed as weighted floats".into());
+            };
+            // sum[0] = Σw, sum[1..] = Σ wΔ
+            let total = sum.get(0).unwrap_or(0.0);
             if total <= 0.0 {
                 return Err("the surviving sites reported no examples".into());
             }
-            let mean = sum[1..]
-                .iter()
-                .map(|v| (f64::from_bits(*v) / total) as f32)
-                .collect();
-            Ok((mean, total as u64, 0, sites.len(), dropped))
+            self.apply_ranges(&sum, 1, |v| (v / total) as f32)?;
+            Ok((total as u64, 0, sites.len(), dropped))
         }
+    }
+
+    /// Dequantises the unmasked sum range by range and applies each range of the mean to the
+    /// global model, so no second model-sized vector is ever allocated.
+    fn apply_masked<W: SinkWord>(
+        &mut self,
+        params: &Params,
+        agg: &Aggregated<Ranges<W>>,
+    ) -> Result<Unmasked, String> {
+        let sum = &agg.sum;
+        let d = Dequantiser::new(
+            params,
+            sum.len(),
+            sum.get(WEIGHT_INDEX),
+            agg.survivors.len(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.apply_ranges(sum, VALUES_OFFSET, |z| d.mean(z))?;
+        Ok(Unmasked {
+            total_weight: d.total_weight,
+            clipped: sum.get(CLIPPED_INDEX).map_or(0, |c| c.to_u64()),
+        })
+    }
+
+    /// Applies the mean delta `mean(sum[head..])` to the global model range by range (the
+    /// first `head` elements of the sum are totals, not values).
+    fn apply_ranges<T: Copy>(
+        &mut self,
+        sum: &Ranges<T>,
+        head: usize,
+        mean: impl Fn(T) -> f32,
+    ) -> Result<(), String> {
+        if sum.len() != self.global.len() + head {
+            return Err(format!(
+                "the sum has {} elements for a model of {} parameters",
+                sum.len(),
+                self.global.len()
+            ));
+        }
+        let mut index = 0;
+        let mut block = Vec::new();
+        for part in sum.parts() {
+            let skip = head.saturating_sub(index).min(part.len());
+            if skip == part.len() {
+                index += part.len();
+                continue;
+            }
+            block.clear();
+            block.extend(part[skip..].iter().map(|z| mean(*z)));
+            self.strategy
+                .apply_range(&mut self.global, index + skip - head, &block)
+                .map_err(|e| e.to_string())?;
+            index += part.len();
+        }
+        Ok(())
     }
 
     /// Runs one SecAgg+ aggregation among `sites`.
@@ -587,7 +641,7 @@ impl Driver {
         round: RoundId,
         sites: &[(String, u32)],
         params: Params,
-    ) -> Result<Aggregated, String> {
+    ) -> Result<Aggregated<Ranges<W>>, String> {
         let clock = Instant::now();
         let by_id: HashMap<u32, String> = sites.iter().map(|(s, id)| (*id, s.clone())).collect();
         let by_name: HashMap<String, u32> = sites.iter().map(|(s, id)| (s.clone(), *id)).collect();
@@ -654,7 +708,7 @@ impl Driver {
                         }
                     }
                     return Ok(Aggregated {
-                        sum: sum.into_iter().map(|w| w.to_u64()).collect(),
+                        sum,
                         survivors: survivors
                             .iter()
                             .filter_map(|id| by_id.get(id).cloned())
@@ -737,7 +791,7 @@ impl Driver {
         &mut self,
         plain: Option<PlainAggregation>,
         sites: &[(String, u32)],
-    ) -> Result<Aggregated, String> {
+    ) -> Result<Aggregated<PlainTotals>, String> {
         let Some(PlainAggregation {
             sum,
             mut slots,

@@ -8,7 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use cohort_protocols::secagg::accumulator::{DEFAULT_SHARD_LEN, ElementCarry, ShardedAccumulator};
+use cohort_protocols::secagg::accumulator::{
+    DEFAULT_SHARD_LEN, ElementCarry, Ranges, ShardedAccumulator,
+};
 use cohort_protocols::secagg::{InputSlot, Word};
 
 /// A site's slot in the open aggregation.
@@ -79,13 +81,20 @@ impl PlainSum {
         }
     }
 
-    /// The sum as u64 words (f64 bits for weighted sums), moved out.
-    pub fn take(&self) -> Vec<u64> {
+    /// The sum, moved out.
+    pub fn take(&self) -> PlainTotals {
         match self {
-            PlainSum::Integer(a) => a.take(),
-            PlainSum::Weighted(a) => a.take().into_iter().map(f64::to_bits).collect(),
+            PlainSum::Integer(a) => PlainTotals::Integer(a.take()),
+            PlainSum::Weighted(a) => PlainTotals::Weighted(a.take()),
         }
     }
+}
+
+/// A finished plain sum.
+#[derive(Debug)]
+pub enum PlainTotals {
+    Integer(Ranges<u64>),
+    Weighted(Ranges<f64>),
 }
 
 #[derive(Debug)]
@@ -282,8 +291,10 @@ mod tests {
         assert_eq!(b.feed(&ub, true), Ok(true));
         assert_eq!(a.seal(), PlainOutcome::Complete);
         assert_eq!(b.seal(), PlainOutcome::Complete);
-        let s: Vec<f64> = sum.take().into_iter().map(f64::from_bits).collect();
-        assert_eq!(s, vec![5.0, 8.0, -2.0, -0.5]);
+        let PlainTotals::Weighted(s) = sum.take() else {
+            panic!("a weighted sum")
+        };
+        assert_eq!(s.to_vec(), vec![5.0, 8.0, -2.0, -0.5]);
     }
 
     #[test]
@@ -316,6 +327,9 @@ mod tests {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             assert_eq!(PlainSlot::new(sum.clone()).feed(&bytes, true), Ok(true));
         }
-        assert_eq!(sum.take(), vec![1, 4]);
+        let PlainTotals::Integer(s) = sum.take() else {
+            panic!("an integer sum")
+        };
+        assert_eq!(s.to_vec(), vec![1, 4]);
     }
 }

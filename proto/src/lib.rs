@@ -24,7 +24,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// while it waits for the peer's flow-control window, so the chunk size times the number of
 /// sites bounds that memory: 256 KiB × 100 sites is 25 MiB, where 4 MiB chunks would be 400.
 /// Per-chunk overhead (a few dozen bytes of framing) stays negligible at this size.
-pub const CHUNK_BYTES: usize = 256 * 1024;
+pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Splits an encoded message into wire chunks of [`CHUNK_BYTES`]; the last one is marked. The
 /// chunks are views of `bytes`, not copies. An empty message is one empty, last chunk.

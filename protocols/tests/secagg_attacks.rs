@@ -478,7 +478,7 @@ fn wrong_length_upload_drops_the_site_and_the_round_completes() {
         panic!("not done")
     };
     assert_eq!(out.dropped, vec![bad]);
-    assert_eq!(out.sum, expected);
+    assert_eq!(out.sum.to_vec(), expected);
 }
 
 #[test]
@@ -793,7 +793,7 @@ fn streamed_uploads_are_checked_before_anything_reaches_the_sum() {
         }
         let late = slot(&w, 0);
         let out = finish(&mut w).expect("the others complete the round");
-        assert_eq!(out.sum, expected, "{kind}");
+        assert_eq!(out.sum.to_vec(), expected, "{kind}");
         assert_eq!(out.dropped, vec![1], "{kind}");
         let refused: Vec<_> = w.server.rejections().iter().map(|r| r.client).collect();
         assert_eq!(refused, vec![1], "{kind}");

@@ -1,5 +1,6 @@
 //! Cohort simulations and benchmarks: many sites in one process.
 
+pub mod fl_bench;
 pub mod plot;
 pub mod run;
 pub mod secagg_bench;

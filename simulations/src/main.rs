@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cohort_sim::{run, secagg_bench};
+use cohort_sim::{fl_bench, run, secagg_bench};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,12 +29,30 @@ enum Command {
     /// over real gRPC and mutual TLS on 127.0.0.1. Writes summary.json, rounds.csv and
     /// accuracy.png to --out.
     Run(run::RunArgs),
+    /// Benchmark federated rounds at scale: N synthetic sites send random updates of a
+    /// P-parameter model over mTLS gRPC; reports seconds per round, secure against plain, and
+    /// the coordinator's peak RSS (its own process).
+    FlBench(fl_bench::FlBenchArgs),
+    /// Internal: one process of `fl-bench` (the coordinator, or all the agents).
+    #[command(hide = true)]
+    FlBenchRole(fl_bench::RoleArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::SecaggBench(args) => secagg_bench::main(&args),
+        Command::FlBench(args) => fl_bench::main(&args),
+        Command::FlBenchRole(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            fl_bench::role(&args)
+        }
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -145,11 +145,11 @@ pub struct SiteRow {
     pub auc: f64,
 }
 
-fn table(pairs: Vec<(&str, toml::Value)>) -> toml::Table {
+pub(crate) fn table(pairs: Vec<(&str, toml::Value)>) -> toml::Table {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-fn path_value(p: &Path) -> toml::Value {
+pub(crate) fn path_value(p: &Path) -> toml::Value {
     toml::Value::String(p.display().to_string())
 }
 
@@ -313,39 +313,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             if let Some(t) = &site.test_csv {
                 data.insert("test_csv".into(), path_value(&base.join(t)));
             }
-            let agent = table(vec![
-                ("site", toml::Value::String(site.name.clone())),
-                (
-                    "coordinator",
-                    toml::Value::Table(table(vec![
-                        (
-                            "url",
-                            toml::Value::String(format!("https://127.0.0.1:{}", addr.port())),
-                        ),
-                        ("server_name", toml::Value::String("localhost".into())),
-                    ])),
-                ),
-                (
-                    "tls",
-                    toml::Value::Table(table(vec![
-                        ("ca_cert", path_value(&dir.join("ca.pem"))),
-                        ("cert", path_value(&dir.join("cert.pem"))),
-                        ("key", path_value(&dir.join("key.pem"))),
-                    ])),
-                ),
-                ("data", toml::Value::Table(data)),
-                ("schema", toml::Value::Table(s.schema.clone())),
-                (
-                    "reconnect",
-                    toml::Value::Table(table(vec![
-                        ("initial_ms", toml::Value::Integer(100)),
-                        ("max_ms", toml::Value::Integer(2000)),
-                    ])),
-                ),
-                ("faults", toml::Value::Array(faults)),
-            ]);
-            let cfg = AgentConfig::parse(&toml::to_string(&agent)?)
-                .with_context(|| format!("agent configuration for {}", site.name))?;
+            let cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
         let summary = coordinator.await.context("coordinator task")??;
@@ -364,6 +332,51 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     });
     let run = result?;
     Ok(summarise(run, started.elapsed().as_secs_f64()))
+}
+
+/// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
+/// the coordinator on 127.0.0.1:`port`.
+pub(crate) fn agent_config(
+    site: &str,
+    dir: &Path,
+    port: u16,
+    data: toml::Table,
+    schema: &toml::Table,
+    faults: Vec<toml::Value>,
+) -> Result<AgentConfig> {
+    let agent = table(vec![
+        ("site", toml::Value::String(site.to_string())),
+        (
+            "coordinator",
+            toml::Value::Table(table(vec![
+                (
+                    "url",
+                    toml::Value::String(format!("https://127.0.0.1:{port}")),
+                ),
+                ("server_name", toml::Value::String("localhost".into())),
+            ])),
+        ),
+        (
+            "tls",
+            toml::Value::Table(table(vec![
+                ("ca_cert", path_value(&dir.join("ca.pem"))),
+                ("cert", path_value(&dir.join("cert.pem"))),
+                ("key", path_value(&dir.join("key.pem"))),
+            ])),
+        ),
+        ("data", toml::Value::Table(data)),
+        ("schema", toml::Value::Table(schema.clone())),
+        (
+            "reconnect",
+            toml::Value::Table(table(vec![
+                ("initial_ms", toml::Value::Integer(100)),
+                ("max_ms", toml::Value::Integer(2000)),
+            ])),
+        ),
+        ("faults", toml::Value::Array(faults)),
+    ]);
+    AgentConfig::parse(&toml::to_string(&agent)?)
+        .with_context(|| format!("agent configuration for {site}"))
 }
 
 fn read_header(path: &Path) -> Result<Vec<String>> {

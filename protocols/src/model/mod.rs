@@ -187,9 +187,26 @@ pub fn sha3_512(bytes: &[u8]) -> [u8; 64] {
     Sha3_512::digest(bytes).into()
 }
 
+/// `sha3_512(&to_bytes(params))` without the copy of the model that `to_bytes` makes.
+pub fn params_sha3_512(params: &[f32]) -> [u8; 64] {
+    let mut h = Sha3_512::new();
+    for block in params.chunks(4096) {
+        let bytes: Vec<u8> = block.iter().flat_map(|p| p.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streaming_hash_equals_the_hash_of_the_bytes() {
+        let params: Vec<f32> = (0..10_000).map(|i| i as f32 * 0.37 - 5.0).collect();
+        assert_eq!(params_sha3_512(&params), sha3_512(&to_bytes(&params)));
+        assert_ne!(params_sha3_512(&params[1..]), sha3_512(&to_bytes(&params)));
+    }
 
     #[test]
     fn layout_and_init() {

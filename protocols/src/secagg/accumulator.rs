@@ -118,14 +118,22 @@ impl<T: Copy + Default> ShardedAccumulator<T> {
         Ok(())
     }
 
-    /// Moves the sum out, leaving the ranges empty. Each range is freed as it is copied, so
-    /// this needs one sum's worth of extra memory at most for a moment.
-    pub fn take(&self) -> Vec<T> {
-        let mut out = Vec::with_capacity(self.len);
+    /// Moves the sum out as its ranges, leaving them empty. No copy: joining the ranges into
+    /// one vector would need a second sum's worth of memory just when memory is tightest.
+    pub fn take(&self) -> Ranges<T> {
+        Ranges(
+            self.shards
+                .iter()
+                .map(|s| std::mem::take(&mut *Self::lock(s)))
+                .collect(),
+        )
+    }
+
+    /// Calls `f` on every range in index order, each locked only while `f` runs on it.
+    pub fn for_each_range(&self, mut f: impl FnMut(&mut [T])) {
         for shard in &self.shards {
-            out.extend(std::mem::take(&mut *Self::lock(shard)));
+            f(&mut Self::lock(shard));
         }
-        out
     }
 
     pub fn stats(&self) -> Vec<RangeStats> {
@@ -138,6 +146,44 @@ impl<T: Copy + Default> ShardedAccumulator<T> {
                 wait_nanos: s.wait_nanos.load(Ordering::Relaxed),
             })
             .collect()
+    }
+}
+
+/// A finished sum, still split into its index ranges (in order).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ranges<T>(Vec<Vec<T>>);
+
+impl<T: Copy> Ranges<T> {
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Vec::is_empty)
+    }
+
+    /// The ranges in index order.
+    pub fn parts(&self) -> impl Iterator<Item = &[T]> {
+        self.0.iter().map(Vec::as_slice)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flatten()
+    }
+
+    pub fn get(&self, mut i: usize) -> Option<T> {
+        for part in &self.0 {
+            if i < part.len() {
+                return Some(part[i]);
+            }
+            i -= part.len();
+        }
+        None
+    }
+
+    /// The whole sum in one vector (a copy).
+    pub fn to_vec(&self) -> Vec<T> {
+        self.iter().copied().collect()
     }
 }
 
@@ -211,7 +257,7 @@ mod tests {
         for t in threads {
             t.join().expect("thread");
         }
-        let sum = acc.take();
+        let sum = acc.take().to_vec();
         assert_eq!(sum.len(), len);
         for (i, v) in sum.iter().enumerate() {
             assert_eq!(*v, (i as u32).wrapping_mul(10), "element {i}");
@@ -237,7 +283,14 @@ mod tests {
         );
         assert!(acc.update(usize::MAX, 2, |_, _| calls += 1).is_err());
         assert_eq!(calls, 0);
-        assert_eq!(acc.take(), vec![0; 10]);
+        let sum = acc.take();
+        assert_eq!(sum.to_vec(), vec![0; 10]);
+        assert_eq!(
+            sum.parts().map(<[u64]>::len).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
+        assert_eq!(sum.get(9), Some(0));
+        assert_eq!(sum.get(10), None);
     }
 
     #[test]

@@ -35,8 +35,10 @@ pub use messages::{
     UnmaskShares, VERSION,
 };
 pub use params::{MAX_DIM, Modulus, ParamError, Params};
-pub use prg::{MaskCipher, MaskSeed, Sign, apply_mask, keystream};
-pub use quant::{Aggregate, ClipReport, QuantError, QuantisedInput, dequantise, quantise};
+pub use prg::{MaskCipher, MaskSeed, MaskStream, Sign, apply_mask, keystream};
+pub use quant::{
+    Aggregate, ClipReport, Dequantiser, QuantError, QuantisedInput, dequantise, quantise,
+};
 pub use server::{
     Abort, AbortReason, Output, Poll, RejectReason, Rejection, Server, ServerStage, StageTimeouts,
 };

@@ -63,7 +63,35 @@ impl Sign {
 /// `target += sign * PRG(seed)` element-wise modulo 2^BITS, each element drawn from
 /// `W::BYTES` bytes of keystream (uniform modulo 2^BITS).
 pub fn apply_mask<W: Word>(target: &mut [W], seed: &MaskSeed, sign: Sign) {
-    let mut cipher = seed.cipher();
+    MaskStream::new(seed).apply(target, sign);
+}
+
+/// A mask applied piece by piece: consecutive calls continue the keystream, so applying it to
+/// the consecutive ranges of a split vector equals applying it to the whole vector.
+pub struct MaskStream {
+    cipher: MaskCipher,
+}
+
+impl std::fmt::Debug for MaskStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaskStream(..)")
+    }
+}
+
+impl MaskStream {
+    pub fn new(seed: &MaskSeed) -> Self {
+        MaskStream {
+            cipher: seed.cipher(),
+        }
+    }
+
+    /// Adds or subtracts the next `target.len()` mask elements.
+    pub fn apply<W: Word>(&mut self, target: &mut [W], sign: Sign) {
+        apply_with(&mut self.cipher, target, sign)
+    }
+}
+
+fn apply_with<W: Word>(cipher: &mut MaskCipher, target: &mut [W], sign: Sign) {
     let mut buf = [0u8; BLOCK_BYTES];
     for chunk in target.chunks_mut(BLOCK_BYTES / W::BYTES) {
         let bytes = &mut buf[..chunk.len() * W::BYTES];
@@ -127,6 +155,22 @@ mod tests {
             let m = u32::from_le_bytes(stream[i * 4..i * 4 + 4].try_into().unwrap_or_default());
             assert_eq!(*x, 0u32.wrapping_sub(m), "element {i}");
         }
+    }
+
+    #[test]
+    fn a_mask_streamed_over_ranges_equals_the_whole_mask() {
+        let seed = MaskSeed([9u8; 32]);
+        let mut whole = vec![0u32; 5000];
+        apply_mask(&mut whole, &seed, Sign::Add);
+        let mut pieces = vec![0u32; 5000];
+        let mut stream = MaskStream::new(&seed);
+        // Odd lengths: ranges end in the middle of AES blocks.
+        let (a, rest) = pieces.split_at_mut(7);
+        let (b, c) = rest.split_at_mut(2049);
+        for part in [a, b, c] {
+            stream.apply(part, Sign::Add);
+        }
+        assert_eq!(pieces, whole);
     }
 
     #[test]

@@ -152,35 +152,61 @@ pub fn dequantise<W: Word>(
     sum: &[W],
     survivors: usize,
 ) -> Result<Aggregate, QuantError> {
-    if sum.len() != params.vector_len() {
-        return Err(QuantError::WrongAggregateLength {
-            got: sum.len(),
-            expected: params.vector_len(),
-        });
-    }
-    if survivors == 0 {
-        return Err(QuantError::NoSurvivors);
-    }
-    let total_weight = sum[WEIGHT_INDEX].to_u64();
-    if total_weight == 0 {
-        return Err(QuantError::ZeroWeight);
-    }
-    let s = scale(params);
-    let c = params.clip as f64;
-    let m = survivors as f64;
-    // Σ w' = Σ w / W
-    let w_frac_sum = total_weight as f64 / params.max_weight as f64;
-    let mean = sum[VALUES_OFFSET..]
-        .iter()
-        .map(|z| ((z.to_u64() as f64 / s - m * c) / w_frac_sum) as f32)
-        .collect();
+    let d = Dequantiser::new(params, sum.len(), sum.get(WEIGHT_INDEX).copied(), survivors)?;
     Ok(Aggregate {
-        total_weight,
+        total_weight: d.total_weight,
         clipped: sum[CLIPPED_INDEX].to_u64(),
         survivors,
-        mean,
-        error_bound: error_bound(params, survivors, total_weight),
+        mean: sum[VALUES_OFFSET..].iter().map(|z| d.mean(*z)).collect(),
+        error_bound: error_bound(params, survivors, d.total_weight),
     })
+}
+
+/// [`dequantise`] one element at a time, for sums too large to turn into a second vector:
+/// the coordinator applies each range of the mean to the model as it is computed.
+#[derive(Debug, Clone, Copy)]
+pub struct Dequantiser {
+    pub total_weight: u64,
+    scale: f64,
+    offset: f64,
+    w_frac_sum: f64,
+}
+
+impl Dequantiser {
+    /// `len` is the sum's length and `weight` its element [`WEIGHT_INDEX`] (Σw).
+    pub fn new<W: Word>(
+        params: &Params,
+        len: usize,
+        weight: Option<W>,
+        survivors: usize,
+    ) -> Result<Self, QuantError> {
+        if len != params.vector_len() {
+            return Err(QuantError::WrongAggregateLength {
+                got: len,
+                expected: params.vector_len(),
+            });
+        }
+        if survivors == 0 {
+            return Err(QuantError::NoSurvivors);
+        }
+        let total_weight = weight.map_or(0, W::to_u64);
+        if total_weight == 0 {
+            return Err(QuantError::ZeroWeight);
+        }
+        Ok(Dequantiser {
+            total_weight,
+            scale: scale(params),
+            offset: survivors as f64 * params.clip as f64,
+            // Σ w' = Σ w / W
+            w_frac_sum: total_weight as f64 / params.max_weight as f64,
+        })
+    }
+
+    /// The weighted mean of one summed element (one of the sum's values, from
+    /// [`VALUES_OFFSET`] on).
+    pub fn mean<W: Word>(&self, z: W) -> f32 {
+        ((z.to_u64() as f64 / self.scale - self.offset) / self.w_frac_sum) as f32
+    }
 }
 
 /// Each site's rounding error is below one quantisation step 1/s in units of w'Δ, so the sum's

@@ -18,12 +18,12 @@ use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
-use super::accumulator::{DEFAULT_SHARD_LEN, ShardedAccumulator};
+use super::accumulator::{DEFAULT_SHARD_LEN, Ranges, ShardedAccumulator};
 use super::crypto::{self, IdentityVerifier};
 use super::graph::{GraphError, NeighbourGraph};
 use super::messages::*;
 use super::params::{ParamError, Params};
-use super::prg::{Sign, apply_mask};
+use super::prg::{MaskSeed, MaskStream, Sign};
 use super::shamir::{self, ShamirError, Share};
 use super::upload::{InputSlot, Outcome};
 use super::word::Word;
@@ -158,7 +158,8 @@ pub struct Abort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output<W: Word> {
     pub round: RoundId,
-    pub sum: Vec<W>,
+    /// In index ranges, as accumulated: see [`Ranges`].
+    pub sum: Ranges<W>,
     /// Sites whose input is in `sum`, sorted.
     pub survivors: Vec<ClientId>,
     /// Participants whose input is not in `sum`, sorted.
@@ -814,7 +815,12 @@ impl<W: Word> Server<W> {
             }
         }
         let t = self.params.threshold as usize;
-        let mut acc = self.acc.take();
+        // Masks are removed range by range, in place: the sum is never copied.
+        let acc = &self.acc;
+        let unmask = |seed: &MaskSeed, sign: Sign| {
+            let mut stream = MaskStream::new(seed);
+            acc.for_each_range(|part| stream.apply(part, sign));
+        };
         for &owner in &self.u2 {
             let shares = by_owner.get(&owner).map(Vec::as_slice).unwrap_or(&[]);
             let survived = self.u3.contains(&owner);
@@ -828,7 +834,7 @@ impl<W: Word> Server<W> {
             if survived {
                 let seed = crypto::self_mask_seed(&secret, self.round, owner);
                 secret.zeroize();
-                apply_mask(&mut acc, &seed, Sign::Sub);
+                unmask(&seed, Sign::Sub);
             } else {
                 let sk = StaticSecret::from(secret);
                 secret.zeroize();
@@ -851,7 +857,7 @@ impl<W: Word> Server<W> {
                         .ok_or(AbortReason::KeyMismatch { owner: u })?;
                     let seed = crypto::pairwise_seed(&shared, self.round, u, owner);
                     let added = if u < owner { Sign::Add } else { Sign::Sub };
-                    apply_mask(&mut acc, &seed, added.flip());
+                    unmask(&seed, added.flip());
                 }
             }
         }
@@ -859,7 +865,7 @@ impl<W: Word> Server<W> {
         self.revealed.clear();
         Ok(Poll::Done(Box::new(Output {
             round: self.round,
-            sum: acc,
+            sum: self.acc.take(),
             survivors: self.u3.iter().copied().collect(),
             dropped: self.participants.difference(&self.u3).copied().collect(),
             rejections: self.rejections.clone(),

@@ -165,12 +165,33 @@ impl Strategy {
 
     /// Applies the weighted mean delta of the round to `model`.
     pub fn apply(&mut self, model: &mut [f32], mean_delta: &[f32]) -> Result<(), StrategyError> {
-        if mean_delta.len() != model.len() || self.m.len() != model.len() {
+        if mean_delta.len() != model.len() {
             return Err(StrategyError::WrongLength {
                 got: mean_delta.len(),
                 expected: model.len(),
             });
         }
+        self.apply_range(model, 0, mean_delta)
+    }
+
+    /// Applies `mean_delta`, the mean delta of parameters `offset..offset + len`, to those
+    /// parameters of `model`. Applying consecutive ranges equals applying the whole delta
+    /// (every strategy here is element-wise), so a large mean never has to exist whole.
+    pub fn apply_range(
+        &mut self,
+        model: &mut [f32],
+        offset: usize,
+        mean_delta: &[f32],
+    ) -> Result<(), StrategyError> {
+        let end = offset.saturating_add(mean_delta.len());
+        if end > model.len() || self.m.len() != model.len() {
+            return Err(StrategyError::WrongLength {
+                got: end,
+                expected: model.len(),
+            });
+        }
+        let model = &mut model[offset..end];
+        let (m, v) = (&mut self.m[offset..end], &mut self.v[offset..end]);
         match self.config {
             StrategyConfig::Fedavg { server_lr } => {
                 for (x, d) in model.iter_mut().zip(mean_delta) {
@@ -192,22 +213,22 @@ impl Strategy {
                 let yogi = matches!(self.config, StrategyConfig::Fedyogi { .. });
                 for i in 0..model.len() {
                     let d = mean_delta[i];
-                    self.m[i] = beta1 * self.m[i] + (1.0 - beta1) * d;
+                    m[i] = beta1 * m[i] + (1.0 - beta1) * d;
                     let d2 = d * d;
-                    self.v[i] = if yogi {
-                        self.v[i] - (1.0 - beta2) * d2 * (self.v[i] - d2).signum()
+                    v[i] = if yogi {
+                        v[i] - (1.0 - beta2) * d2 * (v[i] - d2).signum()
                     } else {
-                        beta2 * self.v[i] + (1.0 - beta2) * d2
+                        beta2 * v[i] + (1.0 - beta2) * d2
                     };
-                    model[i] += server_lr * self.m[i] / (self.v[i].sqrt() + tau);
+                    model[i] += server_lr * m[i] / (v[i].sqrt() + tau);
                 }
             }
             StrategyConfig::Fedadagrad { server_lr, tau } => {
                 for i in 0..model.len() {
                     let d = mean_delta[i];
-                    self.m[i] = d;
-                    self.v[i] += d * d;
-                    model[i] += server_lr * self.m[i] / (self.v[i].sqrt() + tau);
+                    m[i] = d;
+                    v[i] += d * d;
+                    model[i] += server_lr * m[i] / (v[i].sqrt() + tau);
                 }
             }
         }
@@ -218,6 +239,29 @@ impl Strategy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applying_in_ranges_equals_applying_the_whole_delta() {
+        for cfg in [
+            "name = \"fedavg\"",
+            "name = \"fedadam\"",
+            "name = \"fedyogi\"",
+            "name = \"fedadagrad\"",
+        ] {
+            let cfg: StrategyConfig = toml::from_str(cfg).unwrap();
+            let delta: Vec<f32> = (0..10).map(|i| i as f32 * 0.1 - 0.4).collect();
+            let (mut whole, mut pieces) = (vec![1.0f32; 10], vec![1.0f32; 10]);
+            let (mut a, mut b) = (Strategy::new(cfg.clone(), 10), Strategy::new(cfg, 10));
+            for _ in 0..3 {
+                a.apply(&mut whole, &delta).unwrap();
+                b.apply_range(&mut pieces, 0, &delta[..3]).unwrap();
+                b.apply_range(&mut pieces, 3, &delta[3..]).unwrap();
+            }
+            assert_eq!(whole, pieces);
+        }
+        let mut s = Strategy::new(StrategyConfig::default(), 3);
+        assert!(s.apply_range(&mut [0.0; 3], 2, &[1.0, 1.0]).is_err());
+    }
 
     #[test]
     fn fedavg_adds_the_mean_delta() {
