@@ -1,0 +1,59 @@
+//! `cohort-sim fl-bench` end to end: a coordinator process and an agents process over mTLS,
+//! synthetic updates, both modes, and the report's keys.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::process::Command;
+
+#[test]
+fn small_benchmark_runs_both_modes_and_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
+        .args([
+            "fl-bench", "--sites", "4", "--params", "5000", "--rounds", "2", "--json",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("cohort-sim runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["sites"], 4);
+    // 16 inputs → h → 1 with h = (5000 - 1) / 18 = 277: 16·277 + 277 + 277 + 1.
+    assert_eq!(v["params"], 4987);
+    let modes = v["modes"].as_array().expect("modes");
+    assert_eq!(modes.len(), 2);
+    for (m, secure) in modes.iter().zip([false, true]) {
+        assert_eq!(m["secure"], secure);
+        let rounds = m["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 2, "{m}");
+        for r in rounds {
+            assert_eq!(r["sites"], 4, "{m}");
+            assert_eq!(r["dropped"], 0, "{m}");
+            assert_eq!(r["attempts"], 1, "{m}");
+        }
+        assert!(m["peak_rss_mib"].as_f64().unwrap() > m["start_rss_mib"].as_f64().unwrap());
+    }
+    assert!(v["secure_over_plain"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_message() {
+    for (args, message) in [
+        (vec!["--sites", "2"], "--sites 2: at least 3"),
+        (vec!["--modes", "fast"], "\"fast\" is not plain or secure"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
+            .arg("fl-bench")
+            .args(&args)
+            .output()
+            .expect("cohort-sim runs");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}
