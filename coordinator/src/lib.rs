@@ -96,12 +96,6 @@ pub async fn run_with_progress(
         .max_encoding_message_size(MAX_MESSAGE);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .initial_stream_window_size(
-                std::env::var("COHORT_SW").ok().and_then(|v| v.parse().ok()),
-            )
-            .initial_connection_window_size(
-                std::env::var("COHORT_CW").ok().and_then(|v| v.parse().ok()),
-            )
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );
