@@ -15,7 +15,7 @@ use cohort_proto::v1::{
     AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, Task, agent_message,
     coordinator_message,
 };
-use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::identity::{COORDINATOR_COMMON_NAME, CaVerifier};
 use cohort_protocols::model::{self, ModelSpec};
 use cohort_protocols::secagg::{
     Client, ClientError, ClientMessage, Modulus, Params, QuantisedInput, RoundId, ServerMessage,
@@ -160,6 +160,8 @@ struct Session<'a> {
     creds: &'a Arc<Credentials>,
     out: mpsc::Sender<AgentMessage>,
     site_id: Option<u32>,
+    /// Verifies model signatures; set from the certificate in Welcome.
+    coordinator_key: Option<ed25519_dalek::VerifyingKey>,
     round: Option<Round>,
     mean: Vec<f64>,
     std: Vec<f64>,
@@ -252,6 +254,7 @@ async fn session(
         creds,
         out,
         site_id: None,
+        coordinator_key: None,
         round: None,
         mean: vec![0.0; data.inputs()],
         std: vec![1.0; data.inputs()],
@@ -300,6 +303,23 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The key that signs models: from the coordinator's certificate, which must be issued by
+    /// the project CA to the coordinator's name. Without it the session cannot go on.
+    fn coordinator_key(&self, cert_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey> {
+        let verifier =
+            CaVerifier::new(self.creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?;
+        let cert = verifier
+            .verify(cert_der)
+            .map_err(|e| anyhow!("the coordinator's certificate in Welcome: {e}"))?;
+        if cert.common_name != COORDINATOR_COMMON_NAME {
+            bail!(
+                "the certificate in Welcome is for {:?}, not the coordinator",
+                cert.common_name
+            );
+        }
+        Ok(cert.key)
+    }
+
     async fn decline(&self, round: u64, reason: String) -> Result<()> {
         warn!(site = %self.cfg.site, round, %reason, "declining the round");
         self.send(agent_message::Kind::Decline(Decline { round, reason }))
@@ -336,7 +356,10 @@ impl Session<'_> {
     async fn handle(&mut self, kind: coordinator_message::Kind) -> Result<Option<SessionEnd>> {
         use coordinator_message::Kind;
         match kind {
-            Kind::Welcome(w) => self.site_id = Some(w.site_id),
+            Kind::Welcome(w) => {
+                self.site_id = Some(w.site_id);
+                self.coordinator_key = Some(self.coordinator_key(&w.coordinator_certificate)?);
+            }
             Kind::Shutdown(_) => return Ok(Some(SessionEnd::Shutdown)),
             Kind::RoundEnd(_) => {}
             Kind::RoundStart(start) => self.on_round_start(start).await?,
@@ -422,6 +445,20 @@ impl Session<'_> {
             self.round = None;
             return self
                 .decline(start.round, "the model's SHA3-512 does not match".into())
+                .await;
+        }
+        let signed = self
+            .coordinator_key
+            .is_some_and(|k| model::verify_model(&k, &digest, &start.model_signature));
+        if !signed {
+            warn!(site = %self.cfg.site, round = start.round, "model signature does not verify against the coordinator's certificate: refusing to use it");
+            self.round = None;
+            return self
+                .decline(
+                    start.round,
+                    "the model's signature does not verify against the coordinator's certificate"
+                        .into(),
+                )
                 .await;
         }
         let params = model::from_bytes(&r.model).map_err(|e| anyhow!("{e}"))?;

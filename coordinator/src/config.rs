@@ -48,10 +48,33 @@ pub struct CoordinatorConfig {
     #[serde(default)]
     pub strategy: StrategyConfig,
     pub model: ModelConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
     pub schema: DataSchema,
     /// Local training settings, sent to the agents every round (see
     /// `cohort_protocols::model::TrainingConfig`).
     pub training: toml::Table,
+}
+
+/// The data directory's database (in `data_dir`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Model checkpoints kept: the newest N rounds' (the latest is never pruned).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: u64,
+}
+
+fn default_keep() -> u64 {
+    5
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            keep_checkpoints: default_keep(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +288,13 @@ impl CoordinatorConfig {
             if v == 0 {
                 return Err(invalid(key, v, "must be at least 1 second"));
             }
+        }
+        if self.storage.keep_checkpoints == 0 {
+            return Err(invalid(
+                "storage.keep_checkpoints",
+                0,
+                "must be at least 1 (the latest checkpoint is always kept)",
+            ));
         }
         if r.max_attempts == 0 {
             return Err(invalid("rounds.max_attempts", 0, "must be at least 1"));

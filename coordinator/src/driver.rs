@@ -22,13 +22,15 @@ use cohort_protocols::secagg::{
     ServerStage, StageTimeouts,
 };
 use cohort_protocols::strategy::Strategy;
-use serde::Serialize;
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::hub::{Hub, Inbound};
+use crate::store::{CheckpointRef, Resume, RoundRecord, Setup, Store, StoreError};
 use crate::upload::{PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink};
 
 #[derive(Debug, Error)]
@@ -47,10 +49,12 @@ pub enum DriverError {
     },
     #[error("the hub closed")]
     HubClosed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// One finished round, as reported in `summary.json` and `rounds.csv`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundSummary {
     pub round: u64,
     pub attempts: u32,
@@ -67,7 +71,7 @@ pub struct RoundSummary {
     pub model_sha3_512: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SiteResult {
     pub examples: u64,
     pub test_examples: u64,
@@ -87,7 +91,7 @@ pub struct RunSummary {
     pub received: crate::hub::ReceivedCounts,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Evaluation {
     pub accuracy: f64,
     pub loss: f64,
@@ -109,6 +113,16 @@ pub struct Driver {
     /// Sites left out of the current round's remaining attempts because an upload of theirs
     /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
     sidelined: HashSet<String>,
+    store: Store,
+    signing_key: SigningKey,
+}
+
+/// What makes a run survive a crash and its models verifiable: the data directory's store and
+/// the coordinator's key, which signs every model it sends and checkpoints.
+#[derive(Debug)]
+pub struct Durability {
+    pub store: Store,
+    pub signing_key: SigningKey,
 }
 
 impl std::fmt::Debug for Driver {
@@ -240,6 +254,7 @@ impl Driver {
         hub: Arc<Hub>,
         inbox: mpsc::Receiver<Inbound>,
         ca_der: Vec<u8>,
+        durability: Durability,
         progress: Option<mpsc::UnboundedSender<RoundSummary>>,
     ) -> Result<Self, toml::ser::Error> {
         let spec = cfg.model.spec();
@@ -271,6 +286,8 @@ impl Driver {
             cfg,
             progress,
             sidelined: HashSet::new(),
+            store: durability.store,
+            signing_key: durability.signing_key,
         })
     }
 
@@ -278,37 +295,22 @@ impl Driver {
         self.cfg.secagg.enabled
     }
 
-    /// Runs the whole federated training and returns its summary.
+    /// Runs the whole federated training and returns its summary. Continues a run found in
+    /// the data directory after its last committed round.
     pub async fn run(mut self) -> Result<RunSummary, DriverError> {
         if !self.secure() {
             warn!(
                 "secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)"
             );
         }
-        self.wait_for_sites().await?;
-        // Round 0: federated feature statistics for standardisation.
-        let sum = self
-            .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
-            .await?;
-        let (mean, std) = stats::from_sum(&sum, self.spec.inputs);
-        self.mean = mean;
-        self.std = std;
-        info!(
-            round = 0,
-            "feature statistics aggregated from {} rows",
-            sum.first().copied().unwrap_or(0)
-        );
-
-        let initial = self.evaluate(0).await;
-        info!(
-            round = 0,
-            accuracy = initial.0.accuracy,
-            loss = initial.0.loss,
-            "initial model"
-        );
-        let mut rounds = Vec::new();
-        let mut per_site = initial.1.clone();
-        for r in 1..=self.cfg.rounds.count {
+        let (setup, mut records) = match self.store.resume()? {
+            Some(resume) => self.restore(resume)?,
+            None => (self.first_setup().await?, Vec::new()),
+        };
+        let first = records
+            .last()
+            .map_or(1, |r: &RoundRecord| r.summary.round + 1);
+        for r in first..=self.cfg.rounds.count {
             let started = Instant::now();
             let span = info_span!("round", round = r);
             // The round's update is applied to the global model inside `train_round`.
@@ -324,8 +326,7 @@ impl Driver {
             }
             .instrument(span.clone())
             .await?;
-            let (eval, sites_eval) = self.evaluate(r).instrument(span).await;
-            per_site = sites_eval;
+            let (eval, per_site) = self.evaluate(r).instrument(span).await;
             let hash = model::params_sha3_512(&self.global);
             let summary = RoundSummary {
                 round: r,
@@ -340,6 +341,10 @@ impl Driver {
                 total_weight,
                 model_sha3_512: hex(&hash),
             };
+            let record = RoundRecord { summary, per_site };
+            // Durable before the next round is announced: a crash from here on resumes
+            // after this round, never redoes or loses it.
+            self.commit(&record, hash)?;
             info!(
                 round = r,
                 accuracy = eval.accuracy,
@@ -351,9 +356,9 @@ impl Driver {
                 "round complete"
             );
             if let Some(p) = &self.progress {
-                let _ = p.send(summary.clone());
+                let _ = p.send(record.summary.clone());
             }
-            rounds.push(summary);
+            records.push(record);
         }
         for (site, _) in self.hub.connected() {
             self.hub
@@ -365,14 +370,124 @@ impl Driver {
                 )
                 .await;
         }
+        let per_site = records
+            .last()
+            .map_or_else(|| setup.initial_per_site.clone(), |r| r.per_site.clone());
         Ok(RunSummary {
             secure: self.secure(),
-            rounds,
-            initial: initial.0,
+            rounds: records.into_iter().map(|r| r.summary).collect(),
+            initial: setup.initial,
             per_site,
             model: self.global.clone(),
             received: self.hub.received.snapshot(),
         })
+    }
+
+    /// Round 0 of a new run: the federated feature statistics and the initial model's
+    /// evaluation, committed with the initial model.
+    async fn first_setup(&mut self) -> Result<Setup, DriverError> {
+        self.wait_for_sites().await?;
+        let sum = self
+            .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
+            .await?;
+        let (mean, std) = stats::from_sum(&sum, self.spec.inputs);
+        self.mean = mean;
+        self.std = std;
+        info!(
+            round = 0,
+            "feature statistics aggregated from {} rows",
+            sum.first().copied().unwrap_or(0)
+        );
+        let (initial, initial_per_site) = self.evaluate(0).await;
+        info!(
+            round = 0,
+            accuracy = initial.accuracy,
+            loss = initial.loss,
+            "initial model"
+        );
+        let setup = Setup {
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            initial,
+            initial_per_site,
+        };
+        let hash = model::params_sha3_512(&self.global);
+        let (m, v) = self.strategy.state();
+        self.store.commit_setup(
+            &setup,
+            &CheckpointRef {
+                round: 0,
+                params: &self.global,
+                sha3_512: &hash,
+                signature: &model::sign_model(&self.signing_key, &hash),
+                strategy_m: m,
+                strategy_v: v,
+            },
+        )?;
+        Ok(setup)
+    }
+
+    /// Takes up a run from the data directory: the model, the optimiser state, the feature
+    /// statistics and the sites' counters of the last committed round.
+    fn restore(&mut self, resume: Resume) -> Result<(Setup, Vec<RoundRecord>), DriverError> {
+        let Resume {
+            setup,
+            rounds,
+            checkpoint,
+            sites,
+        } = resume;
+        let corrupt = |detail: String| {
+            DriverError::Store(StoreError::Corrupt {
+                path: self.store.path().to_path_buf(),
+                detail,
+            })
+        };
+        if checkpoint.params.len() != self.global.len() || setup.mean.len() != self.spec.inputs {
+            return Err(corrupt(format!(
+                "checkpoint {} has {} parameters, the model {}",
+                checkpoint.round,
+                checkpoint.params.len(),
+                self.global.len()
+            )));
+        }
+        let verifying = self.signing_key.verifying_key();
+        if !model::verify_model(&verifying, &checkpoint.sha3_512, &checkpoint.signature) {
+            return Err(corrupt(format!(
+                "checkpoint {} is not signed by this coordinator's key",
+                checkpoint.round
+            )));
+        }
+        self.strategy
+            .restore(&checkpoint.strategy_m, &checkpoint.strategy_v)
+            .map_err(|e| corrupt(format!("checkpoint {}: {e}", checkpoint.round)))?;
+        self.global = checkpoint.params;
+        self.mean = setup.mean.clone();
+        self.std = setup.std.clone();
+        self.hub.restore(sites);
+        info!(
+            round = checkpoint.round,
+            "resuming after the last committed round"
+        );
+        Ok((setup, rounds))
+    }
+
+    /// Commits a finished round with the current model (signed) and the sites' counters.
+    fn commit(&self, record: &RoundRecord, hash: [u8; 64]) -> Result<(), DriverError> {
+        let (m, v) = self.strategy.state();
+        self.store.commit_round(
+            record,
+            &CheckpointRef {
+                round: record.summary.round,
+                params: &self.global,
+                sha3_512: &hash,
+                signature: &model::sign_model(&self.signing_key, &hash),
+                strategy_m: m,
+                strategy_v: v,
+            },
+            &self.hub.sites.snapshot(),
+            self.cfg.storage.keep_checkpoints,
+        )?;
+        Ok(())
     }
 
     async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
@@ -483,13 +598,15 @@ impl Driver {
         task: Task,
         model: Option<&[u8]>,
     ) -> RoundStart {
+        let hash = model.map(model::sha3_512);
         RoundStart {
             round,
             attempt,
             task: task as i32,
             secure: self.secure(),
-            model_sha3_512: model
-                .map(|m| model::sha3_512(m).to_vec())
+            model_sha3_512: hash.map(|h| h.to_vec()).unwrap_or_default(),
+            model_signature: hash
+                .map(|h| model::sign_model(&self.signing_key, &h).to_vec())
                 .unwrap_or_default(),
             model_bytes: model.map_or(0, |m| m.len() as u64),
             training_toml: self.training_toml.clone(),

@@ -24,7 +24,7 @@ use crate::upload::UploadSink;
 pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 /// What the coordinator knows about a site. Never data, never an update.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SiteState {
     pub id: u32,
     pub connected: bool,
@@ -239,6 +239,17 @@ impl Hub {
             }
         }
         true
+    }
+
+    /// Takes up the registry of a resumed run: ids and counters, every site disconnected
+    /// until it connects again.
+    pub fn restore(&self, sites: std::collections::BTreeMap<String, SiteState>) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, mut state) in sites {
+            state.connected = false;
+            ids.insert(name.clone(), state.id);
+            self.sites.insert(name, state);
+        }
     }
 
     pub fn record(&self, site: &str, f: impl FnOnce(&mut SiteState)) {

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod provision;
 pub mod service;
 pub mod sharded;
+pub mod store;
 pub mod tls;
 pub mod upload;
 
@@ -26,6 +27,19 @@ pub use driver::RunSummary;
 
 /// Largest gRPC message accepted (chunks are at most 4 MiB).
 const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
+
+/// The coordinator's Ed25519 key (its TLS key, as provisioned), which also signs models.
+fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the coordinator's key {}", path.display()))?;
+    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the coordinator's key must be an Ed25519 PKCS#8 key, as `provision` writes: {e}",
+            path.display()
+        )
+    })
+}
 
 /// Starts serving on `config.listen` and runs the configured rounds. `bound` receives the
 /// actual address (useful with port 0). Returns when training is finished.
@@ -49,8 +63,19 @@ pub async fn run_with_progress(
         .next()
         .map(|c| c.as_ref().to_vec())
         .context("the CA file holds no certificate")?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let certificate_der = tls::load_certs(&config.tls.cert)?
+        .into_iter()
+        .next()
+        .map(|c| c.as_ref().to_vec())
+        .context("the coordinator's certificate file holds no certificate")?;
+    let signing_key = signing_key(&config.tls.key)?;
+    let identity = store::Identity::new(
+        &ca_der,
+        config.model.spec().describe(),
+        config.schema.hash(),
+    );
+    // Before the port opens: a data directory that is not this run's stops everything.
+    let store = store::Store::open(&config.data_dir, &identity)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -66,6 +91,7 @@ pub async fn run_with_progress(
         hub: hub.clone(),
         ca_der: ca_der.clone(),
         schema_hash: config.schema.hash(),
+        certificate_der,
     };
 
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.
@@ -99,8 +125,15 @@ pub async fn run_with_progress(
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );
-    let driver = driver::Driver::new(config, hub, inbox_rx, ca_der, progress)
-        .context("training settings")?;
+    let driver = driver::Driver::new(
+        config,
+        hub,
+        inbox_rx,
+        ca_der,
+        driver::Durability { store, signing_key },
+        progress,
+    )
+    .context("training settings")?;
     let result = driver.run().await;
     // Give the agents a moment to read the shutdown message before the server goes away.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

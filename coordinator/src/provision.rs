@@ -20,7 +20,9 @@ pub enum ProvisionError {
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: {error}")]
     Io { path: String, error: std::io::Error },
-    #[error("site name {0:?} is not allowed: use letters, digits, '-' and '_' (at most 64)")]
+    #[error(
+        "site name {0:?} is not allowed: use letters, digits, '-' and '_' (at most 64), and not \"cohort-coordinator\""
+    )]
     BadSiteName(String),
     #[error("{0} already exists: provisioning never overwrites keys (use --add-site)")]
     Exists(String),
@@ -63,6 +65,7 @@ fn write(path: &Path, contents: &str) -> Result<(), ProvisionError> {
 
 pub fn check_site_name(name: &str) -> Result<(), ProvisionError> {
     let ok = !name.is_empty()
+        && name != cohort_protocols::identity::COORDINATOR_COMMON_NAME
         && name.len() <= 64
         && name
             .chars()
@@ -127,7 +130,7 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
     let dir = opts.out.join("coordinator");
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let cert = leaf_params(
-        "cohort-coordinator",
+        cohort_protocols::identity::COORDINATOR_COMMON_NAME,
         &opts.coordinator_names,
         ExtendedKeyUsagePurpose::ServerAuth,
     )?

@@ -22,6 +22,8 @@ pub struct Service {
     pub hub: Arc<Hub>,
     pub ca_der: Vec<u8>,
     pub schema_hash: String,
+    /// Sent in Welcome: agents verify model signatures against it.
+    pub certificate_der: Vec<u8>,
 }
 
 fn now_unix() -> i64 {
@@ -94,6 +96,7 @@ impl Coordinator for Service {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
                 site_id: id,
                 protocol_version: PROTOCOL_VERSION,
+                coordinator_certificate: self.certificate_der.clone(),
             })),
         };
         tx.send(Ok(welcome))

@@ -12,6 +12,10 @@ use x509_parser::prelude::*;
 
 use crate::secagg::{ClientId, IdentityVerifier};
 
+/// Common name of the coordinator's certificate. Provisioning refuses it as a site name, so a
+/// certificate from the project CA with this name is the coordinator's.
+pub const COORDINATOR_COMMON_NAME: &str = "cohort-coordinator";
+
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("not a DER X.509 certificate: {0}")]

@@ -148,8 +148,16 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
     for secure in modes {
         let mode = if secure { "secure" } else { "plain" };
         let config = args.out.join(format!("coordinator-{mode}.toml"));
-        std::fs::write(&config, coordinator_toml(args, &pki, hidden, secure)?)
-            .with_context(|| format!("writing {}", config.display()))?;
+        let data_dir = args.out.join(format!("coordinator-{mode}"));
+        if data_dir.exists() {
+            std::fs::remove_dir_all(&data_dir)
+                .with_context(|| format!("clearing {}", data_dir.display()))?;
+        }
+        std::fs::write(
+            &config,
+            coordinator_toml(args, &pki, &data_dir, hidden, secure)?,
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         let report = args.out.join(format!("report-{mode}.json"));
         eprintln!(
             "{mode}: {} sites, {params} parameters, {} rounds",
@@ -184,7 +192,13 @@ fn site_name(i: usize) -> String {
     format!("site-{i:03}")
 }
 
-fn coordinator_toml(args: &FlBenchArgs, pki: &Path, hidden: usize, secure: bool) -> Result<String> {
+fn coordinator_toml(
+    args: &FlBenchArgs,
+    pki: &Path,
+    data_dir: &Path,
+    hidden: usize,
+    secure: bool,
+) -> Result<String> {
     let mut secagg = table(vec![
         ("enabled", toml::Value::Boolean(secure)),
         (
@@ -199,7 +213,7 @@ fn coordinator_toml(args: &FlBenchArgs, pki: &Path, hidden: usize, secure: bool)
     }
     let coord = table(vec![
         ("listen", toml::Value::String("127.0.0.1:0".into())),
-        ("data_dir", path_value(&args.out.join("coordinator"))),
+        ("data_dir", path_value(data_dir)),
         (
             "tls",
             toml::Value::Table(table(vec![

@@ -196,10 +196,13 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let pki = out.join("pki");
-    if pki.exists() {
-        std::fs::remove_dir_all(&pki).with_context(|| format!("clearing {}", pki.display()))?;
+    // Every simulation starts afresh: new certificates, and no coordinator state to resume.
+    for dir in [out.join("pki"), out.join("coordinator")] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
     }
+    let pki = out.join("pki");
     let names: Vec<String> = s.sites.iter().map(|x| x.name.clone()).collect();
     provision(&ProvisionOptions {
         out: pki.clone(),

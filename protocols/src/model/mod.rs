@@ -112,6 +112,17 @@ impl ModelSpec {
         sizes.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
+    /// A short description, e.g. "mlp 13-32-1": what a data directory's checkpoints are of.
+    pub fn describe(&self) -> String {
+        let kind = match self.kind {
+            ModelKind::Logreg => "logreg",
+            ModelKind::Mlp => "mlp",
+        };
+        let mut sizes: Vec<String> = vec![self.inputs.to_string()];
+        sizes.extend(self.layers().iter().map(|(_, o)| o.to_string()));
+        format!("{kind} {}", sizes.join("-"))
+    }
+
     pub fn num_params(&self) -> usize {
         self.layers().iter().map(|(i, o)| i * o + o).sum()
     }
@@ -187,6 +198,32 @@ pub fn sha3_512(bytes: &[u8]) -> [u8; 64] {
     Sha3_512::digest(bytes).into()
 }
 
+/// What the coordinator signs for a model: a domain tag and the model's SHA3-512. The tag keeps
+/// the signature from meaning anything in another context (the same key signs TLS handshakes).
+pub fn model_signing_payload(sha3_512: &[u8; 64]) -> Vec<u8> {
+    let mut p = b"cohort model v1\0".to_vec();
+    p.extend_from_slice(sha3_512);
+    p
+}
+
+/// The coordinator's signature of a model with SHA3-512 `sha3_512`.
+pub fn sign_model(key: &ed25519_dalek::SigningKey, sha3_512: &[u8; 64]) -> [u8; 64] {
+    use ed25519_dalek::Signer;
+    key.sign(&model_signing_payload(sha3_512)).to_bytes()
+}
+
+/// Whether `signature` is the holder of `key`'s signature of the model with `sha3_512`.
+pub fn verify_model(key: &ed25519_dalek::VerifyingKey, sha3_512: &[u8], signature: &[u8]) -> bool {
+    let (Ok(hash), Ok(sig)) = (
+        <[u8; 64]>::try_from(sha3_512),
+        ed25519_dalek::Signature::from_slice(signature),
+    ) else {
+        return false;
+    };
+    key.verify_strict(&model_signing_payload(&hash), &sig)
+        .is_ok()
+}
+
 /// `sha3_512(&to_bytes(params))` without the copy of the model that `to_bytes` makes.
 pub fn params_sha3_512(params: &[f32]) -> [u8; 64] {
     let mut h = Sha3_512::new();
@@ -200,6 +237,21 @@ pub fn params_sha3_512(params: &[f32]) -> [u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_signatures_verify_only_for_their_model_and_key() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let hash = params_sha3_512(&[1.0, 2.0]);
+        let sig = sign_model(&key, &hash);
+        assert!(verify_model(&key.verifying_key(), &hash, &sig));
+        assert!(!verify_model(&other.verifying_key(), &hash, &sig));
+        let mut changed = hash;
+        changed[0] ^= 1;
+        assert!(!verify_model(&key.verifying_key(), &changed, &sig));
+        assert!(!verify_model(&key.verifying_key(), &hash, &sig[..63]));
+        assert!(!verify_model(&key.verifying_key(), &hash[..10], &sig));
+    }
 
     #[test]
     fn streaming_hash_equals_the_hash_of_the_bytes() {

@@ -149,6 +149,32 @@ pub struct Strategy {
 }
 
 impl Strategy {
+    /// The optimiser state to checkpoint: first and second moments (empty for FedAvg, which
+    /// keeps none).
+    pub fn state(&self) -> (&[f32], &[f32]) {
+        match self.config {
+            StrategyConfig::Fedavg { .. } => (&[], &[]),
+            _ => (&self.m, &self.v),
+        }
+    }
+
+    /// Restores a checkpointed state; `m` and `v` must have the model's length (or be empty
+    /// for FedAvg).
+    pub fn restore(&mut self, m: &[f32], v: &[f32]) -> Result<(), StrategyError> {
+        if matches!(self.config, StrategyConfig::Fedavg { .. }) && m.is_empty() && v.is_empty() {
+            return Ok(());
+        }
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(StrategyError::WrongLength {
+                got: m.len(),
+                expected: self.m.len(),
+            });
+        }
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        Ok(())
+    }
+
     pub fn new(config: StrategyConfig, dim: usize) -> Self {
         let v0 = match config {
             StrategyConfig::Fedavg { .. } => 0.0,

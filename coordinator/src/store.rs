@@ -1,0 +1,419 @@
+//! Durable state in the coordinator's data directory (sled).
+//!
+//! What survives a crash: the feature statistics of round 0, every finished round's summary
+//! and per-site results, the site registry's counters, and model checkpoints (parameters,
+//! SHA3-512, the coordinator's signature, and the strategy's optimiser state so an adaptive
+//! strategy resumes exactly). A round is committed in one sled transaction and flushed before
+//! the next round is announced, so after `kill -9` the coordinator resumes after the last
+//! committed round: a round is either wholly there or not at all, never counted twice.
+//!
+//! The directory carries a marker naming the federation (CA), the model and the data schema.
+//! A directory that is not ours, belongs to another federation or model, or whose database
+//! does not open is refused before anything is written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_256};
+use sled::Transactional;
+use thiserror::Error;
+
+use crate::driver::{Evaluation, RoundSummary, SiteResult};
+use crate::hub::SiteState;
+
+/// File in the data directory that says whose it is.
+pub const MARKER: &str = "COHORT-DATA.json";
+const FORMAT: &str = "cohort-coordinator data v1";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(
+        "data_dir {path} is not empty and holds no {MARKER}: it is not a Cohort data directory, so it is left alone; point data_dir at a new or empty directory"
+    )]
+    NotOurs { path: PathBuf },
+    #[error(
+        "data_dir {path} belongs to another federation or model: its {what} is {stored}, the configuration's is {configured}; nothing was changed (use another data_dir to start afresh)"
+    )]
+    Foreign {
+        path: PathBuf,
+        what: &'static str,
+        stored: String,
+        configured: String,
+    },
+    #[error("data_dir {path}: {detail}; nothing was changed")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("data_dir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("a stored record does not decode: {0}")]
+    Decode(String),
+}
+
+/// What a data directory is for. Rounds of one federated run may only continue with the same
+/// CA, model and schema; anything else is a different run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format: String,
+    /// SHA3-256 of the CA certificate (DER), hex.
+    pub ca_sha3_256: String,
+    /// e.g. "mlp 13-[32]-1".
+    pub model: String,
+    pub schema_hash: String,
+}
+
+impl Identity {
+    pub fn new(ca_der: &[u8], model: String, schema_hash: String) -> Self {
+        Identity {
+            format: FORMAT.into(),
+            ca_sha3_256: hex(&Sha3_256::digest(ca_der)),
+            model,
+            schema_hash,
+        }
+    }
+}
+
+/// A global model as of the end of a round (round 0: the initial model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub round: u64,
+    pub params: Vec<f32>,
+    pub sha3_512: [u8; 64],
+    /// The coordinator's Ed25519 signature of the model (see `signing`).
+    pub signature: [u8; 64],
+    /// The strategy's first and second moments (empty for FedAvg).
+    pub strategy_m: Vec<f32>,
+    pub strategy_v: Vec<f32>,
+}
+
+/// A checkpoint to write, borrowed from the driver's live state (no copy of the model).
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointRef<'a> {
+    pub round: u64,
+    pub params: &'a [f32],
+    pub sha3_512: &'a [u8; 64],
+    pub signature: &'a [u8; 64],
+    pub strategy_m: &'a [f32],
+    pub strategy_v: &'a [f32],
+}
+
+/// A committed round: its summary and what each site reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub summary: RoundSummary,
+    pub per_site: BTreeMap<String, SiteResult>,
+}
+
+/// Round 0: the federated feature statistics and the initial model's evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Setup {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub initial: Evaluation,
+    pub initial_per_site: BTreeMap<String, SiteResult>,
+}
+
+/// Everything needed to continue a run.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub setup: Setup,
+    pub rounds: Vec<RoundRecord>,
+    pub checkpoint: Checkpoint,
+    pub sites: BTreeMap<String, SiteState>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    rounds: sled::Tree,
+    checkpoints: sled::Tree,
+    sites: sled::Tree,
+}
+
+const SETUP: &[u8] = b"setup";
+const LAST_ROUND: &[u8] = b"last_round";
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, refusing a directory that is not this run's.
+    pub fn open(dir: &Path, identity: &Identity) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let marker = dir.join(MARKER);
+        if marker.exists() {
+            let text = std::fs::read_to_string(&marker).map_err(io)?;
+            let stored: Identity =
+                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: format!("{MARKER} does not parse ({e})"),
+                })?;
+            let fields = [
+                ("format", &stored.format, &identity.format),
+                ("CA", &stored.ca_sha3_256, &identity.ca_sha3_256),
+                ("model", &stored.model, &identity.model),
+                ("data schema", &stored.schema_hash, &identity.schema_hash),
+            ];
+            for (what, s, c) in fields {
+                if s != c {
+                    return Err(StoreError::Foreign {
+                        path: dir.to_path_buf(),
+                        what,
+                        stored: s.clone(),
+                        configured: c.clone(),
+                    });
+                }
+            }
+            if !dir.join("db").is_dir() {
+                return Err(StoreError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: "the database directory db/ is missing".into(),
+                });
+            }
+        } else {
+            let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
+            if !empty {
+                return Err(StoreError::NotOurs {
+                    path: dir.to_path_buf(),
+                });
+            }
+            let text = serde_json::to_string_pretty(identity)
+                .map_err(|e| StoreError::Decode(e.to_string()))?;
+            std::fs::write(&marker, text).map_err(io)?;
+        }
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .map_err(|e| StoreError::Corrupt {
+                path: dir.to_path_buf(),
+                detail: format!("the database does not open ({e})"),
+            })?;
+        Ok(Store {
+            path: dir.to_path_buf(),
+            meta: db.open_tree("meta")?,
+            rounds: db.open_tree("rounds")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            sites: db.open_tree("sites")?,
+            db,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The state to continue from, if round 0 was committed.
+    pub fn resume(&self) -> Result<Option<Resume>, StoreError> {
+        let Some(setup) = self.meta.get(SETUP)? else {
+            return Ok(None);
+        };
+        let setup: Setup = decode_json(&setup)?;
+        let last = self.last_round()?.unwrap_or(0);
+        let mut rounds = Vec::new();
+        for r in 1..=last {
+            let bytes = self.rounds.get(r.to_be_bytes())?.ok_or_else(|| {
+                StoreError::Decode(format!("round {r} is missing before the last round {last}"))
+            })?;
+            rounds.push(decode_json(&bytes)?);
+        }
+        let checkpoint = self.checkpoint(last)?.ok_or_else(|| {
+            StoreError::Decode(format!(
+                "the checkpoint of the last round ({last}) is missing"
+            ))
+        })?;
+        let mut sites = BTreeMap::new();
+        for entry in self.sites.iter() {
+            let (k, v) = entry?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            sites.insert(name, decode_json(&v)?);
+        }
+        Ok(Some(Resume {
+            setup,
+            rounds,
+            checkpoint,
+            sites,
+        }))
+    }
+
+    pub fn last_round(&self) -> Result<Option<u64>, StoreError> {
+        self.meta
+            .get(LAST_ROUND)?
+            .map(|v| decode_u64(&v))
+            .transpose()
+    }
+
+    /// Commits round 0: statistics, initial evaluation and the initial model.
+    pub fn commit_setup(
+        &self,
+        setup: &Setup,
+        checkpoint: &CheckpointRef,
+    ) -> Result<(), StoreError> {
+        let setup = encode_json(setup)?;
+        let ckpt = encode_checkpoint(checkpoint);
+        (&self.meta, &self.checkpoints)
+            .transaction(|(meta, checkpoints)| {
+                meta.insert(SETUP, setup.as_slice())?;
+                meta.insert(LAST_ROUND, &0u64.to_be_bytes())?;
+                checkpoints.insert(&0u64.to_be_bytes(), ckpt.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Commits a finished round atomically and flushes it to disk, then prunes checkpoints
+    /// older than the newest `keep`. Returns only once the round is durable.
+    pub fn commit_round(
+        &self,
+        record: &RoundRecord,
+        checkpoint: &CheckpointRef,
+        sites: &[(String, SiteState)],
+        keep: u64,
+    ) -> Result<(), StoreError> {
+        let round = record.summary.round;
+        let rec = encode_json(record)?;
+        let ckpt = encode_checkpoint(checkpoint);
+        let sites: Vec<(String, Vec<u8>)> = sites
+            .iter()
+            .map(|(n, s)| Ok((n.clone(), encode_json(s)?)))
+            .collect::<Result<_, StoreError>>()?;
+        (&self.meta, &self.rounds, &self.checkpoints, &self.sites)
+            .transaction(|(meta, rounds, checkpoints, site_tree)| {
+                rounds.insert(&round.to_be_bytes(), rec.as_slice())?;
+                checkpoints.insert(&round.to_be_bytes(), ckpt.as_slice())?;
+                for (name, state) in &sites {
+                    site_tree.insert(name.as_bytes(), state.as_slice())?;
+                }
+                meta.insert(LAST_ROUND, &round.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush()?;
+        self.prune(round, keep)?;
+        Ok(())
+    }
+
+    /// Removes checkpoints before the newest `keep` (at least the latest is always kept).
+    fn prune(&self, latest: u64, keep: u64) -> Result<(), StoreError> {
+        let first_kept = latest.saturating_sub(keep.max(1) - 1);
+        for entry in self.checkpoints.range(..first_kept.to_be_bytes()) {
+            let (k, _) = entry?;
+            self.checkpoints.remove(k)?;
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint(&self, round: u64) -> Result<Option<Checkpoint>, StoreError> {
+        self.checkpoints
+            .get(round.to_be_bytes())?
+            .map(|v| decode_checkpoint(round, &v))
+            .transpose()
+    }
+
+    /// Rounds that still have a checkpoint, ascending.
+    pub fn checkpoint_rounds(&self) -> Result<Vec<u64>, StoreError> {
+        self.checkpoints
+            .iter()
+            .keys()
+            .map(|k| decode_u64(&k?))
+            .collect()
+    }
+}
+
+fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Decode("transaction aborted".into())
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Decode(format!("{} bytes for a round number", bytes.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+/// `[sha3 64][signature 64]` then parameters, first and second moments, each as a big-endian
+/// u64 count followed by that many little-endian f32.
+fn encode_checkpoint(c: &CheckpointRef) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        128 + 24 + 4 * (c.params.len() + c.strategy_m.len() + c.strategy_v.len()),
+    );
+    out.extend_from_slice(c.sha3_512);
+    out.extend_from_slice(c.signature);
+    for v in [c.params, c.strategy_m, c.strategy_v] {
+        out.extend_from_slice(&(v.len() as u64).to_be_bytes());
+        for x in v.iter() {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn decode_checkpoint(round: u64, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
+    let bad = |what: &str| StoreError::Decode(format!("checkpoint {round}: {what}"));
+    let mut rest = bytes;
+    let mut take = |n: usize, what: &str| -> Result<&[u8], StoreError> {
+        if rest.len() < n {
+            return Err(bad(what));
+        }
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        Ok(a)
+    };
+    let mut sha3_512 = [0u8; 64];
+    sha3_512.copy_from_slice(take(64, "hash")?);
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(take(64, "signature")?);
+    let mut vectors = Vec::new();
+    for what in ["parameters", "first moments", "second moments"] {
+        let n = decode_u64(take(8, what)?).map_err(|_| bad(what))? as usize;
+        let raw = take(n.checked_mul(4).ok_or_else(|| bad(what))?, what)?;
+        vectors.push(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<f32>>(),
+        );
+    }
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    let strategy_v = vectors.pop().unwrap_or_default();
+    let strategy_m = vectors.pop().unwrap_or_default();
+    let params = vectors.pop().unwrap_or_default();
+    let c = Checkpoint {
+        round,
+        params,
+        sha3_512,
+        signature,
+        strategy_m,
+        strategy_v,
+    };
+    if cohort_protocols::model::params_sha3_512(&c.params) != c.sha3_512 {
+        return Err(bad("the parameters do not match their SHA3-512"));
+    }
+    Ok(c)
+}
