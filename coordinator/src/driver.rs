@@ -785,6 +785,7 @@ impl Driver {
         .map_err(|e| e.to_string())?;
         let setup_bytes =
             Bytes::from(cohort_protocols::secagg::ServerMessage::Setup(setup).encode());
+        info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = sites.len(), "SecAgg+ stage open");
         for (site, _) in sites {
             self.hub
                 .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
@@ -834,6 +835,7 @@ impl Driver {
                     });
                 }
                 Ok(Poll::Send(messages)) => {
+                    info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
                     // Open the slots before the shares go out: a fast site may answer with
                     // its masked input before the last share is sent.
                     if !slots_open && server.stage() == ServerStage::MaskedInput {
@@ -972,6 +974,7 @@ impl Driver {
     /// Sends the current model to every connected site for evaluation on its test split.
     async fn evaluate(&mut self, round: u64) -> (Evaluation, BTreeMap<String, SiteResult>) {
         let sites = self.select();
+        info!(round, sites = sites.len(), "evaluating the model");
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;

@@ -417,3 +417,135 @@ fn decode_checkpoint(round: u64, bytes: &[u8]) -> Result<Checkpoint, StoreError>
     }
     Ok(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(ca: &[u8]) -> Identity {
+        Identity::new(ca, "logreg 3-1".into(), "schema".into())
+    }
+
+    fn summary(round: u64) -> RoundSummary {
+        RoundSummary {
+            round,
+            attempts: 1,
+            sites: 3,
+            dropped: 0,
+            clipped: 0,
+            seconds: 0.5,
+            accuracy: 0.7,
+            loss: 0.5,
+            auc: 0.6,
+            total_weight: 30,
+            model_sha3_512: String::new(),
+        }
+    }
+
+    fn setup() -> Setup {
+        Setup {
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            initial: Evaluation::default(),
+            initial_per_site: BTreeMap::new(),
+        }
+    }
+
+    fn commit(store: &Store, round: u64, params: &[f32], keep: u64) {
+        let hash = cohort_protocols::model::params_sha3_512(params);
+        let ckpt = CheckpointRef {
+            round,
+            params,
+            sha3_512: &hash,
+            signature: &[round as u8; 64],
+            strategy_m: &[],
+            strategy_v: &[],
+        };
+        if round == 0 {
+            store.commit_setup(&setup(), &ckpt).unwrap();
+        } else {
+            let record = RoundRecord {
+                summary: summary(round),
+                per_site: BTreeMap::new(),
+            };
+            store.commit_round(&record, &ckpt, &[], keep).unwrap();
+        }
+    }
+
+    #[test]
+    fn rounds_survive_reopening_and_old_checkpoints_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            assert!(store.resume().unwrap().is_none());
+            for r in 0..=4u64 {
+                commit(&store, r, &[r as f32, 1.0, 2.0, 3.0], 2);
+            }
+        }
+        let store = Store::open(dir.path(), &id).unwrap();
+        let resume = store.resume().unwrap().expect("a run to resume");
+        let rounds: Vec<u64> = resume.rounds.iter().map(|r| r.summary.round).collect();
+        assert_eq!(rounds, vec![1, 2, 3, 4]);
+        assert_eq!(resume.checkpoint.round, 4);
+        assert_eq!(resume.checkpoint.params, vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(resume.checkpoint.signature, [4u8; 64]);
+        assert_eq!(store.checkpoint_rounds().unwrap(), vec![3, 4]);
+    }
+
+    #[test]
+    fn foreign_or_unknown_directories_are_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        // Somebody else's files.
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        let err = Store::open(dir.path(), &identity(b"ca")).unwrap_err();
+        assert!(matches!(err, StoreError::NotOurs { .. }), "{err}");
+        assert!(
+            err.to_string().contains("not a Cohort data directory"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // Another federation's directory.
+        let ours = tempfile::tempdir().unwrap();
+        drop(Store::open(ours.path(), &identity(b"ca")).unwrap());
+        let err = Store::open(ours.path(), &identity(b"another ca")).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Foreign { what: "CA", .. }),
+            "{err}"
+        );
+        let other_model = Identity::new(b"ca", "mlp 3-8-1".into(), "schema".into());
+        let err = Store::open(ours.path(), &other_model).unwrap_err();
+        assert!(err.to_string().contains("its model is logreg 3-1"), "{err}");
+
+        // A damaged marker or a missing database.
+        std::fs::write(ours.path().join(MARKER), "{").unwrap();
+        let err = Store::open(ours.path(), &identity(b"ca")).unwrap_err();
+        assert!(err.to_string().contains("does not parse"), "{err}");
+        let fresh = tempfile::tempdir().unwrap();
+        drop(Store::open(fresh.path(), &identity(b"ca")).unwrap());
+        std::fs::remove_dir_all(fresh.path().join("db")).unwrap();
+        let err = Store::open(fresh.path(), &identity(b"ca")).unwrap_err();
+        assert!(err.to_string().contains("db/ is missing"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_whose_parameters_do_not_match_its_hash_is_refused() {
+        let params = [1.0f32, 2.0];
+        let hash = cohort_protocols::model::params_sha3_512(&params);
+        let mut bytes = encode_checkpoint(&CheckpointRef {
+            round: 1,
+            params: &params,
+            sha3_512: &hash,
+            signature: &[0; 64],
+            strategy_m: &[],
+            strategy_v: &[],
+        });
+        assert_eq!(decode_checkpoint(1, &bytes).unwrap().params, params);
+        let last = bytes.len() - 20;
+        bytes[last] ^= 1;
+        let err = decode_checkpoint(1, &bytes).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+        assert!(decode_checkpoint(1, &bytes[..100]).is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! The real `cohort-coordinator` binary is killed with SIGKILL at several points across the
+//! stages of a round and started again with the same configuration; four hospital agents (in
+//! this process) reconnect by themselves. The run must finish with every round committed
+//! exactly once, and a damaged data directory must be refused at start-up.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_coordinator::store::{Identity, MARKER, Store};
+
+const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+const ROUNDS: u64 = 6;
+const SCHEMA: &str = r#"
+[schema]
+label = { column = "num", greater_than = 0 }
+drop = ["slope", "ca", "thal"]
+categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+missing = "drop_row"
+"#;
+
+fn data(site: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/heart-disease")
+        .join(format!("{site}.csv"))
+        .canonicalize()
+        .expect("shipped data")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:{port}"
+data_dir = {data_dir:?}
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[rounds]
+count = {ROUNDS}
+min_sites = 4
+wait_for_sites_secs = 60
+stage_timeout_secs = 10
+train_timeout_secs = 10
+max_attempts = 5
+[storage]
+keep_checkpoints = 2
+[secagg]
+quant_bits = 20
+modulus_bits = 64
+max_weight = 1000
+[model]
+kind = "logreg"
+inputs = 13
+[training]
+optimizer = "adam"
+learning_rate = 0.001
+batch_size = 4
+local_steps = 50
+{SCHEMA}"#,
+        ca = pki.join("coordinator/ca.pem"),
+        cert = pki.join("coordinator/cert.pem"),
+        key = pki.join("coordinator/key.pem"),
+    )
+}
+
+fn agent_config(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
+    let dir = pki.join("sites").join(site);
+    let text = format!(
+        r#"
+site = "{site}"
+[coordinator]
+url = "https://127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[data]
+csv = {csv:?}
+test_fraction = 0.34
+split_seed = 42
+[reconnect]
+initial_ms = 100
+max_ms = 500
+{SCHEMA}"#,
+        ca = dir.join("ca.pem"),
+        cert = dir.join("cert.pem"),
+        key = dir.join("key.pem"),
+        csv = data(site),
+    );
+    cohort_agent::AgentConfig::parse(&text).expect("agent configuration")
+}
+
+/// The coordinator process, with its log lines (stderr and stdout) arriving on a channel.
+struct Coordinator {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Coordinator {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the coordinator starts");
+        let (tx, lines) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Coordinator { child, lines }
+    }
+
+    /// Waits for a log line containing all of `parts`; returns the lines seen so far.
+    fn wait_for(&self, parts: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = parts.iter().all(|p| line.contains(p));
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {parts:?} within {timeout:?}; last lines:\n{}",
+                    seen[seen.len().saturating_sub(30)..].join("\n")
+                ),
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+#[test]
+fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    provision(&ProvisionOptions {
+        out: pki.clone(),
+        sites: SITES.iter().map(|s| s.to_string()).collect(),
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let port = free_port();
+    let data_dir = dir.path().join("coordinator-data");
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, coordinator_toml(&pki, &data_dir, port)).unwrap();
+
+    // The agents live through every restart and reconnect on their own.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agents: Vec<_> = SITES
+        .iter()
+        .map(|s| rt.spawn(cohort_agent::run(agent_config(&pki, s, port))))
+        .collect();
+
+    let minute = Duration::from_secs(60);
+    // Kill points: before round 0 is committed, then inside rounds at successive stages.
+    let kills: [&[&str]; 5] = [
+        &["feature statistics aggregated"],
+        &["round=2", "stage=ShareKeys"],
+        &["round=3", "stage=MaskedInput"],
+        &["round=4", "stage=Unmask"],
+        &["round=5", "evaluating the model"],
+    ];
+    for (i, pattern) in kills.iter().enumerate() {
+        let c = Coordinator::start(&config);
+        let seen = c.wait_for(pattern, minute);
+        // The first kill may land before or after round 0 is committed. Start i follows the
+        // kill inside round i, so it resumes after round i - 1 (or i, had the commit won the
+        // race with the kill).
+        if i > 1 {
+            let resumed = |r: usize| format!("round={r}");
+            assert!(
+                seen.iter()
+                    .any(|l| l.contains("resuming after the last committed round")
+                        && (l.ends_with(&resumed(i - 1)) || l.ends_with(&resumed(i)))),
+                "restart {i} did not resume:\n{}",
+                seen.join("\n")
+            );
+        }
+        c.kill();
+    }
+    let last = Coordinator::start(&config);
+    let seen = last.wait_for(&["finished 6 rounds"], minute);
+    // Killed while evaluating round 5: it resumes after round 4 (or 5, had the commit won
+    // the race with the kill).
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("resuming after the last committed round")
+                && (l.contains("round=4") || l.contains("round=5"))),
+        "the last start resumes after round 4 or 5:\n{}",
+        seen.join("\n")
+    );
+    let mut child = last.child;
+    assert!(child.wait().unwrap().success());
+    for a in agents {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), a).await })
+            .expect("agents stop after the shutdown")
+            .expect("agent task")
+            .expect("agent ends cleanly");
+    }
+
+    // Every round is committed once, in order, with all four hospitals' examples.
+    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    let ca_der = rustls_pemfile_der(&ca);
+    let identity = Identity::new(&ca_der, "logreg 13-1".into(), schema_hash());
+    let store = Store::open(&data_dir, &identity).expect("the run's own directory opens");
+    let resume = store.resume().unwrap().expect("a committed run");
+    let rounds: Vec<u64> = resume.rounds.iter().map(|r| r.summary.round).collect();
+    assert_eq!(rounds, (1..=ROUNDS).collect::<Vec<_>>());
+    let weights: Vec<u64> = resume
+        .rounds
+        .iter()
+        .map(|r| r.summary.total_weight)
+        .collect();
+    assert!(
+        weights.iter().all(|w| *w == weights[0]),
+        "every round sums the same four sites once: {weights:?}"
+    );
+    assert_eq!(resume.checkpoint.round, ROUNDS);
+    assert_eq!(
+        resume.rounds.last().unwrap().summary.model_sha3_512,
+        hex(&resume.checkpoint.sha3_512)
+    );
+    assert_eq!(store.checkpoint_rounds().unwrap(), vec![ROUNDS - 1, ROUNDS]);
+    drop(store);
+
+    // A damaged data directory is refused at start-up, and left as it was.
+    std::fs::write(data_dir.join(MARKER), "not json").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not parse") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data_dir.join(MARKER)).unwrap(),
+        "not json"
+    );
+}
+
+fn schema_hash() -> String {
+    let cfg = cohort_coordinator::CoordinatorConfig::parse(&coordinator_toml(
+        Path::new("/p"),
+        Path::new("/d"),
+        1,
+    ))
+    .unwrap();
+    cfg.schema.hash()
+}
+
+fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
