@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod export;
 pub mod hub;
 pub mod provision;
 pub mod service;
@@ -29,7 +30,7 @@ pub use driver::RunSummary;
 const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
 
 /// The coordinator's Ed25519 key (its TLS key, as provisioned), which also signs models.
-fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
+pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
     use ed25519_dalek::pkcs8::DecodePrivateKey;
     let pem = std::fs::read_to_string(path)
         .with_context(|| format!("reading the coordinator's key {}", path.display()))?;

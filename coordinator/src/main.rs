@@ -47,6 +47,18 @@ enum Command {
         #[arg(long, default_value = "https://localhost:7700")]
         coordinator_url: String,
     },
+    /// Write a global model checkpoint from the data directory as safetensors, in PyTorch's
+    /// layout (see docs/configuration.md for loading it).
+    ExportModel {
+        /// The coordinator's configuration (for data_dir, the CA, the key and the model).
+        #[arg(long)]
+        config: PathBuf,
+        /// Round whose model to export (default: the latest). 0 is the initial model.
+        #[arg(long)]
+        round: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +86,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::ExportModel { config, round, out } => export(&config, round, &out),
         Command::Provision {
             out,
             sites,
@@ -102,6 +115,32 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -> ExitCode {
+    let config = match CoordinatorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cohort_coordinator::export::export_model(&config, round, out) {
+        Ok(x) => {
+            println!(
+                "wrote {} ({} tensors): round {}, SHA3-512 {}",
+                out.display(),
+                x.tensors,
+                x.round,
+                x.sha3_512
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

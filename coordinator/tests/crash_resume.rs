@@ -260,7 +260,51 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         hex(&resume.checkpoint.sha3_512)
     );
     assert_eq!(store.checkpoint_rounds().unwrap(), vec![ROUNDS - 1, ROUNDS]);
+    let last_params = resume.checkpoint.params.clone();
     drop(store);
+
+    // The final model exported for PyTorch: names, shapes, values and provenance.
+    let file = dir.path().join("model.safetensors");
+    let export = |round: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
+        cmd.args(["export-model", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&file);
+        if let Some(r) = round {
+            cmd.args(["--round", r]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = export(None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let weight = st.tensor("0.weight").unwrap();
+    assert_eq!(weight.shape(), [1, 13]);
+    let values: Vec<f32> = weight
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(values, last_params[..13]);
+    assert_eq!(st.tensor("0.bias").unwrap().shape(), [1]);
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["cohort.round"], ROUNDS.to_string());
+    assert_eq!(meta["cohort.sha3_512"], hex(&resume.checkpoint.sha3_512));
+    // A pruned round is refused with the rounds that are kept.
+    let out = export(Some("2"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no checkpoint of round 2; kept: [5, 6]"),
+        "{err}"
+    );
 
     // A damaged data directory is refused at start-up, and left as it was.
     std::fs::write(data_dir.join(MARKER), "not json").unwrap();

@@ -80,6 +80,9 @@ pub enum ModelKind {
     Mlp,
 }
 
+/// A named tensor: name, shape, values in row-major order.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A binary classifier over `inputs` features.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -140,6 +143,35 @@ impl ModelSpec {
                 ]
             })
             .collect()
+    }
+
+    /// The parameters as PyTorch expects them for `nn.Sequential(Linear, ReLU, Linear, …)`:
+    /// names `0.weight`, `0.bias`, `2.weight`, … and weights transposed to `[d_out, d_in]`
+    /// (burn stores `[d_in, d_out]`). `params` must have this model's length.
+    pub fn pytorch_tensors(&self, params: &[f32]) -> Result<Vec<NamedTensor>, ModelError> {
+        if params.len() != self.num_params() {
+            return Err(ModelError::WrongLength {
+                expected: self.num_params(),
+                got: params.len(),
+            });
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (l, (i, o)) in self.layers().into_iter().enumerate() {
+            let w = &params[at..at + i * o];
+            let transposed = (0..o)
+                .flat_map(|r| (0..i).map(move |c| w[c * o + r]))
+                .collect();
+            out.push((format!("{}.weight", 2 * l), vec![o, i], transposed));
+            at += i * o;
+            out.push((
+                format!("{}.bias", 2 * l),
+                vec![o],
+                params[at..at + o].to_vec(),
+            ));
+            at += o;
+        }
+        Ok(out)
     }
 
     /// The initial global model. Logistic regression starts at zero (the convex problem needs
@@ -251,6 +283,27 @@ mod tests {
         assert!(!verify_model(&key.verifying_key(), &changed, &sig));
         assert!(!verify_model(&key.verifying_key(), &hash, &sig[..63]));
         assert!(!verify_model(&key.verifying_key(), &hash[..10], &sig));
+    }
+
+    #[test]
+    fn pytorch_tensors_are_transposed_and_named_for_sequential() {
+        let spec = ModelSpec {
+            kind: ModelKind::Mlp,
+            inputs: 2,
+            hidden: vec![3],
+        };
+        // layer 0: w [2, 3] = 0..6 row-major (w[c][r] = 3c + r), b = 6..9; layer 1: w [3, 1], b.
+        let params: Vec<f32> = (0..spec.num_params()).map(|x| x as f32).collect();
+        let t = spec.pytorch_tensors(&params).unwrap();
+        let names: Vec<&str> = t.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["0.weight", "0.bias", "2.weight", "2.bias"]);
+        assert_eq!(t[0].1, vec![3, 2]);
+        assert_eq!(t[0].2, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(t[1].2, vec![6.0, 7.0, 8.0]);
+        assert_eq!(t[2].1, vec![1, 3]);
+        assert_eq!(t[2].2, vec![9.0, 10.0, 11.0]);
+        assert_eq!(t[3].2, vec![12.0]);
+        assert!(spec.pytorch_tensors(&params[1..]).is_err());
     }
 
     #[test]
