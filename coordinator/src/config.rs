@@ -50,10 +50,56 @@ pub struct CoordinatorConfig {
     pub model: ModelConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The status API and `/metrics`; absent: not served.
+    pub status: Option<StatusConfig>,
     pub schema: DataSchema,
     /// Local training settings, sent to the agents every round (see
     /// `cohort_protocols::model::TrainingConfig`).
     pub training: toml::Table,
+}
+
+/// The read-only status API on its own port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// e.g. "127.0.0.1:7701".
+    pub listen: SocketAddr,
+    /// Bearer token (at least 16 characters). Prefer `token_env` to keep it out of files.
+    pub token: Option<String>,
+    /// Environment variable holding the token, read at start-up.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+}
+
+fn default_token_env() -> String {
+    "COHORT_STATUS_TOKEN".into()
+}
+
+impl StatusConfig {
+    /// The token from the configuration, else from `token_env`.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => std::env::var(&self.token_env).map_err(|_| {
+                invalid(
+                    "status.token",
+                    "(unset)",
+                    format!(
+                        "set status.token or the environment variable {} to a token of at least 16 characters",
+                        self.token_env
+                    ),
+                )
+            })?,
+        };
+        if token.chars().count() < 16 {
+            return Err(invalid(
+                "status.token",
+                "(hidden)",
+                "at least 16 characters",
+            ));
+        }
+        Ok(token)
+    }
 }
 
 /// The data directory's database (in `data_dir`).

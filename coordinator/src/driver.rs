@@ -30,6 +30,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::hub::{Hub, Inbound};
+use crate::metrics::Metrics;
+use crate::status::{Progress, RunState};
 use crate::store::{CheckpointRef, Resume, RoundRecord, Setup, Store, StoreError};
 use crate::upload::{PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink};
 
@@ -109,20 +111,26 @@ pub struct Driver {
     mean: Vec<f64>,
     std: Vec<f64>,
     training_toml: String,
-    progress: Option<mpsc::UnboundedSender<RoundSummary>>,
+    /// Receives every committed round's summary (simulations show a progress bar with it).
+    report: Option<mpsc::UnboundedSender<RoundSummary>>,
     /// Sites left out of the current round's remaining attempts because an upload of theirs
     /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
     sidelined: HashSet<String>,
     store: Store,
     signing_key: SigningKey,
+    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
 }
 
-/// What makes a run survive a crash and its models verifiable: the data directory's store and
-/// the coordinator's key, which signs every model it sends and checkpoints.
+/// What the driver needs besides the configuration: the data directory's store and the
+/// coordinator's key (which signs every model it sends and checkpoints), so a run survives a
+/// crash and its models can be verified; and the live progress and metrics operators watch.
 #[derive(Debug)]
-pub struct Durability {
+pub struct Operations {
     pub store: Store,
     pub signing_key: SigningKey,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -254,8 +262,8 @@ impl Driver {
         hub: Arc<Hub>,
         inbox: mpsc::Receiver<Inbound>,
         ca_der: Vec<u8>,
-        durability: Durability,
-        progress: Option<mpsc::UnboundedSender<RoundSummary>>,
+        ops: Operations,
+        report: Option<mpsc::UnboundedSender<RoundSummary>>,
     ) -> Result<Self, toml::ser::Error> {
         let spec = cfg.model.spec();
         let global = spec.init(cfg.model.seed);
@@ -284,10 +292,12 @@ impl Driver {
             spec,
             training_toml,
             cfg,
-            progress,
+            report,
             sidelined: HashSet::new(),
-            store: durability.store,
-            signing_key: durability.signing_key,
+            store: ops.store,
+            signing_key: ops.signing_key,
+            progress: ops.progress,
+            metrics: ops.metrics,
         })
     }
 
@@ -303,10 +313,12 @@ impl Driver {
                 "secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)"
             );
         }
+        self.metrics.model_parameters.set(self.global.len() as i64);
         let (setup, mut records) = match self.store.resume()? {
             Some(resume) => self.restore(resume)?,
             None => (self.first_setup().await?, Vec::new()),
         };
+        self.progress.resumed(records.last().map(|r| &r.summary));
         let first = records
             .last()
             .map_or(1, |r: &RoundRecord| r.summary.round + 1);
@@ -355,11 +367,20 @@ impl Driver {
                 clipped,
                 "round complete"
             );
-            if let Some(p) = &self.progress {
+            self.progress.round_done(&record.summary);
+            let m = &self.metrics;
+            m.rounds_completed.inc();
+            m.current_round.set(r as i64);
+            m.round_accuracy.set(eval.accuracy);
+            m.round_loss.set(eval.loss);
+            m.dropouts.inc_by(dropped as u64);
+            m.clipped_values.inc_by(clipped);
+            if let Some(p) = &self.report {
                 let _ = p.send(record.summary.clone());
             }
             records.push(record);
         }
+        self.progress.set_state(RunState::Finished);
         for (site, _) in self.hub.connected() {
             self.hub
                 .send(
@@ -491,6 +512,9 @@ impl Driver {
     }
 
     async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
+        if self.hub.connected().len() < self.cfg.rounds.min_sites as usize {
+            self.progress.set_state(RunState::WaitingForSites);
+        }
         let min = self.cfg.rounds.min_sites as usize;
         let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
         let deadline = tokio::time::Instant::now() + waited;
@@ -535,6 +559,7 @@ impl Driver {
             match f(self, attempt).await {
                 Ok(v) => return Ok(v),
                 Err(reason) => {
+                    self.metrics.attempts_aborted.inc();
                     warn!(round, attempt, %reason, "round attempt aborted; retrying with fresh keys");
                     last = reason;
                 }
@@ -752,6 +777,26 @@ impl Driver {
         Ok(())
     }
 
+    /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
+    fn stage_changed(
+        &self,
+        state: RunState,
+        round: RoundId,
+        stage: &mut (ServerStage, Instant),
+        now: ServerStage,
+    ) {
+        self.metrics
+            .stage(&format!("{:?}", stage.0), stage.1.elapsed().as_secs_f64());
+        let open = !matches!(now, ServerStage::Done | ServerStage::Aborted);
+        self.progress.set_stage(
+            state,
+            round.round,
+            round.attempt,
+            open.then(|| format!("{now:?}")),
+        );
+        *stage = (now, Instant::now());
+    }
+
     /// Runs one SecAgg+ aggregation among `sites`.
     async fn secagg<W: SinkWord>(
         &mut self,
@@ -786,6 +831,18 @@ impl Driver {
         let setup_bytes =
             Bytes::from(cohort_protocols::secagg::ServerMessage::Setup(setup).encode());
         info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = sites.len(), "SecAgg+ stage open");
+        let state = if round.round == 0 {
+            RunState::Statistics
+        } else {
+            RunState::Training
+        };
+        let mut stage = (server.stage(), Instant::now());
+        self.progress.set_stage(
+            state,
+            round.round,
+            round.attempt,
+            Some(format!("{:?}", stage.0)),
+        );
         for (site, _) in sites {
             self.hub
                 .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
@@ -810,6 +867,7 @@ impl Driver {
                     return Err(abort.to_string());
                 }
                 Ok(Poll::Done(out)) => {
+                    self.stage_changed(state, round, &mut stage, ServerStage::Done);
                     let Output {
                         sum,
                         survivors,
@@ -836,6 +894,7 @@ impl Driver {
                 }
                 Ok(Poll::Send(messages)) => {
                     info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
+                    self.stage_changed(state, round, &mut stage, server.stage());
                     // Open the slots before the shares go out: a fast site may answer with
                     // its masked input before the last share is sent.
                     if !slots_open && server.stage() == ServerStage::MaskedInput {
@@ -975,6 +1034,9 @@ impl Driver {
     async fn evaluate(&mut self, round: u64) -> (Evaluation, BTreeMap<String, SiteResult>) {
         let sites = self.select();
         info!(round, sites = sites.len(), "evaluating the model");
+        self.progress
+            .set_stage(RunState::Evaluating, round, 0, None);
+        let started = Instant::now();
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
@@ -1022,6 +1084,8 @@ impl Driver {
                 },
             );
         }
+        self.metrics
+            .stage("evaluate", started.elapsed().as_secs_f64());
         if results.is_empty() {
             return (Evaluation::default(), results);
         }

@@ -241,6 +241,15 @@ impl Hub {
         true
     }
 
+    /// Lock statistics of every sharded map, by map name.
+    pub fn shard_stats(&self) -> Vec<(&'static str, Vec<crate::sharded::ShardStats>)> {
+        vec![
+            ("sites", self.sites.stats()),
+            ("outbound", self.outbound.stats()),
+            ("uploads", self.uploads.stats()),
+        ]
+    }
+
     /// Takes up the registry of a resumed run: ids and counters, every site disconnected
     /// until it connects again.
     pub fn restore(&self, sites: std::collections::BTreeMap<String, SiteState>) {

@@ -5,9 +5,11 @@ pub mod config;
 pub mod driver;
 pub mod export;
 pub mod hub;
+pub mod metrics;
 pub mod provision;
 pub mod service;
 pub mod sharded;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod upload;
@@ -42,21 +44,32 @@ pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::Signi
     })
 }
 
-/// Starts serving on `config.listen` and runs the configured rounds. `bound` receives the
-/// actual address (useful with port 0). Returns when training is finished.
+/// Where a started coordinator can be reached (the actual ports, useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    /// The status API, when `[status]` is configured.
+    pub status: Option<SocketAddr>,
+}
+
+/// Starts serving on `config.listen` (and the status API, if configured) and runs the
+/// configured rounds. `bound` receives the endpoints once they listen. Returns when training
+/// is finished.
 pub async fn run(
     config: CoordinatorConfig,
-    bound: Option<oneshot::Sender<SocketAddr>>,
+    bound: Option<oneshot::Sender<Endpoints>>,
 ) -> Result<RunSummary> {
     run_with_progress(config, bound, None).await
 }
 
-/// Like [`run`], and sends every finished round's summary to `progress`.
+/// Like [`run`], and sends every finished round's summary to `report`.
 pub async fn run_with_progress(
     config: CoordinatorConfig,
-    bound: Option<oneshot::Sender<SocketAddr>>,
-    progress: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
+    bound: Option<oneshot::Sender<Endpoints>>,
+    report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
 ) -> Result<RunSummary> {
+    // Read first, so a missing token stops the start before anything listens.
+    let status_token = config.status.as_ref().map(|s| s.token()).transpose()?;
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .context("loading the coordinator's TLS files")?;
     let ca_der = tls::load_certs(&config.tls.ca_cert)?
@@ -82,12 +95,36 @@ pub async fn run_with_progress(
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     info!(%addr, "coordinator listening (gRPC, TLS 1.3, client certificates required)");
-    if let Some(tx) = bound {
-        let _ = tx.send(addr);
-    }
 
     let (inbox_tx, inbox_rx) = mpsc::channel(4096);
     let hub = Arc::new(hub::Hub::new(inbox_tx));
+    let progress = Arc::new(status::Progress::default());
+    let metrics = Arc::new(metrics::Metrics::new());
+    let status_api = match (&config.status, status_token) {
+        (Some(cfg), Some(token)) => {
+            let api = Arc::new(status::StatusApi::new(
+                hub.clone(),
+                store.clone(),
+                progress.clone(),
+                metrics.clone(),
+                config.rounds.count,
+                config.rounds.min_sites,
+                token,
+            ));
+            let (at, task) = status::serve(api.clone(), cfg.listen)
+                .await
+                .with_context(|| format!("binding the status API on {}", cfg.listen))?;
+            info!(addr = %at, "status API listening (bearer token required)");
+            Some((api, at, task))
+        }
+        _ => None,
+    };
+    if let Some(tx) = bound {
+        let _ = tx.send(Endpoints {
+            grpc: addr,
+            status: status_api.as_ref().map(|(_, at, _)| *at),
+        });
+    }
     let service = service::Service {
         hub: hub.clone(),
         ca_der: ca_der.clone(),
@@ -126,13 +163,22 @@ pub async fn run_with_progress(
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );
+    if let Some((api, _, _)) = &status_api {
+        api.grpc_serving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let driver = driver::Driver::new(
         config,
         hub,
         inbox_rx,
         ca_der,
-        driver::Durability { store, signing_key },
-        progress,
+        driver::Operations {
+            store,
+            signing_key,
+            progress,
+            metrics,
+        },
+        report,
     )
     .context("training settings")?;
     let result = driver.run().await;
@@ -140,5 +186,8 @@ pub async fn run_with_progress(
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     accept_task.abort();
     server.abort();
+    if let Some((_, _, task)) = status_api {
+        task.abort();
+    }
     Ok(result?)
 }

@@ -311,6 +311,36 @@ impl Store {
         Ok(())
     }
 
+    /// One committed round.
+    pub fn round(&self, round: u64) -> Result<Option<RoundRecord>, StoreError> {
+        self.rounds
+            .get(round.to_be_bytes())?
+            .map(|v| decode_json(&v))
+            .transpose()
+    }
+
+    /// Committed rounds `offset..offset + limit` in round order, and how many there are.
+    pub fn rounds_page(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<RoundRecord>, usize), StoreError> {
+        let page = self
+            .rounds
+            .iter()
+            .values()
+            .skip(offset)
+            .take(limit)
+            .map(|v| decode_json(&v?))
+            .collect::<Result<_, _>>()?;
+        Ok((page, self.rounds.len()))
+    }
+
+    /// Whether the database answers (for readiness).
+    pub fn healthy(&self) -> bool {
+        self.meta.get(LAST_ROUND).is_ok()
+    }
+
     pub fn checkpoint(&self, round: u64) -> Result<Option<Checkpoint>, StoreError> {
         self.checkpoints
             .get(round.to_be_bytes())?

@@ -417,7 +417,7 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
                     Some(tx),
                     None,
                 ));
-                let addr = rx.await.context("the coordinator did not start")?;
+                let addr = rx.await.context("the coordinator did not start")?.grpc;
                 println!("listening {addr}");
                 run.await.context("coordinator task")?
             })?;

@@ -290,7 +290,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             }
             bar.finish();
         });
-        let addr = rx.await.context("the coordinator did not start")?;
+        let addr = rx.await.context("the coordinator did not start")?.grpc;
         let mut agents = Vec::new();
         for (index, site) in s.sites.iter().enumerate() {
             let dir = pki.join("sites").join(&site.name);

@@ -188,7 +188,7 @@ local_steps = 10
     let err = rt.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(cohort_coordinator::run(coordinator, Some(tx)));
-        let addr = rx.await.unwrap();
+        let addr = rx.await.unwrap().grpc;
         let site = theirs.join("sites/cleveland");
         let agent = cohort_agent::AgentConfig::parse(&format!(
             r#"

@@ -1,0 +1,199 @@
+//! Prometheus metrics (`/metrics` on the status port), through `prometheus-client`.
+//!
+//! The driver updates round metrics as rounds happen. Values that live elsewhere — connected
+//! sites, bytes, and the sharded maps' per-shard lock statistics — are copied in when a scrape
+//! arrives ([`Metrics::refresh`]), so the hot paths pay nothing for them. Per-shard lock
+//! acquisitions and wait time carry `map` and `shard` labels, so contention shows as a heat map
+//! over shards (deploy/grafana/cohort.json).
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::hub::Hub;
+use crate::sharded::ShardStats;
+
+type Labels = Vec<(String, String)>;
+
+fn stage_histogram() -> Histogram {
+    // 1 ms to ~4.4 min.
+    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub rounds_completed: Counter,
+    pub attempts_aborted: Counter,
+    pub stage_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pub dropouts: Counter,
+    pub clipped_values: Counter,
+    pub current_round: Gauge,
+    pub model_parameters: Gauge,
+    pub round_accuracy: Gauge<f64, AtomicU64>,
+    pub round_loss: Gauge<f64, AtomicU64>,
+    sites_connected: Gauge,
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    shard_acquisitions: Family<Labels, Counter>,
+    shard_wait_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    /// Serialises refresh-and-encode, so two scrapes never interleave their counter deltas.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("cohort"),
+            rounds_completed: Counter::default(),
+            attempts_aborted: Counter::default(),
+            stage_seconds: Family::new_with_constructor(stage_histogram),
+            dropouts: Counter::default(),
+            clipped_values: Counter::default(),
+            current_round: Gauge::default(),
+            model_parameters: Gauge::default(),
+            round_accuracy: Gauge::default(),
+            round_loss: Gauge::default(),
+            sites_connected: Gauge::default(),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            shard_acquisitions: Family::default(),
+            shard_wait_seconds: Family::default(),
+            scrape: Mutex::new(()),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "rounds_completed",
+            "Training rounds committed",
+            m.rounds_completed.clone(),
+        );
+        r.register(
+            "round_attempts_aborted",
+            "Round attempts aborted and retried (lost quorum, partial upload, timeout)",
+            m.attempts_aborted.clone(),
+        );
+        r.register(
+            "stage_duration_seconds",
+            "Duration of each SecAgg+ stage and of evaluations, by stage",
+            m.stage_seconds.clone(),
+        );
+        r.register(
+            "dropouts",
+            "Sites that dropped out of a round",
+            m.dropouts.clone(),
+        );
+        r.register(
+            "clipped_values",
+            "Update values clipped to the clipping range (sum over sites)",
+            m.clipped_values.clone(),
+        );
+        r.register(
+            "current_round",
+            "Round in progress (or last committed)",
+            m.current_round.clone(),
+        );
+        r.register(
+            "model_parameters",
+            "Parameters of the global model",
+            m.model_parameters.clone(),
+        );
+        r.register(
+            "round_accuracy",
+            "Mean site test accuracy after the last round",
+            m.round_accuracy.clone(),
+        );
+        r.register(
+            "round_loss",
+            "Example-weighted test loss after the last round",
+            m.round_loss.clone(),
+        );
+        r.register(
+            "sites_connected",
+            "Sites with an open session",
+            m.sites_connected.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes received from agents",
+            m.bytes_received.clone(),
+        );
+        r.register("sent_bytes", "Bytes sent to agents", m.bytes_sent.clone());
+        r.register(
+            "shard_lock_acquisitions",
+            "Lock acquisitions per shard of the sharded round-state maps",
+            m.shard_acquisitions.clone(),
+        );
+        r.register(
+            "shard_lock_wait_seconds",
+            "Time spent waiting for each shard's lock",
+            m.shard_wait_seconds.clone(),
+        );
+        m
+    }
+
+    /// Copies the hub's current values in (counters advance by the difference).
+    pub fn refresh(&self, hub: &Hub) {
+        let sites = hub.sites.snapshot();
+        self.sites_connected
+            .set(sites.iter().filter(|(_, s)| s.connected).count() as i64);
+        let advance = |c: &Counter, total: u64| {
+            c.inc_by(total.saturating_sub(c.get()));
+        };
+        advance(
+            &self.bytes_received,
+            sites.iter().map(|(_, s)| s.bytes_in).sum(),
+        );
+        advance(
+            &self.bytes_sent,
+            sites.iter().map(|(_, s)| s.bytes_out).sum(),
+        );
+        for (map, stats) in hub.shard_stats() {
+            self.shards(map, &stats);
+        }
+    }
+
+    fn shards(&self, map: &str, stats: &[ShardStats]) {
+        for (i, s) in stats.iter().enumerate() {
+            let labels = vec![
+                ("map".to_string(), map.to_string()),
+                ("shard".to_string(), i.to_string()),
+            ];
+            let c = self.shard_acquisitions.get_or_create(&labels);
+            c.inc_by(s.acquisitions.saturating_sub(c.get()));
+            let w = self.shard_wait_seconds.get_or_create(&labels);
+            let secs = s.wait_nanos as f64 / 1e9;
+            if secs > w.get() {
+                w.inc_by(secs - w.get());
+            }
+        }
+    }
+
+    /// Observes a stage's duration.
+    pub fn stage(&self, stage: &str, seconds: f64) {
+        self.stage_seconds
+            .get_or_create(&vec![("stage".to_string(), stage.to_string())])
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition of every metric, refreshed from `hub`.
+    pub fn render(&self, hub: &Hub) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(hub);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,415 @@
+//! The read-only status API (axum, its own port): what the coordinator is doing, the rounds
+//! it has committed, the sites it knows, Prometheus metrics, health and readiness.
+//!
+//! Everything but `/healthz` and `/readyz` needs `Authorization: Bearer <token>`. Nothing here
+//! can change the run, and nothing it returns is a site's data or update: sites appear with
+//! their counters and last evaluation metrics only. The OpenAPI document served at
+//! `/api/v1/openapi.json` is `coordinator/openapi.json`, checked against live responses by
+//! the tests.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::driver::{Evaluation, RoundSummary};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{RoundRecord, Store};
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// What the run is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Starting,
+    WaitingForSites,
+    Statistics,
+    Training,
+    Evaluating,
+    Finished,
+    Stopping,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Live {
+    state: RunState,
+    round: u64,
+    attempt: u32,
+    stage: Option<String>,
+}
+
+/// The driver's live position, shared with the status API. One small mutex: it is written a
+/// few times per stage and read per request.
+#[derive(Debug)]
+pub struct Progress {
+    live: Mutex<Live>,
+    started: Instant,
+    started_unix: u64,
+    /// Rounds completed by this process and their total seconds, for the time estimate.
+    timing: Mutex<(u64, f64)>,
+    last: Mutex<Option<Evaluation>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            live: Mutex::new(Live {
+                state: RunState::Starting,
+                round: 0,
+                attempt: 0,
+                stage: None,
+            }),
+            started: Instant::now(),
+            started_unix: unix_now(),
+            timing: Mutex::new((0, 0.0)),
+            last: Mutex::new(None),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Progress {
+    pub fn set_state(&self, state: RunState) {
+        let mut l = lock(&self.live);
+        l.state = state;
+        if state != RunState::Training && state != RunState::Statistics {
+            l.stage = None;
+        }
+    }
+
+    pub fn set_stage(&self, state: RunState, round: u64, attempt: u32, stage: Option<String>) {
+        *lock(&self.live) = Live {
+            state,
+            round,
+            attempt,
+            stage,
+        };
+    }
+
+    pub fn round_done(&self, summary: &RoundSummary) {
+        let mut t = lock(&self.timing);
+        t.0 += 1;
+        t.1 += summary.seconds;
+        *lock(&self.last) = Some(Evaluation {
+            accuracy: summary.accuracy,
+            loss: summary.loss,
+            auc: summary.auc,
+        });
+    }
+
+    pub fn resumed(&self, last: Option<&RoundSummary>) {
+        if let Some(s) = last {
+            *lock(&self.last) = Some(Evaluation {
+                accuracy: s.accuracy,
+                loss: s.loss,
+                auc: s.auc,
+            });
+        }
+    }
+}
+
+/// Shared state of the API.
+#[derive(Debug)]
+pub struct StatusApi {
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+    pub rounds_total: u64,
+    pub sites_expected: u32,
+    token: String,
+    /// Set once the gRPC server is accepting connections.
+    pub grpc_serving: AtomicBool,
+}
+
+impl StatusApi {
+    pub fn new(
+        hub: Arc<Hub>,
+        store: Store,
+        progress: Arc<Progress>,
+        metrics: Arc<Metrics>,
+        rounds_total: u64,
+        sites_expected: u32,
+        token: String,
+    ) -> Self {
+        StatusApi {
+            hub,
+            store,
+            progress,
+            metrics,
+            rounds_total,
+            sites_expected,
+            token,
+            grpc_serving: AtomicBool::new(false),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct StatusDoc {
+    state: RunState,
+    round: u64,
+    attempt: u32,
+    stage: Option<String>,
+    rounds_total: u64,
+    rounds_completed: u64,
+    sites_connected: usize,
+    sites_expected: u32,
+    last_round: Option<Evaluation>,
+    started_unix: u64,
+    elapsed_seconds: f64,
+    /// Mean round time of this process × rounds left; null until a round has completed.
+    estimated_remaining_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SiteDoc {
+    name: String,
+    connected: bool,
+    last_seen_unix: Option<u64>,
+    rounds_joined: u64,
+    dropouts: u64,
+    bytes_received: u64,
+    bytes_sent: u64,
+    last_accuracy: Option<f64>,
+    last_loss: Option<f64>,
+    last_auc: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct RoundsPage {
+    rounds: Vec<RoundRecord>,
+    page: usize,
+    per_page: usize,
+    total: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The router: public health endpoints, and the rest behind the bearer token.
+pub fn router(api: Arc<StatusApi>) -> Router {
+    let private = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/rounds", get(rounds))
+        .route("/api/v1/rounds/{n}", get(round))
+        .route("/api/v1/sites", get(sites))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(api.clone(), auth));
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(ready))
+        .merge(private)
+        .with_state(api)
+}
+
+/// Serves the API on `listen` until the task is dropped; returns the bound address.
+pub async fn serve(
+    api: Arc<StatusApi>,
+    listen: SocketAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(api);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "status API stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Constant-time comparison, so the response time does not reveal how much of a guess matched.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(api): State<Arc<StatusApi>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if same(t.as_bytes(), api.token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <status token>)",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+async fn ready(State(api): State<Arc<StatusApi>>) -> Response {
+    let storage = api.store.healthy();
+    let grpc = api.grpc_serving.load(Ordering::Relaxed);
+    let body = Json(json!({ "storage": storage, "grpc": grpc }));
+    if storage && grpc {
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn status(State(api): State<Arc<StatusApi>>) -> Response {
+    let live = lock(&api.progress.live).clone();
+    let rounds_completed = api.store.last_round().ok().flatten().unwrap_or(0);
+    let (done, seconds) = *lock(&api.progress.timing);
+    let left = api.rounds_total.saturating_sub(rounds_completed);
+    let doc = StatusDoc {
+        state: live.state,
+        round: live.round,
+        attempt: live.attempt,
+        stage: live.stage,
+        rounds_total: api.rounds_total,
+        rounds_completed,
+        sites_connected: api.hub.connected().len(),
+        sites_expected: api.sites_expected,
+        last_round: *lock(&api.progress.last),
+        started_unix: api.progress.started_unix,
+        elapsed_seconds: api.progress.started.elapsed().as_secs_f64(),
+        estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
+    };
+    Json(doc).into_response()
+}
+
+async fn rounds(State(api): State<Arc<StatusApi>>, Query(q): Query<PageQuery>) -> Response {
+    let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
+    let page = q.page.unwrap_or(1).max(1);
+    match api.store.rounds_page((page - 1) * per_page, per_page) {
+        Ok((rounds, total)) => Json(RoundsPage {
+            rounds,
+            page,
+            per_page,
+            total,
+        })
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn round(State(api): State<Arc<StatusApi>>, Path(n): Path<String>) -> Response {
+    let Ok(n) = n.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("round {n:?} is not a round number"),
+        );
+    };
+    match api.store.round(n) {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("round {n} has not been committed"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
+    let mut sites: Vec<SiteDoc> = api
+        .hub
+        .sites
+        .snapshot()
+        .into_iter()
+        .map(|(name, s)| SiteDoc {
+            name,
+            connected: s.connected,
+            last_seen_unix: s
+                .last_seen
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            rounds_joined: s.rounds_joined,
+            dropouts: s.dropouts,
+            bytes_received: s.bytes_in,
+            bytes_sent: s.bytes_out,
+            last_accuracy: s.last_accuracy,
+            last_loss: s.last_loss,
+            last_auc: s.last_auc,
+        })
+        .collect();
+    sites.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(json!({ "sites": sites })).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(api): State<Arc<StatusApi>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        api.metrics.render(&api.hub),
+    )
+        .into_response()
+}
+
+/// A minimal client for the API over plain HTTP (the `status` command and the tests).
+pub mod client {
+    use anyhow::{Context, Result};
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    /// GETs `url` with the bearer `token`; returns the status code and the body.
+    pub async fn get(url: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+        let mut req = hyper::Request::get(url);
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Empty::new())
+            .with_context(|| format!("{url} is not a valid URL"))?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+            .await
+            .with_context(|| format!("{url}: no answer within 10 s"))?
+            .with_context(|| format!("requesting {url}"))?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("reading the answer from {url}"))?
+            .to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+}

@@ -1,0 +1,310 @@
+//! The status API of a live run: bearer auth, every endpoint, responses that match the
+//! OpenAPI document, and a Prometheus scrape that parses.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cohort_coordinator::CoordinatorConfig;
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_coordinator::status::client::get;
+use serde_json::Value;
+
+const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+const TOKEN: &str = "a-status-token-for-tests";
+const SCHEMA: &str = r#"
+[schema]
+label = { column = "num", greater_than = 0 }
+drop = ["slope", "ca", "thal"]
+categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+missing = "drop_row"
+"#;
+
+fn data(site: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/heart-disease")
+        .join(format!("{site}.csv"))
+        .canonicalize()
+        .expect("shipped data")
+}
+
+/// Checks `value` against `schema` (a fragment of the OpenAPI document): types, required
+/// properties, nullability, arrays and maps. Enough of OpenAPI 3.0 for this API.
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return conforms(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if value.is_null() {
+        return if schema["nullable"] == true {
+            Ok(())
+        } else {
+            Err(format!("{at} is null"))
+        };
+    }
+    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
+        return all.iter().try_for_each(|s| conforms(doc, s, value, at));
+    }
+    let ok = match schema.get("type").and_then(Value::as_str) {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_u64() || value.is_i64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        return Err(format!("{at} = {value} is not a {}", schema["type"]));
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array)
+        && !values.contains(value)
+    {
+        return Err(format!("{at} = {value} is not one of {values:?}"));
+    }
+    for key in schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = key.as_str().unwrap();
+        if value.get(key).is_none() {
+            return Err(format!("{at} lacks {key}"));
+        }
+    }
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        for (k, v) in value.as_object().unwrap() {
+            let Some(s) = props.get(k) else {
+                return Err(format!("{at}.{k} is not in the document"));
+            };
+            conforms(doc, s, v, &format!("{at}.{k}"))?;
+        }
+    }
+    if let Some(extra) = schema.get("additionalProperties") {
+        for (k, v) in value.as_object().unwrap() {
+            conforms(doc, extra, v, &format!("{at}.{k}"))?;
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        for (i, v) in value.as_array().unwrap().iter().enumerate() {
+            conforms(doc, items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The schema of `path`'s response with `code`.
+fn response_schema<'a>(doc: &'a Value, path: &str, code: u16) -> &'a Value {
+    let mut r = &doc["paths"][path]["get"]["responses"][code.to_string()];
+    if let Some(name) = r.get("$ref").and_then(Value::as_str) {
+        r = &doc["components"]["responses"][name.trim_start_matches("#/components/responses/")];
+    }
+    &r["content"]["application/json"]["schema"]
+}
+
+async fn check(doc: &Value, base: &str, path: &str, template: &str, code: u16) -> Value {
+    let (got, body) = get(&format!("{base}{path}"), Some(TOKEN)).await.unwrap();
+    assert_eq!(got, code, "{path}: {body}");
+    let value: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+    conforms(doc, response_schema(doc, template, code), &value, path)
+        .unwrap_or_else(|e| panic!("{path} does not match the OpenAPI document: {e}"));
+    value
+}
+
+#[test]
+fn status_api_answers_with_auth_and_matches_its_openapi_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    provision(&ProvisionOptions {
+        out: pki.clone(),
+        sites: SITES.iter().map(|s| s.to_string()).collect(),
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let config = CoordinatorConfig::parse(&format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = {data:?}
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[rounds]
+count = 3
+min_sites = 4
+wait_for_sites_secs = 60
+stage_timeout_secs = 10
+train_timeout_secs = 10
+[status]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+[secagg]
+quant_bits = 20
+modulus_bits = 64
+max_weight = 1000
+[model]
+kind = "logreg"
+inputs = 13
+[training]
+learning_rate = 0.001
+batch_size = 4
+local_steps = 50
+{SCHEMA}"#,
+        data = dir.path().join("data"),
+        ca = pki.join("coordinator/ca.pem"),
+        cert = pki.join("coordinator/cert.pem"),
+        key = pki.join("coordinator/key.pem"),
+    ))
+    .unwrap();
+    let doc: Value = serde_json::from_str(cohort_coordinator::status::OPENAPI).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn(cohort_coordinator::run_with_progress(
+            config,
+            Some(tx),
+            Some(report_tx),
+        ));
+        let endpoints = rx.await.unwrap();
+        let base = format!(
+            "http://{}",
+            endpoints.status.expect("status API configured")
+        );
+
+        // Public health, private everything else.
+        assert_eq!(get(&format!("{base}/healthz"), None).await.unwrap().0, 200);
+        for path in [
+            "/api/v1/status",
+            "/api/v1/sites",
+            "/metrics",
+            "/api/v1/openapi.json",
+        ] {
+            let (code, body) = get(&format!("{base}{path}"), None).await.unwrap();
+            assert_eq!(code, 401, "{path}");
+            assert!(body.contains("bearer token"), "{path}: {body}");
+            let wrong = get(&format!("{base}{path}"), Some("not-the-token-at-all"))
+                .await
+                .unwrap();
+            assert_eq!(wrong.0, 401, "{path}");
+        }
+        let status = check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;
+        assert_eq!(status["state"], "waiting_for_sites");
+        assert_eq!(status["sites_expected"], 4);
+        assert_eq!(status["rounds_completed"], 0);
+        let (code, served) = get(&format!("{base}/api/v1/openapi.json"), Some(TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(serde_json::from_str::<Value>(&served).unwrap(), doc);
+
+        let agents: Vec<_> = SITES
+            .iter()
+            .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, endpoints.grpc.port()))))
+            .collect();
+        // Round 1 is committed; rounds 2 and 3 are still to come.
+        let first = report.recv().await.expect("round 1");
+        assert_eq!(first.round, 1);
+        let ready = check(&doc, &base, "/readyz", "/readyz", 200).await;
+        assert_eq!(ready["grpc"], true);
+        let status = check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;
+        assert!(status["rounds_completed"].as_u64().unwrap() >= 1);
+        assert_eq!(status["sites_connected"], 4);
+        assert!(status["last_round"]["accuracy"].as_f64().unwrap() > 0.5);
+        let page = check(
+            &doc,
+            &base,
+            "/api/v1/rounds?per_page=1",
+            "/api/v1/rounds",
+            200,
+        )
+        .await;
+        assert_eq!(page["rounds"][0]["summary"]["round"], 1);
+        assert_eq!(page["per_page"], 1);
+        let one = check(&doc, &base, "/api/v1/rounds/1", "/api/v1/rounds/{n}", 200).await;
+        assert_eq!(one["summary"]["sites"], 4);
+        assert_eq!(one["per_site"].as_object().unwrap().len(), 4);
+        check(&doc, &base, "/api/v1/rounds/99", "/api/v1/rounds/{n}", 404).await;
+        check(&doc, &base, "/api/v1/rounds/x", "/api/v1/rounds/{n}", 400).await;
+        let sites = check(&doc, &base, "/api/v1/sites", "/api/v1/sites", 200).await;
+        let names: Vec<&str> = sites["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, SITES);
+
+        // The scrape parses: every sample line is `name{labels} value` with a number.
+        let (code, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
+        assert_eq!(code, 200);
+        let samples = parse_metrics(&text);
+        assert!(samples["cohort_rounds_completed_total"] >= 1.0, "{text}");
+        assert_eq!(samples["cohort_sites_connected"], 4.0);
+        assert_eq!(samples["cohort_model_parameters"], 14.0);
+        assert!(samples["cohort_received_bytes_total"] > 0.0);
+        assert!(
+            samples.contains_key("cohort_shard_lock_acquisitions_total{map=\"sites\",shard=\"0\"}")
+        );
+        assert!(
+            samples
+                .contains_key("cohort_shard_lock_wait_seconds_total{map=\"uploads\",shard=\"15\"}")
+        );
+        assert!(samples["cohort_stage_duration_seconds_count{stage=\"MaskedInput\"}"] >= 2.0);
+
+        let summary = run.await.unwrap().unwrap();
+        assert_eq!(summary.rounds.len(), 3);
+        for a in agents {
+            a.await.unwrap().unwrap();
+        }
+    });
+}
+
+/// Sample lines of an OpenMetrics text as `series → value`; panics on a malformed line.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_string(), value)
+        })
+        .collect()
+}
+
+fn agent(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
+    let dir = pki.join("sites").join(site);
+    cohort_agent::AgentConfig::parse(&format!(
+        r#"
+site = "{site}"
+[coordinator]
+url = "https://127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[data]
+csv = {csv:?}
+test_fraction = 0.34
+split_seed = 42
+{SCHEMA}"#,
+        ca = dir.join("ca.pem"),
+        cert = dir.join("cert.pem"),
+        key = dir.join("key.pem"),
+        csv = data(site),
+    ))
+    .unwrap()
+}
