@@ -47,6 +47,18 @@ enum Command {
         #[arg(long, default_value = "https://localhost:7700")]
         coordinator_url: String,
     },
+    /// Show a running coordinator's status and sites (from its status API).
+    Status {
+        /// Base URL of the status API, e.g. http://127.0.0.1:7701.
+        #[arg(long, default_value = "http://127.0.0.1:7701")]
+        url: String,
+        /// Bearer token (default: the COHORT_STATUS_TOKEN environment variable).
+        #[arg(long, env = "COHORT_STATUS_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Refresh every this many seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
     /// Write a global model checkpoint from the data directory as safetensors, in PyTorch's
     /// layout (see docs/configuration.md for loading it).
     ExportModel {
@@ -87,6 +99,7 @@ fn main() -> ExitCode {
             }
         }
         Command::ExportModel { config, round, out } => export(&config, round, &out),
+        Command::Status { url, token, watch } => status(&url, &token, watch),
         Command::Provision {
             out,
             sites,
@@ -158,4 +171,102 @@ fn run(config: CoordinatorConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn status(url: &str, token: &str, watch: Option<u64>) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let base = url.trim_end_matches('/');
+    loop {
+        match rt.block_on(status_table(base, token)) {
+            Ok(table) => {
+                if watch.is_some() {
+                    // Clear the screen and go home, like `watch`.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{table}");
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                if watch.is_none() {
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        match watch {
+            Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
+            None => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+/// The status and the sites as a readable table.
+async fn status_table(base: &str, token: &str) -> Result<String> {
+    use cohort_coordinator::status::client::get;
+    use std::fmt::Write;
+    let fetch = |path: &'static str| async move {
+        let (code, body) = get(&format!("{base}{path}"), Some(token)).await?;
+        if code != 200 {
+            anyhow::bail!("{base}{path} answered {code}: {body}");
+        }
+        serde_json::from_str::<serde_json::Value>(&body)
+            .with_context(|| format!("{base}{path} did not answer JSON"))
+    };
+    let s = fetch("/api/v1/status").await?;
+    let sites = fetch("/api/v1/sites").await?;
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "state {}   round {} (attempt {}){}   rounds {}/{}   sites {}/{}",
+        s["state"].as_str().unwrap_or("?"),
+        s["round"],
+        s["attempt"],
+        s["stage"]
+            .as_str()
+            .map_or(String::new(), |st| format!(", stage {st}")),
+        s["rounds_completed"],
+        s["rounds_total"],
+        s["sites_connected"],
+        s["sites_expected"],
+    );
+    let _ = writeln!(
+        out,
+        "last round: accuracy {}  loss {}  AUC {}   elapsed {:.0} s   remaining ~{}",
+        num(&s["last_round"]["accuracy"]),
+        num(&s["last_round"]["loss"]),
+        num(&s["last_round"]["auc"]),
+        s["elapsed_seconds"].as_f64().unwrap_or(0.0),
+        s["estimated_remaining_seconds"]
+            .as_f64()
+            .map_or("?".to_string(), |x| format!("{x:.0} s")),
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:>9} {:>7} {:>8} {:>12} {:>12} {:>9}",
+        "site", "connected", "rounds", "dropouts", "received", "sent", "accuracy"
+    );
+    for site in sites["sites"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9} {:>7} {:>8} {:>12} {:>12} {:>9}",
+            site["name"].as_str().unwrap_or("?"),
+            if site["connected"] == true {
+                "yes"
+            } else {
+                "no"
+            },
+            site["rounds_joined"],
+            site["dropouts"],
+            site["bytes_received"],
+            site["bytes_sent"],
+            num(&site["last_accuracy"]),
+        );
+    }
+    Ok(out)
 }

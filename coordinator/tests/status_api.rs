@@ -239,6 +239,28 @@ local_steps = 50
             .collect();
         assert_eq!(names, SITES);
 
+        // The `status` command prints the same as a table; a wrong token is a clear error.
+        let cli = |token: &str| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
+                .args(["status", "--url", &base, "--token", token])
+                .output()
+                .unwrap()
+        };
+        let out = cli(TOKEN);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("sites 4/4"), "{table}");
+        for site in SITES {
+            assert!(table.contains(site), "{table}");
+        }
+        let out = cli("wrong-token-wrong-token");
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("answered 401"));
+
         // The scrape parses: every sample line is `name{labels} value` with a number.
         let (code, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
         assert_eq!(code, 200);
