@@ -2,6 +2,7 @@
 //! SecAgg+ secure aggregation.
 
 pub mod config;
+pub mod crash;
 pub mod driver;
 pub mod export;
 pub mod hub;
@@ -68,6 +69,27 @@ pub async fn run_with_progress(
     bound: Option<oneshot::Sender<Endpoints>>,
     report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
 ) -> Result<RunSummary> {
+    serve(config, bound, report, std::future::pending())
+        .await?
+        .context("the run stopped before it finished")
+}
+
+/// Like [`run`], but stops cleanly when `stop` resolves (e.g. on SIGTERM): the round in
+/// progress is abandoned (it restarts with fresh keys on the next start), storage is flushed,
+/// the connections close (agents keep retrying) and `None` is returned.
+pub async fn run_until(
+    config: CoordinatorConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<RunSummary>> {
+    serve(config, None, None, stop).await
+}
+
+async fn serve(
+    config: CoordinatorConfig,
+    bound: Option<oneshot::Sender<Endpoints>>,
+    report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<RunSummary>> {
     // Read first, so a missing token stops the start before anything listens.
     let status_token = config.status.as_ref().map(|s| s.token()).transpose()?;
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
@@ -167,27 +189,40 @@ pub async fn run_with_progress(
         api.grpc_serving
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    crash::watch(&hub, &progress, &config.data_dir);
     let driver = driver::Driver::new(
         config,
         hub,
         inbox_rx,
         ca_der,
         driver::Operations {
-            store,
+            store: store.clone(),
             signing_key,
-            progress,
+            progress: progress.clone(),
             metrics,
         },
         report,
     )
     .context("training settings")?;
-    let result = driver.run().await;
-    // Give the agents a moment to read the shutdown message before the server goes away.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let result = tokio::select! {
+        r = driver.run() => Some(r),
+        () = stop => None,
+    };
+    if result.is_some() {
+        // Give the agents a moment to read the shutdown message before the server goes away.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    } else {
+        progress.set_state(status::RunState::Stopping);
+        info!("stopping: the round in progress is abandoned and restarts on the next start");
+    }
     accept_task.abort();
     server.abort();
     if let Some((_, _, task)) = status_api {
         task.abort();
     }
-    Ok(result?)
+    store.flush().context("flushing the data directory")?;
+    match result {
+        Some(r) => Ok(Some(r?)),
+        None => Ok(None),
+    }
 }

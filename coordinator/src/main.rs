@@ -17,6 +17,9 @@ use cohort_coordinator::{CoordinatorConfig, provision};
         2 invalid configuration or arguments."
 )]
 struct Cli {
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,14 +76,24 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+    }
     match cli.command {
         Command::Run { config } => {
             let config = match CoordinatorConfig::load(&config) {
@@ -132,6 +145,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -> ExitCode {
     let config = match CoordinatorConfig::load(config) {
         Ok(c) => c,
@@ -159,8 +195,12 @@ fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -
 }
 
 fn run(config: CoordinatorConfig) -> Result<()> {
+    cohort_coordinator::crash::install_panic_hook();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let summary = rt.block_on(cohort_coordinator::run(config, None))?;
+    let Some(summary) = rt.block_on(cohort_coordinator::run_until(config, stop_signal()))? else {
+        println!("stopped: committed rounds are on disk; start again to resume");
+        return Ok(());
+    };
     if let Some(last) = summary.rounds.last() {
         println!(
             "finished {} rounds: accuracy {:.4}, loss {:.4}, AUC {:.4}",

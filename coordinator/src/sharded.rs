@@ -105,6 +105,22 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
             .collect()
     }
 
+    /// Each shard's entries, or None for a shard whose lock is taken. Never blocks: the panic
+    /// hook calls it, possibly on a thread that holds a shard's lock.
+    pub fn try_shards(&self) -> Vec<Option<Vec<(K, V)>>> {
+        self.shards
+            .iter()
+            .map(|s| {
+                let map = match s.map.try_lock() {
+                    Ok(m) => m,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return None,
+                };
+                Some(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            })
+            .collect()
+    }
+
     pub fn stats(&self) -> Vec<ShardStats> {
         self.shards
             .iter()

@@ -118,6 +118,13 @@ impl Progress {
         });
     }
 
+    /// State, round, attempt and stage, without waiting for the lock (None if it is taken):
+    /// for the panic hook.
+    pub fn try_position(&self) -> Option<(RunState, u64, u32, Option<String>)> {
+        let l = self.live.try_lock().ok()?;
+        Some((l.state, l.round, l.attempt, l.stage.clone()))
+    }
+
     pub fn resumed(&self, last: Option<&RoundSummary>) {
         if let Some(s) = last {
             *lock(&self.last) = Some(Evaluation {

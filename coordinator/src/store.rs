@@ -205,6 +205,12 @@ impl Store {
         })
     }
 
+    /// Writes everything to disk (commits already do; this is for shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -113,8 +113,12 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(config: &Path) -> Self {
+        Self::start_with(config, "text")
+    }
+
+    fn start_with(config: &Path, log_format: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
-            .args(["run", "--config"])
+            .args(["--log-format", log_format, "run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -217,6 +221,27 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         }
         c.kill();
     }
+    // SIGTERM inside round 5 (JSON logs this time): a clean stop, exit 0, storage flushed.
+    let c = Coordinator::start_with(&config, "json");
+    let seen = c.wait_for(&["\"stage\":\"MaskedInput\"", "\"round\":5"], minute);
+    for line in &seen {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &c.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = c.wait_for(&["stopped: committed rounds are on disk"], minute);
+    let mut child = c.child;
+    assert!(
+        child.wait().unwrap().success(),
+        "exit 0 on SIGTERM:\n{}",
+        stopped.join("\n")
+    );
+
     let last = Coordinator::start(&config);
     let seen = last.wait_for(&["finished 6 rounds"], minute);
     // Killed while evaluating round 5: it resumes after round 4 (or 5, had the commit won
