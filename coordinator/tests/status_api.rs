@@ -278,6 +278,28 @@ local_steps = 50
         );
         assert!(samples["cohort_stage_duration_seconds_count{stage=\"MaskedInput\"}"] >= 2.0);
 
+        // Every metric the Grafana dashboard queries is exported.
+        let dashboard = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/cohort.json"),
+        )
+        .unwrap();
+        let mut queried = 0;
+        for part in dashboard.split("cohort_").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name.is_empty() || name == "coordinator" {
+                continue;
+            }
+            queried += 1;
+            assert!(
+                text.contains(&format!("\ncohort_{name}")),
+                "the dashboard queries cohort_{name}, which /metrics does not export"
+            );
+        }
+        assert!(queried >= 14, "{queried}");
+
         let summary = run.await.unwrap().unwrap();
         assert_eq!(summary.rounds.len(), 3);
         for a in agents {
