@@ -52,10 +52,21 @@ pub struct CoordinatorConfig {
     pub storage: StorageConfig,
     /// The status API and `/metrics`; absent: not served.
     pub status: Option<StatusConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     pub schema: DataSchema,
     /// Local training settings, sent to the agents every round (see
     /// `cohort_protocols::model::TrainingConfig`).
     pub training: toml::Table,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Resident memory (MiB) above which new uploads are refused with RESOURCE_EXHAUSTED
+    /// (the agent retries later) instead of the process meeting the OOM killer.
+    pub memory_mib: Option<u64>,
 }
 
 /// The read-only status API on its own port.
@@ -334,6 +345,13 @@ impl CoordinatorConfig {
             if v == 0 {
                 return Err(invalid(key, v, "must be at least 1 second"));
             }
+        }
+        if self.limits.memory_mib == Some(0) {
+            return Err(invalid(
+                "limits.memory_mib",
+                0,
+                "a budget in MiB, e.g. 4096 (leave it out for no budget)",
+            ));
         }
         if self.storage.keep_checkpoints == 0 {
             return Err(invalid(

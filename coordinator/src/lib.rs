@@ -152,6 +152,7 @@ async fn serve(
         ca_der: ca_der.clone(),
         schema_hash: config.schema.hash(),
         certificate_der,
+        memory_budget: config.limits.memory_mib.map(|m| m << 20),
     };
 
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.

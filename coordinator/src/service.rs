@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::hub::{Hub, Inbound};
+use cohort_proto::CHUNK_BYTES;
 
 pub use cohort_proto::PROTOCOL_VERSION;
 
@@ -24,6 +25,9 @@ pub struct Service {
     pub schema_hash: String,
     /// Sent in Welcome: agents verify model signatures against it.
     pub certificate_der: Vec<u8>,
+    /// Resident-memory budget in bytes (`limits.memory_mib`): an upload that would start
+    /// above it is refused with RESOURCE_EXHAUSTED.
+    pub memory_budget: Option<u64>,
 }
 
 fn now_unix() -> i64 {
@@ -104,7 +108,10 @@ impl Coordinator for Service {
             .map_err(|_| Status::unavailable("session closed"))?;
 
         let hub = self.hub.clone();
+        let budget = self.memory_budget;
+        let out = tx.clone();
         tokio::spawn(async move {
+            let mut uploading = false;
             loop {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
@@ -115,6 +122,15 @@ impl Coordinator for Service {
                             | agent_message::Kind::PlainUpdate(chunk),
                         ) = &msg.kind
                         {
+                            // A new upload must fit the memory budget; refusing it before its
+                            // first value costs the site this attempt, never the coordinator.
+                            if !uploading && let Some(err) = over_budget(budget, CHUNK_BYTES as u64)
+                            {
+                                warn!(%site, %err, "upload refused: memory budget");
+                                let _ = out.send(Err(Status::resource_exhausted(err))).await;
+                                break;
+                            }
+                            uploading = !chunk.last;
                             if upload(&hub, &site, chunk).await.is_err() {
                                 break;
                             }
@@ -148,6 +164,27 @@ impl Coordinator for Service {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Why accepting `extra` more bytes would exceed `budget`, or None if it fits (or no budget is
+/// set, or resident memory cannot be read).
+pub fn over_budget(budget: Option<u64>, extra: u64) -> Option<String> {
+    let budget = budget?;
+    let resident = resident_bytes()?;
+    (resident + extra > budget).then(|| {
+        format!(
+            "the coordinator's memory budget of {} MiB is reached ({} MiB resident): retry later",
+            budget >> 20,
+            resident >> 20
+        )
+    })
+}
+
+/// Resident set size of this process, from `/proc/self/statm` (Linux; 4 KiB pages).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 /// Feeds an update chunk into the site's slot of the open aggregation, here on the site's own

@@ -6,31 +6,17 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::store::{Identity, MARKER, Store};
 
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-const ROUNDS: u64 = 6;
-const SCHEMA: &str = r#"
-[schema]
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
+mod common;
+use common::*;
 
-fn data(site: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/heart-disease")
-        .join(format!("{site}.csv"))
-        .canonicalize()
-        .expect("shipped data")
-}
+const ROUNDS: u64 = 6;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -45,10 +31,7 @@ fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16) -> String {
         r#"
 listen = "127.0.0.1:{port}"
 data_dir = {data_dir:?}
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
+{tls}
 [rounds]
 count = {ROUNDS}
 min_sites = 4
@@ -71,38 +54,8 @@ learning_rate = 0.001
 batch_size = 4
 local_steps = 50
 {SCHEMA}"#,
-        ca = pki.join("coordinator/ca.pem"),
-        cert = pki.join("coordinator/cert.pem"),
-        key = pki.join("coordinator/key.pem"),
+        tls = coordinator_tls(pki),
     )
-}
-
-fn agent_config(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
-    let dir = pki.join("sites").join(site);
-    let text = format!(
-        r#"
-site = "{site}"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-[data]
-csv = {csv:?}
-test_fraction = 0.34
-split_seed = 42
-[reconnect]
-initial_ms = 100
-max_ms = 500
-{SCHEMA}"#,
-        ca = dir.join("ca.pem"),
-        cert = dir.join("cert.pem"),
-        key = dir.join("key.pem"),
-        csv = data(site),
-    );
-    cohort_agent::AgentConfig::parse(&text).expect("agent configuration")
 }
 
 /// The coordinator process, with its log lines (stderr and stdout) arriving on a channel.
@@ -174,14 +127,7 @@ impl Coordinator {
 #[test]
 fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    provision(&ProvisionOptions {
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: "https://localhost:1".into(),
-    })
-    .unwrap();
+    let pki = pki(dir.path());
     let port = free_port();
     let data_dir = dir.path().join("coordinator-data");
     let config = dir.path().join("coordinator.toml");
@@ -191,7 +137,7 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let agents: Vec<_> = SITES
         .iter()
-        .map(|s| rt.spawn(cohort_agent::run(agent_config(&pki, s, port))))
+        .map(|s| rt.spawn(cohort_agent::run(agent(&pki, s, port))))
         .collect();
 
     let minute = Duration::from_secs(60);

@@ -4,30 +4,16 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cohort_coordinator::CoordinatorConfig;
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::status::client::get;
 use serde_json::Value;
 
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-const TOKEN: &str = "a-status-token-for-tests";
-const SCHEMA: &str = r#"
-[schema]
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
+mod common;
+use common::*;
 
-fn data(site: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/heart-disease")
-        .join(format!("{site}.csv"))
-        .canonicalize()
-        .expect("shipped data")
-}
+const TOKEN: &str = "a-status-token-for-tests";
 
 /// Checks `value` against `schema` (a fragment of the OpenAPI document): types, required
 /// properties, nullability, arrays and maps. Enough of OpenAPI 3.0 for this API.
@@ -116,22 +102,14 @@ async fn check(doc: &Value, base: &str, path: &str, template: &str, code: u16) -
 #[test]
 fn status_api_answers_with_auth_and_matches_its_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    provision(&ProvisionOptions {
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: "https://localhost:1".into(),
-    })
-    .unwrap();
+    let pki = pki(dir.path());
     let config = CoordinatorConfig::parse(&format!(
         r#"
 listen = "127.0.0.1:0"
 data_dir = {data:?}
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
+{tls}
+[limits]
+memory_mib = 65536
 [rounds]
 count = 3
 min_sites = 4
@@ -154,9 +132,7 @@ batch_size = 4
 local_steps = 50
 {SCHEMA}"#,
         data = dir.path().join("data"),
-        ca = pki.join("coordinator/ca.pem"),
-        cert = pki.join("coordinator/cert.pem"),
-        key = pki.join("coordinator/key.pem"),
+        tls = coordinator_tls(&pki),
     ))
     .unwrap();
     let doc: Value = serde_json::from_str(cohort_coordinator::status::OPENAPI).unwrap();
@@ -326,29 +302,4 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
             (series.to_string(), value)
         })
         .collect()
-}
-
-fn agent(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
-    let dir = pki.join("sites").join(site);
-    cohort_agent::AgentConfig::parse(&format!(
-        r#"
-site = "{site}"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-[data]
-csv = {csv:?}
-test_fraction = 0.34
-split_seed = 42
-{SCHEMA}"#,
-        ca = dir.join("ca.pem"),
-        cert = dir.join("cert.pem"),
-        key = dir.join("key.pem"),
-        csv = data(site),
-    ))
-    .unwrap()
 }
