@@ -33,7 +33,9 @@ use crate::hub::{Hub, Inbound};
 use crate::metrics::Metrics;
 use crate::status::{Progress, RunState};
 use crate::store::{CheckpointRef, Resume, RoundRecord, Setup, Store, StoreError};
-use crate::upload::{PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink};
+use crate::upload::{
+    OpenUpload, PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink,
+};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -157,19 +159,24 @@ fn hex(bytes: &[u8]) -> String {
 /// arriving later is fed to a closed sum and the sum's memory is freed.
 struct OpenUploads {
     hub: Arc<Hub>,
+    round: u64,
     sites: Vec<String>,
 }
 
 impl OpenUploads {
-    fn new(hub: &Arc<Hub>, sites: &[(String, u32)]) -> Self {
+    fn new(hub: &Arc<Hub>, round: u64, sites: &[(String, u32)]) -> Self {
         OpenUploads {
             hub: hub.clone(),
+            round,
             sites: sites.iter().map(|(s, _)| s.clone()).collect(),
         }
     }
 
     fn open(&self, site: &str, sink: UploadSink) {
-        self.hub.uploads.insert(site.to_string(), sink);
+        let round = self.round;
+        self.hub
+            .uploads
+            .insert(site.to_string(), OpenUpload { round, sink });
     }
 }
 
@@ -190,9 +197,15 @@ struct PlainAggregation {
 }
 
 impl PlainAggregation {
-    fn open(hub: &Arc<Hub>, sites: &[(String, u32)], len: usize, integer: bool) -> Self {
+    fn open(
+        hub: &Arc<Hub>,
+        round: u64,
+        sites: &[(String, u32)],
+        len: usize,
+        integer: bool,
+    ) -> Self {
         let sum = Arc::new(PlainSum::new(len, integer));
-        let uploads = OpenUploads::new(hub, sites);
+        let uploads = OpenUploads::new(hub, round, sites);
         let slots = sites
             .iter()
             .map(|(site, _)| {
@@ -643,7 +656,8 @@ impl Driver {
     async fn stats_round(&mut self, attempt: u32) -> Result<Vec<u64>, String> {
         let sites = self.select();
         let len = stats::vector_len(self.spec.inputs);
-        let plain = (!self.secure()).then(|| PlainAggregation::open(&self.hub, &sites, len, true));
+        let plain =
+            (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true));
         let start = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
         if self.secure() {
@@ -672,8 +686,8 @@ impl Driver {
     ) -> Result<(u64, u64, usize, usize), String> {
         let sites = self.select();
         let dim = self.spec.num_params();
-        let plain =
-            (!self.secure()).then(|| PlainAggregation::open(&self.hub, &sites, dim + 1, false));
+        let plain = (!self.secure())
+            .then(|| PlainAggregation::open(&self.hub, round, &sites, dim + 1, false));
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
@@ -853,7 +867,7 @@ impl Driver {
         let limit = (1 << 20) + 256 * sites.len();
         let mut chunks = Reassembler::new(limit);
         let mut banned: HashSet<String> = HashSet::new();
-        let uploads = OpenUploads::new(&self.hub, sites);
+        let uploads = OpenUploads::new(&self.hub, round.round, sites);
         let mut slots_open = false;
         loop {
             match server.poll(now_ms(clock)) {

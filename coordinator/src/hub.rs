@@ -2,7 +2,7 @@
 //!
 //! Each agent session has a reader task that forwards the agent's messages into one inbox
 //! consumed by the round driver, and an outbound channel the driver sends on. Updates are the
-//! exception: the reader feeds them straight into the site's [`UploadSink`], so uploads are
+//! exception: the reader feeds them straight into the site's [`OpenUpload`], so uploads are
 //! added in parallel by the readers instead of one by one by the driver. Per-site state
 //! lives in a [`ShardedMap`] because reader tasks update it concurrently while the driver (and
 //! later the status API) read it.
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::sharded::ShardedMap;
-use crate::upload::UploadSink;
+use crate::upload::OpenUpload;
 
 pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
@@ -130,7 +130,7 @@ pub struct Hub {
     pub received: Received,
     outbound: ShardedMap<String, Outbound>,
     /// The open aggregation's slot per site; empty between aggregations.
-    pub uploads: ShardedMap<String, UploadSink>,
+    pub uploads: ShardedMap<String, OpenUpload>,
     ids: Mutex<BTreeMap<String, u32>>,
     pub inbox: mpsc::Sender<Inbound>,
 }

@@ -126,7 +126,8 @@ impl Coordinator for Service {
                             // first value costs the site this attempt, never the coordinator.
                             if !uploading && let Some(err) = over_budget(budget, CHUNK_BYTES as u64)
                             {
-                                warn!(%site, %err, "upload refused: memory budget");
+                                let round = hub.uploads.get(&site).map(|u| u.round);
+                                warn!(%site, ?round, %err, "upload refused: memory budget");
                                 let _ = out.send(Err(Status::resource_exhausted(err))).await;
                                 break;
                             }
@@ -191,14 +192,14 @@ fn resident_bytes() -> Option<u64> {
 /// connection task so uploads from different sites are added in parallel. The driver is told
 /// when the update is complete or refused; Err means the driver is gone.
 async fn upload(hub: &Hub, site: &str, chunk: &Chunk) -> Result<(), ()> {
-    let Some(sink) = hub.uploads.get(&site.to_string()) else {
+    let Some(open) = hub.uploads.get(&site.to_string()) else {
         debug!(%site, "update chunk outside an open aggregation: ignored");
         return Ok(());
     };
-    let done = match sink.feed(&chunk.data, chunk.last) {
+    let done = match open.sink.feed(&chunk.data, chunk.last) {
         Ok(done) => done,
         Err(reason) => {
-            warn!(%site, %reason, "update refused");
+            warn!(%site, round = open.round, %reason, "update refused");
             true
         }
     };

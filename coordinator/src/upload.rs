@@ -13,7 +13,14 @@ use cohort_protocols::secagg::accumulator::{
 };
 use cohort_protocols::secagg::{InputSlot, Word};
 
-/// A site's slot in the open aggregation.
+/// A site's slot in the open aggregation, and the round it belongs to (for the logs).
+#[derive(Debug, Clone)]
+pub struct OpenUpload {
+    pub round: u64,
+    pub sink: UploadSink,
+}
+
+/// Where a site's update goes.
 #[derive(Debug, Clone)]
 pub enum UploadSink {
     Masked32(Arc<InputSlot<u32>>),

@@ -111,7 +111,7 @@ data_dir = {data:?}
 [limits]
 memory_mib = 65536
 [rounds]
-count = 3
+count = 12
 min_sites = 4
 wait_for_sites_secs = 60
 stage_timeout_secs = 10
@@ -182,7 +182,8 @@ local_steps = 50
             .iter()
             .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, endpoints.grpc.port()))))
             .collect();
-        // Round 1 is committed; rounds 2 and 3 are still to come.
+        // Round 1 is committed; eleven more keep the run (and its connections) going while the
+        // API is questioned.
         let first = report.recv().await.expect("round 1");
         assert_eq!(first.round, 1);
         let ready = check(&doc, &base, "/readyz", "/readyz", 200).await;
@@ -229,7 +230,12 @@ local_steps = 50
             String::from_utf8_lossy(&out.stderr)
         );
         let table = String::from_utf8_lossy(&out.stdout);
-        assert!(table.contains("sites 4/4"), "{table}");
+        // The run may be further along by now: the layout, not the live numbers, is checked.
+        assert!(
+            table.contains("state ") && table.contains("sites "),
+            "{table}"
+        );
+        assert!(table.contains("/4"), "{table}");
         for site in SITES {
             assert!(table.contains(site), "{table}");
         }
@@ -277,7 +283,7 @@ local_steps = 50
         assert!(queried >= 14, "{queried}");
 
         let summary = run.await.unwrap().unwrap();
-        assert_eq!(summary.rounds.len(), 3);
+        assert_eq!(summary.rounds.len(), 12);
         for a in agents {
             a.await.unwrap().unwrap();
         }
