@@ -346,7 +346,6 @@ impl Store {
     /// Writes the checkpoint's file durably (temporary file, fsync, rename, fsync of the
     /// directory) and returns its index entry for sled: the hash and the signature.
     fn write_checkpoint_file(&self, c: &CheckpointRef) -> Result<Vec<u8>, StoreError> {
-        use std::io::Write;
         let path = self.checkpoint_path(c.round);
         let dir = self.path.join("checkpoints");
         let io = |source| StoreError::Io {
