@@ -355,7 +355,9 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(io)?;
         let tmp = path.with_extension("partial");
         let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        // 64 KiB buffers stay below glibc's mmap threshold: freeing a larger one raises the
+        // threshold, after which the sum's ranges come from the heap and are not returned.
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, file);
         write_checkpoint(&mut w, c).map_err(io)?;
         let file = w.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
