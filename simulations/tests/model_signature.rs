@@ -1,0 +1,198 @@
+//! An agent facing a coordinator whose model signature does not verify: it declines the
+//! round with a clear reason instead of using the model. The "coordinator" here is a stub
+//! gRPC service over mutual TLS with the project's real certificates.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use cohort_proto::v1::{
+    AgentMessage, Chunk, CoordinatorMessage, RoundStart, Task, Welcome, agent_message,
+    coordinator_message,
+};
+use cohort_protocols::model;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Sends Welcome (with the real coordinator certificate) and an evaluation round whose model
+/// hash is right but whose signature is `signature`; reports what the agent answers.
+struct Stub {
+    certificate_der: Vec<u8>,
+    signature: Vec<u8>,
+    answers: mpsc::UnboundedSender<agent_message::Kind>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for Stub {
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let params = vec![0.0f32; 14];
+        let bytes = model::to_bytes(&params);
+        let send = |kind| CoordinatorMessage { kind: Some(kind) };
+        let messages = vec![
+            send(coordinator_message::Kind::Welcome(Welcome {
+                site_id: 0,
+                protocol_version: cohort_proto::PROTOCOL_VERSION,
+                coordinator_certificate: self.certificate_der.clone(),
+            })),
+            send(coordinator_message::Kind::RoundStart(RoundStart {
+                round: 1,
+                task: Task::Evaluate as i32,
+                secure: true,
+                model_sha3_512: model::sha3_512(&bytes).to_vec(),
+                model_bytes: bytes.len() as u64,
+                model_signature: self.signature.clone(),
+                training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+                ..Default::default()
+            })),
+            send(coordinator_message::Kind::Model(Chunk {
+                data: bytes.into(),
+                last: true,
+            })),
+        ];
+        let answers = self.answers.clone();
+        tokio::spawn(async move {
+            for m in messages {
+                let _ = tx.send(Ok(m)).await;
+            }
+            while let Ok(Some(msg)) = inbound.message().await {
+                if let Some(kind) = msg.kind {
+                    let _ = answers.send(kind);
+                }
+            }
+            drop(tx);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    cohort_coordinator::tls::load_certs(path).unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+/// The first answer after Join, for a stub that signs with `signature`.
+fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::Kind {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    provision(&ProvisionOptions {
+        out: pki.clone(),
+        sites: vec!["cleveland".into()],
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+    let hash = model::sha3_512(&model::to_bytes(&[0.0f32; 14]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (answers, mut rx) = mpsc::unbounded_channel();
+        let stub = Stub {
+            certificate_der: pem_der(&pki.join("coordinator/cert.pem")),
+            signature: signature(&hash, &pki),
+            answers,
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("coordinator/cert.pem"),
+                read("coordinator/key.pem"),
+            ))
+            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        tokio::spawn(
+            Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(CoordinatorServer::new(stub))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let data =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
+        let site = pki.join("sites/cleveland");
+        let cfg = cohort_agent::AgentConfig::parse(&format!(
+            r#"
+site = "cleveland"
+[coordinator]
+url = "https://127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[data]
+csv = {data:?}
+[schema]
+label = {{ column = "num", greater_than = 0 }}
+drop = ["slope", "ca", "thal"]
+categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
+missing = "drop_row"
+"#,
+            ca = site.join("ca.pem"),
+            cert = site.join("cert.pem"),
+            key = site.join("key.pem"),
+        ))
+        .unwrap();
+        let agent = tokio::spawn(cohort_agent::run(cfg));
+        let answer = loop {
+            let kind = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("the agent answers")
+                .expect("an answer");
+            if !matches!(kind, agent_message::Kind::Join(_)) {
+                break kind;
+            }
+        };
+        agent.abort();
+        answer
+    })
+}
+
+#[test]
+fn a_model_with_a_bad_signature_is_declined_and_a_good_one_is_evaluated() {
+    // Signed by another key (a site's): refused.
+    let forged = answer_to(|hash, pki| {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let pem = std::fs::read_to_string(pki.join("sites/cleveland/key.pem")).unwrap();
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap();
+        model::sign_model(&key, hash).to_vec()
+    });
+    match forged {
+        agent_message::Kind::Decline(d) => {
+            assert_eq!(d.round, 1);
+            assert!(
+                d.reason
+                    .contains("signature does not verify against the coordinator's certificate"),
+                "{}",
+                d.reason
+            );
+        }
+        other => panic!("expected a Decline, got {other:?}"),
+    }
+    // No signature at all: refused too.
+    let unsigned = answer_to(|_, _| Vec::new());
+    assert!(
+        matches!(unsigned, agent_message::Kind::Decline(_)),
+        "{unsigned:?}"
+    );
+    // The coordinator's own signature: the model is used (evaluated and reported).
+    let signed = answer_to(|hash, pki| {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let pem = std::fs::read_to_string(pki.join("coordinator/key.pem")).unwrap();
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap();
+        model::sign_model(&key, hash).to_vec()
+    });
+    assert!(matches!(signed, agent_message::Kind::Eval(_)), "{signed:?}");
+}
