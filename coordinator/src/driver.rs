@@ -191,6 +191,7 @@ impl Drop for OpenUploads {
 /// A plain aggregation whose slots are open. Opened before the round starts, because a site
 /// answers a statistics round at once.
 struct PlainAggregation {
+    round: u64,
     sum: Arc<PlainSum>,
     slots: Vec<(String, Arc<PlainSlot>)>,
     _uploads: OpenUploads,
@@ -215,6 +216,7 @@ impl PlainAggregation {
             })
             .collect();
         PlainAggregation {
+            round,
             sum,
             slots,
             _uploads: uploads,
@@ -623,7 +625,7 @@ impl Driver {
             if ok {
                 reached.push((site.clone(), *id));
             } else {
-                warn!(%site, "site unreachable at round start");
+                warn!(round = start.round, %site, "site unreachable at round start");
             }
         }
         reached
@@ -985,6 +987,7 @@ impl Driver {
         sites: &[(String, u32)],
     ) -> Result<Aggregated<PlainTotals>, String> {
         let Some(PlainAggregation {
+            round,
             sum,
             mut slots,
             _uploads: uploads,
@@ -1011,7 +1014,7 @@ impl Driver {
                             kind: Some(agent_message::Kind::Decline(d)),
                         },
                 })) => {
-                    warn!(%site, reason = %d.reason, "site declined the round");
+                    warn!(round, %site, reason = %d.reason, "site declined the round");
                     declined.insert(site);
                 }
                 Ok(Some(_)) => {}
@@ -1024,7 +1027,7 @@ impl Driver {
                 PlainOutcome::Complete => done.push(site.clone()),
                 PlainOutcome::Missing => {}
                 PlainOutcome::Partial => {
-                    warn!(%site, "site left out of the round's next attempts: its update stopped part-way");
+                    warn!(round, %site, "site left out of the round's next attempts: its update stopped part-way");
                     self.sidelined.insert(site.clone());
                     return Err(format!("site {site} stopped part-way through its update"));
                 }
