@@ -112,6 +112,9 @@ impl Coordinator for Service {
         let out = tx.clone();
         tokio::spawn(async move {
             let mut uploading = false;
+            // The rest of a refused upload keeps arriving; it is dropped without a log line
+            // per chunk (a 100M-parameter upload is 1 500 chunks).
+            let mut refused = false;
             loop {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
@@ -131,9 +134,16 @@ impl Coordinator for Service {
                                 let _ = out.send(Err(Status::resource_exhausted(err))).await;
                                 break;
                             }
+                            if !uploading {
+                                refused = false;
+                            }
                             uploading = !chunk.last;
-                            if upload(&hub, &site, chunk).await.is_err() {
-                                break;
+                            if refused {
+                                continue;
+                            }
+                            match upload(&hub, &site, chunk).await {
+                                Err(()) => break,
+                                Ok(r) => refused = r,
                             }
                             continue;
                         }
@@ -190,17 +200,18 @@ fn resident_bytes() -> Option<u64> {
 
 /// Feeds an update chunk into the site's slot of the open aggregation, here on the site's own
 /// connection task so uploads from different sites are added in parallel. The driver is told
-/// when the update is complete or refused; Err means the driver is gone.
-async fn upload(hub: &Hub, site: &str, chunk: &Chunk) -> Result<(), ()> {
+/// when the update is complete or refused. Ok(true): refused (logged once, here); Err: the
+/// driver is gone.
+async fn upload(hub: &Hub, site: &str, chunk: &Chunk) -> Result<bool, ()> {
     let Some(open) = hub.uploads.get(&site.to_string()) else {
         debug!(%site, "update chunk outside an open aggregation: ignored");
-        return Ok(());
+        return Ok(false);
     };
-    let done = match open.sink.feed(&chunk.data, chunk.last) {
-        Ok(done) => done,
+    let (done, refused) = match open.sink.feed(&chunk.data, chunk.last) {
+        Ok(done) => (done, false),
         Err(reason) => {
             warn!(%site, round = open.round, %reason, "update refused");
-            true
+            (true, true)
         }
     };
     if done {
@@ -210,5 +221,5 @@ async fn upload(hub: &Hub, site: &str, chunk: &Chunk) -> Result<(), ()> {
             .await
             .map_err(|_| ())?;
     }
-    Ok(())
+    Ok(refused)
 }
