@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -74,7 +73,7 @@ pub fn snapshot(hub: &Hub, progress: &Progress, message: &str, backtrace: &str) 
     });
     json!({
         "panic": message,
-        "at_unix": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "at_unix": crate::unix_seconds(),
         "position": position,
         "site_shards": shards,
         "backtrace": backtrace,
@@ -89,10 +88,11 @@ pub fn write_snapshot(
     message: &str,
     backtrace: &str,
 ) -> std::io::Result<PathBuf> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let path = dir.join(format!("crash-{now}-{}.json", std::process::id()));
+    let path = dir.join(format!(
+        "crash-{}-{}.json",
+        crate::unix_seconds(),
+        std::process::id()
+    ));
     let text = serde_json::to_string_pretty(&snapshot(hub, progress, message, backtrace))
         .map_err(std::io::Error::other)?;
     std::fs::write(&path, text)?;

@@ -36,6 +36,7 @@ use crate::store::{CheckpointRef, Resume, RoundRecord, Setup, Store, StoreError}
 use crate::upload::{
     OpenUpload, PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink,
 };
+use crate::{hex, unix_seconds};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -149,10 +150,6 @@ fn random_seed() -> [u8; 32] {
     let mut s = [0u8; 32];
     rand::fill(&mut s);
     s
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Removes the sites' upload slots when an aggregation ends, however it ends, so no chunk
@@ -832,8 +829,8 @@ impl Driver {
             consistency_check: stage,
             unmask: stage,
         };
-        let verifier =
-            CaVerifier::new(self.ca_der.clone(), chrono_now()).map_err(|e| e.to_string())?;
+        let verifier = CaVerifier::new(self.ca_der.clone(), unix_seconds() as i64)
+            .map_err(|e| e.to_string())?;
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
@@ -1135,13 +1132,6 @@ fn choose(
     sites.truncate(k);
     sites.sort_by_key(|(_, id)| *id);
     sites
-}
-
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use cohort_protocols::model;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::CoordinatorConfig;
+use crate::hex;
 use crate::store::{Identity, Store};
 
 /// What was exported.
@@ -28,11 +29,7 @@ pub fn export_model(
     round: Option<u64>,
     out: &Path,
 ) -> Result<Exported> {
-    let ca_der = crate::tls::load_certs(&config.tls.ca_cert)?
-        .into_iter()
-        .next()
-        .map(|c| c.as_ref().to_vec())
-        .context("the CA file holds no certificate")?;
+    let ca_der = crate::tls::first_cert_der(&config.tls.ca_cert)?;
     let spec = config.model.spec();
     let identity = Identity::new(&ca_der, spec.describe(), config.schema.hash());
     if !config.data_dir.join(crate::store::MARKER).exists() {
@@ -91,8 +88,4 @@ pub fn export_model(
         sha3_512: hash,
         tensors: n,
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

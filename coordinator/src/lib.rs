@@ -32,6 +32,18 @@ pub use driver::RunSummary;
 /// Largest gRPC message accepted (chunks are at most 4 MiB).
 const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
 
+/// Lowercase hex, for hashes and signatures in records and metadata.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The coordinator's Ed25519 key (its TLS key, as provisioned), which also signs models.
 pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
     use ed25519_dalek::pkcs8::DecodePrivateKey;
@@ -94,16 +106,8 @@ async fn serve(
     let status_token = config.status.as_ref().map(|s| s.token()).transpose()?;
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .context("loading the coordinator's TLS files")?;
-    let ca_der = tls::load_certs(&config.tls.ca_cert)?
-        .into_iter()
-        .next()
-        .map(|c| c.as_ref().to_vec())
-        .context("the CA file holds no certificate")?;
-    let certificate_der = tls::load_certs(&config.tls.cert)?
-        .into_iter()
-        .next()
-        .map(|c| c.as_ref().to_vec())
-        .context("the coordinator's certificate file holds no certificate")?;
+    let ca_der = tls::first_cert_der(&config.tls.ca_cert)?;
+    let certificate_der = tls::first_cert_der(&config.tls.cert)?;
     let signing_key = signing_key(&config.tls.key)?;
     let identity = store::Identity::new(
         &ca_der,

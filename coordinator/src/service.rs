@@ -30,13 +30,6 @@ pub struct Service {
     pub memory_budget: Option<u64>,
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[tonic::async_trait]
 impl Coordinator for Service {
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
@@ -52,7 +45,7 @@ impl Coordinator for Service {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let verifier = CaVerifier::new(self.ca_der.clone(), now_unix())
+        let verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
             .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
         let cert = verifier
             .verify(leaf.as_ref())

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -72,7 +72,7 @@ impl Default for Progress {
                 stage: None,
             }),
             started: Instant::now(),
-            started_unix: unix_now(),
+            started_unix: crate::unix_seconds(),
             timing: Mutex::new((0, 0.0)),
             last: Mutex::new(None),
         }
@@ -81,12 +81,6 @@ impl Default for Progress {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl Progress {

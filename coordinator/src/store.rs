@@ -28,6 +28,7 @@ use sled::Transactional;
 use thiserror::Error;
 
 use crate::driver::{Evaluation, RoundSummary, SiteResult};
+use crate::hex;
 use crate::hub::SiteState;
 
 /// File in the data directory that says whose it is.
@@ -443,10 +444,6 @@ fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
             StoreError::Decode("transaction aborted".into())
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn encode_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {

@@ -38,6 +38,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The DER of the first certificate in a PEM file (the leaf, or the CA itself).
+pub fn first_cert_der(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let certs = load_certs(path)?;
+    Ok(certs[0].as_ref().to_vec())
+}
+
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }

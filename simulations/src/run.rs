@@ -339,7 +339,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
 
 /// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
 /// the coordinator on 127.0.0.1:`port`.
-pub(crate) fn agent_config(
+pub fn agent_config(
     site: &str,
     dir: &Path,
     port: u16,

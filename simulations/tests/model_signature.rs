@@ -119,32 +119,21 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
                 .add_service(CoordinatorServer::new(stub))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        let data =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
-        let site = pki.join("sites/cleveland");
-        let cfg = cohort_agent::AgentConfig::parse(&format!(
+        let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
+        let data: toml::Table =
+            toml::from_str(&format!("csv = {:?}", csv.display().to_string())).unwrap();
+        let schema: toml::Table = toml::from_str(
             r#"
-site = "cleveland"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-[data]
-csv = {data:?}
-[schema]
-label = {{ column = "num", greater_than = 0 }}
+label = { column = "num", greater_than = 0 }
 drop = ["slope", "ca", "thal"]
-categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
+categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
 missing = "drop_row"
 "#,
-            ca = site.join("ca.pem"),
-            cert = site.join("cert.pem"),
-            key = site.join("key.pem"),
-        ))
+        )
         .unwrap();
+        let site = pki.join("sites/cleveland");
+        let cfg =
+            cohort_sim::run::agent_config("cleveland", &site, port, data, &schema, vec![]).unwrap();
         let agent = tokio::spawn(cohort_agent::run(cfg));
         let answer = loop {
             let kind = tokio::time::timeout(Duration::from_secs(30), rx.recv())
