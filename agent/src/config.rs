@@ -109,6 +109,14 @@ fn default_fraction() -> f64 {
 pub struct Reconnect {
     pub initial_ms: u64,
     pub max_ms: u64,
+    /// Permanent failures in a row (a foreign CA, a refused certificate, a schema mismatch)
+    /// after which the agent exits with code 3 instead of retrying forever.
+    #[serde(default = "default_refusals")]
+    pub max_refusals: u32,
+}
+
+fn default_refusals() -> u32 {
+    5
 }
 
 impl Default for Reconnect {
@@ -116,6 +124,7 @@ impl Default for Reconnect {
         Reconnect {
             initial_ms: 500,
             max_ms: 30_000,
+            max_refusals: default_refusals(),
         }
     }
 }
@@ -171,11 +180,14 @@ impl AgentConfig {
                 allowed: "an https:// URL (the agent only speaks TLS)",
             });
         }
-        if cfg.reconnect.initial_ms == 0 || cfg.reconnect.max_ms < cfg.reconnect.initial_ms {
+        if cfg.reconnect.initial_ms == 0
+            || cfg.reconnect.max_ms < cfg.reconnect.initial_ms
+            || cfg.reconnect.max_refusals == 0
+        {
             return Err(ConfigError::Invalid {
                 key: "reconnect",
                 value: format!("{:?}", cfg.reconnect),
-                allowed: "initial_ms >= 1 and max_ms >= initial_ms",
+                allowed: "initial_ms >= 1, max_ms >= initial_ms and max_refusals >= 1",
             });
         }
         Ok(cfg)

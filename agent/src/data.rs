@@ -123,6 +123,58 @@ fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
     Ok((header, rows))
 }
 
+/// A CSV to score with a model, encoded by `schema`.
+#[derive(Debug, Clone)]
+pub struct ToScore {
+    pub rows: Rows,
+    /// The file line of each encoded row (the header is line 1).
+    pub lines: Vec<usize>,
+    /// Lines dropped for a missing value (schema `missing = "drop_row"`).
+    pub dropped: Vec<usize>,
+    /// Whether the file has the label column (otherwise `rows.labels` are placeholders).
+    pub labelled: bool,
+}
+
+/// Reads a CSV to score: rows encoded exactly as in training, with their line numbers. A
+/// file without the label column (new cases) is accepted.
+pub fn rows_to_score(schema: &DataSchema, path: &Path) -> Result<ToScore, DataError> {
+    let name = path.display().to_string();
+    let (mut header, mut raw) = read_csv(path)?;
+    let labelled = header.contains(&schema.label.column);
+    if !labelled {
+        header.push(schema.label.column.clone());
+        for r in &mut raw {
+            r.push(Some(0.0));
+        }
+    }
+    let resolved = schema.resolve(&header).map_err(|error| DataError::Schema {
+        path: name.clone(),
+        error,
+    })?;
+    let mut out = ToScore {
+        rows: Rows::default(),
+        lines: Vec::new(),
+        dropped: Vec::new(),
+        labelled,
+    };
+    for (i, r) in raw.iter().enumerate() {
+        let line = i + 2;
+        match resolved
+            .encode(line, r, header.len())
+            .map_err(|error| DataError::Schema {
+                path: name.clone(),
+                error,
+            })? {
+            Some(e) => {
+                out.rows.push(e.features, e.label);
+                out.lines.push(line);
+            }
+            None => out.dropped.push(line),
+        }
+    }
+    Ok(out)
+}
+
 fn encode(
     schema: &DataSchema,
     path: &Path,

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod data;
+pub mod failure;
+pub mod predict;
 pub mod session;
 pub mod site;
 pub mod train;

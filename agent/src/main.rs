@@ -13,11 +13,42 @@ use cohort_agent::AgentConfig;
     about = "The Cohort agent: trains the global model on this site's data",
     long_about = "The Cohort agent: dials out to the coordinator (a site opens no inbound port), \
         trains the global model on local data and sends back only a masked update.\n\n\
-        Exit codes: 0 training finished, 1 runtime error, 2 invalid configuration."
+        Exit codes: 0 training finished, 1 runtime error, 2 invalid configuration, \
+        3 refused: permanent failures in a row (foreign CA, refused certificate, schema \
+        mismatch; see the log for what to fix)."
 )]
 struct Cli {
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Text logs carry colour only on a terminal (and never with NO_COLOR set), so files and
+/// journald get plain lines; JSON logs are one object per line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -27,16 +58,29 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Score a CSV with a model exported by `cohort-coordinator export-model`: one line per
+    /// usable row (file line, probability, prediction, and the label when the CSV has it),
+    /// then accuracy and AUC on standard error. Exit 1 when the model or the CSV is unusable.
+    Predict {
+        /// The exported .safetensors file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A CSV with the columns of the federation's schema (the label column is optional).
+        #[arg(long)]
+        csv: PathBuf,
+        /// Write the scores here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let Command::Run { config } = Cli::parse().command;
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config = match cli.command {
+        Command::Run { config } => config,
+        Command::Predict { model, csv, out } => return predict(&model, &csv, out.as_deref()),
+    };
     let config = match AgentConfig::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -53,9 +97,78 @@ fn main() -> ExitCode {
     };
     match rt.block_on(cohort_agent::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<cohort_agent::failure::GaveUp>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cohort_agent::failure::EXIT_REFUSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn predict(
+    model: &std::path::Path,
+    csv: &std::path::Path,
+    out: Option<&std::path::Path>,
+) -> ExitCode {
+    use std::fmt::Write;
+    let scored = cohort_agent::predict::ExportedModel::read(model)
+        .and_then(|m| m.score(csv).map(|s| (m, s)));
+    let (m, scored) = match scored {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut text = String::from("line,probability,prediction");
+    let labelled = scored.evaluation.is_some();
+    if labelled {
+        text.push_str(",label");
+    }
+    text.push('\n');
+    for (line, p, y) in &scored.rows {
+        let _ = write!(text, "{line},{p:.6},{}", u8::from(*p >= 0.5));
+        if let Some(y) = y {
+            let _ = write!(text, ",{}", *y as u8);
+        }
+        text.push('\n');
+    }
+    let written = match out {
+        Some(path) => {
+            std::fs::write(path, &text).map_err(|e| format!("writing {}: {e}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    };
+    if let Err(e) = written {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "scored {} rows with the round-{} model ({} inputs){}",
+        scored.rows.len(),
+        m.round,
+        m.inputs.len(),
+        if scored.dropped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} rows dropped for missing values (lines {:?})",
+                scored.dropped.len(),
+                scored.dropped
+            )
+        }
+    );
+    if let Some(e) = scored.evaluation {
+        eprintln!(
+            "accuracy {:.4}, AUC {:.4}, loss {:.4} on {} labelled rows",
+            e.accuracy, e.auc, e.loss, e.examples
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -27,7 +27,9 @@ use rand_core::SeedableRng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+use crate::failure::{self, Class, Permanent};
 
 use crate::config::{AgentConfig, Fault, FaultAction, FaultStage};
 use crate::data::SiteData;
@@ -112,6 +114,7 @@ pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> 
     let creds = Arc::new(load_credentials(&cfg)?);
     let mut backoff = cfg.reconnect.initial_ms;
     let mut fired: Vec<Fault> = Vec::new();
+    let mut refusals = 0u32;
     loop {
         let mut welcomed = false;
         match session(&cfg, &data, &creds, &mut welcomed, &mut fired).await {
@@ -120,10 +123,29 @@ pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> 
                 return Ok(());
             }
             Ok(SessionEnd::Closed) => warn!(site = %cfg.site, "session closed"),
-            Err(e) => warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed"),
+            Err(e) => match failure::classify(&e) {
+                Class::Transient => {
+                    warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed; reconnecting")
+                }
+                Class::Duplicate(message) => {
+                    error!(site = %cfg.site, %message, "the coordinator already has a session for this site; another agent may be running with this bundle. Retrying, in case the old session is a dead one");
+                }
+                Class::Permanent(message) => {
+                    refusals += 1;
+                    error!(site = %cfg.site, %message, attempt = refusals, of = cfg.reconnect.max_refusals, "permanent failure: retrying will not fix this");
+                    if refusals >= cfg.reconnect.max_refusals {
+                        return Err(failure::GaveUp {
+                            times: refusals,
+                            last: message,
+                        }
+                        .into());
+                    }
+                }
+            },
         }
         if welcomed {
             backoff = cfg.reconnect.initial_ms;
+            refusals = 0;
         }
         // Full jitter: sleep uniformly in [backoff/2, backoff], so agents that lost the
         // coordinator together do not reconnect in lockstep.
@@ -239,6 +261,7 @@ async fn session(
             examples: data.train_examples(),
             schema_hash: cfg.schema.hash(),
             protocol_version: PROTOCOL_VERSION,
+            schema_toml: toml::to_string(&cfg.schema).unwrap_or_default(),
         })),
     })
     .await?;
@@ -308,14 +331,21 @@ impl Session<'_> {
     fn coordinator_key(&self, cert_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey> {
         let verifier =
             CaVerifier::new(self.creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?;
-        let cert = verifier
-            .verify(cert_der)
-            .map_err(|e| anyhow!("the coordinator's certificate in Welcome: {e}"))?;
+        let cert = verifier.verify(cert_der).map_err(|e| {
+            Permanent::new(
+                format!("the coordinator's certificate in Welcome: {e}"),
+                "Models could not be verified; check that ca.pem is this project's CA.",
+            )
+        })?;
         if cert.common_name != COORDINATOR_COMMON_NAME {
-            bail!(
-                "the certificate in Welcome is for {:?}, not the coordinator",
-                cert.common_name
-            );
+            return Err(Permanent::new(
+                format!(
+                    "the certificate in Welcome is for {:?}, not the coordinator",
+                    cert.common_name
+                ),
+                "The server is not this project's coordinator; check coordinator.url.",
+            )
+            .into());
         }
         Ok(cert.key)
     }

@@ -241,6 +241,18 @@ pub fn evaluate(
     })
 }
 
+/// The model's probability of the positive class for each row of standardised `x`.
+pub fn probabilities(spec: &ModelSpec, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
+    let n = x.len() / spec.inputs.max(1);
+    if n == 0 {
+        return Err(TrainError::NoData);
+    }
+    let device = Device::flex();
+    let model = Net::from_flat(spec, params, &device)?;
+    let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
+    values(sigmoid(model.forward(xt)).into_data())
+}
+
 /// ROC AUC as the Mann–Whitney statistic (ties count one half). 0.5 when one class is absent.
 pub fn auc(scores: &[f32], labels: &[f32]) -> f64 {
     let mut idx: Vec<usize> = (0..scores.len()).collect();

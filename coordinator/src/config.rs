@@ -236,7 +236,10 @@ pub struct ModelConfig {
     pub hidden: Vec<usize>,
     #[serde(default)]
     pub seed: u64,
-    /// Number of model inputs after encoding (the agents check it against their data).
+    /// Number of model inputs after encoding. Leave it out when `schema.features` lists the
+    /// feature columns: it is then derived from them (one per numeric column, one per level
+    /// but the first of a categorical one), and a value that disagrees is an error.
+    #[serde(default)]
     pub inputs: usize,
 }
 
@@ -291,12 +294,43 @@ impl CoordinatorConfig {
 
     /// Parses and validates a configuration.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: CoordinatorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<config>".into(),
-            message: e.to_string(),
-        })?;
+        let mut config: CoordinatorConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: "<config>".into(),
+                message: e.to_string(),
+            })?;
+        config.derive_inputs()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Sets `model.inputs` from the schema's listed features, or checks it against them.
+    fn derive_inputs(&mut self) -> Result<(), ConfigError> {
+        match self.schema.declared_inputs() {
+            Some(Ok(names)) => {
+                if self.model.inputs == 0 {
+                    self.model.inputs = names.len();
+                } else if self.model.inputs != names.len() {
+                    return Err(invalid(
+                        "model.inputs",
+                        self.model.inputs,
+                        format!(
+                            "schema.features give {} inputs ({}): leave model.inputs out and it is derived",
+                            names.len(),
+                            names.join(", ")
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Some(Err(e)) => Err(invalid("schema", "", e.to_string())),
+            None if self.model.inputs == 0 => Err(invalid(
+                "model.inputs",
+                "(unset)",
+                "list the feature columns in schema.features (in order) so the coordinator derives it, or set model.inputs",
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Relative paths in the file are relative to the file.

@@ -108,8 +108,8 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let hub = Hub::new(tx);
         let (out, _keep) = tokio::sync::mpsc::channel(1);
-        hub.connect("cleveland", 200, out.clone());
-        hub.connect("hungary", 173, out);
+        hub.connect("cleveland", 200, out.clone()).unwrap();
+        hub.connect("hungary", 173, out).unwrap();
         hub.touch("cleveland", 1234);
         let progress = Progress::default();
         let dir = tempfile::tempdir().unwrap();

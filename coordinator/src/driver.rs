@@ -268,6 +268,83 @@ struct Aggregated<T> {
     dropped: usize,
 }
 
+/// How often a stage that is still waiting says for whom.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The sessions of a round's sites when it started. A site is gone for the round when that
+/// session has ended, even if the site has already reconnected: the new session knows
+/// nothing of the round, so the site joins the next attempt or round instead.
+struct Sessions {
+    hub: Arc<Hub>,
+    started: HashMap<String, u64>,
+}
+
+impl Sessions {
+    fn of(hub: &Arc<Hub>, sites: &[(String, u32)]) -> Self {
+        let started = sites
+            .iter()
+            .filter_map(|(s, _)| hub.sites.get(s).map(|st| (s.clone(), st.session)))
+            .collect();
+        Sessions {
+            hub: hub.clone(),
+            started,
+        }
+    }
+
+    /// The sites whose round session has ended.
+    fn gone(&self) -> Vec<String> {
+        self.started
+            .iter()
+            .filter(|(site, session)| {
+                self.hub
+                    .sites
+                    .get(*site)
+                    .is_none_or(|st| !st.connected || st.session != **session)
+            })
+            .map(|(site, _)| site.clone())
+            .collect()
+    }
+}
+
+/// Says every [`WAITING_LOG_EVERY`] what a stage is still waiting for, so a long wait is
+/// never silent.
+struct WaitingLog {
+    opened: Instant,
+    next: Instant,
+}
+
+impl WaitingLog {
+    fn new() -> Self {
+        let now = Instant::now();
+        WaitingLog {
+            opened: now,
+            next: now + WAITING_LOG_EVERY,
+        }
+    }
+
+    /// How long to wait at most before [`WaitingLog::tick`] may have something to say.
+    fn until_next(&self) -> Duration {
+        self.next.saturating_duration_since(Instant::now())
+    }
+
+    fn tick(&mut self, round: u64, stage: &str, awaiting: impl FnOnce() -> Vec<String>) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next = Instant::now() + WAITING_LOG_EVERY;
+        let sites = awaiting();
+        if !sites.is_empty() {
+            info!(
+                round,
+                stage,
+                waited_secs = self.opened.elapsed().as_secs(),
+                waiting_for = %sites.join(","),
+                "stage still waiting for sites"
+            );
+        }
+    }
+}
+
 impl Driver {
     pub fn new(
         cfg: CoordinatorConfig,
@@ -313,6 +390,11 @@ impl Driver {
         })
     }
 
+    /// The hub this driver runs rounds over (shared with the gRPC service).
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
     fn secure(&self) -> bool {
         self.cfg.secagg.enabled
     }
@@ -331,6 +413,12 @@ impl Driver {
             None => (self.first_setup().await?, Vec::new()),
         };
         self.progress.resumed(records.last().map(|r| &r.summary));
+        self.metrics.resumed(
+            records.len() as u64,
+            records
+                .last()
+                .map(|r| (r.summary.round, r.summary.accuracy, r.summary.loss)),
+        );
         let first = records
             .last()
             .map_or(1, |r: &RoundRecord| r.summary.round + 1);
@@ -393,6 +481,10 @@ impl Driver {
             records.push(record);
         }
         self.progress.set_state(RunState::Finished);
+        // Before the shutdown goes out: the sessions that end now end normally.
+        self.hub
+            .finished
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for (site, _) in self.hub.connected() {
             self.hub
                 .send(
@@ -867,7 +959,15 @@ impl Driver {
         let mut chunks = Reassembler::new(limit);
         let mut banned: HashSet<String> = HashSet::new();
         let uploads = OpenUploads::new(&self.hub, round.round, sites);
+        let sessions = Sessions::of(&self.hub, sites);
+        let mut waiting = WaitingLog::new();
         let mut slots_open = false;
+        // A site may have gone while the round started (its disconnect went to another wait).
+        for site in sessions.gone() {
+            if let Some(&id) = by_name.get(&site) {
+                server.disconnected(id);
+            }
+        }
         loop {
             match server.poll(now_ms(clock)) {
                 Err(abort) => {
@@ -908,6 +1008,7 @@ impl Driver {
                 Ok(Poll::Send(messages)) => {
                     info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
                     self.stage_changed(state, round, &mut stage, server.stage());
+                    waiting = WaitingLog::new();
                     // Open the slots before the shares go out: a fast site may answer with
                     // its masked input before the last share is sent.
                     if !slots_open && server.stage() == ServerStage::MaskedInput {
@@ -928,15 +1029,39 @@ impl Driver {
                     }
                 }
                 Ok(Poll::Pending { deadline }) => {
-                    let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)));
+                    let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)))
+                        .min(waiting.until_next());
                     let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
-                        Err(_) => continue,
+                        Err(_) => {
+                            waiting.tick(round.round, &format!("{:?}", server.stage()), || {
+                                server
+                                    .awaiting()
+                                    .iter()
+                                    .filter_map(|id| by_id.get(id).cloned())
+                                    .collect()
+                            });
+                            continue;
+                        }
                         Ok(None) => return Err("hub closed".into()),
                         Ok(Some(m)) => m,
                     };
-                    // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
-                    let Inbound::Message { site, msg } = msg else {
-                        continue;
+                    let (site, msg) = match msg {
+                        Inbound::Message { site, msg } => (site, msg),
+                        // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
+                        Inbound::Uploaded { .. } => continue,
+                        Inbound::Disconnected { .. } => {
+                            for site in sessions.gone() {
+                                if let Some(&id) = by_name.get(&site)
+                                    && server.awaiting().contains(&id)
+                                {
+                                    info!(round = round.round, attempt = round.attempt, %site, stage = ?server.stage(), "site disconnected: the stage no longer waits for it");
+                                }
+                                if let Some(&id) = by_name.get(&site) {
+                                    server.disconnected(id);
+                                }
+                            }
+                            continue;
+                        }
                     };
                     let Some(&id) = by_name.get(&site) else {
                         continue;
@@ -997,13 +1122,25 @@ impl Driver {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
         let mut declined: HashSet<String> = HashSet::new();
+        let sessions = Sessions::of(&self.hub, sites);
+        let mut waiting = WaitingLog::new();
+        declined.extend(sessions.gone());
         while !slots
             .iter()
             .all(|(site, slot)| slot.settled() || declined.contains(site))
         {
-            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Err(_) => break,
+            let tick = deadline.min(tokio::time::Instant::now() + waiting.until_next());
+            match tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => waiting.tick(round, "plain update", || {
+                    slots
+                        .iter()
+                        .filter(|(site, slot)| !slot.settled() && !declined.contains(site))
+                        .map(|(site, _)| site.clone())
+                        .collect()
+                }),
                 Ok(None) => return Err("hub closed".into()),
+                Ok(Some(Inbound::Disconnected { .. })) => declined.extend(sessions.gone()),
                 Ok(Some(Inbound::Message {
                     site,
                     msg:
@@ -1057,11 +1194,32 @@ impl Driver {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.stage_timeout_secs);
         let mut results: BTreeMap<String, SiteResult> = BTreeMap::new();
-        while results.len() < sites.len() {
-            let msg = match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Err(_) | Ok(None) => break,
+        let sessions = Sessions::of(&self.hub, &sites);
+        let mut gone: HashSet<String> = sessions.gone().into_iter().collect();
+        let mut waiting = WaitingLog::new();
+        while results.len() + gone.iter().filter(|s| !results.contains_key(*s)).count()
+            < sites.len()
+        {
+            let tick = deadline.min(tokio::time::Instant::now() + waiting.until_next());
+            let msg = match tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => {
+                    waiting.tick(round, "evaluate", || {
+                        sites
+                            .iter()
+                            .filter(|(s, _)| !results.contains_key(s) && !gone.contains(s))
+                            .map(|(s, _)| s.clone())
+                            .collect()
+                    });
+                    continue;
+                }
+                Ok(None) => break,
                 Ok(Some(m)) => m,
             };
+            if let Inbound::Disconnected { .. } = msg {
+                gone.extend(sessions.gone());
+                continue;
+            }
             let Inbound::Message {
                 site,
                 msg:

@@ -1,9 +1,19 @@
-//! `cohort-coordinator export-model`: a checkpoint as a safetensors file for PyTorch.
+//! `cohort-coordinator export-model`: a checkpoint as a self-contained safetensors file.
 //!
-//! The checkpoint is read from the data directory (whose marker must match the
-//! configuration), its hash and signature are checked, and the parameters are written in
-//! PyTorch's layout (`nn.Sequential` names, `[d_out, d_in]` weights) with the round, the
-//! SHA3-512 of Cohort's flat parameter vector and the coordinator's signature as metadata.
+//! A model is only usable outside Cohort together with the preprocessing it was trained
+//! behind: which CSV columns, in which order, how categories become one-hot inputs, what a
+//! missing value means, and the federated mean and standard deviation every input is
+//! standardised with. The file therefore holds, besides the weights in PyTorch's layout
+//! (`nn.Sequential` names, `[d_out, d_in]` weights):
+//!
+//! - tensors `preprocess.mean` and `preprocess.std` (float64, one per model input);
+//! - metadata `cohort.inputs` (the inputs' names in order, one-hot inputs as `column=level`),
+//!   `cohort.schema` (the data schema as JSON), `cohort.model_spec`, the round, the SHA3-512
+//!   of Cohort's flat parameter vector and the coordinator's signature of it.
+//!
+//! It reads the data directory without sled — the round journal for what was committed and
+//! the checkpoint files, which carry their own hash and signature — so it works while the
+//! coordinator runs and holds sled's lock.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,8 +23,9 @@ use cohort_protocols::model;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::CoordinatorConfig;
-use crate::hex;
-use crate::store::{Identity, Store};
+use crate::journal::Journal;
+use crate::store::{Identity, Store, decode_checkpoint};
+use crate::{from_hex, hex};
 
 /// What was exported.
 #[derive(Debug)]
@@ -22,6 +33,13 @@ pub struct Exported {
     pub round: u64,
     pub sha3_512: String,
     pub tensors: usize,
+}
+
+/// Rounds whose checkpoint file is still on disk (older ones are pruned).
+fn kept_rounds(dir: &Path, last: u64) -> Vec<u64> {
+    (0..=last)
+        .filter(|r| Store::checkpoint_file(dir, *r).exists())
+        .collect()
 }
 
 pub fn export_model(
@@ -32,50 +50,122 @@ pub fn export_model(
     let ca_der = crate::tls::first_cert_der(&config.tls.ca_cert)?;
     let spec = config.model.spec();
     let identity = Identity::new(&ca_der, spec.describe(), config.schema.hash());
-    if !config.data_dir.join(crate::store::MARKER).exists() {
+    let dir = &config.data_dir;
+    if !Store::check_marker(dir, &identity)? {
         bail!(
             "{} holds no Cohort run (no {}): nothing to export",
-            config.data_dir.display(),
+            dir.display(),
             crate::store::MARKER
         );
     }
-    let store = Store::open(&config.data_dir, &identity)?;
-    let available = store.checkpoint_rounds()?;
-    let round = match round.or(available.last().copied()) {
-        Some(r) => r,
-        None => bail!("the data directory holds no checkpoint yet"),
+    let journal = Journal::read(dir).context("reading the round journal")?;
+    let (Some(last), Some((setup, _))) = (journal.last_round(), journal.setup()) else {
+        bail!(
+            "the data directory holds no committed round yet (round 0 is committed once the feature statistics are)"
+        );
     };
-    let Some(ckpt) = store.checkpoint(round)? else {
-        bail!("no checkpoint of round {round}; kept: {available:?} (see storage.keep_checkpoints)");
+    let round = round.unwrap_or(last);
+    let Some(entry) = journal.entry(round) else {
+        bail!("round {round} is not committed yet; the last committed round is {last}");
     };
+    let committed = entry.checkpoint();
+    let path = Store::checkpoint_file(dir, round);
+    let params = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let c = decode_checkpoint(round, &bytes)?;
+            if !committed.sha3_512.is_empty() && hex(&c.sha3_512) != committed.sha3_512 {
+                bail!(
+                    "{} is not the checkpoint committed for round {round}",
+                    path.display()
+                );
+            }
+            c.params
+        }
+        // The initial model is a function of model.seed: rebuilt, then checked against what
+        // was committed, so `--round 0` works after its checkpoint was pruned.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && round == 0 => {
+            let params = spec.init(config.model.seed);
+            if hex(&model::params_sha3_512(&params)) != committed.sha3_512 {
+                bail!(
+                    "the checkpoint of round 0 was pruned and the model rebuilt from model.seed = {} is not the one committed: was the seed changed?",
+                    config.model.seed
+                );
+            }
+            params
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "no checkpoint of round {round}; kept: {:?} (see storage.keep_checkpoints)",
+                kept_rounds(dir, last)
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let sha3 = model::params_sha3_512(&params);
     let key = crate::signing_key(&config.tls.key)?.verifying_key();
-    if !model::verify_model(&key, &ckpt.sha3_512, &ckpt.signature) {
+    let signature = from_hex(&committed.signature).unwrap_or_default();
+    if !model::verify_model(&key, &sha3, &signature) {
         bail!("checkpoint {round} is not signed by this coordinator's key: refusing to export it");
     }
-    let tensors = spec.pytorch_tensors(&ckpt.params)?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let inputs = match config.schema.declared_inputs() {
+        Some(names) => names.context("the configuration's [schema]")?,
+        None => (0..spec.inputs).map(|i| format!("input{i}")).collect(),
+    };
+    if inputs.len() != spec.inputs || setup.mean.len() != spec.inputs {
+        bail!(
+            "the schema gives {} inputs and the committed statistics {}, the model has {}",
+            inputs.len(),
+            setup.mean.len(),
+            spec.inputs
+        );
+    }
+
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = spec
+        .pytorch_tensors(&params)?
         .into_iter()
         .map(|(name, shape, values)| {
             let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, shape, raw)
+            (name, Dtype::F32, shape, raw)
         })
         .collect();
-    let views = bytes
+    for (name, values) in [
+        ("preprocess.mean", &setup.mean),
+        ("preprocess.std", &setup.std),
+    ] {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name.into(), Dtype::F64, vec![values.len()], raw));
+    }
+    let views = tensors
         .iter()
-        .map(|(name, shape, raw)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), raw)?,
-            ))
+        .map(|(name, dtype, shape, raw)| {
+            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), raw)?))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let hash = hex(&ckpt.sha3_512);
+    let hash = hex(&sha3);
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("cohort.round".to_string(), round.to_string()),
         ("cohort.model".to_string(), spec.describe()),
+        (
+            "cohort.model_spec".to_string(),
+            serde_json::to_string(&spec)?,
+        ),
         ("cohort.sha3_512".to_string(), hash.clone()),
-        ("cohort.signature".to_string(), hex(&ckpt.signature)),
+        ("cohort.signature".to_string(), committed.signature.clone()),
+        ("cohort.inputs".to_string(), serde_json::to_string(&inputs)?),
+        (
+            "cohort.schema".to_string(),
+            serde_json::to_string(&config.schema)?,
+        ),
+        (
+            "cohort.preprocessing".to_string(),
+            "input = (value - preprocess.mean) / preprocess.std, in float64, in the order of \
+             cohort.inputs; a categorical column becomes one input per level but the first \
+             (1 when the value equals the level, else 0); a missing value becomes 0 after \
+             standardisation (schema missing = impute_mean) or drops the row (drop_row); \
+             probability = sigmoid(model(input)); label = value > schema.label.greater_than"
+                .to_string(),
+        ),
     ]);
     let n = views.len();
     let data = safetensors::tensor::serialize(views, Some(metadata))?;

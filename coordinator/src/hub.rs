@@ -133,6 +133,8 @@ pub struct Hub {
     pub uploads: ShardedMap<String, OpenUpload>,
     ids: Mutex<BTreeMap<String, u32>>,
     pub inbox: mpsc::Sender<Inbound>,
+    /// Set when the last round is committed: a site that joins afterwards is told so.
+    pub finished: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -144,30 +146,42 @@ impl Hub {
             ids: Mutex::new(BTreeMap::new()),
             received: Received::default(),
             inbox,
+            finished: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Registers a new session of `site` and returns (site id, session number).
-    pub fn connect(&self, site: &str, examples: u64, tx: Outbound) -> (u32, u64) {
+    /// Registers a new session of `site` and returns (site id, session number), or the
+    /// session already connected for it.
+    ///
+    /// A site has at most one session. A second one with the same certificate is refused
+    /// rather than replacing the first: replacing would let two agents with one bundle
+    /// evict each other forever, and the evicted one could be left connected but idle. A
+    /// session whose agent died is noticed by HTTP/2 keepalive (or its reset), after which
+    /// the site can connect again. The check and the claim happen under the shard's lock, so
+    /// two joins racing each other cannot both win.
+    pub fn connect(&self, site: &str, examples: u64, tx: Outbound) -> Result<(u32, u64), u64> {
         let id = {
             let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
             let next = ids.len() as u32;
             *ids.entry(site.to_string()).or_insert(next)
         };
-        self.outbound
-            .update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
         let session = self.sites.update(
             &site.to_string(),
             || SiteState::new(id),
             |s| {
+                if s.connected {
+                    return Err(s.session);
+                }
                 s.connected = true;
                 s.session += 1;
                 s.examples = examples;
                 s.last_seen = Some(SystemTime::now());
-                s.session
+                Ok(s.session)
             },
-        );
-        (id, session)
+        )?;
+        self.outbound
+            .update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
+        Ok((id, session))
     }
 
     pub fn disconnect(&self, site: &str, session: u64) {
@@ -270,4 +284,30 @@ impl Hub {
 /// unknown site (a race with nothing to lose) records into a throwaway state.
 fn unreachable_state() -> SiteState {
     SiteState::new(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_second_session_of_a_connected_site_is_refused_until_the_first_ends() {
+        let (inbox, _rx) = mpsc::channel(1);
+        let hub = Hub::new(inbox);
+        let (out, _o) = mpsc::channel(1);
+        let (id, first) = hub.connect("cleveland", 10, out.clone()).unwrap();
+        assert_eq!(hub.connect("cleveland", 10, out.clone()), Err(first));
+        // The refused newcomer changed nothing: the first session is still the site's.
+        let state = hub.sites.get(&"cleveland".to_string()).unwrap();
+        assert!(state.connected);
+        assert_eq!(state.session, first);
+        assert!(hub.outbound.get(&"cleveland".to_string()).is_some());
+        // A stale disconnect (an older session) does not end the current one.
+        hub.disconnect("cleveland", first - 1);
+        assert!(hub.connect("cleveland", 10, out.clone()).is_err());
+        hub.disconnect("cleveland", first);
+        let (again, second) = hub.connect("cleveland", 12, out).unwrap();
+        assert_eq!((again, second), (id, first + 1));
+    }
 }

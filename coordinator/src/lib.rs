@@ -6,6 +6,7 @@ pub mod crash;
 pub mod driver;
 pub mod export;
 pub mod hub;
+pub mod journal;
 pub mod metrics;
 pub mod provision;
 pub mod service;
@@ -24,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 pub use config::CoordinatorConfig;
 pub use driver::RunSummary;
@@ -35,6 +36,17 @@ const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
 /// Lowercase hex, for hashes and signatures in records and metadata.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of lowercase or uppercase hex; None if it is not hex.
+pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
@@ -81,19 +93,39 @@ pub async fn run_with_progress(
     bound: Option<oneshot::Sender<Endpoints>>,
     report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
 ) -> Result<RunSummary> {
-    serve(config, bound, report, std::future::pending())
-        .await?
-        .context("the run stopped before it finished")
+    serve(
+        config,
+        bound,
+        report,
+        std::future::pending(),
+        AfterFinish::Exit,
+    )
+    .await?
+    .context("the run stopped before it finished")
 }
 
 /// Like [`run`], but stops cleanly when `stop` resolves (e.g. on SIGTERM): the round in
 /// progress is abandoned (it restarts with fresh keys on the next start), storage is flushed,
 /// the connections close (agents keep retrying) and `None` is returned.
+///
+/// With [`AfterFinish::Serve`] a finished run keeps serving until `stop`: the status API
+/// answers (operators and Prometheus see the final state instead of a dead target), and an
+/// agent that connects is told that training is over.
 pub async fn run_until(
     config: CoordinatorConfig,
     stop: impl std::future::Future<Output = ()>,
+    after: AfterFinish,
 ) -> Result<Option<RunSummary>> {
-    serve(config, None, None, stop).await
+    serve(config, None, None, stop, after).await
+}
+
+/// What a coordinator does when its last round is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFinish {
+    /// Return at once.
+    Exit,
+    /// Keep serving the status API (and tell joining agents training is over) until stopped.
+    Serve,
 }
 
 async fn serve(
@@ -101,6 +133,7 @@ async fn serve(
     bound: Option<oneshot::Sender<Endpoints>>,
     report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
     stop: impl std::future::Future<Output = ()>,
+    after: AfterFinish,
 ) -> Result<Option<RunSummary>> {
     // Read first, so a missing token stops the start before anything listens.
     let status_token = config.status.as_ref().map(|s| s.token()).transpose()?;
@@ -155,6 +188,7 @@ async fn serve(
         hub: hub.clone(),
         ca_der: ca_der.clone(),
         schema_hash: config.schema.hash(),
+        schema: config.schema.clone(),
         certificate_der,
         memory_budget: config.limits.memory_mib.map(|m| m << 20),
     };
@@ -162,13 +196,21 @@ async fn serve(
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
+    let rejected = Arc::new(tls::RejectLog::new(std::time::Duration::from_secs(60)));
     let accept_task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
+            let rejected = rejected.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
                     .await
@@ -176,8 +218,12 @@ async fn serve(
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        rejected.handshake_failed(peer, &tls::handshake_reason(&e));
+                    }
+                    Err(_) => {
+                        rejected.handshake_failed(peer, "TLS handshake timed out after 10 s");
+                    }
                 }
             });
         }
@@ -187,6 +233,10 @@ async fn serve(
         .max_encoding_message_size(MAX_MESSAGE);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A session whose agent vanished without a FIN (power loss, a dropped NAT entry)
+            // is found by keepalive within 40 s, so the site can connect again.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );
@@ -209,13 +259,23 @@ async fn serve(
         report,
     )
     .context("training settings")?;
+    let hub = driver.hub();
+    tokio::pin!(stop);
     let result = tokio::select! {
         r = driver.run() => Some(r),
-        () = stop => None,
+        () = &mut stop => None,
     };
-    if result.is_some() {
+    if let Some(r) = &result {
+        hub.finished
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         // Give the agents a moment to read the shutdown message before the server goes away.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if r.is_ok() && after == AfterFinish::Serve {
+            info!(
+                "training finished; still serving the status API until SIGTERM (run with --exit-when-done to exit instead)"
+            );
+            stop.await;
+        }
     } else {
         progress.set_state(status::RunState::Stopping);
         info!("stopping: the round in progress is abandoned and restarts on the next start");

@@ -30,6 +30,10 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Exit when the last round is committed. Without it the coordinator keeps serving
+        /// the status API (and tells joining agents that training is over) until SIGTERM.
+        #[arg(long)]
+        exit_when_done: bool,
     },
     /// Create a project CA, the coordinator's certificate and one bundle per site,
     /// or add a site to an existing project.
@@ -49,6 +53,13 @@ enum Command {
         /// URL written into each agent.toml.
         #[arg(long, default_value = "https://localhost:7700")]
         coordinator_url: String,
+    },
+    /// Rebuild a damaged database from the round journal (or a damaged journal from the
+    /// database) in the configuration's data_dir. The coordinator must not be running. The
+    /// damaged database is kept beside the new one as db.damaged-<time>.
+    Repair {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Show a running coordinator's status and sites (from its status API).
     Status {
@@ -84,18 +95,12 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_env_filter(filter)
-            .init(),
-    }
+    init_logging(cli.log_format);
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            exit_when_done,
+        } => {
             let config = match CoordinatorConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -103,7 +108,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run(config) {
+            let after = if exit_when_done {
+                cohort_coordinator::AfterFinish::Exit
+            } else {
+                cohort_coordinator::AfterFinish::Serve
+            };
+            match run(config, after) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -112,6 +122,7 @@ fn main() -> ExitCode {
             }
         }
         Command::ExportModel { config, round, out } => export(&config, round, &out),
+        Command::Repair { config } => repair(&config),
         Command::Status { url, token, watch } => status(&url, &token, watch),
         Command::Provision {
             out,
@@ -168,6 +179,49 @@ async fn stop_signal() {
     }
 }
 
+fn repair(config: &std::path::Path) -> ExitCode {
+    let config = match CoordinatorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let identity = match cohort_coordinator::tls::first_cert_der(&config.tls.ca_cert) {
+        Ok(ca) => cohort_coordinator::store::Identity::new(
+            &ca,
+            config.model.spec().describe(),
+            config.schema.hash(),
+        ),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cohort_coordinator::store::Store::repair(&config.data_dir, &identity) {
+        Ok(r) => {
+            match r.source {
+                cohort_coordinator::store::RepairSource::Journal => println!(
+                    "rebuilt the database from the round journal: rounds 0..={} committed{}",
+                    r.last_round,
+                    r.moved_aside
+                        .map(|p| format!("; the damaged database is kept at {}", p.display()))
+                        .unwrap_or_default()
+                ),
+                cohort_coordinator::store::RepairSource::Database => println!(
+                    "rewrote the round journal from the database: rounds 0..={} committed",
+                    r.last_round
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -> ExitCode {
     let config = match CoordinatorConfig::load(config) {
         Ok(c) => c,
@@ -194,10 +248,31 @@ fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -
     }
 }
 
-fn run(config: CoordinatorConfig) -> Result<()> {
+/// Text logs carry colour only on a terminal (and never with NO_COLOR set), so files and
+/// journald get plain lines; JSON logs are one object per line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+    }
+}
+
+fn run(config: CoordinatorConfig, after: cohort_coordinator::AfterFinish) -> Result<()> {
     cohort_coordinator::crash::install_panic_hook();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let Some(summary) = rt.block_on(cohort_coordinator::run_until(config, stop_signal()))? else {
+    let Some(summary) = rt.block_on(cohort_coordinator::run_until(config, stop_signal(), after))?
+    else {
         println!("stopped: committed rounds are on disk; start again to resume");
         return Ok(());
     };

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub model_parameters: Gauge,
     pub round_accuracy: Gauge<f64, AtomicU64>,
     pub round_loss: Gauge<f64, AtomicU64>,
+    /// Seconds since the run last moved (a stage opened or closed, a round started or was
+    /// committed); 0 once it has finished. The stall alert watches it.
+    pub seconds_since_progress: Gauge<f64, AtomicU64>,
     sites_connected: Gauge,
     bytes_received: Counter,
     bytes_sent: Counter,
@@ -66,6 +69,7 @@ impl Metrics {
             model_parameters: Gauge::default(),
             round_accuracy: Gauge::default(),
             round_loss: Gauge::default(),
+            seconds_since_progress: Gauge::default(),
             sites_connected: Gauge::default(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
@@ -118,6 +122,11 @@ impl Metrics {
             "round_loss",
             "Example-weighted test loss after the last round",
             m.round_loss.clone(),
+        );
+        r.register(
+            "seconds_since_progress",
+            "Seconds since the run last changed stage or round (0 when finished); a stall signal",
+            m.seconds_since_progress.clone(),
         );
         r.register(
             "sites_connected",
@@ -187,13 +196,57 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The Prometheus text exposition of every metric, refreshed from `hub`.
+    /// Takes up a resumed run's committed state, so counters and gauges continue from it
+    /// instead of restarting at 0 with every coordinator restart.
+    pub fn resumed(&self, rounds_committed: u64, last: Option<(u64, f64, f64)>) {
+        self.rounds_completed
+            .inc_by(rounds_committed.saturating_sub(self.rounds_completed.get()));
+        if let Some((round, accuracy, loss)) = last {
+            self.current_round.set(round as i64);
+            self.round_accuracy.set(accuracy);
+            self.round_loss.set(loss);
+        }
+    }
+
+    /// Every metric in Prometheus' classic text format (version 0.0.4), refreshed from `hub`.
     pub fn render(&self, hub: &Hub) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh(hub);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        classic_text(&out)
     }
+}
+
+/// Rewrites prometheus-client's OpenMetrics output as the classic text format that
+/// `promtool check metrics` and every Prometheus version read: a counter's family is named
+/// with its `_total` suffix (as its samples are), and the OpenMetrics-only `# UNIT` and
+/// `# EOF` lines go. In OpenMetrics the family `x` owns samples `x_total`; in the classic
+/// format `x_total` would be a family without help or type.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

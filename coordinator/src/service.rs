@@ -8,6 +8,7 @@ use cohort_proto::v1::{
     AgentMessage, Chunk, CoordinatorMessage, Welcome, agent_message, coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::model::DataSchema;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,6 +24,8 @@ pub struct Service {
     pub hub: Arc<Hub>,
     pub ca_der: Vec<u8>,
     pub schema_hash: String,
+    /// The coordinator's schema, to tell an agent with another one which keys differ.
+    pub schema: DataSchema,
     /// Sent in Welcome: agents verify model signatures against it.
     pub certificate_der: Vec<u8>,
     /// Resident-memory budget in bytes (`limits.memory_mib`): an upload that would start
@@ -51,6 +54,9 @@ impl Coordinator for Service {
             .verify(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
         let site = cert.common_name;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
 
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -76,19 +82,50 @@ impl Coordinator for Service {
             )));
         }
         if join.schema_hash != self.schema_hash {
-            warn!(%site, "join refused: data schema differs from the coordinator's");
-            return Err(Status::failed_precondition(
-                "the agent's [schema] differs from the coordinator's: copy it exactly",
-            ));
+            let differences = toml::from_str::<DataSchema>(&join.schema_toml)
+                .map(|theirs| self.schema.differences(&theirs).join("; "))
+                .unwrap_or_else(|_| "the agent did not send a readable schema".into());
+            warn!(%site, %peer, %differences, "join refused: data schema differs from the coordinator's");
+            return Err(Status::failed_precondition(format!(
+                "the agent's [schema] differs from the coordinator's ({}): copy the coordinator's [schema] exactly",
+                differences
+                    .replace(" here, ", " at the coordinator, ")
+                    .replace(" there", " at this site")
+            )));
         }
 
         self.hub
             .received
             .joins
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.hub.finished.load(std::sync::atomic::Ordering::Relaxed) {
+            info!(%site, %peer, "site joined after training finished: told to shut down");
+            let (tx, rx) = mpsc::channel(2);
+            for kind in [
+                coordinator_message::Kind::Welcome(Welcome {
+                    site_id: 0,
+                    protocol_version: PROTOCOL_VERSION,
+                    coordinator_certificate: self.certificate_der.clone(),
+                }),
+                coordinator_message::Kind::Shutdown(cohort_proto::v1::Shutdown {
+                    reason: "training finished".into(),
+                }),
+            ] {
+                let _ = tx.send(Ok(CoordinatorMessage { kind: Some(kind) })).await;
+            }
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let (tx, rx) = mpsc::channel(256);
-        let (id, session) = self.hub.connect(&site, join.examples, tx.clone());
-        info!(%site, id, examples = join.examples, "site joined");
+        let (id, session) = match self.hub.connect(&site, join.examples, tx.clone()) {
+            Ok(joined) => joined,
+            Err(existing) => {
+                warn!(%site, peer = %peer, existing_session = existing, "join refused: this site is already connected (a second agent with the same bundle?)");
+                return Err(Status::already_exists(format!(
+                    "site {site:?} is already connected (session {existing}): is a second agent running with this site's bundle? If the first one died, this agent is admitted once the coordinator notices (within about a minute)"
+                )));
+            }
+        };
+        info!(%site, id, examples = join.examples, %peer, "site joined");
         let welcome = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
                 site_id: id,
@@ -153,6 +190,12 @@ impl Coordinator for Service {
                         }
                     }
                     Ok(None) => break,
+                    // After the last round agents hang up as they please; that is the end
+                    // of the run, not a fault.
+                    Err(e) if hub.finished.load(std::sync::atomic::Ordering::Relaxed) => {
+                        debug!(%site, error = %e, "session ended after training finished");
+                        break;
+                    }
                     Err(e) => {
                         warn!(%site, error = %e, "session error");
                         break;

@@ -55,6 +55,8 @@ struct Live {
 #[derive(Debug)]
 pub struct Progress {
     live: Mutex<Live>,
+    /// When `live` last changed: the stall signal.
+    changed: Mutex<Instant>,
     started: Instant,
     started_unix: u64,
     /// Rounds completed by this process and their total seconds, for the time estimate.
@@ -71,6 +73,7 @@ impl Default for Progress {
                 attempt: 0,
                 stage: None,
             }),
+            changed: Mutex::new(Instant::now()),
             started: Instant::now(),
             started_unix: crate::unix_seconds(),
             timing: Mutex::new((0, 0.0)),
@@ -90,6 +93,7 @@ impl Progress {
         if state != RunState::Training && state != RunState::Statistics {
             l.stage = None;
         }
+        *lock(&self.changed) = Instant::now();
     }
 
     pub fn set_stage(&self, state: RunState, round: u64, attempt: u32, stage: Option<String>) {
@@ -99,6 +103,19 @@ impl Progress {
             attempt,
             stage,
         };
+        *lock(&self.changed) = Instant::now();
+    }
+
+    /// Seconds since the position last changed; 0 when the run has finished or is stopping
+    /// (nothing is expected to move then).
+    pub fn seconds_since_progress(&self) -> f64 {
+        if matches!(
+            lock(&self.live).state,
+            RunState::Finished | RunState::Stopping
+        ) {
+            return 0.0;
+        }
+        lock(&self.changed).elapsed().as_secs_f64()
     }
 
     pub fn round_done(&self, summary: &RoundSummary) {
@@ -376,9 +393,14 @@ async fn metrics(State(api): State<Arc<StatusApi>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
-        api.metrics.render(&api.hub),
+        {
+            api.metrics
+                .seconds_since_progress
+                .set(api.progress.seconds_since_progress());
+            api.metrics.render(&api.hub)
+        },
     )
         .into_response()
 }

@@ -28,8 +28,9 @@ use sled::Transactional;
 use thiserror::Error;
 
 use crate::driver::{Evaluation, RoundSummary, SiteResult};
-use crate::hex;
 use crate::hub::SiteState;
+use crate::journal::{CheckpointId, Entry, Journal, JournalError};
+use crate::{from_hex, hex};
 
 /// File in the data directory that says whose it is.
 pub const MARKER: &str = "COHORT-DATA.json";
@@ -61,6 +62,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("a stored record does not decode: {0}")]
     Decode(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// What a data directory is for. Rounds of one federated run may only continue with the same
@@ -157,29 +160,7 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let marker = dir.join(MARKER);
-        if marker.exists() {
-            let text = std::fs::read_to_string(&marker).map_err(io)?;
-            let stored: Identity =
-                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-                    path: dir.to_path_buf(),
-                    detail: format!("{MARKER} does not parse ({e})"),
-                })?;
-            let fields = [
-                ("format", &stored.format, &identity.format),
-                ("CA", &stored.ca_sha3_256, &identity.ca_sha3_256),
-                ("model", &stored.model, &identity.model),
-                ("data schema", &stored.schema_hash, &identity.schema_hash),
-            ];
-            for (what, s, c) in fields {
-                if s != c {
-                    return Err(StoreError::Foreign {
-                        path: dir.to_path_buf(),
-                        what,
-                        stored: s.clone(),
-                        configured: c.clone(),
-                    });
-                }
-            }
+        if Self::check_marker(dir, identity)? {
             if !dir.join("db").is_dir() {
                 return Err(StoreError::Corrupt {
                     path: dir.to_path_buf(),
@@ -204,8 +185,311 @@ impl Store {
             .open()
             .map_err(|e| StoreError::Corrupt {
                 path: dir.to_path_buf(),
-                detail: format!("the database does not open ({e})"),
+                detail: format!(
+                    "the database does not open ({e}); if the round journal is intact, `cohort-coordinator repair --config FILE` rebuilds it"
+                ),
             })?;
+        let store = Store::from_db(dir, db)?;
+        store.check_against_journal()?;
+        Ok(store)
+    }
+
+    /// Whether `dir` holds a marker, which must then name `identity`: false when there is no
+    /// marker; an error when it is unreadable or names another federation, model or schema.
+    pub fn check_marker(dir: &Path, identity: &Identity) -> Result<bool, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let marker = dir.join(MARKER);
+        if marker.exists() {
+            let text = std::fs::read_to_string(&marker).map_err(io)?;
+            let stored: Identity =
+                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: format!("{MARKER} does not parse ({e})"),
+                })?;
+            let fields = [
+                ("format", &stored.format, &identity.format),
+                ("CA", &stored.ca_sha3_256, &identity.ca_sha3_256),
+                ("model", &stored.model, &identity.model),
+                ("data schema", &stored.schema_hash, &identity.schema_hash),
+            ];
+            for (what, s, c) in fields {
+                if s != c {
+                    return Err(StoreError::Foreign {
+                        path: dir.to_path_buf(),
+                        what,
+                        stored: s.clone(),
+                        configured: c.clone(),
+                    });
+                }
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Opens sled only if it exists, for repair: None when it does not open at all.
+    fn open_db(dir: &Path) -> Option<sled::Db> {
+        sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(16 << 20)
+            .open()
+            .ok()
+    }
+
+    /// sled and the round journal must tell the same story: the same last round (sled may be
+    /// one ahead after a crash between the two writes, which is then written into the
+    /// journal), the same records, the same checkpoints. Anything else means one of them was
+    /// damaged, and starting would silently lose or redo committed rounds.
+    fn check_against_journal(&self) -> Result<(), StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            detail,
+        };
+        let journal = Journal::read(&self.path).map_err(|e| {
+            corrupt(format!(
+                "the round journal is damaged ({e}); if the database is intact, `cohort-coordinator repair` rewrites the journal from it"
+            ))
+        })?;
+        let db_last = self.db_last_round().map_err(|e| {
+            corrupt(format!(
+                "the database does not read back ({e}); the round journal holds rounds up to {}: run `cohort-coordinator repair --config FILE` to rebuild the database from it",
+                describe(journal.last_round())
+            ))
+        })?;
+        let j_last = journal.last_round();
+        if journal.entries.is_empty() && db_last.is_some() && !Journal::path(&self.path).exists() {
+            // A data directory from before the journal existed: start one from sled.
+            let entries = self.entries_from_db(db_last)?;
+            Journal::rewrite(&self.path, &entries)?;
+            return Ok(());
+        }
+        let ahead_by_one = match (db_last, j_last) {
+            (Some(0), None) => true,
+            (Some(d), Some(j)) => d == j + 1,
+            _ => false,
+        };
+        if ahead_by_one {
+            let entries = self.entries_from_db(db_last)?;
+            if let Some(missing) = entries.last() {
+                Journal::append(&self.path, missing)?;
+            }
+            return Ok(());
+        }
+        if db_last != j_last {
+            let repair = if db_last < j_last {
+                "the database lost committed rounds (it was damaged): run `cohort-coordinator repair --config FILE` to rebuild it from the journal"
+            } else {
+                "the journal lost committed rounds (it was damaged or truncated): run `cohort-coordinator repair --config FILE` to rewrite it from the database"
+            };
+            return Err(corrupt(format!(
+                "the database's last committed round is {} but the round journal's is {}; {repair}",
+                describe(db_last),
+                describe(j_last)
+            )));
+        }
+        // Same last round: the records and the checkpoint index must agree too.
+        let from_db = self.entries_from_db(db_last).map_err(|e| {
+            corrupt(format!(
+                "the database does not read back ({e}); run `cohort-coordinator repair --config FILE` to rebuild it from the journal (rounds up to {})",
+                describe(j_last)
+            ))
+        })?;
+        for (d, j) in from_db.iter().zip(&journal.entries) {
+            let same = serde_json::to_value(d).ok() == serde_json::to_value(j).ok();
+            if !same {
+                return Err(corrupt(format!(
+                    "round {} differs between the database and the round journal; run `cohort-coordinator repair --config FILE` to rebuild the database from the journal",
+                    j.round()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn db_last_round(&self) -> Result<Option<u64>, StoreError> {
+        if self.meta.get(SETUP)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.last_round()?.unwrap_or(0)))
+    }
+
+    /// The journal entries the database holds, rounds 0..=last. A checkpoint that was pruned
+    /// is taken from the journal's own copy of the index when the database lost it too.
+    fn entries_from_db(&self, last: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+        let Some(last) = last else {
+            return Ok(Vec::new());
+        };
+        let prior = Journal::read(&self.path).unwrap_or_default();
+        let id = |round: u64| -> Result<CheckpointId, StoreError> {
+            if let Some(index) = self.checkpoints.get(round.to_be_bytes())? {
+                if index.len() != 128 {
+                    return Err(StoreError::Decode(format!(
+                        "the checkpoint index of round {round} has {} bytes",
+                        index.len()
+                    )));
+                }
+                return Ok(CheckpointId {
+                    round,
+                    sha3_512: hex(&index[..64]),
+                    signature: hex(&index[64..]),
+                });
+            }
+            if let Some(e) = prior.entry(round) {
+                return Ok(e.checkpoint().clone());
+            }
+            // Pruned before the journal existed: only the hash in the round's summary is
+            // known.
+            Ok(CheckpointId {
+                round,
+                sha3_512: String::new(),
+                signature: String::new(),
+            })
+        };
+        let setup: Setup = decode_json(
+            &self
+                .meta
+                .get(SETUP)?
+                .ok_or_else(|| StoreError::Decode("the setup is missing".into()))?,
+        )?;
+        let mut entries = vec![Entry::Setup {
+            setup,
+            checkpoint: id(0)?,
+        }];
+        for r in 1..=last {
+            let bytes = self
+                .rounds
+                .get(r.to_be_bytes())?
+                .ok_or_else(|| StoreError::Decode(format!("round {r} is missing")))?;
+            entries.push(Entry::Round {
+                record: decode_json(&bytes)?,
+                checkpoint: id(r)?,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Rebuilds the database from the round journal (the old database is kept beside it as
+    /// `db.damaged-<unix time>`), or rewrites the journal from the database when the journal
+    /// is the damaged one. The last round must have its checkpoint file, intact. Site
+    /// counters are copied over when the old database still yields them.
+    pub fn repair(dir: &Path, identity: &Identity) -> Result<Repaired, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            detail,
+        };
+        if !Self::check_marker(dir, identity)? {
+            return Err(corrupt(format!(
+                "no {MARKER}: not a Cohort data directory, nothing to repair"
+            )));
+        }
+        let journal = Journal::read(dir);
+        let old = Self::open_db(dir);
+        // Which witness is intact: a readable journal at least as long as the database wins.
+        let db_entries = old.as_ref().and_then(|db| {
+            let s = Store::from_db(dir, db.clone()).ok()?;
+            let last = s.db_last_round().ok()?;
+            s.entries_from_db(last).ok()
+        });
+        let (entries, source) = match (journal, db_entries) {
+            (Ok(j), Some(d)) if d.len() > j.entries.len() => (d, RepairSource::Database),
+            (Ok(j), _) if !j.entries.is_empty() => (j.entries, RepairSource::Journal),
+            (Err(_), Some(d)) if !d.is_empty() => (d, RepairSource::Database),
+            (Ok(_), Some(d)) if !d.is_empty() => (d, RepairSource::Database),
+            (j, _) => {
+                return Err(corrupt(format!(
+                    "neither the round journal ({}) nor the database holds a committed run to repair from; start afresh with a new data_dir",
+                    j.err().map_or("empty".to_string(), |e| e.to_string())
+                )));
+            }
+        };
+        let sites: Vec<(sled::IVec, sled::IVec)> = old
+            .as_ref()
+            .and_then(|db| db.open_tree("sites").ok())
+            .map(|t| t.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        drop(old);
+        let last = entries.last().map_or(0, Entry::round);
+        let probe = Store::checkpoint_file(dir, last);
+        let bytes = std::fs::read(&probe).map_err(|e| {
+            corrupt(format!(
+                "the checkpoint of the last committed round {last} ({}) cannot be read ({e}): nothing to resume from",
+                probe.display()
+            ))
+        })?;
+        let ckpt = decode_checkpoint(last, &bytes)?;
+        let committed = entries
+            .last()
+            .map(|e| e.checkpoint().sha3_512.clone())
+            .unwrap_or_default();
+        if hex(&ckpt.sha3_512) != committed {
+            return Err(corrupt(format!(
+                "{} is not the checkpoint committed for round {last}",
+                probe.display()
+            )));
+        }
+        let moved = match source {
+            RepairSource::Database => None,
+            RepairSource::Journal => {
+                let db = dir.join("db");
+                let aside = dir.join(format!("db.damaged-{}", crate::unix_seconds()));
+                if db.exists() {
+                    std::fs::rename(&db, &aside).map_err(|source| StoreError::Io {
+                        path: db.clone(),
+                        source,
+                    })?;
+                    Some(aside)
+                } else {
+                    None
+                }
+            }
+        };
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(16 << 20)
+            .open()?;
+        let store = Store::from_db(dir, db)?;
+        if source == RepairSource::Journal {
+            for e in &entries {
+                let index = |c: &CheckpointId| -> Option<Vec<u8>> {
+                    let mut v = from_hex(&c.sha3_512)?;
+                    v.extend(from_hex(&c.signature)?);
+                    (v.len() == 128 && Store::checkpoint_file(dir, c.round).exists()).then_some(v)
+                };
+                match e {
+                    Entry::Setup { setup, checkpoint } => {
+                        store.meta.insert(SETUP, encode_json(setup)?)?;
+                        if let Some(i) = index(checkpoint) {
+                            store.checkpoints.insert(0u64.to_be_bytes(), i)?;
+                        }
+                    }
+                    Entry::Round { record, checkpoint } => {
+                        let r = record.summary.round;
+                        store.rounds.insert(r.to_be_bytes(), encode_json(record)?)?;
+                        if let Some(i) = index(checkpoint) {
+                            store.checkpoints.insert(r.to_be_bytes(), i)?;
+                        }
+                    }
+                }
+            }
+            for (k, v) in sites {
+                store.sites.insert(k, v)?;
+            }
+            store.meta.insert(LAST_ROUND, &last.to_be_bytes())?;
+            store.db.flush()?;
+        }
+        Journal::rewrite(dir, &entries)?;
+        store.check_against_journal()?;
+        Ok(Repaired {
+            last_round: last,
+            source,
+            moved_aside: moved,
+        })
+    }
+
+    fn from_db(dir: &Path, db: sled::Db) -> Result<Store, StoreError> {
         Ok(Store {
             path: dir.to_path_buf(),
             meta: db.open_tree("meta")?,
@@ -272,17 +556,24 @@ impl Store {
         setup: &Setup,
         checkpoint: &CheckpointRef,
     ) -> Result<(), StoreError> {
-        let setup = encode_json(setup)?;
+        let setup_bytes = encode_json(setup)?;
         let index = self.write_checkpoint_file(checkpoint)?;
         (&self.meta, &self.checkpoints)
             .transaction(|(meta, checkpoints)| {
-                meta.insert(SETUP, setup.as_slice())?;
+                meta.insert(SETUP, setup_bytes.as_slice())?;
                 meta.insert(LAST_ROUND, &0u64.to_be_bytes())?;
                 checkpoints.insert(&0u64.to_be_bytes(), index.as_slice())?;
                 Ok(())
             })
             .map_err(tx_error)?;
         self.db.flush()?;
+        Journal::append(
+            &self.path,
+            &Entry::Setup {
+                setup: setup.clone(),
+                checkpoint: CheckpointId::new(0, checkpoint.sha3_512, checkpoint.signature),
+            },
+        )?;
         Ok(())
     }
 
@@ -314,6 +605,15 @@ impl Store {
             })
             .map_err(tx_error)?;
         self.db.flush()?;
+        // After sled, so sled is never behind the journal: a crash here leaves sled one
+        // round ahead, which the next start writes into the journal from sled.
+        Journal::append(
+            &self.path,
+            &Entry::Round {
+                record: record.clone(),
+                checkpoint: CheckpointId::new(round, checkpoint.sha3_512, checkpoint.signature),
+            },
+        )?;
         self.prune(round, keep)?;
         Ok(())
     }
@@ -339,8 +639,12 @@ impl Store {
     }
 
     fn checkpoint_path(&self, round: u64) -> PathBuf {
-        self.path
-            .join("checkpoints")
+        Self::checkpoint_file(&self.path, round)
+    }
+
+    /// Where round `round`'s checkpoint lives in data directory `dir`.
+    pub fn checkpoint_file(dir: &Path, round: u64) -> PathBuf {
+        dir.join("checkpoints")
             .join(format!("round-{round:08}.ckpt"))
     }
 
@@ -437,6 +741,28 @@ impl Store {
     }
 }
 
+/// Which witness a repair rebuilt the other from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairSource {
+    /// The database was rebuilt from the round journal.
+    Journal,
+    /// The round journal was rewritten from the database.
+    Database,
+}
+
+/// What `repair` did.
+#[derive(Debug)]
+pub struct Repaired {
+    pub last_round: u64,
+    pub source: RepairSource,
+    /// Where the damaged database was moved, when it was replaced.
+    pub moved_aside: Option<PathBuf>,
+}
+
+fn describe(round: Option<u64>) -> String {
+    round.map_or("none (no run committed)".into(), |r| r.to_string())
+}
+
 fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
     match e {
         sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
@@ -476,7 +802,7 @@ fn write_checkpoint(w: &mut impl std::io::Write, c: &CheckpointRef) -> std::io::
     Ok(())
 }
 
-fn decode_checkpoint(round: u64, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
+pub fn decode_checkpoint(round: u64, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
     let bad = |what: &str| StoreError::Decode(format!("checkpoint {round}: {what}"));
     let mut rest = bytes;
     let mut take = |n: usize, what: &str| -> Result<&[u8], StoreError> {

@@ -66,3 +66,105 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerCon
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Why a TLS handshake failed, in words an operator can act on.
+pub fn handshake_reason(e: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return e.to_string();
+    };
+    match tls {
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "the client certificate is not issued by this project's CA (another project's \
+              bundle, or a CA that was re-created?)"
+            .into(),
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "the client certificate has expired: renew the site's bundle".into()
+        }
+        Error::InvalidCertificate(CertificateError::NotValidYet)
+        | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            "the client certificate is not valid yet (is the site's clock right?)".into()
+        }
+        Error::NoCertificatesPresented => "the client presented no certificate".into(),
+        Error::AlertReceived(alert) => format!(
+            "the client aborted the handshake ({alert:?}): it does not trust this \
+             coordinator's certificate (the site has another project's ca.pem?)"
+        ),
+        Error::PeerIncompatible(p) => format!("the client cannot speak TLS 1.3: {p:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// Logs refused TLS handshakes without letting a client that retries every second (or an
+/// attacker) flood the log: at most one line per peer address and reason per `every`, which
+/// says how many were left unsaid since the last one. A new reason from the same address is
+/// new information and is logged at once.
+#[derive(Debug)]
+pub struct RejectLog {
+    every: std::time::Duration,
+    /// (last line, refused since) per peer IP. Cleared when it grows past 4096 peers, so a
+    /// scan from many addresses cannot grow it without bound.
+    #[allow(clippy::type_complexity)]
+    peers: std::sync::Mutex<
+        std::collections::HashMap<(std::net::IpAddr, String), (std::time::Instant, u64)>,
+    >,
+}
+
+impl RejectLog {
+    pub fn new(every: std::time::Duration) -> Self {
+        RejectLog {
+            every,
+            peers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Records a refused handshake from `peer`; true when a line was logged.
+    pub fn handshake_failed(&self, peer: std::net::SocketAddr, reason: &str) -> bool {
+        let now = std::time::Instant::now();
+        let suppressed = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (peer.ip(), reason.to_string());
+            if peers.len() >= 4096 && !peers.contains_key(&key) {
+                peers.clear();
+            }
+            let entry = peers.entry(key).or_insert((now - self.every, 0));
+            if now.duration_since(entry.0) < self.every {
+                entry.1 += 1;
+                return false;
+            }
+            let suppressed = entry.1;
+            *entry = (now, 0);
+            suppressed
+        };
+        tracing::warn!(%peer, reason, suppressed, "TLS handshake refused");
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_handshakes_are_logged_once_per_peer_and_window() {
+        let log = RejectLog::new(std::time::Duration::from_secs(3600));
+        let a: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap_or_else(|_| unreachable!());
+        let b: std::net::SocketAddr = "127.0.0.2:4000".parse().unwrap_or_else(|_| unreachable!());
+        assert!(log.handshake_failed(a, "x"));
+        assert!(!log.handshake_failed(a, "x"));
+        assert!(!log.handshake_failed("127.0.0.1:5000".parse().unwrap_or(a), "x"));
+        assert!(log.handshake_failed(b, "y"));
+        assert!(log.handshake_failed(a, "another reason"));
+    }
+
+    #[test]
+    fn a_foreign_issuer_is_named_as_such() {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(handshake_reason(&e).contains("not issued by this project's CA"));
+    }
+}

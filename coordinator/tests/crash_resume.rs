@@ -71,7 +71,13 @@ impl Coordinator {
 
     fn start_with(config: &Path, log_format: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
-            .args(["--log-format", log_format, "run", "--config"])
+            .args([
+                "--log-format",
+                log_format,
+                "run",
+                "--exit-when-done",
+                "--config",
+            ])
             .arg(config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

@@ -290,12 +290,12 @@ local_steps = 50
     });
 }
 
-/// Sample lines of an OpenMetrics text as `series → value`; panics on a malformed line.
+/// Sample lines of a Prometheus text exposition as `series → value`; panics on a malformed
+/// line, and on anything `promtool check metrics` (or our copy of its lint rules) reports.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    assert!(
-        text.trim_end().ends_with("# EOF"),
-        "OpenMetrics text ends with # EOF"
-    );
+    let problems = promlint(text);
+    assert!(problems.is_empty(), "promlint: {problems:#?}\n{text}");
+    promtool(&["check", "metrics"], Some(text));
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
@@ -308,4 +308,185 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
             (series.to_string(), value)
         })
         .collect()
+}
+
+/// Runs the real `promtool` (Debian's `prometheus` package; `.ci/run` installs it) with
+/// `stdin`, and panics unless it exits 0. Without promtool on PATH the check is left to
+/// [`promlint`], except in CI, where its absence is a failure.
+fn promtool(args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is required in CI (.ci/run installs Debian's prometheus): {e}"
+            );
+            eprintln!("promtool not found ({e}); relying on the built-in lint rules");
+            return;
+        }
+    };
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {args:?} exited {:?}:\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The rules of `promtool check metrics` (Prometheus' promlint) that can apply to us: every
+/// family has help text and a type; counters end in `_total` and nothing else does; no
+/// reserved `:` or camelCase; no type in the name; base units, not abbreviations; every
+/// sample belongs to a declared family.
+fn promlint(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut help: BTreeMap<String, String> = BTreeMap::new();
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, h) = rest.split_once(' ').unwrap_or((rest, ""));
+            help.insert(name.into(), h.trim().into());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, t) = rest.split_once(' ').unwrap_or((rest, ""));
+            types.insert(name.into(), t.trim().into());
+        } else if line.starts_with('#') {
+            problems.push(format!("not a classic-format comment: {line}"));
+        }
+    }
+    for (name, t) in &types {
+        if help.get(name).is_none_or(|h| h.is_empty()) {
+            problems.push(format!("{name}: no help text"));
+        }
+        if t == "counter" && !name.ends_with("_total") {
+            problems.push(format!(
+                "{name}: counter metrics should have \"_total\" suffix"
+            ));
+        }
+        if t != "counter" && name.ends_with("_total") {
+            problems.push(format!(
+                "{name}: non-counter metrics should not have \"_total\" suffix"
+            ));
+        }
+        if name.contains(':') {
+            problems.push(format!("{name}: metric names should not contain ':'"));
+        }
+        if name.chars().any(|c| c.is_ascii_uppercase()) {
+            problems.push(format!(
+                "{name}: metric names should be written in 'snake_case'"
+            ));
+        }
+        for ty in ["_counter", "_gauge", "_histogram", "_summary", "_untyped"] {
+            if name.contains(ty) {
+                problems.push(format!(
+                    "{name}: metric name should not include type '{ty}'"
+                ));
+            }
+        }
+        for unit in [
+            "_milliseconds",
+            "_microseconds",
+            "_nanoseconds",
+            "_minutes",
+            "_hours",
+            "_days",
+            "_kilobytes",
+            "_megabytes",
+            "_gigabytes",
+        ] {
+            if name.contains(unit) {
+                problems.push(format!("{name}: use base units, not {unit}"));
+            }
+        }
+        for abbr in [
+            "_sec", "_ms", "_us", "_ns", "_msec", "_secs", "_kb", "_mb", "_gb",
+        ] {
+            if name.split('_').any(|p| format!("_{p}") == abbr) {
+                problems.push(format!(
+                    "{name}: metric names should not contain abbreviated units {abbr}"
+                ));
+            }
+        }
+    }
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name: String = line
+            .chars()
+            .take_while(|c| *c != '{' && *c != ' ')
+            .collect();
+        let family = types.keys().any(|f| {
+            name == *f
+                || (types[f] == "histogram"
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name == format!("{f}{suffix}")))
+        });
+        if !family {
+            problems.push(format!("{name}: a sample without a declared family"));
+        }
+    }
+    problems
+}
+
+#[test]
+fn promlint_reports_what_promtool_reports() {
+    // The rules must be able to fail: the OpenMetrics form of a counter is an error in the
+    // classic format, and so is a help-less family.
+    let openmetrics = "# HELP x_rounds Rounds.\n# TYPE x_rounds counter\nx_rounds_total 1\n# EOF\n";
+    let found = promlint(openmetrics);
+    assert!(
+        found.iter().any(|p| p.contains("\"_total\" suffix")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("without a declared family")),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().any(|p| p.contains("not a classic-format")),
+        "{found:?}"
+    );
+    assert!(!promlint("# TYPE g gauge\ng 1\n").is_empty());
+    let classic = cohort_coordinator::metrics::classic_text(openmetrics);
+    assert_eq!(promlint(&classic), Vec::<String>::new(), "{classic}");
+}
+
+#[test]
+fn the_alert_rules_and_scrape_config_pass_promtool() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    let rules = deploy.join("alerts.yml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    for alert in [
+        "CohortRunStalled",
+        "CohortCoordinatorDown",
+        "CohortTooFewSites",
+    ] {
+        assert!(
+            text.contains(&format!("alert: {alert}")),
+            "{alert} in alerts.yml"
+        );
+    }
+    assert!(text.contains("cohort_seconds_since_progress"));
+    promtool(&["check", "rules", rules.to_str().unwrap()], None);
 }

@@ -510,6 +510,71 @@ fn stage_timeout_turns_silent_sites_into_dropouts() {
 }
 
 #[test]
+fn a_disconnected_site_ends_the_wait_at_once_in_every_stage() {
+    // For each stage: one site goes silent and its transport reports it gone. The stage must
+    // close at time 0 (not at its deadline), the round must finish, and the result must be
+    // the exact sum of the survivors' inputs.
+    for gone_before in 0..5usize {
+        let mut w = World::new(true);
+        let victim: ClientId = 3;
+        let mut broadcasts = 0;
+        while !w.outbox.is_empty() {
+            let skip: Vec<ClientId> = if broadcasts >= gone_before {
+                vec![victim]
+            } else {
+                vec![]
+            };
+            let mut replies = Vec::new();
+            for (to, msg) in std::mem::take(&mut w.outbox) {
+                if skip.contains(&to) {
+                    continue;
+                }
+                let input = w.input(to);
+                let client = w.clients.get_mut(&to).expect("client");
+                let mut reply = client.handle(&msg).expect("honest step");
+                if reply.is_none() {
+                    reply = client
+                        .set_input(QuantisedInput::from_values(input))
+                        .expect("input");
+                }
+                replies.extend(reply.map(|r| (to, r)));
+            }
+            for (from, r) in replies {
+                w.server.receive(from, r, 0).expect("accepted");
+            }
+            if broadcasts == gone_before {
+                assert!(
+                    matches!(w.server.poll(0), Ok(Poll::Pending { .. })),
+                    "stage {gone_before}: still waits for the silent site"
+                );
+                assert_eq!(w.server.awaiting(), vec![victim]);
+                w.server.disconnected(victim);
+                assert!(w.server.awaiting().is_empty());
+            }
+            // Never past time 0: no deadline is involved.
+            match w.server.poll(0).expect("no abort") {
+                Poll::Send(m) => w.outbox = m,
+                Poll::Done(out) => {
+                    let survivors: Vec<ClientId> = out.survivors.clone();
+                    assert!(!survivors.contains(&victim) || gone_before >= 3);
+                    let mut expected = vec![0u32; w.params.vector_len()];
+                    for s in &survivors {
+                        for (e, x) in expected.iter_mut().zip(w.input(*s)) {
+                            *e = e.wrapping_add(x);
+                        }
+                    }
+                    assert_eq!(out.sum.to_vec(), expected, "stage {gone_before}");
+                    w.outbox.clear();
+                }
+                Poll::Pending { .. } => panic!("stage {gone_before}: waits for a gone site"),
+            }
+            broadcasts += 1;
+        }
+        assert_eq!(w.server.stage(), ServerStage::Done, "stage {gone_before}");
+    }
+}
+
+#[test]
 fn unsafe_parameters_from_the_server_are_refused() {
     let mut w = World::new(false);
     let ServerMessage::Setup(mut setup) = w.message_for(0) else {

@@ -100,6 +100,8 @@ pub enum ModelError {
     BadBytes(usize),
     #[error("parameter {index} is {value}, not a finite number")]
     NotFinite { index: usize, value: f32 },
+    #[error("tensor {0}")]
+    Tensor(String),
 }
 
 impl ModelSpec {
@@ -172,6 +174,36 @@ impl ModelSpec {
             at += o;
         }
         Ok(out)
+    }
+
+    /// The inverse of [`ModelSpec::pytorch_tensors`]: Cohort's flat parameter vector from
+    /// PyTorch-layout tensors, found by name with `tensor(name) -> (shape, values)`. Every
+    /// tensor must be present with this model's shape.
+    pub fn from_pytorch_tensors(
+        &self,
+        mut tensor: impl FnMut(&str) -> Option<(Vec<usize>, Vec<f32>)>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut params = Vec::with_capacity(self.num_params());
+        for (l, (i, o)) in self.layers().into_iter().enumerate() {
+            let get = |name: String, shape: Vec<usize>, t: Option<(Vec<usize>, Vec<f32>)>| match t {
+                Some((s, v)) if s == shape && v.len() == shape.iter().product::<usize>() => Ok(v),
+                Some((s, _)) => Err(ModelError::Tensor(format!(
+                    "{name} has shape {s:?}, the model needs {shape:?}"
+                ))),
+                None => Err(ModelError::Tensor(format!("{name} is missing"))),
+            };
+            let wname = format!("{}.weight", 2 * l);
+            let w = get(wname.clone(), vec![o, i], tensor(&wname))?;
+            // PyTorch's [d_out, d_in] back to burn's [d_in, d_out].
+            params.extend(
+                (0..i)
+                    .flat_map(|c| (0..o).map(move |r| (r, c)))
+                    .map(|(r, c)| w[r * i + c]),
+            );
+            let bname = format!("{}.bias", 2 * l);
+            params.extend(get(bname.clone(), vec![o], tensor(&bname))?);
+        }
+        Ok(params)
     }
 
     /// The initial global model. Logistic regression starts at zero (the convex problem needs
@@ -304,6 +336,35 @@ mod tests {
         assert_eq!(t[2].2, vec![9.0, 10.0, 11.0]);
         assert_eq!(t[3].2, vec![12.0]);
         assert!(spec.pytorch_tensors(&params[1..]).is_err());
+        // And back, exactly; a missing or misshapen tensor is named.
+        let find = |name: &str| {
+            t.iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, s, v)| (s.clone(), v.clone()))
+        };
+        assert_eq!(spec.from_pytorch_tensors(find).unwrap(), params);
+        let missing = spec
+            .from_pytorch_tensors(|n| if n == "2.bias" { None } else { find(n) })
+            .unwrap_err();
+        assert!(
+            missing.to_string().contains("2.bias is missing"),
+            "{missing}"
+        );
+        let wrong = spec
+            .from_pytorch_tensors(|n| {
+                find(n).map(|(s, v)| {
+                    if n == "0.weight" {
+                        (vec![2, 3], v)
+                    } else {
+                        (s, v)
+                    }
+                })
+            })
+            .unwrap_err();
+        assert!(
+            wrong.to_string().contains("0.weight has shape [2, 3]"),
+            "{wrong}"
+        );
     }
 
     #[test]

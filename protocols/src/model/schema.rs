@@ -122,6 +122,56 @@ impl DataSchema {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The keys in which `other` differs from this schema, each with both values, e.g.
+    /// `missing: "drop_row" here, "impute_mean" there`. Empty when they encode alike.
+    pub fn differences(&self, other: &DataSchema) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{key}: {a} here, {b} there"));
+            }
+        };
+        differ(
+            "label.column",
+            format!("{:?}", self.label.column),
+            format!("{:?}", other.label.column),
+        );
+        differ(
+            "label.greater_than",
+            self.label.greater_than.to_string(),
+            other.label.greater_than.to_string(),
+        );
+        differ(
+            "features",
+            format!("{:?}", self.features),
+            format!("{:?}", other.features),
+        );
+        differ(
+            "drop",
+            format!("{:?}", self.drop),
+            format!("{:?}", other.drop),
+        );
+        let columns: std::collections::BTreeSet<&String> = self
+            .categorical
+            .keys()
+            .chain(other.categorical.keys())
+            .collect();
+        for c in columns {
+            let levels = |s: &DataSchema| {
+                s.categorical
+                    .get(c)
+                    .map_or("(not categorical)".to_string(), |l| format!("{l:?}"))
+            };
+            differ(&format!("categorical.{c}"), levels(self), levels(other));
+        }
+        differ(
+            "missing",
+            format!("{:?}", self.missing),
+            format!("{:?}", other.missing),
+        );
+        out
+    }
+
     /// The feature columns in order, given the CSV header.
     fn feature_columns(&self, header: &[String]) -> Vec<String> {
         if self.features.is_empty() {
@@ -154,6 +204,21 @@ impl DataSchema {
                 Some(l) => l[1..].iter().map(|v| format!("{name}={v}")).collect(),
             })
             .collect())
+    }
+
+    /// The model inputs' names when the schema lists its `features`, which is what lets the
+    /// coordinator know the model's width without seeing a CSV (None when it does not).
+    pub fn declared_inputs(&self) -> Option<Result<Vec<String>, SchemaError>> {
+        if self.features.is_empty() {
+            return None;
+        }
+        let mut header = self.features.clone();
+        for c in std::iter::once(&self.label.column).chain(&self.drop) {
+            if !header.contains(c) {
+                header.push(c.clone());
+            }
+        }
+        Some(self.input_names(&header))
     }
 
     pub fn resolve(&self, header: &[String]) -> Result<Resolved, SchemaError> {
@@ -257,6 +322,31 @@ impl Resolved {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_name_each_key_that_differs_with_both_values() {
+        let ours = flamby();
+        assert!(ours.differences(&ours.clone()).is_empty());
+        let mut theirs = ours.clone();
+        theirs.missing = MissingValues::ImputeMean;
+        theirs.categorical.insert("cp".into(), vec![1.0, 2.0, 3.0]);
+        theirs.categorical.insert("sex".into(), vec![0.0, 1.0]);
+        let d = ours.differences(&theirs);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].starts_with("categorical.cp: [1.0, 2.0, 3.0, 4.0] here, [1.0, 2.0, 3.0] there"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].starts_with("categorical.sex: (not categorical) here"),
+            "{d:?}"
+        );
+        assert_eq!(d[2], "missing: DropRow here, ImputeMean there");
+        // The TOML an agent sends round-trips to the same schema.
+        let sent = toml::to_string(&theirs).unwrap_or_default();
+        let back: DataSchema = toml::from_str(&sent).unwrap_or_else(|e| panic!("{e}: {sent}"));
+        assert_eq!(back, theirs);
+    }
 
     fn flamby() -> DataSchema {
         toml::from_str(

@@ -189,6 +189,11 @@ pub struct Server<W: Word> {
     stage: ServerStage,
     deadline: Millis,
     excluded: BTreeSet<ClientId>,
+    /// Sites whose transport reported them gone. They are not waited for: a stage closes as
+    /// soon as every site it still expects has answered or is gone, exactly as if the
+    /// deadline had passed for them. Unlike `excluded`, what a gone site already sent stays
+    /// valid, because closing a stage early is a choice the server may always make.
+    gone: BTreeSet<ClientId>,
     rejections: Vec<Rejection>,
     /// U1: accepted advertisements.
     advertised: BTreeMap<ClientId, AdvertiseKeys>,
@@ -275,6 +280,7 @@ impl<W: Word> Server<W> {
                 stage: ServerStage::AdvertiseKeys,
                 deadline: now.saturating_add(timeouts.advertise_keys),
                 excluded: BTreeSet::new(),
+                gone: BTreeSet::new(),
                 rejections: Vec::new(),
                 advertised: BTreeMap::new(),
                 seen_keys: BTreeSet::new(),
@@ -528,13 +534,35 @@ impl<W: Word> Server<W> {
         Ok(())
     }
 
-    /// Closes the current stage if everyone expected has answered or the deadline has passed.
-    pub fn poll(&mut self, now: Millis) -> Result<Poll<W>, Abort> {
-        if let Some(a) = &self.abort {
-            return Err(a.clone());
+    /// Records that site `id` is gone (its connection closed): the open stage and every later
+    /// one stop waiting for it, so one dead site costs the others nothing but its own absence.
+    /// A site that comes back takes part again only in a new attempt.
+    pub fn disconnected(&mut self, id: ClientId) {
+        if self.participants.contains(&id) {
+            self.gone.insert(id);
         }
-        // Who is expected in this stage and who has answered; excluded sites count as neither.
-        let (expected, answered): (Vec<ClientId>, Vec<ClientId>) = match self.stage {
+    }
+
+    /// The sites the open stage is still waiting for (neither answered, excluded nor gone),
+    /// for the transport's "waiting for" log lines.
+    pub fn awaiting(&self) -> Vec<ClientId> {
+        let Some((expected, answered)) = self.expected_answered() else {
+            return Vec::new();
+        };
+        expected
+            .into_iter()
+            .filter(|c| !answered.contains(c) && self.counts(c))
+            .collect()
+    }
+
+    /// Whether a site still counts for the stage's completion.
+    fn counts(&self, c: &ClientId) -> bool {
+        !self.excluded.contains(c) && !self.gone.contains(c)
+    }
+
+    /// Who is expected in the open stage and who has answered; None once the round is over.
+    fn expected_answered(&self) -> Option<(Vec<ClientId>, Vec<ClientId>)> {
+        Some(match self.stage {
             ServerStage::AdvertiseKeys => (
                 self.participants.iter().copied().collect(),
                 self.advertised.keys().copied().collect(),
@@ -563,11 +591,21 @@ impl<W: Word> Server<W> {
                 },
                 self.revealed.keys().copied().collect(),
             ),
-            ServerStage::Done | ServerStage::Aborted => {
-                return Err(self.abort_with(AbortReason::Finished));
-            }
+            ServerStage::Done | ServerStage::Aborted => return None,
+        })
+    }
+
+    /// Advances the round at time `now`: closes the open stage when everyone it expects has
+    /// answered (or is excluded or gone) or its deadline has passed.
+    pub fn poll(&mut self, now: Millis) -> Result<Poll<W>, Abort> {
+        if let Some(a) = &self.abort {
+            return Err(a.clone());
+        }
+        // Excluded and gone sites count as neither expected nor answered.
+        let Some((expected, answered)) = self.expected_answered() else {
+            return Err(self.abort_with(AbortReason::Finished));
         };
-        let live = |ids: &[ClientId]| ids.iter().filter(|c| !self.excluded.contains(c)).count();
+        let live = |ids: &[ClientId]| ids.iter().filter(|c| self.counts(c)).count();
         if live(&answered) < live(&expected) && now < self.deadline {
             return Ok(Poll::Pending {
                 deadline: self.deadline,

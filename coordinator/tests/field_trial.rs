@@ -1,0 +1,500 @@
+//! A federation as it lives at real sites: the real `cohort-coordinator` and four real
+//! `cohort-agent` processes on the heart-disease hospitals, with sites that disconnect in
+//! every SecAgg+ stage, a second agent started with a site's bundle, an agent and the
+//! coordinator killed with SIGKILL mid-round and restarted, and agents holding bundles the
+//! coordinator must refuse.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use cohort_coordinator::status::client::get;
+
+mod common;
+use common::*;
+
+const ROUNDS: u64 = 10;
+const TOKEN: &str = "field-trial-token-0123456789";
+/// Far beyond what a round takes here: a round that lasts anywhere near it waited for a
+/// deadline instead of noticing that a site had gone.
+const DEADLINE_SECS: u64 = 300;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `cohort-agent`, built next to this test's binary by `cargo test --workspace`.
+fn agent_exe() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let agent = dir.join(format!("cohort-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        agent.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        agent.display()
+    );
+    agent
+}
+
+/// A process whose stdout and stderr lines arrive on a channel and are kept.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    all: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Self {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let all = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let (tx, all) = (tx.clone(), all.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    all.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc {
+            name: name.into(),
+            child,
+            lines,
+            all,
+        }
+    }
+
+    fn coordinator(config: &Path) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
+        cmd.args(["run", "--config"]).arg(config);
+        Self::spawn("coordinator", cmd)
+    }
+
+    fn agent(name: &str, config: &Path, json: bool) -> Self {
+        let mut cmd = Command::new(agent_exe());
+        if json {
+            cmd.args(["--log-format", "json"]);
+        }
+        cmd.args(["run", "--config"]).arg(config);
+        Self::spawn(name, cmd)
+    }
+
+    /// Waits for a line containing all of `parts`; returns the lines seen meanwhile.
+    fn wait_for(&self, parts: &[&str]) -> Vec<String> {
+        let timeout = Duration::from_secs(120);
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = parts.iter().all(|p| line.contains(p));
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line with {parts:?} within {timeout:?}; last lines:\n{}",
+                    self.name,
+                    seen[seen.len().saturating_sub(40)..].join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16, status: u16) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:{port}"
+data_dir = {data_dir:?}
+{tls}
+[rounds]
+count = {ROUNDS}
+# Every round waits for all four (a site that dropped out reconnects within a second), and
+# survives the loss of one of them: SecAgg+ with k = 4 needs t = 3.
+min_sites = 4
+wait_for_sites_secs = 120
+stage_timeout_secs = {DEADLINE_SECS}
+train_timeout_secs = {DEADLINE_SECS}
+max_attempts = 5
+[status]
+listen = "127.0.0.1:{status}"
+token = "{TOKEN}"
+[secagg]
+quant_bits = 20
+modulus_bits = 64
+max_weight = 1000
+consistency_check = true
+[model]
+kind = "logreg"
+inputs = 13
+[training]
+optimizer = "adam"
+learning_rate = 0.001
+batch_size = 4
+local_steps = 200
+{SCHEMA}"#,
+        tls = coordinator_tls(pki),
+    )
+}
+
+/// An agent.toml for `site` from the bundle in `bundle`, dialling `port`.
+fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+site = "{site}"
+[coordinator]
+url = "https://127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+[data]
+csv = {csv:?}
+test_fraction = 0.34
+split_seed = 42
+[reconnect]
+initial_ms = 100
+max_ms = 500
+max_refusals = 2
+{SCHEMA}
+{extra}"#,
+        ca = bundle.join("ca.pem"),
+        cert = bundle.join("cert.pem"),
+        key = bundle.join("key.pem"),
+        csv = data(site),
+    )
+}
+
+fn api(rt: &tokio::runtime::Runtime, status: u16, path: &str) -> serde_json::Value {
+    let (code, body) = rt
+        .block_on(get(
+            &format!("http://127.0.0.1:{status}{path}"),
+            Some(TOKEN),
+        ))
+        .unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn four_sites_as_separate_processes_survive_dropouts_duplicates_and_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (port, status) = (free_port(), free_port());
+    let data_dir = dir.path().join("coordinator-data");
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, coordinator_toml(&pki, &data_dir, port, status)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let mut coordinator = Proc::coordinator(&config);
+    // va loses its connection in a different SecAgg+ stage in each of rounds 1 to 5 (and
+    // reconnects by itself): advertise keys, share keys, masked input, consistency check,
+    // unmask.
+    let faults: String = [
+        "advertise_keys",
+        "share_keys",
+        "masked_input",
+        "consistency_check",
+        "unmask",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, stage)| format!("[[faults]]\nround = {}\nstage = \"{stage}\"\n", i + 1))
+    .collect();
+    let mut agents: Vec<Proc> = SITES
+        .iter()
+        .map(|site| {
+            let file = dir.path().join(format!("{site}.toml"));
+            let extra = if *site == "va" { faults.as_str() } else { "" };
+            let toml = agent_toml(&pki.join("sites").join(site), site, port, extra);
+            std::fs::write(&file, toml).unwrap();
+            // One agent logs JSON, as a site feeding a log pipeline would.
+            Proc::agent(site, &file, *site == "switzerland")
+        })
+        .collect();
+
+    coordinator.wait_for(&["round complete", "round=5"]);
+    let rounds = api(&rt, status, "/api/v1/rounds?per_page=100");
+    for r in rounds["rounds"].as_array().unwrap() {
+        let s = &r["summary"];
+        assert_eq!(s["attempts"], 1, "no attempt was lost to a dropout: {s}");
+        // Gone before its masked input: left out of the sum. Gone after it (consistency
+        // check, unmask): its input is in the sum and the others reveal what removes its mask.
+        let round = s["round"].as_u64().unwrap();
+        let dropped = u64::from(round <= 3);
+        assert_eq!(s["dropped"], dropped, "va's dropout in round {round}: {s}");
+        assert!(
+            s["seconds"].as_f64().unwrap() < DEADLINE_SECS as f64 / 3.0,
+            "round {} waited for a deadline instead of noticing the disconnect: {s}",
+            s["round"]
+        );
+    }
+    assert_eq!(rounds["total"], 5);
+
+    // A second agent with cleveland's bundle is refused with a clear message on both ends;
+    // the original keeps its session and keeps training.
+    let cleveland = dir.path().join("cleveland.toml");
+    let mut duplicate = Proc::agent("duplicate", &cleveland, false);
+    duplicate.wait_for(&["already has a session for this site"]);
+    coordinator.wait_for(&["join refused: this site is already connected", "cleveland"]);
+    duplicate.kill();
+    let joined_before = site_rounds(&rt, status, "cleveland");
+
+    // hungary is killed (SIGKILL) in the middle of round 7; the round finishes without it,
+    // well before any deadline, and the restarted agent joins the next rounds.
+    coordinator.wait_for(&["round=7", "SecAgg+ stage open"]);
+    agents[1].kill();
+    coordinator.wait_for(&["round complete", "round=7"]);
+    agents[1] = Proc::agent("hungary", &dir.path().join("hungary.toml"), false);
+
+    // The coordinator is killed in round 9 and started again: it resumes after round 8.
+    coordinator.wait_for(&["round=9", "SecAgg+ stage open"]);
+    coordinator.kill();
+    let coordinator = Proc::coordinator(&config);
+    let seen = coordinator.wait_for(&["training finished; still serving the status API"]);
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("resuming after the last committed round")),
+        "{}",
+        seen.join("\n")
+    );
+    let after_finish: Vec<&String> = seen
+        .iter()
+        .skip_while(|l| !(l.contains("round complete") && l.contains(&format!("round={ROUNDS}"))))
+        .collect();
+    assert!(!after_finish.is_empty(), "{}", seen.join("\n"));
+    assert!(
+        after_finish.iter().all(|l| !l.contains("WARN")),
+        "a normal end is not a warning:\n{after_finish:#?}"
+    );
+
+    // Every agent was told training is over and exited 0.
+    for a in &mut agents {
+        assert_eq!(a.exit_code(), Some(0), "{}:\n{}", a.name, a.log());
+        let log = a.log();
+        let tail: Vec<&str> = log
+            .lines()
+            .skip_while(|l| {
+                !l.contains(&format!("\"round\":{ROUNDS}"))
+                    && !l.contains(&format!("round={ROUNDS}"))
+            })
+            .collect();
+        assert!(
+            tail.iter().all(|l| !l.contains("WARN")),
+            "{}: a normal end is not a warning:\n{tail:#?}",
+            a.name
+        );
+    }
+    assert!(site_rounds(&rt, status, "cleveland") > joined_before);
+
+    // The status API still answers after the last round, from the committed state.
+    let rounds = api(&rt, status, "/api/v1/rounds?per_page=100");
+    let numbers: Vec<u64> = rounds["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["summary"]["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=ROUNDS).collect::<Vec<_>>(), "each round once");
+    for r in rounds["rounds"].as_array().unwrap() {
+        assert!(r["summary"]["seconds"].as_f64().unwrap() < DEADLINE_SECS as f64 / 3.0);
+    }
+    let round7 = &rounds["rounds"][6]["summary"];
+    assert!(round7["dropped"].as_u64().unwrap() >= 1, "{round7}");
+    let s = api(&rt, status, "/api/v1/status");
+    assert_eq!(s["state"], "finished", "{s}");
+    assert_eq!(s["rounds_completed"], ROUNDS);
+    let (code, text) = rt
+        .block_on(get(
+            &format!("http://127.0.0.1:{status}/metrics"),
+            Some(TOKEN),
+        ))
+        .unwrap();
+    assert_eq!(code, 200);
+    // The restarted process ran only rounds 9 and 10; the counters start from what is
+    // committed.
+    assert_eq!(
+        metric(&text, "cohort_rounds_completed_total"),
+        ROUNDS as f64
+    );
+    assert_eq!(metric(&text, "cohort_current_round"), ROUNDS as f64);
+    assert_eq!(metric(&text, "cohort_seconds_since_progress"), 0.0);
+
+    // An agent that starts now is told training is over.
+    let mut late = Proc::agent("late", &dir.path().join("va.toml"), false);
+    assert_eq!(late.exit_code(), Some(0), "{}", late.log());
+    assert!(late.log().contains("coordinator finished training"));
+
+    // Logs to a pipe carry no colour codes; the JSON agent wrote only JSON objects.
+    for p in agents.iter().chain([&coordinator, &late]) {
+        assert!(
+            !p.log().contains('\u{1b}'),
+            "{}: ANSI escapes in a piped log",
+            p.name
+        );
+    }
+    let json = agents[2].log();
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(json.contains("joined the federation"), "{json}");
+
+    // SIGTERM stops the lingering coordinator cleanly.
+    let mut coordinator = coordinator;
+    let term = Command::new("kill")
+        .args(["-TERM", &coordinator.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(coordinator.exit_code(), Some(0), "{}", coordinator.log());
+}
+
+fn site_rounds(rt: &tokio::runtime::Runtime, status: u16, site: &str) -> u64 {
+    let sites = api(rt, status, "/api/v1/sites");
+    sites["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == site)
+        .map(|s| s["rounds_joined"].as_u64().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let other = pki_in(&dir.path().join("other-project"));
+    let (port, status) = (free_port(), free_port());
+    let config = dir.path().join("coordinator.toml");
+    let data_dir = dir.path().join("coordinator-data");
+    std::fs::write(&config, coordinator_toml(&pki, &data_dir, port, status)).unwrap();
+    let coordinator = Proc::coordinator(&config);
+    coordinator.wait_for(&["coordinator listening"]);
+
+    // Another project's whole bundle: the agent does not trust the coordinator.
+    let file = dir.path().join("foreign.toml");
+    std::fs::write(
+        &file,
+        agent_toml(&other.join("sites/cleveland"), "cleveland", port, ""),
+    )
+    .unwrap();
+    let mut foreign = Proc::agent("foreign", &file, false);
+    assert_eq!(foreign.exit_code(), Some(3), "{}", foreign.log());
+    assert!(
+        foreign
+            .log()
+            .contains("not issued by the CA in this site's ca.pem"),
+        "{}",
+        foreign.log()
+    );
+
+    // The right CA but a certificate from another CA: the coordinator refuses it and says
+    // so, with the peer's address.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(pki.join("sites/hungary/ca.pem"), mixed.join("ca.pem")).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(other.join("sites/hungary").join(f), mixed.join(f)).unwrap();
+    }
+    let file = dir.path().join("mixed.toml");
+    std::fs::write(&file, agent_toml(&mixed, "hungary", port, "")).unwrap();
+    let mut refused = Proc::agent("mixed", &file, false);
+    assert_eq!(refused.exit_code(), Some(3), "{}", refused.log());
+    assert!(
+        refused.log().contains("refused this site's certificate"),
+        "{}",
+        refused.log()
+    );
+    coordinator.wait_for(&[
+        "TLS handshake refused",
+        "peer=127.0.0.1",
+        "not issued by this project's CA",
+    ]);
+
+    // A schema that differs: refused at join, and the agent stops after max_refusals.
+    let file = dir.path().join("schema.toml");
+    let toml = agent_toml(&pki.join("sites/va"), "va", port, "")
+        .replace("missing = \"drop_row\"", "missing = \"impute_mean\"");
+    std::fs::write(&file, toml).unwrap();
+    let mut schema = Proc::agent("schema", &file, false);
+    assert_eq!(schema.exit_code(), Some(3), "{}", schema.log());
+    assert!(
+        schema
+            .log()
+            .contains("missing: DropRow at the coordinator, ImputeMean at this site"),
+        "{}",
+        schema.log()
+    );
+    coordinator.wait_for(&["join refused: data schema differs"]);
+}
+
+/// A second, unrelated project's CA and bundles.
+fn pki_in(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    pki(dir)
+}
