@@ -29,6 +29,12 @@ impl Permanent {
     }
 }
 
+/// A failure caused by the agent's configuration (a certificate or key it names, its CSV
+/// against the schema): the binary exits with code 2 for these.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0:#}")]
+pub struct ConfigProblem(pub anyhow::Error);
+
 /// The agent gave up: the last permanent failure, repeated `times` in a row.
 #[derive(Debug, thiserror::Error)]
 #[error("giving up after {times} permanent failures in a row; the last: {last}")]

@@ -97,6 +97,10 @@ fn main() -> ExitCode {
     };
     match rt.block_on(cohort_agent::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<cohort_agent::failure::ConfigProblem>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) if e.is::<cohort_agent::failure::GaveUp>() => {
             eprintln!("error: {e:#}");
             ExitCode::from(cohort_agent::failure::EXIT_REFUSED)

@@ -102,7 +102,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.data.test_fraction,
             cfg.data.split_seed,
         )
-        .context("loading the site's data")?,
+        .context("loading the site's data")
+        .map_err(failure::ConfigProblem)?,
     );
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
     run_site(cfg, data).await
@@ -111,7 +112,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// Runs the agent for `site` until the coordinator shuts the federation down: connects,
 /// reconnects with backoff, and answers rounds.
 pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> {
-    let creds = Arc::new(load_credentials(&cfg)?);
+    let creds = Arc::new(load_credentials(&cfg).map_err(failure::ConfigProblem)?);
     let mut backoff = cfg.reconnect.initial_ms;
     let mut fired: Vec<Fault> = Vec::new();
     let mut refusals = 0u32;

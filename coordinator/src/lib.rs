@@ -69,6 +69,16 @@ pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::Signi
     })
 }
 
+/// A start-up failure caused by the configuration (a file it names, a token, a data_dir of
+/// another federation): the binary exits with code 2 for these, 1 for runtime failures.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0:#}")]
+pub struct ConfigProblem(pub anyhow::Error);
+
+fn config_problem(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    ConfigProblem(e.into()).into()
+}
+
 /// Where a started coordinator can be reached (the actual ports, useful with port 0).
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
@@ -136,22 +146,32 @@ async fn serve(
     after: AfterFinish,
 ) -> Result<Option<RunSummary>> {
     // Read first, so a missing token stops the start before anything listens.
-    let status_token = config.status.as_ref().map(|s| s.token()).transpose()?;
+    let status_token = config
+        .status
+        .as_ref()
+        .map(|s| s.token())
+        .transpose()
+        .map_err(config_problem)?;
     let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
-        .context("loading the coordinator's TLS files")?;
-    let ca_der = tls::first_cert_der(&config.tls.ca_cert)?;
-    let certificate_der = tls::first_cert_der(&config.tls.cert)?;
-    let signing_key = signing_key(&config.tls.key)?;
+        .context("loading the coordinator's TLS files")
+        .map_err(config_problem)?;
+    let ca_der = tls::first_cert_der(&config.tls.ca_cert).map_err(config_problem)?;
+    let certificate_der = tls::first_cert_der(&config.tls.cert).map_err(config_problem)?;
+    let signing_key = signing_key(&config.tls.key).map_err(config_problem)?;
     let identity = store::Identity::new(
         &ca_der,
         config.model.spec().describe(),
         config.schema.hash(),
     );
     // Before the port opens: a data directory that is not this run's stops everything.
-    let store = store::Store::open(&config.data_dir, &identity)?;
+    let store = store::Store::open(&config.data_dir, &identity).map_err(|e| match e {
+        store::StoreError::NotOurs { .. } | store::StoreError::Foreign { .. } => config_problem(e),
+        other => other.into(),
+    })?;
     let listener = TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("binding {}", config.listen))
+        .map_err(config_problem)?;
     let addr = listener.local_addr()?;
     info!(%addr, "coordinator listening (gRPC, TLS 1.3, client certificates required)");
 
@@ -172,7 +192,8 @@ async fn serve(
             ));
             let (at, task) = status::serve(api.clone(), cfg.listen)
                 .await
-                .with_context(|| format!("binding the status API on {}", cfg.listen))?;
+                .with_context(|| format!("binding the status API on {}", cfg.listen))
+                .map_err(config_problem)?;
             info!(addr = %at, "status API listening (bearer token required)");
             Some((api, at, task))
         }

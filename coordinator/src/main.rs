@@ -115,6 +115,13 @@ fn main() -> ExitCode {
             };
             match run(config, after) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e)
+                    if e.chain()
+                        .any(|c| c.is::<cohort_coordinator::ConfigProblem>()) =>
+                {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(1)

@@ -164,7 +164,7 @@ impl Store {
             if !dir.join("db").is_dir() {
                 return Err(StoreError::Corrupt {
                     path: dir.to_path_buf(),
-                    detail: "the database directory db/ is missing".into(),
+                    detail: "the database directory db/ is missing; if the round journal is intact, `cohort-coordinator repair --config FILE` rebuilds it".into(),
                 });
             }
         } else {

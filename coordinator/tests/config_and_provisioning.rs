@@ -75,7 +75,20 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             with("kind = \"logreg\"", "kind = \"mlp\""),
             "model.hidden = []",
         ),
-        (with("inputs = 13", "inputs = 0"), "model.inputs = 0"),
+        (
+            with("inputs = 13", "inputs = 0"),
+            "model.inputs = (unset): list the feature columns in schema.features",
+        ),
+        (
+            // Listed features give 13 inputs; a hand-computed 12 is caught at start-up
+            // instead of every site declining every round.
+            with(
+                "missing = \"drop_row\"",
+                "missing = \"drop_row\"\nfeatures = [\"age\", \"sex\", \"cp\", \"trestbps\", \"chol\", \"fbs\", \"restecg\", \"thalach\", \"exang\", \"oldpeak\"]\ncategorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }",
+            )
+            .replace("inputs = 13", "inputs = 12"),
+            "model.inputs = 12: schema.features give 13 inputs (age, sex, cp=2, cp=3, cp=4",
+        ),
         (
             with(
                 "[model]",
@@ -118,6 +131,16 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             .to_string();
         assert!(err.contains(needle), "expected {needle:?} in {err:?}");
     }
+    // Listed features and no model.inputs: the coordinator derives it.
+    let derived = CoordinatorConfig::parse(
+        &with(
+            "missing = \"drop_row\"",
+            "missing = \"drop_row\"\nfeatures = [\"age\", \"sex\", \"cp\", \"trestbps\", \"chol\", \"fbs\", \"restecg\", \"thalach\", \"exang\", \"oldpeak\"]\ncategorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }",
+        )
+        .replace("inputs = 13\n", ""),
+    )
+    .expect("derived inputs");
+    assert_eq!(derived.model.inputs, 13);
 }
 
 fn now() -> i64 {

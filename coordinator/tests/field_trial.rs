@@ -6,11 +6,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use cohort_coordinator::status::client::get;
 
@@ -22,137 +19,6 @@ const TOKEN: &str = "field-trial-token-0123456789";
 /// Far beyond what a round takes here: a round that lasts anywhere near it waited for a
 /// deadline instead of noticing that a site had gone.
 const DEADLINE_SECS: u64 = 300;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `cohort-agent`, built next to this test's binary by `cargo test --workspace`.
-fn agent_exe() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let agent = dir.join(format!("cohort-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        agent.exists(),
-        "{} is missing: build the workspace (cargo test --workspace builds it)",
-        agent.display()
-    );
-    agent
-}
-
-/// A process whose stdout and stderr lines arrive on a channel and are kept.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    all: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Self {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let all = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
-            let (tx, all) = (tx.clone(), all.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    all.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        Proc {
-            name: name.into(),
-            child,
-            lines,
-            all,
-        }
-    }
-
-    fn coordinator(config: &Path) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
-        cmd.args(["run", "--config"]).arg(config);
-        Self::spawn("coordinator", cmd)
-    }
-
-    fn agent(name: &str, config: &Path, json: bool) -> Self {
-        let mut cmd = Command::new(agent_exe());
-        if json {
-            cmd.args(["--log-format", "json"]);
-        }
-        cmd.args(["run", "--config"]).arg(config);
-        Self::spawn(name, cmd)
-    }
-
-    /// Waits for a line containing all of `parts`; returns the lines seen meanwhile.
-    fn wait_for(&self, parts: &[&str]) -> Vec<String> {
-        let timeout = Duration::from_secs(120);
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = parts.iter().all(|p| line.contains(p));
-                    seen.push(line);
-                    if hit {
-                        return seen;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no line with {parts:?} within {timeout:?}; last lines:\n{}",
-                    self.name,
-                    seen[seen.len().saturating_sub(40)..].join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Waits for the process to exit by itself; its exit code.
-    fn exit_code(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        self.all.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16, status: u16) -> String {
     format!(
