@@ -28,7 +28,11 @@ pub struct AgentConfig {
     pub coordinator: CoordinatorAddress,
     pub tls: TlsFiles,
     pub data: DataConfig,
-    pub schema: DataSchema,
+    /// Optional: the agent fetches the federation's schema from the coordinator (signed).
+    /// When present it pins what this site expects, and the agent refuses a coordinator
+    /// whose schema differs, naming the keys.
+    #[serde(default)]
+    pub schema: Option<DataSchema>,
     #[serde(default)]
     pub reconnect: Reconnect,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
@@ -97,6 +101,10 @@ pub struct DataConfig {
     pub test_fraction: f64,
     #[serde(default)]
     pub split_seed: u64,
+    /// Column renames, this site's CSV header name → the schema's name (for a site whose
+    /// export names a column differently).
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
 }
 
 fn default_fraction() -> f64 {

@@ -82,6 +82,23 @@ pub struct SiteData {
 /// A CSV row; `None` is an empty cell.
 type RawRow = Vec<Option<f64>>;
 
+/// Header renames: this site's column name → the schema's.
+pub type Renames = std::collections::BTreeMap<String, String>;
+
+/// Reads a CSV with a header (renamed by `renames`); empty cells are missing values.
+fn read_csv_renamed(
+    path: &Path,
+    renames: &Renames,
+) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
+    let (mut header, rows) = read_csv(path)?;
+    for h in &mut header {
+        if let Some(to) = renames.get(h) {
+            *h = to.clone();
+        }
+    }
+    Ok((header, rows))
+}
+
 /// Reads a CSV with a header; empty cells are missing values.
 fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
     let name = path.display().to_string();
@@ -178,9 +195,10 @@ pub fn rows_to_score(schema: &DataSchema, path: &Path) -> Result<ToScore, DataEr
 fn encode(
     schema: &DataSchema,
     path: &Path,
+    renames: &Renames,
 ) -> Result<(Vec<String>, usize, Rows, usize), DataError> {
     let name = path.display().to_string();
-    let (header, raw) = read_csv(path)?;
+    let (header, raw) = read_csv_renamed(path, renames)?;
     let resolved = schema.resolve(&header).map_err(|error| DataError::Schema {
         path: name.clone(),
         error,
@@ -214,9 +232,28 @@ impl SiteData {
         test_fraction: f64,
         seed: u64,
     ) -> Result<Self, DataError> {
-        let (header, inputs, all, dropped_rows) = encode(schema, train_csv)?;
+        Self::load_renamed(
+            schema,
+            &Renames::new(),
+            train_csv,
+            test_csv,
+            test_fraction,
+            seed,
+        )
+    }
+
+    /// [`SiteData::load`] with this site's column names mapped to the schema's first.
+    pub fn load_renamed(
+        schema: &DataSchema,
+        renames: &Renames,
+        train_csv: &Path,
+        test_csv: Option<&Path>,
+        test_fraction: f64,
+        seed: u64,
+    ) -> Result<Self, DataError> {
+        let (header, inputs, all, dropped_rows) = encode(schema, train_csv, renames)?;
         if let Some(test_path) = test_csv {
-            let (test_header, _, test, dropped_test) = encode(schema, test_path)?;
+            let (test_header, _, test, dropped_test) = encode(schema, test_path, renames)?;
             if test_header != header {
                 return Err(DataError::HeaderMismatch);
             }
@@ -352,6 +389,22 @@ mod tests {
             .expect("VA misses trestbps");
         assert_eq!(x[row * d.inputs + 5], 0.0);
         assert!(x.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn renamed_columns_load_as_the_schema_names_them() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let text = std::fs::read_to_string(heart("cleveland")).expect("csv");
+        let renamed = text.replacen("cp,", "chest_pain,", 1);
+        let p = dir.path().join("local.csv");
+        std::fs::write(&p, &renamed).expect("write");
+        let err = SiteData::load(&schema(), &p, None, 0.34, 1).expect_err("cp is missing");
+        assert!(err.to_string().contains("\"cp\""), "{err}");
+        let renames = Renames::from([("chest_pain".to_string(), "cp".to_string())]);
+        let local = SiteData::load_renamed(&schema(), &renames, &p, None, 0.34, 1).expect("load");
+        let original = SiteData::load(&schema(), &heart("cleveland"), None, 0.34, 1).expect("load");
+        assert_eq!(local.train.features, original.train.features);
+        assert_eq!(local.test.labels, original.test.labels);
     }
 
     #[test]

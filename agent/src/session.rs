@@ -12,11 +12,11 @@ use bytes::Bytes;
 use chacha20::ChaCha20Rng;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
-    AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, Task, agent_message,
+    AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, SchemaRequest, Task, agent_message,
     coordinator_message,
 };
 use cohort_protocols::identity::{COORDINATOR_COMMON_NAME, CaVerifier};
-use cohort_protocols::model::{self, ModelSpec};
+use cohort_protocols::model::{self, DataSchema, ModelSpec};
 use cohort_protocols::secagg::{
     Client, ClientError, ClientMessage, Modulus, Params, QuantisedInput, RoundId, ServerMessage,
     SiteIdentity, Word, quantise,
@@ -92,68 +92,208 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs the agent until the coordinator shuts training down.
-pub async fn run(cfg: AgentConfig) -> Result<()> {
+/// Runs the agent until the coordinator shuts training down: fetches the federation's
+/// schema from the coordinator (signed; checked against `[schema]` when this site pins one),
+/// loads the site's data with it, then takes part in rounds.
+pub async fn run(mut cfg: AgentConfig) -> Result<()> {
+    let creds = Arc::new(load_credentials(&cfg).map_err(failure::ConfigProblem)?);
+    let mut retry = Retry::new(&cfg);
+    let schema = loop {
+        match fetch_schema(&cfg, &creds).await {
+            Ok(s) => break s,
+            Err(e) => retry.failed(&cfg, e).await?,
+        }
+    };
+    if let Some(pinned) = &cfg.schema
+        && *pinned != schema
+    {
+        let differences = schema
+            .differences(pinned)
+            .join("; ")
+            .replace(" here, ", " at the coordinator, ")
+            .replace(" there", " at this site");
+        let refused = Permanent::new(
+            format!("the coordinator's schema differs from this site's [schema] ({differences})"),
+            "Remove [schema] from agent.toml to take the coordinator's, or ask its operator which is right.",
+        );
+        error!(site = %cfg.site, message = %refused, "permanent failure: retrying will not fix this");
+        return Err(failure::GaveUp {
+            times: 1,
+            last: refused.to_string(),
+        }
+        .into());
+    }
+    info!(site = %cfg.site, schema = %schema.hash(), "schema received from the coordinator");
     let data = Arc::new(
-        SiteData::load(
-            &cfg.schema,
+        SiteData::load_renamed(
+            &schema,
+            &cfg.data.rename,
             &cfg.data.csv,
             cfg.data.test_csv.as_deref(),
             cfg.data.test_fraction,
             cfg.data.split_seed,
         )
-        .context("loading the site's data")
+        .context("loading the site's data with the coordinator's schema")
         .map_err(failure::ConfigProblem)?,
     );
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
+    cfg.schema = Some(schema);
     run_site(cfg, data).await
 }
 
+/// Reconnection policy: exponential backoff with jitter, and a bound on permanent failures
+/// in a row.
+struct Retry {
+    backoff: u64,
+    refusals: u32,
+}
+
+impl Retry {
+    fn new(cfg: &AgentConfig) -> Self {
+        Retry {
+            backoff: cfg.reconnect.initial_ms,
+            refusals: 0,
+        }
+    }
+
+    /// The connection worked: start again from the shortest wait.
+    fn reset(&mut self, cfg: &AgentConfig) {
+        self.backoff = cfg.reconnect.initial_ms;
+        self.refusals = 0;
+    }
+
+    /// Logs `e` for what it is and waits before the next try; gives up (Err) after
+    /// `reconnect.max_refusals` permanent failures in a row.
+    async fn failed(&mut self, cfg: &AgentConfig, e: anyhow::Error) -> Result<()> {
+        match failure::classify(&e) {
+            Class::Transient => {
+                warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed; reconnecting")
+            }
+            Class::Duplicate(message) => {
+                error!(site = %cfg.site, %message, "the coordinator already has a session for this site; another agent may be running with this bundle. Retrying, in case the old session is a dead one");
+            }
+            Class::Permanent(message) => {
+                self.refusals += 1;
+                error!(site = %cfg.site, %message, attempt = self.refusals, of = cfg.reconnect.max_refusals, "permanent failure: retrying will not fix this");
+                if self.refusals >= cfg.reconnect.max_refusals {
+                    return Err(failure::GaveUp {
+                        times: self.refusals,
+                        last: message,
+                    }
+                    .into());
+                }
+            }
+        }
+        self.sleep(cfg).await;
+        Ok(())
+    }
+
+    async fn sleep(&mut self, cfg: &AgentConfig) {
+        // Full jitter: sleep uniformly in [backoff/2, backoff], so agents that lost the
+        // coordinator together do not reconnect in lockstep.
+        let jitter = rand::random::<u64>() % (self.backoff / 2 + 1);
+        tokio::time::sleep(Duration::from_millis(self.backoff / 2 + jitter)).await;
+        self.backoff = (self.backoff * 2).min(cfg.reconnect.max_ms);
+    }
+}
+
 /// Runs the agent for `site` until the coordinator shuts the federation down: connects,
-/// reconnects with backoff, and answers rounds.
+/// reconnects with backoff, and answers rounds. `cfg.schema` must be the federation's.
 pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> {
     let creds = Arc::new(load_credentials(&cfg).map_err(failure::ConfigProblem)?);
-    let mut backoff = cfg.reconnect.initial_ms;
+    let mut retry = Retry::new(&cfg);
     let mut fired: Vec<Fault> = Vec::new();
-    let mut refusals = 0u32;
     loop {
         let mut welcomed = false;
-        match session(&cfg, &data, &creds, &mut welcomed, &mut fired).await {
+        let result = session(&cfg, &data, &creds, &mut welcomed, &mut fired).await;
+        if welcomed {
+            retry.reset(&cfg);
+        }
+        match result {
             Ok(SessionEnd::Shutdown) => {
                 info!(site = %cfg.site, "coordinator finished training; exiting");
                 return Ok(());
             }
-            Ok(SessionEnd::Closed) => warn!(site = %cfg.site, "session closed"),
-            Err(e) => match failure::classify(&e) {
-                Class::Transient => {
-                    warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed; reconnecting")
-                }
-                Class::Duplicate(message) => {
-                    error!(site = %cfg.site, %message, "the coordinator already has a session for this site; another agent may be running with this bundle. Retrying, in case the old session is a dead one");
-                }
-                Class::Permanent(message) => {
-                    refusals += 1;
-                    error!(site = %cfg.site, %message, attempt = refusals, of = cfg.reconnect.max_refusals, "permanent failure: retrying will not fix this");
-                    if refusals >= cfg.reconnect.max_refusals {
-                        return Err(failure::GaveUp {
-                            times: refusals,
-                            last: message,
-                        }
-                        .into());
-                    }
-                }
-            },
+            Ok(SessionEnd::Closed) => {
+                warn!(site = %cfg.site, "session closed");
+                retry.sleep(&cfg).await;
+            }
+            Err(e) => retry.failed(&cfg, e).await?,
         }
-        if welcomed {
-            backoff = cfg.reconnect.initial_ms;
-            refusals = 0;
-        }
-        // Full jitter: sleep uniformly in [backoff/2, backoff], so agents that lost the
-        // coordinator together do not reconnect in lockstep.
-        let jitter = rand::random::<u64>() % (backoff / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(backoff / 2 + jitter)).await;
-        backoff = (backoff * 2).min(cfg.reconnect.max_ms);
     }
+}
+
+/// A TLS 1.3 channel to the coordinator with this site's certificate.
+async fn connect(cfg: &AgentConfig, creds: &Credentials) -> Result<tonic::transport::Channel> {
+    let host = cfg
+        .coordinator
+        .server_name
+        .clone()
+        .or_else(|| {
+            cfg.coordinator
+                .url
+                .trim_start_matches("https://")
+                .split([':', '/'])
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&creds.ca_pem))
+        .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
+        .domain_name(host);
+    Endpoint::from_shared(cfg.coordinator.url.clone())
+        .context("coordinator.url")?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cfg.coordinator.url))
+}
+
+/// The federation's schema from the coordinator, its signature checked against the
+/// coordinator's CA-issued certificate.
+async fn fetch_schema(cfg: &AgentConfig, creds: &Credentials) -> Result<DataSchema> {
+    let mut client = CoordinatorClient::new(connect(cfg, creds).await?);
+    let reply = client
+        .schema(SchemaRequest {})
+        .await
+        .context("asking for the schema")?
+        .into_inner();
+    let key = coordinator_key(creds, &reply.coordinator_certificate)?;
+    if !model::verify_schema(&key, &reply.schema_toml, &reply.signature) {
+        return Err(Permanent::new(
+            "the schema from the coordinator is not signed by the coordinator's certificate",
+            "Something between this site and the coordinator altered it; contact its operator.",
+        )
+        .into());
+    }
+    toml::from_str(&reply.schema_toml)
+        .map_err(|e| anyhow!("the coordinator's schema does not parse: {e}"))
+}
+
+/// The key that signs models and the schema: from the coordinator's certificate, which must
+/// be issued by the project CA to the coordinator's name.
+fn coordinator_key(creds: &Credentials, cert_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey> {
+    let verifier = CaVerifier::new(creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?;
+    let cert = verifier.verify(cert_der).map_err(|e| {
+        Permanent::new(
+            format!("the coordinator's certificate: {e}"),
+            "Models could not be verified; check that ca.pem is this project's CA.",
+        )
+    })?;
+    if cert.common_name != COORDINATOR_COMMON_NAME {
+        return Err(Permanent::new(
+            format!(
+                "the coordinator's certificate is for {:?}, not the coordinator",
+                cert.common_name
+            ),
+            "The server is not this project's coordinator; check coordinator.url.",
+        )
+        .into());
+    }
+    Ok(cert.key)
 }
 
 /// The SecAgg+ client of the current round, for the round's modulus.
@@ -227,42 +367,22 @@ async fn session(
     welcomed: &mut bool,
     fired: &mut Vec<Fault>,
 ) -> Result<SessionEnd> {
-    let host = cfg
-        .coordinator
-        .server_name
-        .clone()
-        .or_else(|| {
-            cfg.coordinator
-                .url
-                .trim_start_matches("https://")
-                .split([':', '/'])
-                .next()
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&creds.ca_pem))
-        .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
-        .domain_name(host);
-    let channel = Endpoint::from_shared(cfg.coordinator.url.clone())
-        .context("coordinator.url")?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", cfg.coordinator.url))?;
+    let channel = connect(cfg, creds).await?;
     let mut client = CoordinatorClient::new(channel)
         .max_decoding_message_size(cohort_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(cohort_proto::MAX_MESSAGE_BYTES);
+    let schema = cfg
+        .schema
+        .as_ref()
+        .ok_or_else(|| anyhow!("the agent has no schema: run() fetches it before a session"))?;
     let (out, out_rx) = mpsc::channel(256);
     out.send(AgentMessage {
         kind: Some(agent_message::Kind::Join(Join {
             site: cfg.site.clone(),
             examples: data.train_examples(),
-            schema_hash: cfg.schema.hash(),
+            schema_hash: schema.hash(),
             protocol_version: PROTOCOL_VERSION,
-            schema_toml: toml::to_string(&cfg.schema).unwrap_or_default(),
+            schema_toml: toml::to_string(schema).unwrap_or_default(),
         })),
     })
     .await?;
@@ -327,30 +447,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The key that signs models: from the coordinator's certificate, which must be issued by
-    /// the project CA to the coordinator's name. Without it the session cannot go on.
-    fn coordinator_key(&self, cert_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey> {
-        let verifier =
-            CaVerifier::new(self.creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?;
-        let cert = verifier.verify(cert_der).map_err(|e| {
-            Permanent::new(
-                format!("the coordinator's certificate in Welcome: {e}"),
-                "Models could not be verified; check that ca.pem is this project's CA.",
-            )
-        })?;
-        if cert.common_name != COORDINATOR_COMMON_NAME {
-            return Err(Permanent::new(
-                format!(
-                    "the certificate in Welcome is for {:?}, not the coordinator",
-                    cert.common_name
-                ),
-                "The server is not this project's coordinator; check coordinator.url.",
-            )
-            .into());
-        }
-        Ok(cert.key)
-    }
-
     async fn decline(&self, round: u64, reason: String) -> Result<()> {
         warn!(site = %self.cfg.site, round, %reason, "declining the round");
         self.send(agent_message::Kind::Decline(Decline { round, reason }))
@@ -389,7 +485,8 @@ impl Session<'_> {
         match kind {
             Kind::Welcome(w) => {
                 self.site_id = Some(w.site_id);
-                self.coordinator_key = Some(self.coordinator_key(&w.coordinator_certificate)?);
+                self.coordinator_key =
+                    Some(coordinator_key(self.creds, &w.coordinator_certificate)?);
             }
             Kind::Shutdown(_) => return Ok(Some(SessionEnd::Shutdown)),
             Kind::RoundEnd(_) => {}

@@ -79,6 +79,21 @@ fn config_problem(e: impl Into<anyhow::Error>) -> anyhow::Error {
     ConfigProblem(e.into()).into()
 }
 
+/// The schema agents fetch: the configuration's `[schema]` as TOML, signed like a model.
+fn schema_reply(
+    config: &CoordinatorConfig,
+    key: &ed25519_dalek::SigningKey,
+    certificate_der: &[u8],
+) -> Result<cohort_proto::v1::SchemaReply> {
+    let schema_toml = toml::to_string(&config.schema).context("encoding the schema")?;
+    Ok(cohort_proto::v1::SchemaReply {
+        signature: cohort_protocols::model::sign_schema(key, &schema_toml).to_vec(),
+        schema_toml,
+        coordinator_certificate: certificate_der.to_vec(),
+        inputs: config.model.inputs as u32,
+    })
+}
+
 /// Where a started coordinator can be reached (the actual ports, useful with port 0).
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
@@ -210,6 +225,7 @@ async fn serve(
         ca_der: ca_der.clone(),
         schema_hash: config.schema.hash(),
         schema: config.schema.clone(),
+        schema_reply: schema_reply(&config, &signing_key, &certificate_der)?,
         certificate_der,
         memory_budget: config.limits.memory_mib.map(|m| m << 20),
     };

@@ -200,8 +200,9 @@ fn site_bundle(
     write(
         &dir.join("agent.toml"),
         &format!(
-            r#"# Cohort agent for site {site}. Fill in [data] and [schema] (the schema must match the
-# coordinator's exactly: the agent is refused otherwise).
+            r#"# Cohort agent for site {site}. Fill in [data]: the path of this site's CSV. The data
+# schema comes from the coordinator (signed); add [data.rename] if a column is named
+# differently here, e.g.  [data.rename]  "Heart rate" = "thalach".
 site = "{site}"
 
 [coordinator]
@@ -218,9 +219,6 @@ csv = "data.csv"
 test_fraction = 0.34
 split_seed = 42
 
-[schema]
-label = {{ column = "label", greater_than = 0 }}
-missing = "drop_row"
 "#
         ),
     )?;

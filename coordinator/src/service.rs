@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use cohort_proto::v1::coordinator_server::Coordinator;
 use cohort_proto::v1::{
-    AgentMessage, Chunk, CoordinatorMessage, Welcome, agent_message, coordinator_message,
+    AgentMessage, Chunk, CoordinatorMessage, SchemaReply, SchemaRequest, Welcome, agent_message,
+    coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::DataSchema;
@@ -26,6 +27,8 @@ pub struct Service {
     pub schema_hash: String,
     /// The coordinator's schema, to tell an agent with another one which keys differ.
     pub schema: DataSchema,
+    /// The signed schema agents fetch before reading their data.
+    pub schema_reply: SchemaReply,
     /// Sent in Welcome: agents verify model signatures against it.
     pub certificate_der: Vec<u8>,
     /// Resident-memory budget in bytes (`limits.memory_mib`): an upload that would start
@@ -37,26 +40,20 @@ pub struct Service {
 impl Coordinator for Service {
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
 
+    async fn schema(
+        &self,
+        request: Request<SchemaRequest>,
+    ) -> Result<Response<SchemaReply>, Status> {
+        let (site, peer) = self.authenticate(&request)?;
+        debug!(%site, %peer, "schema sent");
+        Ok(Response::new(self.schema_reply.clone()))
+    }
+
     async fn session(
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        // rustls has already checked the chain; this extracts the identity it vouches for.
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
-            .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
-        let cert = verifier
-            .verify(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-        let site = cert.common_name;
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let (site, peer) = self.authenticate(&request)?;
 
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -210,6 +207,28 @@ impl Coordinator for Service {
                 .await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl Service {
+    /// The site a request comes from (its certificate's name) and the peer's address.
+    /// rustls has already checked the chain; this extracts the identity it vouches for.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(String, String), Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
+            .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
+        let cert = verifier
+            .verify(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        Ok((cert.common_name, peer))
     }
 }
 

@@ -231,3 +231,15 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
         Err(IdentityError::WrongIssuer)
     );
 }
+
+#[test]
+fn the_example_configuration_is_valid_local_and_watched() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/coordinator.toml");
+    let cfg = CoordinatorConfig::load(&path).expect("examples/coordinator.toml is valid");
+    assert_eq!(cfg.model.inputs, 13, "derived from schema.features");
+    assert!(cfg.listen.ip().is_loopback(), "{}", cfg.listen);
+    let status = cfg.status.expect("[status] is configured");
+    assert!(status.listen.ip().is_loopback());
+    assert!(cfg.secagg.consistency_check);
+}

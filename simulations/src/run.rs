@@ -44,6 +44,9 @@ struct Scenario {
     /// Local training timeout in seconds (the masked-input stage).
     #[serde(default = "default_train")]
     train_timeout_secs: u64,
+    /// Sites a round waits for (default: all sites, at most 3).
+    #[serde(default)]
+    min_sites: Option<u32>,
     sites: Vec<SiteSpec>,
     schema: toml::Table,
     model: toml::Table,
@@ -241,7 +244,10 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
                 ("count", toml::Value::Integer(s.rounds as i64)),
                 (
                     "min_sites",
-                    toml::Value::Integer(s.sites.len().clamp(1, 3) as i64),
+                    toml::Value::Integer(
+                        s.min_sites
+                            .map_or(s.sites.len().clamp(1, 3) as i64, i64::from),
+                    ),
                 ),
                 ("wait_for_sites_secs", toml::Value::Integer(60)),
                 (

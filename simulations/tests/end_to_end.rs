@@ -20,6 +20,12 @@ fn scenario(dir: &Path, rounds: u64, secure: bool, extra: &str) -> PathBuf {
     let mut text = format!(
         "rounds = {rounds}\nsecure = {secure}\ntest_fraction = 0.34\nsplit_seed = 42\nstage_timeout_secs = 5\ntrain_timeout_secs = 5\n"
     );
+    // Top-level keys at the start of `extra` (before its first table) belong up here.
+    let (top, extra) = match extra.find('[') {
+        Some(i) if !extra[..i].trim().is_empty() => extra.split_at(i),
+        _ => ("", extra),
+    };
+    text.push_str(top);
     for site in ["cleveland", "hungary", "switzerland", "va"] {
         text.push_str(&format!(
             "\n[[sites]]\nname = \"{site}\"\ncsv = {:?}\n",
@@ -255,7 +261,9 @@ fn a_site_that_dies_mid_upload_is_left_out_and_the_round_is_retried() {
         dir.path(),
         3,
         true,
-        "\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
+        // Every round waits for all four: the site that died is noticed at once now, so
+        // without this the next round could start before it has reconnected.
+        "min_sites = 4\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
     );
     assert_eq!(s.rounds_completed, 3);
     assert_eq!(s.rounds[0].attempts, 1);

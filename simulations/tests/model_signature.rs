@@ -10,8 +10,8 @@ use std::time::Duration;
 use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use cohort_proto::v1::{
-    AgentMessage, Chunk, CoordinatorMessage, RoundStart, Task, Welcome, agent_message,
-    coordinator_message,
+    AgentMessage, Chunk, CoordinatorMessage, RoundStart, SchemaReply, SchemaRequest, Task, Welcome,
+    agent_message, coordinator_message,
 };
 use cohort_protocols::model;
 use tokio::sync::mpsc;
@@ -24,12 +24,17 @@ use tonic::{Request, Response, Status, Streaming};
 struct Stub {
     certificate_der: Vec<u8>,
     signature: Vec<u8>,
+    schema: SchemaReply,
     answers: mpsc::UnboundedSender<agent_message::Kind>,
 }
 
 #[tonic::async_trait]
 impl Coordinator for Stub {
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn schema(&self, _: Request<SchemaRequest>) -> Result<Response<SchemaReply>, Status> {
+        Ok(Response::new(self.schema.clone()))
+    }
 
     async fn session(
         &self,
@@ -83,8 +88,29 @@ fn pem_der(path: &Path) -> Vec<u8> {
         .to_vec()
 }
 
-/// The first answer after Join, for a stub that signs with `signature`.
+const SCHEMA: &str = r#"
+label = { column = "num", greater_than = 0 }
+drop = ["slope", "ca", "thal"]
+categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+missing = "drop_row"
+"#;
+
+fn key(pki: &Path, which: &str) -> ed25519_dalek::SigningKey {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let pem = std::fs::read_to_string(pki.join(which)).unwrap();
+    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap()
+}
+
+/// The first answer after Join, for a stub that signs models with `signature` and the schema
+/// with the coordinator's key; or how the agent ended, when it never joined.
 fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::Kind {
+    answer_with(signature, "coordinator/key.pem").expect("the agent answers")
+}
+
+fn answer_with(
+    signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
+    schema_signer: &str,
+) -> Result<agent_message::Kind, String> {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     provision(&ProvisionOptions {
@@ -101,9 +127,19 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (answers, mut rx) = mpsc::unbounded_channel();
+        let schema_toml = toml::to_string(
+            &toml::from_str::<cohort_protocols::model::DataSchema>(SCHEMA).unwrap(),
+        )
+        .unwrap();
         let stub = Stub {
             certificate_der: pem_der(&pki.join("coordinator/cert.pem")),
             signature: signature(&hash, &pki),
+            schema: SchemaReply {
+                signature: model::sign_schema(&key(&pki, schema_signer), &schema_toml).to_vec(),
+                schema_toml,
+                coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
+                inputs: 13,
+            },
             answers,
         };
         let tls = ServerTlsConfig::new()
@@ -122,26 +158,21 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
         let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
         let data: toml::Table =
             toml::from_str(&format!("csv = {:?}", csv.display().to_string())).unwrap();
-        let schema: toml::Table = toml::from_str(
-            r#"
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#,
-        )
-        .unwrap();
+        let schema: toml::Table = toml::from_str(SCHEMA).unwrap();
         let site = pki.join("sites/cleveland");
         let cfg =
             cohort_sim::run::agent_config("cleveland", &site, port, data, &schema, vec![]).unwrap();
-        let agent = tokio::spawn(cohort_agent::run(cfg));
+        let mut agent = tokio::spawn(cohort_agent::run(cfg));
         let answer = loop {
-            let kind = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-                .await
-                .expect("the agent answers")
-                .expect("an answer");
-            if !matches!(kind, agent_message::Kind::Join(_)) {
-                break kind;
+            tokio::select! {
+                kind = rx.recv() => {
+                    let kind = kind.expect("an answer");
+                    if !matches!(kind, agent_message::Kind::Join(_)) {
+                        break Ok(kind);
+                    }
+                }
+                ended = &mut agent => break Err(format!("{:#}", ended.unwrap().unwrap_err())),
+                () = tokio::time::sleep(Duration::from_secs(60)) => panic!("no answer within 60 s"),
             }
         };
         agent.abort();
@@ -150,13 +181,20 @@ missing = "drop_row"
 }
 
 #[test]
+fn a_schema_not_signed_by_the_coordinator_is_refused_before_any_data_is_read() {
+    // Signed with a site's key: the agent never joins and gives up (exit 3 in the binary).
+    let ended = answer_with(|_, _| Vec::new(), "sites/cleveland/key.pem").unwrap_err();
+    assert!(
+        ended.contains("giving up") && ended.contains("schema from the coordinator is not signed"),
+        "{ended}"
+    );
+}
+
+#[test]
 fn a_model_with_a_bad_signature_is_declined_and_a_good_one_is_evaluated() {
     // Signed by another key (a site's): refused.
     let forged = answer_to(|hash, pki| {
-        use ed25519_dalek::pkcs8::DecodePrivateKey;
-        let pem = std::fs::read_to_string(pki.join("sites/cleveland/key.pem")).unwrap();
-        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap();
-        model::sign_model(&key, hash).to_vec()
+        model::sign_model(&key(pki, "sites/cleveland/key.pem"), hash).to_vec()
     });
     match forged {
         agent_message::Kind::Decline(d) => {
@@ -177,11 +215,7 @@ fn a_model_with_a_bad_signature_is_declined_and_a_good_one_is_evaluated() {
         "{unsigned:?}"
     );
     // The coordinator's own signature: the model is used (evaluated and reported).
-    let signed = answer_to(|hash, pki| {
-        use ed25519_dalek::pkcs8::DecodePrivateKey;
-        let pem = std::fs::read_to_string(pki.join("coordinator/key.pem")).unwrap();
-        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap();
-        model::sign_model(&key, hash).to_vec()
-    });
+    let signed =
+        answer_to(|hash, pki| model::sign_model(&key(pki, "coordinator/key.pem"), hash).to_vec());
     assert!(matches!(signed, agent_message::Kind::Eval(_)), "{signed:?}");
 }

@@ -270,6 +270,31 @@ pub fn model_signing_payload(sha3_512: &[u8; 64]) -> Vec<u8> {
     p
 }
 
+fn schema_signing_payload(schema_toml: &str) -> Vec<u8> {
+    let mut p = b"cohort schema v1\0".to_vec();
+    p.extend_from_slice(&sha3_512(schema_toml.as_bytes()));
+    p
+}
+
+/// The coordinator's signature of the federation's schema (as the TOML it sends). Distinct
+/// from a model signature by its domain tag, so one can never pass for the other.
+pub fn sign_schema(key: &ed25519_dalek::SigningKey, schema_toml: &str) -> [u8; 64] {
+    use ed25519_dalek::Signer;
+    key.sign(&schema_signing_payload(schema_toml)).to_bytes()
+}
+
+/// Whether `signature` is the holder of `key`'s signature of `schema_toml`.
+pub fn verify_schema(
+    key: &ed25519_dalek::VerifyingKey,
+    schema_toml: &str,
+    signature: &[u8],
+) -> bool {
+    ed25519_dalek::Signature::from_slice(signature).is_ok_and(|sig| {
+        key.verify_strict(&schema_signing_payload(schema_toml), &sig)
+            .is_ok()
+    })
+}
+
 /// The coordinator's signature of a model with SHA3-512 `sha3_512`.
 pub fn sign_model(key: &ed25519_dalek::SigningKey, sha3_512: &[u8; 64]) -> [u8; 64] {
     use ed25519_dalek::Signer;
@@ -301,6 +326,24 @@ pub fn params_sha3_512(params: &[f32]) -> [u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_signatures_verify_only_for_their_text_and_never_as_a_model() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8u8; 32]);
+        let text = "missing = \"drop_row\"\n";
+        let sig = sign_schema(&key, text);
+        assert!(verify_schema(&key.verifying_key(), text, &sig));
+        assert!(!verify_schema(
+            &key.verifying_key(),
+            "missing = \"impute_mean\"\n",
+            &sig
+        ));
+        assert!(!verify_schema(&other.verifying_key(), text, &sig));
+        assert!(!verify_schema(&key.verifying_key(), text, &sig[1..]));
+        let hash = sha3_512(text.as_bytes());
+        assert!(!verify_model(&key.verifying_key(), &hash, &sig));
+    }
 
     #[test]
     fn model_signatures_verify_only_for_their_model_and_key() {
