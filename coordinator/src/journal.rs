@@ -23,7 +23,7 @@ use sha3::{Digest, Sha3_256};
 use thiserror::Error;
 
 use crate::hex;
-use crate::store::{RoundRecord, Setup};
+use crate::records::{RoundRecord, Setup};
 
 /// The journal's file name in the data directory.
 pub const JOURNAL: &str = "rounds.journal";

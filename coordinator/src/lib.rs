@@ -9,6 +9,7 @@ pub mod hub;
 pub mod journal;
 pub mod metrics;
 pub mod provision;
+pub mod records;
 pub mod service;
 pub mod sharded;
 pub mod status;

@@ -21,10 +21,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::driver::{Evaluation, RoundSummary};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{RoundRecord, Store};
+use crate::records::{Evaluation, RoundRecord, RoundSummary};
+use crate::store::Store;
 
 /// The OpenAPI 3 description of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -27,9 +27,9 @@ use sha3::{Digest, Sha3_256};
 use sled::Transactional;
 use thiserror::Error;
 
-use crate::driver::{Evaluation, RoundSummary, SiteResult};
 use crate::hub::SiteState;
 use crate::journal::{CheckpointId, Entry, Journal, JournalError};
+pub use crate::records::{RoundRecord, Setup};
 use crate::{from_hex, hex};
 
 /// File in the data directory that says whose it is.
@@ -111,22 +111,6 @@ pub struct CheckpointRef<'a> {
     pub signature: &'a [u8; 64],
     pub strategy_m: &'a [f32],
     pub strategy_v: &'a [f32],
-}
-
-/// A committed round: its summary and what each site reported.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RoundRecord {
-    pub summary: RoundSummary,
-    pub per_site: BTreeMap<String, SiteResult>,
-}
-
-/// Round 0: the federated feature statistics and the initial model's evaluation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Setup {
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
-    pub initial: Evaluation,
-    pub initial_per_site: BTreeMap<String, SiteResult>,
 }
 
 /// Everything needed to continue a run.
@@ -850,6 +834,7 @@ pub fn decode_checkpoint(round: u64, bytes: &[u8]) -> Result<Checkpoint, StoreEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::{Evaluation, RoundSummary};
 
     fn identity(ca: &[u8]) -> Identity {
         Identity::new(ca, "logreg 3-1".into(), "schema".into())

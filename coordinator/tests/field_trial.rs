@@ -56,35 +56,6 @@ local_steps = 200
     )
 }
 
-/// An agent.toml for `site` from the bundle in `bundle`, dialling `port`: only what is local
-/// to the site (the schema comes from the coordinator), plus `extra`.
-fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
-    format!(
-        r#"
-site = "{site}"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-[data]
-csv = {csv:?}
-test_fraction = 0.34
-split_seed = 42
-[reconnect]
-initial_ms = 100
-max_ms = 500
-max_refusals = 2
-{extra}"#,
-        ca = bundle.join("ca.pem"),
-        cert = bundle.join("cert.pem"),
-        key = bundle.join("key.pem"),
-        csv = data(site),
-    )
-}
-
 fn api(rt: &tokio::runtime::Runtime, status: u16, path: &str) -> serde_json::Value {
     let (code, body) = rt
         .block_on(get(
@@ -363,6 +334,38 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
         "{}",
         coordinator.log()
     );
+}
+
+#[test]
+fn configuration_problems_exit_with_code_2_and_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let port = free_port();
+    // A certificate path that does not exist: found only when the coordinator starts.
+    let config = dir.path().join("coordinator.toml");
+    let text = coordinator_toml(&pki, &dir.path().join("data"), port, free_port())
+        .replace("coordinator/cert.pem", "coordinator/missing.pem");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("missing.pem"), "{err}");
+    // An agent whose key file is missing.
+    let file = dir.path().join("agent.toml");
+    let toml = agent_toml(&pki.join("sites/va"), "va", port, "").replace("key.pem", "nokey.pem");
+    std::fs::write(&file, toml).unwrap();
+    let out = Command::new(agent_exe())
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nokey.pem"), "{err}");
 }
 
 /// A second, unrelated project's CA and bundles.

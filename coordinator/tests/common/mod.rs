@@ -53,10 +53,10 @@ pub fn coordinator_tls(pki: &Path) -> String {
     )
 }
 
-/// An agent for `site` dialling 127.0.0.1:`port`, reconnecting quickly.
-pub fn agent(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
-    let dir = pki.join("sites").join(site);
-    cohort_agent::AgentConfig::parse(&format!(
+/// An agent.toml for `site` from the bundle in `bundle`, dialling `port`: only what is local
+/// to the site (the schema comes from the coordinator), plus `extra`.
+pub fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
+    format!(
         r#"
 site = "{site}"
 [coordinator]
@@ -73,11 +73,22 @@ split_seed = 42
 [reconnect]
 initial_ms = 100
 max_ms = 500
-{SCHEMA}"#,
-        ca = dir.join("ca.pem"),
-        cert = dir.join("cert.pem"),
-        key = dir.join("key.pem"),
+max_refusals = 2
+{extra}"#,
+        ca = bundle.join("ca.pem"),
+        cert = bundle.join("cert.pem"),
+        key = bundle.join("key.pem"),
         csv = data(site),
+    )
+}
+
+/// An agent for `site` dialling 127.0.0.1:`port`, reconnecting quickly, pinning the schema.
+pub fn agent(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
+    cohort_agent::AgentConfig::parse(&agent_toml(
+        &pki.join("sites").join(site),
+        site,
+        port,
+        SCHEMA,
     ))
     .expect("agent configuration")
 }

@@ -1,0 +1,407 @@
+//! Aggregation: a SecAgg+ round driven over the hub, and the plain sum of comparison runs.
+//! Updates stream into their slots from the sites' connection tasks; this side moves the
+//! control messages and closes stages.
+
+use super::*;
+
+/// Removes the sites' upload slots when an aggregation ends, however it ends, so no chunk
+/// arriving later is fed to a closed sum and the sum's memory is freed.
+struct OpenUploads {
+    hub: Arc<Hub>,
+    round: u64,
+    sites: Vec<String>,
+}
+
+impl OpenUploads {
+    fn new(hub: &Arc<Hub>, round: u64, sites: &[(String, u32)]) -> Self {
+        OpenUploads {
+            hub: hub.clone(),
+            round,
+            sites: sites.iter().map(|(s, _)| s.clone()).collect(),
+        }
+    }
+
+    fn open(&self, site: &str, sink: UploadSink) {
+        let round = self.round;
+        self.hub
+            .uploads
+            .insert(site.to_string(), OpenUpload { round, sink });
+    }
+}
+
+impl Drop for OpenUploads {
+    fn drop(&mut self) {
+        for s in &self.sites {
+            self.hub.uploads.remove(s);
+        }
+    }
+}
+
+/// A plain aggregation whose slots are open. Opened before the round starts, because a site
+/// answers a statistics round at once.
+pub(super) struct PlainAggregation {
+    round: u64,
+    sum: Arc<PlainSum>,
+    slots: Vec<(String, Arc<PlainSlot>)>,
+    _uploads: OpenUploads,
+}
+
+impl PlainAggregation {
+    pub(super) fn open(
+        hub: &Arc<Hub>,
+        round: u64,
+        sites: &[(String, u32)],
+        len: usize,
+        integer: bool,
+    ) -> Self {
+        let sum = Arc::new(PlainSum::new(len, integer));
+        let uploads = OpenUploads::new(hub, round, sites);
+        let slots = sites
+            .iter()
+            .map(|(site, _)| {
+                let slot = Arc::new(PlainSlot::new(sum.clone()));
+                uploads.open(site, UploadSink::Plain(slot.clone()));
+                (site.clone(), slot)
+            })
+            .collect();
+        PlainAggregation {
+            round,
+            sum,
+            slots,
+            _uploads: uploads,
+        }
+    }
+}
+
+/// Collects chunks of SecAgg+ control messages (keys, shares) into whole messages, per site,
+/// with a size limit.
+struct Reassembler {
+    buffers: HashMap<String, Vec<u8>>,
+    limit: usize,
+}
+
+impl Reassembler {
+    fn new(limit: usize) -> Self {
+        Reassembler {
+            buffers: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// Some(bytes) when `chunk` completes a message; Err when the site exceeds the limit.
+    fn push(&mut self, site: &str, chunk: Chunk) -> Result<Option<Vec<u8>>, usize> {
+        let buf = self.buffers.entry(site.to_string()).or_default();
+        if buf.len() + chunk.data.len() > self.limit {
+            let len = buf.len() + chunk.data.len();
+            self.buffers.remove(site);
+            return Err(len);
+        }
+        buf.extend_from_slice(&chunk.data);
+        Ok(if chunk.last {
+            self.buffers.remove(site)
+        } else {
+            None
+        })
+    }
+}
+
+impl Driver {
+    /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
+    fn stage_changed(
+        &self,
+        state: RunState,
+        round: RoundId,
+        stage: &mut (ServerStage, Instant),
+        now: ServerStage,
+    ) {
+        self.metrics
+            .stage(&format!("{:?}", stage.0), stage.1.elapsed().as_secs_f64());
+        let open = !matches!(now, ServerStage::Done | ServerStage::Aborted);
+        self.progress.set_stage(
+            state,
+            round.round,
+            round.attempt,
+            open.then(|| format!("{now:?}")),
+        );
+        *stage = (now, Instant::now());
+    }
+
+    /// Runs one SecAgg+ aggregation among `sites`.
+    pub(super) async fn secagg<W: SinkWord>(
+        &mut self,
+        round: RoundId,
+        sites: &[(String, u32)],
+        params: Params,
+    ) -> Result<Aggregated<Ranges<W>>, String> {
+        let clock = Instant::now();
+        let by_id: HashMap<u32, String> = sites.iter().map(|(s, id)| (*id, s.clone())).collect();
+        let by_name: HashMap<String, u32> = sites.iter().map(|(s, id)| (s.clone(), *id)).collect();
+        let ids: Vec<u32> = sites.iter().map(|(_, id)| *id).collect();
+        let stage = self.cfg.rounds.stage_timeout_secs * 1000;
+        let timeouts = StageTimeouts {
+            advertise_keys: stage,
+            share_keys: stage,
+            masked_input: self.cfg.rounds.train_timeout_secs * 1000,
+            consistency_check: stage,
+            unmask: stage,
+        };
+        let verifier = CaVerifier::new(self.ca_der.clone(), unix_seconds() as i64)
+            .map_err(|e| e.to_string())?;
+        let (mut server, setup) = Server::<W>::new(
+            params.clone(),
+            round,
+            &ids,
+            random_seed(),
+            Arc::new(verifier),
+            timeouts,
+            now_ms(clock),
+        )
+        .map_err(|e| e.to_string())?;
+        let setup_bytes =
+            Bytes::from(cohort_protocols::secagg::ServerMessage::Setup(setup).encode());
+        info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = sites.len(), "SecAgg+ stage open");
+        let state = if round.round == 0 {
+            RunState::Statistics
+        } else {
+            RunState::Training
+        };
+        let mut stage = (server.stage(), Instant::now());
+        self.progress.set_stage(
+            state,
+            round.round,
+            round.attempt,
+            Some(format!("{:?}", stage.0)),
+        );
+        for (site, _) in sites {
+            self.hub
+                .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
+                .await;
+        }
+        // Control messages only (masked inputs stream into their slots): an identity, or a
+        // share per neighbour, well under 1 MiB + 256 bytes per site.
+        let limit = (1 << 20) + 256 * sites.len();
+        let mut chunks = Reassembler::new(limit);
+        let mut banned: HashSet<String> = HashSet::new();
+        let uploads = OpenUploads::new(&self.hub, round.round, sites);
+        let sessions = Sessions::of(&self.hub, sites);
+        let mut waiting = WaitingLog::new();
+        let mut slots_open = false;
+        // A site may have gone while the round started (its disconnect went to another wait).
+        for site in sessions.gone() {
+            if let Some(&id) = by_name.get(&site) {
+                server.disconnected(id);
+            }
+        }
+        loop {
+            match server.poll(now_ms(clock)) {
+                Err(abort) => {
+                    if let AbortReason::PartialInput { client } = abort.reason
+                        && let Some(site) = by_id.get(&client)
+                    {
+                        warn!(round = round.round, %site, "site left out of the round's next attempts: its upload stopped part-way");
+                        self.sidelined.insert(site.clone());
+                    }
+                    return Err(abort.to_string());
+                }
+                Ok(Poll::Done(out)) => {
+                    self.stage_changed(state, round, &mut stage, ServerStage::Done);
+                    let Output {
+                        sum,
+                        survivors,
+                        dropped,
+                        rejections,
+                        ..
+                    } = *out;
+                    for r in &rejections {
+                        warn!(round = round.round, site = %by_id.get(&r.client).cloned().unwrap_or_default(), reason = %r.reason, "site dropped from the round");
+                    }
+                    for d in &dropped {
+                        if let Some(s) = by_id.get(d) {
+                            self.hub.record(s, |st| st.dropouts += 1);
+                        }
+                    }
+                    return Ok(Aggregated {
+                        sum,
+                        survivors: survivors
+                            .iter()
+                            .filter_map(|id| by_id.get(id).cloned())
+                            .collect(),
+                        dropped: dropped.len(),
+                    });
+                }
+                Ok(Poll::Send(messages)) => {
+                    info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
+                    self.stage_changed(state, round, &mut stage, server.stage());
+                    waiting = WaitingLog::new();
+                    // Open the slots before the shares go out: a fast site may answer with
+                    // its masked input before the last share is sent.
+                    if !slots_open && server.stage() == ServerStage::MaskedInput {
+                        for (id, slot) in server.input_slots() {
+                            if let Some(site) = by_id.get(&id) {
+                                uploads.open(site, W::sink(slot));
+                            }
+                        }
+                        slots_open = true;
+                    }
+                    for (id, m) in messages {
+                        if let Some(site) = by_id.get(&id) {
+                            let bytes = Bytes::from(m.encode());
+                            self.hub
+                                .send_chunked(site, &bytes, coordinator_message::Kind::Secagg)
+                                .await;
+                        }
+                    }
+                }
+                Ok(Poll::Pending { deadline }) => {
+                    let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)))
+                        .min(waiting.until_next());
+                    let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
+                        Err(_) => {
+                            waiting.tick(round.round, &format!("{:?}", server.stage()), || {
+                                server
+                                    .awaiting()
+                                    .iter()
+                                    .filter_map(|id| by_id.get(id).cloned())
+                                    .collect()
+                            });
+                            continue;
+                        }
+                        Ok(None) => return Err("hub closed".into()),
+                        Ok(Some(m)) => m,
+                    };
+                    let (site, msg) = match msg {
+                        Inbound::Message { site, msg } => (site, msg),
+                        // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
+                        Inbound::Uploaded { .. } => continue,
+                        Inbound::Disconnected { .. } => {
+                            for site in sessions.gone() {
+                                if let Some(&id) = by_name.get(&site)
+                                    && server.awaiting().contains(&id)
+                                {
+                                    info!(round = round.round, attempt = round.attempt, %site, stage = ?server.stage(), "site disconnected: the stage no longer waits for it");
+                                }
+                                if let Some(&id) = by_name.get(&site) {
+                                    server.disconnected(id);
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    let Some(&id) = by_name.get(&site) else {
+                        continue;
+                    };
+                    if banned.contains(&site) {
+                        continue;
+                    }
+                    match msg.kind {
+                        Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk)
+                        {
+                            Err(len) => {
+                                warn!(round = round.round, %site, len, "site dropped: message exceeds the size limit");
+                                banned.insert(site);
+                            }
+                            Ok(None) => {}
+                            Ok(Some(bytes)) => match ClientMessage::<W>::decode(&bytes) {
+                                Err(e) => {
+                                    warn!(round = round.round, %site, error = %e, "site dropped: undecodable message");
+                                    banned.insert(site);
+                                }
+                                Ok(m) => {
+                                    if let Err(r) = server.receive(id, m, now_ms(clock)) {
+                                        warn!(round = round.round, %site, reason = %r.reason, "message rejected");
+                                    }
+                                }
+                            },
+                        },
+                        Some(agent_message::Kind::Decline(d)) => {
+                            warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
+                            banned.insert(site);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Plain aggregation for comparison runs. Training rounds: each site sends
+    /// [w, Δ...] as f32 and the sum is kept as f64 (w·Δ); stats rounds: u64 wrapping sums.
+    /// Updates stream into the sum like masked inputs do.
+    pub(super) async fn plain_sum(
+        &mut self,
+        plain: Option<PlainAggregation>,
+        sites: &[(String, u32)],
+    ) -> Result<Aggregated<PlainTotals>, String> {
+        let Some(PlainAggregation {
+            round,
+            sum,
+            mut slots,
+            _uploads: uploads,
+        }) = plain
+        else {
+            return Err("no plain aggregation was opened".into());
+        };
+        // Only the sites the round start reached are waited for.
+        slots.retain(|(site, _)| sites.iter().any(|(s, _)| s == site));
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.train_timeout_secs);
+        let mut declined: HashSet<String> = HashSet::new();
+        let sessions = Sessions::of(&self.hub, sites);
+        let mut waiting = WaitingLog::new();
+        declined.extend(sessions.gone());
+        while !slots
+            .iter()
+            .all(|(site, slot)| slot.settled() || declined.contains(site))
+        {
+            let tick = deadline.min(tokio::time::Instant::now() + waiting.until_next());
+            match tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => waiting.tick(round, "plain update", || {
+                    slots
+                        .iter()
+                        .filter(|(site, slot)| !slot.settled() && !declined.contains(site))
+                        .map(|(site, _)| site.clone())
+                        .collect()
+                }),
+                Ok(None) => return Err("hub closed".into()),
+                Ok(Some(Inbound::Disconnected { .. })) => declined.extend(sessions.gone()),
+                Ok(Some(Inbound::Message {
+                    site,
+                    msg:
+                        AgentMessage {
+                            kind: Some(agent_message::Kind::Decline(d)),
+                        },
+                })) => {
+                    warn!(round, %site, reason = %d.reason, "site declined the round");
+                    declined.insert(site);
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+        drop(uploads);
+        let mut done = Vec::new();
+        for (site, slot) in &slots {
+            match slot.seal() {
+                PlainOutcome::Complete => done.push(site.clone()),
+                PlainOutcome::Missing => {}
+                PlainOutcome::Partial => {
+                    warn!(round, %site, "site left out of the round's next attempts: its update stopped part-way");
+                    self.sidelined.insert(site.clone());
+                    return Err(format!("site {site} stopped part-way through its update"));
+                }
+            }
+        }
+        if done.len() < self.cfg.rounds.min_sites as usize {
+            return Err(format!(
+                "only {} of {} sites sent their update",
+                done.len(),
+                sites.len()
+            ));
+        }
+        Ok(Aggregated {
+            dropped: sites.len() - done.len(),
+            survivors: done,
+            sum: sum.take(),
+        })
+    }
+}

@@ -1,0 +1,561 @@
+//! The round driver: one task that runs the statistics round, the training rounds and the
+//! evaluations, driving the `cohort-protocols` SecAgg+ server with messages from the hub.
+//!
+//! The driver never waits forever: every wait has a deadline (a stage timeout, the training
+//! timeout, the wait for sites), and a round that loses its quorum is retried with a new
+//! attempt number — fresh keys, fresh masks — up to `max_attempts` times.
+
+mod aggregation;
+mod broadcast;
+mod evaluation;
+mod statistics;
+mod training;
+
+use aggregation::PlainAggregation;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cohort_proto::v1::{
+    AgentMessage, Chunk, RoundStart, Shutdown, Task, agent_message, coordinator_message,
+};
+use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::model::{self, ModelSpec, stats};
+use cohort_protocols::secagg::accumulator::Ranges;
+use cohort_protocols::secagg::quant::{CLIPPED_INDEX, VALUES_OFFSET, WEIGHT_INDEX};
+use cohort_protocols::secagg::{
+    AbortReason, ClientMessage, Dequantiser, Modulus, Output, Params, Poll, RoundId, Server,
+    ServerStage, StageTimeouts,
+};
+use cohort_protocols::strategy::Strategy;
+use ed25519_dalek::SigningKey;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::CoordinatorConfig;
+use crate::hub::{Hub, Inbound};
+use crate::metrics::Metrics;
+use crate::records::Setup;
+pub use crate::records::{Evaluation, RoundRecord, RoundSummary, SiteResult};
+use crate::status::{Progress, RunState};
+use crate::store::{CheckpointRef, Resume, Store, StoreError};
+use crate::upload::{
+    OpenUpload, PlainOutcome, PlainSlot, PlainSum, PlainTotals, SinkWord, UploadSink,
+};
+use crate::{hex, unix_seconds};
+
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("only {connected} sites connected within {waited:?}; rounds.min_sites = {min}")]
+    NotEnoughSites {
+        connected: usize,
+        min: u32,
+        waited: Duration,
+    },
+    #[error("round {round} failed after {attempts} attempts; last reason: {reason}")]
+    RoundFailed {
+        round: u64,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("the hub closed")]
+    HubClosed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub secure: bool,
+    pub rounds: Vec<RoundSummary>,
+    pub initial: Evaluation,
+    pub per_site: BTreeMap<String, SiteResult>,
+    pub model: Vec<f32>,
+    /// Message kinds the coordinator received over the whole run.
+    pub received: crate::hub::ReceivedCounts,
+}
+
+pub struct Driver {
+    cfg: CoordinatorConfig,
+    hub: Arc<Hub>,
+    inbox: mpsc::Receiver<Inbound>,
+    ca_der: Vec<u8>,
+    spec: ModelSpec,
+    global: Vec<f32>,
+    strategy: Strategy,
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    training_toml: String,
+    /// Receives every committed round's summary (simulations show a progress bar with it).
+    report: Option<mpsc::UnboundedSender<RoundSummary>>,
+    /// Sites left out of the current round's remaining attempts because an upload of theirs
+    /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
+    sidelined: HashSet<String>,
+    store: Store,
+    signing_key: SigningKey,
+    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the driver needs besides the configuration: the data directory's store and the
+/// coordinator's key (which signs every model it sends and checkpoints), so a run survives a
+/// crash and its models can be verified; and the live progress and metrics operators watch.
+#[derive(Debug)]
+pub struct Operations {
+    pub store: Store,
+    pub signing_key: SigningKey,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").finish_non_exhaustive()
+    }
+}
+
+fn now_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut s = [0u8; 32];
+    rand::fill(&mut s);
+    s
+}
+
+/// The result of one aggregation: the sum of the survivors' vectors (ring elements of the
+/// round's modulus, or a plain sum), the survivors and the number dropped.
+struct Aggregated<T> {
+    sum: T,
+    survivors: Vec<String>,
+    dropped: usize,
+}
+
+/// How often a stage that is still waiting says for whom.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The sessions of a round's sites when it started. A site is gone for the round when that
+/// session has ended, even if the site has already reconnected: the new session knows
+/// nothing of the round, so the site joins the next attempt or round instead.
+struct Sessions {
+    hub: Arc<Hub>,
+    started: HashMap<String, u64>,
+}
+
+impl Sessions {
+    fn of(hub: &Arc<Hub>, sites: &[(String, u32)]) -> Self {
+        let started = sites
+            .iter()
+            .filter_map(|(s, _)| hub.sites.get(s).map(|st| (s.clone(), st.session)))
+            .collect();
+        Sessions {
+            hub: hub.clone(),
+            started,
+        }
+    }
+
+    /// The sites whose round session has ended.
+    fn gone(&self) -> Vec<String> {
+        self.started
+            .iter()
+            .filter(|(site, session)| {
+                self.hub
+                    .sites
+                    .get(*site)
+                    .is_none_or(|st| !st.connected || st.session != **session)
+            })
+            .map(|(site, _)| site.clone())
+            .collect()
+    }
+}
+
+/// Says every [`WAITING_LOG_EVERY`] what a stage is still waiting for, so a long wait is
+/// never silent.
+struct WaitingLog {
+    opened: Instant,
+    next: Instant,
+}
+
+impl WaitingLog {
+    fn new() -> Self {
+        let now = Instant::now();
+        WaitingLog {
+            opened: now,
+            next: now + WAITING_LOG_EVERY,
+        }
+    }
+
+    /// How long to wait at most before [`WaitingLog::tick`] may have something to say.
+    fn until_next(&self) -> Duration {
+        self.next.saturating_duration_since(Instant::now())
+    }
+
+    fn tick(&mut self, round: u64, stage: &str, awaiting: impl FnOnce() -> Vec<String>) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next = Instant::now() + WAITING_LOG_EVERY;
+        let sites = awaiting();
+        if !sites.is_empty() {
+            info!(
+                round,
+                stage,
+                waited_secs = self.opened.elapsed().as_secs(),
+                waiting_for = %sites.join(","),
+                "stage still waiting for sites"
+            );
+        }
+    }
+}
+
+impl Driver {
+    pub fn new(
+        cfg: CoordinatorConfig,
+        hub: Arc<Hub>,
+        inbox: mpsc::Receiver<Inbound>,
+        ca_der: Vec<u8>,
+        ops: Operations,
+        report: Option<mpsc::UnboundedSender<RoundSummary>>,
+    ) -> Result<Self, toml::ser::Error> {
+        let spec = cfg.model.spec();
+        let global = spec.init(cfg.model.seed);
+        let strategy = Strategy::new(cfg.strategy.clone(), spec.num_params());
+        // The agents get the [training] table plus the model's hidden sizes.
+        let mut training = cfg.training.clone();
+        training.insert(
+            "hidden".into(),
+            toml::Value::Array(
+                cfg.model
+                    .hidden
+                    .iter()
+                    .map(|h| toml::Value::Integer(*h as i64))
+                    .collect(),
+            ),
+        );
+        let training_toml = toml::to_string(&training)?;
+        Ok(Driver {
+            hub,
+            inbox,
+            ca_der,
+            global,
+            strategy,
+            mean: vec![0.0; spec.inputs],
+            std: vec![1.0; spec.inputs],
+            spec,
+            training_toml,
+            cfg,
+            report,
+            sidelined: HashSet::new(),
+            store: ops.store,
+            signing_key: ops.signing_key,
+            progress: ops.progress,
+            metrics: ops.metrics,
+        })
+    }
+
+    /// The hub this driver runs rounds over (shared with the gRPC service).
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    fn secure(&self) -> bool {
+        self.cfg.secagg.enabled
+    }
+
+    /// Runs the whole federated training and returns its summary. Continues a run found in
+    /// the data directory after its last committed round.
+    pub async fn run(mut self) -> Result<RunSummary, DriverError> {
+        if !self.secure() {
+            warn!(
+                "secure aggregation is OFF: the coordinator sees every site's update (plain FedAvg, for comparison only)"
+            );
+        }
+        self.metrics.model_parameters.set(self.global.len() as i64);
+        let (setup, mut records) = match self.store.resume()? {
+            Some(resume) => self.restore(resume)?,
+            None => (self.first_setup().await?, Vec::new()),
+        };
+        self.progress.resumed(records.last().map(|r| &r.summary));
+        self.metrics.resumed(
+            records.len() as u64,
+            records
+                .last()
+                .map(|r| (r.summary.round, r.summary.accuracy, r.summary.loss)),
+        );
+        let first = records
+            .last()
+            .map_or(1, |r: &RoundRecord| r.summary.round + 1);
+        for r in first..=self.cfg.rounds.count {
+            let started = Instant::now();
+            let span = info_span!("round", round = r);
+            // The round's update is applied to the global model inside `train_round`.
+            let (total_weight, clipped, sites, dropped, attempts) = async {
+                let mut attempts = 0;
+                let result = self
+                    .with_attempts(r, |d, attempt| {
+                        attempts = attempt + 1;
+                        Box::pin(d.train_round(r, attempt))
+                    })
+                    .await?;
+                Ok::<_, DriverError>((result.0, result.1, result.2, result.3, attempts))
+            }
+            .instrument(span.clone())
+            .await?;
+            let (eval, per_site) = self.evaluate(r).instrument(span).await;
+            let hash = model::params_sha3_512(&self.global);
+            let summary = RoundSummary {
+                round: r,
+                attempts,
+                sites,
+                dropped,
+                clipped,
+                seconds: started.elapsed().as_secs_f64(),
+                accuracy: eval.accuracy,
+                loss: eval.loss,
+                auc: eval.auc,
+                total_weight,
+                model_sha3_512: hex(&hash),
+            };
+            let record = RoundRecord { summary, per_site };
+            // Durable before the next round is announced: a crash from here on resumes
+            // after this round, never redoes or loses it.
+            self.commit(&record, hash)?;
+            info!(
+                round = r,
+                accuracy = eval.accuracy,
+                loss = eval.loss,
+                auc = eval.auc,
+                sites,
+                dropped,
+                clipped,
+                "round complete"
+            );
+            self.progress.round_done(&record.summary);
+            let m = &self.metrics;
+            m.rounds_completed.inc();
+            m.current_round.set(r as i64);
+            m.round_accuracy.set(eval.accuracy);
+            m.round_loss.set(eval.loss);
+            m.dropouts.inc_by(dropped as u64);
+            m.clipped_values.inc_by(clipped);
+            if let Some(p) = &self.report {
+                let _ = p.send(record.summary.clone());
+            }
+            records.push(record);
+        }
+        self.progress.set_state(RunState::Finished);
+        // Before the shutdown goes out: the sessions that end now end normally.
+        self.hub
+            .finished
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for (site, _) in self.hub.connected() {
+            self.hub
+                .send(
+                    &site,
+                    coordinator_message::Kind::Shutdown(Shutdown {
+                        reason: "training finished".into(),
+                    }),
+                )
+                .await;
+        }
+        let per_site = records
+            .last()
+            .map_or_else(|| setup.initial_per_site.clone(), |r| r.per_site.clone());
+        Ok(RunSummary {
+            secure: self.secure(),
+            rounds: records.into_iter().map(|r| r.summary).collect(),
+            initial: setup.initial,
+            per_site,
+            model: self.global.clone(),
+            received: self.hub.received.snapshot(),
+        })
+    }
+
+    /// Takes up a run from the data directory: the model, the optimiser state, the feature
+    /// statistics and the sites' counters of the last committed round.
+    fn restore(&mut self, resume: Resume) -> Result<(Setup, Vec<RoundRecord>), DriverError> {
+        let Resume {
+            setup,
+            rounds,
+            checkpoint,
+            sites,
+        } = resume;
+        let corrupt = |detail: String| {
+            DriverError::Store(StoreError::Corrupt {
+                path: self.store.path().to_path_buf(),
+                detail,
+            })
+        };
+        if checkpoint.params.len() != self.global.len() || setup.mean.len() != self.spec.inputs {
+            return Err(corrupt(format!(
+                "checkpoint {} has {} parameters, the model {}",
+                checkpoint.round,
+                checkpoint.params.len(),
+                self.global.len()
+            )));
+        }
+        let verifying = self.signing_key.verifying_key();
+        if !model::verify_model(&verifying, &checkpoint.sha3_512, &checkpoint.signature) {
+            return Err(corrupt(format!(
+                "checkpoint {} is not signed by this coordinator's key",
+                checkpoint.round
+            )));
+        }
+        self.strategy
+            .restore(&checkpoint.strategy_m, &checkpoint.strategy_v)
+            .map_err(|e| corrupt(format!("checkpoint {}: {e}", checkpoint.round)))?;
+        self.global = checkpoint.params;
+        self.mean = setup.mean.clone();
+        self.std = setup.std.clone();
+        self.hub.restore(sites);
+        info!(
+            round = checkpoint.round,
+            "resuming after the last committed round"
+        );
+        Ok((setup, rounds))
+    }
+
+    /// Commits a finished round with the current model (signed) and the sites' counters.
+    fn commit(&self, record: &RoundRecord, hash: [u8; 64]) -> Result<(), DriverError> {
+        let (m, v) = self.strategy.state();
+        self.store.commit_round(
+            record,
+            &CheckpointRef {
+                round: record.summary.round,
+                params: &self.global,
+                sha3_512: &hash,
+                signature: &model::sign_model(&self.signing_key, &hash),
+                strategy_m: m,
+                strategy_v: v,
+            },
+            &self.hub.sites.snapshot(),
+            self.cfg.storage.keep_checkpoints,
+        )?;
+        Ok(())
+    }
+
+    async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
+        if self.hub.connected().len() < self.cfg.rounds.min_sites as usize {
+            self.progress.set_state(RunState::WaitingForSites);
+        }
+        let min = self.cfg.rounds.min_sites as usize;
+        let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            let connected = self.hub.connected().len();
+            if connected >= min {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::NotEnoughSites {
+                    connected,
+                    min: self.cfg.rounds.min_sites,
+                    waited,
+                });
+            }
+            // Joins do not pass through the inbox: look again at least every 250 ms. Messages
+            // that arrive meanwhile belong to no round and are dropped.
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            if let Ok(None) = tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                return Err(DriverError::HubClosed);
+            }
+        }
+    }
+
+    async fn with_attempts<T>(
+        &mut self,
+        round: u64,
+        mut f: impl for<'a> FnMut(
+            &'a mut Driver,
+            u32,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>,
+        >,
+    ) -> Result<T, DriverError> {
+        let mut last = String::new();
+        self.sidelined.clear();
+        for attempt in 0..self.cfg.rounds.max_attempts {
+            if let Err(e) = self.wait_for_sites().await {
+                last = e.to_string();
+                break;
+            }
+            match f(self, attempt).await {
+                Ok(v) => return Ok(v),
+                Err(reason) => {
+                    self.metrics.attempts_aborted.inc();
+                    warn!(round, attempt, %reason, "round attempt aborted; retrying with fresh keys");
+                    last = reason;
+                }
+            }
+        }
+        Err(DriverError::RoundFailed {
+            round,
+            attempts: self.cfg.rounds.max_attempts,
+            reason: last,
+        })
+    }
+
+    /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
+    /// The sites of a round: every connected site, or a uniformly random `sites_per_round`
+    /// of them (so every site gets its turn), ordered by id.
+    fn select(&self) -> Vec<(String, u32)> {
+        let mut sites: Vec<(String, u32)> = self
+            .hub
+            .connected()
+            .into_iter()
+            .filter(|(name, _)| !self.sidelined.contains(name))
+            .map(|(name, s)| (name, s.id))
+            .collect();
+        if let Some(k) = self.cfg.rounds.sites_per_round {
+            sites = choose(sites, k as usize, rand::random::<u64>);
+        }
+        sites
+    }
+}
+
+/// A uniformly random `k` of `sites` (partial Fisher–Yates), ordered by id.
+fn choose(
+    mut sites: Vec<(String, u32)>,
+    k: usize,
+    mut random: impl FnMut() -> u64,
+) -> Vec<(String, u32)> {
+    let k = k.min(sites.len());
+    for i in 0..k {
+        let j = i + (random() % (sites.len() - i) as u64) as usize;
+        sites.swap(i, j);
+    }
+    sites.truncate(k);
+    sites.sort_by_key(|(_, id)| *id);
+    sites
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_draws_k_distinct_sites_and_gives_everyone_a_turn() {
+        let sites: Vec<(String, u32)> = (0..10).map(|i| (format!("s{i}"), i)).collect();
+        let mut state = 42u64;
+        let mut rng = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 11
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let c = choose(sites.clone(), 3, &mut rng);
+            assert_eq!(c.len(), 3);
+            assert!(c.windows(2).all(|w| w[0].1 < w[1].1), "sorted and distinct");
+            seen.extend(c.into_iter().map(|(_, id)| id));
+        }
+        assert_eq!(seen.len(), 10);
+        assert_eq!(choose(sites.clone(), 20, &mut rng).len(), 10);
+    }
+}
