@@ -234,7 +234,12 @@ fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
             })
             .collect();
         // An independent reader of the file alone agrees row by row.
+        eprintln!("{site}: Cohort's test accuracy {cohort:.4}, cohort-agent predict {accuracy:.4}");
         if let Some((theirs, py_accuracy)) = python_predict(&model, test) {
+            eprintln!(
+                "{site}: examples/predict.py {py_accuracy:.4} on {} rows",
+                theirs.len()
+            );
             assert_eq!(theirs.len(), ours.len(), "{site}: the same rows are scored");
             for ((l1, p1), (l2, p2)) in ours.iter().zip(&theirs) {
                 assert_eq!(l1, l2);

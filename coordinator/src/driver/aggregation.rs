@@ -356,13 +356,15 @@ impl Driver {
             let tick = deadline.min(tokio::time::Instant::now() + waiting.until_next());
             match tokio::time::timeout_at(tick, self.inbox.recv()).await {
                 Err(_) if tokio::time::Instant::now() >= deadline => break,
-                Err(_) => waiting.tick(round, "plain update", || {
-                    slots
-                        .iter()
-                        .filter(|(site, slot)| !slot.settled() && !declined.contains(site))
-                        .map(|(site, _)| site.clone())
-                        .collect()
-                }),
+                Err(_) => {
+                    waiting.tick(round, "plain update", || {
+                        slots
+                            .iter()
+                            .filter(|(site, slot)| !slot.settled() && !declined.contains(site))
+                            .map(|(site, _)| site.clone())
+                            .collect()
+                    });
+                }
                 Ok(None) => return Err("hub closed".into()),
                 Ok(Some(Inbound::Disconnected { .. })) => declined.extend(sessions.gone()),
                 Ok(Some(Inbound::Message {

@@ -179,14 +179,20 @@ impl Sessions {
 struct WaitingLog {
     opened: Instant,
     next: Instant,
+    every: Duration,
 }
 
 impl WaitingLog {
     fn new() -> Self {
+        Self::every(WAITING_LOG_EVERY)
+    }
+
+    fn every(every: Duration) -> Self {
         let now = Instant::now();
         WaitingLog {
             opened: now,
-            next: now + WAITING_LOG_EVERY,
+            next: now + every,
+            every,
         }
     }
 
@@ -195,21 +201,30 @@ impl WaitingLog {
         self.next.saturating_duration_since(Instant::now())
     }
 
-    fn tick(&mut self, round: u64, stage: &str, awaiting: impl FnOnce() -> Vec<String>) {
+    /// Logs the sites still awaited once the interval has passed since the last line (or
+    /// the stage's opening); returns them when it did.
+    fn tick(
+        &mut self,
+        round: u64,
+        stage: &str,
+        awaiting: impl FnOnce() -> Vec<String>,
+    ) -> Option<Vec<String>> {
         if Instant::now() < self.next {
-            return;
+            return None;
         }
-        self.next = Instant::now() + WAITING_LOG_EVERY;
+        self.next = Instant::now() + self.every;
         let sites = awaiting();
-        if !sites.is_empty() {
-            info!(
-                round,
-                stage,
-                waited_secs = self.opened.elapsed().as_secs(),
-                waiting_for = %sites.join(","),
-                "stage still waiting for sites"
-            );
+        if sites.is_empty() {
+            return None;
         }
+        info!(
+            round,
+            stage,
+            waited_secs = self.opened.elapsed().as_secs(),
+            waiting_for = %sites.join(","),
+            "stage still waiting for sites"
+        );
+        Some(sites)
     }
 }
 
@@ -537,6 +552,29 @@ fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_wait_names_the_sites_once_per_interval() {
+        let mut log = WaitingLog::every(Duration::from_millis(30));
+        let awaited = || vec!["va".to_string(), "hungary".to_string()];
+        assert_eq!(log.tick(1, "MaskedInput", awaited), None, "not yet");
+        std::thread::sleep(log.until_next());
+        assert_eq!(
+            log.tick(1, "MaskedInput", awaited),
+            Some(vec!["va".into(), "hungary".into()])
+        );
+        assert_eq!(
+            log.tick(1, "MaskedInput", awaited),
+            None,
+            "once per interval"
+        );
+        std::thread::sleep(log.until_next());
+        assert_eq!(
+            log.tick(1, "MaskedInput", Vec::new),
+            None,
+            "nobody awaited: silent"
+        );
+    }
 
     #[test]
     fn choose_draws_k_distinct_sites_and_gives_everyone_a_turn() {
