@@ -35,6 +35,10 @@ pub struct AgentConfig {
     pub schema: Option<DataSchema>,
     #[serde(default)]
     pub reconnect: Reconnect,
+    /// What this site requires of a round before it contributes anything derived from its
+    /// data. Safe by default.
+    #[serde(default)]
+    pub policy: Policy,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     #[serde(default)]
     pub faults: Vec<Fault>,
@@ -109,6 +113,49 @@ pub struct DataConfig {
 
 fn default_fraction() -> f64 {
     0.34
+}
+
+/// A site's own limits on the rounds it takes part in. The coordinator chooses a round's
+/// mode and parameters; these let a site refuse a coordinator that lies or is misconfigured
+/// instead of trusting it. A refusal is a Decline with the reason, logged at both ends and
+/// shown in the status API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Refuse to send statistics or updates outside secure aggregation. Off only for
+    /// comparison runs: a plain round shows the coordinator this site's update.
+    #[serde(default = "yes")]
+    pub require_secure: bool,
+    /// Refuse rounds with fewer participants: a sum over two sites tells each the other's
+    /// update.
+    #[serde(default = "three")]
+    pub min_sites: u32,
+    /// Refuse rounds whose SecAgg+ threshold is below this (0: the protocol's own check, a
+    /// strict majority of the neighbourhood).
+    #[serde(default)]
+    pub min_threshold: u32,
+    /// Refuse rounds without the consistency check (signatures over the survivor set).
+    #[serde(default = "yes")]
+    pub require_consistency_check: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn three() -> u32 {
+    3
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            require_secure: true,
+            min_sites: three(),
+            min_threshold: 0,
+            require_consistency_check: true,
+        }
+    }
 }
 
 /// Exponential backoff with jitter between reconnection attempts.

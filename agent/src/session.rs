@@ -536,6 +536,15 @@ impl Session<'_> {
         let task = Task::try_from(start.task).unwrap_or(Task::Unspecified);
         let round = start.round;
         let secure = start.secure;
+        if !secure && self.cfg.policy.require_secure && matches!(task, Task::Stats | Task::Train) {
+            self.round = None;
+            return self
+                .decline(
+                    round,
+                    "policy: this site sends statistics and updates only under secure aggregation (policy.require_secure)".into(),
+                )
+                .await;
+        }
         self.round = Some(Round {
             start,
             model: Vec::new(),
@@ -784,6 +793,11 @@ impl Session<'_> {
             if setup.round != RoundId::new(r.start.round, r.start.attempt) {
                 return Ok(());
             }
+            if let Some(reason) = policy_refusal(&self.cfg.policy, setup) {
+                let round = r.start.round;
+                self.round = None;
+                return self.decline(round, reason).await;
+            }
             let identity = SiteIdentity {
                 id,
                 signing_key: self.creds.signing_key.clone(),
@@ -822,6 +836,34 @@ impl Session<'_> {
     }
 }
 
+/// Why this site's policy refuses a SecAgg+ round with `setup`, if it does.
+fn policy_refusal(
+    policy: &crate::config::Policy,
+    setup: &cohort_protocols::secagg::Setup,
+) -> Option<String> {
+    let p = &setup.params;
+    if (setup.participants.len() as u32) < policy.min_sites {
+        return Some(format!(
+            "policy: the round has {} participants, this site requires at least {} (policy.min_sites)",
+            setup.participants.len(),
+            policy.min_sites
+        ));
+    }
+    if p.threshold < policy.min_threshold {
+        return Some(format!(
+            "policy: the round's threshold is {}, this site requires at least {} (policy.min_threshold)",
+            p.threshold, policy.min_threshold
+        ));
+    }
+    if policy.require_consistency_check && !p.consistency_check {
+        return Some(
+            "policy: the round has no consistency check, this site requires one (policy.require_consistency_check)"
+                .into(),
+        );
+    }
+    None
+}
+
 fn input<W: Word>(
     client: &mut Client<W>,
     params: &Params,
@@ -856,4 +898,53 @@ fn site_hash(site: &str) -> u64 {
     site.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+
+    fn setup(n: u32, threshold: u32, consistency_check: bool) -> cohort_protocols::secagg::Setup {
+        cohort_protocols::secagg::Setup {
+            round: RoundId::new(1, 0),
+            params: Params {
+                threshold,
+                consistency_check,
+                ..Params::with_defaults(n, 10)
+            },
+            graph_seed: [0; 32],
+            participants: (0..n).collect(),
+        }
+    }
+
+    #[test]
+    fn the_policy_refuses_small_rounds_low_thresholds_and_no_consistency_check() {
+        let policy = Policy {
+            min_sites: 4,
+            min_threshold: 3,
+            ..Policy::default()
+        };
+        assert_eq!(policy_refusal(&policy, &setup(5, 3, true)), None);
+        let small = policy_refusal(&policy, &setup(3, 3, true)).unwrap_or_default();
+        assert!(
+            small.contains("3 participants") && small.contains("policy.min_sites"),
+            "{small}"
+        );
+        let low = policy_refusal(&policy, &setup(5, 2, true)).unwrap_or_default();
+        assert!(
+            low.contains("threshold is 2") && low.contains("policy.min_threshold"),
+            "{low}"
+        );
+        let unchecked = policy_refusal(&policy, &setup(5, 3, false)).unwrap_or_default();
+        assert!(
+            unchecked.contains("policy.require_consistency_check"),
+            "{unchecked}"
+        );
+        let lenient = Policy {
+            require_consistency_check: false,
+            ..policy
+        };
+        assert_eq!(policy_refusal(&lenient, &setup(5, 3, false)), None);
+    }
 }

@@ -193,7 +193,10 @@ pub struct SecAggConfig {
     pub modulus_bits: u32,
     #[serde(default = "default_weight")]
     pub max_weight: u64,
-    #[serde(default)]
+    /// Sites sign the survivor set before unmasking, so a coordinator cannot tell different
+    /// neighbours different survivor sets. On by default; agents refuse rounds without it
+    /// unless their policy allows.
+    #[serde(default = "yes")]
     pub consistency_check: bool,
 }
 
@@ -223,7 +226,7 @@ impl Default for SecAggConfig {
             quant_bits: default_q(),
             modulus_bits: default_modulus(),
             max_weight: default_weight(),
-            consistency_check: false,
+            consistency_check: true,
         }
     }
 }

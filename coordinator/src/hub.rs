@@ -40,6 +40,10 @@ pub struct SiteState {
     pub last_loss: Option<f64>,
     pub last_auc: Option<f64>,
     pub test_examples: u64,
+    /// The reason the site last gave for declining a round (its policy, a model it could not
+    /// verify, failed training), with the round.
+    #[serde(default)]
+    pub last_decline: Option<(u64, String)>,
 }
 
 impl SiteState {
@@ -58,6 +62,7 @@ impl SiteState {
             last_loss: None,
             last_auc: None,
             test_examples: 0,
+            last_decline: None,
         }
     }
 }

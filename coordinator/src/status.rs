@@ -213,6 +213,14 @@ struct SiteDoc {
     last_accuracy: Option<f64>,
     last_loss: Option<f64>,
     last_auc: Option<f64>,
+    /// The round and reason of the site's last refusal (its policy, an unverifiable model).
+    last_decline: Option<DeclineDoc>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeclineDoc {
+    round: u64,
+    reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -379,6 +387,10 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
             last_accuracy: s.last_accuracy,
             last_loss: s.last_loss,
             last_auc: s.last_auc,
+            last_decline: s
+                .last_decline
+                .clone()
+                .map(|(round, reason)| DeclineDoc { round, reason }),
         })
         .collect();
     sites.sort_by(|a, b| a.name.cmp(&b.name));

@@ -461,7 +461,7 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
                 for i in 0..sites {
                     let name = site_name(i);
                     let data = table(vec![("csv", toml::Value::String("synthetic.csv".into()))]);
-                    let cfg = agent_config(
+                    let mut cfg = agent_config(
                         &name,
                         &pki.join("sites").join(&name),
                         port,
@@ -469,6 +469,8 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
                         &schema,
                         vec![],
                     )?;
+                    // The plain mode is the benchmark's baseline, chosen for every site.
+                    cfg.policy.require_secure = config.secagg.enabled;
                     let site: Arc<dyn LocalSite> = Arc::new(SyntheticSite { seed: i as u64 });
                     agents.push(tokio::spawn(cohort_agent::run_site(cfg, site)));
                 }

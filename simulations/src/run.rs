@@ -322,7 +322,9 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             if let Some(t) = &site.test_csv {
                 data.insert("test_csv".into(), path_value(&base.join(t)));
             }
-            let cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
+            let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
+            // A plain comparison run is chosen by whoever runs the simulation, for every site.
+            cfg.policy.require_secure = s.secure;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
         let summary = coordinator.await.context("coordinator task")??;

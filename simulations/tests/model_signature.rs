@@ -25,6 +25,8 @@ struct Stub {
     certificate_der: Vec<u8>,
     signature: Vec<u8>,
     schema: SchemaReply,
+    /// Sent after Welcome instead of the evaluation round: a lying coordinator's script.
+    attack: Option<Vec<coordinator_message::Kind>>,
     answers: mpsc::UnboundedSender<agent_message::Kind>,
 }
 
@@ -45,7 +47,7 @@ impl Coordinator for Stub {
         let params = vec![0.0f32; 14];
         let bytes = model::to_bytes(&params);
         let send = |kind| CoordinatorMessage { kind: Some(kind) };
-        let messages = vec![
+        let mut messages = vec![
             send(coordinator_message::Kind::Welcome(Welcome {
                 site_id: 0,
                 protocol_version: cohort_proto::PROTOCOL_VERSION,
@@ -66,6 +68,10 @@ impl Coordinator for Stub {
                 last: true,
             })),
         ];
+        if let Some(attack) = &self.attack {
+            messages.truncate(1);
+            messages.extend(attack.iter().cloned().map(send));
+        }
         let answers = self.answers.clone();
         tokio::spawn(async move {
             for m in messages {
@@ -104,12 +110,13 @@ fn key(pki: &Path, which: &str) -> ed25519_dalek::SigningKey {
 /// The first answer after Join, for a stub that signs models with `signature` and the schema
 /// with the coordinator's key; or how the agent ended, when it never joined.
 fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::Kind {
-    answer_with(signature, "coordinator/key.pem").expect("the agent answers")
+    answer_with(signature, "coordinator/key.pem", None).expect("the agent answers")
 }
 
 fn answer_with(
     signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
     schema_signer: &str,
+    attack: Option<Vec<coordinator_message::Kind>>,
 ) -> Result<agent_message::Kind, String> {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
@@ -140,6 +147,7 @@ fn answer_with(
                 coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
                 inputs: 13,
             },
+            attack,
             answers,
         };
         let tls = ServerTlsConfig::new()
@@ -183,7 +191,7 @@ fn answer_with(
 #[test]
 fn a_schema_not_signed_by_the_coordinator_is_refused_before_any_data_is_read() {
     // Signed with a site's key: the agent never joins and gives up (exit 3 in the binary).
-    let ended = answer_with(|_, _| Vec::new(), "sites/cleveland/key.pem").unwrap_err();
+    let ended = answer_with(|_, _| Vec::new(), "sites/cleveland/key.pem", None).unwrap_err();
     assert!(
         ended.contains("giving up") && ended.contains("schema from the coordinator is not signed"),
         "{ended}"
@@ -218,4 +226,60 @@ fn a_model_with_a_bad_signature_is_declined_and_a_good_one_is_evaluated() {
     let signed =
         answer_to(|hash, pki| model::sign_model(&key(pki, "coordinator/key.pem"), hash).to_vec());
     assert!(matches!(signed, agent_message::Kind::Eval(_)), "{signed:?}");
+}
+
+/// What the agent answers a coordinator that sends `attack` after Welcome.
+fn answer_to_attack(attack: Vec<coordinator_message::Kind>) -> String {
+    match answer_with(|_, _| Vec::new(), "coordinator/key.pem", Some(attack)) {
+        Ok(agent_message::Kind::Decline(d)) => d.reason,
+        other => panic!("expected a Decline, got {other:?}"),
+    }
+}
+
+fn stats_round(secure: bool) -> coordinator_message::Kind {
+    coordinator_message::Kind::RoundStart(RoundStart {
+        round: 0,
+        task: Task::Stats as i32,
+        secure,
+        training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+        ..Default::default()
+    })
+}
+
+/// A SecAgg+ set-up for round 0 among sites 0..n, built with the real server.
+fn setup(n: u32, consistency_check: bool) -> coordinator_message::Kind {
+    use cohort_protocols::secagg::{Params, PinnedIdentities, RoundId, Server, ServerMessage};
+    let params = Params {
+        consistency_check,
+        modulus: cohort_protocols::secagg::Modulus::Bits64,
+        ..Params::with_defaults(n, 40)
+    };
+    let ids: Vec<u32> = (0..n).collect();
+    let (_, setup) = Server::<u64>::new(
+        params,
+        RoundId::new(0, 0),
+        &ids,
+        [7u8; 32],
+        std::sync::Arc::new(PinnedIdentities::new(std::iter::empty())),
+        Default::default(),
+        0,
+    )
+    .unwrap();
+    coordinator_message::Kind::Secagg(Chunk {
+        data: ServerMessage::Setup(setup).encode().into(),
+        last: true,
+    })
+}
+
+#[test]
+fn a_coordinator_that_lowers_the_protection_is_refused_by_the_sites_policy() {
+    // Downgrade to plain: the site would send its statistics in the clear.
+    let reason = answer_to_attack(vec![stats_round(false)]);
+    assert!(reason.contains("policy.require_secure"), "{reason}");
+    // Secure, but without the consistency check.
+    let reason = answer_to_attack(vec![stats_round(true), setup(4, false)]);
+    assert!(
+        reason.contains("policy.require_consistency_check"),
+        "{reason}"
+    );
 }

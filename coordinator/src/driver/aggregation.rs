@@ -315,6 +315,11 @@ impl Driver {
                         },
                         Some(agent_message::Kind::Decline(d)) => {
                             warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
+                            self.hub.record(&site, |s| {
+                                s.last_decline = Some((round.round, d.reason.clone()))
+                            });
+                            // It will send nothing more: the stage need not wait for it.
+                            server.disconnected(id);
                             banned.insert(site);
                         }
                         _ => {}
@@ -375,6 +380,8 @@ impl Driver {
                         },
                 })) => {
                     warn!(round, %site, reason = %d.reason, "site declined the round");
+                    self.hub
+                        .record(&site, |s| s.last_decline = Some((round, d.reason.clone())));
                     declined.insert(site);
                 }
                 Ok(Some(_)) => {}

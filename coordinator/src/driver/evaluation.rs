@@ -45,15 +45,29 @@ impl Driver {
                 gone.extend(sessions.gone());
                 continue;
             }
-            let Inbound::Message {
-                site,
-                msg:
-                    AgentMessage {
-                        kind: Some(agent_message::Kind::Eval(e)),
-                    },
-            } = msg
-            else {
-                continue;
+            let (site, e) = match msg {
+                Inbound::Message {
+                    site,
+                    msg:
+                        AgentMessage {
+                            kind: Some(agent_message::Kind::Eval(e)),
+                        },
+                } => (site, e),
+                // A site that declines (it could not verify the model) will not report.
+                Inbound::Message {
+                    site,
+                    msg:
+                        AgentMessage {
+                            kind: Some(agent_message::Kind::Decline(d)),
+                        },
+                } if d.round == round && sites.iter().any(|(s, _)| *s == site) => {
+                    warn!(round, %site, reason = %d.reason, "site declined to evaluate the model");
+                    self.hub
+                        .record(&site, |s| s.last_decline = Some((round, d.reason.clone())));
+                    gone.insert(site);
+                    continue;
+                }
+                _ => continue,
             };
             let valid = e.round == round
                 && e.examples > 0
