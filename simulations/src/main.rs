@@ -1,5 +1,6 @@
 //! `cohort-sim`: many Cohort sites in one process, for benchmarks and simulations.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,11 @@ enum Command {
     FlBenchRole(fl_bench::RoleArgs),
 }
 
+/// Colour codes only on a terminal, and never with NO_COLOR set.
+fn colour(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(colour(std::io::stderr().is_terminal()))
                 .init();
             fl_bench::role(&args)
         }
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
                         tracing_subscriber::EnvFilter::new("warn,cohort_coordinator=info")
                     }),
                 )
+                .with_ansi(colour(std::io::stdout().is_terminal()))
                 .init();
             run::main(&args)
         }
