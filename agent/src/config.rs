@@ -130,6 +130,10 @@ pub struct Policy {
     /// update.
     #[serde(default = "three")]
     pub min_sites: u32,
+    /// Refuse rounds whose SecAgg+ neighbourhood (k, this site included) is smaller: each
+    /// site's update is masked only against its neighbours (0: no bound of the site's own).
+    #[serde(default)]
+    pub min_neighbours: u32,
     /// Refuse rounds whose SecAgg+ threshold is below this (0: the protocol's own check, a
     /// strict majority of the neighbourhood).
     #[serde(default)]
@@ -152,6 +156,7 @@ impl Default for Policy {
         Policy {
             require_secure: true,
             min_sites: three(),
+            min_neighbours: 0,
             min_threshold: 0,
             require_consistency_check: true,
         }

@@ -849,6 +849,12 @@ fn policy_refusal(
             policy.min_sites
         ));
     }
+    if p.neighbours < policy.min_neighbours {
+        return Some(format!(
+            "policy: the round's neighbourhood is {} sites, this site requires at least {} (policy.min_neighbours)",
+            p.neighbours, policy.min_neighbours
+        ));
+    }
     if p.threshold < policy.min_threshold {
         return Some(format!(
             "policy: the round's threshold is {}, this site requires at least {} (policy.min_threshold)",
@@ -935,6 +941,15 @@ mod tests {
         assert!(
             low.contains("threshold is 2") && low.contains("policy.min_threshold"),
             "{low}"
+        );
+        let narrow = Policy {
+            min_neighbours: 6,
+            ..policy.clone()
+        };
+        let few = policy_refusal(&narrow, &setup(5, 3, true)).unwrap_or_default();
+        assert!(
+            few.contains("neighbourhood is 5") && few.contains("policy.min_neighbours"),
+            "{few}"
         );
         let unchecked = policy_refusal(&policy, &setup(5, 3, false)).unwrap_or_default();
         assert!(
