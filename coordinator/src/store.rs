@@ -162,12 +162,7 @@ impl Store {
                 .map_err(|e| StoreError::Decode(e.to_string()))?;
             std::fs::write(&marker, text).map_err(io)?;
         }
-        // sled holds metadata only (models are files): a small page cache is plenty.
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(16 << 20)
-            .open()
-            .map_err(|e| StoreError::Corrupt {
+        let db = Self::open_db(dir).map_err(|e| StoreError::Corrupt {
                 path: dir.to_path_buf(),
                 detail: format!(
                     "the database does not open ({e}); if the round journal is intact, `cohort-coordinator repair --config FILE` rebuilds it"
@@ -214,13 +209,13 @@ impl Store {
         Ok(false)
     }
 
-    /// Opens sled only if it exists, for repair: None when it does not open at all.
-    fn open_db(dir: &Path) -> Option<sled::Db> {
+    /// The database in `dir/db`. It holds metadata only (models are files): a small page
+    /// cache is plenty.
+    fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
         sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(16 << 20)
             .open()
-            .ok()
     }
 
     /// sled and the round journal must tell the same story: the same last round (sled may be
@@ -246,7 +241,7 @@ impl Store {
         let j_last = journal.last_round();
         if journal.entries.is_empty() && db_last.is_some() && !Journal::path(&self.path).exists() {
             // A data directory from before the journal existed: start one from sled.
-            let entries = self.entries_from_db(db_last)?;
+            let entries = self.entries_from_db(db_last, &journal)?;
             Journal::rewrite(&self.path, &entries)?;
             return Ok(());
         }
@@ -256,7 +251,7 @@ impl Store {
             _ => false,
         };
         if ahead_by_one {
-            let entries = self.entries_from_db(db_last)?;
+            let entries = self.entries_from_db(db_last, &journal)?;
             if let Some(missing) = entries.last() {
                 Journal::append(&self.path, missing)?;
             }
@@ -275,7 +270,7 @@ impl Store {
             )));
         }
         // Same last round: the records and the checkpoint index must agree too.
-        let from_db = self.entries_from_db(db_last).map_err(|e| {
+        let from_db = self.entries_from_db(db_last, &journal).map_err(|e| {
             corrupt(format!(
                 "the database does not read back ({e}); run `cohort-coordinator repair --config FILE` to rebuild it from the journal (rounds up to {})",
                 describe(j_last)
@@ -302,11 +297,14 @@ impl Store {
 
     /// The journal entries the database holds, rounds 0..=last. A checkpoint that was pruned
     /// is taken from the journal's own copy of the index when the database lost it too.
-    fn entries_from_db(&self, last: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+    fn entries_from_db(
+        &self,
+        last: Option<u64>,
+        prior: &Journal,
+    ) -> Result<Vec<Entry>, StoreError> {
         let Some(last) = last else {
             return Ok(Vec::new());
         };
-        let prior = Journal::read(&self.path).unwrap_or_default();
         let id = |round: u64| -> Result<CheckpointId, StoreError> {
             if let Some(index) = self.checkpoints.get(round.to_be_bytes())? {
                 if index.len() != 128 {
@@ -370,12 +368,14 @@ impl Store {
             )));
         }
         let journal = Journal::read(dir);
-        let old = Self::open_db(dir);
+        let old = Self::open_db(dir).ok();
         // Which witness is intact: a readable journal at least as long as the database wins.
+        let empty = Journal::default();
+        let prior = journal.as_ref().unwrap_or(&empty);
         let db_entries = old.as_ref().and_then(|db| {
             let s = Store::from_db(dir, db.clone()).ok()?;
             let last = s.db_last_round().ok()?;
-            s.entries_from_db(last).ok()
+            s.entries_from_db(last, prior).ok()
         });
         let (entries, source) = match (journal, db_entries) {
             (Ok(j), Some(d)) if d.len() > j.entries.len() => (d, RepairSource::Database),
@@ -430,11 +430,7 @@ impl Store {
                 }
             }
         };
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(16 << 20)
-            .open()?;
-        let store = Store::from_db(dir, db)?;
+        let store = Store::from_db(dir, Self::open_db(dir)?)?;
         if source == RepairSource::Journal {
             for e in &entries {
                 let index = |c: &CheckpointId| -> Option<Vec<u8>> {

@@ -18,14 +18,6 @@ use common::*;
 
 const ROUNDS: u64 = 6;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16) -> String {
     format!(
         r#"

@@ -274,15 +274,15 @@ impl Driver {
                         // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
                         Inbound::Uploaded { .. } => continue,
                         Inbound::Disconnected { .. } => {
+                            let awaited = server.awaiting();
                             for site in sessions.gone() {
-                                if let Some(&id) = by_name.get(&site)
-                                    && server.awaiting().contains(&id)
-                                {
+                                let Some(&id) = by_name.get(&site) else {
+                                    continue;
+                                };
+                                if awaited.contains(&id) {
                                     info!(round = round.round, attempt = round.attempt, %site, stage = ?server.stage(), "site disconnected: the stage no longer waits for it");
                                 }
-                                if let Some(&id) = by_name.get(&site) {
-                                    server.disconnected(id);
-                                }
+                                server.disconnected(id);
                             }
                             continue;
                         }
