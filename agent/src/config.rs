@@ -141,6 +141,15 @@ pub struct Policy {
     /// Refuse rounds without the consistency check (signatures over the survivor set).
     #[serde(default = "yes")]
     pub require_consistency_check: bool,
+    /// Refuse rounds whose threshold resists fewer colluding sites than this: the number of
+    /// other sites this site assumes could conspire with a dishonest coordinator. A round's
+    /// parameters resist c colluders when 2 × threshold > neighbours + c.
+    #[serde(default = "one")]
+    pub max_colluders: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {
@@ -159,6 +168,7 @@ impl Default for Policy {
             min_neighbours: 0,
             min_threshold: 0,
             require_consistency_check: true,
+            max_colluders: one(),
         }
     }
 }

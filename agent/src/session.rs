@@ -55,6 +55,8 @@ struct Credentials {
     cert_der: Vec<u8>,
     key_pem: String,
     signing_key: SigningKey,
+    /// The site certificate's common name: the name peers check this site's keys against.
+    name: String,
 }
 
 fn pem_der(pem: &str, what: &str) -> Result<Vec<u8>> {
@@ -75,9 +77,16 @@ fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
     let key_pem = read(&cfg.tls.key)?;
     let signing_key = SigningKey::from_pkcs8_pem(&key_pem)
         .map_err(|e| anyhow!("{}: not an Ed25519 PKCS#8 key: {e}", cfg.tls.key.display()))?;
+    let ca_der = pem_der(&ca_pem, "CA certificate")?;
+    let cert_der = pem_der(&cert_pem, "site certificate")?;
+    // Not checked against the CA here: the coordinator refuses a foreign certificate at the
+    // handshake, and says so with the peer's address.
+    let name = cohort_protocols::identity::common_name(&cert_der)
+        .map_err(|e| anyhow!("{}: {e}", cfg.tls.cert.display()))?;
     Ok(Credentials {
-        ca_der: pem_der(&ca_pem, "CA certificate")?,
-        cert_der: pem_der(&cert_pem, "site certificate")?,
+        ca_der,
+        cert_der,
+        name,
         ca_pem,
         cert_pem,
         key_pem,
@@ -800,6 +809,7 @@ impl Session<'_> {
             }
             let identity = SiteIdentity {
                 id,
+                name: self.creds.name.clone(),
                 signing_key: self.creds.signing_key.clone(),
                 credential: self.creds.cert_der.clone(),
             };
@@ -859,6 +869,15 @@ fn policy_refusal(
         return Some(format!(
             "policy: the round's threshold is {}, this site requires at least {} (policy.min_threshold)",
             p.threshold, policy.min_threshold
+        ));
+    }
+    if p.tolerated_colluders() < policy.max_colluders {
+        return Some(format!(
+            "policy: the round's threshold {} of {} neighbours resists {} colluding sites, this site requires {} (policy.max_colluders)",
+            p.threshold,
+            p.neighbours,
+            p.tolerated_colluders(),
+            policy.max_colluders
         ));
     }
     if policy.require_consistency_check && !p.consistency_check {
@@ -921,6 +940,7 @@ mod tests {
             },
             graph_seed: [0; 32],
             participants: (0..n).collect(),
+            names: (0..n).map(cohort_protocols::secagg::pinned_name).collect(),
         }
     }
 
@@ -931,8 +951,8 @@ mod tests {
             min_threshold: 3,
             ..Policy::default()
         };
-        assert_eq!(policy_refusal(&policy, &setup(5, 3, true)), None);
-        let small = policy_refusal(&policy, &setup(3, 3, true)).unwrap_or_default();
+        assert_eq!(policy_refusal(&policy, &setup(5, 4, true)), None);
+        let small = policy_refusal(&policy, &setup(3, 2, true)).unwrap_or_default();
         assert!(
             small.contains("3 participants") && small.contains("policy.min_sites"),
             "{small}"
@@ -946,12 +966,25 @@ mod tests {
             min_neighbours: 6,
             ..policy.clone()
         };
-        let few = policy_refusal(&narrow, &setup(5, 3, true)).unwrap_or_default();
+        let few = policy_refusal(&narrow, &setup(5, 4, true)).unwrap_or_default();
         assert!(
             few.contains("neighbourhood is 5") && few.contains("policy.min_neighbours"),
             "{few}"
         );
-        let unchecked = policy_refusal(&policy, &setup(5, 3, false)).unwrap_or_default();
+        // t = 3 of k = 5: a server with one colluding site can split the honest neighbours
+        // (2 told "survived", 2 told "dropped") and reach 3 shares of each kind.
+        let colluders = policy_refusal(&policy, &setup(5, 3, true)).unwrap_or_default();
+        assert!(
+            colluders.contains("resists 0 colluding sites")
+                && colluders.contains("policy.max_colluders"),
+            "{colluders}"
+        );
+        let trusting = Policy {
+            max_colluders: 0,
+            ..policy.clone()
+        };
+        assert_eq!(policy_refusal(&trusting, &setup(5, 3, true)), None);
+        let unchecked = policy_refusal(&policy, &setup(5, 4, false)).unwrap_or_default();
         assert!(
             unchecked.contains("policy.require_consistency_check"),
             "{unchecked}"
@@ -960,6 +993,6 @@ mod tests {
             require_consistency_check: false,
             ..policy
         };
-        assert_eq!(policy_refusal(&lenient, &setup(5, 3, false)), None);
+        assert_eq!(policy_refusal(&lenient, &setup(5, 4, false)), None);
     }
 }

@@ -198,8 +198,17 @@ pub struct SecAggConfig {
     /// unless their policy allows.
     #[serde(default = "yes")]
     pub consistency_check: bool,
+    /// The number of sites assumed able to collude with a dishonest coordinator (c). The
+    /// default threshold is raised to t > (k + c) / 2, which keeps every site's input private
+    /// against such a coalition (see `Params::threshold_for`); agents refuse rounds that
+    /// resist fewer colluders than their own `policy.max_colluders`.
+    #[serde(default = "default_colluders")]
+    pub max_colluders: u32,
 }
 
+fn default_colluders() -> u32 {
+    1
+}
 fn yes() -> bool {
     true
 }
@@ -227,6 +236,7 @@ impl Default for SecAggConfig {
             modulus_bits: default_modulus(),
             max_weight: default_weight(),
             consistency_check: true,
+            max_colluders: default_colluders(),
         }
     }
 }
@@ -268,7 +278,7 @@ impl SecAggConfig {
             neighbours,
             threshold: self
                 .threshold
-                .unwrap_or_else(|| Params::default_threshold(neighbours)),
+                .unwrap_or_else(|| Params::threshold_for(neighbours, self.max_colluders)),
             dim,
             clip: self.clip,
             quant_bits: self.quant_bits,
@@ -445,12 +455,41 @@ impl CoordinatorConfig {
             .map_err(|e| invalid("strategy", e.to_string(), "see docs/configuration.md"))?;
         if s.enabled {
             let dim = self.model.spec().num_params() as u32;
-            // Check the parameters for the largest round this configuration allows.
-            let sites = r.sites_per_round.unwrap_or(r.min_sites).max(r.min_sites);
-            self.secagg
-                .params(sites, dim)
-                .validate()
-                .map_err(|e| invalid("secagg", e.to_string(), "fix the [secagg] table"))?;
+            // Check the parameters for the smallest round and the largest one this
+            // configuration sets (rounds take every connected site unless sites_per_round caps
+            // them; the overflow checks grow with the number of sites).
+            let largest = r.sites_per_round.unwrap_or(r.min_sites).max(r.min_sites);
+            let c = self.secagg.max_colluders;
+            for sites in [r.min_sites, largest] {
+                let p = self.secagg.params(sites, dim);
+                if self.secagg.threshold.is_none() && p.threshold >= p.neighbours {
+                    return Err(invalid(
+                        "secagg.max_colluders",
+                        c,
+                        format!(
+                            "a round of {sites} sites cannot both resist {c} colluding sites (threshold > {}) and survive a dropout (threshold < {}): use rounds.min_sites >= {}, or max_colluders = {} if no site could collude with the coordinator",
+                            (p.neighbours + c) / 2,
+                            p.neighbours,
+                            c + 3,
+                            sites.saturating_sub(3)
+                        ),
+                    ));
+                }
+                p.validate()
+                    .map_err(|e| invalid("secagg", e.to_string(), "fix the [secagg] table"))?;
+                if p.tolerated_colluders() < c {
+                    return Err(invalid(
+                        "secagg.threshold",
+                        p.threshold,
+                        format!(
+                            "a round of {sites} sites (neighbours = {}) with this threshold resists only {} colluding sites, secagg.max_colluders = {c}: use a threshold of at least {}",
+                            p.neighbours,
+                            p.tolerated_colluders(),
+                            (p.neighbours + c) / 2 + 1
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

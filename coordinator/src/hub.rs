@@ -44,6 +44,13 @@ pub struct SiteState {
     /// verify, failed training), with the round.
     #[serde(default)]
     pub last_decline: Option<(u64, String)>,
+    /// How often the coordinator refused one of the site's SecAgg+ messages and excluded it
+    /// from the rest of the attempt (a bad signature, an invalid key, a wrong revealed share),
+    /// and the last such refusal with its round.
+    #[serde(default)]
+    pub rejections: u64,
+    #[serde(default)]
+    pub last_rejection: Option<(u64, String)>,
 }
 
 impl SiteState {
@@ -63,6 +70,8 @@ impl SiteState {
             last_auc: None,
             test_examples: 0,
             last_decline: None,
+            rejections: 0,
+            last_rejection: None,
         }
     }
 }

@@ -215,6 +215,10 @@ struct SiteDoc {
     last_auc: Option<f64>,
     /// The round and reason of the site's last refusal (its policy, an unverifiable model).
     last_decline: Option<DeclineDoc>,
+    /// SecAgg+ messages of the site the coordinator refused (it was excluded from the attempt).
+    rejections: u64,
+    /// The round and reason of the last of them: what the site did wrong.
+    last_rejection: Option<DeclineDoc>,
 }
 
 #[derive(Debug, Serialize)]
@@ -389,6 +393,11 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
             last_auc: s.last_auc,
             last_decline: s
                 .last_decline
+                .clone()
+                .map(|(round, reason)| DeclineDoc { round, reason }),
+            rejections: s.rejections,
+            last_rejection: s
+                .last_rejection
                 .clone()
                 .map(|(round, reason)| DeclineDoc { round, reason }),
         })

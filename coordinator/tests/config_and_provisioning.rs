@@ -18,7 +18,7 @@ key = "key.pem"
 
 [rounds]
 count = 5
-min_sites = 3
+min_sites = 4
 
 [secagg]
 quant_bits = 20
@@ -60,7 +60,7 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "rounds.count = 0: must be at least 1",
         ),
         (
-            with("min_sites = 3", "min_sites = 2"),
+            with("min_sites = 4", "min_sites = 2"),
             "rounds.min_sites = 2: secure aggregation needs at least 3",
         ),
         (
@@ -123,6 +123,20 @@ fn bad_configurations_are_refused_with_a_precise_message() {
         (
             with("quant_bits = 20", "quant_bits = 20\nmax_weight = 0"),
             "max_weight = 0",
+        ),
+        // Three sites cannot resist a colluding site and survive a dropout.
+        (
+            with("min_sites = 4", "min_sites = 3"),
+            "secagg.max_colluders = 1: a round of 3 sites cannot both resist 1 colluding sites (threshold > 2) and survive a dropout (threshold < 3): use rounds.min_sites >= 4, or max_colluders = 0",
+        ),
+        // An explicit threshold of 3 of 5 resists no colluder.
+        (
+            with(
+                "min_sites = 4",
+                "min_sites = 5\nsites_per_round = 5",
+            )
+            .replace("quant_bits = 20", "quant_bits = 20\nthreshold = 3"),
+            "secagg.threshold = 3: a round of 5 sites (neighbours = 5) with this threshold resists only 0 colluding sites, secagg.max_colluders = 1: use a threshold of at least 4",
         ),
     ];
     for (text, needle) in cases {

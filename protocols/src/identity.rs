@@ -28,6 +28,25 @@ pub enum IdentityError {
     NoCommonName,
     #[error("the certificate's key is not an Ed25519 key")]
     NotEd25519,
+    #[error("the certificate is not for client authentication, so it is not a site's")]
+    NotClientAuth,
+    #[error("the certificate belongs to the coordinator, which is never a peer")]
+    CoordinatorAsPeer,
+    #[error("the roster lists this site as {expected:?} but the certificate is {got:?}'s")]
+    NameMismatch { expected: String, got: String },
+}
+
+/// The common name of a certificate, without checking who issued it: what a site calls itself
+/// in the roster (its peers check the certificate).
+pub fn common_name(cert_der: &[u8]) -> Result<String, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or(IdentityError::NoCommonName)
 }
 
 /// Checks certificates against one CA certificate.
@@ -43,6 +62,9 @@ pub struct CaVerifier {
 pub struct SiteCertificate {
     pub common_name: String,
     pub key: VerifyingKey,
+    /// The certificate's extended key usage includes client authentication (what provisioning
+    /// gives site certificates and never the coordinator's).
+    pub client_auth: bool,
 }
 
 impl CaVerifier {
@@ -51,6 +73,30 @@ impl CaVerifier {
         Ok(CaVerifier { ca_der, now_unix })
     }
 
+    /// Checks that `cert_der` is a site certificate (issued by the CA, valid now, for client
+    /// authentication, not the coordinator's) for the site named `name`.
+    pub fn verify_site(
+        &self,
+        name: &str,
+        cert_der: &[u8],
+    ) -> Result<SiteCertificate, IdentityError> {
+        let cert = self.verify(cert_der)?;
+        if cert.common_name == COORDINATOR_COMMON_NAME {
+            return Err(IdentityError::CoordinatorAsPeer);
+        }
+        if !cert.client_auth {
+            return Err(IdentityError::NotClientAuth);
+        }
+        if cert.common_name != name {
+            return Err(IdentityError::NameMismatch {
+                expected: name.to_string(),
+                got: cert.common_name,
+            });
+        }
+        Ok(cert)
+    }
+
+    /// Checks that `cert_der` was issued by the CA and is valid now; says whose it is.
     pub fn verify(&self, cert_der: &[u8]) -> Result<SiteCertificate, IdentityError> {
         let (_, ca) = X509Certificate::from_der(&self.ca_der)
             .map_err(|e| IdentityError::Malformed(e.to_string()))?;
@@ -84,13 +130,28 @@ impl CaVerifier {
             .try_into()
             .map_err(|_| IdentityError::NotEd25519)?;
         let key = VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::NotEd25519)?;
-        Ok(SiteCertificate { common_name, key })
+        let client_auth = matches!(
+            cert.extended_key_usage(),
+            Ok(Some(eku)) if eku.value.client_auth
+        );
+        Ok(SiteCertificate {
+            common_name,
+            key,
+            client_auth,
+        })
     }
 }
 
+/// A SecAgg+ peer is accepted only as the site the roster names for its id; the roster itself
+/// is checked by the client (distinct names, no coordinator, this site at its own id).
 impl IdentityVerifier for CaVerifier {
-    fn verify_identity(&self, _id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String> {
-        self.verify(credential)
+    fn verify_identity(
+        &self,
+        _id: ClientId,
+        name: &str,
+        credential: &[u8],
+    ) -> Result<VerifyingKey, String> {
+        self.verify_site(name, credential)
             .map(|c| c.key)
             .map_err(|e| e.to_string())
     }

@@ -8,6 +8,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use cohort_protocols::secagg::shamir::Share;
 use cohort_protocols::secagg::*;
 use ed25519_dalek::SigningKey;
 use harness::*;
@@ -48,7 +49,7 @@ impl World {
         let (server, setup) = Server::new(
             params.clone(),
             round,
-            &ids,
+            &pinned_roster(&ids),
             seed32(round.attempt as u64, 99),
             verifier.clone(),
             StageTimeouts::default(),
@@ -169,6 +170,7 @@ fn server_rejects_forged_advertisement_and_round_goes_on() {
     // Site 3 signs its keys with a key that is not its identity.
     let forged_ident = SiteIdentity {
         id: 3,
+        name: pinned_name(3),
         signing_key: SigningKey::from_bytes(&[3u8; 32]),
         credential: identities(&[3], 1).0.remove(0).credential,
     };
@@ -668,10 +670,11 @@ fn header_and_field_errors_are_specific() {
         Err(DecodeError::BadMagic)
     );
     let mut bad = masked.clone();
-    bad[3] = 2;
+    // version 1 (before rosters and self-mask commitments) is no longer spoken
+    bad[3] = 1;
     assert_eq!(
         ClientMessage::<u32>::decode(&bad),
-        Err(DecodeError::UnsupportedVersion { got: 2 })
+        Err(DecodeError::UnsupportedVersion { got: 1 })
     );
     let mut bad = masked.clone();
     bad[4] = 0x7f;
@@ -902,4 +905,107 @@ fn the_stage_closes_early_once_every_upload_is_complete_or_refused() {
         }
     }
     assert!(matches!(w.server.poll(0), Ok(Poll::Send(_))));
+}
+
+/// The wrapping sum of the inputs of `survivors`, as the unmasked output must be.
+fn plain_sum(w: &World, survivors: &[ClientId]) -> Vec<u32> {
+    let mut sum = vec![0u32; w.params.vector_len()];
+    for &id in survivors {
+        for (s, x) in sum.iter_mut().zip(w.input(id)) {
+            *s = s.wrapping_add(x);
+        }
+    }
+    sum
+}
+
+/// `share` with one limb changed: still a field element, no longer on the polynomial.
+fn corrupted(share: &Share) -> Share {
+    let mut bytes = share.to_bytes();
+    bytes[0] ^= 0x5a;
+    Share::from_bytes(&bytes).expect("still in the field")
+}
+
+#[test]
+fn a_wrong_revealed_share_is_identified_and_the_sum_is_still_exact() {
+    let mut w = World::new(false);
+    w.step(&[]); // advertise
+    w.step(&[]); // share keys
+    w.step(&[6]); // masked input without site 6: it drops, its mask key is reconstructed
+    let mut replies = Vec::new();
+    for (to, msg) in std::mem::take(&mut w.outbox) {
+        let client = w.clients.get_mut(&to).expect("client");
+        let Some(ClientMessage::UnmaskShares(mut m)) = client.handle(&msg).expect("honest") else {
+            panic!("unmask shares expected")
+        };
+        // Site 2 lies about its share of site 4's self-mask seed; site 1 about site 6's mask
+        // key. Both are valid field elements, so only the commitments can tell.
+        for s in &mut m.shares {
+            if (to == 2 && s.owner == 4) || (to == 1 && s.owner == 6) {
+                s.share = corrupted(&s.share);
+            }
+        }
+        replies.push((to, ClientMessage::UnmaskShares(m)));
+    }
+    for (from, r) in replies {
+        w.server.receive(from, r, 0).expect("well-formed");
+    }
+    let Poll::Done(out) = w.server.poll(0).expect("no abort") else {
+        panic!("the round completes")
+    };
+    assert_eq!(out.survivors, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(out.sum.to_vec(), plain_sum(&w, &out.survivors));
+    let culprits: Vec<(ClientId, RejectReason)> = out
+        .rejections
+        .iter()
+        .map(|r| (r.client, r.reason.clone()))
+        .collect();
+    assert_eq!(
+        culprits,
+        // in the order the owners are unmasked
+        vec![
+            (
+                2,
+                RejectReason::WrongRevealedShare {
+                    owner: 4,
+                    kind: ShareKind::SelfMaskSeed
+                }
+            ),
+            (
+                1,
+                RejectReason::WrongRevealedShare {
+                    owner: 6,
+                    kind: ShareKind::MaskKey
+                }
+            ),
+        ]
+    );
+}
+
+#[test]
+fn an_invalid_advertised_point_is_refused_naming_the_site_and_the_round_goes_on() {
+    let mut w = World::new(false);
+    let setup = w.message_for(3);
+    let client = w.clients.get_mut(&3).expect("client 3");
+    let Some(ClientMessage::AdvertiseKeys(mut adv)) = client.handle(&setup).expect("setup") else {
+        panic!()
+    };
+    // u = 0 is a point of order 2: every "shared secret" with it is predictable. Site 3 signs
+    // it properly, so only the point check can refuse it.
+    adv.mask_pk = [0u8; 32];
+    let key = identities(&[3], 1).0.remove(0).signing_key;
+    adv.signature =
+        ed25519_dalek::Signer::sign(&key, &adv.signed_payload(&pinned_name(3))).to_bytes();
+    let rejection = w
+        .server
+        .receive(3, ClientMessage::AdvertiseKeys(adv), 0)
+        .expect_err("refused");
+    assert_eq!(rejection.reason, RejectReason::InvalidPublicKey);
+    w.outbox.retain(|(to, _)| *to != 3);
+    for _ in 0..4 {
+        if w.outbox.is_empty() {
+            break;
+        }
+        w.step(&[]);
+    }
+    assert_eq!(w.server.stage(), ServerStage::Done);
 }

@@ -136,8 +136,11 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
         "honest messages rejected: {:?}",
         run.rejections
     );
-    let graph = NeighbourGraph::new(&c.ids, c.params.neighbours, &seed32(c.seed, u64::MAX))
-        .expect("valid graph");
+    let graph = match &run.graph {
+        Some(g) => g.clone(),
+        None => NeighbourGraph::new(&c.ids, c.params.neighbours, &seed32(c.seed, u64::MAX))
+            .expect("valid graph"),
+    };
     let expected = expected_outcome(&c.params, &c.ids, &c.drops, &graph, &run.inputs);
     match (run.result, expected) {
         (Ok(out), Some((sum, survivors))) => {

@@ -227,6 +227,21 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
 
     let mut secagg = s.secagg.clone().unwrap_or_default();
     secagg.insert("enabled".into(), toml::Value::Boolean(s.secure));
+    // The colluding sites the coordinator's parameters and the simulated agents' policy
+    // assume: the scenario's `secagg.max_colluders`, else 1 (the default of both), or 0 where
+    // the scenario has 3 sites (k = 3 cannot resist a colluder and survive a dropout).
+    let colluders = match secagg.get("max_colluders") {
+        Some(v) => v
+            .as_integer()
+            .and_then(|c| u32::try_from(c).ok())
+            .context("secagg.max_colluders must be a non-negative integer")?,
+        None if s.sites.len() < 4 => 0,
+        None => 1,
+    };
+    secagg.insert(
+        "max_colluders".into(),
+        toml::Value::Integer(i64::from(colluders)),
+    );
     let mut coord = table(vec![
         ("listen", toml::Value::String("127.0.0.1:0".into())),
         ("data_dir", path_value(&out.join("coordinator"))),
@@ -246,7 +261,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
                     "min_sites",
                     toml::Value::Integer(
                         s.min_sites
-                            .map_or(s.sites.len().clamp(1, 3) as i64, i64::from),
+                            .map_or(s.sites.len().clamp(1, 4) as i64, i64::from),
                     ),
                 ),
                 ("wait_for_sites_secs", toml::Value::Integer(60)),
@@ -325,6 +340,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
             cfg.policy.require_secure = s.secure;
+            cfg.policy.max_colluders = colluders;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
         let summary = coordinator.await.context("coordinator task")??;

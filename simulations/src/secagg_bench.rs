@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use cohort_protocols::secagg::{
     Client, ClientId, ClientMessage, Modulus, Params, PinnedIdentities, Poll, QuantisedInput,
-    RoundId, Server, ServerMessage, SiteIdentity, StageTimeouts, Word,
+    RoundId, Server, ServerMessage, SiteIdentity, StageTimeouts, Word, pinned_roster,
 };
 use ed25519_dalek::SigningKey;
 use rayon::prelude::*;
@@ -201,7 +201,7 @@ fn run<W: Word>(params: &Params, args: &BenchArgs) -> Result<Report> {
     let (mut server, setup) = Server::<W>::new(
         params.clone(),
         round,
-        &ids,
+        &pinned_roster(&ids),
         seed_bytes(args.seed, 3, 0),
         verifier.clone(),
         StageTimeouts::default(),

@@ -25,7 +25,12 @@ fn scenario(dir: &Path, rounds: u64, secure: bool, extra: &str) -> PathBuf {
         Some(i) if !extra[..i].trim().is_empty() => extra.split_at(i),
         _ => ("", extra),
     };
-    text.push_str(top);
+    // ... except `secagg.` keys, which go into the [secagg] table below.
+    let (secagg, top): (Vec<&str>, Vec<&str>) = top
+        .lines()
+        .partition(|l| l.trim_start().starts_with("secagg."));
+    text.push_str(&top.join("\n"));
+    text.push('\n');
     for site in ["cleveland", "hungary", "switzerland", "va"] {
         text.push_str(&format!(
             "\n[[sites]]\nname = \"{site}\"\ncsv = {:?}\n",
@@ -53,8 +58,14 @@ local_steps = 100
 quant_bits = 20
 modulus_bits = 64
 max_weight = 1000
+{SECAGG}
 "#,
     );
+    let secagg: Vec<&str> = secagg
+        .iter()
+        .map(|l| l.trim_start().trim_start_matches("secagg."))
+        .collect();
+    text = text.replace("{SECAGG}", &secagg.join("\n"));
     text = text.replace("{MODEL}", model_lines(extra));
     text.push_str(extra.split("#MODEL").next().unwrap_or(""));
     let path = dir.join(format!("scenario-{secure}-{rounds}-{}.toml", extra.len()));
@@ -169,7 +180,7 @@ cert = {cert:?}
 key = {key:?}
 [rounds]
 count = 1
-min_sites = 3
+min_sites = 4
 wait_for_sites_secs = 3
 [model]
 kind = "logreg"
@@ -262,8 +273,9 @@ fn a_site_that_dies_mid_upload_is_left_out_and_the_round_is_retried() {
         3,
         true,
         // Every round waits for all four: the site that died is noticed at once now, so
-        // without this the next round could start before it has reconnected.
-        "min_sites = 4\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
+        // without this the next round could start before it has reconnected. The retry runs
+        // with three sites, which resist no colluding site with a dropout to spare.
+        "min_sites = 4\nsecagg.max_colluders = 0\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
     );
     assert_eq!(s.rounds_completed, 3);
     assert_eq!(s.rounds[0].attempts, 1);

@@ -113,16 +113,23 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
     answer_with(signature, "coordinator/key.pem", None).expect("the agent answers")
 }
 
+/// A lying coordinator's script, written once the project's PKI exists (it may use the
+/// coordinator's key or a colluding site's).
+type Attack<'a> = &'a dyn Fn(&Path) -> Vec<coordinator_message::Kind>;
+
+/// The sites provisioned for every stub run; the agent under test is cleveland, id 0.
+const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+
 fn answer_with(
     signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
     schema_signer: &str,
-    attack: Option<Vec<coordinator_message::Kind>>,
+    attack: Option<Attack<'_>>,
 ) -> Result<agent_message::Kind, String> {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     provision(&ProvisionOptions {
         out: pki.clone(),
-        sites: vec!["cleveland".into()],
+        sites: SITES.iter().map(|s| s.to_string()).collect(),
         coordinator_names: vec!["localhost".into()],
         coordinator_url: "https://localhost:1".into(),
     })
@@ -147,7 +154,7 @@ fn answer_with(
                 coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
                 inputs: 13,
             },
-            attack,
+            attack: attack.map(|script| script(&pki)),
             answers,
         };
         let tls = ServerTlsConfig::new()
@@ -175,7 +182,8 @@ fn answer_with(
             tokio::select! {
                 kind = rx.recv() => {
                     let kind = kind.expect("an answer");
-                    if !matches!(kind, agent_message::Kind::Join(_)) {
+                    // The agent's own SecAgg+ messages (its key advertisement) are not answers.
+                    if !matches!(kind, agent_message::Kind::Join(_) | agent_message::Kind::Secagg(_)) {
                         break Ok(kind);
                     }
                 }
@@ -229,7 +237,7 @@ fn a_model_with_a_bad_signature_is_declined_and_a_good_one_is_evaluated() {
 }
 
 /// What the agent answers a coordinator that sends `attack` after Welcome.
-fn answer_to_attack(attack: Vec<coordinator_message::Kind>) -> String {
+fn answer_to_attack(attack: Attack<'_>) -> String {
     match answer_with(|_, _| Vec::new(), "coordinator/key.pem", Some(attack)) {
         Ok(agent_message::Kind::Decline(d)) => d.reason,
         other => panic!("expected a Decline, got {other:?}"),
@@ -246,40 +254,231 @@ fn stats_round(secure: bool) -> coordinator_message::Kind {
     })
 }
 
-/// A SecAgg+ set-up for round 0 among sites 0..n, built with the real server.
-fn setup(n: u32, consistency_check: bool) -> coordinator_message::Kind {
+/// A SecAgg+ set-up for round 0 with this roster, built with the real server, as the stub
+/// sends it and as the protocol type (for building forged peers).
+fn setup_with(
+    roster: &[(u32, String)],
+    consistency_check: bool,
+) -> (coordinator_message::Kind, cohort_protocols::secagg::Setup) {
     use cohort_protocols::secagg::{Params, PinnedIdentities, RoundId, Server, ServerMessage};
+    let n = roster.len() as u32;
     let params = Params {
         consistency_check,
         modulus: cohort_protocols::secagg::Modulus::Bits64,
-        ..Params::with_defaults(n, 40)
+        // the statistics vector of the 13-input heart model: 1 + 3 × 13 = 40 = dim + 2
+        ..Params::with_defaults(n, 38)
     };
-    let ids: Vec<u32> = (0..n).collect();
     let (_, setup) = Server::<u64>::new(
         params,
         RoundId::new(0, 0),
-        &ids,
+        roster,
         [7u8; 32],
         std::sync::Arc::new(PinnedIdentities::new(std::iter::empty())),
         Default::default(),
         0,
     )
     .unwrap();
+    (secagg(ServerMessage::Setup(setup.clone())), setup)
+}
+
+fn secagg(msg: cohort_protocols::secagg::ServerMessage) -> coordinator_message::Kind {
     coordinator_message::Kind::Secagg(Chunk {
-        data: ServerMessage::Setup(setup).encode().into(),
+        data: msg.encode().into(),
         last: true,
     })
+}
+
+/// The provisioned sites as a roster (cleveland is 0).
+fn roster() -> Vec<(u32, String)> {
+    SITES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32, s.to_string()))
+        .collect()
+}
+
+fn setup(n: u32, consistency_check: bool) -> coordinator_message::Kind {
+    let roster: Vec<(u32, String)> = (0..n).map(|i| (i, format!("site-{i}"))).collect();
+    setup_with(&roster, consistency_check).0
+}
+
+/// The key advertisement a site would make for roster entry `id`, made instead with the key
+/// and certificate at `key`/`cert` in the PKI (the coordinator's, or a colluding site's):
+/// a real protocol client does the signing.
+fn forged_advertisement(
+    pki: &Path,
+    setup: &cohort_protocols::secagg::Setup,
+    id: u32,
+    key_path: &str,
+    cert_path: &str,
+) -> cohort_protocols::secagg::AdvertiseKeys {
+    use cohort_protocols::secagg::{
+        Client, ClientMessage, PinnedIdentities, ServerMessage, SiteIdentity,
+    };
+    let name = setup.names[setup.participants.iter().position(|p| *p == id).unwrap()].clone();
+    let identity = SiteIdentity {
+        id,
+        name,
+        signing_key: key(pki, key_path),
+        credential: pem_der(&pki.join(cert_path)),
+    };
+    let mut forger: Client<u64> = Client::new(
+        identity,
+        std::sync::Arc::new(PinnedIdentities::new(std::iter::empty())),
+        setup.round,
+        [id as u8; 32],
+    );
+    match forger.handle(&ServerMessage::Setup(setup.clone())) {
+        Ok(Some(ClientMessage::AdvertiseKeys(a))) => a,
+        other => panic!("the forger's set-up: {other:?}"),
+    }
+}
+
+/// A round whose neighbour keys for cleveland include `forged` in place of one site's.
+fn substitution(
+    pki: &Path,
+    forged_id: u32,
+    key_path: &str,
+    cert_path: &str,
+) -> Vec<coordinator_message::Kind> {
+    use cohort_protocols::secagg::{NeighbourKeys, ServerMessage};
+    let (kind, setup) = setup_with(&roster(), true);
+    let keys = (1..SITES.len() as u32)
+        .map(|id| {
+            if id == forged_id {
+                forged_advertisement(pki, &setup, id, key_path, cert_path)
+            } else {
+                let site = format!("sites/{}", SITES[id as usize]);
+                forged_advertisement(
+                    pki,
+                    &setup,
+                    id,
+                    &format!("{site}/key.pem"),
+                    &format!("{site}/cert.pem"),
+                )
+            }
+        })
+        .collect();
+    vec![
+        stats_round(true),
+        kind,
+        secagg(ServerMessage::NeighbourKeys(NeighbourKeys {
+            round: setup.round,
+            keys,
+            advertisers: Vec::new(),
+        })),
+    ]
 }
 
 #[test]
 fn a_coordinator_that_lowers_the_protection_is_refused_by_the_sites_policy() {
     // Downgrade to plain: the site would send its statistics in the clear.
-    let reason = answer_to_attack(vec![stats_round(false)]);
+    let reason = answer_to_attack(&|_| vec![stats_round(false)]);
     assert!(reason.contains("policy.require_secure"), "{reason}");
     // Secure, but without the consistency check.
-    let reason = answer_to_attack(vec![stats_round(true), setup(4, false)]);
+    let reason = answer_to_attack(&|_| vec![stats_round(true), setup(4, false)]);
     assert!(
         reason.contains("policy.require_consistency_check"),
         "{reason}"
     );
+}
+
+#[test]
+fn a_coordinator_that_substitutes_keys_is_refused_by_the_production_verifier() {
+    // The coordinator signs "hungary"'s keys with its own certificate.
+    let reason = answer_to_attack(&|pki| {
+        substitution(pki, 1, "coordinator/key.pem", "coordinator/cert.pem")
+    });
+    assert!(
+        reason.contains("site 1's identity was not accepted")
+            && reason.contains("belongs to the coordinator"),
+        "{reason}"
+    );
+    // A colluding site (switzerland) signs keys for hungary's roster entry with its own
+    // certificate.
+    let reason = answer_to_attack(&|pki| {
+        substitution(
+            pki,
+            1,
+            "sites/switzerland/key.pem",
+            "sites/switzerland/cert.pem",
+        )
+    });
+    assert!(
+        reason.contains("site 1's identity was not accepted")
+            && reason.contains("lists this site as \"hungary\"")
+            && reason.contains("\"switzerland\""),
+        "{reason}"
+    );
+}
+
+/// A set-up whose roster the lying coordinator edited after the real server built it.
+fn edited_roster(edit: impl Fn(&mut Vec<String>)) -> Vec<coordinator_message::Kind> {
+    let (_, mut setup) = setup_with(&roster(), true);
+    edit(&mut setup.names);
+    vec![
+        stats_round(true),
+        secagg(cohort_protocols::secagg::ServerMessage::Setup(setup)),
+    ]
+}
+
+#[test]
+fn a_roster_that_doubles_a_site_or_lists_the_coordinator_is_refused() {
+    // switzerland's certificate would stand for two ids.
+    let reason = answer_to_attack(&|_| edited_roster(|n| n[1] = "switzerland".into()));
+    assert!(
+        reason.contains("roster") && reason.contains("\"switzerland\" is listed twice"),
+        "{reason}"
+    );
+    let reason = answer_to_attack(&|_| edited_roster(|n| n[1] = "cohort-coordinator".into()));
+    assert!(
+        reason.contains("roster") && reason.contains("the coordinator, as a site"),
+        "{reason}"
+    );
+    // This site listed under another name.
+    let reason = answer_to_attack(&|_| edited_roster(|n| n[0] = "elsewhere".into()));
+    assert!(
+        reason.contains("lists this site (0) as \"elsewhere\"") && reason.contains("\"cleveland\""),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_coordinator_that_chooses_the_neighbour_graph_is_refused() {
+    use cohort_protocols::secagg::{NeighbourKeys, ServerMessage};
+    // Ten sites: a sparse graph (neighbours 9), whose seed the sites' advertisements fix.
+    // The stub cannot know cleveland's advertisement in advance, so whatever advertiser list
+    // it picks to steer the graph leaves cleveland's digest out or gets it wrong.
+    let ten: Vec<(u32, String)> = (0..10)
+        .map(|i| {
+            (
+                i,
+                SITES
+                    .get(i as usize)
+                    .map_or(format!("site-{i}"), |s| s.to_string()),
+            )
+        })
+        .collect();
+    for advertisers in [
+        (1..10u32).map(|i| (i, [i as u8; 32])).collect::<Vec<_>>(),
+        (0..10u32).map(|i| (i, [i as u8; 32])).collect(),
+    ] {
+        let reason = answer_to_attack(&|_| {
+            let (kind, setup) = setup_with(&ten, true);
+            vec![
+                stats_round(true),
+                kind,
+                secagg(ServerMessage::NeighbourKeys(NeighbourKeys {
+                    round: setup.round,
+                    keys: Vec::new(),
+                    advertisers: advertisers.clone(),
+                })),
+            ]
+        });
+        assert!(
+            reason.contains("seed material is inconsistent")
+                && reason.contains("this site's advertisement"),
+            "{reason}"
+        );
+    }
 }

@@ -136,7 +136,7 @@ impl Driver {
         let clock = Instant::now();
         let by_id: HashMap<u32, String> = sites.iter().map(|(s, id)| (*id, s.clone())).collect();
         let by_name: HashMap<String, u32> = sites.iter().map(|(s, id)| (s.clone(), *id)).collect();
-        let ids: Vec<u32> = sites.iter().map(|(_, id)| *id).collect();
+        let roster: Vec<(u32, String)> = sites.iter().map(|(s, id)| (*id, s.clone())).collect();
         let stage = self.cfg.rounds.stage_timeout_secs * 1000;
         let timeouts = StageTimeouts {
             advertise_keys: stage,
@@ -150,7 +150,7 @@ impl Driver {
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
-            &ids,
+            &roster,
             random_seed(),
             Arc::new(verifier),
             timeouts,
@@ -213,7 +213,13 @@ impl Driver {
                         ..
                     } = *out;
                     for r in &rejections {
-                        warn!(round = round.round, site = %by_id.get(&r.client).cloned().unwrap_or_default(), reason = %r.reason, "site dropped from the round");
+                        let site = by_id.get(&r.client).cloned().unwrap_or_default();
+                        warn!(round = round.round, %site, stage = ?r.stage, reason = %r.reason, "site's message refused: excluded from the round");
+                        self.hub.record(&site, |s| {
+                            s.rejections += 1;
+                            s.last_rejection =
+                                Some((round.round, format!("{:?}: {}", r.stage, r.reason)));
+                        });
                     }
                     for d in &dropped {
                         if let Some(s) = by_id.get(d) {

@@ -29,6 +29,7 @@ use super::quant::QuantisedInput;
 use super::shamir::{self, SHARE_BYTES, Share};
 use super::word::Word;
 use super::{ClientId, RoundId};
+use crate::identity::COORDINATOR_COMMON_NAME;
 
 /// Where a client is in the round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,14 @@ pub enum ClientError {
     ParticipantCount { participants: usize, sites: u32 },
     #[error("this site ({id}) is not among the round's participants")]
     NotAParticipant { id: ClientId },
+    #[error("the roster is not acceptable: {0}")]
+    BadRoster(String),
+    #[error("the neighbour graph's seed material is inconsistent: {0}")]
+    SeedMaterial(String),
+    #[error("neighbour {peer} advertised keys but they were not forwarded to this site")]
+    MissingNeighbourKeys { peer: ClientId },
+    #[error("site {peer} signs with the same identity as another site in the round")]
+    SharedIdentity { peer: ClientId },
     #[error("neighbour graph: {0}")]
     Graph(#[from] GraphError),
     #[error("site {peer}'s identity was not accepted: {reason}")]
@@ -132,6 +141,12 @@ pub struct Client<W: Word> {
     rng: ChaCha20Rng,
     stage: ClientStage,
     params: Option<Params>,
+    /// The round's participants (sorted) and their roster names, from Setup.
+    roster: BTreeMap<ClientId, String>,
+    /// The server's part of the graph seed, from Setup.
+    server_seed: [u8; 32],
+    /// Digest of this site's own advertisement, which must be in the graph seed's material.
+    my_digest: [u8; 32],
     graph: Option<NeighbourGraph>,
     cipher_sk: Option<StaticSecret>,
     mask_sk: Option<StaticSecret>,
@@ -177,6 +192,9 @@ impl<W: Word> Client<W> {
             rng: ChaCha20Rng::from_seed(rng_seed),
             stage: ClientStage::AwaitingSetup,
             params: None,
+            roster: BTreeMap::new(),
+            server_seed: [0; 32],
+            my_digest: [0; 32],
             graph: None,
             cipher_sk: None,
             mask_sk: None,
@@ -314,10 +332,17 @@ impl<W: Word> Client<W> {
                 sites: m.params.sites,
             });
         }
-        let graph = NeighbourGraph::new(&m.participants, m.params.neighbours, &m.graph_seed)?;
+        let roster = check_roster(m)?;
         let me = self.identity.id;
-        if !graph.contains(me) {
-            return Err(ClientError::NotAParticipant { id: me });
+        match roster.get(&me) {
+            None => return Err(ClientError::NotAParticipant { id: me }),
+            Some(name) if *name != self.identity.name => {
+                return Err(ClientError::BadRoster(format!(
+                    "it lists this site ({me}) as {name:?}, but this site is {:?}",
+                    self.identity.name
+                )));
+            }
+            Some(_) => {}
         }
         if let Some(input) = &self.input
             && input.values.len() != m.params.vector_len()
@@ -331,10 +356,21 @@ impl<W: Word> Client<W> {
         let mask_sk = StaticSecret::from(random_bytes(&mut self.rng));
         let cipher_pk = PublicKey::from(&cipher_sk).to_bytes();
         let mask_pk = PublicKey::from(&mask_sk).to_bytes();
-        let payload = crypto::advertise_payload(self.round, me, &cipher_pk, &mask_pk);
+        self.self_seed = random_bytes(&mut self.rng);
+        let self_commitment = crypto::self_commitment(self.round, me, &self.self_seed);
+        let payload = crypto::advertise_payload(
+            self.round,
+            me,
+            &self.identity.name,
+            &cipher_pk,
+            &mask_pk,
+            &self_commitment,
+        );
         let signature = crypto::sign(&self.identity.signing_key, &payload);
+        self.my_digest = crypto::advertisement_digest(&payload);
         self.params = Some(m.params.clone());
-        self.graph = Some(graph);
+        self.roster = roster;
+        self.server_seed = m.graph_seed;
         self.mask_sk = Some(mask_sk);
         self.cipher_sk = Some(cipher_sk);
         self.my_public = (cipher_pk, mask_pk);
@@ -344,25 +380,83 @@ impl<W: Word> Client<W> {
             sender: me,
             cipher_pk,
             mask_pk,
+            self_commitment,
             credential: self.identity.credential.clone(),
             signature,
         }))
     }
 
+    /// Derives the neighbour graph: from the server's seed alone when it is complete (where
+    /// the seed changes nothing), otherwise from the server's seed and the digests of every
+    /// accepted advertisement, which must include this site's own.
+    fn derive_graph(
+        &self,
+        advertisers: &[(ClientId, [u8; 32])],
+    ) -> Result<NeighbourGraph, ClientError> {
+        let params = self.params()?;
+        let participants: Vec<ClientId> = self.roster.keys().copied().collect();
+        if params.neighbours == params.sites {
+            return Ok(NeighbourGraph::new(
+                &participants,
+                params.neighbours,
+                &self.server_seed,
+            )?);
+        }
+        if advertisers.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(ClientError::SeedMaterial(
+                "the advertiser list is not sorted and duplicate-free".into(),
+            ));
+        }
+        if let Some((id, _)) = advertisers
+            .iter()
+            .find(|(id, _)| !self.roster.contains_key(id))
+        {
+            return Err(ClientError::SeedMaterial(format!(
+                "advertiser {id} is not a participant"
+            )));
+        }
+        let me = self.identity.id;
+        match advertisers.binary_search_by_key(&me, |(id, _)| *id) {
+            Ok(i) if advertisers[i].1 == self.my_digest => {}
+            Ok(_) => {
+                return Err(ClientError::SeedMaterial(
+                    "this site's advertisement is listed with a digest it did not produce".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(ClientError::SeedMaterial(
+                    "this site's advertisement is missing from the list".into(),
+                ));
+            }
+        }
+        let seed = crypto::graph_seed(self.round, &self.server_seed, advertisers);
+        Ok(NeighbourGraph::new(
+            &participants,
+            params.neighbours,
+            &seed,
+        )?)
+    }
+
     fn on_neighbour_keys(&mut self, m: &NeighbourKeys) -> Result<ClientMessage<W>, ClientError> {
         let me = self.identity.id;
         let threshold = self.threshold();
-        let (Some(graph), Some(cipher_sk), Some(mask_sk)) =
-            (&self.graph, self.cipher_sk.take(), self.mask_sk.take())
-        else {
+        if self.cipher_sk.is_none() || self.mask_sk.is_none() {
             return Err(ClientError::UnexpectedMessage {
                 stage: self.stage,
                 got: "NeighbourKeys before Setup",
             });
+        }
+        let graph = self.derive_graph(&m.advertisers)?;
+        let complete = self.params()?.neighbours == self.params()?.sites;
+        let digests: BTreeMap<ClientId, [u8; 32]> = m.advertisers.iter().copied().collect();
+        let (Some(cipher_sk), Some(mask_sk)) = (self.cipher_sk.take(), self.mask_sk.take()) else {
+            return Err(ClientError::Failed);
         };
         let mut seen_keys: BTreeSet<[u8; 32]> = BTreeSet::new();
         seen_keys.insert(self.my_public.0);
         seen_keys.insert(self.my_public.1);
+        let mut seen_identities =
+            BTreeSet::from([self.identity.signing_key.verifying_key().to_bytes()]);
         let mut peers = BTreeMap::new();
         for k in &m.keys {
             let peer = k.sender;
@@ -375,13 +469,32 @@ impl<W: Word> Client<W> {
             if peers.contains_key(&peer) {
                 return Err(ClientError::Duplicate { peer });
             }
+            let name = self
+                .roster
+                .get(&peer)
+                .ok_or(ClientError::NotANeighbour { peer })?;
             let verifying_key = self
                 .verifier
-                .verify_identity(peer, &k.credential)
+                .verify_identity(peer, name, &k.credential)
                 .map_err(|reason| ClientError::BadIdentity { peer, reason })?;
-            let payload = crypto::advertise_payload(self.round, peer, &k.cipher_pk, &k.mask_pk);
+            let payload = crypto::advertise_payload(
+                self.round,
+                peer,
+                name,
+                &k.cipher_pk,
+                &k.mask_pk,
+                &k.self_commitment,
+            );
             if !crypto::verify(&verifying_key, &payload, &k.signature) {
                 return Err(ClientError::BadSignature { peer });
+            }
+            if !seen_identities.insert(verifying_key.to_bytes()) {
+                return Err(ClientError::SharedIdentity { peer });
+            }
+            if !complete && digests.get(&peer) != Some(&crypto::advertisement_digest(&payload)) {
+                return Err(ClientError::SeedMaterial(format!(
+                    "site {peer}'s advertisement is not the one the graph seed was derived from"
+                )));
             }
             if !seen_keys.insert(k.cipher_pk) || !seen_keys.insert(k.mask_pk) {
                 return Err(ClientError::ReusedKey { peer });
@@ -400,11 +513,21 @@ impl<W: Word> Client<W> {
                 },
             );
         }
+        // A neighbour the seed material lists as an advertiser must be here: otherwise the
+        // server would be dropping it from this site's view only.
+        if !complete
+            && let Some(peer) = graph
+                .neighbours(me)
+                .into_iter()
+                .find(|v| *v != me && digests.contains_key(v) && !peers.contains_key(v))
+        {
+            return Err(ClientError::MissingNeighbourKeys { peer });
+        }
+        self.graph = Some(graph);
         let live = peers.len() + 1;
         self.require_quorum(live)?;
         // Share the self-mask seed and the mask key among the live neighbourhood, self included.
         let holders: Vec<ClientId> = peers.keys().copied().chain([me]).collect();
-        self.self_seed = random_bytes(&mut self.rng);
         let mut mask_key = mask_sk.to_bytes();
         let b_shares = shamir::share(&self.self_seed, &holders, threshold as usize, &mut self.rng);
         let s_shares = shamir::share(&mask_key, &holders, threshold as usize, &mut self.rng);
@@ -678,4 +801,41 @@ fn parse_share_pair(plain: &[u8]) -> Option<(Share, Share)> {
     b.zeroize();
     s.zeroize();
     out
+}
+
+/// The roster must name every participant once, with distinct non-empty names, never the
+/// coordinator: otherwise one site's certificate could stand for two ids, or the coordinator's
+/// for a site.
+fn check_roster(m: &Setup) -> Result<BTreeMap<ClientId, String>, ClientError> {
+    if m.participants.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(ClientError::BadRoster(
+            "the participants are not sorted and distinct".into(),
+        ));
+    }
+    if m.names.len() != m.participants.len() {
+        return Err(ClientError::BadRoster(format!(
+            "{} names for {} participants",
+            m.names.len(),
+            m.participants.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for name in &m.names {
+        if name.is_empty() {
+            return Err(ClientError::BadRoster("an empty site name".into()));
+        }
+        if name == COORDINATOR_COMMON_NAME {
+            return Err(ClientError::BadRoster(format!(
+                "it lists {name:?}, the coordinator, as a site"
+            )));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(ClientError::BadRoster(format!("{name:?} is listed twice")));
+        }
+    }
+    Ok(m.participants
+        .iter()
+        .copied()
+        .zip(m.names.iter().cloned())
+        .collect())
 }

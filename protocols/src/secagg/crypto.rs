@@ -11,7 +11,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hkdf::Hkdf;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use x25519_dalek::StaticSecret;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -24,6 +24,8 @@ const SALT: &[u8] = b"cohort-secagg-v1";
 /// to check that key (the raw public key when pinned, the certificate when a CA vouches for it).
 pub struct SiteIdentity {
     pub id: ClientId,
+    /// The site's name: its certificate's common name, and its entry in the round's roster.
+    pub name: String,
     pub signing_key: SigningKey,
     pub credential: Vec<u8>,
 }
@@ -32,6 +34,7 @@ impl fmt::Debug for SiteIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SiteIdentity")
             .field("id", &self.id)
+            .field("name", &self.name)
             .field("verifying_key", &self.signing_key.verifying_key())
             .finish_non_exhaustive()
     }
@@ -39,21 +42,40 @@ impl fmt::Debug for SiteIdentity {
 
 impl SiteIdentity {
     /// An identity whose credential is just its public key, for use with [`PinnedIdentities`].
+    /// Its name is [`pinned_name`]`(id)`.
     pub fn pinned(id: ClientId, signing_key: SigningKey) -> Self {
         let credential = signing_key.verifying_key().to_bytes().to_vec();
         SiteIdentity {
             id,
+            name: pinned_name(id),
             signing_key,
             credential,
         }
     }
 }
 
-/// Decides whether a credential proves that its holder is site `id`, and yields the key that
-/// site signs with. This is where trust is anchored: with a verifier the server cannot forge,
-/// the server cannot substitute a site's ephemeral keys (they are signed with this key).
+/// The roster name of a pinned identity (simulations and tests, where there are no certificates).
+pub fn pinned_name(id: ClientId) -> String {
+    format!("site-{id}")
+}
+
+/// The roster of pinned identities `ids`: each with its [`pinned_name`].
+pub fn pinned_roster(ids: &[ClientId]) -> Vec<(ClientId, String)> {
+    ids.iter().map(|&id| (id, pinned_name(id))).collect()
+}
+
+/// Decides whether a credential proves that its holder is site `id`, listed in the round's
+/// roster as `name`, and yields the key that site signs with. This is where trust is anchored:
+/// with a verifier the server cannot forge, the server cannot substitute a site's ephemeral keys
+/// (they are signed with this key), and with the name bound to the id it cannot present one
+/// site's (or its own) credential in place of another's.
 pub trait IdentityVerifier: Send + Sync {
-    fn verify_identity(&self, id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String>;
+    fn verify_identity(
+        &self,
+        id: ClientId,
+        name: &str,
+        credential: &[u8],
+    ) -> Result<VerifyingKey, String>;
 }
 
 /// A verifier with a fixed table of site keys, as a provisioning step would distribute them.
@@ -71,7 +93,18 @@ impl PinnedIdentities {
 }
 
 impl IdentityVerifier for PinnedIdentities {
-    fn verify_identity(&self, id: ClientId, credential: &[u8]) -> Result<VerifyingKey, String> {
+    fn verify_identity(
+        &self,
+        id: ClientId,
+        name: &str,
+        credential: &[u8],
+    ) -> Result<VerifyingKey, String> {
+        if name != pinned_name(id) {
+            return Err(format!(
+                "site {id} is listed as {name:?}, its pinned name is {:?}",
+                pinned_name(id)
+            ));
+        }
         let pinned = self
             .keys
             .get(&id)
@@ -85,20 +118,76 @@ impl IdentityVerifier for PinnedIdentities {
     }
 }
 
-/// What a site signs to bind its two ephemeral X25519 keys to the round and to itself.
+/// What a site signs to bind its two ephemeral X25519 keys and the commitment to its self-mask
+/// seed to the round, to its id and to its name in the roster. Covering the name means a
+/// signature made for one roster entry is useless under another.
 pub(crate) fn advertise_payload(
     round: RoundId,
     sender: ClientId,
+    name: &str,
     cipher_pk: &[u8; 32],
     mask_pk: &[u8; 32],
+    self_commitment: &[u8; 32],
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(128);
-    m.extend_from_slice(b"cohort-secagg-v1/advertise");
+    let mut m = Vec::with_capacity(192 + name.len());
+    m.extend_from_slice(b"cohort-secagg-v2/advertise");
     round.write(&mut m);
     m.extend_from_slice(&sender.to_le_bytes());
+    m.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    m.extend_from_slice(name.as_bytes());
     m.extend_from_slice(cipher_pk);
     m.extend_from_slice(mask_pk);
+    m.extend_from_slice(self_commitment);
     m
+}
+
+/// A digest of one signed advertisement: what the graph seed is derived from.
+pub(crate) fn advertisement_digest(payload: &[u8]) -> [u8; 32] {
+    Sha256::digest(payload).into()
+}
+
+/// The commitment to a self-mask seed a site signs in its advertisement, so the server can
+/// tell a correctly reconstructed seed from one that crafted shares produced.
+pub(crate) fn self_commitment(round: RoundId, owner: ClientId, seed: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"cohort-secagg-v2/self-mask-commitment");
+    let mut r = Vec::with_capacity(12);
+    round.write(&mut r);
+    h.update(&r);
+    h.update(owner.to_le_bytes());
+    h.update(seed);
+    h.finalize().into()
+}
+
+/// The neighbour-graph seed: the server's seed mixed with the digest of every advertisement the
+/// server accepted, in id order. Advertisements carry fresh random keys, so the seed is fixed
+/// only after the sites committed to them: the server cannot pick a graph before the round.
+pub(crate) fn graph_seed(
+    round: RoundId,
+    server_seed: &[u8; 32],
+    advertisers: &[(ClientId, [u8; 32])],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"cohort-secagg-v2/graph-seed");
+    let mut r = Vec::with_capacity(12);
+    round.write(&mut r);
+    h.update(&r);
+    h.update(server_seed);
+    h.update((advertisers.len() as u32).to_le_bytes());
+    for (id, digest) in advertisers {
+        h.update(id.to_le_bytes());
+        h.update(digest);
+    }
+    h.finalize().into()
+}
+
+/// Whether `key` is an X25519 public key an honest site could have advertised: on the curve
+/// and not of small order. The server refuses others at advertisement, naming the sender,
+/// instead of letting every neighbour fail on them.
+pub(crate) fn valid_public_key(key: &[u8; 32]) -> bool {
+    MontgomeryPoint(*key)
+        .to_edwards(0)
+        .is_some_and(|p| !p.is_small_order())
 }
 
 /// What a site signs in the consistency check: the survivor set it was shown.

@@ -16,11 +16,13 @@ use super::{ClientId, RoundId};
 
 const MAGIC: &[u8; 3] = b"CSA";
 /// Version of the encoding. Bumped on any incompatible change; decoders refuse other versions.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER: usize = 5;
 
 /// Upper bound for an identity credential (a certificate chain comfortably fits).
 pub const MAX_CREDENTIAL: usize = 16 * 1024;
+/// Upper bound for a site name in the roster (a DNS name's length).
+pub const MAX_SITE_NAME: usize = 253;
 /// Size of an encrypted share: two 40-byte shares plus the 16-byte GCM tag.
 pub const SHARE_CIPHERTEXT_BYTES: usize = 2 * SHARE_BYTES + 16;
 
@@ -49,9 +51,14 @@ pub enum DecodeError {
 pub struct Setup {
     pub round: RoundId,
     pub params: Params,
-    /// Public seed of the neighbour graph.
+    /// The server's part of the neighbour-graph seed; the sites' advertisements are the rest
+    /// (see [`NeighbourKeys::advertisers`]).
     pub graph_seed: [u8; 32],
+    /// Sorted, one per site.
     pub participants: Vec<ClientId>,
+    /// The roster: the site name of each participant, in the order of `participants`. Every
+    /// site checks each peer's certificate against its entry here.
+    pub names: Vec<String>,
 }
 
 /// A site's two ephemeral X25519 public keys, signed with its identity key.
@@ -63,9 +70,25 @@ pub struct AdvertiseKeys {
     pub cipher_pk: [u8; 32],
     /// Key for pairwise mask agreement; its secret half is reconstructed if the site drops.
     pub mask_pk: [u8; 32],
+    /// Hash of the site's self-mask seed, checked against the seed the server reconstructs.
+    pub self_commitment: [u8; 32],
     /// Proof of identity checked by an [`super::IdentityVerifier`].
     pub credential: Vec<u8>,
     pub signature: [u8; 64],
+}
+
+impl AdvertiseKeys {
+    /// The bytes the signature covers, for the site listed in the roster as `name`.
+    pub fn signed_payload(&self, name: &str) -> Vec<u8> {
+        super::crypto::advertise_payload(
+            self.round,
+            self.sender,
+            name,
+            &self.cipher_pk,
+            &self.mask_pk,
+            &self.self_commitment,
+        )
+    }
 }
 
 /// The advertised keys of a site's neighbours, forwarded by the server.
@@ -73,6 +96,10 @@ pub struct AdvertiseKeys {
 pub struct NeighbourKeys {
     pub round: RoundId,
     pub keys: Vec<AdvertiseKeys>,
+    /// Every site whose advertisement the server accepted, with the digest of that
+    /// advertisement, sorted by id: with the server's seed, what the graph seed is derived from.
+    /// Empty when the graph is complete (neighbours = sites), where no seed matters.
+    pub advertisers: Vec<(ClientId, [u8; 32])>,
 }
 
 /// One encrypted pair of shares. `peer` is the recipient when a site sends it and the sender
@@ -416,13 +443,14 @@ fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
     })
 }
 
-const ADVERTISE_FIXED: usize = 12 + 4 + 32 + 32 + 4 + 64;
+const ADVERTISE_FIXED: usize = 12 + 4 + 32 + 32 + 32 + 4 + 64;
 
 fn write_advertise(w: &mut Writer, m: &AdvertiseKeys) {
     w.round(m.round);
     w.u32(m.sender);
     w.bytes(&m.cipher_pk);
     w.bytes(&m.mask_pk);
+    w.bytes(&m.self_commitment);
     w.len_prefixed(&m.credential);
     w.bytes(&m.signature);
 }
@@ -433,6 +461,7 @@ fn read_advertise(r: &mut Reader<'_>) -> Result<AdvertiseKeys, DecodeError> {
         sender: r.u32("sender")?,
         cipher_pk: r.array("cipher_pk")?,
         mask_pk: r.array("mask_pk")?,
+        self_commitment: r.array("self_commitment")?,
         credential: r.len_prefixed(MAX_CREDENTIAL, "credential")?.to_vec(),
         signature: r.array("signature")?,
     })
@@ -467,6 +496,10 @@ impl ServerMessage {
                 write_params(&mut w, &m.params);
                 w.bytes(&m.graph_seed);
                 w.ids(&m.participants);
+                w.u32(m.names.len() as u32);
+                for name in &m.names {
+                    w.len_prefixed(name.as_bytes());
+                }
                 w.0
             }
             ServerMessage::NeighbourKeys(m) => {
@@ -475,6 +508,11 @@ impl ServerMessage {
                 w.u32(m.keys.len() as u32);
                 for k in &m.keys {
                     write_advertise(&mut w, k);
+                }
+                w.u32(m.advertisers.len() as u32);
+                for (id, digest) in &m.advertisers {
+                    w.u32(*id);
+                    w.bytes(digest);
                 }
                 w.0
             }
@@ -525,6 +563,18 @@ impl ServerMessage {
                 },
                 graph_seed: r.array("graph_seed")?,
                 participants: r.ids("participants")?,
+                names: {
+                    let n = r.count(4, "names")?;
+                    (0..n)
+                        .map(|_| {
+                            let bytes = r.len_prefixed(MAX_SITE_NAME, "site name")?;
+                            String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Invalid {
+                                what: "site name",
+                                detail: "not UTF-8".into(),
+                            })
+                        })
+                        .collect::<Result<_, _>>()?
+                },
             }),
             tag::NEIGHBOUR_KEYS => {
                 let round = r.round()?;
@@ -532,7 +582,15 @@ impl ServerMessage {
                 let keys = (0..n)
                     .map(|_| read_advertise(&mut r))
                     .collect::<Result<_, _>>()?;
-                ServerMessage::NeighbourKeys(NeighbourKeys { round, keys })
+                let n = r.count(36, "advertisers")?;
+                let advertisers = (0..n)
+                    .map(|_| Ok((r.u32("advertiser")?, r.array("advertisement digest")?)))
+                    .collect::<Result<_, DecodeError>>()?;
+                ServerMessage::NeighbourKeys(NeighbourKeys {
+                    round,
+                    keys,
+                    advertisers,
+                })
             }
             tag::FORWARDED_SHARES => ServerMessage::ForwardedShares(ForwardedShares {
                 round: r.round()?,

@@ -148,6 +148,24 @@ impl Params {
         (neighbours.div_ceil(2) + 1).min(neighbours.saturating_sub(1))
     }
 
+    /// The smallest threshold that keeps a site's input private against the server plus
+    /// `colluders` sites in its neighbourhood, and at least [`Params::default_threshold`].
+    ///
+    /// Why t > (k + c) / 2: a lying server can tell some of a victim's honest neighbours that
+    /// it survived (they reveal shares of its self-mask seed) and the others that it dropped
+    /// (they reveal shares of its mask key); colluding sites sign either survivor set and reveal
+    /// both kinds. It learns the input iff both kinds reach t, i.e. iff 2t <= k + c. The
+    /// consistency check does not remove this: colluders' signatures count toward either set.
+    pub fn threshold_for(neighbours: u32, colluders: u32) -> u32 {
+        Self::default_threshold(neighbours).max((neighbours + colluders) / 2 + 1)
+    }
+
+    /// How many colluding sites in a neighbourhood these parameters resist: the largest c with
+    /// 2t > k + c (see [`Params::threshold_for`]).
+    pub fn tolerated_colluders(&self) -> u32 {
+        (2 * self.threshold).saturating_sub(self.neighbours + 1)
+    }
+
     /// Parameters with the defaults above for everything but the sizes.
     pub fn with_defaults(sites: u32, dim: u32) -> Self {
         let neighbours = Self::default_neighbours(sites);

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use ed25519_dalek::VerifyingKey;
 use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::Zeroize;
 
 use super::accumulator::{DEFAULT_SHARD_LEN, Ranges, ShardedAccumulator};
 use super::crypto::{self, IdentityVerifier};
@@ -90,6 +89,14 @@ pub enum RejectReason {
     BadSignature,
     #[error("public key repeats a key already in the round")]
     ReusedKey,
+    #[error("an advertised public key is not a valid X25519 key (off the curve or of small order)")]
+    InvalidPublicKey,
+    #[error("the signing identity is already used by site {other}")]
+    SharedIdentity { other: ClientId },
+    #[error(
+        "a revealed share of site {owner}'s {kind:?} is not on the polynomial the other shares agree on"
+    )]
+    WrongRevealedShare { owner: ClientId, kind: ShareKind },
     #[error("the site did not take part in the previous stage")]
     MissedPreviousStage,
     #[error("shares are addressed to the wrong set of neighbours")]
@@ -120,6 +127,8 @@ pub enum AbortReason {
     Params(#[from] ParamError),
     #[error("invalid participants: {0}")]
     Graph(#[from] GraphError),
+    #[error("invalid roster: {0}")]
+    Roster(String),
     #[error("the round is for modulus 2^{round_bits} but the server was built for 2^{server_bits}")]
     ModulusMismatch { round_bits: u32, server_bits: u32 },
     #[error(
@@ -183,8 +192,13 @@ pub struct Server<W: Word> {
     params: Params,
     round: RoundId,
     verifier: Arc<dyn IdentityVerifier>,
+    /// Built from the server's seed at first; replaced when the advertisement stage closes by
+    /// the graph every client derives from the advertisements (see [`crypto::graph_seed`]).
     graph: NeighbourGraph,
+    server_seed: [u8; 32],
     participants: BTreeSet<ClientId>,
+    /// Site name of every participant, as announced in Setup.
+    roster: BTreeMap<ClientId, String>,
     timeouts: StageTimeouts,
     stage: ServerStage,
     deadline: Millis,
@@ -199,6 +213,8 @@ pub struct Server<W: Word> {
     advertised: BTreeMap<ClientId, AdvertiseKeys>,
     seen_keys: BTreeSet<[u8; 32]>,
     identities: BTreeMap<ClientId, VerifyingKey>,
+    /// Digest of each accepted advertisement, the graph seed's material.
+    digests: BTreeMap<ClientId, [u8; 32]>,
     /// U2 (keys): encrypted shares by sender, until routed.
     share_keys: BTreeMap<ClientId, Vec<EncryptedShare>>,
     u2: BTreeSet<ClientId>,
@@ -227,11 +243,12 @@ impl<W: Word> std::fmt::Debug for Server<W> {
 
 impl<W: Word> Server<W> {
     /// Starts a round attempt at time `now` and returns the set-up message for every
-    /// participant. `graph_seed` must be fresh for every attempt.
+    /// participant. `roster` is every participant's id and site name (its certificate's common
+    /// name). `graph_seed` must be fresh for every attempt.
     pub fn new(
         params: Params,
         round: RoundId,
-        participants: &[ClientId],
+        roster: &[(ClientId, String)],
         graph_seed: [u8; 32],
         verifier: Arc<dyn IdentityVerifier>,
         timeouts: StageTimeouts,
@@ -249,21 +266,29 @@ impl<W: Word> Server<W> {
                 server_bits: W::BITS,
             }));
         }
-        if participants.len() != params.sites as usize {
+        if roster.len() != params.sites as usize {
             return Err(abort(AbortReason::Graph(GraphError::WrongCount {
-                participants: participants.len(),
+                participants: roster.len(),
                 sites: params.sites,
             })));
         }
-        let graph = NeighbourGraph::new(participants, params.neighbours, &graph_seed)
+        let participants: Vec<ClientId> = roster.iter().map(|(id, _)| *id).collect();
+        let graph = NeighbourGraph::new(&participants, params.neighbours, &graph_seed)
             .map_err(|e| abort(e.into()))?;
-        let mut sorted = participants.to_vec();
-        sorted.sort_unstable();
+        let names: BTreeMap<ClientId, String> = roster.iter().cloned().collect();
+        let distinct: BTreeSet<&str> = names.values().map(String::as_str).collect();
+        if distinct.len() != names.len() || distinct.contains("") {
+            return Err(abort(AbortReason::Roster(
+                "site names must be non-empty and distinct".into(),
+            )));
+        }
+        let sorted: Vec<ClientId> = names.keys().copied().collect();
         let setup = Setup {
             round,
             params: params.clone(),
             graph_seed,
             participants: sorted.clone(),
+            names: names.values().cloned().collect(),
         };
         let acc = Arc::new(ShardedAccumulator::new(
             params.vector_len(),
@@ -275,7 +300,9 @@ impl<W: Word> Server<W> {
                 round,
                 verifier,
                 graph,
+                server_seed: graph_seed,
                 participants: sorted.into_iter().collect(),
+                roster: names,
                 timeouts,
                 stage: ServerStage::AdvertiseKeys,
                 deadline: now.saturating_add(timeouts.advertise_keys),
@@ -285,6 +312,7 @@ impl<W: Word> Server<W> {
                 advertised: BTreeMap::new(),
                 seen_keys: BTreeSet::new(),
                 identities: BTreeMap::new(),
+                digests: BTreeMap::new(),
                 share_keys: BTreeMap::new(),
                 u2: BTreeSet::new(),
                 slots: BTreeMap::new(),
@@ -400,13 +428,30 @@ impl<W: Word> Server<W> {
         if self.advertised.contains_key(&m.sender) {
             return Err(RejectReason::Duplicate("AdvertiseKeys"));
         }
+        let name = self
+            .roster
+            .get(&m.sender)
+            .ok_or(RejectReason::NotParticipant)?;
         let key = self
             .verifier
-            .verify_identity(m.sender, &m.credential)
+            .verify_identity(m.sender, name, &m.credential)
             .map_err(RejectReason::BadIdentity)?;
-        let payload = crypto::advertise_payload(self.round, m.sender, &m.cipher_pk, &m.mask_pk);
+        let payload = crypto::advertise_payload(
+            self.round,
+            m.sender,
+            name,
+            &m.cipher_pk,
+            &m.mask_pk,
+            &m.self_commitment,
+        );
         if !crypto::verify(&key, &payload, &m.signature) {
             return Err(RejectReason::BadSignature);
+        }
+        if !crypto::valid_public_key(&m.cipher_pk) || !crypto::valid_public_key(&m.mask_pk) {
+            return Err(RejectReason::InvalidPublicKey);
+        }
+        if let Some((&other, _)) = self.identities.iter().find(|(_, k)| **k == key) {
+            return Err(RejectReason::SharedIdentity { other });
         }
         if m.cipher_pk == m.mask_pk
             || self.seen_keys.contains(&m.cipher_pk)
@@ -417,6 +462,8 @@ impl<W: Word> Server<W> {
         self.seen_keys.insert(m.cipher_pk);
         self.seen_keys.insert(m.mask_pk);
         self.identities.insert(m.sender, key);
+        self.digests
+            .insert(m.sender, crypto::advertisement_digest(&payload));
         self.advertised.insert(m.sender, m);
         Ok(())
     }
@@ -684,6 +731,21 @@ impl<W: Word> Server<W> {
     fn close_advertise(&mut self, now: Millis) -> Result<Poll<W>, AbortReason> {
         self.advertised.retain(|id, _| !self.excluded.contains(id));
         let u1: BTreeSet<ClientId> = self.advertised.keys().copied().collect();
+        // The graph every client will derive: from the accepted advertisements unless it is
+        // complete, where the seed changes nothing and the list is not sent.
+        let advertisers: Vec<(ClientId, [u8; 32])> = if self.params.neighbours == self.params.sites
+        {
+            Vec::new()
+        } else {
+            let list: Vec<(ClientId, [u8; 32])> = u1
+                .iter()
+                .filter_map(|id| self.digests.get(id).map(|d| (*id, *d)))
+                .collect();
+            let seed = crypto::graph_seed(self.round, &self.server_seed, &list);
+            let participants: Vec<ClientId> = self.participants.iter().copied().collect();
+            self.graph = NeighbourGraph::new(&participants, self.params.neighbours, &seed)?;
+            list
+        };
         self.check_quorum(&u1, &u1)?;
         let messages = u1
             .iter()
@@ -700,6 +762,7 @@ impl<W: Word> Server<W> {
                     ServerMessage::NeighbourKeys(NeighbourKeys {
                         round: self.round,
                         keys,
+                        advertisers: advertisers.clone(),
                     }),
                 )
             })
@@ -859,6 +922,7 @@ impl<W: Word> Server<W> {
             let mut stream = MaskStream::new(seed);
             acc.for_each_range(|part| stream.apply(part, sign));
         };
+        let mut liars: BTreeSet<ClientId> = BTreeSet::new();
         for &owner in &self.u2 {
             let shares = by_owner.get(&owner).map(Vec::as_slice).unwrap_or(&[]);
             let survived = self.u3.contains(&owner);
@@ -867,22 +931,38 @@ impl<W: Word> Server<W> {
             } else {
                 ShareKind::MaskKey
             };
-            let mut secret = shamir::reconstruct(shares, t)
+            let advertised = self
+                .advertised
+                .get(&owner)
+                .ok_or(AbortReason::KeyMismatch { owner })?;
+            // The signed advertisement commits to both secrets: a hash of the self-mask seed,
+            // and the mask key's public half. A crafted share cannot pass either check, and a
+            // subset of honest shares that does identifies the shares that are off it.
+            let round = self.round;
+            let accept = |secret: &[u8; 32]| {
+                if survived {
+                    crypto::self_commitment(round, owner, secret) == advertised.self_commitment
+                } else {
+                    PublicKey::from(&StaticSecret::from(*secret)).to_bytes() == advertised.mask_pk
+                }
+            };
+            let verified = shamir::reconstruct_verified(shares, t, accept)
                 .map_err(|error| AbortReason::Reconstruction { owner, kind, error })?;
+            for holder in verified.wrong.iter().copied() {
+                if liars.insert(holder) {
+                    self.excluded.insert(holder);
+                    self.rejections.push(Rejection {
+                        client: holder,
+                        stage: ServerStage::Unmask,
+                        reason: RejectReason::WrongRevealedShare { owner, kind },
+                    });
+                }
+            }
             if survived {
-                let seed = crypto::self_mask_seed(&secret, self.round, owner);
-                secret.zeroize();
+                let seed = crypto::self_mask_seed(&verified.secret, self.round, owner);
                 unmask(&seed, Sign::Sub);
             } else {
-                let sk = StaticSecret::from(secret);
-                secret.zeroize();
-                let advertised = self
-                    .advertised
-                    .get(&owner)
-                    .ok_or(AbortReason::KeyMismatch { owner })?;
-                if PublicKey::from(&sk).to_bytes() != advertised.mask_pk {
-                    return Err(AbortReason::KeyMismatch { owner });
-                }
+                let sk = StaticSecret::from(verified.secret);
                 // Undo the pairwise masks the survivors added with the dropped site.
                 for u in self.graph.neighbours(owner) {
                     if u == owner || !self.u3.contains(&u) {

@@ -258,21 +258,7 @@ fn interpolate(coeffs: &[u64], shares: &[&Share]) -> [u64; LIMBS] {
 /// Reconstructs a secret from at least `threshold` shares `(holder, share)`. Extra shares are
 /// verified against the polynomial the first `threshold` define.
 pub fn reconstruct(shares: &[(u32, &Share)], threshold: usize) -> Result<[u8; 32], ShamirError> {
-    if threshold == 0 || shares.len() < threshold {
-        return Err(ShamirError::NotEnoughShares {
-            have: shares.len(),
-            need: threshold,
-        });
-    }
-    let mut seen = std::collections::HashSet::with_capacity(shares.len());
-    for (h, s) in shares {
-        if !seen.insert(*h) {
-            return Err(ShamirError::DuplicateHolder(*h));
-        }
-        if s.0.iter().any(|&v| v >= P) {
-            return Err(ShamirError::NotInField);
-        }
-    }
+    check_shares(shares, threshold)?;
     let (base, extra) = shares.split_at(threshold);
     let xs: Vec<u64> = base.iter().map(|(h, _)| x_of(*h)).collect();
     let ys: Vec<&Share> = base.iter().map(|(_, s)| *s).collect();
@@ -296,6 +282,114 @@ pub fn reconstruct(shares: &[(u32, &Share)], threshold: usize) -> Result<[u8; 32
     }
     limbs.zeroize();
     Ok(secret)
+}
+
+/// A secret reconstructed by [`reconstruct_verified`] and the holders whose shares were wrong.
+#[derive(Debug)]
+pub struct Verified {
+    pub secret: [u8; 32],
+    /// Holders whose share is not on the polynomial that yields the accepted secret.
+    pub wrong: Vec<u32>,
+}
+
+impl Drop for Verified {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+/// Subsets tried by [`reconstruct_verified`] beyond the first: enough that a handful of wrong
+/// shares among a neighbourhood is found with near certainty, few enough (each try is O(t²)
+/// field operations and one `accept`) that a flood of wrong shares costs milliseconds.
+const MAX_SUBSETS: usize = 512;
+
+/// Reconstructs the secret that `accept` recognises (a commitment to it: a hash, a public key)
+/// even when some shares are wrong, and names the holders of the wrong ones, so that one lying
+/// site is identified instead of aborting every attempt. Tries the first `threshold` shares,
+/// then every rotation of the list, then pseudo-random subsets; a subset whose secret `accept`s
+/// defines the true polynomial (the commitment binds it), and every share off it is wrong.
+pub fn reconstruct_verified(
+    shares: &[(u32, &Share)],
+    threshold: usize,
+    accept: impl Fn(&[u8; 32]) -> bool,
+) -> Result<Verified, ShamirError> {
+    check_shares(shares, threshold)?;
+    let m = shares.len();
+    let mut tried = std::collections::HashSet::new();
+    let rotations = (0..m).map(|start| (0..threshold).map(|i| (start + i) % m).collect());
+    let mut rng = <chacha20::ChaCha20Rng as rand_core::SeedableRng>::from_seed([7; 32]);
+    let random = std::iter::repeat_with(move || {
+        let mut idx: Vec<usize> = (0..m).collect();
+        for i in 0..threshold {
+            let j = i + (rng.next_u64() as usize) % (m - i);
+            idx.swap(i, j);
+        }
+        idx.truncate(threshold);
+        idx
+    })
+    .take(MAX_SUBSETS);
+    for mut subset in rotations.chain(random) {
+        subset.sort_unstable();
+        if !tried.insert(subset.clone()) {
+            continue;
+        }
+        let base: Vec<(u32, &Share)> = subset.iter().map(|&i| shares[i]).collect();
+        let xs: Vec<u64> = base.iter().map(|(h, _)| x_of(*h)).collect();
+        let ys: Vec<&Share> = base.iter().map(|(_, s)| *s).collect();
+        let basis = LagrangeBasis::new(&xs);
+        let mut limbs = interpolate(&basis.at(0), &ys);
+        let secret = limbs_to_secret(&limbs);
+        limbs.zeroize();
+        let Some(secret) = secret else { continue };
+        let mut candidate = Verified {
+            secret,
+            wrong: Vec::new(),
+        };
+        if !accept(&candidate.secret) {
+            continue;
+        }
+        for (i, (h, s)) in shares.iter().enumerate() {
+            if subset.binary_search(&i).is_err() && interpolate(&basis.at(x_of(*h)), &ys) != s.0 {
+                candidate.wrong.push(*h);
+            }
+        }
+        return Ok(candidate);
+    }
+    Err(ShamirError::Inconsistent)
+}
+
+/// The secret whose limbs these are, or None if a limb does not fit its byte width (which no
+/// real secret's can).
+fn limbs_to_secret(limbs: &[u64; LIMBS]) -> Option<[u8; 32]> {
+    let mut secret = [0u8; 32];
+    for (l, chunk) in secret.chunks_mut(LIMB_BYTES).enumerate() {
+        let bytes = limbs[l].to_le_bytes();
+        if bytes[chunk.len()..].iter().any(|&b| b != 0) {
+            secret.zeroize();
+            return None;
+        }
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    Some(secret)
+}
+
+fn check_shares(shares: &[(u32, &Share)], threshold: usize) -> Result<(), ShamirError> {
+    if threshold == 0 || shares.len() < threshold {
+        return Err(ShamirError::NotEnoughShares {
+            have: shares.len(),
+            need: threshold,
+        });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(shares.len());
+    for (h, s) in shares {
+        if !seen.insert(*h) {
+            return Err(ShamirError::DuplicateHolder(*h));
+        }
+        if s.0.iter().any(|&v| v >= P) {
+            return Err(ShamirError::NotInField);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

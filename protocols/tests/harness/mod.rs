@@ -57,6 +57,8 @@ pub struct Run<W: Word> {
     pub inputs: BTreeMap<ClientId, Vec<W>>,
     pub client_errors: Vec<(ClientId, ClientError)>,
     pub rejections: Vec<Rejection>,
+    /// The neighbour graph the server used (derived from the advertisements).
+    pub graph: Option<NeighbourGraph>,
 }
 
 /// Runs one round with `drops` and returns the server's result. Sites never named in `drops`
@@ -144,7 +146,7 @@ pub fn drive_with<W: Word>(
     let (mut server, setup) = match Server::<W>::new(
         params.clone(),
         round,
-        ids,
+        &pinned_roster(ids),
         seed32(seed, u64::MAX),
         verifier.clone(),
         StageTimeouts::default(),
@@ -157,6 +159,7 @@ pub fn drive_with<W: Word>(
                 inputs,
                 client_errors: vec![],
                 rejections: vec![],
+                graph: None,
             });
         }
     };
@@ -227,6 +230,7 @@ pub fn drive_with<W: Word>(
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
+                    graph: Some(server.graph().clone()),
                 });
             }
             Err(abort) => {
@@ -235,6 +239,7 @@ pub fn drive_with<W: Word>(
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
+                    graph: Some(server.graph().clone()),
                 });
             }
         }
