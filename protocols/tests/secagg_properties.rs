@@ -137,7 +137,7 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
         run.rejections
     );
     let graph = match &run.graph {
-        Some(g) => g.clone(),
+        Some(g) => (**g).clone(),
         None => NeighbourGraph::new(&c.ids, c.params.neighbours, &seed32(c.seed, u64::MAX))
             .expect("valid graph"),
     };

@@ -58,7 +58,7 @@ pub struct Run<W: Word> {
     pub client_errors: Vec<(ClientId, ClientError)>,
     pub rejections: Vec<Rejection>,
     /// The neighbour graph the server used (derived from the advertisements).
-    pub graph: Option<NeighbourGraph>,
+    pub graph: Option<Box<NeighbourGraph>>,
 }
 
 /// Runs one round with `drops` and returns the server's result. Sites never named in `drops`
@@ -230,7 +230,7 @@ pub fn drive_with<W: Word>(
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
-                    graph: Some(server.graph().clone()),
+                    graph: Some(Box::new(server.graph().clone())),
                 });
             }
             Err(abort) => {
@@ -239,7 +239,7 @@ pub fn drive_with<W: Word>(
                     inputs,
                     client_errors,
                     rejections: server.rejections().to_vec(),
-                    graph: Some(server.graph().clone()),
+                    graph: Some(Box::new(server.graph().clone())),
                 });
             }
         }
