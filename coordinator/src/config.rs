@@ -468,7 +468,7 @@ impl CoordinatorConfig {
                         c,
                         format!(
                             "a round of {sites} sites cannot both resist {c} colluding sites (threshold > {}) and survive a dropout (threshold < {}): use rounds.min_sites >= {}, or max_colluders = {} if no site could collude with the coordinator",
-                            (p.neighbours + c) / 2,
+                            Params::min_threshold_against(p.neighbours, c) - 1,
                             p.neighbours,
                             c + 3,
                             sites.saturating_sub(3)
@@ -485,7 +485,7 @@ impl CoordinatorConfig {
                             "a round of {sites} sites (neighbours = {}) with this threshold resists only {} colluding sites, secagg.max_colluders = {c}: use a threshold of at least {}",
                             p.neighbours,
                             p.tolerated_colluders(),
-                            (p.neighbours + c) / 2 + 1
+                            Params::min_threshold_against(p.neighbours, c)
                         ),
                     ));
                 }

@@ -5,11 +5,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use cohort_coordinator::store::{Identity, MARKER, Store};
 
@@ -50,76 +48,19 @@ local_steps = 50
     )
 }
 
-/// The coordinator process, with its log lines (stderr and stdout) arriving on a channel.
-struct Coordinator {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Coordinator {
-    fn start(config: &Path) -> Self {
-        Self::start_with(config, "text")
-    }
-
-    fn start_with(config: &Path, log_format: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
-            .args([
-                "--log-format",
-                log_format,
-                "run",
-                "--exit-when-done",
-                "--config",
-            ])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the coordinator starts");
-        let (tx, lines) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Coordinator { child, lines }
-    }
-
-    /// Waits for a log line containing all of `parts`; returns the lines seen so far.
-    fn wait_for(&self, parts: &[&str], timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = parts.iter().all(|p| line.contains(p));
-                    seen.push(line);
-                    if hit {
-                        return seen;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line with {parts:?} within {timeout:?}; last lines:\n{}",
-                    seen[seen.len().saturating_sub(30)..].join("\n")
-                ),
-            }
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
+/// The coordinator binary with `run --exit-when-done`, logging in `log_format`.
+fn start(config: &Path, log_format: &str) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
+    cmd.args([
+        "--log-format",
+        log_format,
+        "run",
+        "--exit-when-done",
+        "--config",
+    ])
+    .arg(config)
+    .env("NO_COLOR", "1");
+    Proc::spawn("coordinator", cmd)
 }
 
 #[test]
@@ -148,8 +89,8 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         &["round=5", "evaluating the model"],
     ];
     for (i, pattern) in kills.iter().enumerate() {
-        let c = Coordinator::start(&config);
-        let seen = c.wait_for(pattern, minute);
+        let mut c = start(&config, "text");
+        let seen = c.wait_for_within(pattern, minute);
         // The first kill may land before or after round 0 is committed. Start i follows the
         // kill inside round i, so it resumes after round i - 1 (or i, had the commit won the
         // race with the kill).
@@ -166,8 +107,8 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         c.kill();
     }
     // SIGTERM inside round 5 (JSON logs this time): a clean stop, exit 0, storage flushed.
-    let c = Coordinator::start_with(&config, "json");
-    let seen = c.wait_for(&["\"stage\":\"MaskedInput\"", "\"round\":5"], minute);
+    let mut c = start(&config, "json");
+    let seen = c.wait_for_within(&["\"stage\":\"MaskedInput\"", "\"round\":5"], minute);
     for line in &seen {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
@@ -178,16 +119,15 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let stopped = c.wait_for(&["stopped: committed rounds are on disk"], minute);
-    let mut child = c.child;
+    let stopped = c.wait_for_within(&["stopped: committed rounds are on disk"], minute);
     assert!(
-        child.wait().unwrap().success(),
+        c.child.wait().unwrap().success(),
         "exit 0 on SIGTERM:\n{}",
         stopped.join("\n")
     );
 
-    let last = Coordinator::start(&config);
-    let seen = last.wait_for(&["finished 6 rounds"], minute);
+    let mut last = start(&config, "text");
+    let seen = last.wait_for_within(&["finished 6 rounds"], minute);
     // Killed while evaluating round 5: it resumes after round 4 (or 5, had the commit won
     // the race with the kill).
     assert!(
@@ -197,8 +137,7 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         "the last start resumes after round 4 or 5:\n{}",
         seen.join("\n")
     );
-    let mut child = last.child;
-    assert!(child.wait().unwrap().success());
+    assert!(last.child.wait().unwrap().success());
     for a in agents {
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), a).await })
             .expect("agents stop after the shutdown")

@@ -83,27 +83,12 @@ fn split(site: &str, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn agent_toml(pki: &Path, site: &str, port: u16, train: &Path, test: &Path) -> String {
-    let b = pki.join("sites").join(site);
-    format!(
-        r#"
-site = "{site}"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {:?}
-cert = {:?}
-key = {:?}
-[data]
-csv = {train:?}
-test_csv = {test:?}
-[reconnect]
-initial_ms = 100
-max_ms = 500
-{LISTED_SCHEMA}"#,
-        b.join("ca.pem"),
-        b.join("cert.pem"),
-        b.join("key.pem"),
+    agent_toml_with_data(
+        &pki.join("sites").join(site),
+        site,
+        port,
+        &format!("csv = {train:?}\ntest_csv = {test:?}"),
+        LISTED_SCHEMA,
     )
 }
 

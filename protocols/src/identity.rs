@@ -41,6 +41,10 @@ pub enum IdentityError {
 pub fn common_name(cert_der: &[u8]) -> Result<String, IdentityError> {
     let (_, cert) =
         X509Certificate::from_der(cert_der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    subject_common_name(&cert)
+}
+
+fn subject_common_name(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {
     cert.subject()
         .iter_common_name()
         .next()
@@ -112,13 +116,7 @@ impl CaVerifier {
         if !cert.validity().is_valid_at(now) {
             return Err(IdentityError::Expired);
         }
-        let common_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(IdentityError::NoCommonName)?
-            .to_string();
+        let common_name = subject_common_name(&cert)?;
         let spki = cert.public_key();
         if spki.algorithm.algorithm != OID_SIG_ED25519 {
             return Err(IdentityError::NotEd25519);

@@ -78,6 +78,14 @@ impl World {
     /// Delivers the outbox to every client (except `skip`), feeds the replies to the server
     /// and polls it, leaving the next broadcast in the outbox. Returns the replies.
     fn step(&mut self, skip: &[ClientId]) -> Vec<(ClientId, ClientMessage<u32>)> {
+        let replies = self.deliver(skip);
+        self.poll_through();
+        replies
+    }
+
+    /// Delivers the outbox to every client (except `skip`) and feeds the replies to the
+    /// server, without polling it. Returns the replies.
+    fn deliver(&mut self, skip: &[ClientId]) -> Vec<(ClientId, ClientMessage<u32>)> {
         let mut replies = Vec::new();
         for (to, msg) in std::mem::take(&mut self.outbox) {
             if skip.contains(&to) {
@@ -100,8 +108,18 @@ impl World {
                 .receive(*from, r.clone(), 0)
                 .expect("honest message accepted");
         }
-        self.poll_through();
         replies
+    }
+
+    /// The wrapping sum of the inputs of `survivors`, as the unmasked output must be.
+    fn plain_sum(&self, survivors: &[ClientId]) -> Vec<u32> {
+        let mut sum = vec![0u32; self.params.vector_len()];
+        for &id in survivors {
+            for (s, x) in sum.iter_mut().zip(self.input(id)) {
+                *s = s.wrapping_add(x);
+            }
+        }
+        sum
     }
 
     fn poll_through(&mut self) {
@@ -526,24 +544,7 @@ fn a_disconnected_site_ends_the_wait_at_once_in_every_stage() {
             } else {
                 vec![]
             };
-            let mut replies = Vec::new();
-            for (to, msg) in std::mem::take(&mut w.outbox) {
-                if skip.contains(&to) {
-                    continue;
-                }
-                let input = w.input(to);
-                let client = w.clients.get_mut(&to).expect("client");
-                let mut reply = client.handle(&msg).expect("honest step");
-                if reply.is_none() {
-                    reply = client
-                        .set_input(QuantisedInput::from_values(input))
-                        .expect("input");
-                }
-                replies.extend(reply.map(|r| (to, r)));
-            }
-            for (from, r) in replies {
-                w.server.receive(from, r, 0).expect("accepted");
-            }
+            w.deliver(&skip);
             if broadcasts == gone_before {
                 assert!(
                     matches!(w.server.poll(0), Ok(Poll::Pending { .. })),
@@ -557,15 +558,12 @@ fn a_disconnected_site_ends_the_wait_at_once_in_every_stage() {
             match w.server.poll(0).expect("no abort") {
                 Poll::Send(m) => w.outbox = m,
                 Poll::Done(out) => {
-                    let survivors: Vec<ClientId> = out.survivors.clone();
-                    assert!(!survivors.contains(&victim) || gone_before >= 3);
-                    let mut expected = vec![0u32; w.params.vector_len()];
-                    for s in &survivors {
-                        for (e, x) in expected.iter_mut().zip(w.input(*s)) {
-                            *e = e.wrapping_add(x);
-                        }
-                    }
-                    assert_eq!(out.sum.to_vec(), expected, "stage {gone_before}");
+                    assert!(!out.survivors.contains(&victim) || gone_before >= 3);
+                    assert_eq!(
+                        out.sum.to_vec(),
+                        w.plain_sum(&out.survivors),
+                        "stage {gone_before}"
+                    );
                     w.outbox.clear();
                 }
                 Poll::Pending { .. } => panic!("stage {gone_before}: waits for a gone site"),
@@ -907,17 +905,6 @@ fn the_stage_closes_early_once_every_upload_is_complete_or_refused() {
     assert!(matches!(w.server.poll(0), Ok(Poll::Send(_))));
 }
 
-/// The wrapping sum of the inputs of `survivors`, as the unmasked output must be.
-fn plain_sum(w: &World, survivors: &[ClientId]) -> Vec<u32> {
-    let mut sum = vec![0u32; w.params.vector_len()];
-    for &id in survivors {
-        for (s, x) in sum.iter_mut().zip(w.input(id)) {
-            *s = s.wrapping_add(x);
-        }
-    }
-    sum
-}
-
 /// `share` with one limb changed: still a field element, no longer on the polynomial.
 fn corrupted(share: &Share) -> Share {
     let mut bytes = share.to_bytes();
@@ -953,7 +940,7 @@ fn a_wrong_revealed_share_is_identified_and_the_sum_is_still_exact() {
         panic!("the round completes")
     };
     assert_eq!(out.survivors, vec![0, 1, 2, 3, 4, 5]);
-    assert_eq!(out.sum.to_vec(), plain_sum(&w, &out.survivors));
+    assert_eq!(out.sum.to_vec(), w.plain_sum(&out.survivors));
     let culprits: Vec<(ClientId, RejectReason)> = out
         .rejections
         .iter()

@@ -302,10 +302,10 @@ fn setup(n: u32, consistency_check: bool) -> coordinator_message::Kind {
     setup_with(&roster, consistency_check).0
 }
 
-/// The key advertisement a site would make for roster entry `id`, made instead with the key
-/// and certificate at `key`/`cert` in the PKI (the coordinator's, or a colluding site's):
-/// a real protocol client does the signing.
-fn forged_advertisement(
+/// The key advertisement for roster entry `id`, signed with the key and certificate at
+/// `key_path`/`cert_path` in the PKI (the site's own, or the coordinator's or a colluding
+/// site's for a forgery): a real protocol client does the signing.
+fn advertisement(
     pki: &Path,
     setup: &cohort_protocols::secagg::Setup,
     id: u32,
@@ -345,18 +345,14 @@ fn substitution(
     let (kind, setup) = setup_with(&roster(), true);
     let keys = (1..SITES.len() as u32)
         .map(|id| {
-            if id == forged_id {
-                forged_advertisement(pki, &setup, id, key_path, cert_path)
+            let site = format!("sites/{}", SITES[id as usize]);
+            let (own_key, own_cert) = (format!("{site}/key.pem"), format!("{site}/cert.pem"));
+            let (key, cert) = if id == forged_id {
+                (key_path, cert_path)
             } else {
-                let site = format!("sites/{}", SITES[id as usize]);
-                forged_advertisement(
-                    pki,
-                    &setup,
-                    id,
-                    &format!("{site}/key.pem"),
-                    &format!("{site}/cert.pem"),
-                )
-            }
+                (own_key.as_str(), own_cert.as_str())
+            };
+            advertisement(pki, &setup, id, key, cert)
         })
         .collect();
     vec![

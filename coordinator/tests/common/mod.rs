@@ -56,6 +56,21 @@ pub fn coordinator_tls(pki: &Path) -> String {
 /// An agent.toml for `site` from the bundle in `bundle`, dialling `port`: only what is local
 /// to the site (the schema comes from the coordinator), plus `extra`.
 pub fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
+    let data = format!(
+        "csv = {:?}\ntest_fraction = 0.34\nsplit_seed = 42",
+        data(site)
+    );
+    agent_toml_with_data(bundle, site, port, &data, extra)
+}
+
+/// As [`agent_toml`], with `data` as the body of the `[data]` table.
+pub fn agent_toml_with_data(
+    bundle: &Path,
+    site: &str,
+    port: u16,
+    data: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 site = "{site}"
@@ -67,9 +82,7 @@ ca_cert = {ca:?}
 cert = {cert:?}
 key = {key:?}
 [data]
-csv = {csv:?}
-test_fraction = 0.34
-split_seed = 42
+{data}
 [reconnect]
 initial_ms = 100
 max_ms = 500
@@ -78,7 +91,6 @@ max_refusals = 2
         ca = bundle.join("ca.pem"),
         cert = bundle.join("cert.pem"),
         key = bundle.join("key.pem"),
-        csv = data(site),
     )
 }
 
@@ -167,9 +179,13 @@ impl Proc {
         Self::spawn(name, cmd)
     }
 
-    /// Waits for a line containing all of `parts`; returns the lines seen meanwhile.
+    /// Waits (up to two minutes) for a line containing all of `parts`; returns the lines seen
+    /// meanwhile.
     pub fn wait_for(&self, parts: &[&str]) -> Vec<String> {
-        let timeout = Duration::from_secs(120);
+        self.wait_for_within(parts, Duration::from_secs(120))
+    }
+
+    pub fn wait_for_within(&self, parts: &[&str], timeout: Duration) -> Vec<String> {
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
         loop {

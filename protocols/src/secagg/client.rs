@@ -391,17 +391,23 @@ impl<W: Word> Client<W> {
     /// accepted advertisement, which must include this site's own.
     fn derive_graph(
         &self,
+        neighbours: u32,
+        complete: bool,
         advertisers: &[(ClientId, [u8; 32])],
     ) -> Result<NeighbourGraph, ClientError> {
-        let params = self.params()?;
         let participants: Vec<ClientId> = self.roster.keys().copied().collect();
-        if params.neighbours == params.sites {
-            return Ok(NeighbourGraph::new(
-                &participants,
-                params.neighbours,
-                &self.server_seed,
-            )?);
-        }
+        let seed = if complete {
+            self.server_seed
+        } else {
+            self.check_seed_material(advertisers)?;
+            crypto::graph_seed(self.round, &self.server_seed, advertisers)
+        };
+        Ok(NeighbourGraph::new(&participants, neighbours, &seed)?)
+    }
+
+    /// The advertiser list must be canonical, list only participants, and hold this site's
+    /// own advertisement as this site made it.
+    fn check_seed_material(&self, advertisers: &[(ClientId, [u8; 32])]) -> Result<(), ClientError> {
         if advertisers.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(ClientError::SeedMaterial(
                 "the advertiser list is not sorted and duplicate-free".into(),
@@ -429,12 +435,7 @@ impl<W: Word> Client<W> {
                 ));
             }
         }
-        let seed = crypto::graph_seed(self.round, &self.server_seed, advertisers);
-        Ok(NeighbourGraph::new(
-            &participants,
-            params.neighbours,
-            &seed,
-        )?)
+        Ok(())
     }
 
     fn on_neighbour_keys(&mut self, m: &NeighbourKeys) -> Result<ClientMessage<W>, ClientError> {
@@ -446,8 +447,9 @@ impl<W: Word> Client<W> {
                 got: "NeighbourKeys before Setup",
             });
         }
-        let graph = self.derive_graph(&m.advertisers)?;
-        let complete = self.params()?.neighbours == self.params()?.sites;
+        let params = self.params()?;
+        let complete = params.neighbours == params.sites;
+        let graph = self.derive_graph(params.neighbours, complete, &m.advertisers)?;
         let digests: BTreeMap<ClientId, [u8; 32]> = m.advertisers.iter().copied().collect();
         let (Some(cipher_sk), Some(mask_sk)) = (self.cipher_sk.take(), self.mask_sk.take()) else {
             return Err(ClientError::Failed);

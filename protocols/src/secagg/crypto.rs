@@ -149,11 +149,7 @@ pub(crate) fn advertisement_digest(payload: &[u8]) -> [u8; 32] {
 /// The commitment to a self-mask seed a site signs in its advertisement, so the server can
 /// tell a correctly reconstructed seed from one that crafted shares produced.
 pub(crate) fn self_commitment(round: RoundId, owner: ClientId, seed: &[u8; 32]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"cohort-secagg-v2/self-mask-commitment");
-    let mut r = Vec::with_capacity(12);
-    round.write(&mut r);
-    h.update(&r);
+    let mut h = domain_hash(b"cohort-secagg-v2/self-mask-commitment", round);
     h.update(owner.to_le_bytes());
     h.update(seed);
     h.finalize().into()
@@ -167,11 +163,7 @@ pub(crate) fn graph_seed(
     server_seed: &[u8; 32],
     advertisers: &[(ClientId, [u8; 32])],
 ) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"cohort-secagg-v2/graph-seed");
-    let mut r = Vec::with_capacity(12);
-    round.write(&mut r);
-    h.update(&r);
+    let mut h = domain_hash(b"cohort-secagg-v2/graph-seed", round);
     h.update(server_seed);
     h.update((advertisers.len() as u32).to_le_bytes());
     for (id, digest) in advertisers {
@@ -179,6 +171,17 @@ pub(crate) fn graph_seed(
         h.update(digest);
     }
     h.finalize().into()
+}
+
+/// SHA-256 started with a domain label and the round attempt, so no hash of one kind or
+/// attempt can stand for another.
+fn domain_hash(label: &[u8], round: RoundId) -> Sha256 {
+    let mut h = Sha256::new();
+    h.update(label);
+    let mut r = Vec::with_capacity(12);
+    round.write(&mut r);
+    h.update(&r);
+    h
 }
 
 /// Whether `key` is an X25519 public key an honest site could have advertised: on the curve

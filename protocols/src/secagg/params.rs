@@ -157,7 +157,12 @@ impl Params {
     /// both kinds. It learns the input iff both kinds reach t, i.e. iff 2t <= k + c. The
     /// consistency check does not remove this: colluders' signatures count toward either set.
     pub fn threshold_for(neighbours: u32, colluders: u32) -> u32 {
-        Self::default_threshold(neighbours).max((neighbours + colluders) / 2 + 1)
+        Self::default_threshold(neighbours).max(Self::min_threshold_against(neighbours, colluders))
+    }
+
+    /// The least t with 2t > k + c: the smallest threshold that resists c colluding sites.
+    pub fn min_threshold_against(neighbours: u32, colluders: u32) -> u32 {
+        (neighbours + colluders) / 2 + 1
     }
 
     /// How many colluding sites in a neighbourhood these parameters resist: the largest c with

@@ -270,18 +270,9 @@ pub fn reconstruct(shares: &[(u32, &Share)], threshold: usize) -> Result<[u8; 32
             return Err(ShamirError::Inconsistent);
         }
     }
-    let mut secret = [0u8; 32];
-    for (l, chunk) in secret.chunks_mut(LIMB_BYTES).enumerate() {
-        let bytes = limbs[l].to_le_bytes();
-        // A limb that does not fit its byte width cannot come from a real secret.
-        if bytes[chunk.len()..].iter().any(|&b| b != 0) {
-            limbs.zeroize();
-            return Err(ShamirError::Inconsistent);
-        }
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
+    let secret = limbs_to_secret(&limbs);
     limbs.zeroize();
-    Ok(secret)
+    secret.ok_or(ShamirError::Inconsistent)
 }
 
 /// A secret reconstructed by [`reconstruct_verified`] and the holders whose shares were wrong.
