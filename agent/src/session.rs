@@ -563,7 +563,14 @@ impl Session<'_> {
             pending: None,
         });
         if task == Task::Stats {
-            let v = self.data.stats_vector();
+            let v = match self.data.stats_vector() {
+                Ok(v) => v,
+                Err(reason) => {
+                    warn!(site = %self.cfg.site, round, %reason, "declining the statistics round");
+                    self.round = None;
+                    return self.decline(round, reason).await;
+                }
+            };
             if secure {
                 self.provide(Pending::Stats(v)).await?;
             } else {

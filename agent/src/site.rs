@@ -16,8 +16,8 @@ pub trait LocalSite: Send + Sync + 'static {
     /// Training examples: the site's weight in the average.
     fn train_examples(&self) -> u64;
     /// The statistics vector for the federated standardisation round (layout in
-    /// `cohort_protocols::model::stats`).
-    fn stats_vector(&self) -> Vec<u64>;
+    /// `cohort_protocols::model::stats`), or why this site's values would overflow the sum.
+    fn stats_vector(&self) -> Result<Vec<u64>, String>;
     /// Trains from `global` and returns the update (new parameters minus `global`).
     fn train(
         &self,
@@ -45,8 +45,13 @@ impl LocalSite for SiteData {
         self.train.len() as u64
     }
 
-    fn stats_vector(&self) -> Vec<u64> {
-        SiteData::stats_vector(self)
+    fn stats_vector(&self) -> Result<Vec<u64>, String> {
+        cohort_protocols::model::stats::check_site_headroom(
+            self.train.features.iter().map(Vec::as_slice),
+            self.inputs,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(SiteData::stats_vector(self))
     }
 
     fn train(

@@ -108,8 +108,10 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let hub = Hub::new(tx);
         let (out, _keep) = tokio::sync::mpsc::channel(1);
-        hub.connect("cleveland", 200, out.clone()).unwrap();
-        hub.connect("hungary", 173, out).unwrap();
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        hub.connect("cleveland", 200, out.clone(), close.clone())
+            .unwrap();
+        hub.connect("hungary", 173, out, close).unwrap();
         hub.touch("cleveland", 1234);
         let progress = Progress::default();
         let dir = tempfile::tempdir().unwrap();

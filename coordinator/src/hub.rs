@@ -8,20 +8,74 @@
 //! later the status API) read it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use cohort_proto::v1::{Chunk, CoordinatorMessage, coordinator_message};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
 use tonic::Status;
+use tracing::warn;
 
 use crate::sharded::ShardedMap;
 use crate::upload::OpenUpload;
 
 pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// Messages queued to one site before a send waits for it to read: with chunks of at most
+/// [`cohort_proto::CHUNK_BYTES`] this bounds the coordinator's memory per slow site to about
+/// 2 MiB (plus what HTTP/2 flow control lets through), instead of a model's worth per site.
+pub const SITE_OUTBOX_MESSAGES: usize = 32;
+
+/// Bytes of one site's messages that may wait in the driver's inbox at once. A site that
+/// sends faster than the driver reads is not read further (HTTP/2 flow control then stops it)
+/// until the driver has taken its queued messages: one flooding site costs at most this much
+/// memory and cannot crowd the others out of the inbox.
+pub const SITE_INBOX_BYTES: usize = 8 << 20;
+
+/// One session's share of the driver's inbox ([`SITE_INBOX_BYTES`]).
+#[derive(Debug, Clone)]
+pub struct InboxBudget(Arc<tokio::sync::Semaphore>);
+
+impl Default for InboxBudget {
+    fn default() -> Self {
+        InboxBudget(Arc::new(tokio::sync::Semaphore::new(SITE_INBOX_BYTES)))
+    }
+}
+
+impl InboxBudget {
+    /// Waits until `msg` fits the session's budget and returns its share, held by the
+    /// [`Inbound::Message`] until the driver drops it. A message larger than the whole budget
+    /// waits for all of it.
+    pub async fn admit(&self, msg: &cohort_proto::v1::AgentMessage) -> OwnedSemaphorePermit {
+        let cost = prost::Message::encoded_len(msg).clamp(1, SITE_INBOX_BYTES);
+        // The semaphore is never closed, so acquiring cannot fail; if it ever did, waiting
+        // for nothing would be wrong, so the closed case waits forever instead of admitting.
+        match self.0.clone().acquire_many_owned(cost as u32).await {
+            Ok(permit) => permit,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// The coordinator's end of one site's session: where its messages go, and how to end it.
+#[derive(Debug, Clone)]
+struct Link {
+    tx: Outbound,
+    session: u64,
+    /// Wakes the session's reader task, which then ends the session.
+    close: Arc<Notify>,
+}
+
+/// Something to send to a site: one message, or bytes sent as chunks wrapped by the function.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Message(coordinator_message::Kind),
+    Chunked(Bytes, fn(Chunk) -> coordinator_message::Kind),
+}
 
 /// What the coordinator knows about a site. Never data, never an update.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -82,6 +136,9 @@ pub enum Inbound {
     Message {
         site: String,
         msg: cohort_proto::v1::AgentMessage,
+        /// The message's share of the site's [`SITE_INBOX_BYTES`], returned when the driver
+        /// drops the message.
+        permit: Option<OwnedSemaphorePermit>,
     },
     Disconnected {
         site: String,
@@ -142,7 +199,7 @@ impl Received {
 pub struct Hub {
     pub sites: ShardedMap<String, SiteState>,
     pub received: Received,
-    outbound: ShardedMap<String, Outbound>,
+    outbound: ShardedMap<String, Link>,
     /// The open aggregation's slot per site; empty between aggregations.
     pub uploads: ShardedMap<String, OpenUpload>,
     ids: Mutex<BTreeMap<String, u32>>,
@@ -173,7 +230,15 @@ impl Hub {
     /// session whose agent died is noticed by HTTP/2 keepalive (or its reset), after which
     /// the site can connect again. The check and the claim happen under the shard's lock, so
     /// two joins racing each other cannot both win.
-    pub fn connect(&self, site: &str, examples: u64, tx: Outbound) -> Result<(u32, u64), u64> {
+    ///
+    /// `close` is notified when the coordinator ends the session ([`Hub::close`]).
+    pub fn connect(
+        &self,
+        site: &str,
+        examples: u64,
+        tx: Outbound,
+        close: Arc<Notify>,
+    ) -> Result<(u32, u64), u64> {
         let id = {
             let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
             let next = ids.len() as u32;
@@ -193,8 +258,9 @@ impl Hub {
                 Ok(s.session)
             },
         )?;
+        let link = Link { tx, session, close };
         self.outbound
-            .update(&site.to_string(), || tx.clone(), |t| *t = tx.clone());
+            .update(&site.to_string(), || link.clone(), |l| *l = link.clone());
         Ok((id, session))
     }
 
@@ -234,39 +300,95 @@ impl Hub {
         v
     }
 
-    /// Sends one message; false if the site is gone or does not read within 30 s.
-    pub async fn send(&self, site: &str, msg: coordinator_message::Kind) -> bool {
-        let Some(tx) = self.outbound.get(&site.to_string()) else {
-            return false;
+    /// Ends `site`'s current session from this side (it did not read its messages in time,
+    /// or sent what no agent sends), recording why in the site's state. The site is
+    /// disconnected at once, so no later send waits for it; its agent may connect again.
+    pub fn close(&self, site: &str, round: u64, reason: &str) {
+        let Some(link) = self.outbound.get(&site.to_string()) else {
+            return;
         };
-        let message = CoordinatorMessage { kind: Some(msg) };
-        let bytes = prost::Message::encoded_len(&message) as u64;
-        let ok = tokio::time::timeout(Duration::from_secs(30), tx.send(Ok(message)))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if ok {
-            self.sites
-                .update(&site.to_string(), unreachable_state, |s| {
-                    s.bytes_out += bytes
-                });
-        }
-        ok
+        warn!(%site, round, %reason, "session closed by the coordinator");
+        self.record(site, |s| {
+            s.rejections += 1;
+            s.last_rejection = Some((round, format!("session closed: {reason}")));
+        });
+        self.disconnect(site, link.session);
+        link.close.notify_one();
     }
 
-    /// Sends `bytes` as chunks of [`cohort_proto::CHUNK_BYTES`], wrapped by `wrap`. The chunks
-    /// share `bytes` (a model sent to every site is in memory once).
-    pub async fn send_chunked(
-        &self,
-        site: &str,
-        bytes: &Bytes,
-        wrap: fn(Chunk) -> coordinator_message::Kind,
-    ) -> bool {
-        for chunk in cohort_proto::chunks(bytes.clone()) {
-            if !self.send(site, wrap(chunk)).await {
-                return false;
+    /// Sends one message; false if the site is gone or does not take it within 30 s.
+    pub async fn send(&self, site: &str, msg: coordinator_message::Kind) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        tokio::time::timeout_at(deadline, self.send_all(site, &[Outgoing::Message(msg)]))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Sends `items` to `site` in order; false if its session is gone. Waits while the site's
+    /// queue is full: callers bound the wait.
+    async fn send_all(&self, site: &str, items: &[Outgoing]) -> bool {
+        let Some(link) = self.outbound.get(&site.to_string()) else {
+            return false;
+        };
+        for item in items {
+            let chunks: Box<dyn Iterator<Item = coordinator_message::Kind> + Send> = match item {
+                Outgoing::Message(kind) => Box::new(std::iter::once(kind.clone())),
+                Outgoing::Chunked(bytes, wrap) => {
+                    Box::new(cohort_proto::chunks(bytes.clone()).map(*wrap))
+                }
+            };
+            for kind in chunks {
+                let message = CoordinatorMessage { kind: Some(kind) };
+                let bytes = prost::Message::encoded_len(&message) as u64;
+                if link.tx.send(Ok(message)).await.is_err() {
+                    return false;
+                }
+                self.sites
+                    .update(&site.to_string(), unreachable_state, |s| {
+                        s.bytes_out += bytes
+                    });
             }
         }
         true
+    }
+
+    /// Sends every site its messages, all sites at once, under one deadline: a site that does
+    /// not read cannot hold up the others, nor the round for longer than `deadline`. A site
+    /// still connected that has not taken all its messages by then is disconnected
+    /// ([`Hub::close`]). Returns the sites that did not get all their messages.
+    pub async fn deliver(
+        self: &Arc<Self>,
+        round: u64,
+        batches: Vec<(String, Vec<Outgoing>)>,
+        deadline: Instant,
+    ) -> Vec<String> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (site, items) in batches {
+            let hub = self.clone();
+            tasks.spawn(async move {
+                let sent = tokio::time::timeout_at(deadline, hub.send_all(&site, &items)).await;
+                match sent {
+                    Ok(true) => None,
+                    Ok(false) => Some(site),
+                    Err(_) => {
+                        hub.close(
+                            &site,
+                            round,
+                            "did not read the coordinator's messages before the stage deadline",
+                        );
+                        Some(site)
+                    }
+                }
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Some(site)) = done {
+                failed.push(site);
+            }
+        }
+        failed.sort();
+        failed
     }
 
     /// Lock statistics of every sharded map, by map name.
@@ -310,8 +432,14 @@ mod tests {
         let (inbox, _rx) = mpsc::channel(1);
         let hub = Hub::new(inbox);
         let (out, _o) = mpsc::channel(1);
-        let (id, first) = hub.connect("cleveland", 10, out.clone()).unwrap();
-        assert_eq!(hub.connect("cleveland", 10, out.clone()), Err(first));
+        let close = Arc::new(Notify::new());
+        let (id, first) = hub
+            .connect("cleveland", 10, out.clone(), close.clone())
+            .unwrap();
+        assert_eq!(
+            hub.connect("cleveland", 10, out.clone(), close.clone()),
+            Err(first)
+        );
         // The refused newcomer changed nothing: the first session is still the site's.
         let state = hub.sites.get(&"cleveland".to_string()).unwrap();
         assert!(state.connected);
@@ -319,9 +447,97 @@ mod tests {
         assert!(hub.outbound.get(&"cleveland".to_string()).is_some());
         // A stale disconnect (an older session) does not end the current one.
         hub.disconnect("cleveland", first - 1);
-        assert!(hub.connect("cleveland", 10, out.clone()).is_err());
+        assert!(
+            hub.connect("cleveland", 10, out.clone(), close.clone())
+                .is_err()
+        );
         hub.disconnect("cleveland", first);
-        let (again, second) = hub.connect("cleveland", 12, out).unwrap();
+        let (again, second) = hub.connect("cleveland", 12, out, close).unwrap();
         assert_eq!((again, second), (id, first + 1));
+    }
+
+    #[tokio::test]
+    async fn a_site_that_does_not_read_is_closed_at_the_deadline_and_the_others_get_everything() {
+        let (inbox, _rx) = mpsc::channel(1);
+        let hub = Arc::new(Hub::new(inbox));
+        let (fast_tx, mut fast_rx) = mpsc::channel(SITE_OUTBOX_MESSAGES);
+        let (slow_tx, _slow_rx) = mpsc::channel(SITE_OUTBOX_MESSAGES);
+        let slow_close = Arc::new(Notify::new());
+        hub.connect("cleveland", 1, fast_tx, Arc::new(Notify::new()))
+            .unwrap();
+        hub.connect("va", 1, slow_tx, slow_close.clone()).unwrap();
+        // A model of 3 x SITE_OUTBOX_MESSAGES chunks: more than a queue holds.
+        let model = Bytes::from(vec![
+            1u8;
+            3 * SITE_OUTBOX_MESSAGES * cohort_proto::CHUNK_BYTES
+        ]);
+        let chunks = 3 * SITE_OUTBOX_MESSAGES;
+        let reader = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(Ok(_)) = fast_rx.recv().await {
+                n += 1;
+            }
+            n
+        });
+        let batch = vec![Outgoing::Chunked(model, coordinator_message::Kind::Model)];
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let failed = hub
+            .deliver(
+                7,
+                vec![("cleveland".into(), batch.clone()), ("va".into(), batch)],
+                deadline,
+            )
+            .await;
+        assert_eq!(failed, vec!["va".to_string()]);
+        let va = hub.sites.get(&"va".to_string()).unwrap();
+        assert!(!va.connected, "closed");
+        assert_eq!(va.rejections, 1);
+        let (round, reason) = va.last_rejection.unwrap();
+        assert_eq!(round, 7);
+        assert!(reason.contains("did not read"), "{reason}");
+        // The session's reader task is told to end the session.
+        tokio::time::timeout(Duration::from_secs(1), slow_close.notified())
+            .await
+            .expect("close notified");
+        // Later sends to the closed site fail at once instead of waiting.
+        assert!(
+            !hub.send("va", coordinator_message::Kind::Model(Chunk::default()))
+                .await
+        );
+        hub.disconnect("cleveland", 1);
+        assert_eq!(reader.await.unwrap(), chunks);
+    }
+
+    #[tokio::test]
+    async fn a_site_cannot_queue_more_than_its_inbox_budget() {
+        use cohort_proto::v1::{AgentMessage, agent_message};
+        let budget = InboxBudget::default();
+        let chunk = |n: usize| AgentMessage {
+            kind: Some(agent_message::Kind::Secagg(Chunk {
+                data: vec![0u8; n].into(),
+                last: false,
+            })),
+        };
+        // Messages the driver has not taken yet hold their shares.
+        let mut queued = Vec::new();
+        let per = prost::Message::encoded_len(&chunk(60 << 10));
+        for _ in 0..SITE_INBOX_BYTES / per {
+            queued.push(budget.admit(&chunk(60 << 10)).await);
+        }
+        let one = chunk(60 << 10);
+        let next = tokio::time::timeout(Duration::from_millis(200), budget.admit(&one));
+        assert!(
+            next.await.is_err(),
+            "the reader waits once the budget is used"
+        );
+        // The driver drops one message: the next is admitted.
+        queued.pop();
+        let admitted = tokio::time::timeout(Duration::from_secs(5), budget.admit(&one));
+        assert!(admitted.await.is_ok());
+        // A message larger than the whole budget waits for all of it, rather than forever.
+        queued.clear();
+        let too_big = chunk(SITE_INBOX_BYTES * 2);
+        let huge = tokio::time::timeout(Duration::from_secs(5), budget.admit(&too_big));
+        assert!(huge.await.is_ok());
     }
 }

@@ -31,8 +31,22 @@ use tracing::{info, warn};
 pub use config::CoordinatorConfig;
 pub use driver::RunSummary;
 
-/// Largest gRPC message accepted (chunks are at most 4 MiB).
+/// Largest gRPC message sent (chunks are at most 4 MiB).
 const MAX_MESSAGE: usize = cohort_proto::MAX_MESSAGE_BYTES;
+
+/// Largest message accepted from an agent: a chunk of [`cohort_proto::CHUNK_BYTES`] with room
+/// for its envelope, or a Join with its schema. An agent never sends more, so a bigger one is
+/// refused by the decoder and its session ends, before it is buffered anywhere.
+const MAX_AGENT_MESSAGE: usize = cohort_proto::CHUNK_BYTES + (64 << 10);
+
+/// TLS handshakes in progress at once. More wait in the listen backlog: a crowd of
+/// half-open connections costs at most this many tasks and file descriptors, each for at most
+/// [`HANDSHAKE_TIMEOUT`].
+const MAX_HANDSHAKES: usize = 256;
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// HTTP/2 streams per connection: an agent uses two (its schema request and its session).
+const MAX_STREAMS: u32 = 8;
 
 /// Lowercase hex, for hashes and signatures in records and metadata.
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -235,8 +249,12 @@ async fn serve(
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
     let rejected = Arc::new(tls::RejectLog::new(std::time::Duration::from_secs(60)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let accept_task = tokio::spawn(async move {
         loop {
+            let Ok(slot) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -250,9 +268,9 @@ async fn serve(
             let conn_tx = conn_tx.clone();
             let rejected = rejected.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
+                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(slot);
+                match accepted {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
@@ -260,14 +278,14 @@ async fn serve(
                         rejected.handshake_failed(peer, &tls::handshake_reason(&e));
                     }
                     Err(_) => {
-                        rejected.handshake_failed(peer, "TLS handshake timed out after 10 s");
+                        rejected.handshake_failed(peer, "TLS handshake timed out");
                     }
                 }
             });
         }
     });
     let svc = CoordinatorServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE)
+        .max_decoding_message_size(MAX_AGENT_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -275,6 +293,7 @@ async fn serve(
             // is found by keepalive within 40 s, so the site can connect again.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .max_concurrent_streams(Some(MAX_STREAMS))
             .add_service(svc)
             .serve_with_incoming(ReceiverStream::new(conn_rx)),
     );

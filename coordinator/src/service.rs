@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::hub::{Hub, Inbound};
+use crate::hub::{Hub, Inbound, InboxBudget};
 use cohort_proto::CHUNK_BYTES;
 
 pub use cohort_proto::PROTOCOL_VERSION;
@@ -112,8 +112,12 @@ impl Coordinator for Service {
             }
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
-        let (tx, rx) = mpsc::channel(256);
-        let (id, session) = match self.hub.connect(&site, join.examples, tx.clone()) {
+        let (tx, rx) = mpsc::channel(crate::hub::SITE_OUTBOX_MESSAGES);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (id, session) = match self
+            .hub
+            .connect(&site, join.examples, tx.clone(), close.clone())
+        {
             Ok(joined) => joined,
             Err(existing) => {
                 warn!(%site, peer = %peer, existing_session = existing, "join refused: this site is already connected (a second agent with the same bundle?)");
@@ -137,13 +141,21 @@ impl Coordinator for Service {
         let hub = self.hub.clone();
         let budget = self.memory_budget;
         let out = tx.clone();
+        let inbox_budget = InboxBudget::default();
         tokio::spawn(async move {
             let mut uploading = false;
             // The rest of a refused upload keeps arriving; it is dropped without a log line
             // per chunk (a 100M-parameter upload is 1 500 chunks).
             let mut refused = false;
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    () = close.notified() => {
+                        tell_closed(&hub, &site, &out);
+                        break;
+                    }
+                };
+                match next {
                     Ok(Some(msg)) => {
                         hub.touch(&site, prost::Message::encoded_len(&msg) as u64);
                         hub.received.count(&msg);
@@ -174,15 +186,21 @@ impl Coordinator for Service {
                             }
                             continue;
                         }
-                        if hub
-                            .inbox
-                            .send(Inbound::Message {
-                                site: site.clone(),
-                                msg,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        // Waits while this site's earlier messages fill its share of the
+                        // inbox; the session can still be closed meanwhile.
+                        let permit = tokio::select! {
+                            p = inbox_budget.admit(&msg) => Some(p),
+                            () = close.notified() => {
+                                tell_closed(&hub, &site, &out);
+                                break;
+                            }
+                        };
+                        let message = Inbound::Message {
+                            site: site.clone(),
+                            msg,
+                            permit,
+                        };
+                        if hub.inbox.send(message).await.is_err() {
                             break;
                         }
                     }
@@ -195,6 +213,9 @@ impl Coordinator for Service {
                     }
                     Err(e) => {
                         warn!(%site, error = %e, "session error");
+                        // Tells the agent why, if it still listens (an oversize message is
+                        // refused by the decoder and ends up here).
+                        let _ = out.try_send(Err(e));
                         break;
                     }
                 }
@@ -230,6 +251,19 @@ impl Service {
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         Ok((cert.common_name, peer))
     }
+}
+
+/// Tells the agent, if its queue has room, why the coordinator ended its session (it has
+/// been recorded in the site's state by [`Hub::close`]).
+fn tell_closed(hub: &Hub, site: &str, out: &crate::hub::Outbound) {
+    let reason = hub
+        .sites
+        .get(&site.to_string())
+        .and_then(|s| s.last_rejection)
+        .map_or_else(|| "session closed".to_string(), |(_, r)| r);
+    let _ = out.try_send(Err(Status::aborted(format!(
+        "the coordinator ended this session: {reason}"
+    ))));
 }
 
 /// Why accepting `extra` more bytes would exceed `budget`, or None if it fits (or no budget is

@@ -133,13 +133,21 @@ pub enum PlainOutcome {
 #[derive(Debug)]
 pub struct PlainSlot {
     sum: Arc<PlainSum>,
+    /// A training update's weight is capped at this, as a secure round caps it at the site
+    /// (`secagg.max_weight`): one site claiming a billion examples cannot take over the mean.
+    max_weight: f64,
     state: Mutex<PlainState>,
 }
 
 impl PlainSlot {
     pub fn new(sum: Arc<PlainSum>) -> Self {
+        Self::capped(sum, f64::INFINITY)
+    }
+
+    pub fn capped(sum: Arc<PlainSum>, max_weight: f64) -> Self {
         PlainSlot {
             sum,
+            max_weight,
             state: Mutex::new(PlainState::Open {
                 added: 0,
                 weight: 0.0,
@@ -166,7 +174,15 @@ impl PlainSlot {
                 _ => "the site's update was already refused".into(),
             });
         };
-        let result = add_chunk(&self.sum, added, weight, carry, bytes, last);
+        let result = add_chunk(
+            &self.sum,
+            self.max_weight,
+            added,
+            weight,
+            carry,
+            bytes,
+            last,
+        );
         let tainted = *added > 0;
         match result {
             Ok(true) => *state = PlainState::Complete,
@@ -201,6 +217,7 @@ impl PlainSlot {
 /// refused chunk leaves the sum as it was.
 fn add_chunk(
     sum: &PlainSum,
+    max_weight: f64,
     added: &mut usize,
     weight: &mut f64,
     carry: &mut ElementCarry,
@@ -240,7 +257,7 @@ fn add_chunk(
                 if w < 0.0 {
                     return Err(format!("the update's weight {w} is negative"));
                 }
-                *weight = w as f64;
+                *weight = (w as f64).min(max_weight);
             }
             let w = *weight;
             acc.update(at, values.len(), |part, first| {
@@ -307,6 +324,17 @@ mod tests {
     #[test]
     fn bad_updates_are_refused_and_partial_ones_reported() {
         let sum = Arc::new(PlainSum::new(3, false));
+        let heavy = Arc::new(PlainSum::new(3, false));
+        let capped = PlainSlot::capped(heavy.clone(), 10.0);
+        assert_eq!(capped.feed(&update(1e9, &[1.0, -2.0]), true), Ok(true));
+        let PlainTotals::Weighted(total) = heavy.take() else {
+            panic!("weighted")
+        };
+        assert_eq!(
+            total.to_vec(),
+            vec![10.0, 10.0, -20.0],
+            "weight capped at 10"
+        );
         let nan = PlainSlot::new(sum.clone());
         let err = nan.feed(&update(1.0, &[f32::NAN, 1.0]), true).unwrap_err();
         assert!(err.contains("element 1 is not a finite number"), "{err}");

@@ -996,3 +996,47 @@ fn an_invalid_advertised_point_is_refused_naming_the_site_and_the_round_goes_on(
     }
     assert_eq!(w.server.stage(), ServerStage::Done);
 }
+
+#[test]
+fn a_site_input_outside_the_quantisation_range_is_caught_in_the_sum_before_it_is_used() {
+    // Masking hides each input, so range checks can only run on the sum: every valid input
+    // has weight <= max_weight, clipped <= dim and values <= 2^q - 1, and so must the sum of
+    // the survivors' inputs. Site 5 lies in one element at a time.
+    let params = Params::with_defaults(N, 16);
+    let ids: Vec<ClientId> = (0..N).collect();
+    let top = (1u32 << params.quant_bits) - 1;
+    let valid = |_id: ClientId, i: usize| match i {
+        0 => params.max_weight as u32,
+        1 => params.dim,
+        _ => top,
+    };
+    let honest = run_round::<u32>(&params, &ids, &BTreeMap::new(), 3, &valid);
+    let out = honest.result.expect("round completes");
+    let agg = dequantise::<u32>(&params, &out.sum.to_vec(), out.survivors.len())
+        .expect("the extreme valid inputs pass");
+    assert_eq!(agg.total_weight, N as u64 * params.max_weight);
+    for (index, lie) in [
+        (0, params.max_weight as u32 + 1),
+        (1, params.dim + 1),
+        (9, top + 1),
+    ] {
+        let lying = |id: ClientId, i: usize| {
+            if id == 5 && i == index {
+                lie
+            } else {
+                valid(id, i)
+            }
+        };
+        let run = run_round::<u32>(&params, &ids, &BTreeMap::new(), 3, &lying);
+        let out = run.result.expect("the protocol itself cannot see the lie");
+        let err = dequantise::<u32>(&params, &out.sum.to_vec(), out.survivors.len()).unwrap_err();
+        match index {
+            0 => assert!(matches!(err, QuantError::WeightOutOfRange { .. }), "{err}"),
+            1 => assert!(matches!(err, QuantError::ClippedOutOfRange { .. }), "{err}"),
+            _ => assert!(
+                matches!(err, QuantError::ValueOutOfRange { index: 9, .. }),
+                "{err}"
+            ),
+        }
+    }
+}

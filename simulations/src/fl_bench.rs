@@ -505,14 +505,14 @@ impl LocalSite for SyntheticSite {
         100
     }
 
-    fn stats_vector(&self) -> Vec<u64> {
+    fn stats_vector(&self) -> Result<Vec<u64>, String> {
         let mut v = vec![0u64; stats::vector_len(INPUTS)];
         v[0] = 100;
         for j in 0..INPUTS {
             v[1 + 3 * j] = 100;
             v[3 + 3 * j] = stats::to_fixed(100.0);
         }
-        v
+        Ok(v)
     }
 
     fn train(

@@ -53,13 +53,14 @@ impl PlainAggregation {
         sites: &[(String, u32)],
         len: usize,
         integer: bool,
+        max_weight: u64,
     ) -> Self {
         let sum = Arc::new(PlainSum::new(len, integer));
         let uploads = OpenUploads::new(hub, round, sites);
         let slots = sites
             .iter()
             .map(|(site, _)| {
-                let slot = Arc::new(PlainSlot::new(sum.clone()));
+                let slot = Arc::new(PlainSlot::capped(sum.clone(), max_weight as f64));
                 uploads.open(site, UploadSink::Plain(slot.clone()));
                 (site.clone(), slot)
             })
@@ -172,11 +173,18 @@ impl Driver {
             round.attempt,
             Some(format!("{:?}", stage.0)),
         );
-        for (site, _) in sites {
-            self.hub
-                .send_chunked(site, &setup_bytes, coordinator_message::Kind::Secagg)
-                .await;
-        }
+        let batches = sites
+            .iter()
+            .map(|(site, _)| {
+                let setup =
+                    Outgoing::Chunked(setup_bytes.clone(), coordinator_message::Kind::Secagg);
+                (site.clone(), vec![setup])
+            })
+            .collect();
+        let unreached = self
+            .hub
+            .deliver(round.round, batches, self.control_deadline())
+            .await;
         // Control messages only (masked inputs stream into their slots): an identity, or a
         // share per neighbour, well under 1 MiB + 256 bytes per site.
         let limit = (1 << 20) + 256 * sites.len();
@@ -186,8 +194,9 @@ impl Driver {
         let sessions = Sessions::of(&self.hub, sites);
         let mut waiting = WaitingLog::new();
         let mut slots_open = false;
-        // A site may have gone while the round started (its disconnect went to another wait).
-        for site in sessions.gone() {
+        // A site may have gone while the round started (its disconnect went to another wait),
+        // or not taken its Setup.
+        for site in sessions.gone().into_iter().chain(unreached) {
             if let Some(&id) = by_name.get(&site) {
                 server.disconnected(id);
             }
@@ -249,12 +258,22 @@ impl Driver {
                         }
                         slots_open = true;
                     }
-                    for (id, m) in messages {
-                        if let Some(site) = by_id.get(&id) {
+                    let batches = messages
+                        .into_iter()
+                        .filter_map(|(id, m)| {
+                            let site = by_id.get(&id)?;
                             let bytes = Bytes::from(m.encode());
-                            self.hub
-                                .send_chunked(site, &bytes, coordinator_message::Kind::Secagg)
-                                .await;
+                            let item = Outgoing::Chunked(bytes, coordinator_message::Kind::Secagg);
+                            Some((site.clone(), vec![item]))
+                        })
+                        .collect();
+                    let unreached = self
+                        .hub
+                        .deliver(round.round, batches, self.control_deadline())
+                        .await;
+                    for site in unreached {
+                        if let Some(&id) = by_name.get(&site) {
+                            server.disconnected(id);
                         }
                     }
                 }
@@ -276,7 +295,7 @@ impl Driver {
                         Ok(Some(m)) => m,
                     };
                     let (site, msg) = match msg {
-                        Inbound::Message { site, msg } => (site, msg),
+                        Inbound::Message { site, msg, .. } => (site, msg),
                         // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
                         Inbound::Uploaded { .. } => continue,
                         Inbound::Disconnected { .. } => {
@@ -303,13 +322,21 @@ impl Driver {
                         Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk)
                         {
                             Err(len) => {
-                                warn!(round = round.round, %site, len, "site dropped: message exceeds the size limit");
+                                // No agent sends this: its session ends, and the stage stops
+                                // waiting for it.
+                                let reason = format!(
+                                    "a SecAgg+ message of {len} bytes exceeds the limit of {limit}"
+                                );
+                                self.hub.close(&site, round.round, &reason);
+                                server.disconnected(id);
                                 banned.insert(site);
                             }
                             Ok(None) => {}
                             Ok(Some(bytes)) => match ClientMessage::<W>::decode(&bytes) {
                                 Err(e) => {
-                                    warn!(round = round.round, %site, error = %e, "site dropped: undecodable message");
+                                    let reason = format!("undecodable SecAgg+ message: {e}");
+                                    self.hub.close(&site, round.round, &reason);
+                                    server.disconnected(id);
                                     banned.insert(site);
                                 }
                                 Ok(m) => {
@@ -384,6 +411,7 @@ impl Driver {
                         AgentMessage {
                             kind: Some(agent_message::Kind::Decline(d)),
                         },
+                    ..
                 })) => {
                     warn!(round, %site, reason = %d.reason, "site declined the round");
                     self.hub

@@ -3,31 +3,49 @@
 use super::*;
 
 impl Driver {
+    /// Announces a round (and sends its model) to all `sites` at once; returns those reached.
+    /// The whole broadcast has one deadline, the stage timeout: a site that is not reading
+    /// is disconnected then instead of holding up the round (see [`Hub::deliver`]).
     pub(super) async fn start_round(
         &self,
         sites: &[(String, u32)],
         start: RoundStart,
         model: Option<&Bytes>,
     ) -> Vec<(String, u32)> {
-        let mut reached = Vec::new();
-        for (site, id) in sites {
-            let mut ok = self
-                .hub
-                .send(site, coordinator_message::Kind::RoundStart(start.clone()))
-                .await;
-            if ok && let Some(bytes) = model {
-                ok = self
-                    .hub
-                    .send_chunked(site, bytes, coordinator_message::Kind::Model)
-                    .await;
-            }
-            if ok {
-                reached.push((site.clone(), *id));
-            } else {
-                warn!(round = start.round, %site, "site unreachable at round start");
-            }
+        let round = start.round;
+        let mut items = vec![Outgoing::Message(coordinator_message::Kind::RoundStart(
+            start,
+        ))];
+        if let Some(bytes) = model {
+            items.push(Outgoing::Chunked(
+                bytes.clone(),
+                coordinator_message::Kind::Model,
+            ));
         }
-        reached
+        let batches = sites
+            .iter()
+            .map(|(site, _)| (site.clone(), items.clone()))
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.stage_timeout();
+        let failed = self.hub.deliver(round, batches, deadline).await;
+        for site in &failed {
+            warn!(round, %site, "site unreachable at round start");
+        }
+        sites
+            .iter()
+            .filter(|(site, _)| !failed.contains(site))
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn stage_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.rounds.stage_timeout_secs)
+    }
+
+    /// How long a SecAgg+ stage's messages may take to reach their sites: a quarter of the
+    /// stage, so the answers of the sites that read them still arrive before it closes.
+    pub(super) fn control_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + (self.stage_timeout() / 4).max(Duration::from_secs(1))
     }
 
     pub(super) fn round_start(

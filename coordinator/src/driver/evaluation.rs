@@ -16,8 +16,7 @@ impl Driver {
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(self.cfg.rounds.stage_timeout_secs);
+        let deadline = tokio::time::Instant::now() + self.stage_timeout();
         let mut results: BTreeMap<String, SiteResult> = BTreeMap::new();
         let sessions = Sessions::of(&self.hub, &sites);
         let mut gone: HashSet<String> = sessions.gone().into_iter().collect();
@@ -52,6 +51,7 @@ impl Driver {
                         AgentMessage {
                             kind: Some(agent_message::Kind::Eval(e)),
                         },
+                    ..
                 } => (site, e),
                 // A site that declines (it could not verify the model) will not report.
                 Inbound::Message {
@@ -60,6 +60,7 @@ impl Driver {
                         AgentMessage {
                             kind: Some(agent_message::Kind::Decline(d)),
                         },
+                    ..
                 } if d.round == round && sites.iter().any(|(s, _)| *s == site) => {
                     warn!(round, %site, reason = %d.reason, "site declined to evaluate the model");
                     self.hub

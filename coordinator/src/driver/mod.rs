@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
-use crate::hub::{Hub, Inbound};
+use crate::hub::{Hub, Inbound, Outgoing};
 use crate::metrics::Metrics;
 use crate::records::Setup;
 pub use crate::records::{Evaluation, RoundRecord, RoundSummary, SiteResult};
@@ -64,6 +64,10 @@ pub enum DriverError {
     },
     #[error("the hub closed")]
     HubClosed,
+    #[error(
+        "round {round} produced a model that is not finite (parameter {index}); it was not committed: lower the learning rate or the clip, then restart to resume from the last committed round"
+    )]
+    NonFiniteModel { round: u64, index: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -321,6 +325,12 @@ impl Driver {
             }
             .instrument(span.clone())
             .await?;
+            // The update is applied in place (no second model-sized copy), so a model that
+            // is no longer finite cannot be rolled back here: it is never committed, and the
+            // run stops; a restart resumes from the last committed round.
+            if let Some(index) = self.global.iter().position(|v| !v.is_finite()) {
+                return Err(DriverError::NonFiniteModel { round: r, index });
+            }
             let (eval, per_site) = self.evaluate(r).instrument(span).await;
             let hash = model::params_sha3_512(&self.global);
             let summary = RoundSummary {
@@ -368,16 +378,19 @@ impl Driver {
         self.hub
             .finished
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        for (site, _) in self.hub.connected() {
-            self.hub
-                .send(
-                    &site,
-                    coordinator_message::Kind::Shutdown(Shutdown {
-                        reason: "training finished".into(),
-                    }),
-                )
-                .await;
-        }
+        let shutdown = Outgoing::Message(coordinator_message::Kind::Shutdown(Shutdown {
+            reason: "training finished".into(),
+        }));
+        let batches = self
+            .hub
+            .connected()
+            .into_iter()
+            .map(|(site, _)| (site, vec![shutdown.clone()]))
+            .collect();
+        let last = self.cfg.rounds.count;
+        self.hub
+            .deliver(last, batches, self.control_deadline())
+            .await;
         let per_site = records
             .last()
             .map_or_else(|| setup.initial_per_site.clone(), |r| r.per_site.clone());

@@ -51,10 +51,10 @@ impl Driver {
         let sites = self.select();
         let len = stats::vector_len(self.spec.inputs);
         let plain =
-            (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true));
+            (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true, 0));
         let start = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
-        if self.secure() {
+        let sum = if self.secure() {
             let params = Params {
                 modulus: Modulus::Bits64,
                 ..self.cfg.secagg.params(sites.len() as u32, (len - 2) as u32)
@@ -62,12 +62,18 @@ impl Driver {
             let agg = self
                 .secagg::<u64>(RoundId::new(0, attempt), &sites, params)
                 .await?;
-            Ok(agg.sum.to_vec())
+            agg.sum.to_vec()
         } else {
             match self.plain_sum(plain, &sites).await?.sum {
-                PlainTotals::Integer(sum) => Ok(sum.to_vec()),
-                PlainTotals::Weighted(_) => Err("statistics must be summed as integers".into()),
+                PlainTotals::Integer(sum) => sum.to_vec(),
+                PlainTotals::Weighted(_) => {
+                    return Err("statistics must be summed as integers".into());
+                }
             }
-        }
+        };
+        // Checked before any site standardises with it: a wrapped or forged sum stops here.
+        stats::check_sum(&sum, self.spec.inputs)
+            .map_err(|e| format!("the statistics sum is refused: {e}"))?;
+        Ok(sum)
     }
 }

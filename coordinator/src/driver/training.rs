@@ -20,8 +20,16 @@ impl Driver {
     ) -> Result<(u64, u64, usize, usize), String> {
         let sites = self.select();
         let dim = self.spec.num_params();
-        let plain = (!self.secure())
-            .then(|| PlainAggregation::open(&self.hub, round, &sites, dim + 1, false));
+        let plain = (!self.secure()).then(|| {
+            PlainAggregation::open(
+                &self.hub,
+                round,
+                &sites,
+                dim + 1,
+                false,
+                self.cfg.secagg.max_weight,
+            )
+        });
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
@@ -85,6 +93,16 @@ impl Driver {
             agg.survivors.len(),
         )
         .map_err(|e| e.to_string())?;
+        // The whole sum is checked before any of it moves the model: a value no sum of valid
+        // inputs can hold fails the attempt and leaves the model as it was.
+        let mut index = 0;
+        for part in sum.parts() {
+            for z in part {
+                d.check(index, *z, params.dim)
+                    .map_err(|e| format!("the unmasked sum is refused: {e}"))?;
+                index += 1;
+            }
+        }
         self.apply_ranges(sum, VALUES_OFFSET, |z| d.mean(z))?;
         Ok(Unmasked {
             total_weight: d.total_weight,

@@ -36,6 +36,18 @@ pub enum QuantError {
     ZeroWeight,
     #[error("no survivors: nothing to dequantise")]
     NoSurvivors,
+    #[error(
+        "the survivors' total weight {total} exceeds survivors x max_weight = {max}: a site sent a weight above the cap, or the sum is not a sum of valid inputs"
+    )]
+    WeightOutOfRange { total: u64, max: u64 },
+    #[error(
+        "the clipped-value count {clipped} exceeds survivors x dim = {max}: the sum is not a sum of valid inputs"
+    )]
+    ClippedOutOfRange { clipped: u64, max: u64 },
+    #[error(
+        "summed value {index} is {value}, above survivors x (2^quant_bits - 1) = {max}: a site sent an element outside the quantisation range"
+    )]
+    ValueOutOfRange { index: usize, value: u64, max: u64 },
 }
 
 /// A site's quantised input, ready to be masked. Zeroised on drop: it is the site's update.
@@ -153,6 +165,9 @@ pub fn dequantise<W: Word>(
     survivors: usize,
 ) -> Result<Aggregate, QuantError> {
     let d = Dequantiser::new(params, sum.len(), sum.get(WEIGHT_INDEX).copied(), survivors)?;
+    for (i, z) in sum.iter().enumerate() {
+        d.check(i, *z, params.dim)?;
+    }
     Ok(Aggregate {
         total_weight: d.total_weight,
         clipped: sum[CLIPPED_INDEX].to_u64(),
@@ -167,6 +182,9 @@ pub fn dequantise<W: Word>(
 #[derive(Debug, Clone, Copy)]
 pub struct Dequantiser {
     pub total_weight: u64,
+    survivors: u64,
+    /// The largest value a sum of `survivors` valid inputs can hold.
+    max_value: u64,
     scale: f64,
     offset: f64,
     w_frac_sum: f64,
@@ -174,6 +192,10 @@ pub struct Dequantiser {
 
 impl Dequantiser {
     /// `len` is the sum's length and `weight` its element [`WEIGHT_INDEX`] (Σw).
+    ///
+    /// Σw is checked against survivors × max_weight: every valid input caps its own weight,
+    /// so a larger total means a site (or the unmasking) produced something no honest input
+    /// can, and the update is refused before it moves the model.
     pub fn new<W: Word>(
         params: &Params,
         len: usize,
@@ -193,13 +215,50 @@ impl Dequantiser {
         if total_weight == 0 {
             return Err(QuantError::ZeroWeight);
         }
+        let max = (survivors as u64).saturating_mul(params.max_weight);
+        if total_weight > max {
+            return Err(QuantError::WeightOutOfRange {
+                total: total_weight,
+                max,
+            });
+        }
+        let top = (1u64 << params.quant_bits) - 1;
         Ok(Dequantiser {
             total_weight,
+            survivors: survivors as u64,
+            max_value: (survivors as u64).saturating_mul(top),
             scale: scale(params),
             offset: survivors as f64 * params.clip as f64,
             // Σ w' = Σ w / W
             w_frac_sum: total_weight as f64 / params.max_weight as f64,
         })
+    }
+
+    /// Checks a summed element `z` at `index` of the sum: from [`VALUES_OFFSET`] on each is a
+    /// sum of `survivors` values in [0, 2^q - 1], and the clipped count is at most one per
+    /// value and survivor. Run over the whole sum before any of it is applied.
+    pub fn check<W: Word>(&self, index: usize, z: W, dim: u32) -> Result<(), QuantError> {
+        let value = z.to_u64();
+        match index {
+            WEIGHT_INDEX => Ok(()),
+            CLIPPED_INDEX => {
+                let max = self.survivors.saturating_mul(dim as u64);
+                if value > max {
+                    Err(QuantError::ClippedOutOfRange {
+                        clipped: value,
+                        max,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+            _ if value > self.max_value => Err(QuantError::ValueOutOfRange {
+                index,
+                value,
+                max: self.max_value,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The weighted mean of one summed element (one of the sum's values, from
@@ -328,5 +387,39 @@ mod tests {
             dequantise::<u32>(&p, &[1; 4], 1),
             Err(QuantError::WrongAggregateLength { .. })
         ));
+    }
+
+    #[test]
+    fn a_sum_no_valid_inputs_can_make_is_refused() {
+        // max_weight 500, q = 16, dim 3: two survivors' valid sums stay within 1000 weight,
+        // 6 clipped values and 2 x 65535 per value.
+        let p = params(3, 16, 1.0);
+        let ok = [1000u64, 6, 131_070, 0, 65_535];
+        assert!(dequantise::<u64>(&p, &ok, 2).is_ok());
+        let mut heavy = ok;
+        heavy[WEIGHT_INDEX] = 1001;
+        assert_eq!(
+            dequantise::<u64>(&p, &heavy, 2).unwrap_err(),
+            QuantError::WeightOutOfRange {
+                total: 1001,
+                max: 1000
+            }
+        );
+        let mut clipped = ok;
+        clipped[CLIPPED_INDEX] = 7;
+        assert!(matches!(
+            dequantise::<u64>(&p, &clipped, 2),
+            Err(QuantError::ClippedOutOfRange { clipped: 7, max: 6 })
+        ));
+        let mut big = ok;
+        big[4] = 131_071;
+        assert_eq!(
+            dequantise::<u64>(&p, &big, 2).unwrap_err(),
+            QuantError::ValueOutOfRange {
+                index: 4,
+                value: 131_071,
+                max: 131_070
+            }
+        );
     }
 }

@@ -1,0 +1,364 @@
+//! A site with a valid certificate that misbehaves at the transport: it sends a message no
+//! agent sends, floods the coordinator, stops reading, or leaves connections half-open. The
+//! coordinator ends (or throttles) that site alone, stays within bounded memory, and the four
+//! honest hospitals finish every round.
+//!
+//! "mallory" is provisioned by the same CA as the hospitals and speaks the protocol through
+//! the generated gRPC client, so every refusal here is the production server's.
+
+// Mallory's set-up returns its running task on purpose: `async_yields_async`.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::async_yields_async
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cohort_coordinator::CoordinatorConfig;
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_coordinator::status::client::get;
+use cohort_proto::v1::coordinator_client::CoordinatorClient;
+use cohort_proto::v1::{AgentMessage, Chunk, CoordinatorMessage, Decline, Join, agent_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+mod common;
+use common::*;
+
+const TOKEN: &str = "hostile-sites-status-token";
+
+/// The four hospitals and mallory, one CA.
+fn pki_with_mallory(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    let mut sites: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
+    sites.push("mallory".into());
+    provision(&ProvisionOptions {
+        out: pki.clone(),
+        sites,
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    })
+    .unwrap();
+    pki
+}
+
+fn config(dir: &Path, pki: &Path, rounds: u32, model: &str) -> CoordinatorConfig {
+    CoordinatorConfig::parse(&format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = {data:?}
+{tls}
+[rounds]
+count = {rounds}
+min_sites = 4
+wait_for_sites_secs = 60
+stage_timeout_secs = 4
+train_timeout_secs = 20
+max_attempts = 3
+[status]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+[secagg]
+quant_bits = 20
+modulus_bits = 64
+max_weight = 1000
+[model]
+inputs = 13
+{model}
+[training]
+learning_rate = 0.001
+batch_size = 4
+local_steps = 10
+{SCHEMA}"#,
+        data = dir.join("data"),
+        tls = coordinator_tls(pki),
+    ))
+    .unwrap()
+}
+
+/// Mallory's channel to the coordinator; `window` shrinks its HTTP/2 receive windows.
+async fn channel(pki: &Path, port: u16, window: Option<u32>) -> Channel {
+    let bundle = pki.join("sites/mallory");
+    let read = |f: &str| std::fs::read(bundle.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("cert.pem"), read("key.pem")))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Opens mallory's session with a valid Join; returns the sender for what follows and the
+/// coordinator's stream, whose Welcome has been read.
+async fn join(
+    config: &CoordinatorConfig,
+    channel: Channel,
+) -> (
+    mpsc::Sender<AgentMessage>,
+    tonic::Streaming<CoordinatorMessage>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Join(Join {
+            site: "mallory".into(),
+            examples: 100,
+            schema_hash: config.schema.hash(),
+            protocol_version: cohort_proto::PROTOCOL_VERSION,
+            schema_toml: toml::to_string(&config.schema).unwrap(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = CoordinatorClient::new(channel);
+    let mut stream = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("mallory's certificate and Join are valid")
+        .into_inner();
+    let welcome = stream.message().await.unwrap().expect("Welcome");
+    assert!(matches!(
+        welcome.kind,
+        Some(cohort_proto::v1::coordinator_message::Kind::Welcome(_))
+    ));
+    (tx, stream)
+}
+
+/// Runs the coordinator with the four hospitals, after `mallory` (given the gRPC port and
+/// the status API's base URL) has joined; mallory's own task runs on beside the rounds.
+/// Returns the rounds completed and mallory's task.
+async fn federation<T: Send + 'static>(
+    config: CoordinatorConfig,
+    pki: &Path,
+    mallory: impl AsyncFnOnce(u16, String) -> tokio::task::JoinHandle<T>,
+) -> (usize, tokio::task::JoinHandle<T>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let run = tokio::spawn(cohort_coordinator::run(config, Some(tx)));
+    let endpoints = rx.await.unwrap();
+    let status = format!("http://{}", endpoints.status.unwrap());
+    let mallory = mallory(endpoints.grpc.port(), status).await;
+    let agents: Vec<_> = SITES
+        .iter()
+        .map(|s| tokio::spawn(cohort_agent::run(agent(pki, s, endpoints.grpc.port()))))
+        .collect();
+    let summary = run
+        .await
+        .expect("the coordinator does not panic")
+        .expect("the honest sites finish the run");
+    for a in agents {
+        a.abort();
+    }
+    (summary.rounds.len(), mallory)
+}
+
+/// Mallory's state in the status API's site list; None once the coordinator is gone.
+async fn mallory_state(status: &str) -> Option<serde_json::Value> {
+    let (code, body) = get(&format!("{status}/api/v1/sites"), Some(TOKEN))
+        .await
+        .ok()?;
+    assert_eq!(code, 200, "{body}");
+    let sites: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mallory = sites["sites"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "mallory"))
+        .cloned()
+        .unwrap_or_else(|| panic!("mallory in {body}"));
+    Some(mallory)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn an_oversize_message_ends_only_its_senders_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let rt = runtime();
+    let (rounds, mallory) = rt.block_on(federation(config, &pki, async |port, api| {
+        let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
+        // 1 MiB in one message: no agent sends a chunk above 64 KiB.
+        let chunk = Chunk {
+            data: vec![7u8; 1 << 20].into(),
+            last: false,
+        };
+        let _ = tx
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::Secagg(chunk)),
+            })
+            .await;
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => break status,
+            }
+        };
+        tokio::spawn(async move { (status, mallory_state(&api).await) })
+    }));
+    let (status, state) = rt.block_on(mallory).unwrap();
+    assert_eq!(rounds, 2, "the hospitals finish every round");
+    assert!(
+        status.message().contains("too large"),
+        "mallory is told why: {status:?}"
+    );
+    let state = state.expect("asked while the coordinator ran");
+    assert_eq!(state["connected"], false, "{state}");
+}
+
+#[test]
+fn a_site_that_stops_reading_is_disconnected_and_the_rounds_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    // A model of about 1 MiB (16 chunks), sent twice a round (train, evaluate): mallory's
+    // queue and HTTP/2 buffers are full within a few rounds.
+    let config = config(dir.path(), &pki, 6, "kind = \"mlp\"\nhidden = [16384]");
+    let cfg = config.clone();
+    let bundles = pki.clone();
+    let rt = runtime();
+    let (rounds, mallory) = rt.block_on(federation(config, &pki, async move |port, api| {
+        let (tx, stream) = join(&cfg, channel(&bundles, port, Some(16 << 10)).await).await;
+        // Mallory never reads `stream` again; it watches its own state instead.
+        tokio::spawn(async move {
+            let _hold = (tx, stream);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match mallory_state(&api).await {
+                    None => return None,
+                    Some(state) if state["connected"] == false => {
+                        return Some(state["last_rejection"].to_string());
+                    }
+                    Some(_) => {}
+                }
+            }
+        })
+    }));
+    let rejection = rt
+        .block_on(mallory)
+        .unwrap()
+        .expect("mallory is disconnected while the run goes on");
+    assert_eq!(rounds, 6, "the hospitals finish every round");
+    assert!(
+        rejection.contains("did not read the coordinator's messages"),
+        "{rejection}"
+    );
+}
+
+#[test]
+fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 3, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let bundles = pki.clone();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = stop.clone();
+    let baseline = resident_bytes();
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(resident_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let rt = runtime();
+    let (rounds, mallory) = rt.block_on(federation(config, &pki, async move |port, _| {
+        let (tx, stream) = join(&cfg, channel(&bundles, port, None).await).await;
+        // Declines for a round that does not exist, 60 KiB each (within the size limit), as
+        // fast as the coordinator takes them, for the whole run.
+        tokio::spawn(async move {
+            let _keep = stream;
+            let reason = "x".repeat(60 << 10);
+            while !stopper.load(Ordering::Relaxed) {
+                let flood = AgentMessage {
+                    kind: Some(agent_message::Kind::Decline(Decline {
+                        round: 999_999,
+                        reason: reason.clone(),
+                    })),
+                };
+                match tokio::time::timeout(Duration::from_millis(200), tx.send(flood)).await {
+                    Err(_) => continue,
+                    Ok(Err(_)) => return,
+                    Ok(Ok(())) => counter.fetch_add(60 << 10, Ordering::Relaxed),
+                };
+            }
+        })
+    }));
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    rt.block_on(mallory).unwrap();
+    let flooded = sent.load(Ordering::Relaxed);
+    let grew = peak.load(Ordering::Relaxed).saturating_sub(baseline);
+    eprintln!(
+        "flood: {} MiB sent; resident memory grew by at most {} MiB",
+        flooded >> 20,
+        grew >> 20
+    );
+    assert_eq!(rounds, 3, "the hospitals finish every round");
+    assert!(flooded > 64 << 20, "the flood went on: {flooded} bytes");
+    // Coordinator, four agents and mallory share this process; the flood's own share is
+    // bounded by the per-site inbox budget (8 MiB), far below what was sent.
+    assert!(
+        grew < 160 << 20,
+        "resident memory grew by {} MiB while mallory sent {} MiB",
+        grew >> 20,
+        flooded >> 20
+    );
+}
+
+#[test]
+fn half_open_connections_do_not_keep_sites_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
+    let rt = runtime();
+    let (rounds, open) = rt.block_on(federation(config, &pki, async |port, _| {
+        // 300 TCP connections that never start TLS, held for the whole run: more than the
+        // handshakes the coordinator runs at once.
+        let mut open = Vec::new();
+        for _ in 0..300 {
+            open.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        tokio::spawn(async move { open })
+    }));
+    assert_eq!(rounds, 2, "the hospitals connect and finish every round");
+    drop(rt.block_on(open));
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
