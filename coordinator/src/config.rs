@@ -140,6 +140,14 @@ pub struct TlsFiles {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA's certificate revocation list (`provision` writes `coordinator/crl.pem`): a
+    /// revoked site fails the TLS handshake. Read at start.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// The registry of provisioned sites (`coordinator/registry.toml`): only a site's
+    /// current certificate is admitted. Re-read when it changes.
+    #[serde(default)]
+    pub registry: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -353,7 +361,11 @@ impl CoordinatorConfig {
             &mut self.tls.ca_cert,
             &mut self.tls.cert,
             &mut self.tls.key,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.tls.crl.as_mut())
+        .chain(self.tls.registry.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

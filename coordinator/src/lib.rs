@@ -10,6 +10,7 @@ pub mod journal;
 pub mod metrics;
 pub mod provision;
 pub mod records;
+pub mod registry;
 pub mod service;
 pub mod sharded;
 pub mod status;
@@ -109,6 +110,21 @@ fn schema_reply(
     })
 }
 
+/// Ends the sessions of sites that are no longer in the registry (revoked while connected),
+/// looking every few seconds: new sessions are checked as they start, this covers the ones
+/// already running.
+async fn close_unregistered(hub: Arc<hub::Hub>, registry: Arc<registry::LiveRegistry>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let current = registry.get();
+        for (site, _) in hub.connected() {
+            if current.current(&site).is_none() {
+                hub.close(&site, 0, "its certificate was revoked (registry)");
+            }
+        }
+    }
+}
+
 /// Where a started coordinator can be reached (the actual ports, useful with port 0).
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
@@ -182,9 +198,23 @@ async fn serve(
         .map(|s| s.token())
         .transpose()
         .map_err(config_problem)?;
-    let tls = tls::server_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
-        .context("loading the coordinator's TLS files")
-        .map_err(config_problem)?;
+    let tls = tls::server_config(
+        &config.tls.ca_cert,
+        &config.tls.cert,
+        &config.tls.key,
+        config.tls.crl.as_deref(),
+    )
+    .context("loading the coordinator's TLS files")
+    .map_err(config_problem)?;
+    let registry = config
+        .tls
+        .registry
+        .as_deref()
+        .map(registry::LiveRegistry::open)
+        .transpose()
+        .context("loading the site registry (tls.registry)")
+        .map_err(config_problem)?
+        .map(Arc::new);
     let ca_der = tls::first_cert_der(&config.tls.ca_cert).map_err(config_problem)?;
     let certificate_der = tls::first_cert_der(&config.tls.cert).map_err(config_problem)?;
     let signing_key = signing_key(&config.tls.key).map_err(config_problem)?;
@@ -243,7 +273,9 @@ async fn serve(
         schema_reply: schema_reply(&config, &signing_key, &certificate_der)?,
         certificate_der,
         memory_budget: config.limits.memory_mib.map(|m| m << 20),
+        registry: registry.clone(),
     };
+    let registry_task = registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r)));
 
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.
     let (conn_tx, conn_rx) = mpsc::channel(64);
@@ -339,6 +371,9 @@ async fn serve(
     }
     accept_task.abort();
     server.abort();
+    if let Some(task) = registry_task {
+        task.abort();
+    }
     if let Some((_, _, task)) = status_api {
         task.abort();
     }

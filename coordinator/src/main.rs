@@ -35,18 +35,32 @@ enum Command {
         #[arg(long)]
         exit_when_done: bool,
     },
-    /// Create a project CA, the coordinator's certificate and one bundle per site,
-    /// or add a site to an existing project.
+    /// Create a project CA, the coordinator's certificate and one bundle per site; add a
+    /// site to an existing project; renew or revoke a site's certificate.
     Provision {
         /// Output directory (created; existing keys are never overwritten).
         #[arg(long)]
         out: PathBuf,
         /// Comma-separated site names, e.g. hospital-a,hospital-b.
-        #[arg(long, value_delimiter = ',', required_unless_present = "add_site")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present_any = ["add_site", "renew", "revoke"]
+        )]
         sites: Vec<String>,
         /// Add one site to the existing CA in --out.
-        #[arg(long, conflicts_with = "sites")]
+        #[arg(long, conflicts_with_all = ["sites", "renew", "revoke"])]
         add_site: Option<String>,
+        /// Issue this site a new key and certificate in its bundle; the old certificate is
+        /// revoked as superseded (registry and CRL in --out/coordinator).
+        #[arg(long, conflicts_with_all = ["sites", "revoke"])]
+        renew: Option<String>,
+        /// Revoke this site's certificate (registry and CRL in --out/coordinator).
+        #[arg(long, conflicts_with = "sites")]
+        revoke: Option<String>,
+        /// Validity of new certificates, in days (the CA gets ten years, or more).
+        #[arg(long, default_value_t = provision::DEFAULT_VALIDITY_DAYS)]
+        validity_days: u32,
         /// Names the coordinator is reached at (certificate subject alt names).
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
         coordinator_names: Vec<String>,
@@ -135,23 +149,47 @@ fn main() -> ExitCode {
             out,
             sites,
             add_site,
+            renew,
+            revoke,
+            validity_days,
             coordinator_names,
             coordinator_url,
         } => {
-            let result = match add_site {
-                Some(site) => {
-                    provision::add_site(&out, &site, &coordinator_url, &coordinator_names)
-                }
-                None => provision::provision(&provision::ProvisionOptions {
-                    out: out.clone(),
-                    sites,
-                    coordinator_names,
-                    coordinator_url,
-                }),
+            let (result, done) = match (add_site, renew, revoke) {
+                (Some(site), _, _) => (
+                    provision::add_site(
+                        &out,
+                        &site,
+                        &coordinator_url,
+                        &coordinator_names,
+                        validity_days,
+                    ),
+                    format!("added site {site}"),
+                ),
+                (_, Some(site), _) => (
+                    provision::renew(&out, &site, validity_days),
+                    format!(
+                        "renewed site {site}: send it sites/{site}/cert.pem and key.pem; its old certificate is revoked"
+                    ),
+                ),
+                (_, _, Some(site)) => (
+                    provision::revoke(&out, &site),
+                    format!("revoked site {site}"),
+                ),
+                _ => (
+                    provision::provision(&provision::ProvisionOptions {
+                        out: out.clone(),
+                        sites,
+                        coordinator_names,
+                        coordinator_url,
+                        validity_days,
+                    }),
+                    "provisioned".to_string(),
+                ),
             };
             match result {
                 Ok(()) => {
-                    println!("provisioned into {} (keep ca.key offline)", out.display());
+                    println!("{done}: {} (keep ca.key offline)", out.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -4,15 +4,30 @@
 //! A site's identity is its certificate: the coordinator admits only certificates issued by
 //! this CA, and the SecAgg+ key signatures are checked against the same certificates. Keep
 //! `ca.key` offline after provisioning: whoever holds it can mint sites.
+//!
+//! Certificates expire (`validity_days`, one year by default; the CA lasts ten years or
+//! longer than any of its certificates), so a stolen bundle does not work forever. Every
+//! certificate gets a random serial, recorded in `coordinator/registry.toml`; `--revoke` and
+//! `--renew` move serials to its revoked list and re-sign `coordinator/crl.pem` from it, which
+//! the coordinator loads (`tls.crl`, `tls.registry`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PKCS_ED25519, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use thiserror::Error;
+use time::OffsetDateTime;
+
+use crate::registry::{RegisteredSite, Registry, RegistryError, RevokedCertificate};
+
+/// Default validity of a site's or the coordinator's certificate.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+/// The CA outlives its certificates: ten years, or a year beyond the longest validity asked for.
+const CA_VALIDITY_DAYS: u32 = 3650;
 
 #[derive(Debug, Error)]
 pub enum ProvisionError {
@@ -30,6 +45,14 @@ pub enum ProvisionError {
     Duplicate(String),
     #[error("{0} has no CA: run `provision --sites ...` first")]
     NoCa(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(
+        "site {0:?} has no current certificate in the registry (never provisioned, or already revoked)"
+    )]
+    NotRegistered(String),
+    #[error("validity_days must be between 1 and 36500, not {0}")]
+    BadValidity(u32),
 }
 
 /// Options for a new project.
@@ -41,6 +64,44 @@ pub struct ProvisionOptions {
     pub coordinator_names: Vec<String>,
     /// URL the agents dial, written into each `agent.toml`.
     pub coordinator_url: String,
+    /// How long the site and coordinator certificates are valid.
+    pub validity_days: u32,
+}
+
+/// Where `provision` keeps the registry and the CRL: with the coordinator's files.
+pub fn registry_path(out: &Path) -> PathBuf {
+    out.join("coordinator").join("registry.toml")
+}
+
+pub fn crl_path(out: &Path) -> PathBuf {
+    out.join("coordinator").join("crl.pem")
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(crate::unix_seconds() as i64)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A validity window starting an hour ago (clocks at sites drift) and lasting `days`.
+fn validity(p: &mut CertificateParams, days: u32) -> Result<i64, ProvisionError> {
+    if !(1..=36_500).contains(&days) {
+        return Err(ProvisionError::BadValidity(days));
+    }
+    let start = now() - time::Duration::hours(1);
+    let end = now() + time::Duration::days(days as i64);
+    p.not_before = start;
+    p.not_after = end;
+    Ok(end.unix_timestamp())
+}
+
+/// A random positive 128-bit serial, and its hex as the registry records it.
+fn serial(p: &mut CertificateParams) -> String {
+    let mut bytes = [0u8; 16];
+    rand::fill(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    p.serial_number = Some(SerialNumber::from_slice(&bytes));
+    crate::hex(&bytes)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
@@ -77,8 +138,10 @@ pub fn check_site_name(name: &str) -> Result<(), ProvisionError> {
     }
 }
 
-fn ca_params() -> Result<CertificateParams, ProvisionError> {
+fn ca_params(leaf_days: u32) -> Result<CertificateParams, ProvisionError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
+    validity(&mut p, CA_VALIDITY_DAYS.max(leaf_days.saturating_add(365)))?;
+    serial(&mut p);
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "Cohort project CA");
     p.distinguished_name = dn;
@@ -120,8 +183,11 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
             return Err(ProvisionError::Duplicate(s.clone()));
         }
     }
+    if !(1..=36_500).contains(&opts.validity_days) {
+        return Err(ProvisionError::BadValidity(opts.validity_days));
+    }
     let ca_key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let ca_params = ca_params()?;
+    let ca_params = ca_params(opts.validity_days)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     write(&ca_cert_path, &ca_cert.pem())?;
     write(&opts.out.join("ca.key"), &ca_key.serialize_pem())?;
@@ -129,27 +195,136 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
 
     let dir = opts.out.join("coordinator");
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let cert = leaf_params(
+    let mut params = leaf_params(
         cohort_protocols::identity::COORDINATOR_COMMON_NAME,
         &opts.coordinator_names,
         ExtendedKeyUsagePurpose::ServerAuth,
-    )?
-    .signed_by(&key, &issuer)?;
+    )?;
+    validity(&mut params, opts.validity_days)?;
+    serial(&mut params);
+    let cert = params.signed_by(&key, &issuer)?;
     write(&dir.join("cert.pem"), &cert.pem())?;
     write(&dir.join("key.pem"), &key.serialize_pem())?;
     write(&dir.join("ca.pem"), &ca_cert.pem())?;
 
+    let mut registry = Registry::default();
     for site in &opts.sites {
-        site_bundle(
+        let registered = site_bundle(
             &opts.out,
             site,
             &issuer,
             &ca_cert.pem(),
             &opts.coordinator_url,
             &opts.coordinator_names,
+            opts.validity_days,
         )?;
+        registry.site.push(registered);
     }
+    publish(&opts.out, &mut registry, &issuer)
+}
+
+/// Saves the registry and re-signs the CRL from its revoked list.
+fn publish(
+    out: &Path,
+    registry: &mut Registry,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(), ProvisionError> {
+    registry.crl_number += 1;
+    let revoked_certs = registry
+        .revoked
+        .iter()
+        .filter_map(|r| {
+            Some(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&crate::from_hex(&r.serial)?),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_unix).ok()?,
+                reason_code: Some(if r.reason == "superseded" {
+                    RevocationReason::Superseded
+                } else {
+                    RevocationReason::Unspecified
+                }),
+                invalidity_date: None,
+            })
+        })
+        .collect();
+    let crl = CertificateRevocationListParams {
+        this_update: now() - time::Duration::hours(1),
+        // The coordinator does not treat an old CRL as expired (it is offline-signed and
+        // replaced by the next `provision`); a year keeps strict readers content.
+        next_update: now() + time::Duration::days(365),
+        crl_number: SerialNumber::from(registry.crl_number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)?;
+    write(&crl_path(out), &crl.pem()?)?;
+    registry.save(&registry_path(out))?;
     Ok(())
+}
+
+/// The CA's issuer and its certificate's PEM, from a provisioned directory.
+fn load_issuer(out: &Path) -> Result<(Issuer<'static, KeyPair>, String), ProvisionError> {
+    let ca_pem = fs::read_to_string(out.join("ca.pem"))
+        .map_err(|_| ProvisionError::NoCa(out.display().to_string()))?;
+    let ca_key_pem = fs::read_to_string(out.join("ca.key")).map_err(io(&out.join("ca.key")))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+    Ok((Issuer::from_ca_cert_pem(&ca_pem, ca_key)?, ca_pem))
+}
+
+/// The registry of a provisioned directory; an empty one for a project provisioned before
+/// registries existed (its sites are then added as they are renewed or added).
+fn load_registry(out: &Path) -> Result<Registry, ProvisionError> {
+    let path = registry_path(out);
+    if path.exists() {
+        Ok(Registry::load(&path)?)
+    } else {
+        Ok(Registry::default())
+    }
+}
+
+/// Revokes the current certificate of `site`: the coordinator refuses it from the next
+/// session on (registry) or its next start (CRL). The site's bundle is left in place.
+pub fn revoke(out: &Path, site: &str) -> Result<(), ProvisionError> {
+    let (issuer, _) = load_issuer(out)?;
+    let mut registry = load_registry(out)?;
+    let Some(at) = registry.site.iter().position(|s| s.name == site) else {
+        return Err(ProvisionError::NotRegistered(site.to_string()));
+    };
+    let old = registry.site.remove(at);
+    registry.revoked.push(RevokedCertificate {
+        name: old.name,
+        serial: old.serial,
+        revoked_unix: crate::unix_seconds() as i64,
+        reason: "revoked".into(),
+    });
+    publish(out, &mut registry, &issuer)
+}
+
+/// Issues `site` a new key and certificate (valid `validity_days`) in its bundle, keeping its
+/// agent.toml, and revokes the old certificate as superseded. Copy the bundle's `cert.pem`
+/// and `key.pem` to the site before the coordinator picks up the registry.
+pub fn renew(out: &Path, site: &str, validity_days: u32) -> Result<(), ProvisionError> {
+    check_site_name(site)?;
+    let (issuer, _) = load_issuer(out)?;
+    let mut registry = load_registry(out)?;
+    let dir = out.join("sites").join(site);
+    if !dir.join("cert.pem").exists() {
+        return Err(ProvisionError::NotRegistered(site.to_string()));
+    }
+    let (cert_pem, key_pem, registered) = site_certificate(site, &issuer, validity_days)?;
+    write(&dir.join("cert.pem"), &cert_pem)?;
+    write(&dir.join("key.pem"), &key_pem)?;
+    if let Some(at) = registry.site.iter().position(|s| s.name == site) {
+        let old = registry.site.remove(at);
+        registry.revoked.push(RevokedCertificate {
+            name: old.name,
+            serial: old.serial,
+            revoked_unix: crate::unix_seconds() as i64,
+            reason: "superseded".into(),
+        });
+    }
+    registry.site.push(registered);
+    publish(out, &mut registry, &issuer)
 }
 
 /// Adds one site to an existing project without touching the others.
@@ -158,21 +333,44 @@ pub fn add_site(
     site: &str,
     coordinator_url: &str,
     coordinator_names: &[String],
+    validity_days: u32,
 ) -> Result<(), ProvisionError> {
     check_site_name(site)?;
-    let ca_pem = fs::read_to_string(out.join("ca.pem"))
-        .map_err(|_| ProvisionError::NoCa(out.display().to_string()))?;
-    let ca_key_pem = fs::read_to_string(out.join("ca.key")).map_err(io(&out.join("ca.key")))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    site_bundle(
+    let (issuer, ca_pem) = load_issuer(out)?;
+    let mut registry = load_registry(out)?;
+    let registered = site_bundle(
         out,
         site,
         &issuer,
         &ca_pem,
         coordinator_url,
         coordinator_names,
-    )
+        validity_days,
+    )?;
+    registry.site.push(registered);
+    publish(out, &mut registry, &issuer)
+}
+
+/// A new key and client certificate for `site`: (cert PEM, key PEM, registry entry).
+fn site_certificate(
+    site: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    validity_days: u32,
+) -> Result<(String, String, RegisteredSite), ProvisionError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let mut params = leaf_params(site, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let not_after_unix = validity(&mut params, validity_days)?;
+    let serial = serial(&mut params);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((
+        cert.pem(),
+        key.serialize_pem(),
+        RegisteredSite {
+            name: site.to_string(),
+            serial,
+            not_after_unix,
+        },
+    ))
 }
 
 fn site_bundle(
@@ -182,16 +380,15 @@ fn site_bundle(
     ca_pem: &str,
     coordinator_url: &str,
     coordinator_names: &[String],
-) -> Result<(), ProvisionError> {
+    validity_days: u32,
+) -> Result<RegisteredSite, ProvisionError> {
     let dir = out.join("sites").join(site);
     if dir.exists() {
         return Err(ProvisionError::Exists(dir.display().to_string()));
     }
-    let key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let cert =
-        leaf_params(site, &[], ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(&key, issuer)?;
-    write(&dir.join("cert.pem"), &cert.pem())?;
-    write(&dir.join("key.pem"), &key.serialize_pem())?;
+    let (cert_pem, key_pem, registered) = site_certificate(site, issuer, validity_days)?;
+    write(&dir.join("cert.pem"), &cert_pem)?;
+    write(&dir.join("key.pem"), &key_pem)?;
     write(&dir.join("ca.pem"), ca_pem)?;
     let server_name = coordinator_names
         .first()
@@ -222,5 +419,5 @@ split_seed = 42
 "#
         ),
     )?;
-    Ok(())
+    Ok(registered)
 }

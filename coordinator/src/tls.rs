@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use thiserror::Error;
@@ -48,13 +48,40 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The CRLs in a PEM file (`provision` writes one, signed by the project CA).
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if crls.is_empty() {
+        return Err(file_err(path, "no CRL in the file"));
+    }
+    Ok(crls)
+}
+
+/// The server's TLS configuration. With `crl`, a client certificate it lists fails the
+/// handshake; a certificate of our CA that the CRL does not cover cannot exist (the CRL is
+/// the CA's own), so unknown revocation status is refused too.
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    crl: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca)? {
         roots.add(c).map_err(|e| file_err(ca, e))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(crl) = crl {
+        builder = builder
+            .with_crls(load_crls(crl)?)
+            .only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -86,6 +113,9 @@ pub fn handshake_reason(e: &std::io::Error) -> String {
         Error::InvalidCertificate(CertificateError::NotValidYet)
         | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
             "the client certificate is not valid yet (is the site's clock right?)".into()
+        }
+        Error::InvalidCertificate(CertificateError::Revoked) => {
+            "the client certificate is revoked (tls.crl): the site needs a new bundle from `provision --renew`".into()
         }
         Error::NoCertificatesPresented => "the client presented no certificate".into(),
         Error::AlertReceived(alert) => format!(

@@ -178,6 +178,7 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pki");
     let opts = ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: out.clone(),
         sites: vec![
             "hospital-a".into(),
@@ -202,6 +203,7 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
         "hospital-d",
         "https://localhost:7700",
         &["localhost".into()],
+        365,
     )
     .unwrap();
     assert_eq!(
@@ -221,13 +223,13 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
             .contains("already exists")
     );
     assert!(
-        add_site(&out, "hospital-d", "https://x:1", &[])
+        add_site(&out, "hospital-d", "https://x:1", &[], 365)
             .unwrap_err()
             .to_string()
             .contains("already exists")
     );
     assert!(
-        add_site(&out, "../evil", "https://x:1", &[])
+        add_site(&out, "../evil", "https://x:1", &[], 365)
             .unwrap_err()
             .to_string()
             .contains("not allowed")
@@ -236,6 +238,7 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
     // a certificate from another project's CA is refused
     let other = dir.path().join("other");
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: other.clone(),
         ..opts
     })
@@ -256,4 +259,132 @@ fn the_example_configuration_is_valid_local_and_watched() {
     let status = cfg.status.expect("[status] is configured");
     assert!(status.listen.ip().is_loopback());
     assert!(cfg.secagg.consistency_check);
+}
+
+/// (serial hex, not_before, not_after) of a PEM certificate.
+fn cert_facts(path: &std::path::Path) -> (String, i64, i64) {
+    let der = der(path);
+    let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let v = c.validity();
+    (
+        c.tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        v.not_before.timestamp(),
+        v.not_after.timestamp(),
+    )
+}
+
+/// The serials (hex) a PEM CRL lists, after checking it is signed by the CA in `ca`.
+fn crl_serials(crl: &std::path::Path, ca: &std::path::Path) -> Vec<String> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateRevocationListDer::from_pem_file(crl).unwrap();
+    let (_, list) = x509_parser::parse_x509_crl(der.as_ref()).unwrap();
+    let ca_der = self::der(ca);
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    list.verify_signature(ca.public_key())
+        .expect("the CRL is signed by the project CA");
+    list.iter_revoked_certificates()
+        .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .collect()
+}
+
+#[test]
+fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_crl() {
+    use cohort_coordinator::provision::{crl_path, registry_path, renew, revoke};
+    use cohort_coordinator::registry::Registry;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    provision(&ProvisionOptions {
+        out: out.clone(),
+        sites: vec!["hospital-a".into(), "hospital-b".into()],
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:7700".into(),
+        validity_days: 30,
+    })
+    .unwrap();
+    let day = 86_400;
+    let (serial_a, from, to) = cert_facts(&out.join("sites/hospital-a/cert.pem"));
+    assert_eq!(to - from, 30 * day + 3600, "30 days from an hour ago");
+    let (_, ca_from, ca_to) = cert_facts(&out.join("ca.pem"));
+    assert!(
+        ca_to - ca_from >= 3650 * day,
+        "the CA outlives its certificates"
+    );
+    let (_, _, coordinator_to) = cert_facts(&out.join("coordinator/cert.pem"));
+    assert_eq!(coordinator_to, to);
+
+    let registry = Registry::load(&registry_path(&out)).unwrap();
+    assert_eq!(registry.current("hospital-a").unwrap().serial, serial_a);
+    assert_eq!(registry.current("hospital-a").unwrap().not_after_unix, to);
+    assert!(registry.revoked.is_empty());
+    assert!(crl_serials(&crl_path(&out), &out.join("ca.pem")).is_empty());
+
+    // Renewal: a new key and serial in the same bundle; the old one is superseded.
+    let old_key = std::fs::read(out.join("sites/hospital-a/key.pem")).unwrap();
+    let agent_toml = std::fs::read(out.join("sites/hospital-a/agent.toml")).unwrap();
+    renew(&out, "hospital-a", 365).unwrap();
+    let (renewed, from, to) = cert_facts(&out.join("sites/hospital-a/cert.pem"));
+    assert_ne!(renewed, serial_a);
+    assert_eq!(to - from, 365 * day + 3600);
+    assert_ne!(
+        std::fs::read(out.join("sites/hospital-a/key.pem")).unwrap(),
+        old_key
+    );
+    assert_eq!(
+        std::fs::read(out.join("sites/hospital-a/agent.toml")).unwrap(),
+        agent_toml,
+        "the site's own settings are kept"
+    );
+    let registry = Registry::load(&registry_path(&out)).unwrap();
+    assert_eq!(registry.refusal("hospital-a", &renewed), None);
+    assert!(
+        registry
+            .refusal("hospital-a", &serial_a)
+            .unwrap()
+            .contains("superseded")
+    );
+    assert_eq!(
+        crl_serials(&crl_path(&out), &out.join("ca.pem")),
+        vec![serial_a.clone()]
+    );
+
+    // Revocation: the site leaves the registry and its serial joins the CRL.
+    let (serial_b, _, _) = cert_facts(&out.join("sites/hospital-b/cert.pem"));
+    revoke(&out, "hospital-b").unwrap();
+    let registry = Registry::load(&registry_path(&out)).unwrap();
+    assert!(registry.current("hospital-b").is_none());
+    assert!(
+        registry
+            .refusal("hospital-b", &serial_b)
+            .unwrap()
+            .contains("revoked")
+    );
+    let mut listed = crl_serials(&crl_path(&out), &out.join("ca.pem"));
+    listed.sort();
+    let mut expected = vec![serial_a, serial_b];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(registry.crl_number, 3, "one CRL per change");
+    assert!(
+        revoke(&out, "hospital-b")
+            .unwrap_err()
+            .to_string()
+            .contains("no current certificate")
+    );
+    assert!(
+        provision(&ProvisionOptions {
+            out: dir.path().join("bad"),
+            sites: vec!["x".into()],
+            coordinator_names: vec![],
+            coordinator_url: "https://x:1".into(),
+            validity_days: 0,
+        })
+        .unwrap_err()
+        .to_string()
+        .contains("validity_days")
+    );
 }

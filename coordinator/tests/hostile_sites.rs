@@ -39,6 +39,7 @@ fn pki_with_mallory(dir: &Path) -> PathBuf {
     let mut sites: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
     sites.push("mallory".into());
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites,
         coordinator_names: vec!["localhost".into()],
@@ -49,11 +50,21 @@ fn pki_with_mallory(dir: &Path) -> PathBuf {
 }
 
 fn config(dir: &Path, pki: &Path, rounds: u32, model: &str) -> CoordinatorConfig {
+    config_with(dir, pki, rounds, model, "")
+}
+
+fn config_with(
+    dir: &Path,
+    pki: &Path,
+    rounds: u32,
+    model: &str,
+    tls_extra: &str,
+) -> CoordinatorConfig {
     CoordinatorConfig::parse(&format!(
         r#"
 listen = "127.0.0.1:0"
 data_dir = {data:?}
-{tls}
+{tls}{tls_extra}
 [rounds]
 count = {rounds}
 min_sites = 4
@@ -84,7 +95,17 @@ local_steps = 10
 
 /// Mallory's channel to the coordinator; `window` shrinks its HTTP/2 receive windows.
 async fn channel(pki: &Path, port: u16, window: Option<u32>) -> Channel {
-    let bundle = pki.join("sites/mallory");
+    try_channel(&pki.join("sites/mallory"), port, window)
+        .await
+        .unwrap()
+}
+
+/// A channel with the certificate in `bundle`.
+async fn try_channel(
+    bundle: &Path,
+    port: u16,
+    window: Option<u32>,
+) -> Result<Channel, tonic::transport::Error> {
     let read = |f: &str| std::fs::read(bundle.join(f)).unwrap();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
@@ -98,7 +119,6 @@ async fn channel(pki: &Path, port: u16, window: Option<u32>) -> Channel {
         .initial_connection_window_size(window)
         .connect()
         .await
-        .unwrap()
 }
 
 /// Opens mallory's session with a valid Join; returns the sender for what follows and the
@@ -110,10 +130,26 @@ async fn join(
     mpsc::Sender<AgentMessage>,
     tonic::Streaming<CoordinatorMessage>,
 ) {
+    try_join(config, channel, "mallory")
+        .await
+        .expect("mallory's certificate and Join are valid")
+}
+
+async fn try_join(
+    config: &CoordinatorConfig,
+    channel: Channel,
+    site: &str,
+) -> Result<
+    (
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<CoordinatorMessage>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(4);
     tx.send(AgentMessage {
         kind: Some(agent_message::Kind::Join(Join {
-            site: "mallory".into(),
+            site: site.into(),
             examples: 100,
             schema_hash: config.schema.hash(),
             protocol_version: cohort_proto::PROTOCOL_VERSION,
@@ -123,17 +159,13 @@ async fn join(
     .await
     .unwrap();
     let mut client = CoordinatorClient::new(channel);
-    let mut stream = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .expect("mallory's certificate and Join are valid")
-        .into_inner();
-    let welcome = stream.message().await.unwrap().expect("Welcome");
+    let mut stream = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = stream.message().await?.expect("Welcome");
     assert!(matches!(
         welcome.kind,
         Some(cohort_proto::v1::coordinator_message::Kind::Welcome(_))
     ));
-    (tx, stream)
+    Ok((tx, stream))
 }
 
 /// Runs the coordinator with the four hospitals, after `mallory` (given the gRPC port and
@@ -350,6 +382,62 @@ fn half_open_connections_do_not_keep_sites_out() {
     }));
     assert_eq!(rounds, 2, "the hospitals connect and finish every round");
     drop(rt.block_on(open));
+}
+
+#[test]
+fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    // Mallory is revoked before the coordinator starts: the CRL stops it in the handshake.
+    cohort_coordinator::provision::revoke(&pki, "mallory").unwrap();
+    let extra = format!(
+        "crl = {:?}\nregistry = {:?}\n",
+        pki.join("coordinator/crl.pem"),
+        pki.join("coordinator/registry.toml")
+    );
+    let config = config_with(dir.path(), &pki, 1, r#"kind = "logreg""#, &extra);
+    let cfg = config.clone();
+    let old_va = dir.path().join("va-before-renewal");
+    std::fs::create_dir_all(&old_va).unwrap();
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::copy(pki.join("sites/va").join(f), old_va.join(f)).unwrap();
+    }
+    let rt = runtime();
+    let bundles = pki.clone();
+    let (rounds, refusals) = rt.block_on(federation(config, &pki, async move |port, _| {
+        // A revoked certificate fails the TLS handshake (the channel or the first call).
+        let revoked = match try_channel(&bundles.join("sites/mallory"), port, None).await {
+            Err(e) => format!("{e:?}"),
+            Ok(ch) => format!("{:?}", try_join(&cfg, ch, "mallory").await.err()),
+        };
+        // va is renewed while the coordinator runs: its old certificate still chains to the
+        // CA and is not in the CRL loaded at start, but the re-read registry refuses it.
+        cohort_coordinator::provision::renew(&bundles, "va", 30).unwrap();
+        let superseded = match try_channel(&old_va, port, None).await {
+            Err(e) => panic!("the old certificate passes TLS: {e}"),
+            Ok(ch) => try_join(&cfg, ch, "va").await.err(),
+        };
+        tokio::spawn(async move { (revoked, superseded) })
+    }));
+    let (revoked, superseded) = rt.block_on(refusals).unwrap();
+    assert_eq!(
+        rounds, 1,
+        "the hospitals, va with its new bundle, finish the run"
+    );
+    assert!(
+        revoked.contains("CertificateRevoked"),
+        "a revoked certificate is refused: {revoked}"
+    );
+    let superseded = superseded.expect("the superseded certificate is refused");
+    assert_eq!(
+        superseded.code(),
+        tonic::Code::PermissionDenied,
+        "{superseded:?}"
+    );
+    assert!(
+        superseded.message().contains("was superseded"),
+        "{superseded:?}"
+    );
 }
 
 fn resident_bytes() -> u64 {

@@ -138,6 +138,7 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
     }
     let names: Vec<String> = (0..args.sites).map(site_name).collect();
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: names,
         coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],

@@ -208,6 +208,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     let pki = out.join("pki");
     let names: Vec<String> = s.sites.iter().map(|x| x.name.clone()).collect();
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: names,
         coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],

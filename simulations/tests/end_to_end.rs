@@ -161,6 +161,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     use cohort_coordinator::provision::{ProvisionOptions, provision};
     let dir = tempfile::tempdir().unwrap();
     let opts = |out: PathBuf| ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out,
         sites: vec!["cleveland".into()],
         coordinator_names: vec!["localhost".into()],

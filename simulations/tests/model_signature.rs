@@ -128,6 +128,7 @@ fn answer_with(
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: SITES.iter().map(|s| s.to_string()).collect(),
         coordinator_names: vec!["localhost".into()],

@@ -34,6 +34,7 @@ pub fn data(site: &str) -> PathBuf {
 pub fn pki(dir: &Path) -> PathBuf {
     let pki = dir.join("pki");
     provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: SITES.iter().map(|s| s.to_string()).collect(),
         coordinator_names: vec!["localhost".into()],
