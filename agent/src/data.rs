@@ -15,15 +15,8 @@ use thiserror::Error;
 pub enum DataError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
-    #[error("{path} is empty: it needs a header row")]
-    Empty { path: String },
-    #[error("{path}, line {line}, column {column:?}: {value:?} is not a number")]
-    NotANumber {
-        path: String,
-        line: usize,
-        column: String,
-        value: String,
-    },
+    #[error(transparent)]
+    Csv(#[from] cohort_protocols::model::csv::CsvError),
     #[error("{path}: {error}")]
     Schema { path: String, error: SchemaError },
     #[error("{path}: no usable rows after applying the schema")]
@@ -79,8 +72,7 @@ pub struct SiteData {
     pub dropped_rows: usize,
 }
 
-/// A CSV row; `None` is an empty cell.
-type RawRow = Vec<Option<f64>>;
+use cohort_protocols::model::csv::RawRow;
 
 /// Header renames: this site's column name → the schema's.
 pub type Renames = std::collections::BTreeMap<String, String>;
@@ -106,38 +98,7 @@ fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<RawRow>), DataError> {
         path: name.clone(),
         error,
     })?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> = lines
-        .next()
-        .ok_or_else(|| DataError::Empty { path: name.clone() })?
-        .split(',')
-        .map(|c| c.trim().to_string())
-        .collect();
-    let mut rows = Vec::new();
-    for (i, line) in lines.enumerate() {
-        let row = line
-            .split(',')
-            .enumerate()
-            .map(|(j, cell)| {
-                let cell = cell.trim();
-                if cell.is_empty() || cell == "?" {
-                    return Ok(None);
-                }
-                cell.parse::<f64>()
-                    .ok()
-                    .filter(|v| v.is_finite())
-                    .map(Some)
-                    .ok_or_else(|| DataError::NotANumber {
-                        path: name.clone(),
-                        line: i + 2,
-                        column: header.get(j).cloned().unwrap_or_else(|| format!("#{j}")),
-                        value: cell.to_string(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.push(row);
-    }
-    Ok((header, rows))
+    Ok(cohort_protocols::model::csv::parse(&name, &text)?)
 }
 
 /// A CSV to score with a model, encoded by `schema`.

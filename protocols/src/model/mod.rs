@@ -4,6 +4,7 @@
 //! the weight matrix `[d_in, d_out]` row-major, then the bias), so the coordinator can average,
 //! hash and sign it without knowing anything about burn, and the agent can load it bit-exactly.
 
+pub mod csv;
 mod schema;
 pub mod stats;
 
