@@ -1040,3 +1040,38 @@ fn a_site_input_outside_the_quantisation_range_is_caught_in_the_sum_before_it_is
         }
     }
 }
+
+/// The seed corpus of the `secagg_decode` fuzz target (`fuzz/seeds/secagg_decode`): messages
+/// of every stage as this version encodes them, so fuzzing starts from valid messages rather
+/// than rediscovering the format. After a wire change, `COHORT_WRITE_FUZZ_SEEDS=1` rewrites
+/// them; otherwise they must match what the code encodes today.
+#[test]
+fn the_fuzz_seed_corpus_is_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/secagg_decode");
+    let (server_msgs, client_msgs) = sample_messages();
+    let seeds: Vec<(String, Vec<u8>)> = server_msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("server-{i:02}"), m.encode()))
+        .chain(
+            client_msgs
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("client-{i:02}"), m.encode())),
+        )
+        .collect();
+    if std::env::var_os("COHORT_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in &seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    for (name, bytes) in &seeds {
+        let on_disk = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e} (COHORT_WRITE_FUZZ_SEEDS=1 writes the seeds)"));
+        assert_eq!(
+            &on_disk, bytes,
+            "{name} is stale: the encoding changed (COHORT_WRITE_FUZZ_SEEDS=1 rewrites the seeds)"
+        );
+    }
+}

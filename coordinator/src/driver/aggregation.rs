@@ -107,6 +107,29 @@ impl Reassembler {
 }
 
 impl Driver {
+    /// Logs and counts each refused message's sender (`rejections`, `last_rejection` in the
+    /// status API); returns the senders.
+    fn record_rejections(
+        &self,
+        round: u64,
+        by_id: &HashMap<u32, String>,
+        rejections: &[cohort_protocols::secagg::Rejection],
+    ) -> Vec<String> {
+        let mut sites = Vec::new();
+        for r in rejections {
+            let Some(site) = by_id.get(&r.client) else {
+                continue;
+            };
+            warn!(round, %site, stage = ?r.stage, reason = %r.reason, "site's message refused: excluded from the round");
+            self.hub.record(site, |s| {
+                s.rejections += 1;
+                s.last_rejection = Some((round, format!("{:?}: {}", r.stage, r.reason)));
+            });
+            sites.push(site.clone());
+        }
+        sites
+    }
+
     /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
     fn stage_changed(
         &self,
@@ -204,6 +227,10 @@ impl Driver {
         loop {
             match server.poll(now_ms(clock)) {
                 Err(abort) => {
+                    // Whoever was refused in the failed attempt is counted, and left out of
+                    // the round's next attempts: one lying site must not abort them all.
+                    let rejected = self.record_rejections(round.round, &by_id, server.rejections());
+                    self.sidelined.extend(rejected);
                     if let AbortReason::PartialInput { client } = abort.reason
                         && let Some(site) = by_id.get(&client)
                     {
@@ -221,15 +248,7 @@ impl Driver {
                         rejections,
                         ..
                     } = *out;
-                    for r in &rejections {
-                        let site = by_id.get(&r.client).cloned().unwrap_or_default();
-                        warn!(round = round.round, %site, stage = ?r.stage, reason = %r.reason, "site's message refused: excluded from the round");
-                        self.hub.record(&site, |s| {
-                            s.rejections += 1;
-                            s.last_rejection =
-                                Some((round.round, format!("{:?}: {}", r.stage, r.reason)));
-                        });
-                    }
+                    self.record_rejections(round.round, &by_id, &rejections);
                     for d in &dropped {
                         if let Some(s) = by_id.get(d) {
                             self.hub.record(s, |st| st.dropouts += 1);
