@@ -1,0 +1,397 @@
+//! The real agent against a coordinator that lies late in a SecAgg+ round, after the keys are
+//! exchanged and the masked input is in: it asks for both shares of a survivor (which would
+//! unmask that site's input), or tells the agent a survivor set other than the one the agent
+//! signed (equivocation). The "coordinator" is a stub gRPC service over mutual TLS with the
+//! project's real certificates, driving the real `Server` state machine with three simulated
+//! sites that hold the other hospitals' real identities; only the message to the agent is
+//! altered. The agent must refuse with the typed error as its reason.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use cohort_proto::v1::{
+    AgentMessage, Chunk, CoordinatorMessage, RoundStart, SchemaReply, SchemaRequest, Task, Welcome,
+    agent_message, coordinator_message,
+};
+use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::model;
+use cohort_protocols::secagg::{
+    Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
+    SiteIdentity, StageTimeouts,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server as GrpcServer, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+
+const SCHEMA: &str = r#"
+label = { column = "num", greater_than = 0 }
+drop = ["slope", "ca", "thal"]
+categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+missing = "drop_row"
+"#;
+
+/// The lie told in the unmask request to the agent (site 0).
+#[derive(Debug, Clone, Copy)]
+enum Lie {
+    /// None: the harness itself runs an honest round to the end.
+    Honest,
+    /// Survivor 1 is also listed as dropped: its self-mask share and its mask-key share.
+    BothShares,
+    /// Survivor 1 is moved to the dropped list after every site signed it as a survivor.
+    ChangedSurvivors,
+}
+
+struct Stub {
+    pki: std::path::PathBuf,
+    schema: SchemaReply,
+    lie: Lie,
+    answers: mpsc::UnboundedSender<String>,
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    cohort_coordinator::tls::load_certs(path).unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+fn key(path: &Path) -> ed25519_dalek::SigningKey {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    ed25519_dalek::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn secagg(msg: &ServerMessage) -> CoordinatorMessage {
+    CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Secagg(Chunk {
+            data: msg.encode().into(),
+            last: true,
+        })),
+    }
+}
+
+/// The round as the stub's honest half runs it: the real server and three real clients.
+struct Round {
+    server: Server<u64>,
+    peers: BTreeMap<u32, Client<u64>>,
+    lie: Lie,
+    /// The statistics vector's length (1 + 3 × 13 inputs).
+    len: usize,
+}
+
+impl Round {
+    fn new(pki: &Path, lie: Lie) -> (Self, ServerMessage) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let verifier = Arc::new(CaVerifier::new(pem_der(&pki.join("ca.pem")), now).unwrap());
+        let roster: Vec<(u32, String)> = SITES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u32, s.to_string()))
+            .collect();
+        let params = Params {
+            consistency_check: true,
+            modulus: Modulus::Bits64,
+            ..Params::with_defaults(4, 38)
+        };
+        let round = RoundId::new(0, 0);
+        let (server, setup) = Server::<u64>::new(
+            params.clone(),
+            round,
+            &roster,
+            [7u8; 32],
+            verifier.clone(),
+            StageTimeouts::default(),
+            0,
+        )
+        .unwrap();
+        let peers = (1..4u32)
+            .map(|id| {
+                let site = pki.join("sites").join(SITES[id as usize]);
+                let identity = SiteIdentity {
+                    id,
+                    name: SITES[id as usize].to_string(),
+                    signing_key: key(&site.join("key.pem")),
+                    credential: pem_der(&site.join("cert.pem")),
+                };
+                (
+                    id,
+                    Client::new(identity, verifier.clone(), round, [id as u8 + 40; 32]),
+                )
+            })
+            .collect();
+        let setup = ServerMessage::Setup(setup);
+        let mut r = Round {
+            server,
+            peers,
+            lie,
+            len: params.vector_len(),
+        };
+        r.deliver_to_peers(vec![
+            (1, setup.clone()),
+            (2, setup.clone()),
+            (3, setup.clone()),
+        ]);
+        (r, setup)
+    }
+
+    /// Hands messages to the simulated sites and their answers to the server.
+    fn deliver_to_peers(&mut self, messages: Vec<(u32, ServerMessage)>) {
+        for (id, m) in messages {
+            let peer = self.peers.get_mut(&id).unwrap();
+            let mut reply = peer.handle(&m).unwrap();
+            if reply.is_none() && matches!(m, ServerMessage::ForwardedShares(_)) {
+                let zeros = QuantisedInput::from_values(vec![0u64; self.len]);
+                reply = peer.set_input(zeros).unwrap();
+            }
+            match reply {
+                Some(ClientMessage::MaskedInput(x)) => {
+                    self.upload(id, &ClientMessage::MaskedInput(x).encode())
+                }
+                Some(other) => self.server.receive(id, other, 0).unwrap(),
+                None => {}
+            }
+        }
+    }
+
+    fn upload(&mut self, id: u32, bytes: &[u8]) {
+        let (_, slot) = self
+            .server
+            .input_slots()
+            .into_iter()
+            .find(|(s, _)| *s == id)
+            .expect("a slot for every site");
+        assert_eq!(slot.feed(bytes, true), Ok(true), "site {id}'s masked input");
+    }
+
+    /// Polls the server until it waits; returns what goes to the agent (lied about where the
+    /// lie applies), and how the round ended if it did: (survivors, the summed row count).
+    fn advance(&mut self) -> (Vec<ServerMessage>, Option<String>) {
+        let mut to_agent = Vec::new();
+        loop {
+            match self.server.poll(0).expect("the honest half does not abort") {
+                Poll::Send(messages) => {
+                    let (agent, peers): (Vec<_>, Vec<_>) =
+                        messages.into_iter().partition(|(id, _)| *id == 0);
+                    to_agent.extend(agent.into_iter().map(|(_, m)| self.lie_to_agent(m)));
+                    self.deliver_to_peers(peers);
+                }
+                Poll::Pending { .. } => return (to_agent, None),
+                Poll::Done(out) => {
+                    // The simulated sites sent zeros: the sum is the agent's statistics.
+                    let rows = out.sum.to_vec()[0];
+                    let done = format!("completed: survivors {:?}, rows {rows}", out.survivors);
+                    return (to_agent, Some(done));
+                }
+            }
+        }
+    }
+
+    fn lie_to_agent(&self, m: ServerMessage) -> ServerMessage {
+        let ServerMessage::UnmaskRequest(mut req) = m else {
+            return m;
+        };
+        assert!(
+            req.survivors.contains(&1) && req.dropped.is_empty(),
+            "{req:?}"
+        );
+        match self.lie {
+            Lie::Honest => {}
+            Lie::BothShares => req.dropped = vec![1],
+            Lie::ChangedSurvivors => {
+                req.survivors.retain(|&s| s != 1);
+                req.dropped = vec![1];
+            }
+        }
+        ServerMessage::UnmaskRequest(req)
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Stub {
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn schema(&self, _: Request<SchemaRequest>) -> Result<Response<SchemaReply>, Status> {
+        Ok(Response::new(self.schema.clone()))
+    }
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let (mut round, setup) = Round::new(&self.pki, self.lie);
+        let answers = self.answers.clone();
+        let certificate = pem_der(&self.pki.join("coordinator/cert.pem"));
+        tokio::spawn(async move {
+            let send = |kind| CoordinatorMessage { kind: Some(kind) };
+            let opening = [
+                send(coordinator_message::Kind::Welcome(Welcome {
+                    site_id: 0,
+                    protocol_version: cohort_proto::PROTOCOL_VERSION,
+                    coordinator_certificate: certificate,
+                })),
+                send(coordinator_message::Kind::RoundStart(RoundStart {
+                    round: 0,
+                    task: Task::Stats as i32,
+                    secure: true,
+                    training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+                    ..Default::default()
+                })),
+                secagg(&setup),
+            ];
+            for m in opening {
+                let _ = tx.send(Ok(m)).await;
+            }
+            let (mut control, mut masked) = (Vec::new(), Vec::new());
+            while let Ok(Some(msg)) = inbound.message().await {
+                match msg.kind {
+                    Some(agent_message::Kind::Secagg(c)) => {
+                        control.extend_from_slice(&c.data);
+                        if !c.last {
+                            continue;
+                        }
+                        let m =
+                            ClientMessage::<u64>::decode(&std::mem::take(&mut control)).unwrap();
+                        round.server.receive(0, m, 0).unwrap();
+                    }
+                    Some(agent_message::Kind::MaskedInput(c)) => {
+                        masked.extend_from_slice(&c.data);
+                        if !c.last {
+                            continue;
+                        }
+                        round.upload(0, &std::mem::take(&mut masked));
+                    }
+                    Some(agent_message::Kind::Decline(d)) => {
+                        let _ = answers.send(d.reason);
+                        continue;
+                    }
+                    _ => continue,
+                }
+                let (to_agent, done) = round.advance();
+                for m in to_agent {
+                    let _ = tx.send(Ok(secagg(&m))).await;
+                }
+                if let Some(done) = done {
+                    let _ = answers.send(done);
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The reason the real agent gives for refusing the round with `lie` (or how the honest round
+/// ended).
+fn refusal(lie: Lie) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        out: pki.clone(),
+        sites: SITES.iter().map(|s| s.to_string()).collect(),
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (answers, mut rx) = mpsc::unbounded_channel();
+        let schema_toml = toml::to_string(
+            &toml::from_str::<cohort_protocols::model::DataSchema>(SCHEMA).unwrap(),
+        )
+        .unwrap();
+        let stub = Stub {
+            pki: pki.clone(),
+            schema: SchemaReply {
+                signature: model::sign_schema(&key(&pki.join("coordinator/key.pem")), &schema_toml)
+                    .to_vec(),
+                schema_toml,
+                coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
+                inputs: 13,
+            },
+            lie,
+            answers,
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("coordinator/cert.pem"),
+                read("coordinator/key.pem"),
+            ))
+            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        tokio::spawn(
+            GrpcServer::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(CoordinatorServer::new(stub))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
+        let data: toml::Table =
+            toml::from_str(&format!("csv = {:?}", csv.display().to_string())).unwrap();
+        let schema: toml::Table = toml::from_str(SCHEMA).unwrap();
+        let cfg = cohort_sim::run::agent_config(
+            "cleveland",
+            &pki.join("sites/cleveland"),
+            port,
+            data,
+            &schema,
+            vec![],
+        )
+        .unwrap();
+        let agent = tokio::spawn(cohort_agent::run(cfg));
+        let reason = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the agent answers within 60 s")
+            .expect("a refusal");
+        agent.abort();
+        reason
+    })
+}
+
+#[test]
+fn without_a_lie_the_harness_completes_the_round_with_the_agent() {
+    let done = refusal(Lie::Honest);
+    let rows: u64 = done
+        .rsplit("rows ")
+        .next()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{done}"));
+    assert!(
+        done.starts_with("completed: survivors [0, 1, 2, 3]"),
+        "{done}"
+    );
+    // cleveland's training split: two thirds of its 303 rows.
+    assert!((150..=303).contains(&rows), "{done}");
+}
+
+#[test]
+fn a_request_for_both_shares_of_a_survivor_is_refused_by_the_real_agent() {
+    let reason = refusal(Lie::BothShares);
+    assert_eq!(
+        reason, "the server asked for both shares of site 1: refused",
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_survivor_set_other_than_the_signed_one_is_refused_by_the_real_agent() {
+    let reason = refusal(Lie::ChangedSurvivors);
+    assert_eq!(
+        reason, "the survivor set differs from the one this site signed",
+        "{reason}"
+    );
+}
