@@ -44,6 +44,7 @@ pub struct Metrics {
     sites_connected: Gauge,
     bytes_received: Counter,
     bytes_sent: Counter,
+    site_rejections: Counter,
     shard_acquisitions: Family<Labels, Counter>,
     shard_wait_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     /// Serialises refresh-and-encode, so two scrapes never interleave their counter deltas.
@@ -73,6 +74,7 @@ impl Metrics {
             sites_connected: Gauge::default(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
+            site_rejections: Counter::default(),
             shard_acquisitions: Family::default(),
             shard_wait_seconds: Family::default(),
             scrape: Mutex::new(()),
@@ -140,6 +142,11 @@ impl Metrics {
         );
         r.register("sent_bytes", "Bytes sent to agents", m.bytes_sent.clone());
         r.register(
+            "site_rejections",
+            "Sites' SecAgg+ messages refused, and sessions the coordinator closed, for misbehaviour (per site in /api/v1/sites)",
+            m.site_rejections.clone(),
+        );
+        r.register(
             "shard_lock_acquisitions",
             "Lock acquisitions per shard of the sharded round-state maps",
             m.shard_acquisitions.clone(),
@@ -167,6 +174,10 @@ impl Metrics {
         advance(
             &self.bytes_sent,
             sites.iter().map(|(_, s)| s.bytes_out).sum(),
+        );
+        advance(
+            &self.site_rejections,
+            sites.iter().map(|(_, s)| s.rejections).sum(),
         );
         for (map, stats) in hub.shard_stats() {
             self.shards(map, &stats);

@@ -21,6 +21,11 @@ pub struct RoundSummary {
     pub auc: f64,
     pub total_weight: u64,
     pub model_sha3_512: String,
+    /// Sites whose SecAgg+ messages the coordinator refused in this round (a bad signature,
+    /// an invalid key, a wrong revealed share, an oversize or undecodable message), in any of
+    /// its attempts: each was excluded from that attempt and from the round's later ones.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 /// What one site reported about the model after a round.

@@ -849,6 +849,7 @@ mod tests {
             auc: 0.6,
             total_weight: 30,
             model_sha3_512: String::new(),
+            rejected: Vec::new(),
         }
     }
 

@@ -23,7 +23,9 @@ use cohort_coordinator::CoordinatorConfig;
 use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::status::client::get;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
-use cohort_proto::v1::{AgentMessage, Chunk, CoordinatorMessage, Decline, Join, agent_message};
+use cohort_proto::v1::{
+    AgentMessage, Chunk, CoordinatorMessage, Decline, Join, agent_message, coordinator_message,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -170,12 +172,12 @@ async fn try_join(
 
 /// Runs the coordinator with the four hospitals, after `mallory` (given the gRPC port and
 /// the status API's base URL) has joined; mallory's own task runs on beside the rounds.
-/// Returns the rounds completed and mallory's task.
+/// Returns the run's summary and mallory's task.
 async fn federation<T: Send + 'static>(
     config: CoordinatorConfig,
     pki: &Path,
     mallory: impl AsyncFnOnce(u16, String) -> tokio::task::JoinHandle<T>,
-) -> (usize, tokio::task::JoinHandle<T>) {
+) -> (cohort_coordinator::RunSummary, tokio::task::JoinHandle<T>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let run = tokio::spawn(cohort_coordinator::run(config, Some(tx)));
     let endpoints = rx.await.unwrap();
@@ -192,7 +194,7 @@ async fn federation<T: Send + 'static>(
     for a in agents {
         a.abort();
     }
-    (summary.rounds.len(), mallory)
+    (summary, mallory)
 }
 
 /// Mallory's state in the status API's site list; None once the coordinator is gone.
@@ -225,7 +227,7 @@ fn an_oversize_message_ends_only_its_senders_session() {
     let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
     let cfg = config.clone();
     let rt = runtime();
-    let (rounds, mallory) = rt.block_on(federation(config, &pki, async |port, api| {
+    let (summary, mallory) = rt.block_on(federation(config, &pki, async |port, api| {
         let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
         // 1 MiB in one message: no agent sends a chunk above 64 KiB.
         let chunk = Chunk {
@@ -247,7 +249,7 @@ fn an_oversize_message_ends_only_its_senders_session() {
         tokio::spawn(async move { (status, mallory_state(&api).await) })
     }));
     let (status, state) = rt.block_on(mallory).unwrap();
-    assert_eq!(rounds, 2, "the hospitals finish every round");
+    assert_eq!(summary.rounds.len(), 2, "the hospitals finish every round");
     assert!(
         status.message().contains("too large"),
         "mallory is told why: {status:?}"
@@ -266,7 +268,7 @@ fn a_site_that_stops_reading_is_disconnected_and_the_rounds_go_on() {
     let cfg = config.clone();
     let bundles = pki.clone();
     let rt = runtime();
-    let (rounds, mallory) = rt.block_on(federation(config, &pki, async move |port, api| {
+    let (summary, mallory) = rt.block_on(federation(config, &pki, async move |port, api| {
         let (tx, stream) = join(&cfg, channel(&bundles, port, Some(16 << 10)).await).await;
         // Mallory never reads `stream` again; it watches its own state instead.
         tokio::spawn(async move {
@@ -287,7 +289,7 @@ fn a_site_that_stops_reading_is_disconnected_and_the_rounds_go_on() {
         .block_on(mallory)
         .unwrap()
         .expect("mallory is disconnected while the run goes on");
-    assert_eq!(rounds, 6, "the hospitals finish every round");
+    assert_eq!(summary.rounds.len(), 6, "the hospitals finish every round");
     assert!(
         rejection.contains("did not read the coordinator's messages"),
         "{rejection}"
@@ -317,7 +319,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
         })
     };
     let rt = runtime();
-    let (rounds, mallory) = rt.block_on(federation(config, &pki, async move |port, _| {
+    let (summary, mallory) = rt.block_on(federation(config, &pki, async move |port, _| {
         let (tx, stream) = join(&cfg, channel(&bundles, port, None).await).await;
         // Declines for a round that does not exist, 60 KiB each (within the size limit), as
         // fast as the coordinator takes them, for the whole run.
@@ -349,7 +351,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
         flooded >> 20,
         grew >> 20
     );
-    assert_eq!(rounds, 3, "the hospitals finish every round");
+    assert_eq!(summary.rounds.len(), 3, "the hospitals finish every round");
     assert!(flooded > 64 << 20, "the flood went on: {flooded} bytes");
     // Coordinator, four agents and mallory share this process; the flood's own share is
     // bounded by the per-site inbox budget (8 MiB), far below what was sent.
@@ -367,7 +369,7 @@ fn half_open_connections_do_not_keep_sites_out() {
     let pki = pki_with_mallory(dir.path());
     let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
     let rt = runtime();
-    let (rounds, open) = rt.block_on(federation(config, &pki, async |port, _| {
+    let (summary, open) = rt.block_on(federation(config, &pki, async |port, _| {
         // 300 TCP connections that never start TLS, held for the whole run: more than the
         // handshakes the coordinator runs at once.
         let mut open = Vec::new();
@@ -380,7 +382,11 @@ fn half_open_connections_do_not_keep_sites_out() {
         }
         tokio::spawn(async move { open })
     }));
-    assert_eq!(rounds, 2, "the hospitals connect and finish every round");
+    assert_eq!(
+        summary.rounds.len(),
+        2,
+        "the hospitals connect and finish every round"
+    );
     drop(rt.block_on(open));
 }
 
@@ -404,7 +410,7 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     }
     let rt = runtime();
     let bundles = pki.clone();
-    let (rounds, refusals) = rt.block_on(federation(config, &pki, async move |port, _| {
+    let (summary, refusals) = rt.block_on(federation(config, &pki, async move |port, _| {
         // A revoked certificate fails the TLS handshake (the channel or the first call).
         let revoked = match try_channel(&bundles.join("sites/mallory"), port, None).await {
             Err(e) => format!("{e:?}"),
@@ -421,7 +427,8 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     }));
     let (revoked, superseded) = rt.block_on(refusals).unwrap();
     assert_eq!(
-        rounds, 1,
+        summary.rounds.len(),
+        1,
         "the hospitals, va with its new bundle, finish the run"
     );
     assert!(
@@ -437,6 +444,49 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     assert!(
         superseded.message().contains("was superseded"),
         "{superseded:?}"
+    );
+}
+
+#[test]
+fn a_site_that_sends_garbage_in_a_round_is_named_in_the_round_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let rt = runtime();
+    let (summary, mallory) = rt.block_on(federation(config, &pki, async |port, _| {
+        let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
+        tokio::spawn(async move {
+            // Silent through round 0 (a dropout there); in round 1, answers the SecAgg+
+            // set-up with bytes that are no SecAgg+ message.
+            let mut in_round_1 = false;
+            while let Ok(Some(m)) = stream.message().await {
+                match m.kind {
+                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
+                    Some(coordinator_message::Kind::Secagg(_)) if in_round_1 => {
+                        let garbage = Chunk {
+                            data: b"not a SecAgg+ message".to_vec().into(),
+                            last: true,
+                        };
+                        let _ = tx
+                            .send(AgentMessage {
+                                kind: Some(agent_message::Kind::Secagg(garbage)),
+                            })
+                            .await;
+                        in_round_1 = false;
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }));
+    rt.block_on(mallory).unwrap();
+    assert_eq!(summary.rounds.len(), 2, "the hospitals finish every round");
+    assert_eq!(summary.rounds[0].rejected, vec!["mallory".to_string()]);
+    assert!(
+        summary.rounds[1].rejected.is_empty(),
+        "{:?}",
+        summary.rounds[1]
     );
 }
 

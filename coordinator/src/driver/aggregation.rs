@@ -110,7 +110,7 @@ impl Driver {
     /// Logs and counts each refused message's sender (`rejections`, `last_rejection` in the
     /// status API); returns the senders.
     fn record_rejections(
-        &self,
+        &mut self,
         round: u64,
         by_id: &HashMap<u32, String>,
         rejections: &[cohort_protocols::secagg::Rejection],
@@ -127,6 +127,7 @@ impl Driver {
             });
             sites.push(site.clone());
         }
+        self.rejected.extend(sites.iter().cloned());
         sites
     }
 
@@ -355,6 +356,7 @@ impl Driver {
                                 Err(e) => {
                                     let reason = format!("undecodable SecAgg+ message: {e}");
                                     self.hub.close(&site, round.round, &reason);
+                                    self.rejected.insert(site.clone());
                                     server.disconnected(id);
                                     banned.insert(site);
                                 }

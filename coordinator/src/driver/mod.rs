@@ -99,6 +99,9 @@ pub struct Driver {
     /// Sites left out of the current round's remaining attempts because an upload of theirs
     /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
     sidelined: HashSet<String>,
+    /// Sites with a refused SecAgg+ message in the current round (any attempt), for its
+    /// summary; cleared when a new round starts.
+    rejected: std::collections::BTreeSet<String>,
     store: Store,
     signing_key: SigningKey,
     progress: Arc<Progress>,
@@ -270,6 +273,7 @@ impl Driver {
             cfg,
             report,
             sidelined: HashSet::new(),
+            rejected: std::collections::BTreeSet::new(),
             store: ops.store,
             signing_key: ops.signing_key,
             progress: ops.progress,
@@ -345,6 +349,7 @@ impl Driver {
                 auc: eval.auc,
                 total_weight,
                 model_sha3_512: hex(&hash),
+                rejected: self.rejected.iter().cloned().collect(),
             };
             let record = RoundRecord { summary, per_site };
             // Durable before the next round is announced: a crash from here on resumes
@@ -507,6 +512,7 @@ impl Driver {
     ) -> Result<T, DriverError> {
         let mut last = String::new();
         self.sidelined.clear();
+        self.rejected.clear();
         for attempt in 0..self.cfg.rounds.max_attempts {
             if let Err(e) = self.wait_for_sites().await {
                 last = e.to_string();
