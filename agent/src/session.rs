@@ -457,9 +457,24 @@ impl Session<'_> {
     }
 
     async fn decline(&self, round: u64, reason: String) -> Result<()> {
-        warn!(site = %self.cfg.site, round, %reason, "declining the round");
-        self.send(agent_message::Kind::Decline(Decline { round, reason }))
-            .await
+        self.decline_accusing(round, reason, None).await
+    }
+
+    /// Declines, naming the site whose signed shares proved it at fault (see
+    /// `ClientError::accused`).
+    async fn decline_accusing(
+        &self,
+        round: u64,
+        reason: String,
+        accused: Option<u32>,
+    ) -> Result<()> {
+        warn!(site = %self.cfg.site, round, %reason, ?accused, "declining the round");
+        self.send(agent_message::Kind::Decline(Decline {
+            round,
+            reason,
+            accused,
+        }))
+        .await
     }
 
     fn spec(&self, start: &RoundStart) -> Result<ModelSpec> {
@@ -782,7 +797,8 @@ impl Session<'_> {
                 let round = self.round.as_ref().map_or(0, |r| r.start.round);
                 warn!(site = %self.cfg.site, round, error = %e, "secure aggregation refused");
                 self.round = None;
-                self.decline(round, e.to_string()).await
+                self.decline_accusing(round, e.to_string(), e.accused())
+                    .await
             }
         }
     }

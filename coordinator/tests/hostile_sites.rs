@@ -331,6 +331,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
                     kind: Some(agent_message::Kind::Decline(Decline {
                         round: 999_999,
                         reason: reason.clone(),
+                        accused: None,
                     })),
                 };
                 match tokio::time::timeout(Duration::from_millis(200), tx.send(flood)).await {
@@ -487,6 +488,74 @@ fn a_site_that_sends_garbage_in_a_round_is_named_in_the_round_summary() {
         summary.rounds[1].rejected.is_empty(),
         "{:?}",
         summary.rounds[1]
+    );
+}
+
+#[test]
+fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_accused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let rt = runtime();
+    let (summary, mallory) = rt.block_on(federation(config, &pki, async |port, api| {
+        let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
+        tokio::spawn(async move {
+            // In round 1, mallory claims va's shares to it did not decrypt.
+            let mut in_round_1 = false;
+            while let Ok(Some(m)) = stream.message().await {
+                match m.kind {
+                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
+                    Some(coordinator_message::Kind::Secagg(c)) if in_round_1 => {
+                        let Ok(cohort_protocols::secagg::ServerMessage::Setup(setup)) =
+                            cohort_protocols::secagg::ServerMessage::decode(&c.data)
+                        else {
+                            continue;
+                        };
+                        let at = setup.names.iter().position(|n| n == "va").unwrap();
+                        let accusation = Decline {
+                            round: 1,
+                            reason: "shares do not decrypt".into(),
+                            accused: Some(setup.participants[at]),
+                        };
+                        let _ = tx
+                            .send(AgentMessage {
+                                kind: Some(agent_message::Kind::Decline(accusation)),
+                            })
+                            .await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            // The report is on va's record while the run goes on.
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok((_, body)) = get(&format!("{api}/api/v1/sites"), Some(TOKEN)).await else {
+                    return None;
+                };
+                let sites: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let va = sites["sites"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|s| s["name"] == "va"))
+                    .cloned()
+                    .unwrap();
+                if va["rejections"] == 1 {
+                    return Some(va["last_rejection"]["reason"].to_string());
+                }
+            }
+        })
+    }));
+    let report = rt
+        .block_on(mallory)
+        .unwrap()
+        .expect("va's record shows the report");
+    assert!(report.contains("reported by mallory"), "{report}");
+    assert_eq!(summary.rounds.len(), 2, "the rounds complete");
+    assert!(
+        summary.rounds[0].rejected.is_empty(),
+        "an unverified report is not a verified refusal: {:?}",
+        summary.rounds[0]
     );
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 /// Version of the session protocol, checked at join. 2: updates travel as their own chunk
 /// kind and are streamed into the aggregate.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest encoded gRPC message either side accepts (gRPC's usual 4 MiB): a chunk of at most
 /// 4 MiB less its envelope. Cohort itself sends [`CHUNK_BYTES`].

@@ -314,6 +314,8 @@ fn consistency_check_catches_a_changed_survivor_set() {
 
 #[test]
 fn tampered_or_misrouted_share_is_rejected() {
+    // The coordinator flips a bit of a forwarded share: the sender's signature no longer
+    // matches, so the recipient blames the forwarder, not the sender.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]); // outbox: forwarded shares
@@ -323,14 +325,15 @@ fn tampered_or_misrouted_share_is_rejected() {
     let mut tampered = shares.clone();
     tampered.shares[0].ciphertext[10] ^= 0x80;
     let from = tampered.shares[0].peer;
-    assert_eq!(
-        w.clients
-            .get_mut(&0)
-            .expect("client 0")
-            .handle(&ServerMessage::ForwardedShares(tampered)),
-        Err(ClientError::ShareDecryption { peer: from })
-    );
-    // The same ciphertext attributed to another sender does not decrypt either (AAD binds it).
+    let err = w
+        .clients
+        .get_mut(&0)
+        .expect("client 0")
+        .handle(&ServerMessage::ForwardedShares(tampered))
+        .unwrap_err();
+    assert_eq!(err, ClientError::TamperedShare { peer: from });
+    assert_eq!(err.accused(), None, "the coordinator may have done it");
+    // The same ciphertext (and its signature) attributed to another sender: refused too.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]);
@@ -345,8 +348,36 @@ fn tampered_or_misrouted_share_is_rejected() {
             .get_mut(&0)
             .expect("client 0")
             .handle(&ServerMessage::ForwardedShares(misrouted)),
-        Err(ClientError::ShareDecryption { peer: b })
+        Err(ClientError::TamperedShare { peer: b })
     );
+}
+
+#[test]
+fn a_site_that_signs_an_undecryptable_share_is_named_by_its_recipient() {
+    // Site 3 sends site 0 garbage under its own signature: site 0 proves it was site 3.
+    let mut w = World::new(false);
+    w.step(&[]);
+    w.step(&[]);
+    let ServerMessage::ForwardedShares(mut shares) = w.message_for(0) else {
+        panic!()
+    };
+    let (keys, _) = identities(&(0..N).collect::<Vec<_>>(), 1);
+    let share = shares
+        .shares
+        .iter_mut()
+        .find(|s| s.peer == 3)
+        .expect("a share from site 3");
+    share.ciphertext = vec![0x42; share.ciphertext.len()];
+    share.signature = sign_share(&keys[3].signing_key, w.round, 3, 0, &share.ciphertext);
+    let err = w
+        .clients
+        .get_mut(&0)
+        .expect("client 0")
+        .handle(&ServerMessage::ForwardedShares(shares))
+        .unwrap_err();
+    assert_eq!(err, ClientError::ShareDecryption { peer: 3 });
+    assert_eq!(err.accused(), Some(3));
+    assert!(err.to_string().contains("site 3 is at fault"), "{err}");
 }
 
 #[test]

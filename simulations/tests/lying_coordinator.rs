@@ -23,7 +23,7 @@ use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model;
 use cohort_protocols::secagg::{
     Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
-    SiteIdentity, StageTimeouts,
+    SiteIdentity, StageTimeouts, sign_share,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -48,13 +48,18 @@ enum Lie {
     BothShares,
     /// Survivor 1 is moved to the dropped list after every site signed it as a survivor.
     ChangedSurvivors,
+    /// The coordinator flips a bit of site 1's share to the agent.
+    TamperedShare,
+    /// Site 1 (colluding with nobody: it is simply broken or malicious) sends the agent a
+    /// share that does not decrypt, under its own signature.
+    GarbageFromPeer,
 }
 
 struct Stub {
     pki: std::path::PathBuf,
     schema: SchemaReply,
     lie: Lie,
-    answers: mpsc::UnboundedSender<String>,
+    answers: mpsc::UnboundedSender<(String, Option<u32>)>,
 }
 
 fn pem_der(path: &Path) -> Vec<u8> {
@@ -81,6 +86,8 @@ fn secagg(msg: &ServerMessage) -> CoordinatorMessage {
 struct Round {
     server: Server<u64>,
     peers: BTreeMap<u32, Client<u64>>,
+    /// Site 1's identity key, for the share it "sends" in `Lie::GarbageFromPeer`.
+    hungary_key: ed25519_dalek::SigningKey,
     lie: Lie,
     /// The statistics vector's length (1 + 3 × 13 inputs).
     len: usize,
@@ -133,6 +140,7 @@ impl Round {
         let mut r = Round {
             server,
             peers,
+            hungary_key: key(&pki.join("sites/hungary/key.pem")),
             lie,
             len: params.vector_len(),
         };
@@ -197,6 +205,23 @@ impl Round {
     }
 
     fn lie_to_agent(&self, m: ServerMessage) -> ServerMessage {
+        if let ServerMessage::ForwardedShares(mut f) = m {
+            let share = f
+                .shares
+                .iter_mut()
+                .find(|s| s.peer == 1)
+                .expect("site 1's share");
+            match self.lie {
+                Lie::TamperedShare => share.ciphertext[3] ^= 1,
+                Lie::GarbageFromPeer => {
+                    share.ciphertext = vec![0x42; share.ciphertext.len()];
+                    share.signature =
+                        sign_share(&self.hungary_key, f.round, 1, 0, &share.ciphertext);
+                }
+                _ => {}
+            }
+            return ServerMessage::ForwardedShares(f);
+        }
         let ServerMessage::UnmaskRequest(mut req) = m else {
             return m;
         };
@@ -205,7 +230,7 @@ impl Round {
             "{req:?}"
         );
         match self.lie {
-            Lie::Honest => {}
+            Lie::Honest | Lie::TamperedShare | Lie::GarbageFromPeer => {}
             Lie::BothShares => req.dropped = vec![1],
             Lie::ChangedSurvivors => {
                 req.survivors.retain(|&s| s != 1);
@@ -273,7 +298,7 @@ impl Coordinator for Stub {
                         round.upload(0, &std::mem::take(&mut masked));
                     }
                     Some(agent_message::Kind::Decline(d)) => {
-                        let _ = answers.send(d.reason);
+                        let _ = answers.send((d.reason, d.accused));
                         continue;
                     }
                     _ => continue,
@@ -283,7 +308,7 @@ impl Coordinator for Stub {
                     let _ = tx.send(Ok(secagg(&m))).await;
                 }
                 if let Some(done) = done {
-                    let _ = answers.send(done);
+                    let _ = answers.send((done, None));
                 }
             }
         });
@@ -291,9 +316,9 @@ impl Coordinator for Stub {
     }
 }
 
-/// The reason the real agent gives for refusing the round with `lie` (or how the honest round
-/// ended).
-fn refusal(lie: Lie) -> String {
+/// The reason the real agent gives for refusing the round with `lie` and the site it accuses
+/// (or how the honest round ended).
+fn refusal(lie: Lie) -> (String, Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     provision(&ProvisionOptions {
@@ -364,7 +389,7 @@ fn refusal(lie: Lie) -> String {
 
 #[test]
 fn without_a_lie_the_harness_completes_the_round_with_the_agent() {
-    let done = refusal(Lie::Honest);
+    let (done, _) = refusal(Lie::Honest);
     let rows: u64 = done
         .rsplit("rows ")
         .next()
@@ -380,7 +405,8 @@ fn without_a_lie_the_harness_completes_the_round_with_the_agent() {
 
 #[test]
 fn a_request_for_both_shares_of_a_survivor_is_refused_by_the_real_agent() {
-    let reason = refusal(Lie::BothShares);
+    let (reason, accused) = refusal(Lie::BothShares);
+    assert_eq!(accused, None);
     assert_eq!(
         reason, "the server asked for both shares of site 1: refused",
         "{reason}"
@@ -389,9 +415,27 @@ fn a_request_for_both_shares_of_a_survivor_is_refused_by_the_real_agent() {
 
 #[test]
 fn a_survivor_set_other_than_the_signed_one_is_refused_by_the_real_agent() {
-    let reason = refusal(Lie::ChangedSurvivors);
+    let (reason, accused) = refusal(Lie::ChangedSurvivors);
+    assert_eq!(accused, None);
     assert_eq!(
         reason, "the survivor set differs from the one this site signed",
         "{reason}"
     );
+}
+
+#[test]
+fn a_share_the_coordinator_altered_is_refused_without_blaming_its_sender() {
+    let (reason, accused) = refusal(Lie::TamperedShare);
+    assert_eq!(accused, None, "{reason}");
+    assert!(
+        reason.contains("does not carry site 1's signature") && reason.contains("coordinator"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_site_that_signs_garbage_shares_is_named_by_the_real_agent() {
+    let (reason, accused) = refusal(Lie::GarbageFromPeer);
+    assert_eq!(accused, Some(1), "{reason}");
+    assert!(reason.contains("site 1 is at fault"), "{reason}");
 }

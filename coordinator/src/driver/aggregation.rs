@@ -131,6 +131,27 @@ impl Driver {
         sites
     }
 
+    /// `accuser` could not decrypt shares that `accused` signed. The coordinator cannot check
+    /// which of the two lies (only they hold the pairwise key), so both are left out of the
+    /// round's next attempts: a site that sends garbage loses its place, and a site that
+    /// accuses falsely loses its own too, so it cannot push out honest sites for free. The
+    /// report is counted on the accused's record, worded as a report; the round's `rejected`
+    /// list keeps to what the coordinator verified itself.
+    fn accusation(&mut self, round: u64, accuser: &str, accused: &str) {
+        warn!(round, %accuser, %accused, "site reports undecryptable shares signed by another: both left out of the round's next attempts");
+        self.hub.record(accused, |s| {
+            s.rejections += 1;
+            s.last_rejection = Some((
+                round,
+                format!(
+                    "ShareKeys: reported by {accuser}: shares signed by this site do not decrypt (unverifiable by the coordinator; both sites left out of the round's later attempts)"
+                ),
+            ));
+        });
+        self.sidelined.insert(accused.to_string());
+        self.sidelined.insert(accuser.to_string());
+    }
+
     /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
     fn stage_changed(
         &self,
@@ -372,6 +393,9 @@ impl Driver {
                             self.hub.record(&site, |s| {
                                 s.last_decline = Some((round.round, d.reason.clone()))
                             });
+                            if let Some(accused) = d.accused.and_then(|a| by_id.get(&a)) {
+                                self.accusation(round.round, &site, accused);
+                            }
                             // It will send nothing more: the stage need not wait for it.
                             server.disconnected(id);
                             banned.insert(site);

@@ -96,10 +96,14 @@ pub enum ClientError {
         live: usize,
         threshold: u32,
     },
-    #[error("the shares from site {peer} do not decrypt: tampered or misrouted")]
+    #[error("site {peer} signed shares for this site that do not decrypt: site {peer} is at fault")]
     ShareDecryption { peer: ClientId },
-    #[error("the shares from site {peer} are malformed")]
+    #[error("site {peer} signed shares for this site that are malformed: site {peer} is at fault")]
     MalformedShare { peer: ClientId },
+    #[error(
+        "the share from site {peer} does not carry site {peer}'s signature: it was altered after it left that site (by the coordinator, which forwards it)"
+    )]
+    TamperedShare { peer: ClientId },
     #[error("the input has {got} elements, the round needs {expected}")]
     InputLength { got: usize, expected: usize },
     #[error("the survivor set is inconsistent: {0}")]
@@ -131,6 +135,20 @@ struct Peer {
     mask_secret: SharedSecret,
     /// The neighbour's shares of its own secrets (self-mask seed, mask key), once received.
     shares: Option<(Share, Share)>,
+}
+
+impl ClientError {
+    /// The site this error proves at fault, when it does: shares it signed that do not
+    /// decrypt or parse. (A share whose signature fails accuses no site: the coordinator
+    /// forwards shares, so it may have altered them.)
+    pub fn accused(&self) -> Option<ClientId> {
+        match self {
+            ClientError::ShareDecryption { peer } | ClientError::MalformedShare { peer } => {
+                Some(*peer)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// State of one site in one round attempt. Build a new one for every attempt.
@@ -549,9 +567,14 @@ impl<W: Word> Client<W> {
                     let ciphertext =
                         crypto::encrypt_share(&peer.cipher_secret, self.round, me, holder, &plain);
                     plain.zeroize();
+                    let signature = crypto::sign(
+                        &self.identity.signing_key,
+                        &crypto::share_payload(self.round, me, holder, &ciphertext),
+                    );
                     shares.push(EncryptedShare {
                         peer: holder,
                         ciphertext,
+                        signature,
                     });
                 }
                 None => self.own_shares = Some((b, s)),
@@ -582,6 +605,12 @@ impl<W: Word> Client<W> {
             };
             if p.shares.is_some() {
                 return Err(ClientError::Duplicate { peer });
+            }
+            // The sender's signature first: without it, a share that does not decrypt could
+            // be the coordinator's doing as well as the sender's.
+            let payload = crypto::share_payload(round, peer, me, &s.ciphertext);
+            if !crypto::verify(&p.verifying_key, &payload, &s.signature) {
+                return Err(ClientError::TamperedShare { peer });
             }
             let mut plain = crypto::decrypt_share(&p.cipher_secret, round, peer, me, &s.ciphertext)
                 .ok_or(ClientError::ShareDecryption { peer })?;

@@ -205,6 +205,36 @@ pub(crate) fn consistency_payload(round: RoundId, survivors: &[ClientId]) -> Vec
     m
 }
 
+/// What a site signs for each encrypted share it sends (see [`EncryptedShare::signature`]).
+///
+/// [`EncryptedShare::signature`]: super::EncryptedShare::signature
+pub(crate) fn share_payload(
+    round: RoundId,
+    sender: ClientId,
+    recipient: ClientId,
+    ciphertext: &[u8],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(48 + ciphertext.len());
+    m.extend_from_slice(b"cohort-secagg-v3/share");
+    round.write(&mut m);
+    m.extend_from_slice(&sender.to_le_bytes());
+    m.extend_from_slice(&recipient.to_le_bytes());
+    m.extend_from_slice(ciphertext);
+    m
+}
+
+/// A share signature as `sender` makes it: for tests and tools that build messages by hand
+/// (a site that signs garbage must be caught as the culprit, not the coordinator).
+pub fn sign_share(
+    key: &SigningKey,
+    round: RoundId,
+    sender: ClientId,
+    recipient: ClientId,
+    ciphertext: &[u8],
+) -> [u8; 64] {
+    sign(key, &share_payload(round, sender, recipient, ciphertext))
+}
+
 pub(crate) fn sign(key: &SigningKey, payload: &[u8]) -> [u8; 64] {
     key.sign(payload).to_bytes()
 }

@@ -16,7 +16,7 @@ use super::{ClientId, RoundId};
 
 const MAGIC: &[u8; 3] = b"CSA";
 /// Version of the encoding. Bumped on any incompatible change; decoders refuse other versions.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 const HEADER: usize = 5;
 
 /// Upper bound for an identity credential (a certificate chain comfortably fits).
@@ -108,6 +108,10 @@ pub struct NeighbourKeys {
 pub struct EncryptedShare {
     pub peer: ClientId,
     pub ciphertext: Vec<u8>,
+    /// The sender's identity signature over (round, sender, recipient, ciphertext): the
+    /// recipient can tell a share the coordinator altered (bad signature) from one its sender
+    /// botched (good signature, does not decrypt), and name the culprit.
+    pub signature: [u8; 64],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -472,16 +476,18 @@ fn write_shares(w: &mut Writer, shares: &[EncryptedShare]) {
     for s in shares {
         w.u32(s.peer);
         w.bytes(&s.ciphertext);
+        w.bytes(&s.signature);
     }
 }
 
 fn read_shares(r: &mut Reader<'_>) -> Result<Vec<EncryptedShare>, DecodeError> {
-    let n = r.count(4 + SHARE_CIPHERTEXT_BYTES, "encrypted shares")?;
+    let n = r.count(4 + SHARE_CIPHERTEXT_BYTES + 64, "encrypted shares")?;
     (0..n)
         .map(|_| {
             Ok(EncryptedShare {
                 peer: r.u32("share peer")?,
                 ciphertext: r.take(SHARE_CIPHERTEXT_BYTES, "share ciphertext")?.to_vec(),
+                signature: r.array("share signature")?,
             })
         })
         .collect()
@@ -517,7 +523,7 @@ impl ServerMessage {
                 w.0
             }
             ServerMessage::ForwardedShares(m) => {
-                let mut w = Writer::new(tag::FORWARDED_SHARES, HEADER + 16 + 100 * m.shares.len());
+                let mut w = Writer::new(tag::FORWARDED_SHARES, HEADER + 16 + 164 * m.shares.len());
                 w.round(m.round);
                 write_shares(&mut w, &m.shares);
                 w.0
@@ -672,7 +678,7 @@ impl<W: Word> ClientMessage<W> {
             + match self {
                 ClientMessage::AdvertiseKeys(m) => ADVERTISE_FIXED + m.credential.len(),
                 ClientMessage::ShareKeys(m) => {
-                    12 + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES)
+                    12 + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES + 64)
                 }
                 ClientMessage::MaskedInput(m) => 12 + 4 + 1 + 4 + m.values.len() * W::BYTES,
                 ClientMessage::ConsistencySignature(_) => 12 + 4 + 64,

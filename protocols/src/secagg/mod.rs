@@ -26,7 +26,9 @@ mod upload;
 mod word;
 
 pub use client::{Client, ClientError, ClientStage};
-pub use crypto::{IdentityVerifier, PinnedIdentities, SiteIdentity, pinned_name, pinned_roster};
+pub use crypto::{
+    IdentityVerifier, PinnedIdentities, SiteIdentity, pinned_name, pinned_roster, sign_share,
+};
 pub use graph::{GraphError, NeighbourGraph};
 pub use messages::{
     AdvertiseKeys, ClientMessage, ConsistencyRequest, ConsistencySignature, DecodeError,

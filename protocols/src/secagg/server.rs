@@ -783,6 +783,7 @@ impl<W: Word> Server<W> {
                     list.push(EncryptedShare {
                         peer: sender,
                         ciphertext: s.ciphertext,
+                        signature: s.signature,
                     });
                 }
             }
