@@ -314,8 +314,8 @@ fn consistency_check_catches_a_changed_survivor_set() {
 
 #[test]
 fn tampered_or_misrouted_share_is_rejected() {
-    // The coordinator flips a bit of a forwarded share: the sender's signature no longer
-    // matches, so the recipient blames the forwarder, not the sender.
+    // The coordinator flips a bit of a forwarded share: it no longer matches its sender's
+    // signed list, so the recipient blames the forwarder, not the sender.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]); // outbox: forwarded shares
@@ -333,7 +333,7 @@ fn tampered_or_misrouted_share_is_rejected() {
         .unwrap_err();
     assert_eq!(err, ClientError::TamperedShare { peer: from });
     assert_eq!(err.accused(), None, "the coordinator may have done it");
-    // The same ciphertext (and its signature) attributed to another sender: refused too.
+    // The same ciphertext attributed to another sender: refused too.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]);
@@ -354,7 +354,7 @@ fn tampered_or_misrouted_share_is_rejected() {
 
 #[test]
 fn a_site_that_signs_an_undecryptable_share_is_named_by_its_recipient() {
-    // Site 3 sends site 0 garbage under its own signature: site 0 proves it was site 3.
+    // Site 3 sends site 0 garbage and signs its list over it: site 0 proves it was site 3.
     let mut w = World::new(false);
     w.step(&[]);
     w.step(&[]);
@@ -368,7 +368,18 @@ fn a_site_that_signs_an_undecryptable_share_is_named_by_its_recipient() {
         .find(|s| s.peer == 3)
         .expect("a share from site 3");
     share.ciphertext = vec![0x42; share.ciphertext.len()];
-    share.signature = sign_share(&keys[3].signing_key, w.round, 3, 0, &share.ciphertext);
+    let garbage = share_digest(&share.ciphertext);
+    let list = shares
+        .lists
+        .iter_mut()
+        .find(|l| l.sender == 3)
+        .expect("site 3's signed list");
+    for (to, digest) in &mut list.digests {
+        if *to == 0 {
+            *digest = garbage;
+        }
+    }
+    list.signature = sign_share_list(&keys[3].signing_key, w.round, 3, &list.digests);
     let err = w
         .clients
         .get_mut(&0)
@@ -378,6 +389,36 @@ fn a_site_that_signs_an_undecryptable_share_is_named_by_its_recipient() {
     assert_eq!(err, ClientError::ShareDecryption { peer: 3 });
     assert_eq!(err.accused(), Some(3));
     assert!(err.to_string().contains("site 3 is at fault"), "{err}");
+}
+
+#[test]
+fn the_coordinator_refuses_a_share_list_its_sender_did_not_sign() {
+    // Without this check a site could send garbage unsigned and have its recipients blame
+    // the coordinator.
+    let mut w = World::new(false);
+    w.step(&[]); // advertise; outbox: neighbour keys
+    let ServerMessage::NeighbourKeys(keys) = w.message_for(2) else {
+        panic!()
+    };
+    let replies = w.deliver(&[2]);
+    assert!(replies.iter().all(|(from, _)| *from != 2));
+    let Some(ClientMessage::ShareKeys(mut share_keys)) = w
+        .clients
+        .get_mut(&2)
+        .expect("client 2")
+        .handle(&ServerMessage::NeighbourKeys(keys))
+        .expect("share keys")
+    else {
+        panic!()
+    };
+    share_keys.shares[0].ciphertext[0] ^= 1;
+    assert_eq!(
+        w.server
+            .receive(2, ClientMessage::ShareKeys(share_keys), 0)
+            .unwrap_err()
+            .reason,
+        RejectReason::BadSignature
+    );
 }
 
 #[test]

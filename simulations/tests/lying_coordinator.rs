@@ -23,7 +23,7 @@ use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model;
 use cohort_protocols::secagg::{
     Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
-    SiteIdentity, StageTimeouts, sign_share,
+    SiteIdentity, StageTimeouts, share_digest, sign_share_list,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -214,9 +214,17 @@ impl Round {
             match self.lie {
                 Lie::TamperedShare => share.ciphertext[3] ^= 1,
                 Lie::GarbageFromPeer => {
+                    // What a broken or malicious hungary would have sent: garbage, listed
+                    // and signed by hungary (the coordinator checked that signature).
                     share.ciphertext = vec![0x42; share.ciphertext.len()];
-                    share.signature =
-                        sign_share(&self.hungary_key, f.round, 1, 0, &share.ciphertext);
+                    let digest = share_digest(&share.ciphertext);
+                    let list = f.lists.iter_mut().find(|l| l.sender == 1).expect("list");
+                    for (to, d) in &mut list.digests {
+                        if *to == 0 {
+                            *d = digest;
+                        }
+                    }
+                    list.signature = sign_share_list(&self.hungary_key, f.round, 1, &list.digests);
                 }
                 _ => {}
             }
@@ -428,7 +436,7 @@ fn a_share_the_coordinator_altered_is_refused_without_blaming_its_sender() {
     let (reason, accused) = refusal(Lie::TamperedShare);
     assert_eq!(accused, None, "{reason}");
     assert!(
-        reason.contains("does not carry site 1's signature") && reason.contains("coordinator"),
+        reason.contains("is not the one site 1 signed") && reason.contains("coordinator"),
         "{reason}"
     );
 }

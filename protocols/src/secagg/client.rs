@@ -101,7 +101,7 @@ pub enum ClientError {
     #[error("site {peer} signed shares for this site that are malformed: site {peer} is at fault")]
     MalformedShare { peer: ClientId },
     #[error(
-        "the share from site {peer} does not carry site {peer}'s signature: it was altered after it left that site (by the coordinator, which forwards it)"
+        "the share from site {peer} does not decrypt and is not the one site {peer} signed for this site: it was altered after it left that site (by the coordinator, which forwards it)"
     )]
     TamperedShare { peer: ClientId },
     #[error("the input has {got} elements, the round needs {expected}")]
@@ -567,14 +567,9 @@ impl<W: Word> Client<W> {
                     let ciphertext =
                         crypto::encrypt_share(&peer.cipher_secret, self.round, me, holder, &plain);
                     plain.zeroize();
-                    let signature = crypto::sign(
-                        &self.identity.signing_key,
-                        &crypto::share_payload(self.round, me, holder, &ciphertext),
-                    );
                     shares.push(EncryptedShare {
                         peer: holder,
                         ciphertext,
-                        signature,
                     });
                 }
                 None => self.own_shares = Some((b, s)),
@@ -585,10 +580,19 @@ impl<W: Word> Client<W> {
         // were taken out of `self` above and are zeroised as they go out of scope here.
         drop((cipher_sk, mask_sk));
         self.stage = ClientStage::AwaitingShares;
+        let digests: Vec<(ClientId, [u8; 32])> = shares
+            .iter()
+            .map(|s| (s.peer, crypto::share_digest(&s.ciphertext)))
+            .collect();
+        let signature = crypto::sign(
+            &self.identity.signing_key,
+            &crypto::share_list_payload(self.round, me, &digests),
+        );
         Ok(ClientMessage::ShareKeys(ShareKeys {
             round: self.round,
             sender: me,
             shares,
+            signature,
         }))
     }
 
@@ -606,14 +610,27 @@ impl<W: Word> Client<W> {
             if p.shares.is_some() {
                 return Err(ClientError::Duplicate { peer });
             }
-            // The sender's signature first: without it, a share that does not decrypt could
-            // be the coordinator's doing as well as the sender's.
-            let payload = crypto::share_payload(round, peer, me, &s.ciphertext);
-            if !crypto::verify(&p.verifying_key, &payload, &s.signature) {
-                return Err(ClientError::TamperedShare { peer });
-            }
-            let mut plain = crypto::decrypt_share(&p.cipher_secret, round, peer, me, &s.ciphertext)
-                .ok_or(ClientError::ShareDecryption { peer })?;
+            let Some(mut plain) =
+                crypto::decrypt_share(&p.cipher_secret, round, peer, me, &s.ciphertext)
+            else {
+                // Who is at fault: the sender, if this is the share its signed list names
+                // for this site (the coordinator checked that signature on receipt);
+                // otherwise the coordinator, which changed or invented it.
+                let signed = m.lists.iter().find(|l| l.sender == peer).is_some_and(|l| {
+                    l.digests
+                        .contains(&(me, crypto::share_digest(&s.ciphertext)))
+                        && crypto::verify(
+                            &p.verifying_key,
+                            &crypto::share_list_payload(round, peer, &l.digests),
+                            &l.signature,
+                        )
+                });
+                return Err(if signed {
+                    ClientError::ShareDecryption { peer }
+                } else {
+                    ClientError::TamperedShare { peer }
+                });
+            };
             let parsed = parse_share_pair(&plain);
             plain.zeroize();
             p.shares = Some(parsed.ok_or(ClientError::MalformedShare { peer })?);

@@ -205,34 +205,40 @@ pub(crate) fn consistency_payload(round: RoundId, survivors: &[ClientId]) -> Vec
     m
 }
 
-/// What a site signs for each encrypted share it sends (see [`EncryptedShare::signature`]).
+/// SHA-256 of an encrypted share, as its sender's signed list records it.
+pub fn share_digest(ciphertext: &[u8]) -> [u8; 32] {
+    Sha256::digest(ciphertext).into()
+}
+
+/// What a site signs over the shares it sends (see [`SignedShareList`]).
 ///
-/// [`EncryptedShare::signature`]: super::EncryptedShare::signature
-pub(crate) fn share_payload(
+/// [`SignedShareList`]: super::SignedShareList
+pub(crate) fn share_list_payload(
     round: RoundId,
     sender: ClientId,
-    recipient: ClientId,
-    ciphertext: &[u8],
+    digests: &[(ClientId, [u8; 32])],
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(48 + ciphertext.len());
-    m.extend_from_slice(b"cohort-secagg-v3/share");
+    let mut m = Vec::with_capacity(48 + 36 * digests.len());
+    m.extend_from_slice(b"cohort-secagg-v3/share-list");
     round.write(&mut m);
     m.extend_from_slice(&sender.to_le_bytes());
-    m.extend_from_slice(&recipient.to_le_bytes());
-    m.extend_from_slice(ciphertext);
+    m.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+    for (id, d) in digests {
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(d);
+    }
     m
 }
 
-/// A share signature as `sender` makes it: for tests and tools that build messages by hand
-/// (a site that signs garbage must be caught as the culprit, not the coordinator).
-pub fn sign_share(
+/// A share list signature as `sender` makes it: for tests and tools that build messages by
+/// hand (a site that signs garbage must be caught as the culprit, not the coordinator).
+pub fn sign_share_list(
     key: &SigningKey,
     round: RoundId,
     sender: ClientId,
-    recipient: ClientId,
-    ciphertext: &[u8],
+    digests: &[(ClientId, [u8; 32])],
 ) -> [u8; 64] {
-    sign(key, &share_payload(round, sender, recipient, ciphertext))
+    sign(key, &share_list_payload(round, sender, digests))
 }
 
 pub(crate) fn sign(key: &SigningKey, payload: &[u8]) -> [u8; 64] {

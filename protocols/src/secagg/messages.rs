@@ -108,9 +108,19 @@ pub struct NeighbourKeys {
 pub struct EncryptedShare {
     pub peer: ClientId,
     pub ciphertext: Vec<u8>,
-    /// The sender's identity signature over (round, sender, recipient, ciphertext): the
-    /// recipient can tell a share the coordinator altered (bad signature) from one its sender
-    /// botched (good signature, does not decrypt), and name the culprit.
+}
+
+/// A sender's signed list of the shares it sent: (recipient, SHA-256 of the ciphertext), in
+/// message order. The coordinator checks the signature when the shares arrive and forwards
+/// the list with them, so a recipient whose share does not decrypt can tell which side is at
+/// fault: a share that matches a list its sender signed is the sender's own doing; anything
+/// else was changed by the coordinator (which, if honest, would have refused an unsigned
+/// list). Recipients only look at it when a share fails, so honest rounds pay one signature
+/// per site and one verification per site at the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedShareList {
+    pub sender: ClientId,
+    pub digests: Vec<(ClientId, [u8; 32])>,
     pub signature: [u8; 64],
 }
 
@@ -119,12 +129,16 @@ pub struct ShareKeys {
     pub round: RoundId,
     pub sender: ClientId,
     pub shares: Vec<EncryptedShare>,
+    /// The sender's signature over its share list (see [`SignedShareList`]).
+    pub signature: [u8; 64],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardedShares {
     pub round: RoundId,
     pub shares: Vec<EncryptedShare>,
+    /// The signed list of every sender whose share is in `shares`.
+    pub lists: Vec<SignedShareList>,
 }
 
 /// The masked vector `y_u = x_u + PRG(b_u) + Σ ±PRG(s_uv)`.
@@ -476,18 +490,47 @@ fn write_shares(w: &mut Writer, shares: &[EncryptedShare]) {
     for s in shares {
         w.u32(s.peer);
         w.bytes(&s.ciphertext);
-        w.bytes(&s.signature);
     }
 }
 
+fn write_lists(w: &mut Writer, lists: &[SignedShareList]) {
+    w.u32(lists.len() as u32);
+    for l in lists {
+        w.u32(l.sender);
+        w.u32(l.digests.len() as u32);
+        for (id, d) in &l.digests {
+            w.u32(*id);
+            w.bytes(d);
+        }
+        w.bytes(&l.signature);
+    }
+}
+
+fn read_lists(r: &mut Reader<'_>) -> Result<Vec<SignedShareList>, DecodeError> {
+    let n = r.count(4 + 4 + 64, "share lists")?;
+    (0..n)
+        .map(|_| {
+            let sender = r.u32("share list sender")?;
+            let k = r.count(36, "share digests")?;
+            let digests = (0..k)
+                .map(|_| Ok((r.u32("share digest recipient")?, r.array("share digest")?)))
+                .collect::<Result<_, DecodeError>>()?;
+            Ok(SignedShareList {
+                sender,
+                digests,
+                signature: r.array("share list signature")?,
+            })
+        })
+        .collect()
+}
+
 fn read_shares(r: &mut Reader<'_>) -> Result<Vec<EncryptedShare>, DecodeError> {
-    let n = r.count(4 + SHARE_CIPHERTEXT_BYTES + 64, "encrypted shares")?;
+    let n = r.count(4 + SHARE_CIPHERTEXT_BYTES, "encrypted shares")?;
     (0..n)
         .map(|_| {
             Ok(EncryptedShare {
                 peer: r.u32("share peer")?,
                 ciphertext: r.take(SHARE_CIPHERTEXT_BYTES, "share ciphertext")?.to_vec(),
-                signature: r.array("share signature")?,
             })
         })
         .collect()
@@ -523,9 +566,14 @@ impl ServerMessage {
                 w.0
             }
             ServerMessage::ForwardedShares(m) => {
-                let mut w = Writer::new(tag::FORWARDED_SHARES, HEADER + 16 + 164 * m.shares.len());
+                let digests: usize = m.lists.iter().map(|l| 72 + 36 * l.digests.len()).sum();
+                let mut w = Writer::new(
+                    tag::FORWARDED_SHARES,
+                    HEADER + 20 + 100 * m.shares.len() + digests,
+                );
                 w.round(m.round);
                 write_shares(&mut w, &m.shares);
+                write_lists(&mut w, &m.lists);
                 w.0
             }
             ServerMessage::ConsistencyRequest(m) => {
@@ -601,6 +649,7 @@ impl ServerMessage {
             tag::FORWARDED_SHARES => ServerMessage::ForwardedShares(ForwardedShares {
                 round: r.round()?,
                 shares: read_shares(&mut r)?,
+                lists: read_lists(&mut r)?,
             }),
             tag::CONSISTENCY_REQUEST => ServerMessage::ConsistencyRequest(ConsistencyRequest {
                 round: r.round()?,
@@ -678,7 +727,7 @@ impl<W: Word> ClientMessage<W> {
             + match self {
                 ClientMessage::AdvertiseKeys(m) => ADVERTISE_FIXED + m.credential.len(),
                 ClientMessage::ShareKeys(m) => {
-                    12 + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES + 64)
+                    12 + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES) + 64
                 }
                 ClientMessage::MaskedInput(m) => 12 + 4 + 1 + 4 + m.values.len() * W::BYTES,
                 ClientMessage::ConsistencySignature(_) => 12 + 4 + 64,
@@ -699,6 +748,7 @@ impl<W: Word> ClientMessage<W> {
                 w.round(m.round);
                 w.u32(m.sender);
                 write_shares(&mut w, &m.shares);
+                w.bytes(&m.signature);
                 w.0
             }
             ClientMessage::MaskedInput(m) => {
@@ -745,6 +795,7 @@ impl<W: Word> ClientMessage<W> {
                 round: r.round()?,
                 sender: r.u32("sender")?,
                 shares: read_shares(&mut r)?,
+                signature: r.array("share list signature")?,
             }),
             tag::MASKED_INPUT => {
                 let round = r.round()?;

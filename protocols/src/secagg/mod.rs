@@ -27,14 +27,15 @@ mod word;
 
 pub use client::{Client, ClientError, ClientStage};
 pub use crypto::{
-    IdentityVerifier, PinnedIdentities, SiteIdentity, pinned_name, pinned_roster, sign_share,
+    IdentityVerifier, PinnedIdentities, SiteIdentity, pinned_name, pinned_roster, share_digest,
+    sign_share_list,
 };
 pub use graph::{GraphError, NeighbourGraph};
 pub use messages::{
     AdvertiseKeys, ClientMessage, ConsistencyRequest, ConsistencySignature, DecodeError,
     EncryptedShare, ForwardedShares, MASKED_INPUT_PREFIX, MaskedInput, MaskedInputPrefix,
-    NeighbourKeys, RevealedShare, ServerMessage, Setup, ShareKeys, ShareKind, UnmaskRequest,
-    UnmaskShares, VERSION,
+    NeighbourKeys, RevealedShare, ServerMessage, Setup, ShareKeys, ShareKind, SignedShareList,
+    UnmaskRequest, UnmaskShares, VERSION,
 };
 pub use params::{MAX_DIM, Modulus, ParamError, Params};
 pub use prg::{MaskCipher, MaskSeed, MaskStream, Sign, apply_mask, keystream};

@@ -217,6 +217,8 @@ pub struct Server<W: Word> {
     digests: BTreeMap<ClientId, [u8; 32]>,
     /// U2 (keys): encrypted shares by sender, until routed.
     share_keys: BTreeMap<ClientId, Vec<EncryptedShare>>,
+    /// Each sender's signed share list, checked on receipt, forwarded with its shares.
+    share_lists: BTreeMap<ClientId, SignedShareList>,
     u2: BTreeSet<ClientId>,
     /// One slot per U2 site while the masked-input stage is open.
     slots: BTreeMap<ClientId, Arc<InputSlot<W>>>,
@@ -314,6 +316,7 @@ impl<W: Word> Server<W> {
                 identities: BTreeMap::new(),
                 digests: BTreeMap::new(),
                 share_keys: BTreeMap::new(),
+                share_lists: BTreeMap::new(),
                 u2: BTreeSet::new(),
                 slots: BTreeMap::new(),
                 u3: BTreeSet::new(),
@@ -496,6 +499,29 @@ impl<W: Word> Server<W> {
                 expected: SHARE_CIPHERTEXT_BYTES,
             });
         }
+        // The signed list is checked here, so an honest coordinator never forwards a share
+        // its sender did not sign, and a recipient can then blame the right party.
+        let digests: Vec<(ClientId, [u8; 32])> = m
+            .shares
+            .iter()
+            .map(|s| (s.peer, crypto::share_digest(&s.ciphertext)))
+            .collect();
+        let key = self
+            .identities
+            .get(&m.sender)
+            .ok_or(RejectReason::MissedPreviousStage)?;
+        let payload = crypto::share_list_payload(self.round, m.sender, &digests);
+        if !crypto::verify(key, &payload, &m.signature) {
+            return Err(RejectReason::BadSignature);
+        }
+        self.share_lists.insert(
+            m.sender,
+            SignedShareList {
+                sender: m.sender,
+                digests,
+                signature: m.signature,
+            },
+        );
         self.share_keys.insert(m.sender, m.shares);
         Ok(())
     }
@@ -783,7 +809,6 @@ impl<W: Word> Server<W> {
                     list.push(EncryptedShare {
                         peer: sender,
                         ciphertext: s.ciphertext,
-                        signature: s.signature,
                     });
                 }
             }
@@ -795,6 +820,10 @@ impl<W: Word> Server<W> {
                     u,
                     ServerMessage::ForwardedShares(ForwardedShares {
                         round: self.round,
+                        lists: shares
+                            .iter()
+                            .filter_map(|s| self.share_lists.get(&s.peer).cloned())
+                            .collect(),
                         shares,
                     }),
                 )
