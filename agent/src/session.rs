@@ -334,6 +334,9 @@ struct Session<'a> {
     site_id: Option<u32>,
     /// Verifies model signatures; set from the certificate in Welcome.
     coordinator_key: Option<ed25519_dalek::VerifyingKey>,
+    /// The project CA's revocation list from Welcome (checked against the CA there), applied
+    /// to every SecAgg+ peer's certificate; empty when the coordinator has none.
+    crl: Vec<u8>,
     round: Option<Round>,
     mean: Vec<f64>,
     std: Vec<f64>,
@@ -408,6 +411,7 @@ async fn session(
         out,
         site_id: None,
         coordinator_key: None,
+        crl: Vec::new(),
         round: None,
         mean: vec![0.0; data.inputs()],
         std: vec![1.0; data.inputs()],
@@ -511,6 +515,18 @@ impl Session<'_> {
                 self.site_id = Some(w.site_id);
                 self.coordinator_key =
                     Some(coordinator_key(self.creds, &w.coordinator_certificate)?);
+                if !w.crl.is_empty() {
+                    // A list the CA did not sign is a lying coordinator: no session with it.
+                    CaVerifier::new(self.creds.ca_der.clone(), now_unix())
+                        .and_then(|v| v.with_crl(&w.crl))
+                        .map_err(|e| {
+                            Permanent::new(
+                                format!("the coordinator's Welcome carries a bad revocation list: {e}"),
+                                "The coordinator is misconfigured or not the project's: tell its operator.",
+                            )
+                        })?;
+                }
+                self.crl = w.crl;
             }
             Kind::Shutdown(_) => return Ok(Some(SessionEnd::Shutdown)),
             Kind::RoundEnd(_) => {}
@@ -836,10 +852,12 @@ impl Session<'_> {
                 signing_key: self.creds.signing_key.clone(),
                 credential: self.creds.cert_der.clone(),
             };
-            let verifier = Arc::new(
-                CaVerifier::new(self.creds.ca_der.clone(), now_unix())
-                    .map_err(|e| anyhow!("{e}"))?,
-            );
+            let mut verifier = CaVerifier::new(self.creds.ca_der.clone(), now_unix())
+                .map_err(|e| anyhow!("{e}"))?;
+            if !self.crl.is_empty() {
+                verifier = verifier.with_crl(&self.crl).map_err(|e| anyhow!("{e}"))?;
+            }
+            let verifier = Arc::new(verifier);
             let seed: [u8; 32] = rand::random();
             r.client = Some(match setup.params.modulus {
                 Modulus::Bits32 => {

@@ -274,6 +274,14 @@ async fn serve(
         certificate_der,
         memory_budget: config.limits.memory_mib.map(|m| m << 20),
         registry: registry.clone(),
+        crl_der: match &config.tls.crl {
+            Some(path) => tls::load_crls(path)
+                .map_err(config_problem)?
+                .first()
+                .map(|c| c.as_ref().to_vec())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        },
     };
     let registry_task = registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r)));
 

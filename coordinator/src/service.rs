@@ -36,6 +36,8 @@ pub struct Service {
     pub memory_budget: Option<u64>,
     /// `tls.registry`: only the current certificate of a provisioned site is admitted.
     pub registry: Option<Arc<crate::registry::LiveRegistry>>,
+    /// `tls.crl` (DER), sent in Welcome so agents refuse revoked peers too; empty if none.
+    pub crl_der: Vec<u8>,
 }
 
 #[tonic::async_trait]
@@ -105,6 +107,7 @@ impl Coordinator for Service {
                     site_id: 0,
                     protocol_version: PROTOCOL_VERSION,
                     coordinator_certificate: self.certificate_der.clone(),
+                    crl: Vec::new(),
                 }),
                 coordinator_message::Kind::Shutdown(cohort_proto::v1::Shutdown {
                     reason: "training finished".into(),
@@ -134,6 +137,7 @@ impl Coordinator for Service {
                 site_id: id,
                 protocol_version: PROTOCOL_VERSION,
                 coordinator_certificate: self.certificate_der.clone(),
+                crl: self.crl_der.clone(),
             })),
         };
         tx.send(Ok(welcome))

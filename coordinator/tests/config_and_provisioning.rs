@@ -388,3 +388,44 @@ fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_cr
         .contains("validity_days")
     );
 }
+
+#[test]
+fn a_site_verifier_with_the_cas_crl_refuses_revoked_sites_and_other_cas_lists() {
+    use cohort_coordinator::provision::{crl_path, revoke};
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |out: std::path::PathBuf| ProvisionOptions {
+        out,
+        sites: vec!["hospital-a".into(), "hospital-b".into()],
+        coordinator_names: vec!["localhost".into()],
+        coordinator_url: "https://localhost:7700".into(),
+        validity_days: 30,
+    };
+    let out = dir.path().join("pki");
+    provision(&opts(out.clone())).unwrap();
+    revoke(&out, "hospital-b").unwrap();
+    let crl = CertificateRevocationListDer::from_pem_file(crl_path(&out)).unwrap();
+    let ca = CaVerifier::new(der(&out.join("ca.pem")), now())
+        .unwrap()
+        .with_crl(crl.as_ref())
+        .unwrap();
+    assert!(
+        ca.verify_site("hospital-a", &der(&out.join("sites/hospital-a/cert.pem")))
+            .is_ok()
+    );
+    assert!(matches!(
+        ca.verify_site("hospital-b", &der(&out.join("sites/hospital-b/cert.pem"))),
+        Err(IdentityError::Revoked { .. })
+    ));
+    // Another project's CRL cannot be slipped in.
+    let other = dir.path().join("other");
+    provision(&opts(other.clone())).unwrap();
+    let foreign = CertificateRevocationListDer::from_pem_file(crl_path(&other)).unwrap();
+    assert!(matches!(
+        CaVerifier::new(der(&out.join("ca.pem")), now())
+            .unwrap()
+            .with_crl(foreign.as_ref()),
+        Err(IdentityError::BadCrl(_))
+    ));
+}

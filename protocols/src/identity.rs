@@ -34,6 +34,10 @@ pub enum IdentityError {
     CoordinatorAsPeer,
     #[error("the roster lists this site as {expected:?} but the certificate is {got:?}'s")]
     NameMismatch { expected: String, got: String },
+    #[error("the certificate (serial {serial}) is revoked by the project CA's CRL")]
+    Revoked { serial: String },
+    #[error("the revocation list is not the project CA's: {0}")]
+    BadCrl(String),
 }
 
 /// The common name of a certificate, without checking who issued it: what a site calls itself
@@ -59,6 +63,8 @@ pub struct CaVerifier {
     ca_der: Vec<u8>,
     /// Seconds since the Unix epoch at which validity is checked.
     now_unix: i64,
+    /// Serial numbers (raw DER bytes) the CA has revoked, from its CRLs.
+    revoked: std::collections::BTreeSet<Vec<u8>>,
 }
 
 /// What a valid certificate says.
@@ -74,7 +80,29 @@ pub struct SiteCertificate {
 impl CaVerifier {
     pub fn new(ca_der: Vec<u8>, now_unix: i64) -> Result<Self, IdentityError> {
         X509Certificate::from_der(&ca_der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
-        Ok(CaVerifier { ca_der, now_unix })
+        Ok(CaVerifier {
+            ca_der,
+            now_unix,
+            revoked: Default::default(),
+        })
+    }
+
+    /// Also refuses every certificate the CA revoked in `crl_der` (a DER CRL, as `provision`
+    /// writes it). The CRL must be signed by the CA, so whoever hands it over (the coordinator,
+    /// in Welcome) cannot add to it or forge one; it can only withhold a newer one.
+    pub fn with_crl(mut self, crl_der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, ca) = X509Certificate::from_der(&self.ca_der)
+            .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der)
+            .map_err(|e| IdentityError::BadCrl(e.to_string()))?;
+        if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
+            return Err(IdentityError::BadCrl("not signed by the project CA".into()));
+        }
+        self.revoked.extend(
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec()),
+        );
+        Ok(self)
     }
 
     /// Checks that `cert_der` is a site certificate (issued by the CA, valid now, for client
@@ -111,6 +139,16 @@ impl CaVerifier {
         }
         if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
             return Err(IdentityError::WrongIssuer);
+        }
+        if self.revoked.contains(cert.tbs_certificate.raw_serial()) {
+            return Err(IdentityError::Revoked {
+                serial: cert
+                    .tbs_certificate
+                    .raw_serial()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            });
         }
         let now = ASN1Time::from_timestamp(self.now_unix).map_err(|_| IdentityError::Expired)?;
         if !cert.validity().is_valid_at(now) {

@@ -53,12 +53,17 @@ enum Lie {
     /// Site 1 (colluding with nobody: it is simply broken or malicious) sends the agent a
     /// share that does not decrypt, under its own signature.
     GarbageFromPeer,
+    /// Site 1's certificate was revoked, and the CRL sent in Welcome says so, but the
+    /// coordinator puts site 1 in the round anyway.
+    RevokedPeer,
 }
 
 struct Stub {
     pki: std::path::PathBuf,
     schema: SchemaReply,
     lie: Lie,
+    /// Sent in Welcome (DER; empty for none).
+    crl: Vec<u8>,
     answers: mpsc::UnboundedSender<(String, Option<u32>)>,
 }
 
@@ -238,7 +243,7 @@ impl Round {
             "{req:?}"
         );
         match self.lie {
-            Lie::Honest | Lie::TamperedShare | Lie::GarbageFromPeer => {}
+            Lie::Honest | Lie::TamperedShare | Lie::GarbageFromPeer | Lie::RevokedPeer => {}
             Lie::BothShares => req.dropped = vec![1],
             Lie::ChangedSurvivors => {
                 req.survivors.retain(|&s| s != 1);
@@ -265,6 +270,7 @@ impl Coordinator for Stub {
         let (tx, rx) = mpsc::channel(64);
         let (mut round, setup) = Round::new(&self.pki, self.lie);
         let answers = self.answers.clone();
+        let crl = self.crl.clone();
         let certificate = pem_der(&self.pki.join("coordinator/cert.pem"));
         tokio::spawn(async move {
             let send = |kind| CoordinatorMessage { kind: Some(kind) };
@@ -273,6 +279,7 @@ impl Coordinator for Stub {
                     site_id: 0,
                     protocol_version: cohort_proto::PROTOCOL_VERSION,
                     coordinator_certificate: certificate,
+                    crl: crl.clone(),
                 })),
                 send(coordinator_message::Kind::RoundStart(RoundStart {
                     round: 0,
@@ -337,6 +344,14 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
         coordinator_url: "https://localhost:1".into(),
     })
     .unwrap();
+    let crl = if matches!(lie, Lie::RevokedPeer) {
+        cohort_coordinator::provision::revoke(&pki, "hungary").unwrap();
+        cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap()[0]
+            .as_ref()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
     let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -357,6 +372,7 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
                 inputs: 13,
             },
             lie,
+            crl,
             answers,
         };
         let tls = ServerTlsConfig::new()
@@ -446,4 +462,14 @@ fn a_site_that_signs_garbage_shares_is_named_by_the_real_agent() {
     let (reason, accused) = refusal(Lie::GarbageFromPeer);
     assert_eq!(accused, Some(1), "{reason}");
     assert!(reason.contains("site 1 is at fault"), "{reason}");
+}
+
+#[test]
+fn a_peer_revoked_by_the_crl_in_welcome_is_refused_by_the_real_agent() {
+    let (reason, accused) = refusal(Lie::RevokedPeer);
+    assert_eq!(accused, None, "{reason}");
+    assert!(
+        reason.contains("site 1's identity was not accepted") && reason.contains("revoked"),
+        "{reason}"
+    );
 }

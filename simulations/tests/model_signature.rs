@@ -52,6 +52,7 @@ impl Coordinator for Stub {
                 site_id: 0,
                 protocol_version: cohort_proto::PROTOCOL_VERSION,
                 coordinator_certificate: self.certificate_der.clone(),
+                ..Default::default()
             })),
             send(coordinator_message::Kind::RoundStart(RoundStart {
                 round: 1,
