@@ -411,12 +411,18 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     }
     let rt = runtime();
     let bundles = pki.clone();
-    let (summary, refusals) = rt.block_on(federation(config, &pki, async move |port, _| {
-        // A revoked certificate fails the TLS handshake (the channel or the first call).
+    let (summary, refusals) = rt.block_on(federation(config, &pki, async move |port, api| {
+        // A revoked certificate fails the TLS handshake (the channel or the first call): the
+        // client sees the CertificateRevoked alert, or only a broken pipe when it wrote
+        // before the alert arrived; either way the site never gets as far as a session.
         let revoked = match try_channel(&bundles.join("sites/mallory"), port, None).await {
             Err(e) => format!("{e:?}"),
             Ok(ch) => format!("{:?}", try_join(&cfg, ch, "mallory").await.err()),
         };
+        let (_, sites) = get(&format!("{api}/api/v1/sites"), Some(TOKEN))
+            .await
+            .unwrap();
+        assert!(!sites.contains("mallory"), "mallory never joined: {sites}");
         // va is renewed while the coordinator runs: its old certificate still chains to the
         // CA and is not in the CRL loaded at start, but the re-read registry refuses it.
         cohort_coordinator::provision::renew(&bundles, "va", 30).unwrap();
@@ -433,8 +439,9 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
         "the hospitals, va with its new bundle, finish the run"
     );
     assert!(
-        revoked.contains("CertificateRevoked"),
-        "a revoked certificate is refused: {revoked}"
+        revoked.contains("CertificateRevoked")
+            || (revoked.contains("transport error") && revoked.contains("broken pipe")),
+        "a revoked certificate is refused in the handshake: {revoked}"
     );
     let superseded = superseded.expect("the superseded certificate is refused");
     assert_eq!(
@@ -557,6 +564,102 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
         "an unverified report is not a verified refusal: {:?}",
         summary.rounds[0]
     );
+}
+
+#[test]
+fn a_site_refused_in_an_aborted_attempt_is_left_out_of_the_retry() {
+    use cohort_agent::config::{Fault, FaultAction, FaultStage};
+    use cohort_protocols::secagg::{
+        Client, ClientMessage, PinnedIdentities, ServerMessage, SiteIdentity,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 1, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let bundles = pki.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let rt = runtime();
+    let summary = rt.block_on(async move {
+        let run = tokio::spawn(cohort_coordinator::run(config, Some(tx)));
+        let port = rx.await.unwrap().grpc.port();
+        let (out, mut stream) = join(&cfg, channel(&bundles, port, None).await).await;
+        // Mallory answers every round-1 set-up with its real key advertisement, signature
+        // broken: a refused message, while its session stays open.
+        let signing_key = {
+            use ed25519_dalek::pkcs8::DecodePrivateKey;
+            let pem = std::fs::read_to_string(bundles.join("sites/mallory/key.pem")).unwrap();
+            ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap()
+        };
+        let cert = cohort_coordinator::tls::first_cert_der(&bundles.join("sites/mallory/cert.pem"))
+            .unwrap();
+        let mallory = tokio::spawn(async move {
+            let mut in_round_1 = false;
+            while let Ok(Some(m)) = stream.message().await {
+                match m.kind {
+                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
+                    Some(coordinator_message::Kind::Secagg(c)) if in_round_1 => {
+                        let Ok(ServerMessage::Setup(setup)) = ServerMessage::decode(&c.data) else {
+                            continue;
+                        };
+                        let at = setup.names.iter().position(|n| n == "mallory").unwrap();
+                        let identity = SiteIdentity {
+                            id: setup.participants[at],
+                            name: "mallory".into(),
+                            signing_key: signing_key.clone(),
+                            credential: cert.clone(),
+                        };
+                        let verifier = Arc::new(PinnedIdentities::new(std::iter::empty()));
+                        let mut client: Client<u64> =
+                            Client::new(identity, verifier, setup.round, [9u8; 32]);
+                        let Ok(Some(ClientMessage::AdvertiseKeys(mut a))) =
+                            client.handle(&ServerMessage::Setup(setup))
+                        else {
+                            panic!("mallory's advertisement")
+                        };
+                        a.signature[0] ^= 1;
+                        let bytes = ClientMessage::<u64>::AdvertiseKeys(a).encode();
+                        let chunk = Chunk {
+                            data: bytes.into(),
+                            last: true,
+                        };
+                        let _ = out
+                            .send(AgentMessage {
+                                kind: Some(agent_message::Kind::Secagg(chunk)),
+                            })
+                            .await;
+                        in_round_1 = false;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        // va dies in round 1's share-keys stage (and comes back): with mallory excluded that
+        // leaves 3 of 5, below the threshold of 4, so the attempt aborts.
+        let agents: Vec<_> = SITES
+            .iter()
+            .map(|s| {
+                let mut a = agent(&bundles, s, port);
+                if *s == "va" {
+                    a.faults.push(Fault {
+                        round: 1,
+                        stage: FaultStage::ShareKeys,
+                        action: FaultAction::Vanish,
+                    });
+                }
+                tokio::spawn(cohort_agent::run(a))
+            })
+            .collect();
+        let summary = run.await.unwrap().expect("the round completes on a retry");
+        for a in agents {
+            a.abort();
+        }
+        mallory.abort();
+        summary
+    });
+    let round = &summary.rounds[0];
+    assert!(round.attempts >= 2, "{round:?}");
+    assert_eq!(round.rejected, vec!["mallory".to_string()], "{round:?}");
+    assert_eq!(round.sites, 4, "the retry ran without mallory: {round:?}");
 }
 
 fn resident_bytes() -> u64 {
