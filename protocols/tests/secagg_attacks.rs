@@ -1147,3 +1147,22 @@ fn the_fuzz_seed_corpus_is_current() {
         );
     }
 }
+
+#[test]
+fn a_round_everyone_left_aborts_instead_of_finishing_empty() {
+    // Found with the real agents: when every site declined, each neighbourhood check passed
+    // vacuously (nobody left to check) and the round "finished" with an empty sum.
+    let mut w = World::new(true);
+    w.step(&[]); // keys advertised; share keys open
+    for id in 0..N {
+        w.server.disconnected(id);
+    }
+    let abort = w.server.poll(0).expect_err("nobody left");
+    assert_eq!(
+        abort.reason,
+        AbortReason::TooFewSites {
+            live: 0,
+            threshold: w.params.threshold
+        }
+    );
+}

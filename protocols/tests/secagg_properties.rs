@@ -153,7 +153,10 @@ fn check<W: Word>(c: &Case) -> Result<(), TestCaseError> {
         }
         (Err(abort), None) => {
             prop_assert!(
-                matches!(abort.reason, AbortReason::TooFewNeighbours { .. }),
+                matches!(
+                    abort.reason,
+                    AbortReason::TooFewNeighbours { .. } | AbortReason::TooFewSites { .. }
+                ),
                 "unexpected abort reason {:?}",
                 abort
             );

@@ -473,23 +473,14 @@ impl Driver {
     }
 
     async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
-        // Sites left out of this round's attempts do not count: a retry waits until enough
-        // others are back rather than starting a round too small to run.
-        let eligible = |d: &Self| {
-            d.hub
-                .connected()
-                .iter()
-                .filter(|(name, _)| !d.sidelined.contains(name))
-                .count()
-        };
-        if eligible(self) < self.cfg.rounds.min_sites as usize {
+        if self.hub.connected().len() < self.cfg.rounds.min_sites as usize {
             self.progress.set_state(RunState::WaitingForSites);
         }
         let min = self.cfg.rounds.min_sites as usize;
         let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
         let deadline = tokio::time::Instant::now() + waited;
         loop {
-            let connected = eligible(self);
+            let connected = self.hub.connected().len();
             if connected >= min {
                 return Ok(());
             }

@@ -139,6 +139,10 @@ pub enum AbortReason {
         live: usize,
         threshold: u32,
     },
+    /// Fewer sites remain than the threshold: with nobody (or too few) left, every
+    /// neighbourhood check would pass vacuously, so the count is checked on its own.
+    #[error("only {live} sites remain, fewer than the threshold {threshold}")]
+    TooFewSites { live: usize, threshold: u32 },
     #[error("the {kind:?} of site {owner} could not be reconstructed: {error}")]
     Reconstruction {
         owner: ClientId,
@@ -737,6 +741,14 @@ impl<W: Word> Server<W> {
                     threshold: t,
                 });
             }
+        }
+        // Passing every neighbourhood check implies t live sites, unless there was no one to
+        // check: then the round would "finish" with an empty sum.
+        if live.len() < t as usize {
+            return Err(AbortReason::TooFewSites {
+                live: live.len(),
+                threshold: t,
+            });
         }
         Ok(())
     }
