@@ -18,7 +18,13 @@ pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        path: String,
+        message: String,
+        /// Where in the text the error is (bytes), so a tool that generated the text can
+        /// point at the line of its own input it came from.
+        span: Option<std::ops::Range<usize>>,
+    },
     #[error("{key} = {value}: {allowed}")]
     Invalid {
         key: String,
@@ -304,9 +310,10 @@ impl CoordinatorConfig {
             error,
         })?;
         let config = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
+            ConfigError::Parse { message, span, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 message,
+                span,
             },
             other => other,
         })?;
@@ -316,9 +323,10 @@ impl CoordinatorConfig {
     /// Parses and validates a configuration.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let mut config: CoordinatorConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse {
+            toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
                 path: "<config>".into(),
                 message: e.to_string(),
+                span: e.span(),
             })?;
         config.derive_inputs()?;
         config.validate()?;

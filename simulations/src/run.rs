@@ -32,8 +32,10 @@ pub struct RunArgs {
 #[serde(deny_unknown_fields)]
 struct Scenario {
     rounds: u64,
-    #[serde(default = "yes")]
-    secure: bool,
+    /// Secure aggregation (default on). `[secagg] enabled` says the same; giving both with
+    /// different values is an error rather than one silently winning.
+    #[serde(default)]
+    secure: Option<bool>,
     #[serde(default = "default_fraction")]
     test_fraction: f64,
     #[serde(default)]
@@ -75,9 +77,6 @@ fn vanish() -> String {
     "vanish".into()
 }
 
-fn yes() -> bool {
-    true
-}
 fn default_fraction() -> f64 {
     0.34
 }
@@ -86,6 +85,101 @@ fn default_stage() -> u64 {
 }
 fn default_train() -> u64 {
     120
+}
+
+impl Scenario {
+    /// `secure`, or `[secagg] enabled`, or on; both given and different is an error.
+    fn secure(&self) -> Result<bool> {
+        let enabled = match self.secagg.as_ref().and_then(|t| t.get("enabled")) {
+            None => None,
+            Some(toml::Value::Boolean(b)) => Some(*b),
+            Some(other) => bail!("[secagg] enabled = {other}: must be true or false"),
+        };
+        match (self.secure, enabled) {
+            (Some(a), Some(b)) if a != b => bail!(
+                "the scenario says secure = {a} but [secagg] enabled = {b}: they are the same setting, give one"
+            ),
+            (a, b) => Ok(a.or(b).unwrap_or(true)),
+        }
+    }
+}
+
+/// The scenario's text and path, for pointing at the user's own lines.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+/// A coordinator configuration error in the text generated from the scenario, told in terms
+/// of the scenario: the table and key it came from and that key's line in the user's file.
+/// The tables `[model]`, `[training]`, `[schema]`, `[secagg]` and `[strategy]` are copied
+/// from the scenario, so their keys can be found there.
+fn in_scenario(
+    e: cohort_coordinator::config::ConfigError,
+    generated: &str,
+    source: &Source<'_>,
+) -> anyhow::Error {
+    use cohort_coordinator::config::ConfigError;
+    let plain = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{}: the coordinator configuration made from it is invalid: {e}",
+            source.path.display()
+        )
+    };
+    let ConfigError::Parse {
+        message,
+        span: Some(span),
+        ..
+    } = &e
+    else {
+        return plain(&e);
+    };
+    let before = &generated[..span.start.min(generated.len())];
+    let line = before.rsplit('\n').next().unwrap_or("");
+    let line_end = generated[span.start.min(generated.len())..]
+        .find('\n')
+        .map_or(generated.len(), |n| span.start + n);
+    let full_line = format!(
+        "{line}{}",
+        &generated[span.start.min(generated.len())..line_end]
+    );
+    let key = full_line.split('=').next().unwrap_or("").trim().to_string();
+    let table = before
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('['))
+        .map(|l| l.trim().trim_matches(['[', ']']).to_string())
+        .unwrap_or_default();
+    let reason = message
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('|'))
+        .unwrap_or(message)
+        .trim();
+    match find_key(source.text, &table, &key) {
+        Some(n) => anyhow::anyhow!(
+            "{}, line {n}: [{table}] {key}: {reason}",
+            source.path.display()
+        ),
+        None => plain(&e),
+    }
+}
+
+/// The 1-based line of `key = …` inside `[table]` of a TOML text, if it is written there.
+fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(['[', ']']).trim().to_string();
+            continue;
+        }
+        let k = t.split('=').next().unwrap_or("").trim();
+        if current == table && !key.is_empty() && k == key {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,18 +275,23 @@ pub fn run_file(scenario: &Path, out: &Path) -> Result<Summary> {
     let parsed: Scenario = toml::from_str(&text)
         .with_context(|| format!("{}: invalid scenario", scenario.display()))?;
     let base = scenario.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let summary = run_scenario(&parsed, &base, out)?;
+    let source = Source {
+        path: scenario,
+        text: &text,
+    };
+    let summary = run_scenario(&parsed, &base, out, &source)?;
     write_outputs(&summary, out)?;
     Ok(summary)
 }
 
-fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
+fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> Result<Summary> {
     for f in &s.faults {
         if !(f.fraction > 0.0 && f.fraction <= 1.0) {
             bail!("faults.fraction = {}: must be in (0, 1]", f.fraction);
         }
     }
-    if s.sites.len() < 3 && s.secure {
+    let secure = s.secure()?;
+    if s.sites.len() < 3 && secure {
         bail!(
             "secure aggregation needs at least 3 sites; the scenario has {}",
             s.sites.len()
@@ -227,7 +326,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     model.insert("inputs".into(), toml::Value::Integer(inputs as i64));
 
     let mut secagg = s.secagg.clone().unwrap_or_default();
-    secagg.insert("enabled".into(), toml::Value::Boolean(s.secure));
+    secagg.insert("enabled".into(), toml::Value::Boolean(secure));
     // The colluding sites the coordinator's parameters and the simulated agents' policy
     // assume: the scenario's `secagg.max_colluders`, else 1 (the default of both), or 0 where
     // the scenario has 3 sites (k = 3 cannot resist a colluder and survive a dropout).
@@ -284,8 +383,9 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
     if let Some(st) = &s.strategy {
         coord.insert("strategy".into(), toml::Value::Table(st.clone()));
     }
-    let coord_cfg = CoordinatorConfig::parse(&toml::to_string(&coord)?)
-        .context("coordinator configuration from the scenario")?;
+    let generated = toml::to_string(&coord)?;
+    let coord_cfg =
+        CoordinatorConfig::parse(&generated).map_err(|e| in_scenario(e, &generated, source))?;
 
     let rt = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
@@ -340,7 +440,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path) -> Result<Summary> {
             }
             let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
-            cfg.policy.require_secure = s.secure;
+            cfg.policy.require_secure = secure;
             cfg.policy.max_colluders = colluders;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }

@@ -289,3 +289,55 @@ fn a_site_that_dies_mid_upload_is_left_out_and_the_round_is_retried() {
     assert_eq!(s.rounds[2].attempts, 1);
     assert!(s.final_.loss < s.initial.loss);
 }
+
+/// A short scenario text for checking how mistakes in it are reported.
+fn small_scenario(dir: &Path, top: &str, model: &str, secagg: &str) -> PathBuf {
+    let mut text = format!("rounds = 1\n{top}\n");
+    for site in ["cleveland", "hungary", "switzerland", "va"] {
+        text.push_str(&format!(
+            "\n[[sites]]\nname = \"{site}\"\ncsv = {:?}\n",
+            data(site)
+        ));
+    }
+    text.push_str(&format!(
+        "\n[schema]\nlabel = {{ column = \"num\", greater_than = 0 }}\ndrop = [\"slope\", \"ca\", \"thal\"]\n\n[model]\n{model}\n\n[training]\nlearning_rate = 0.001\nbatch_size = 4\nlocal_steps = 1\n\n[secagg]\n{secagg}\n"
+    ));
+    let path = dir.join("mistake.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn mistakes_in_a_scenario_are_reported_at_the_users_own_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // An unknown [model] key: named with its line in the scenario, not in the configuration
+    // generated from it.
+    let path = small_scenario(dir.path(), "", "kind = \"logreg\"\nclasses = 10", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text.lines().position(|l| l.starts_with("classes")).unwrap() + 1;
+    let err = format!(
+        "{:#}",
+        run_file(&path, &dir.path().join("out")).unwrap_err()
+    );
+    assert!(
+        err.contains(&format!("mistake.toml, line {line}: [model] classes"))
+            && err.contains("unknown field"),
+        "{err}"
+    );
+    // `secure` and `[secagg] enabled` are one setting: disagreeing is an error, not a
+    // silent winner.
+    let path = small_scenario(
+        dir.path(),
+        "secure = true",
+        "kind = \"logreg\"",
+        "enabled = false",
+    );
+    let err = format!(
+        "{:#}",
+        run_file(&path, &dir.path().join("out")).unwrap_err()
+    );
+    assert!(
+        err.contains("secure = true but [secagg] enabled = false"),
+        "{err}"
+    );
+}

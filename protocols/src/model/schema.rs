@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 use sha3::{Digest, Sha3_256};
 use thiserror::Error;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingValues {
-    /// Drop every row with a missing value in a used column.
+    /// Drop every row with a missing value in a used column (the default: a dataset without
+    /// missing values need not say anything).
+    #[default]
     DropRow,
     /// Replace a missing value with the federated mean of the column.
     ImputeMean,
@@ -42,6 +44,7 @@ pub struct DataSchema {
     /// Categorical columns and their levels; encoded one-hot with the first level dropped.
     #[serde(default)]
     pub categorical: BTreeMap<String, Vec<f64>>,
+    #[serde(default)]
     pub missing: MissingValues,
 }
 
@@ -400,6 +403,18 @@ mod tests {
             r.encode(4, &row[1..], 14),
             Err(SchemaError::RowLength { .. })
         ));
+    }
+
+    #[test]
+    fn missing_defaults_to_drop_row_and_hashes_like_saying_so() {
+        let implicit: DataSchema =
+            toml::from_str("label = { column = \"num\", greater_than = 0 }").unwrap();
+        let explicit: DataSchema = toml::from_str(
+            "label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"",
+        )
+        .unwrap();
+        assert_eq!(implicit.missing, MissingValues::DropRow);
+        assert_eq!(implicit.hash(), explicit.hash());
     }
 
     #[test]
