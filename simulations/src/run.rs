@@ -298,6 +298,10 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Absolute, so the coordinator.toml written below works from anywhere.
+    let out = &out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
     // Every simulation starts afresh: new certificates, and no coordinator state to resume.
     for dir in [out.join("pki"), out.join("coordinator")] {
         if dir.exists() {
@@ -386,6 +390,20 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
     let generated = toml::to_string(&coord)?;
     let coord_cfg =
         CoordinatorConfig::parse(&generated).map_err(|e| in_scenario(e, &generated, source))?;
+    // The configuration the run used, beside its data directory and certificates: the
+    // coordinator's own commands (export-model, repair) work on the simulation's output.
+    let written = out.join("coordinator.toml");
+    std::fs::write(
+        &written,
+        format!(
+            "# The coordinator configuration `cohort-sim run` generated from {} and ran with.\n\
+             # Export a round's model with:\n\
+             #   cohort-coordinator export-model --config {} --out model.safetensors\n{generated}",
+            source.path.display(),
+            written.display()
+        ),
+    )
+    .with_context(|| format!("writing {}", written.display()))?;
 
     let rt = tokio::runtime::Runtime::new()?;
     let started = Instant::now();

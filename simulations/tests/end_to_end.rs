@@ -81,9 +81,21 @@ fn model_lines(extra: &str) -> &str {
 fn run(dir: &Path, rounds: u64, secure: bool, extra: &str) -> Summary {
     let out = dir.join(format!("out-{secure}-{rounds}-{}", extra.len()));
     let summary = run_file(&scenario(dir, rounds, secure, extra), &out).expect("scenario runs");
-    for f in ["summary.json", "rounds.csv", "accuracy.png"] {
+    for f in [
+        "summary.json",
+        "rounds.csv",
+        "accuracy.png",
+        "coordinator.toml",
+    ] {
         assert!(out.join(f).exists(), "{f} written");
     }
+    // The written configuration is the coordinator's own: its model exports as is.
+    let config =
+        cohort_coordinator::CoordinatorConfig::load(&out.join("coordinator.toml")).unwrap();
+    let exported =
+        cohort_coordinator::export::export_model(&config, None, &out.join("model.safetensors"))
+            .unwrap();
+    assert_eq!(exported.round, summary.rounds_completed as u64);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for key in ["rounds_completed", "secure", "final", "rounds", "per_site"] {
