@@ -112,9 +112,10 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             with("quant_bits = 20", "quant_bits = 20\nthreshold = 1"),
             "threshold = 1",
         ),
+        // `missing` may be left out (drop_row), but not misspelt.
         (
-            with("missing = \"drop_row\"", ""),
-            "missing field `missing`",
+            with("missing = \"drop_row\"", "missing = \"sometimes\""),
+            "unknown variant `sometimes`",
         ),
         (
             with("listen = \"127.0.0.1:7700\"", "listen = \"somewhere\""),
