@@ -143,11 +143,12 @@ pub async fn run(
     run_with_progress(config, bound, None).await
 }
 
-/// Like [`run`], and sends every finished round's summary to `report`.
+/// Like [`run`], and sends every committed round's record (summary and per-site results) to
+/// `report`.
 pub async fn run_with_progress(
     config: CoordinatorConfig,
     bound: Option<oneshot::Sender<Endpoints>>,
-    report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
+    report: Option<mpsc::UnboundedSender<driver::RoundRecord>>,
 ) -> Result<RunSummary> {
     serve(
         config,
@@ -187,7 +188,7 @@ pub enum AfterFinish {
 async fn serve(
     config: CoordinatorConfig,
     bound: Option<oneshot::Sender<Endpoints>>,
-    report: Option<mpsc::UnboundedSender<driver::RoundSummary>>,
+    report: Option<mpsc::UnboundedSender<driver::RoundRecord>>,
     stop: impl std::future::Future<Output = ()>,
     after: AfterFinish,
 ) -> Result<Option<RunSummary>> {

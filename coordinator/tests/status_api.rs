@@ -185,7 +185,7 @@ local_steps = 50
         // Round 1 is committed; eleven more keep the run (and its connections) going while the
         // API is questioned.
         let first = report.recv().await.expect("round 1");
-        assert_eq!(first.round, 1);
+        assert_eq!(first.summary.round, 1);
         let ready = check(&doc, &base, "/readyz", "/readyz", 200).await;
         assert_eq!(ready["grpc"], true);
         let status = check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;

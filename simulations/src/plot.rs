@@ -1,4 +1,5 @@
-//! `accuracy.png`: test accuracy and loss per round.
+//! `accuracy.png`: test accuracy per round (each site, the mean of sites, the example-weighted
+//! mean) and the loss, on axes scaled to the data, titled secure or plain.
 //!
 //! Text is rendered with a bundled DejaVu Sans (assets/), so plotting needs no system fonts.
 
@@ -28,29 +29,61 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         "plain (insecure)"
     };
 
+    let sites = site_series(summary);
+    let weighted: Vec<(u64, f64)> = summary
+        .rounds
+        .iter()
+        .map(|r| (r.round, r.weighted_accuracy))
+        .collect();
+    let all = points
+        .iter()
+        .map(|p| p.1)
+        .chain(weighted.iter().map(|p| p.1))
+        .chain(sites.values().flatten().map(|p| p.1));
+    let (lo, hi) = y_range(all);
     let mut acc = ChartBuilder::on(&left)
-        .caption(
-            format!("Mean site test accuracy ({title})"),
-            ("sans-serif", 18),
-        )
+        .caption(format!("Test accuracy ({title})"), ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d(0u64..last, 0f64..1f64)
+        .build_cartesian_2d(0u64..last, lo..hi)
         .map_err(|e| anyhow!("{e}"))?;
     acc.configure_mesh()
         .x_desc("round")
         .y_desc("accuracy")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    acc.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))
+    for (i, (site, series)) in sites.iter().enumerate() {
+        let colour = Palette99::pick(i + 3).mix(0.6);
+        acc.draw_series(LineSeries::new(
+            series.iter().copied(),
+            colour.stroke_width(1),
+        ))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(site.as_str())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+    }
+    acc.draw_series(LineSeries::new(
+        points.iter().map(|p| (p.0, p.1)),
+        BLUE.stroke_width(3),
+    ))
+    .map_err(|e| anyhow!("{e}"))?
+    .label("mean of sites")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(3)));
+    acc.draw_series(LineSeries::new(
+        weighted.iter().copied(),
+        BLACK.stroke_width(2),
+    ))
+    .map_err(|e| anyhow!("{e}"))?
+    .label("weighted by test examples")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
+    acc.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 12))
+        .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    acc.draw_series(
-        points
-            .iter()
-            .map(|p| Circle::new((p.0, p.1), 3, BLUE.filled())),
-    )
-    .map_err(|e| anyhow!("{e}"))?;
 
     let max_loss = points.iter().map(|p| p.2).fold(0.0, f64::max).max(1e-3) * 1.1;
     let mut loss = ChartBuilder::on(&right)
@@ -69,4 +102,48 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Each site's accuracy per round, by site name.
+fn site_series(summary: &Summary) -> std::collections::BTreeMap<String, Vec<(u64, f64)>> {
+    let mut sites: std::collections::BTreeMap<String, Vec<(u64, f64)>> = Default::default();
+    for r in &summary.rounds {
+        for (site, acc) in &r.site_accuracy {
+            sites.entry(site.clone()).or_default().push((r.round, *acc));
+        }
+    }
+    sites
+}
+
+/// The accuracy axis: the data's range with a margin of a tenth of it (at least 0.02), kept
+/// within [0, 1], so a run that moves between 0.78 and 0.82 is not drawn as a flat line.
+pub fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if lo > hi {
+        return (0.0, 1.0);
+    }
+    let margin = ((hi - lo) * 0.1).max(0.02);
+    ((lo - margin).max(0.0), (hi + margin).min(1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accuracy_axis_follows_the_data() {
+        let (lo, hi) = y_range([0.78, 0.80, 0.82].into_iter());
+        assert!(
+            (lo - 0.76).abs() < 1e-9 && (hi - 0.84).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        assert_eq!(y_range([0.995, 1.0].into_iter()), (0.975, 1.0));
+        assert_eq!(y_range([0.0, 0.01].into_iter()), (0.0, 0.03));
+        assert_eq!(y_range(std::iter::empty()), (0.0, 1.0));
+        assert_eq!(y_range([f64::NAN].into_iter()), (0.0, 1.0));
+    }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use cohort_agent::AgentConfig;
+use cohort_coordinator::driver::{RoundRecord, SiteResult};
 use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::{CoordinatorConfig, RunSummary};
 use cohort_protocols::model::DataSchema;
@@ -232,6 +233,13 @@ pub struct RoundRow {
     /// Attempts the round needed (1 unless an attempt was aborted and retried).
     #[serde(default)]
     pub attempts: u32,
+    /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
+    /// sites' accuracies, FLamby's convention).
+    #[serde(default)]
+    pub weighted_accuracy: f64,
+    /// Each site's test accuracy after the round.
+    #[serde(default)]
+    pub site_accuracy: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -407,7 +415,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
 
     let rt = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
-    let result: Result<RunSummary> = rt.block_on(async {
+    let result: Result<(RunSummary, Vec<RoundRecord>)> = rt.block_on(async {
         let (tx, rx) = oneshot::channel();
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
         let coordinator = tokio::spawn(cohort_coordinator::run_with_progress(
@@ -421,14 +429,18 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let progress = tokio::spawn(async move {
+            let mut records = Vec::new();
             while let Some(r) = progress_rx.recv().await {
-                bar.set_position(r.round);
+                let s = &r.summary;
+                bar.set_position(s.round);
                 bar.set_message(format!(
                     "accuracy {:.3} loss {:.3} dropped {}",
-                    r.accuracy, r.loss, r.dropped
+                    s.accuracy, s.loss, s.dropped
                 ));
+                records.push(r);
             }
             bar.finish();
+            records
         });
         let addr = rx.await.context("the coordinator did not start")?.grpc;
         let mut agents = Vec::new();
@@ -463,7 +475,7 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
         let summary = coordinator.await.context("coordinator task")??;
-        let _ = progress.await;
+        let records = progress.await.unwrap_or_default();
         for a in agents {
             match tokio::time::timeout(Duration::from_secs(10), a).await {
                 Ok(Ok(Ok(()))) => {}
@@ -474,10 +486,10 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
                 Err(_) => tracing::warn!("an agent did not stop within 10 s"),
             }
         }
-        Ok(summary)
+        Ok((summary, records))
     });
-    let run = result?;
-    Ok(summarise(run, started.elapsed().as_secs_f64()))
+    let (run, records) = result?;
+    Ok(summarise(run, &records, started.elapsed().as_secs_f64()))
 }
 
 /// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
@@ -535,7 +547,9 @@ fn read_header(path: &Path) -> Result<Vec<String>> {
     Ok(line.split(',').map(|c| c.trim().to_string()).collect())
 }
 
-fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
+fn summarise(run: RunSummary, records: &[RoundRecord], wall_seconds: f64) -> Summary {
+    let per_round: BTreeMap<u64, &RoundRecord> =
+        records.iter().map(|r| (r.summary.round, r)).collect();
     let received = run.received;
     let last = run.rounds.last();
     Summary {
@@ -564,6 +578,18 @@ fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
                 dropped: r.dropped,
                 clipped: r.clipped,
                 attempts: r.attempts,
+                weighted_accuracy: per_round
+                    .get(&r.round)
+                    .map_or(r.accuracy, |rec| weighted_accuracy(&rec.per_site)),
+                site_accuracy: per_round
+                    .get(&r.round)
+                    .map(|rec| {
+                        rec.per_site
+                            .iter()
+                            .map(|(site, res)| (site.clone(), res.accuracy))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect(),
         per_site: run
@@ -588,6 +614,21 @@ fn summarise(run: RunSummary, wall_seconds: f64) -> Summary {
             evaluations: received.evaluations,
         },
     }
+}
+
+/// Test accuracy over all sites' test examples together (each site weighted by its test
+/// examples); the plain mean when no site reported any.
+pub fn weighted_accuracy(per_site: &BTreeMap<String, SiteResult>) -> f64 {
+    let total: u64 = per_site.values().map(|s| s.test_examples).sum();
+    if total == 0 {
+        let n = per_site.len().max(1) as f64;
+        return per_site.values().map(|s| s.accuracy).sum::<f64>() / n;
+    }
+    per_site
+        .values()
+        .map(|s| s.accuracy * s.test_examples as f64)
+        .sum::<f64>()
+        / total as f64
 }
 
 fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {

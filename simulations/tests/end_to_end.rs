@@ -96,6 +96,19 @@ fn run(dir: &Path, rounds: u64, secure: bool, extra: &str) -> Summary {
         cohort_coordinator::export::export_model(&config, None, &out.join("model.safetensors"))
             .unwrap();
     assert_eq!(exported.round, summary.rounds_completed as u64);
+    // Each round carries every site's accuracy and the example-weighted accuracy, which for
+    // the last round follows from the final per-site results.
+    if let Some(last) = summary.rounds.last() {
+        assert_eq!(last.site_accuracy.len(), summary.per_site.len());
+        let total: u64 = summary.per_site.values().map(|s| s.test_examples).sum();
+        let weighted = summary
+            .per_site
+            .values()
+            .map(|s| s.accuracy * s.test_examples as f64)
+            .sum::<f64>()
+            / total as f64;
+        assert!((last.weighted_accuracy - weighted).abs() < 1e-12);
+    }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for key in ["rounds_completed", "secure", "final", "rounds", "per_site"] {

@@ -95,7 +95,7 @@ pub struct Driver {
     std: Vec<f64>,
     training_toml: String,
     /// Receives every committed round's summary (simulations show a progress bar with it).
-    report: Option<mpsc::UnboundedSender<RoundSummary>>,
+    report: Option<mpsc::UnboundedSender<RoundRecord>>,
     /// Sites left out of the current round's remaining attempts because an upload of theirs
     /// stopped part-way and spoiled an attempt's sum; cleared when a new round starts.
     sidelined: HashSet<String>,
@@ -242,7 +242,7 @@ impl Driver {
         inbox: mpsc::Receiver<Inbound>,
         ca_der: Vec<u8>,
         ops: Operations,
-        report: Option<mpsc::UnboundedSender<RoundSummary>>,
+        report: Option<mpsc::UnboundedSender<RoundRecord>>,
     ) -> Result<Self, toml::ser::Error> {
         let spec = cfg.model.spec();
         let global = spec.init(cfg.model.seed);
@@ -374,7 +374,7 @@ impl Driver {
             m.dropouts.inc_by(dropped as u64);
             m.clipped_values.inc_by(clipped);
             if let Some(p) = &self.report {
-                let _ = p.send(record.summary.clone());
+                let _ = p.send(record.clone());
             }
             records.push(record);
         }
