@@ -199,11 +199,20 @@ async fn serve(
         .map(|s| s.token())
         .transpose()
         .map_err(config_problem)?;
+    // Read once: the handshake checks it, and Welcome hands it to the agents.
+    let crls = config
+        .tls
+        .crl
+        .as_deref()
+        .map(tls::load_crls)
+        .transpose()
+        .map_err(config_problem)?
+        .unwrap_or_default();
     let tls = tls::server_config(
         &config.tls.ca_cert,
         &config.tls.cert,
         &config.tls.key,
-        config.tls.crl.as_deref(),
+        &crls,
     )
     .context("loading the coordinator's TLS files")
     .map_err(config_problem)?;
@@ -275,14 +284,10 @@ async fn serve(
         certificate_der,
         memory_budget: config.limits.memory_mib.map(|m| m << 20),
         registry: registry.clone(),
-        crl_der: match &config.tls.crl {
-            Some(path) => tls::load_crls(path)
-                .map_err(config_problem)?
-                .first()
-                .map(|c| c.as_ref().to_vec())
-                .unwrap_or_default(),
-            None => Vec::new(),
-        },
+        crl_der: crls
+            .first()
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default(),
     };
     let registry_task = registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r)));
 

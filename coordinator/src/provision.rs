@@ -22,7 +22,7 @@ use rcgen::{
 use thiserror::Error;
 use time::OffsetDateTime;
 
-use crate::registry::{RegisteredSite, Registry, RegistryError, RevokedCertificate};
+use crate::registry::{RegisteredSite, Registry, RegistryError};
 
 /// Default validity of a site's or the coordinator's certificate.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
@@ -287,16 +287,9 @@ fn load_registry(out: &Path) -> Result<Registry, ProvisionError> {
 pub fn revoke(out: &Path, site: &str) -> Result<(), ProvisionError> {
     let (issuer, _) = load_issuer(out)?;
     let mut registry = load_registry(out)?;
-    let Some(at) = registry.site.iter().position(|s| s.name == site) else {
+    if !registry.retire(site, "revoked", crate::unix_seconds() as i64) {
         return Err(ProvisionError::NotRegistered(site.to_string()));
-    };
-    let old = registry.site.remove(at);
-    registry.revoked.push(RevokedCertificate {
-        name: old.name,
-        serial: old.serial,
-        revoked_unix: crate::unix_seconds() as i64,
-        reason: "revoked".into(),
-    });
+    }
     publish(out, &mut registry, &issuer)
 }
 
@@ -314,15 +307,8 @@ pub fn renew(out: &Path, site: &str, validity_days: u32) -> Result<(), Provision
     let (cert_pem, key_pem, registered) = site_certificate(site, &issuer, validity_days)?;
     write(&dir.join("cert.pem"), &cert_pem)?;
     write(&dir.join("key.pem"), &key_pem)?;
-    if let Some(at) = registry.site.iter().position(|s| s.name == site) {
-        let old = registry.site.remove(at);
-        registry.revoked.push(RevokedCertificate {
-            name: old.name,
-            serial: old.serial,
-            revoked_unix: crate::unix_seconds() as i64,
-            reason: "superseded".into(),
-        });
-    }
+    // A project provisioned before registries existed has no entry to supersede.
+    registry.retire(site, "superseded", crate::unix_seconds() as i64);
     registry.site.push(registered);
     publish(out, &mut registry, &issuer)
 }

@@ -86,6 +86,22 @@ impl Registry {
         })
     }
 
+    /// Moves `name`'s current certificate to the revoked list with `reason`; false if the
+    /// site has none.
+    pub fn retire(&mut self, name: &str, reason: &str, now_unix: i64) -> bool {
+        let Some(at) = self.site.iter().position(|s| s.name == name) else {
+            return false;
+        };
+        let old = self.site.remove(at);
+        self.revoked.push(RevokedCertificate {
+            name: old.name,
+            serial: old.serial,
+            revoked_unix: now_unix,
+            reason: reason.into(),
+        });
+        true
+    }
+
     pub fn current(&self, name: &str) -> Option<&RegisteredSite> {
         self.site.iter().find(|s| s.name == name)
     }

@@ -255,14 +255,11 @@ impl Service {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
-        if let Some(registry) = &self.registry {
-            let serial = x509_parser::parse_x509_certificate(leaf.as_ref())
-                .map(|(_, c)| crate::hex(c.tbs_certificate.raw_serial()))
-                .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-            if let Some(why) = registry.get().refusal(&cert.common_name, &serial) {
-                warn!(site = %cert.common_name, %peer, reason = %why, "session refused by the site registry");
-                return Err(Status::permission_denied(why));
-            }
+        if let Some(registry) = &self.registry
+            && let Some(why) = registry.get().refusal(&cert.common_name, &cert.serial)
+        {
+            warn!(site = %cert.common_name, %peer, reason = %why, "session refused by the site registry");
+            return Err(Status::permission_denied(why));
         }
         Ok((cert.common_name, peer))
     }

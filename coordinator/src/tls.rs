@@ -60,14 +60,14 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
-/// The server's TLS configuration. With `crl`, a client certificate it lists fails the
-/// handshake; a certificate of our CA that the CRL does not cover cannot exist (the CRL is
-/// the CA's own), so unknown revocation status is refused too.
+/// The server's TLS configuration. A client certificate `crls` lists fails the handshake;
+/// with CRLs, a certificate of our CA that they do not cover cannot exist (the CRL is the
+/// CA's own), so unknown revocation status is refused too.
 pub fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
-    crl: Option<&Path>,
+    crls: &[CertificateRevocationListDer<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
@@ -76,9 +76,9 @@ pub fn server_config(
     }
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if let Some(crl) = crl {
+    if !crls.is_empty() {
         builder = builder
-            .with_crls(load_crls(crl)?)
+            .with_crls(crls.iter().cloned())
             .only_check_end_entity_revocation();
     }
     let verifier = builder

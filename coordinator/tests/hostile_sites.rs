@@ -14,6 +14,7 @@
     clippy::async_yields_async
 )]
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
     AgentMessage, Chunk, CoordinatorMessage, Decline, Join, agent_message, coordinator_message,
 };
+use cohort_protocols::secagg::{ServerMessage, Setup};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -195,6 +197,35 @@ async fn federation<T: Send + 'static>(
         a.abort();
     }
     (summary, mallory)
+}
+
+/// Reads mallory's stream and hands every SecAgg+ set-up of round 1 to `answer`, sending what
+/// it returns: `Continue` reads on, `Break` returns after sending. Ends with the stream.
+async fn answer_round_1_setups(
+    stream: &mut tonic::Streaming<CoordinatorMessage>,
+    tx: &mpsc::Sender<AgentMessage>,
+    mut answer: impl FnMut(Setup) -> ControlFlow<agent_message::Kind, agent_message::Kind>,
+) {
+    let mut in_round_1 = false;
+    while let Ok(Some(m)) = stream.message().await {
+        match m.kind {
+            Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
+            Some(coordinator_message::Kind::Secagg(c)) if in_round_1 => {
+                let Ok(ServerMessage::Setup(setup)) = ServerMessage::decode(&c.data) else {
+                    continue;
+                };
+                let (kind, done) = match answer(setup) {
+                    ControlFlow::Continue(kind) => (kind, false),
+                    ControlFlow::Break(kind) => (kind, true),
+                };
+                let _ = tx.send(AgentMessage { kind: Some(kind) }).await;
+                if done {
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Mallory's state in the status API's site list; None once the coordinator is gone.
@@ -467,25 +498,13 @@ fn a_site_that_sends_garbage_in_a_round_is_named_in_the_round_summary() {
         tokio::spawn(async move {
             // Silent through round 0 (a dropout there); in round 1, answers the SecAgg+
             // set-up with bytes that are no SecAgg+ message.
-            let mut in_round_1 = false;
-            while let Ok(Some(m)) = stream.message().await {
-                match m.kind {
-                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
-                    Some(coordinator_message::Kind::Secagg(_)) if in_round_1 => {
-                        let garbage = Chunk {
-                            data: b"not a SecAgg+ message".to_vec().into(),
-                            last: true,
-                        };
-                        let _ = tx
-                            .send(AgentMessage {
-                                kind: Some(agent_message::Kind::Secagg(garbage)),
-                            })
-                            .await;
-                        in_round_1 = false;
-                    }
-                    _ => {}
-                }
-            }
+            answer_round_1_setups(&mut stream, &tx, |_| {
+                ControlFlow::Continue(agent_message::Kind::Secagg(Chunk {
+                    data: b"not a SecAgg+ message".to_vec().into(),
+                    last: true,
+                }))
+            })
+            .await;
         })
     }));
     rt.block_on(mallory).unwrap();
@@ -509,32 +528,15 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
         let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
         tokio::spawn(async move {
             // In round 1, mallory claims va's shares to it did not decrypt.
-            let mut in_round_1 = false;
-            while let Ok(Some(m)) = stream.message().await {
-                match m.kind {
-                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
-                    Some(coordinator_message::Kind::Secagg(c)) if in_round_1 => {
-                        let Ok(cohort_protocols::secagg::ServerMessage::Setup(setup)) =
-                            cohort_protocols::secagg::ServerMessage::decode(&c.data)
-                        else {
-                            continue;
-                        };
-                        let at = setup.names.iter().position(|n| n == "va").unwrap();
-                        let accusation = Decline {
-                            round: 1,
-                            reason: "shares do not decrypt".into(),
-                            accused: Some(setup.participants[at]),
-                        };
-                        let _ = tx
-                            .send(AgentMessage {
-                                kind: Some(agent_message::Kind::Decline(accusation)),
-                            })
-                            .await;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
+            answer_round_1_setups(&mut stream, &tx, |setup| {
+                let at = setup.names.iter().position(|n| n == "va").unwrap();
+                ControlFlow::Break(agent_message::Kind::Decline(Decline {
+                    round: 1,
+                    reason: "shares do not decrypt".into(),
+                    accused: Some(setup.participants[at]),
+                }))
+            })
+            .await;
             // The report is on va's record while the run goes on.
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -569,9 +571,7 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
 #[test]
 fn a_site_refused_in_an_aborted_attempt_is_left_out_of_the_retry() {
     use cohort_agent::config::{Fault, FaultAction, FaultStage};
-    use cohort_protocols::secagg::{
-        Client, ClientMessage, PinnedIdentities, ServerMessage, SiteIdentity,
-    };
+    use cohort_protocols::secagg::{Client, ClientMessage, PinnedIdentities, SiteIdentity};
     let dir = tempfile::tempdir().unwrap();
     let pki = pki_with_mallory(dir.path());
     let mut config = config(dir.path(), &pki, 1, r#"kind = "logreg""#);
@@ -598,46 +598,30 @@ fn a_site_refused_in_an_aborted_attempt_is_left_out_of_the_retry() {
         let cert = cohort_coordinator::tls::first_cert_der(&bundles.join("sites/mallory/cert.pem"))
             .unwrap();
         let mallory = tokio::spawn(async move {
-            let mut in_round_1 = false;
-            while let Ok(Some(m)) = stream.message().await {
-                match m.kind {
-                    Some(coordinator_message::Kind::RoundStart(s)) => in_round_1 = s.round == 1,
-                    Some(coordinator_message::Kind::Secagg(c)) if in_round_1 => {
-                        let Ok(ServerMessage::Setup(setup)) = ServerMessage::decode(&c.data) else {
-                            continue;
-                        };
-                        seen.fetch_add(1, Ordering::Relaxed);
-                        let at = setup.names.iter().position(|n| n == "mallory").unwrap();
-                        let identity = SiteIdentity {
-                            id: setup.participants[at],
-                            name: "mallory".into(),
-                            signing_key: signing_key.clone(),
-                            credential: cert.clone(),
-                        };
-                        let verifier = Arc::new(PinnedIdentities::new(std::iter::empty()));
-                        let mut client: Client<u64> =
-                            Client::new(identity, verifier, setup.round, [9u8; 32]);
-                        let Ok(Some(ClientMessage::AdvertiseKeys(mut a))) =
-                            client.handle(&ServerMessage::Setup(setup))
-                        else {
-                            panic!("mallory's advertisement")
-                        };
-                        a.signature[0] ^= 1;
-                        let bytes = ClientMessage::<u64>::AdvertiseKeys(a).encode();
-                        let chunk = Chunk {
-                            data: bytes.into(),
-                            last: true,
-                        };
-                        let _ = out
-                            .send(AgentMessage {
-                                kind: Some(agent_message::Kind::Secagg(chunk)),
-                            })
-                            .await;
-                        in_round_1 = false;
-                    }
-                    _ => {}
-                }
-            }
+            answer_round_1_setups(&mut stream, &out, |setup| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                let at = setup.names.iter().position(|n| n == "mallory").unwrap();
+                let identity = SiteIdentity {
+                    id: setup.participants[at],
+                    name: "mallory".into(),
+                    signing_key: signing_key.clone(),
+                    credential: cert.clone(),
+                };
+                let verifier = Arc::new(PinnedIdentities::new(std::iter::empty()));
+                let mut client: Client<u64> =
+                    Client::new(identity, verifier, setup.round, [9u8; 32]);
+                let Ok(Some(ClientMessage::AdvertiseKeys(mut a))) =
+                    client.handle(&ServerMessage::Setup(setup))
+                else {
+                    panic!("mallory's advertisement")
+                };
+                a.signature[0] ^= 1;
+                ControlFlow::Continue(agent_message::Kind::Secagg(Chunk {
+                    data: ClientMessage::<u64>::AdvertiseKeys(a).encode().into(),
+                    last: true,
+                }))
+            })
+            .await;
         });
         // va dies in round 1's share-keys stage (and comes back): with mallory excluded that
         // leaves 3 of 5, below the threshold of 4, so the attempt aborts.

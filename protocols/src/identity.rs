@@ -75,6 +75,8 @@ pub struct SiteCertificate {
     /// The certificate's extended key usage includes client authentication (what provisioning
     /// gives site certificates and never the coordinator's).
     pub client_auth: bool,
+    /// The serial number, lowercase hex (what `provision`'s registry records).
+    pub serial: String,
 }
 
 impl CaVerifier {
@@ -140,15 +142,14 @@ impl CaVerifier {
         if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
             return Err(IdentityError::WrongIssuer);
         }
+        let serial: String = cert
+            .tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if self.revoked.contains(cert.tbs_certificate.raw_serial()) {
-            return Err(IdentityError::Revoked {
-                serial: cert
-                    .tbs_certificate
-                    .raw_serial()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            });
+            return Err(IdentityError::Revoked { serial });
         }
         let now = ASN1Time::from_timestamp(self.now_unix).map_err(|_| IdentityError::Expired)?;
         if !cert.validity().is_valid_at(now) {
@@ -174,6 +175,7 @@ impl CaVerifier {
             common_name,
             key,
             client_auth,
+            serial,
         })
     }
 }

@@ -122,6 +122,16 @@ impl World {
         sum
     }
 
+    /// Steps every remaining stage with everyone answering, until nothing is left to send.
+    fn step_to_end(&mut self) {
+        for _ in 0..4 {
+            if self.outbox.is_empty() {
+                break;
+            }
+            self.step(&[]);
+        }
+    }
+
     fn poll_through(&mut self) {
         match self.server.poll(0).expect("no abort") {
             Poll::Send(m) => self.outbox = m,
@@ -206,12 +216,7 @@ fn server_rejects_forged_advertisement_and_round_goes_on() {
     assert_eq!(rejection.reason, RejectReason::BadSignature);
     w.outbox.retain(|(to, _)| *to != 3);
     // The other six finish the round; site 3 is simply absent.
-    for _ in 0..4 {
-        if w.outbox.is_empty() {
-            break;
-        }
-        w.step(&[]);
-    }
+    w.step_to_end();
     assert_eq!(w.server.stage(), ServerStage::Done);
 }
 
@@ -1060,12 +1065,7 @@ fn an_invalid_advertised_point_is_refused_naming_the_site_and_the_round_goes_on(
         .expect_err("refused");
     assert_eq!(rejection.reason, RejectReason::InvalidPublicKey);
     w.outbox.retain(|(to, _)| *to != 3);
-    for _ in 0..4 {
-        if w.outbox.is_empty() {
-            break;
-        }
-        w.step(&[]);
-    }
+    w.step_to_end();
     assert_eq!(w.server.stage(), ServerStage::Done);
 }
 

@@ -13,31 +13,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_coordinator::provision::{ProvisionOptions, provision};
-use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use cohort_proto::v1::coordinator_server::Coordinator;
 use cohort_proto::v1::{
     AgentMessage, Chunk, CoordinatorMessage, RoundStart, SchemaReply, SchemaRequest, Task, Welcome,
     agent_message, coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
-use cohort_protocols::model;
 use cohort_protocols::secagg::{
     Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
     SiteIdentity, StageTimeouts, share_digest, sign_share_list,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server as GrpcServer, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-
-const SCHEMA: &str = r#"
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
+mod stub;
+use stub::SITES;
 
 /// The lie told in the unmask request to the agent (site 0).
 #[derive(Debug, Clone, Copy)]
@@ -67,17 +58,6 @@ struct Stub {
     answers: mpsc::UnboundedSender<(String, Option<u32>)>,
 }
 
-fn pem_der(path: &Path) -> Vec<u8> {
-    cohort_coordinator::tls::load_certs(path).unwrap()[0]
-        .as_ref()
-        .to_vec()
-}
-
-fn key(path: &Path) -> ed25519_dalek::SigningKey {
-    use ed25519_dalek::pkcs8::DecodePrivateKey;
-    ed25519_dalek::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn secagg(msg: &ServerMessage) -> CoordinatorMessage {
     CoordinatorMessage {
         kind: Some(coordinator_message::Kind::Secagg(Chunk {
@@ -104,7 +84,7 @@ impl Round {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let verifier = Arc::new(CaVerifier::new(pem_der(&pki.join("ca.pem")), now).unwrap());
+        let verifier = Arc::new(CaVerifier::new(stub::pem_der(&pki.join("ca.pem")), now).unwrap());
         let roster: Vec<(u32, String)> = SITES
             .iter()
             .enumerate()
@@ -132,8 +112,8 @@ impl Round {
                 let identity = SiteIdentity {
                     id,
                     name: SITES[id as usize].to_string(),
-                    signing_key: key(&site.join("key.pem")),
-                    credential: pem_der(&site.join("cert.pem")),
+                    signing_key: stub::key(&site.join("key.pem")),
+                    credential: stub::pem_der(&site.join("cert.pem")),
                 };
                 (
                     id,
@@ -145,7 +125,7 @@ impl Round {
         let mut r = Round {
             server,
             peers,
-            hungary_key: key(&pki.join("sites/hungary/key.pem")),
+            hungary_key: stub::key(&pki.join("sites/hungary/key.pem")),
             lie,
             len: params.vector_len(),
         };
@@ -271,7 +251,7 @@ impl Coordinator for Stub {
         let (mut round, setup) = Round::new(&self.pki, self.lie);
         let answers = self.answers.clone();
         let crl = self.crl.clone();
-        let certificate = pem_der(&self.pki.join("coordinator/cert.pem"));
+        let certificate = stub::pem_der(&self.pki.join("coordinator/cert.pem"));
         tokio::spawn(async move {
             let send = |kind| CoordinatorMessage { kind: Some(kind) };
             let opening = [
@@ -335,15 +315,7 @@ impl Coordinator for Stub {
 /// (or how the honest round ended).
 fn refusal(lie: Lie) -> (String, Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: "https://localhost:1".into(),
-    })
-    .unwrap();
+    let pki = stub::provision_sites(dir.path());
     let crl = if matches!(lie, Lie::RevokedPeer) {
         cohort_coordinator::provision::revoke(&pki, "hungary").unwrap();
         cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap()[0]
@@ -352,56 +324,18 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
     } else {
         Vec::new()
     };
-    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let (answers, mut rx) = mpsc::unbounded_channel();
-        let schema_toml = toml::to_string(
-            &toml::from_str::<cohort_protocols::model::DataSchema>(SCHEMA).unwrap(),
-        )
-        .unwrap();
         let stub = Stub {
             pki: pki.clone(),
-            schema: SchemaReply {
-                signature: model::sign_schema(&key(&pki.join("coordinator/key.pem")), &schema_toml)
-                    .to_vec(),
-                schema_toml,
-                coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
-                inputs: 13,
-            },
+            schema: stub::schema_reply(&pki, "coordinator/key.pem"),
             lie,
             crl,
             answers,
         };
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                read("coordinator/cert.pem"),
-                read("coordinator/key.pem"),
-            ))
-            .client_ca_root(Certificate::from_pem(read("ca.pem")));
-        tokio::spawn(
-            GrpcServer::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(CoordinatorServer::new(stub))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
-        let data: toml::Table =
-            toml::from_str(&format!("csv = {:?}", csv.display().to_string())).unwrap();
-        let schema: toml::Table = toml::from_str(SCHEMA).unwrap();
-        let cfg = cohort_sim::run::agent_config(
-            "cleveland",
-            &pki.join("sites/cleveland"),
-            port,
-            data,
-            &schema,
-            vec![],
-        )
-        .unwrap();
-        let agent = tokio::spawn(cohort_agent::run(cfg));
+        let port = stub::serve(&pki, stub).await;
+        let agent = tokio::spawn(cohort_agent::run(stub::cleveland(&pki, port)));
         let reason = tokio::time::timeout(Duration::from_secs(60), rx.recv())
             .await
             .expect("the agent answers within 60 s")

@@ -7,17 +7,18 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_coordinator::provision::{ProvisionOptions, provision};
-use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use cohort_proto::v1::coordinator_server::Coordinator;
 use cohort_proto::v1::{
     AgentMessage, Chunk, CoordinatorMessage, RoundStart, SchemaReply, SchemaRequest, Task, Welcome,
     agent_message, coordinator_message,
 };
 use cohort_protocols::model;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+mod stub;
+use stub::{SITES, pem_der};
 
 /// Sends Welcome (with the real coordinator certificate) and an evaluation round whose model
 /// hash is right but whose signature is `signature`; reports what the agent answers.
@@ -89,23 +90,9 @@ impl Coordinator for Stub {
     }
 }
 
-fn pem_der(path: &Path) -> Vec<u8> {
-    cohort_coordinator::tls::load_certs(path).unwrap()[0]
-        .as_ref()
-        .to_vec()
-}
-
-const SCHEMA: &str = r#"
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
-
+/// The key at `which` in the PKI.
 fn key(pki: &Path, which: &str) -> ed25519_dalek::SigningKey {
-    use ed25519_dalek::pkcs8::DecodePrivateKey;
-    let pem = std::fs::read_to_string(pki.join(which)).unwrap();
-    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).unwrap()
+    stub::key(&pki.join(which))
 }
 
 /// The first answer after Join, for a stub that signs models with `signature` and the schema
@@ -118,67 +105,26 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
 /// coordinator's key or a colluding site's).
 type Attack<'a> = &'a dyn Fn(&Path) -> Vec<coordinator_message::Kind>;
 
-/// The sites provisioned for every stub run; the agent under test is cleveland, id 0.
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-
 fn answer_with(
     signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
     schema_signer: &str,
     attack: Option<Attack<'_>>,
 ) -> Result<agent_message::Kind, String> {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: "https://localhost:1".into(),
-    })
-    .unwrap();
-    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+    let pki = stub::provision_sites(dir.path());
     let hash = model::sha3_512(&model::to_bytes(&[0.0f32; 14]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let (answers, mut rx) = mpsc::unbounded_channel();
-        let schema_toml = toml::to_string(
-            &toml::from_str::<cohort_protocols::model::DataSchema>(SCHEMA).unwrap(),
-        )
-        .unwrap();
         let stub = Stub {
             certificate_der: pem_der(&pki.join("coordinator/cert.pem")),
             signature: signature(&hash, &pki),
-            schema: SchemaReply {
-                signature: model::sign_schema(&key(&pki, schema_signer), &schema_toml).to_vec(),
-                schema_toml,
-                coordinator_certificate: pem_der(&pki.join("coordinator/cert.pem")),
-                inputs: 13,
-            },
+            schema: stub::schema_reply(&pki, schema_signer),
             attack: attack.map(|script| script(&pki)),
             answers,
         };
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                read("coordinator/cert.pem"),
-                read("coordinator/key.pem"),
-            ))
-            .client_ca_root(Certificate::from_pem(read("ca.pem")));
-        tokio::spawn(
-            Server::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(CoordinatorServer::new(stub))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/heart-disease/cleveland.csv");
-        let data: toml::Table =
-            toml::from_str(&format!("csv = {:?}", csv.display().to_string())).unwrap();
-        let schema: toml::Table = toml::from_str(SCHEMA).unwrap();
-        let site = pki.join("sites/cleveland");
-        let cfg =
-            cohort_sim::run::agent_config("cleveland", &site, port, data, &schema, vec![]).unwrap();
+        let port = stub::serve(&pki, stub).await;
+        let cfg = stub::cleveland(&pki, port);
         let mut agent = tokio::spawn(cohort_agent::run(cfg));
         let answer = loop {
             tokio::select! {
