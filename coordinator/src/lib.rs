@@ -113,13 +113,19 @@ fn schema_reply(
 /// Ends the sessions of sites that are no longer in the registry (revoked while connected),
 /// looking every few seconds: new sessions are checked as they start, this covers the ones
 /// already running.
-async fn close_unregistered(hub: Arc<hub::Hub>, registry: Arc<registry::LiveRegistry>) {
+async fn close_unregistered(
+    hub: Arc<hub::Hub>,
+    registry: Arc<registry::LiveRegistry>,
+    progress: Arc<status::Progress>,
+) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         let current = registry.get();
+        // The round in progress, for the site's record (0 before the first).
+        let round = progress.try_position().map_or(0, |(_, round, _, _)| round);
         for (site, _) in hub.connected() {
             if current.current(&site).is_none() {
-                hub.close(&site, 0, "its certificate was revoked (registry)");
+                hub.close(&site, round, "its certificate was revoked (registry)");
             }
         }
     }
@@ -289,7 +295,8 @@ async fn serve(
             .map(|c| c.as_ref().to_vec())
             .unwrap_or_default(),
     };
-    let registry_task = registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r)));
+    let registry_task =
+        registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r, progress.clone())));
 
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.
     let (conn_tx, conn_rx) = mpsc::channel(64);
