@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use chacha20::ChaCha20Rng;
-use cohort_protocols::model::{DataSchema, SchemaError, stats};
+use cohort_protocols::model::{DataSchema, SchemaError, Task, stats};
 use rand_core::{Rng, SeedableRng};
 use thiserror::Error;
 
@@ -27,11 +27,12 @@ pub enum DataError {
     BadFraction(f64),
 }
 
-/// Encoded rows: features may be missing (None) until imputation.
+/// Encoded rows: features may be missing (None) until imputation. Labels are training
+/// targets (0/1, a class index, or the regression label in its own units).
 #[derive(Debug, Clone, Default)]
 pub struct Rows {
     pub features: Vec<Vec<Option<f64>>>,
-    pub labels: Vec<f32>,
+    pub labels: Vec<f64>,
 }
 
 impl Rows {
@@ -43,7 +44,7 @@ impl Rows {
         self.labels.is_empty()
     }
 
-    fn push(&mut self, f: Vec<Option<f64>>, y: f32) {
+    fn push(&mut self, f: Vec<Option<f64>>, y: f64) {
         self.features.push(f);
         self.labels.push(y);
     }
@@ -66,6 +67,8 @@ impl Rows {
 #[derive(Debug, Clone)]
 pub struct SiteData {
     pub inputs: usize,
+    /// The schema's task: how labels were encoded, and how the model is trained and judged.
+    pub task: Task,
     pub train: Rows,
     pub test: Rows,
     /// Rows dropped for missing values (reported in the agent's log only).
@@ -118,9 +121,10 @@ pub struct ToScore {
 pub fn rows_to_score(schema: &DataSchema, path: &Path) -> Result<ToScore, DataError> {
     let name = path.display().to_string();
     let (mut header, mut raw) = read_csv(path)?;
-    let labelled = header.contains(&schema.label.column);
+    let label = schema.task.label().to_string();
+    let labelled = header.contains(&label);
     if !labelled {
-        header.push(schema.label.column.clone());
+        header.push(label);
         for r in &mut raw {
             r.push(Some(0.0));
         }
@@ -220,6 +224,7 @@ impl SiteData {
             }
             return Ok(SiteData {
                 inputs,
+                task: schema.task.clone(),
                 train: all,
                 test,
                 dropped_rows: dropped_rows + dropped_test,
@@ -228,21 +233,47 @@ impl SiteData {
         if !(test_fraction > 0.0 && test_fraction < 1.0) {
             return Err(DataError::BadFraction(test_fraction));
         }
-        let (train, test) = stratified_split(&all, test_fraction, seed);
+        let (train, test) = stratified_split(&all, test_fraction, seed, schema.task.classes() > 0);
         Ok(SiteData {
             inputs,
+            task: schema.task.clone(),
             train,
             test,
             dropped_rows,
         })
     }
 
-    /// Per input: [non-missing count, Σx, Σx²] over the training rows, as fixed-point integers
-    /// in Z/2^64 ready for secure summation (layout in [`stats`]). Element 0 is the row count.
+    /// Columns of the federated statistics: the model inputs, then the label when the task
+    /// standardises it.
+    pub fn stats_columns(&self) -> usize {
+        self.inputs + usize::from(self.task.standardises_label())
+    }
+
+    /// The training rows as the statistics see them: the features, then the label when the
+    /// task standardises it.
+    pub fn stats_rows(&self) -> Vec<Vec<Option<f64>>> {
+        let label = self.task.standardises_label();
+        self.train
+            .features
+            .iter()
+            .zip(&self.train.labels)
+            .map(|(row, y)| {
+                let mut r = row.clone();
+                if label {
+                    r.push(Some(*y));
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// Per statistics column ([`SiteData::stats_columns`]): [non-missing count, Σx, Σx²] over
+    /// the training rows, as fixed-point integers in Z/2^64 ready for secure summation
+    /// (layout in [`stats`]). Element 0 is the row count.
     pub fn stats_vector(&self) -> Vec<u64> {
-        let mut v = vec![0u64; 1 + 3 * self.inputs];
+        let mut v = vec![0u64; stats::vector_len(self.stats_columns())];
         v[0] = self.train.len() as u64;
-        for row in &self.train.features {
+        for row in self.stats_rows() {
             for (j, x) in row.iter().enumerate() {
                 if let Some(x) = x {
                     v[1 + 3 * j] += 1;
@@ -255,11 +286,24 @@ impl SiteData {
     }
 }
 
-fn stratified_split(all: &Rows, test_fraction: f64, seed: u64) -> (Rows, Rows) {
+/// A split that keeps each class's share in both halves (classification), or a plain random
+/// split (regression). Classes are taken in ascending order and an absent class draws
+/// nothing from the generator, so a binary split is the same as before other tasks existed.
+fn stratified_split(all: &Rows, test_fraction: f64, seed: u64, by_class: bool) -> (Rows, Rows) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let (mut train, mut test) = (Rows::default(), Rows::default());
-    for class in [0.0f32, 1.0] {
-        let mut idx: Vec<usize> = (0..all.len()).filter(|&i| all.labels[i] == class).collect();
+    let strata: Vec<Option<f64>> = if by_class {
+        let mut c: Vec<f64> = all.labels.clone();
+        c.sort_by(f64::total_cmp);
+        c.dedup();
+        c.into_iter().map(Some).collect()
+    } else {
+        vec![None]
+    };
+    for class in strata {
+        let mut idx: Vec<usize> = (0..all.len())
+            .filter(|&i| class.is_none_or(|c| all.labels[i] == c))
+            .collect();
         for i in (1..idx.len()).rev() {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             idx.swap(i, j);
@@ -366,6 +410,38 @@ mod tests {
         let original = SiteData::load(&schema(), &heart("cleveland"), None, 0.34, 1).expect("load");
         assert_eq!(local.train.features, original.train.features);
         assert_eq!(local.test.labels, original.test.labels);
+    }
+
+    #[test]
+    fn tasks_encode_their_labels_and_a_standardised_label_joins_the_statistics() {
+        let multi: DataSchema = toml::from_str(
+            "drop = [\"slope\", \"ca\", \"thal\"]\n[task]\nkind = \"multiclass\"\nlabel = \"num\"\nclasses = [0, 1, 2, 3, 4]",
+        )
+        .expect("schema");
+        let d = SiteData::load(&multi, &heart("cleveland"), None, 0.34, 42).expect("load");
+        // Stratified per class: every one of Cleveland's five classes is in the test split.
+        for class in 0..5 {
+            assert!(d.test.labels.contains(&(class as f64)), "class {class}");
+        }
+        assert_eq!(d.stats_columns(), d.inputs);
+        let regression: DataSchema = toml::from_str(
+            "drop = [\"slope\", \"ca\", \"thal\", \"num\"]\n[task]\nkind = \"regression\"\nlabel = \"thalach\"",
+        )
+        .expect("schema");
+        // VA misses thalach in 53 rows: they are dropped, not an error.
+        let va = SiteData::load(&regression, &heart("va"), None, 0.34, 42).expect("load");
+        assert!(va.train.len() + va.test.len() <= 200 - 53);
+        assert_eq!(va.stats_columns(), va.inputs + 1);
+        let (mean, std) = stats::from_sum(&va.stats_vector(), va.stats_columns());
+        let ys = &va.train.labels;
+        let m = ys.iter().sum::<f64>() / ys.len() as f64;
+        let sd = (ys.iter().map(|y| (y - m).powi(2)).sum::<f64>() / ys.len() as f64).sqrt();
+        assert!(
+            (mean[va.inputs] - m).abs() < 1e-3,
+            "{} vs {m}",
+            mean[va.inputs]
+        );
+        assert!((std[va.inputs] - sd).abs() < 1e-3);
     }
 
     #[test]

@@ -117,7 +117,6 @@ fn predict(
     csv: &std::path::Path,
     out: Option<&std::path::Path>,
 ) -> ExitCode {
-    use std::fmt::Write;
     let scored = cohort_agent::predict::ExportedModel::read(model)
         .and_then(|m| m.score(csv).map(|s| (m, s)));
     let (m, scored) = match scored {
@@ -127,19 +126,7 @@ fn predict(
             return ExitCode::from(1);
         }
     };
-    let mut text = String::from("line,probability,prediction");
-    let labelled = scored.evaluation.is_some();
-    if labelled {
-        text.push_str(",label");
-    }
-    text.push('\n');
-    for (line, p, y) in &scored.rows {
-        let _ = write!(text, "{line},{p:.6},{}", u8::from(*p >= 0.5));
-        if let Some(y) = y {
-            let _ = write!(text, ",{}", *y as u8);
-        }
-        text.push('\n');
-    }
+    let text = predictions_csv(&m, &scored);
     let written = match out {
         Some(path) => {
             std::fs::write(path, &text).map_err(|e| format!("writing {}: {e}", path.display()))
@@ -169,10 +156,66 @@ fn predict(
         }
     );
     if let Some(e) = scored.evaluation {
+        let metrics = serde_json::to_string(&e.metrics()).unwrap_or_default();
         eprintln!(
-            "accuracy {:.4}, AUC {:.4}, loss {:.4} on {} labelled rows",
-            e.accuracy, e.auc, e.loss, e.examples
+            "on {} labelled rows: loss {:.4}, metrics {metrics}",
+            e.examples, e.loss
         );
     }
     ExitCode::SUCCESS
+}
+
+/// The predictions as CSV. Binary: `line,probability,prediction[,label]` (0/1);
+/// multiclass: `line,prediction,p_<class>…[,label]` with class names; regression:
+/// `line,prediction[,label]` in the label's units.
+fn predictions_csv(
+    m: &cohort_agent::predict::ExportedModel,
+    scored: &cohort_agent::predict::Scored,
+) -> String {
+    use cohort_protocols::model::Task;
+    use std::fmt::Write;
+    let labelled = scored.evaluation.is_some();
+    let names = m.schema.task.class_names();
+    let class = |i: f64| names.get(i as usize).cloned().unwrap_or_default();
+    let mut text = match &m.schema.task {
+        Task::Binary { .. } => String::from("line,probability,prediction"),
+        Task::Multiclass { .. } => {
+            let mut h = String::from("line,prediction");
+            for n in &names {
+                let _ = write!(h, ",p_{n}");
+            }
+            h
+        }
+        Task::Regression { .. } => String::from("line,prediction"),
+    };
+    if labelled {
+        text.push_str(",label");
+    }
+    text.push('\n');
+    for r in &scored.rows {
+        let _ = match &m.schema.task {
+            Task::Binary { .. } => write!(
+                text,
+                "{},{:.6},{}",
+                r.line,
+                r.probabilities.first().copied().unwrap_or(f32::NAN),
+                r.prediction
+            ),
+            Task::Multiclass { .. } => {
+                let _ = write!(text, "{},{}", r.line, class(r.prediction));
+                r.probabilities
+                    .iter()
+                    .try_for_each(|p| write!(text, ",{p:.6}"))
+            }
+            Task::Regression { .. } => write!(text, "{},{}", r.line, r.prediction),
+        };
+        if let Some(y) = r.label {
+            let _ = match &m.schema.task {
+                Task::Multiclass { .. } => write!(text, ",{}", class(y)),
+                _ => write!(text, ",{y}"),
+            };
+        }
+        text.push('\n');
+    }
+    text
 }

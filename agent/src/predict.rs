@@ -11,7 +11,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use crate::data::rows_to_score;
-use crate::train;
+use crate::train::{self, Objective};
 
 /// A model read back from an exported file.
 #[derive(Debug, Clone)]
@@ -22,16 +22,30 @@ pub struct ExportedModel {
     pub inputs: Vec<String>,
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
+    /// The regression label's federated (mean, std) when the task standardises it.
+    pub label_scaling: Option<(f64, f64)>,
     pub round: String,
+}
+
+/// One scored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredRow {
+    /// The file line (the header is line 1).
+    pub line: usize,
+    /// The class index (classification) or the predicted value in the label's units.
+    pub prediction: f64,
+    /// Binary: the positive class's probability; multiclass: every class's.
+    pub probabilities: Vec<f32>,
+    /// The row's training target when the file has the label column (class index or value).
+    pub label: Option<f64>,
 }
 
 /// Scores of one CSV.
 #[derive(Debug, Clone)]
 pub struct Scored {
-    /// (file line, probability of the positive class, label if the file has one).
-    pub rows: Vec<(usize, f32, Option<f32>)>,
+    pub rows: Vec<ScoredRow>,
     pub dropped: Vec<usize>,
-    /// Accuracy at threshold 0.5, AUC and loss, when the file has the label column.
+    /// The task's metrics and loss, when the file has the label column.
     pub evaluation: Option<train::Evaluation>,
 }
 
@@ -105,6 +119,38 @@ impl ExportedModel {
                 spec.inputs
             );
         }
+        let label_scaling = if schema.task.standardises_label() {
+            let t = st.tensor("preprocess.label").map_err(|_| {
+                anyhow!(
+                    "{}: the task standardises its label but tensor preprocess.label (mean, std) is missing",
+                    path.display()
+                )
+            })?;
+            let v: Vec<f64> = t
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect();
+            match (t.dtype(), v.as_slice()) {
+                (Dtype::F64, [m, s]) if m.is_finite() && s.is_finite() && *s > 0.0 => {
+                    Some((*m, *s))
+                }
+                _ => bail!(
+                    "{}: tensor preprocess.label must be float64 [mean, std] with std > 0",
+                    path.display()
+                ),
+            }
+        } else {
+            None
+        };
+        if spec.outputs != schema.task.outputs() {
+            bail!(
+                "{}: the model has {} outputs, its task needs {}",
+                path.display(),
+                spec.outputs,
+                schema.task.outputs()
+            );
+        }
         Ok(ExportedModel {
             spec,
             params,
@@ -112,8 +158,14 @@ impl ExportedModel {
             inputs,
             mean,
             std,
+            label_scaling,
             round: meta.get("cohort.round").cloned().unwrap_or_default(),
         })
+    }
+
+    /// How the outputs are read: the task, with the label's scaling.
+    pub fn objective(&self) -> Objective {
+        Objective::new(&self.schema.task, self.label_scaling)
     }
 
     /// Scores every usable row of `csv`.
@@ -127,10 +179,12 @@ impl ExportedModel {
             );
         }
         let x = data.rows.standardised(&self.mean, &self.std);
-        let probs = train::probabilities(&self.spec, &self.params, &x)?;
+        let objective = self.objective();
+        let outputs = train::outputs(&self.spec, &self.params, &x)?;
         let evaluation = if data.labelled {
             Some(train::evaluate(
                 &self.spec,
+                &objective,
                 &self.params,
                 &x,
                 &data.rows.labels,
@@ -138,13 +192,26 @@ impl ExportedModel {
         } else {
             None
         };
+        let multiclass = matches!(objective, Objective::Multiclass { .. });
         Ok(Scored {
             rows: data
                 .lines
                 .iter()
-                .zip(probs)
+                .zip(outputs.chunks(self.spec.outputs.max(1)))
                 .zip(&data.rows.labels)
-                .map(|((line, p), y)| (*line, p, data.labelled.then_some(*y)))
+                .map(|((line, out), y)| {
+                    let (prediction, p) = objective.read(out);
+                    ScoredRow {
+                        line: *line,
+                        prediction,
+                        probabilities: if multiclass {
+                            Objective::probabilities(out)
+                        } else {
+                            p.into_iter().collect()
+                        },
+                        label: data.labelled.then_some(*y),
+                    }
+                })
                 .collect(),
             dropped: data.dropped,
             evaluation,

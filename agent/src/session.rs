@@ -12,8 +12,8 @@ use bytes::Bytes;
 use chacha20::ChaCha20Rng;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
-    AgentMessage, Chunk, Decline, EvalReport, Join, RoundStart, SchemaRequest, Task, agent_message,
-    coordinator_message,
+    AgentMessage, Chunk, Decline, EvalReport, Join, Residuals, RoundStart, SchemaRequest, Task,
+    agent_message, coordinator_message,
 };
 use cohort_protocols::identity::{COORDINATOR_COMMON_NAME, CaVerifier};
 use cohort_protocols::model::{self, DataSchema, ModelSpec};
@@ -413,8 +413,8 @@ async fn session(
         coordinator_key: None,
         crl: Vec::new(),
         round: None,
-        mean: vec![0.0; data.inputs()],
-        std: vec![1.0; data.inputs()],
+        mean: vec![0.0; data.stats_columns()],
+        std: vec![1.0; data.stats_columns()],
         trained: trained_tx,
         fired,
     };
@@ -497,6 +497,7 @@ impl Session<'_> {
             kind,
             inputs: self.data.inputs(),
             hidden,
+            outputs: self.data.outputs(),
         };
         if spec.num_params() != params {
             bail!(
@@ -565,8 +566,8 @@ impl Session<'_> {
     }
 
     async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
-        if start.feature_mean.len() == self.data.inputs()
-            && start.feature_std.len() == self.data.inputs()
+        if start.feature_mean.len() == self.data.stats_columns()
+            && start.feature_std.len() == self.data.stats_columns()
             && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
             && start.feature_mean.iter().all(|m| m.is_finite())
         {
@@ -662,12 +663,21 @@ impl Session<'_> {
                 })
                 .await?
                 .map_err(|e| anyhow!("evaluation failed: {e}"))?;
+                let metrics = eval.metrics();
                 self.send(agent_message::Kind::Eval(EvalReport {
                     round: start.round,
                     examples: eval.examples as u64,
                     loss: eval.loss,
-                    accuracy: eval.accuracy,
+                    accuracy: metrics.accuracy,
                     auc: eval.auc,
+                    confusion: eval.tally.confusion.clone(),
+                    residuals: eval.tally.residuals.map(|r| Residuals {
+                        n: r.n,
+                        sse: r.sse,
+                        sae: r.sae,
+                        sum_y: r.sum_y,
+                        sum_y2: r.sum_y2,
+                    }),
                 }))
                 .await?;
             }

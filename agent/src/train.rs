@@ -11,9 +11,10 @@ use burn::nn::Linear;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
+use burn::tensor::activation::{log_sigmoid, log_softmax, relu};
 use chacha20::ChaCha20Rng;
-use cohort_protocols::model::{ModelSpec, OptimizerKind, TrainingConfig};
+use cohort_protocols::model::metrics::{self, Metrics, Tally};
+use cohort_protocols::model::{ModelSpec, OptimizerKind, RegressionLoss, Task, TrainingConfig};
 use rand_core::{Rng, SeedableRng};
 use thiserror::Error;
 
@@ -79,7 +80,7 @@ impl Net {
         Ok(out)
     }
 
-    /// Logits, shape `[batch, 1]`.
+    /// Outputs (logits, or the regression value before un-standardising), `[batch, outputs]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
         self.layers.iter().enumerate().fold(x, |h, (i, layer)| {
@@ -95,21 +96,138 @@ fn values(data: TensorData) -> Result<Vec<f32>, TrainError> {
         .map_err(|e| TrainError::Data(format!("{e:?}")))
 }
 
-/// Mean binary cross-entropy on logits, in the numerically stable form
-/// −[y·log σ(z) + (1 − y)·log σ(−z)].
-fn bce_with_logits(logits: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
-    let pos = log_sigmoid(logits.clone()) * y.clone();
-    let neg = log_sigmoid(logits.neg()) * (y.neg() + 1.0);
-    (pos + neg).neg().mean()
+/// How the network's outputs are trained and read: the schema's task, with the label's
+/// federated mean and standard deviation when the task standardises it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Objective {
+    /// One logit; sigmoid and binary cross-entropy.
+    Binary,
+    /// One logit per class; softmax and cross-entropy, each example weighted by its class.
+    Multiclass { weights: Vec<f32> },
+    /// One output, trained on (y − mean) / std with squared error; predictions are
+    /// output · std + mean, in the label's units.
+    Squared { mean: f64, std: f64 },
+    /// One output, the log of the rate; Poisson negative log-likelihood exp(z) − y·z.
+    Poisson,
+}
+
+impl Objective {
+    /// The objective for `task`; `label_stats` is the label's (mean, std) when the task
+    /// standardises it.
+    pub fn new(task: &Task, label_stats: Option<(f64, f64)>) -> Self {
+        match task {
+            Task::Binary { .. } => Objective::Binary,
+            Task::Multiclass {
+                classes,
+                class_weights,
+                ..
+            } => Objective::Multiclass {
+                weights: if class_weights.is_empty() {
+                    vec![1.0; classes.len()]
+                } else {
+                    class_weights.iter().map(|w| *w as f32).collect()
+                },
+            },
+            Task::Regression {
+                loss: RegressionLoss::Poisson,
+                ..
+            } => Objective::Poisson,
+            Task::Regression { standardise, .. } => {
+                let (mean, std) = label_stats.filter(|_| *standardise).unwrap_or((0.0, 1.0));
+                Objective::Squared { mean, std }
+            }
+        }
+    }
+
+    /// The objective for `task` with the statistics a round carries: the label's are the
+    /// entry after the model inputs when the task standardises it.
+    pub fn with_stats(task: &Task, inputs: usize, mean: &[f64], std: &[f64]) -> Self {
+        let label = task
+            .standardises_label()
+            .then(|| Some((*mean.get(inputs)?, *std.get(inputs)?)))
+            .flatten();
+        Objective::new(task, label)
+    }
+
+    fn classes(&self) -> usize {
+        match self {
+            Objective::Binary => 2,
+            Objective::Multiclass { weights } => weights.len(),
+            _ => 0,
+        }
+    }
+
+    /// Mean loss of `out` (`[batch, outputs]`) against the targets `y`.
+    fn loss(&self, out: Tensor<2>, y: &[f64], device: &Device) -> Tensor<1> {
+        let b = y.len();
+        let column = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, 1]), device);
+        match self {
+            Objective::Binary => {
+                let y = column(y.iter().map(|v| *v as f32).collect());
+                let pos = log_sigmoid(out.clone()) * y.clone();
+                let neg = log_sigmoid(out.neg()) * (y.neg() + 1.0);
+                (pos + neg).neg().mean()
+            }
+            Objective::Multiclass { weights } => {
+                let k = weights.len();
+                let mut target = vec![0f32; b * k];
+                let mut total = 0f32;
+                for (i, c) in y.iter().enumerate() {
+                    let c = (*c as usize).min(k - 1);
+                    target[i * k + c] = weights[c];
+                    total += weights[c];
+                }
+                let t = Tensor::<2>::from_data(TensorData::new(target, [b, k]), device);
+                (log_softmax(out, 1) * t).sum().neg() / total.max(f32::MIN_POSITIVE)
+            }
+            Objective::Squared { mean, std } => {
+                let z = column(y.iter().map(|v| ((v - mean) / std) as f32).collect());
+                (out - z).powi_scalar(2).mean()
+            }
+            Objective::Poisson => {
+                let y = column(y.iter().map(|v| *v as f32).collect());
+                (out.clone().exp() - out * y).mean()
+            }
+        }
+    }
+
+    /// What one row's outputs predict: the class index (classification) or the label's value
+    /// in its units (regression), with the positive class's probability for a binary task.
+    pub fn read(&self, out: &[f32]) -> (f64, Option<f32>) {
+        match self {
+            Objective::Binary => {
+                let p = 1.0 / (1.0 + (-out[0]).exp());
+                (if p >= 0.5 { 1.0 } else { 0.0 }, Some(p))
+            }
+            Objective::Multiclass { .. } => {
+                let best = out
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
+                (best as f64, None)
+            }
+            Objective::Squared { mean, std } => (out[0] as f64 * std + mean, None),
+            Objective::Poisson => ((out[0] as f64).exp(), None),
+        }
+    }
+
+    /// Class probabilities of a multiclass row (softmax of its logits).
+    pub fn probabilities(out: &[f32]) -> Vec<f32> {
+        let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = out.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
 }
 
 fn batch(
     x: &[f32],
-    y: &[f32],
+    y: &[f64],
     idx: &[usize],
     inputs: usize,
     device: &Device,
-) -> (Tensor<2>, Tensor<2>) {
+) -> (Tensor<2>, Vec<f64>) {
     let mut xb = Vec::with_capacity(idx.len() * inputs);
     let mut yb = Vec::with_capacity(idx.len());
     for &i in idx {
@@ -118,7 +236,7 @@ fn batch(
     }
     (
         Tensor::from_data(TensorData::new(xb, [idx.len(), inputs]), device),
-        Tensor::from_data(TensorData::new(yb, [idx.len(), 1]), device),
+        yb,
     )
 }
 
@@ -126,6 +244,7 @@ fn batch(
 /// `x` is the standardised training matrix (row-major), `seed` orders the batches.
 pub fn train(
     spec: &ModelSpec,
+    objective: &Objective,
     global: &[f32],
     x: &[f32],
     rows: &Rows,
@@ -155,7 +274,7 @@ pub fn train(
         let idx = &order[cursor..cursor + batch_size];
         cursor += batch_size;
         let (xb, yb) = batch(x, &rows.labels, idx, spec.inputs, &device);
-        let mut loss = bce_with_logits(model.forward(xb), yb);
+        let mut loss = objective.loss(model.forward(xb), &yb, &device);
         if cfg.fedprox_mu > 0.0 {
             loss = loss + proximal(&model, &anchor) * (cfg.fedprox_mu / 2.0);
         }
@@ -202,20 +321,42 @@ fn proximal(model: &Net, anchor: &[Tensor<1>]) -> Tensor<1> {
 }
 
 /// What an agent reports about a model on its test split.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     pub examples: usize,
+    /// The training objective's mean loss.
     pub loss: f64,
-    pub accuracy: f64,
-    pub auc: f64,
+    /// Binary tasks whose split holds both classes.
+    pub auc: Option<f64>,
+    pub tally: Tally,
 }
 
-/// Loss, accuracy (threshold 0.5) and ROC AUC of `params` on standardised `x`.
+impl Evaluation {
+    pub fn metrics(&self) -> Metrics {
+        self.tally.metrics(self.auc)
+    }
+}
+
+/// The network's raw outputs for each row of standardised `x`, row-major `[n, outputs]`.
+pub fn outputs(spec: &ModelSpec, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
+    let n = x.len() / spec.inputs.max(1);
+    if n == 0 {
+        return Err(TrainError::NoData);
+    }
+    let device = Device::flex();
+    let model = Net::from_flat(spec, params, &device)?;
+    let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
+    values(model.forward(xt).into_data())
+}
+
+/// Loss, the metrics' tally and (binary) ROC AUC of `params` on standardised `x`; `labels`
+/// are the rows' training targets.
 pub fn evaluate(
     spec: &ModelSpec,
+    objective: &Objective,
     params: &[f32],
     x: &[f32],
-    labels: &[f32],
+    labels: &[f64],
 ) -> Result<Evaluation, TrainError> {
     let n = labels.len();
     if n == 0 {
@@ -224,60 +365,38 @@ pub fn evaluate(
     let device = Device::flex();
     let model = Net::from_flat(spec, params, &device)?;
     let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
-    let yt = Tensor::from_data(TensorData::new(labels.to_vec(), [n, 1]), &device);
-    let logits = model.forward(xt);
-    let loss = values(bce_with_logits(logits.clone(), yt).into_data())?[0] as f64;
-    let probs = values(sigmoid(logits).into_data())?;
-    let correct = probs
-        .iter()
-        .zip(labels)
-        .filter(|(p, y)| (**p >= 0.5) == (**y >= 0.5))
-        .count();
+    let out = model.forward(xt);
+    let loss = values(objective.loss(out.clone(), labels, &device).into_data())?[0] as f64;
+    let out = values(out.into_data())?;
+    let width = spec.outputs.max(1);
+    let classes = objective.classes();
+    let mut tally = if classes > 0 {
+        Tally::classification(classes)
+    } else {
+        Tally::regression()
+    };
+    let mut scores = Vec::new();
+    for (row, y) in out.chunks(width).zip(labels) {
+        let (predicted, score) = objective.read(row);
+        if classes > 0 {
+            tally.count(*y as usize, predicted as usize);
+        } else {
+            tally.residual(*y, predicted);
+        }
+        scores.extend(score);
+    }
+    let auc = (scores.len() == n)
+        .then(|| {
+            let positive: Vec<bool> = labels.iter().map(|y| *y >= 0.5).collect();
+            metrics::auc(&scores, &positive)
+        })
+        .flatten();
     Ok(Evaluation {
         examples: n,
         loss,
-        accuracy: correct as f64 / n as f64,
-        auc: auc(&probs, labels),
+        auc,
+        tally,
     })
-}
-
-/// The model's probability of the positive class for each row of standardised `x`.
-pub fn probabilities(spec: &ModelSpec, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
-    let n = x.len() / spec.inputs.max(1);
-    if n == 0 {
-        return Err(TrainError::NoData);
-    }
-    let device = Device::flex();
-    let model = Net::from_flat(spec, params, &device)?;
-    let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
-    values(sigmoid(model.forward(xt)).into_data())
-}
-
-/// ROC AUC as the Mann–Whitney statistic (ties count one half). 0.5 when one class is absent.
-pub fn auc(scores: &[f32], labels: &[f32]) -> f64 {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (mut rank_sum, mut pos) = (0.0, 0.0);
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            if labels[k] >= 0.5 {
-                rank_sum += avg_rank;
-                pos += 1.0;
-            }
-        }
-        i = j + 1;
-    }
-    let neg = scores.len() as f64 - pos;
-    if pos == 0.0 || neg == 0.0 {
-        return 0.5;
-    }
-    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }
 
 #[cfg(test)]
@@ -291,6 +410,7 @@ mod tests {
             kind: ModelKind::Mlp,
             inputs: 5,
             hidden: vec![4, 3],
+            outputs: 3,
         };
         let params = spec.init(3);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("build");
@@ -298,49 +418,127 @@ mod tests {
         assert!(Net::from_flat(&spec, &params[1..], &Device::flex()).is_err());
     }
 
-    #[test]
-    fn auc_matches_hand_computed_values() {
-        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[0.0, 0.0, 1.0, 1.0]), 0.75);
-        assert_eq!(auc(&[0.1, 0.2], &[1.0, 1.0]), 0.5);
-        assert_eq!(auc(&[0.5, 0.5], &[0.0, 1.0]), 0.5);
+    fn cfg(steps: usize) -> TrainingConfig {
+        TrainingConfig {
+            optimizer: OptimizerKind::Adam,
+            learning_rate: 0.05,
+            batch_size: 8,
+            local_steps: steps,
+            fedprox_mu: 0.0,
+            hidden: vec![],
+        }
+    }
+
+    /// 60 points on a line in 2-D, labelled by `label(a)`.
+    fn line(label: impl Fn(f32) -> f64) -> (Vec<f32>, Rows) {
+        let mut rows = Rows::default();
+        let mut x = Vec::new();
+        for i in 0..60 {
+            let a = (i as f32 / 30.0) - 1.0;
+            x.extend([a, 0.3]);
+            rows.features.push(vec![Some(a as f64), Some(0.3)]);
+            rows.labels.push(label(a));
+        }
+        (x, rows)
+    }
+
+    fn logreg(outputs: usize) -> ModelSpec {
+        ModelSpec {
+            kind: ModelKind::Logreg,
+            inputs: 2,
+            hidden: vec![],
+            outputs,
+        }
     }
 
     #[test]
     fn training_separates_a_linearly_separable_set() {
-        let spec = ModelSpec {
-            kind: ModelKind::Logreg,
-            inputs: 2,
-            hidden: vec![],
-        };
-        let mut rows = Rows::default();
-        let mut x = Vec::new();
-        for i in 0..40 {
-            let a = (i as f32 / 20.0) - 1.0;
-            x.extend([a, 0.3]);
-            rows.features.push(vec![Some(a as f64), Some(0.3)]);
-            rows.labels.push(if a > 0.0 { 1.0 } else { 0.0 });
-        }
-        let cfg = TrainingConfig {
-            optimizer: OptimizerKind::Adam,
-            learning_rate: 0.05,
-            batch_size: 8,
-            local_steps: 200,
-            fedprox_mu: 0.0,
-            hidden: vec![],
-        };
-        let before = evaluate(&spec, &spec.init(0), &x, &rows.labels).expect("eval");
-        let trained = train(&spec, &spec.init(0), &x, &rows, &cfg, 1).expect("train");
-        let after = evaluate(&spec, &trained, &x, &rows.labels).expect("eval");
+        let spec = logreg(1);
+        let (x, rows) = line(|a| if a > 0.0 { 1.0 } else { 0.0 });
+        let o = Objective::Binary;
+        let before = evaluate(&spec, &o, &spec.init(0), &x, &rows.labels).expect("eval");
+        let trained = train(&spec, &o, &spec.init(0), &x, &rows, &cfg(200), 1).expect("train");
+        let after = evaluate(&spec, &o, &trained, &x, &rows.labels).expect("eval");
         assert!(after.loss < before.loss * 0.5, "{before:?} -> {after:?}");
-        assert!(after.accuracy >= 0.95, "{after:?}");
+        let m = after.metrics();
+        assert!(m.accuracy.unwrap_or(0.0) >= 0.95, "{m:?}");
+        assert!(m.auc.unwrap_or(0.0) >= 0.99, "{m:?}");
+        assert!(m.f1.unwrap_or(0.0) >= 0.95, "{m:?}");
         // FedProx with a huge μ keeps the model near the global one
         let prox = TrainingConfig {
             fedprox_mu: 1000.0,
             optimizer: OptimizerKind::Sgd,
             learning_rate: 0.0001,
-            ..cfg
+            ..cfg(200)
         };
-        let held = train(&spec, &spec.init(0), &x, &rows, &prox, 1).expect("train");
+        let held = train(&spec, &o, &spec.init(0), &x, &rows, &prox, 1).expect("train");
         assert!(held.iter().all(|v| v.abs() < 0.1), "{held:?}");
+    }
+
+    #[test]
+    fn softmax_training_learns_three_ordered_classes() {
+        let spec = logreg(3);
+        let (x, rows) = line(|a| {
+            if a < -0.35 {
+                0.0
+            } else if a < 0.35 {
+                1.0
+            } else {
+                2.0
+            }
+        });
+        let o = Objective::Multiclass {
+            weights: vec![1.0; 3],
+        };
+        let trained = train(&spec, &o, &spec.init(0), &x, &rows, &cfg(600), 1).expect("train");
+        let e = evaluate(&spec, &o, &trained, &x, &rows.labels).expect("eval");
+        let m = e.metrics();
+        assert_eq!(e.tally.confusion.len(), 9);
+        assert!(m.accuracy.unwrap_or(0.0) >= 0.85, "{m:?}");
+        assert_eq!(m.per_class_recall.len(), 3);
+        assert_eq!(m.auc, None);
+        // A weight on class 2 makes the model predict it more often.
+        let heavy = Objective::Multiclass {
+            weights: vec![1.0, 1.0, 20.0],
+        };
+        let tilted = train(&spec, &heavy, &spec.init(0), &x, &rows, &cfg(600), 1).expect("train");
+        let t = evaluate(&spec, &o, &tilted, &x, &rows.labels).expect("eval");
+        let predicted_2 =
+            |e: &Evaluation| (0..3).map(|r| e.tally.confusion[r * 3 + 2]).sum::<u64>();
+        assert!(
+            predicted_2(&t) > predicted_2(&e),
+            "{:?} vs {:?}",
+            t.tally,
+            e.tally
+        );
+    }
+
+    #[test]
+    fn regression_reports_errors_in_the_label_units() {
+        let spec = logreg(1);
+        // y = 150 + 20 a: the model sees it standardised, the metrics in the original units.
+        let (x, rows) = line(|a| 150.0 + 20.0 * a as f64);
+        let n = rows.len() as f64;
+        let mean = rows.labels.iter().sum::<f64>() / n;
+        let std = (rows.labels.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let o = Objective::Squared { mean, std };
+        let before = evaluate(&spec, &o, &spec.init(0), &x, &rows.labels).expect("eval");
+        // The zero model predicts the mean: its RMSE is the label's standard deviation.
+        let b = before.metrics();
+        assert!((b.rmse.unwrap_or(0.0) - std).abs() < 1e-3, "{b:?} vs {std}");
+        let trained = train(&spec, &o, &spec.init(0), &x, &rows, &cfg(400), 1).expect("train");
+        let m = evaluate(&spec, &o, &trained, &x, &rows.labels)
+            .expect("eval")
+            .metrics();
+        assert!(m.rmse.unwrap_or(f64::MAX) < 1.0, "{m:?}");
+        assert!(m.r2.unwrap_or(0.0) > 0.99, "{m:?}");
+        // Poisson: counts exp(1 + a); the model learns the log-rate.
+        let (x, rows) = line(|a| (1.0 + a as f64).exp().round());
+        let p = Objective::Poisson;
+        let trained = train(&spec, &p, &spec.init(0), &x, &rows, &cfg(600), 1).expect("train");
+        let m = evaluate(&spec, &p, &trained, &x, &rows.labels)
+            .expect("eval")
+            .metrics();
+        assert!(m.r2.unwrap_or(0.0) > 0.9, "{m:?}");
     }
 }

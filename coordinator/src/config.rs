@@ -268,6 +268,10 @@ pub struct ModelConfig {
     /// but the first of a categorical one), and a value that disagrees is an error.
     #[serde(default)]
     pub inputs: usize,
+    /// The output layer's width: not a key, the schema's task decides it (set when the
+    /// configuration is loaded).
+    #[serde(skip)]
+    pub outputs: usize,
 }
 
 impl ModelConfig {
@@ -276,6 +280,7 @@ impl ModelConfig {
             kind: self.kind,
             inputs: self.inputs,
             hidden: self.hidden.clone(),
+            outputs: self.outputs.max(1),
         }
     }
 }
@@ -335,6 +340,7 @@ impl CoordinatorConfig {
 
     /// Sets `model.inputs` from the schema's listed features, or checks it against them.
     fn derive_inputs(&mut self) -> Result<(), ConfigError> {
+        self.model.outputs = self.schema.task.outputs();
         match self.schema.declared_inputs() {
             Some(Ok(names)) => {
                 if self.model.inputs == 0 {

@@ -6,9 +6,12 @@
 //! standardised with. The file therefore holds, besides the weights in PyTorch's layout
 //! (`nn.Sequential` names, `[d_out, d_in]` weights):
 //!
-//! - tensors `preprocess.mean` and `preprocess.std` (float64, one per model input);
+//! - tensors `preprocess.mean` and `preprocess.std` (float64, one per model input), and for a
+//!   regression task that standardises its label `preprocess.label` (float64 [mean, std]);
 //! - metadata `cohort.inputs` (the inputs' names in order, one-hot inputs as `column=level`),
-//!   `cohort.schema` (the data schema as JSON), `cohort.model_spec`, the round, the SHA3-512
+//!   `cohort.schema` (the data schema as JSON), `cohort.task` (kind, label column, classes,
+//!   loss), `cohort.class_names`, `cohort.preprocessing` (the recipe in words),
+//!   `cohort.model_spec` (with the output width), the round, the SHA3-512
 //!   of Cohort's flat parameter vector and the coordinator's signature of it.
 //!
 //! It reads the data directory without sled — the round journal for what was committed and
@@ -33,6 +36,35 @@ pub struct Exported {
     pub round: u64,
     pub sha3_512: String,
     pub tensors: usize,
+}
+
+/// How to use the file, in words, for the task: what goes in and what comes out.
+fn preprocessing(task: &model::Task) -> String {
+    let input = "input = (value - preprocess.mean) / preprocess.std, in float64, in the order of \
+         cohort.inputs; a categorical column becomes one input per level but the first \
+         (1 when the value equals the level, else 0); a missing value becomes 0 after \
+         standardisation (schema missing = impute_mean) or drops the row (drop_row); \
+         output = model(input), layers in order with ReLU between them";
+    let output = match task {
+        model::Task::Binary { greater_than, .. } => format!(
+            "probability = sigmoid(output[0]); the positive class is label > {greater_than}"
+        ),
+        model::Task::Multiclass { .. } => {
+            "class probabilities = softmax(output); output[i] is cohort.class_names[i] \
+             (the task's classes in order)"
+                .to_string()
+        }
+        model::Task::Regression {
+            loss: model::RegressionLoss::Poisson,
+            ..
+        } => "prediction = exp(output[0]) (a rate; the model predicts its log)".to_string(),
+        model::Task::Regression {
+            standardise: true, ..
+        } => "prediction = output[0] * preprocess.label[1] + preprocess.label[0], in the label's units"
+            .to_string(),
+        model::Task::Regression { .. } => "prediction = output[0], in the label's units".to_string(),
+    };
+    format!("{input}; {output}")
 }
 
 /// Rounds whose checkpoint file is still on disk (older ones are pruned).
@@ -111,12 +143,19 @@ pub fn export_model(
         Some(names) => names.context("the configuration's [schema]")?,
         None => (0..spec.inputs).map(|i| format!("input{i}")).collect(),
     };
-    if inputs.len() != spec.inputs || setup.mean.len() != spec.inputs {
+    let task = &config.schema.task;
+    let columns = spec.inputs + usize::from(task.standardises_label());
+    if inputs.len() != spec.inputs || setup.mean.len() != columns || setup.std.len() != columns {
         bail!(
-            "the schema gives {} inputs and the committed statistics {}, the model has {}",
+            "the schema gives {} inputs and the committed statistics {} columns, the model has {} inputs{}",
             inputs.len(),
             setup.mean.len(),
-            spec.inputs
+            spec.inputs,
+            if task.standardises_label() {
+                " (and the label)"
+            } else {
+                ""
+            }
         );
     }
 
@@ -128,10 +167,17 @@ pub fn export_model(
             (name, Dtype::F32, shape, raw)
         })
         .collect();
-    for (name, values) in [
-        ("preprocess.mean", &setup.mean),
-        ("preprocess.std", &setup.std),
-    ] {
+    let mut preprocess = vec![
+        ("preprocess.mean", setup.mean[..spec.inputs].to_vec()),
+        ("preprocess.std", setup.std[..spec.inputs].to_vec()),
+    ];
+    if task.standardises_label() {
+        preprocess.push((
+            "preprocess.label",
+            vec![setup.mean[spec.inputs], setup.std[spec.inputs]],
+        ));
+    }
+    for (name, values) in preprocess {
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         tensors.push((name.into(), Dtype::F64, vec![values.len()], raw));
     }
@@ -158,14 +204,14 @@ pub fn export_model(
             serde_json::to_string(&config.schema)?,
         ),
         (
-            "cohort.preprocessing".to_string(),
-            "input = (value - preprocess.mean) / preprocess.std, in float64, in the order of \
-             cohort.inputs; a categorical column becomes one input per level but the first \
-             (1 when the value equals the level, else 0); a missing value becomes 0 after \
-             standardisation (schema missing = impute_mean) or drops the row (drop_row); \
-             probability = sigmoid(model(input)); label = value > schema.label.greater_than"
-                .to_string(),
+            "cohort.task".to_string(),
+            serde_json::to_string(&task.to_table())?,
         ),
+        (
+            "cohort.class_names".to_string(),
+            serde_json::to_string(&task.class_names())?,
+        ),
+        ("cohort.preprocessing".to_string(), preprocessing(task)),
     ]);
     let n = views.len();
     let data = safetensors::tensor::serialize(views, Some(metadata))?;

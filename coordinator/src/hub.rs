@@ -93,6 +93,9 @@ pub struct SiteState {
     pub last_accuracy: Option<f64>,
     pub last_loss: Option<f64>,
     pub last_auc: Option<f64>,
+    /// Regression tasks: the site's test RMSE in the label's units.
+    #[serde(default)]
+    pub last_rmse: Option<f64>,
     pub test_examples: u64,
     /// The reason the site last gave for declining a round (its policy, a model it could not
     /// verify, failed training), with the round.
@@ -122,6 +125,7 @@ impl SiteState {
             last_accuracy: None,
             last_loss: None,
             last_auc: None,
+            last_rmse: None,
             test_examples: 0,
             last_decline: None,
             rejections: 0,

@@ -322,12 +322,19 @@ fn run(config: CoordinatorConfig, after: cohort_coordinator::AfterFinish) -> Res
         return Ok(());
     };
     if let Some(last) = summary.rounds.last() {
+        let metric = |m: &cohort_protocols::model::metrics::Metrics| {
+            m.headline()
+                .map_or("no metric".to_string(), |(n, v)| format!("{n} {v:.4}"))
+        };
         println!(
-            "finished {} rounds: accuracy {:.4}, loss {:.4}, AUC {:.4}",
+            "finished {} rounds: {} (mean of sites), {} (pooled test sets), loss {:.4}{}",
             summary.rounds.len(),
-            last.accuracy,
-            last.loss,
-            last.auc
+            metric(&last.eval.site_mean),
+            metric(&last.eval.weighted),
+            last.eval.loss,
+            last.eval
+                .auc
+                .map_or(String::new(), |a| format!(", AUC {a:.4}"))
         );
     }
     Ok(())

@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::hub::Hub;
+use crate::records::Evaluation;
 use crate::sharded::ShardStats;
 
 type Labels = Vec<(String, String)>;
@@ -38,6 +39,10 @@ pub struct Metrics {
     pub model_parameters: Gauge,
     pub round_accuracy: Gauge<f64, AtomicU64>,
     pub round_loss: Gauge<f64, AtomicU64>,
+    /// Every metric of the task after the last round, labelled `metric` (accuracy,
+    /// balanced_accuracy, f1, macro_f1, auc, rmse, mae, r2) and `over` (`sites`: the mean of
+    /// sites; `pooled`: all test sets pooled, i.e. example-weighted).
+    round_metric: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Seconds since the run last moved (a stage opened or closed, a round started or was
     /// committed); 0 once it has finished. The stall alert watches it.
     pub seconds_since_progress: Gauge<f64, AtomicU64>,
@@ -70,6 +75,7 @@ impl Metrics {
             model_parameters: Gauge::default(),
             round_accuracy: Gauge::default(),
             round_loss: Gauge::default(),
+            round_metric: Family::default(),
             seconds_since_progress: Gauge::default(),
             sites_connected: Gauge::default(),
             bytes_received: Counter::default(),
@@ -124,6 +130,11 @@ impl Metrics {
             "round_loss",
             "Example-weighted test loss after the last round",
             m.round_loss.clone(),
+        );
+        r.register(
+            "round_metric",
+            "Test metrics after the last round, by metric and over (sites: mean of sites; pooled: example-weighted)",
+            m.round_metric.clone(),
         );
         r.register(
             "seconds_since_progress",
@@ -209,13 +220,41 @@ impl Metrics {
 
     /// Takes up a resumed run's committed state, so counters and gauges continue from it
     /// instead of restarting at 0 with every coordinator restart.
-    pub fn resumed(&self, rounds_committed: u64, last: Option<(u64, f64, f64)>) {
+    pub fn resumed(&self, rounds_committed: u64, last: Option<(u64, &Evaluation)>) {
         self.rounds_completed
             .inc_by(rounds_committed.saturating_sub(self.rounds_completed.get()));
-        if let Some((round, accuracy, loss)) = last {
+        if let Some((round, eval)) = last {
             self.current_round.set(round as i64);
-            self.round_accuracy.set(accuracy);
-            self.round_loss.set(loss);
+            self.evaluated(eval);
+        }
+    }
+
+    /// The gauges of a round's evaluation.
+    pub fn evaluated(&self, eval: &Evaluation) {
+        if let Some(a) = eval.accuracy {
+            self.round_accuracy.set(a);
+        }
+        self.round_loss.set(eval.loss);
+        for (over, m) in [("sites", &eval.site_mean), ("pooled", &eval.weighted)] {
+            for (name, value) in [
+                ("accuracy", m.accuracy),
+                ("balanced_accuracy", m.balanced_accuracy),
+                ("f1", m.f1),
+                ("macro_f1", m.macro_f1),
+                ("auc", m.auc),
+                ("rmse", m.rmse),
+                ("mae", m.mae),
+                ("r2", m.r2),
+            ] {
+                if let Some(v) = value {
+                    self.round_metric
+                        .get_or_create(&vec![
+                            ("metric".to_string(), name.to_string()),
+                            ("over".to_string(), over.to_string()),
+                        ])
+                        .set(v);
+                }
+            }
         }
     }
 

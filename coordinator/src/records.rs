@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use cohort_protocols::model::metrics::{Metrics, Tally};
 use serde::{Deserialize, Serialize};
 
 /// One finished round, as reported in `summary.json` and `rounds.csv`.
@@ -14,11 +15,10 @@ pub struct RoundSummary {
     pub dropped: usize,
     pub clipped: u64,
     pub seconds: f64,
-    /// Mean of the sites' local test accuracies after the round.
-    pub accuracy: f64,
-    /// Example-weighted mean test loss.
-    pub loss: f64,
-    pub auc: f64,
+    /// The sites' evaluation of the round's model (flattened: `accuracy`, `loss`, `auc`,
+    /// `site_mean`, `weighted`, `confusion` are keys of the summary itself).
+    #[serde(flatten)]
+    pub eval: Evaluation,
     pub total_weight: u64,
     pub model_sha3_512: String,
     /// Sites whose SecAgg+ messages the coordinator refused in this round (a bad signature,
@@ -33,17 +33,81 @@ pub struct RoundSummary {
 pub struct SiteResult {
     pub examples: u64,
     pub test_examples: u64,
-    pub accuracy: f64,
+    /// Classification tasks.
+    pub accuracy: Option<f64>,
     pub loss: f64,
-    pub auc: f64,
+    /// Binary tasks whose test split holds both classes.
+    pub auc: Option<f64>,
+    /// Every metric of the task, from `tally` (absent in records older than tasks).
+    #[serde(default)]
+    pub metrics: Metrics,
+    /// The counts the site reported: a confusion matrix or residual sums.
+    #[serde(default)]
+    pub tally: Tally,
 }
 
-/// Mean site metrics of one evaluation.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+/// The sites' evaluation of one model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Evaluation {
-    pub accuracy: f64,
+    /// Mean of the sites' test accuracies (classification tasks).
+    pub accuracy: Option<f64>,
+    /// Test-example-weighted mean loss.
     pub loss: f64,
-    pub auc: f64,
+    /// Mean AUC over the sites where it is defined (binary tasks).
+    pub auc: Option<f64>,
+    /// Each metric's unweighted mean over the sites that reported it.
+    #[serde(default)]
+    pub site_mean: Metrics,
+    /// The metrics of all sites' test sets pooled, i.e. weighted by test examples (AUC: the
+    /// test-example-weighted mean of the sites' AUCs, as AUC does not pool from counts).
+    #[serde(default)]
+    pub weighted: Metrics,
+    /// Classification: the confusion matrix summed over sites (row = true class).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<u64>,
+}
+
+impl Evaluation {
+    /// The evaluation of a round from what each site reported.
+    pub fn of(results: &BTreeMap<String, SiteResult>) -> Evaluation {
+        if results.is_empty() {
+            return Evaluation::default();
+        }
+        let total: f64 = results.values().map(|r| r.test_examples as f64).sum();
+        let site_mean = Metrics::mean(results.values().map(|r| &r.metrics).collect::<Vec<_>>());
+        let mut pooled: Option<Tally> = None;
+        for r in results.values() {
+            match &mut pooled {
+                None => pooled = Some(r.tally.clone()),
+                // Sites that reported another task's tally were refused on receipt; a
+                // mismatch here leaves the pooled metrics of the sites that agree.
+                Some(p) => {
+                    let _ = p.add(&r.tally);
+                }
+            }
+        }
+        let pooled = pooled.unwrap_or_default();
+        let (auc_sum, auc_n) = results
+            .values()
+            .filter_map(|r| {
+                r.auc
+                    .map(|a| (a * r.test_examples as f64, r.test_examples as f64))
+            })
+            .fold((0.0, 0.0), |(s, n), (a, w)| (s + a, n + w));
+        let weighted = pooled.metrics((auc_n > 0.0).then(|| auc_sum / auc_n));
+        Evaluation {
+            accuracy: site_mean.accuracy,
+            loss: results
+                .values()
+                .map(|r| r.loss * r.test_examples as f64)
+                .sum::<f64>()
+                / total.max(1.0),
+            auc: site_mean.auc,
+            site_mean,
+            weighted,
+            confusion: pooled.confusion,
+        }
+    }
 }
 
 /// A committed round: its summary and what each site reported.

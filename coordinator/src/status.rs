@@ -122,11 +122,7 @@ impl Progress {
         let mut t = lock(&self.timing);
         t.0 += 1;
         t.1 += summary.seconds;
-        *lock(&self.last) = Some(Evaluation {
-            accuracy: summary.accuracy,
-            loss: summary.loss,
-            auc: summary.auc,
-        });
+        *lock(&self.last) = Some(summary.eval.clone());
     }
 
     /// State, round, attempt and stage, without waiting for the lock (None if it is taken):
@@ -138,11 +134,7 @@ impl Progress {
 
     pub fn resumed(&self, last: Option<&RoundSummary>) {
         if let Some(s) = last {
-            *lock(&self.last) = Some(Evaluation {
-                accuracy: s.accuracy,
-                loss: s.loss,
-                auc: s.auc,
-            });
+            *lock(&self.last) = Some(s.eval.clone());
         }
     }
 }
@@ -213,6 +205,7 @@ struct SiteDoc {
     last_accuracy: Option<f64>,
     last_loss: Option<f64>,
     last_auc: Option<f64>,
+    last_rmse: Option<f64>,
     /// The round and reason of the site's last refusal (its policy, an unverifiable model).
     last_decline: Option<DeclineDoc>,
     /// SecAgg+ messages of the site the coordinator refused (it was excluded from the attempt).
@@ -331,7 +324,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         rounds_completed,
         sites_connected: api.hub.connected().len(),
         sites_expected: api.sites_expected,
-        last_round: *lock(&api.progress.last),
+        last_round: lock(&api.progress.last).clone(),
         started_unix: api.progress.started_unix,
         elapsed_seconds: api.progress.started.elapsed().as_secs_f64(),
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
@@ -391,6 +384,7 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
             last_accuracy: s.last_accuracy,
             last_loss: s.last_loss,
             last_auc: s.last_auc,
+            last_rmse: s.last_rmse,
             last_decline: s
                 .last_decline
                 .clone()

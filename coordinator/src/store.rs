@@ -844,9 +844,12 @@ mod tests {
             dropped: 0,
             clipped: 0,
             seconds: 0.5,
-            accuracy: 0.7,
-            loss: 0.5,
-            auc: 0.6,
+            eval: Evaluation {
+                accuracy: Some(0.7),
+                loss: 0.5,
+                auc: Some(0.6),
+                ..Evaluation::default()
+            },
             total_weight: 30,
             model_sha3_512: String::new(),
             rejected: Vec::new(),

@@ -185,7 +185,7 @@ fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
     assert_eq!(meta["cohort.round"], ROUNDS.to_string());
 
     for (site, test) in SITES.iter().zip(&tests) {
-        let cohort = record.per_site[*site].accuracy;
+        let cohort = record.per_site[*site].accuracy.unwrap();
         // cohort-agent predict: the same numbers as the federation's own evaluation.
         let scores = dir.path().join(format!("{site}-scores.csv"));
         let out = Command::new(agent_exe())
@@ -199,11 +199,13 @@ fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
-        let accuracy: f64 = err
-            .split("accuracy ")
+        let metrics: serde_json::Value = err
+            .split("metrics ")
             .nth(1)
-            .and_then(|a| a.split(',').next())
-            .and_then(|a| a.parse().ok())
+            .and_then(|m| serde_json::from_str(m.lines().next()?).ok())
+            .unwrap_or_else(|| panic!("{err}"));
+        let accuracy = metrics["accuracy"]
+            .as_f64()
             .unwrap_or_else(|| panic!("{err}"));
         assert!(
             (accuracy - cohort).abs() < 1e-4,

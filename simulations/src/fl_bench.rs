@@ -128,6 +128,7 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
         kind: cohort_protocols::model::ModelKind::Mlp,
         inputs: INPUTS,
         hidden: vec![hidden],
+        outputs: 1,
     };
     let params = spec.num_params();
     std::fs::create_dir_all(&args.out)
@@ -547,8 +548,12 @@ impl LocalSite for SyntheticSite {
         Ok(Evaluation {
             examples: 50,
             loss: std::f64::consts::LN_2,
-            accuracy: 0.5,
-            auc: 0.5,
+            auc: Some(0.5),
+            // Half right, as a model at chance would be.
+            tally: cohort_protocols::model::metrics::Tally {
+                confusion: vec![13, 12, 13, 12],
+                residuals: None,
+            },
         })
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod fl_bench;
 pub mod plot;
+pub mod reference;
 pub mod run;
 pub mod secagg_bench;

@@ -1,5 +1,6 @@
-//! `accuracy.png`: test accuracy per round (each site, the mean of sites, the example-weighted
-//! mean) and the loss, on axes scaled to the data, titled secure or plain.
+//! `accuracy.png`: the task's metric per round — accuracy for classification, RMSE in the
+//! label's units for regression — for each site, the mean of sites and the example-weighted
+//! (pooled) value, beside the loss, on axes scaled to the data, titled secure or plain.
 //!
 //! Text is rendered with a bundled DejaVu Sans (assets/), so plotting needs no system fonts.
 
@@ -19,9 +20,23 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (960, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (left, right) = root.split_horizontally(480);
-    let mut points: Vec<(u64, f64, f64)> =
-        vec![(0, summary.initial.accuracy, summary.initial.loss)];
-    points.extend(summary.rounds.iter().map(|r| (r.round, r.accuracy, r.loss)));
+    // The task's metric: accuracy for classification, RMSE (label units) for regression.
+    let rmse = summary.metric == "rmse";
+    let value = |m: &cohort_protocols::model::metrics::Metrics| {
+        if rmse { m.rmse } else { m.accuracy }
+    };
+    let mut points: Vec<(u64, Option<f64>, f64)> =
+        vec![(0, value(&summary.initial.site_mean), summary.initial.loss)];
+    points.extend(
+        summary
+            .rounds
+            .iter()
+            .map(|r| (r.round, value(&r.site_mean), r.loss)),
+    );
+    let mean: Vec<(u64, f64)> = points
+        .iter()
+        .filter_map(|p| p.1.map(|v| (p.0, v)))
+        .collect();
     let last = points.last().map_or(1, |p| p.0).max(1);
     let title = if summary.secure {
         "secure aggregation"
@@ -30,19 +45,23 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
     };
 
     let sites = site_series(summary);
-    let weighted: Vec<(u64, f64)> = summary
-        .rounds
-        .iter()
-        .map(|r| (r.round, r.weighted_accuracy))
+    let weighted: Vec<(u64, f64)> = std::iter::once((0, value(&summary.initial.weighted)))
+        .chain(summary.rounds.iter().map(|r| (r.round, value(&r.weighted))))
+        .filter_map(|(r, v)| v.map(|v| (r, v)))
         .collect();
-    let all = points
+    let all = mean
         .iter()
         .map(|p| p.1)
         .chain(weighted.iter().map(|p| p.1))
         .chain(sites.values().flatten().map(|p| p.1));
-    let (lo, hi) = y_range(all);
+    let (lo, hi) = y_range(all, !rmse);
+    let (caption, axis) = if rmse {
+        (format!("Test RMSE, label units ({title})"), "RMSE")
+    } else {
+        (format!("Test accuracy ({title})"), "accuracy")
+    };
     let mut acc = ChartBuilder::on(&left)
-        .caption(format!("Test accuracy ({title})"), ("sans-serif", 18))
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
@@ -50,7 +69,7 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     acc.configure_mesh()
         .x_desc("round")
-        .y_desc("accuracy")
+        .y_desc(axis)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     for (i, (site, series)) in sites.iter().enumerate() {
@@ -63,13 +82,10 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .label(site.as_str())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
     }
-    acc.draw_series(LineSeries::new(
-        points.iter().map(|p| (p.0, p.1)),
-        BLUE.stroke_width(3),
-    ))
-    .map_err(|e| anyhow!("{e}"))?
-    .label("mean of sites")
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(3)));
+    acc.draw_series(LineSeries::new(mean.iter().copied(), BLUE.stroke_width(3)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label("mean of sites")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(3)));
     acc.draw_series(LineSeries::new(
         weighted.iter().copied(),
         BLACK.stroke_width(2),
@@ -80,7 +96,11 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
     acc.configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(if rmse {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::LowerRight
+        })
         .label_font(("sans-serif", 12))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
@@ -95,7 +115,7 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     loss.configure_mesh()
         .x_desc("round")
-        .y_desc("BCE loss")
+        .y_desc("loss (training objective)")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     loss.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &RED))
@@ -104,20 +124,21 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Each site's accuracy per round, by site name.
+/// Each site's value of the run's metric per round, by site name.
 fn site_series(summary: &Summary) -> std::collections::BTreeMap<String, Vec<(u64, f64)>> {
     let mut sites: std::collections::BTreeMap<String, Vec<(u64, f64)>> = Default::default();
     for r in &summary.rounds {
-        for (site, acc) in &r.site_accuracy {
+        for (site, acc) in &r.site_metric {
             sites.entry(site.clone()).or_default().push((r.round, *acc));
         }
     }
     sites
 }
 
-/// The accuracy axis: the data's range with a margin of a tenth of it (at least 0.02), kept
-/// within [0, 1], so a run that moves between 0.78 and 0.82 is not drawn as a flat line.
-pub fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+/// The metric's axis: the data's range with a margin of a tenth of it (at least 0.02), kept
+/// within [0, 1] for a share such as accuracy (`unit`) and above 0 for an error such as
+/// RMSE, so a run that moves between 0.78 and 0.82 is not drawn as a flat line.
+pub fn y_range(values: impl Iterator<Item = f64>, unit: bool) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
@@ -125,6 +146,10 @@ pub fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
         });
     if lo > hi {
         return (0.0, 1.0);
+    }
+    if !unit {
+        let margin = ((hi - lo) * 0.1).max(hi.abs() * 0.02).max(1e-6);
+        return ((lo - margin).max(0.0), hi + margin);
     }
     let margin = ((hi - lo) * 0.1).max(0.02);
     ((lo - margin).max(0.0), (hi + margin).min(1.0))
@@ -136,14 +161,20 @@ mod tests {
 
     #[test]
     fn the_accuracy_axis_follows_the_data() {
-        let (lo, hi) = y_range([0.78, 0.80, 0.82].into_iter());
+        let (lo, hi) = y_range([0.78, 0.80, 0.82].into_iter(), true);
         assert!(
             (lo - 0.76).abs() < 1e-9 && (hi - 0.84).abs() < 1e-9,
             "{lo} {hi}"
         );
-        assert_eq!(y_range([0.995, 1.0].into_iter()), (0.975, 1.0));
-        assert_eq!(y_range([0.0, 0.01].into_iter()), (0.0, 0.03));
-        assert_eq!(y_range(std::iter::empty()), (0.0, 1.0));
-        assert_eq!(y_range([f64::NAN].into_iter()), (0.0, 1.0));
+        assert_eq!(y_range([0.995, 1.0].into_iter(), true), (0.975, 1.0));
+        assert_eq!(y_range([0.0, 0.01].into_iter(), true), (0.0, 0.03));
+        assert_eq!(y_range(std::iter::empty(), true), (0.0, 1.0));
+        assert_eq!(y_range([f64::NAN].into_iter(), true), (0.0, 1.0));
+        // An RMSE in label units is not clipped at 1.
+        let (lo, hi) = y_range([18.0, 22.0].into_iter(), false);
+        assert!(
+            (lo - 17.6).abs() < 1e-9 && (hi - 22.4).abs() < 1e-9,
+            "{lo} {hi}"
+        );
     }
 }

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use cohort_agent::AgentConfig;
-use cohort_coordinator::driver::{RoundRecord, SiteResult};
+use cohort_coordinator::driver::{Evaluation, RoundRecord, SiteResult};
 use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::{CoordinatorConfig, RunSummary};
 use cohort_protocols::model::DataSchema;
+use cohort_protocols::model::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -27,6 +28,11 @@ pub struct RunArgs {
     /// Output directory for summary.json, rounds.csv and accuracy.png.
     #[arg(long)]
     out: PathBuf,
+    /// Also train the same model on all sites' training data as one site (the centralised
+    /// reference) and on each site's data alone, judge both on every site's test split, and
+    /// report them beside the federated result (summary.json `pooled` and `alone`).
+    #[arg(long)]
+    pooled: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,11 +197,18 @@ struct SiteSpec {
     test_csv: Option<PathBuf>,
 }
 
-/// `summary.json`. Its keys are read by other tools: keep them stable.
+/// `summary.json`. Its keys are read by other tools: keep them stable (keys are added; a
+/// metric a task does not have is null, e.g. `accuracy` of a regression run).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Summary {
     pub rounds_completed: usize,
     pub secure: bool,
+    /// The task: binary, multiclass or regression.
+    #[serde(default)]
+    pub task: String,
+    /// The metric the run is judged by first: accuracy, or rmse for regression.
+    #[serde(default)]
+    pub metric: String,
     #[serde(rename = "final")]
     pub final_: Final,
     pub initial: Final,
@@ -204,6 +217,13 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// Message kinds the coordinator received: in a secure run `plain_updates` is 0.
     pub coordinator_received: Received,
+    /// `--pooled`: the same model trained on all sites' training data as one site, judged on
+    /// each site's test split (the centralised reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<Reference>,
+    /// `--pooled`: each site's model trained on its own data alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone: Option<Reference>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -213,19 +233,44 @@ pub struct Received {
     pub evaluations: u64,
 }
 
+/// The evaluation of one model by all sites.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Final {
-    pub accuracy: f64,
+    /// Mean of the sites' accuracies (classification).
+    pub accuracy: Option<f64>,
     pub loss: f64,
-    pub auc: f64,
+    /// Mean AUC of the sites where it is defined (binary).
+    pub auc: Option<f64>,
+    /// Every metric's mean over sites.
+    #[serde(default)]
+    pub site_mean: Metrics,
+    /// Every metric over the sites' test sets pooled (example-weighted).
+    #[serde(default)]
+    pub weighted: Metrics,
+    /// Classification: the confusion matrix summed over sites (row = true class).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<u64>,
+}
+
+impl From<&Evaluation> for Final {
+    fn from(e: &Evaluation) -> Self {
+        Final {
+            accuracy: e.accuracy,
+            loss: e.loss,
+            auc: e.auc,
+            site_mean: e.site_mean.clone(),
+            weighted: e.weighted.clone(),
+            confusion: e.confusion.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RoundRow {
     pub round: u64,
-    pub accuracy: f64,
+    pub accuracy: Option<f64>,
     pub loss: f64,
-    pub auc: f64,
+    pub auc: Option<f64>,
     pub seconds: f64,
     pub sites: usize,
     pub dropped: usize,
@@ -236,18 +281,35 @@ pub struct RoundRow {
     /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
     /// sites' accuracies, FLamby's convention).
     #[serde(default)]
-    pub weighted_accuracy: f64,
+    pub weighted_accuracy: Option<f64>,
     /// Each site's test accuracy after the round.
     #[serde(default)]
     pub site_accuracy: BTreeMap<String, f64>,
+    /// Each site's value of the run's `metric` after the round.
+    #[serde(default)]
+    pub site_metric: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub site_mean: Metrics,
+    #[serde(default)]
+    pub weighted: Metrics,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SiteRow {
     pub examples: u64,
     pub test_examples: u64,
-    pub accuracy: f64,
-    pub auc: f64,
+    pub accuracy: Option<f64>,
+    pub auc: Option<f64>,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// A model trained outside the federation, judged like the federated one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reference {
+    pub site_mean: Metrics,
+    pub weighted: Metrics,
+    pub per_site: BTreeMap<String, Metrics>,
 }
 
 pub(crate) fn table(pairs: Vec<(&str, toml::Value)>) -> toml::Table {
@@ -259,16 +321,43 @@ pub(crate) fn path_value(p: &Path) -> toml::Value {
 }
 
 pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
-    let summary = run_file(&args.scenario, &args.out)?;
+    let summary = run_file_with(&args.scenario, &args.out, args.pooled)?;
+    let value = |m: &Metrics| {
+        m.headline()
+            .map_or("n/a".to_string(), |(_, v)| format!("{v:.4}"))
+    };
     println!(
-        "{} rounds, secure aggregation {}: final mean site accuracy {:.4}, loss {:.4}, AUC {:.4} ({:.1} s)",
+        "{} rounds, secure aggregation {}, {} task: final {} {} (mean of sites), {} (pooled test sets); loss {:.4}{} ({:.1} s)",
         summary.rounds_completed,
         if summary.secure { "on" } else { "OFF" },
-        summary.final_.accuracy,
+        summary.task,
+        summary.metric,
+        value(&summary.final_.site_mean),
+        value(&summary.final_.weighted),
         summary.final_.loss,
-        summary.final_.auc,
+        summary
+            .final_
+            .auc
+            .map_or(String::new(), |a| format!(", AUC {a:.4}")),
         summary.wall_seconds
     );
+    if let (Some(pooled), Some(alone)) = (&summary.pooled, &summary.alone) {
+        println!(
+            "{:<14} {:>12} {:>12}   ({}, test split of each site)",
+            "", "mean of sites", "pooled", summary.metric
+        );
+        for (name, m, w) in [
+            (
+                "federated",
+                &summary.final_.site_mean,
+                &summary.final_.weighted,
+            ),
+            ("centralised", &pooled.site_mean, &pooled.weighted),
+            ("each alone", &alone.site_mean, &alone.weighted),
+        ] {
+            println!("{name:<14} {:>12} {:>12}", value(m), value(w));
+        }
+    }
     println!(
         "wrote {}/summary.json, rounds.csv, accuracy.png",
         args.out.display()
@@ -278,6 +367,11 @@ pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
 
 /// Runs a scenario file and writes its outputs; returns the summary.
 pub fn run_file(scenario: &Path, out: &Path) -> Result<Summary> {
+    run_file_with(scenario, out, false)
+}
+
+/// [`run_file`], with the centralised and site-alone references when `pooled`.
+pub fn run_file_with(scenario: &Path, out: &Path, pooled: bool) -> Result<Summary> {
     let text = std::fs::read_to_string(scenario)
         .with_context(|| format!("reading {}", scenario.display()))?;
     let parsed: Scenario = toml::from_str(&text)
@@ -287,12 +381,18 @@ pub fn run_file(scenario: &Path, out: &Path) -> Result<Summary> {
         path: scenario,
         text: &text,
     };
-    let summary = run_scenario(&parsed, &base, out, &source)?;
+    let summary = run_scenario(&parsed, &base, out, &source, pooled)?;
     write_outputs(&summary, out)?;
     Ok(summary)
 }
 
-fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> Result<Summary> {
+fn run_scenario(
+    s: &Scenario,
+    base: &Path,
+    out: &Path,
+    source: &Source<'_>,
+    pooled: bool,
+) -> Result<Summary> {
     for f in &s.faults {
         if !(f.fraction > 0.0 && f.fraction <= 1.0) {
             bail!("faults.fraction = {}: must be in (0, 1]", f.fraction);
@@ -398,6 +498,23 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
     let generated = toml::to_string(&coord)?;
     let coord_cfg =
         CoordinatorConfig::parse(&generated).map_err(|e| in_scenario(e, &generated, source))?;
+    let reference_model = (coord_cfg.model.spec(), coord_cfg.model.seed, {
+        let mut t = coord_cfg.training.clone();
+        t.insert(
+            "hidden".into(),
+            toml::Value::Array(
+                coord_cfg
+                    .model
+                    .hidden
+                    .iter()
+                    .map(|h| toml::Value::Integer(*h as i64))
+                    .collect(),
+            ),
+        );
+        toml::Value::Table(t)
+            .try_into::<cohort_protocols::model::TrainingConfig>()
+            .context("[training]")?
+    });
     // The configuration the run used, beside its data directory and certificates: the
     // coordinator's own commands (export-model, repair) work on the simulation's output.
     let written = out.join("coordinator.toml");
@@ -433,9 +550,10 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
             while let Some(r) = progress_rx.recv().await {
                 let s = &r.summary;
                 bar.set_position(s.round);
+                let (name, value) = s.eval.site_mean.headline().unwrap_or(("loss", s.eval.loss));
                 bar.set_message(format!(
-                    "accuracy {:.3} loss {:.3} dropped {}",
-                    s.accuracy, s.loss, s.dropped
+                    "{name} {value:.3} loss {:.3} dropped {}",
+                    s.eval.loss, s.dropped
                 ));
                 records.push(r);
             }
@@ -474,7 +592,24 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
             cfg.policy.max_colluders = colluders;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
-        let summary = coordinator.await.context("coordinator task")??;
+        let summary = match coordinator.await.context("coordinator task")? {
+            Ok(summary) => summary,
+            Err(e) => {
+                // A coordinator that waited in vain is explained by the agents that gave up.
+                let mut why = Vec::new();
+                for (site, a) in s.sites.iter().zip(agents) {
+                    if a.is_finished()
+                        && let Ok(Err(err)) = a.await
+                    {
+                        why.push(format!("{}: {err:#}", site.name));
+                    }
+                }
+                if why.is_empty() {
+                    return Err(e);
+                }
+                return Err(e.context(format!("agents that stopped: {}", why.join("; "))));
+            }
+        };
         let records = progress.await.unwrap_or_default();
         for a in agents {
             match tokio::time::timeout(Duration::from_secs(10), a).await {
@@ -489,7 +624,45 @@ fn run_scenario(s: &Scenario, base: &Path, out: &Path, source: &Source<'_>) -> R
         Ok((summary, records))
     });
     let (run, records) = result?;
-    Ok(summarise(run, &records, started.elapsed().as_secs_f64()))
+    let mut summary = summarise(run, &records, started.elapsed().as_secs_f64(), &schema.task);
+    if pooled {
+        let (p, a) = references(s, base, &schema, &reference_model)?;
+        summary.pooled = Some(p);
+        summary.alone = Some(a);
+    }
+    Ok(summary)
+}
+
+/// The `--pooled` references: every site's data loaded as its agent loads it.
+fn references(
+    s: &Scenario,
+    base: &Path,
+    schema: &DataSchema,
+    (spec, seed, training): &(
+        cohort_protocols::model::ModelSpec,
+        u64,
+        cohort_protocols::model::TrainingConfig,
+    ),
+) -> Result<(Reference, Reference)> {
+    let sites = s
+        .sites
+        .iter()
+        .map(|site| {
+            let data = cohort_agent::data::SiteData::load(
+                schema,
+                &base.join(&site.csv),
+                site.test_csv.as_ref().map(|t| base.join(t)).as_deref(),
+                s.test_fraction,
+                s.split_seed,
+            )
+            .with_context(|| format!("site {}", site.name))?;
+            Ok(crate::reference::Site {
+                name: site.name.clone(),
+                data,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::reference::references(&sites, spec, training, *seed, s.rounds)
 }
 
 /// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
@@ -547,49 +720,57 @@ fn read_header(path: &Path) -> Result<Vec<String>> {
     Ok(line.split(',').map(|c| c.trim().to_string()).collect())
 }
 
-fn summarise(run: RunSummary, records: &[RoundRecord], wall_seconds: f64) -> Summary {
+fn summarise(
+    run: RunSummary,
+    records: &[RoundRecord],
+    wall_seconds: f64,
+    task: &cohort_protocols::model::Task,
+) -> Summary {
     let per_round: BTreeMap<u64, &RoundRecord> =
         records.iter().map(|r| (r.summary.round, r)).collect();
     let received = run.received;
     let last = run.rounds.last();
+    let metric = if task.classes() > 0 {
+        "accuracy"
+    } else {
+        "rmse"
+    };
+    let headline = |m: &Metrics| m.headline().map(|h| h.1);
     Summary {
         rounds_completed: run.rounds.len(),
         secure: run.secure,
-        final_: Final {
-            accuracy: last.map_or(run.initial.accuracy, |r| r.accuracy),
-            loss: last.map_or(run.initial.loss, |r| r.loss),
-            auc: last.map_or(run.initial.auc, |r| r.auc),
-        },
-        initial: Final {
-            accuracy: run.initial.accuracy,
-            loss: run.initial.loss,
-            auc: run.initial.auc,
-        },
+        task: format!("{:?}", task.kind()).to_lowercase(),
+        metric: metric.into(),
+        final_: Final::from(last.map_or(&run.initial, |r| &r.eval)),
+        initial: Final::from(&run.initial),
         rounds: run
             .rounds
             .iter()
-            .map(|r| RoundRow {
-                round: r.round,
-                accuracy: r.accuracy,
-                loss: r.loss,
-                auc: r.auc,
-                seconds: r.seconds,
-                sites: r.sites,
-                dropped: r.dropped,
-                clipped: r.clipped,
-                attempts: r.attempts,
-                weighted_accuracy: per_round
-                    .get(&r.round)
-                    .map_or(r.accuracy, |rec| weighted_accuracy(&rec.per_site)),
-                site_accuracy: per_round
-                    .get(&r.round)
-                    .map(|rec| {
-                        rec.per_site
-                            .iter()
-                            .map(|(site, res)| (site.clone(), res.accuracy))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+            .map(|r| {
+                let per_site = per_round.get(&r.round).map(|rec| &rec.per_site);
+                let each = |f: &dyn Fn(&SiteResult) -> Option<f64>| -> BTreeMap<String, f64> {
+                    per_site
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(site, res)| f(res).map(|v| (site.clone(), v)))
+                        .collect()
+                };
+                RoundRow {
+                    round: r.round,
+                    accuracy: r.eval.accuracy,
+                    loss: r.eval.loss,
+                    auc: r.eval.auc,
+                    seconds: r.seconds,
+                    sites: r.sites,
+                    dropped: r.dropped,
+                    clipped: r.clipped,
+                    attempts: r.attempts,
+                    weighted_accuracy: r.eval.weighted.accuracy,
+                    site_accuracy: each(&|res| res.accuracy),
+                    site_metric: each(&|res| headline(&res.metrics)),
+                    site_mean: r.eval.site_mean.clone(),
+                    weighted: r.eval.weighted.clone(),
+                }
             })
             .collect(),
         per_site: run
@@ -603,6 +784,7 @@ fn summarise(run: RunSummary, records: &[RoundRecord], wall_seconds: f64) -> Sum
                         test_examples: s.test_examples,
                         accuracy: s.accuracy,
                         auc: s.auc,
+                        metrics: s.metrics,
                     },
                 )
             })
@@ -613,22 +795,22 @@ fn summarise(run: RunSummary, records: &[RoundRecord], wall_seconds: f64) -> Sum
             plain_updates: received.plain_updates,
             evaluations: received.evaluations,
         },
+        pooled: None,
+        alone: None,
     }
 }
 
 /// Test accuracy over all sites' test examples together (each site weighted by its test
-/// examples); the plain mean when no site reported any.
-pub fn weighted_accuracy(per_site: &BTreeMap<String, SiteResult>) -> f64 {
-    let total: u64 = per_site.values().map(|s| s.test_examples).sum();
-    if total == 0 {
-        let n = per_site.len().max(1) as f64;
-        return per_site.values().map(|s| s.accuracy).sum::<f64>() / n;
-    }
-    per_site
+/// examples); None when no site reported one.
+pub fn weighted_accuracy(per_site: &BTreeMap<String, SiteResult>) -> Option<f64> {
+    let (sum, total) = per_site
         .values()
-        .map(|s| s.accuracy * s.test_examples as f64)
-        .sum::<f64>()
-        / total as f64
+        .filter_map(|s| {
+            s.accuracy
+                .map(|a| (a * s.test_examples as f64, s.test_examples))
+        })
+        .fold((0.0, 0u64), |(s, n), (a, t)| (s + a, n + t));
+    (total > 0).then(|| sum / total as f64)
 }
 
 fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
@@ -636,11 +818,29 @@ fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
         out.join("summary.json"),
         serde_json::to_string_pretty(summary)?,
     )?;
-    let mut csv = String::from("round,accuracy,loss,auc,seconds,sites,dropped,clipped\n");
+    // Site means; a metric the task does not have is an empty cell.
+    let mut csv = String::from(
+        "round,accuracy,loss,auc,seconds,sites,dropped,clipped,balanced_accuracy,f1,macro_f1,rmse,mae,r2\n",
+    );
+    let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for r in &summary.rounds {
+        let m = &r.site_mean;
         csv.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{:.3},{},{},{}\n",
-            r.round, r.accuracy, r.loss, r.auc, r.seconds, r.sites, r.dropped, r.clipped
+            "{},{},{:.6},{},{:.3},{},{},{},{},{},{},{},{},{}\n",
+            r.round,
+            cell(r.accuracy),
+            r.loss,
+            cell(r.auc),
+            r.seconds,
+            r.sites,
+            r.dropped,
+            r.clipped,
+            cell(m.balanced_accuracy),
+            cell(m.f1),
+            cell(m.macro_f1),
+            cell(m.rmse),
+            cell(m.mae),
+            cell(m.r2),
         ));
     }
     std::fs::write(out.join("rounds.csv"), csv)?;

@@ -104,10 +104,18 @@ fn run(dir: &Path, rounds: u64, secure: bool, extra: &str) -> Summary {
         let weighted = summary
             .per_site
             .values()
-            .map(|s| s.accuracy * s.test_examples as f64)
+            .map(|s| s.accuracy.unwrap() * s.test_examples as f64)
             .sum::<f64>()
             / total as f64;
-        assert!((last.weighted_accuracy - weighted).abs() < 1e-12);
+        assert!((last.weighted_accuracy.unwrap() - weighted).abs() < 1e-12);
+        // The mean of sites is the plain mean of the per-site values.
+        let mean = summary
+            .per_site
+            .values()
+            .map(|s| s.accuracy.unwrap())
+            .sum::<f64>()
+            / summary.per_site.len() as f64;
+        assert!((last.accuracy.unwrap() - mean).abs() < 1e-12);
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -125,10 +133,18 @@ fn secure_training_learns_and_matches_plain_fedavg() {
     assert!(secure.secure);
     assert!(
         secure.final_.accuracy > secure.initial.accuracy,
-        "accuracy {} -> {}",
+        "accuracy {:?} -> {:?}",
         secure.initial.accuracy,
         secure.final_.accuracy
     );
+    // Binary metrics beside accuracy, and a summed confusion matrix over every test row.
+    let m = &secure.final_.weighted;
+    assert!(
+        m.balanced_accuracy.is_some() && m.f1.is_some() && m.auc.is_some(),
+        "{m:?}"
+    );
+    let test_rows: u64 = secure.per_site.values().map(|s| s.test_examples).sum();
+    assert_eq!(secure.final_.confusion.iter().sum::<u64>(), test_rows);
     assert!(secure.final_.loss < secure.initial.loss - 0.05);
     assert_eq!(secure.per_site.len(), 4);
     assert!(secure.rounds.iter().all(|r| r.sites == 4 && r.dropped == 0));
@@ -148,7 +164,7 @@ fn secure_training_learns_and_matches_plain_fedavg() {
         secure.final_.loss,
         plain.final_.loss
     );
-    assert!((secure.final_.accuracy - plain.final_.accuracy).abs() < 0.02);
+    assert!((secure.final_.accuracy.unwrap() - plain.final_.accuracy.unwrap()).abs() < 0.02);
 }
 
 #[test]
@@ -288,7 +304,7 @@ fn an_mlp_trained_with_fedadam_learns() {
         s.initial.loss,
         s.final_.loss
     );
-    assert!(s.final_.accuracy > 0.7, "{}", s.final_.accuracy);
+    assert!(s.final_.accuracy > Some(0.7), "{:?}", s.final_.accuracy);
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Evaluation: every connected site scores the model on its test split.
 
+use cohort_protocols::model::metrics::{Residuals, Tally};
+
 use super::*;
 
 impl Driver {
@@ -70,19 +72,49 @@ impl Driver {
                 }
                 _ => continue,
             };
-            let valid = e.round == round
-                && e.examples > 0
-                && [e.loss, e.accuracy, e.auc].iter().all(|v| v.is_finite())
-                && (0.0..=1.0).contains(&e.accuracy)
-                && (0.0..=1.0).contains(&e.auc);
-            if !valid || !sites.iter().any(|(s, _)| *s == site) {
+            if e.round != round || !sites.iter().any(|(s, _)| *s == site) {
                 continue;
             }
+            let tally = Tally {
+                confusion: e.confusion.clone(),
+                residuals: e.residuals.map(|r| Residuals {
+                    n: r.n,
+                    sse: r.sse,
+                    sae: r.sae,
+                    sum_y: r.sum_y,
+                    sum_y2: r.sum_y2,
+                }),
+            };
+            let checked = tally
+                .check(self.cfg.schema.task.classes(), e.examples)
+                .and_then(|()| {
+                    let ok = e.examples > 0
+                        && e.loss.is_finite()
+                        && e.auc.is_none_or(|a| (0.0..=1.0).contains(&a));
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "loss {} or AUC {:?} out of range, or no test examples",
+                            e.loss, e.auc
+                        ))
+                    }
+                });
+            if let Err(reason) = checked {
+                warn!(round, %site, %reason, "refusing the site's evaluation report");
+                self.hub.record(&site, |s| {
+                    s.last_rejection = Some((round, format!("evaluation report: {reason}")));
+                });
+                gone.insert(site);
+                continue;
+            }
+            let metrics = tally.metrics(e.auc);
             let examples = self.hub.sites.get(&site).map_or(0, |s| s.examples);
             self.hub.record(&site, |s| {
-                s.last_accuracy = Some(e.accuracy);
+                s.last_accuracy = metrics.accuracy;
                 s.last_loss = Some(e.loss);
-                s.last_auc = Some(e.auc);
+                s.last_auc = e.auc;
+                s.last_rmse = metrics.rmse;
                 s.test_examples = e.examples;
             });
             results.insert(
@@ -90,28 +122,17 @@ impl Driver {
                 SiteResult {
                     examples,
                     test_examples: e.examples,
-                    accuracy: e.accuracy,
+                    accuracy: metrics.accuracy,
                     loss: e.loss,
                     auc: e.auc,
+                    metrics,
+                    tally,
                 },
             );
         }
         self.metrics
             .stage("evaluate", started.elapsed().as_secs_f64());
-        if results.is_empty() {
-            return (Evaluation::default(), results);
-        }
-        let n = results.len() as f64;
-        let total: f64 = results.values().map(|r| r.test_examples as f64).sum();
-        let eval = Evaluation {
-            accuracy: results.values().map(|r| r.accuracy).sum::<f64>() / n,
-            loss: results
-                .values()
-                .map(|r| r.loss * r.test_examples as f64)
-                .sum::<f64>()
-                / total,
-            auc: results.values().map(|r| r.auc).sum::<f64>() / n,
-        };
+        let eval = Evaluation::of(&results);
         (eval, results)
     }
 }

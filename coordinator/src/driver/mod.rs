@@ -266,8 +266,8 @@ impl Driver {
             ca_der,
             global,
             strategy,
-            mean: vec![0.0; spec.inputs],
-            std: vec![1.0; spec.inputs],
+            mean: vec![0.0; spec.inputs + usize::from(cfg.schema.task.standardises_label())],
+            std: vec![1.0; spec.inputs + usize::from(cfg.schema.task.standardises_label())],
             spec,
             training_toml,
             cfg,
@@ -290,6 +290,12 @@ impl Driver {
         self.cfg.secagg.enabled
     }
 
+    /// Columns of the federated statistics: the model inputs, then the label when the task
+    /// standardises it.
+    fn stats_columns(&self) -> usize {
+        self.spec.inputs + usize::from(self.cfg.schema.task.standardises_label())
+    }
+
     /// Runs the whole federated training and returns its summary. Continues a run found in
     /// the data directory after its last committed round.
     pub async fn run(mut self) -> Result<RunSummary, DriverError> {
@@ -306,9 +312,7 @@ impl Driver {
         self.progress.resumed(records.last().map(|r| &r.summary));
         self.metrics.resumed(
             records.len() as u64,
-            records
-                .last()
-                .map(|r| (r.summary.round, r.summary.accuracy, r.summary.loss)),
+            records.last().map(|r| (r.summary.round, &r.summary.eval)),
         );
         let first = records
             .last()
@@ -344,9 +348,7 @@ impl Driver {
                 dropped,
                 clipped,
                 seconds: started.elapsed().as_secs_f64(),
-                accuracy: eval.accuracy,
-                loss: eval.loss,
-                auc: eval.auc,
+                eval: eval.clone(),
                 total_weight,
                 model_sha3_512: hex(&hash),
                 rejected: self.rejected.iter().cloned().collect(),
@@ -355,11 +357,14 @@ impl Driver {
             // Durable before the next round is announced: a crash from here on resumes
             // after this round, never redoes or loses it.
             self.commit(&record, hash)?;
+            let headline = eval.weighted.headline();
             info!(
                 round = r,
-                accuracy = eval.accuracy,
+                metric = headline.map_or("", |h| h.0),
+                pooled = headline.map_or(f64::NAN, |h| h.1),
+                site_mean = ?eval.site_mean.headline().map(|h| h.1),
                 loss = eval.loss,
-                auc = eval.auc,
+                auc = ?eval.auc,
                 sites,
                 dropped,
                 clipped,
@@ -369,8 +374,7 @@ impl Driver {
             let m = &self.metrics;
             m.rounds_completed.inc();
             m.current_round.set(r as i64);
-            m.round_accuracy.set(eval.accuracy);
-            m.round_loss.set(eval.loss);
+            m.evaluated(&eval);
             m.dropouts.inc_by(dropped as u64);
             m.clipped_values.inc_by(clipped);
             if let Some(p) = &self.report {
@@ -424,7 +428,8 @@ impl Driver {
                 detail,
             })
         };
-        if checkpoint.params.len() != self.global.len() || setup.mean.len() != self.spec.inputs {
+        if checkpoint.params.len() != self.global.len() || setup.mean.len() != self.stats_columns()
+        {
             return Err(corrupt(format!(
                 "checkpoint {} has {} parameters, the model {}",
                 checkpoint.round,

@@ -10,7 +10,7 @@ impl Driver {
         let sum = self
             .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
             .await?;
-        let (mean, std) = stats::from_sum(&sum, self.spec.inputs);
+        let (mean, std) = stats::from_sum(&sum, self.stats_columns());
         self.mean = mean;
         self.std = std;
         info!(
@@ -21,7 +21,8 @@ impl Driver {
         let (initial, initial_per_site) = self.evaluate(0).await;
         info!(
             round = 0,
-            accuracy = initial.accuracy,
+            accuracy = ?initial.accuracy,
+            rmse = ?initial.weighted.rmse,
             loss = initial.loss,
             "initial model"
         );
@@ -49,7 +50,7 @@ impl Driver {
 
     pub(super) async fn stats_round(&mut self, attempt: u32) -> Result<Vec<u64>, String> {
         let sites = self.select();
-        let len = stats::vector_len(self.spec.inputs);
+        let len = stats::vector_len(self.stats_columns());
         let plain =
             (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true, 0));
         let start = self.round_start(0, attempt, Task::Stats, None);
@@ -72,7 +73,7 @@ impl Driver {
             }
         };
         // Checked before any site standardises with it: a wrapped or forged sum stops here.
-        stats::check_sum(&sum, self.spec.inputs)
+        stats::check_sum(&sum, self.stats_columns())
             .map_err(|e| format!("the statistics sum is refused: {e}"))?;
         Ok(sum)
     }

@@ -5,10 +5,13 @@
 //! hash and sign it without knowing anything about burn, and the agent can load it bit-exactly.
 
 pub mod csv;
+pub mod metrics;
 mod schema;
 pub mod stats;
+mod task;
 
 pub use schema::{DataSchema, LabelRule, MissingValues, SchemaError};
+pub use task::{RegressionLoss, Task, TaskKind, TaskTable};
 
 /// Local training settings, sent by the coordinator each round (its `[training]` table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,13 +87,22 @@ pub enum ModelKind {
 /// A named tensor: name, shape, values in row-major order.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
-/// A binary classifier over `inputs` features.
+/// A network over `inputs` features with `outputs` outputs (one per class of a multiclass
+/// task, otherwise one: the task decides, see [`Task::outputs`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub kind: ModelKind,
     pub inputs: usize,
     /// Hidden layer sizes (MLP only).
     pub hidden: Vec<usize>,
+    /// Written by every version since tasks other than binary exist; a spec without it
+    /// (an older export or data directory) is binary.
+    #[serde(default = "one")]
+    pub outputs: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -114,11 +126,11 @@ impl ModelSpec {
         };
         let mut sizes = vec![self.inputs];
         sizes.extend_from_slice(hidden);
-        sizes.push(1);
+        sizes.push(self.outputs.max(1));
         sizes.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
-    /// A short description, e.g. "mlp 13-32-1": what a data directory's checkpoints are of.
+    /// A short description, e.g. "mlp 13-32-1" (the last number is the output width): what a data directory's checkpoints are of.
     pub fn describe(&self) -> String {
         let kind = match self.kind {
             ModelKind::Logreg => "logreg",
@@ -367,6 +379,7 @@ mod tests {
             kind: ModelKind::Mlp,
             inputs: 2,
             hidden: vec![3],
+            outputs: 1,
         };
         // layer 0: w [2, 3] = 0..6 row-major (w[c][r] = 3c + r), b = 6..9; layer 1: w [3, 1], b.
         let params: Vec<f32> = (0..spec.num_params()).map(|x| x as f32).collect();
@@ -424,6 +437,7 @@ mod tests {
             kind: ModelKind::Logreg,
             inputs: 13,
             hidden: vec![32],
+            outputs: 1,
         };
         assert_eq!(logreg.layers(), vec![(13, 1)]);
         assert_eq!(logreg.num_params(), 14);
@@ -432,6 +446,7 @@ mod tests {
             kind: ModelKind::Mlp,
             inputs: 13,
             hidden: vec![16, 8],
+            outputs: 1,
         };
         assert_eq!(mlp.layers(), vec![(13, 16), (16, 8), (8, 1)]);
         assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use sha3::{Digest, Sha3_256};
 use thiserror::Error;
 
+use super::task::{Task, TaskTable};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingValues {
@@ -24,7 +26,8 @@ pub enum MissingValues {
     ImputeMean,
 }
 
-/// How the label column becomes 0/1: positive when `value > greater_than`.
+/// The binary shorthand `label = { column, greater_than }`: positive when
+/// `value > greater_than`. The same as `[schema.task] kind = "binary"`, and hashed alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRule {
@@ -33,19 +36,89 @@ pub struct LabelRule {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SchemaTable", into = "SchemaTable")]
 pub struct DataSchema {
-    pub label: LabelRule,
+    /// What the model predicts from which column (`[schema.task]`, or the binary shorthand
+    /// `label`).
+    pub task: Task,
     /// Feature columns in order. Empty: every column but the label and `drop`.
-    #[serde(default)]
     pub features: Vec<String>,
-    #[serde(default)]
     pub drop: Vec<String>,
     /// Categorical columns and their levels; encoded one-hot with the first level dropped.
-    #[serde(default)]
     pub categorical: BTreeMap<String, Vec<f64>>,
-    #[serde(default)]
     pub missing: MissingValues,
+}
+
+/// `[schema]` as written. A binary task is written back in the shorthand, so a schema that
+/// predates `[schema.task]` reads, writes and hashes as it always did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label: Option<LabelRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<TaskTable>,
+    #[serde(default)]
+    features: Vec<String>,
+    #[serde(default)]
+    drop: Vec<String>,
+    #[serde(default)]
+    categorical: BTreeMap<String, Vec<f64>>,
+    #[serde(default)]
+    missing: MissingValues,
+}
+
+impl TryFrom<SchemaTable> for DataSchema {
+    type Error = String;
+
+    fn try_from(t: SchemaTable) -> Result<Self, String> {
+        let task = match (t.label, t.task) {
+            (Some(_), Some(_)) => {
+                return Err("give either label = { column, greater_than } (the binary shorthand) or a [schema.task] table, not both".into());
+            }
+            (None, None) => {
+                return Err("the schema names no label: add a [schema.task] table (kind = \"binary\", \"multiclass\" or \"regression\", label = \"COLUMN\"), or label = { column, greater_than } for a binary task".into());
+            }
+            (Some(l), None) => Task::Binary {
+                label: l.column,
+                greater_than: l.greater_than,
+            },
+            (None, Some(t)) => Task::try_from(t)?,
+        };
+        Ok(DataSchema {
+            task,
+            features: t.features,
+            drop: t.drop,
+            categorical: t.categorical,
+            missing: t.missing,
+        })
+    }
+}
+
+impl From<DataSchema> for SchemaTable {
+    fn from(s: DataSchema) -> Self {
+        let (label, task) = match &s.task {
+            Task::Binary {
+                label,
+                greater_than,
+            } => (
+                Some(LabelRule {
+                    column: label.clone(),
+                    greater_than: *greater_than,
+                }),
+                None,
+            ),
+            other => (None, Some(other.to_table())),
+        };
+        SchemaTable {
+            label,
+            task,
+            features: s.features,
+            drop: s.drop,
+            categorical: s.categorical,
+            missing: s.missing,
+        }
+    }
 }
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -56,16 +129,16 @@ pub enum SchemaError {
     DuplicateColumn(String),
     #[error("categorical column {column:?} has no levels")]
     NoLevels { column: String },
-    #[error("row {row}: column {column:?} has value {value}, not one of its levels {levels:?}")]
+    #[error("line {row}: column {column:?} has value {value}, not one of its levels {levels:?}")]
     UnknownLevel {
         row: usize,
         column: String,
         value: f64,
         levels: Vec<f64>,
     },
-    #[error("row {row}: the label is missing")]
-    MissingLabel { row: usize },
-    #[error("row {row} has {got} fields, the header has {expected}")]
+    #[error("{0}")]
+    BadLabel(String),
+    #[error("line {row} has {got} fields, the header has {expected}")]
     RowLength {
         row: usize,
         got: usize,
@@ -83,14 +156,15 @@ pub struct Resolved {
     columns: Vec<(usize, String, Option<Vec<f64>>)>,
     width: usize,
     missing: MissingValues,
-    greater_than: f64,
+    task: Task,
 }
 
-/// One encoded row: features (None where missing) and the label.
+/// One encoded row: features (None where missing) and the training target: 0/1 for a
+/// binary task, the class index for a multiclass one, the label's value for regression.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedRow {
     pub features: Vec<Option<f64>>,
-    pub label: f32,
+    pub label: f64,
 }
 
 impl DataSchema {
@@ -102,8 +176,8 @@ impl DataSchema {
             h.update(s.as_bytes());
         };
         put("cohort-schema-v1");
-        put(&self.label.column);
-        put(&self.label.greater_than.to_bits().to_string());
+        put(self.task.label());
+        self.task.hash_into(&mut put);
         for f in &self.features {
             put(f);
         }
@@ -135,14 +209,9 @@ impl DataSchema {
             }
         };
         differ(
-            "label.column",
-            format!("{:?}", self.label.column),
-            format!("{:?}", other.label.column),
-        );
-        differ(
-            "label.greater_than",
-            self.label.greater_than.to_string(),
-            other.label.greater_than.to_string(),
+            "task",
+            format!("{:?}", self.task.to_table()),
+            format!("{:?}", other.task.to_table()),
         );
         differ(
             "features",
@@ -180,7 +249,7 @@ impl DataSchema {
         if self.features.is_empty() {
             header
                 .iter()
-                .filter(|c| **c != self.label.column && !self.drop.contains(c))
+                .filter(|c| c.as_str() != self.task.label() && !self.drop.contains(c))
                 .cloned()
                 .collect()
         } else {
@@ -216,9 +285,9 @@ impl DataSchema {
             return None;
         }
         let mut header = self.features.clone();
-        for c in std::iter::once(&self.label.column).chain(&self.drop) {
-            if !header.contains(c) {
-                header.push(c.clone());
+        for c in std::iter::once(self.task.label()).chain(self.drop.iter().map(String::as_str)) {
+            if !header.iter().any(|h| h == c) {
+                header.push(c.to_string());
             }
         }
         Some(self.input_names(&header))
@@ -236,7 +305,7 @@ impl DataSchema {
                 .position(|h| h == c)
                 .ok_or_else(|| SchemaError::MissingColumn(c.to_string()))
         };
-        let label = index(&self.label.column)?;
+        let label = index(self.task.label())?;
         for c in self.drop.iter().chain(self.categorical.keys()) {
             index(c)?;
         }
@@ -267,7 +336,7 @@ impl DataSchema {
             columns,
             width,
             missing: self.missing,
-            greater_than: self.label.greater_than,
+            task: self.task.clone(),
         })
     }
 }
@@ -277,8 +346,8 @@ impl Resolved {
         self.width
     }
 
-    /// Encodes one CSV row (`None` = empty cell). `Ok(None)`: the row is dropped for a
-    /// missing value under [`MissingValues::DropRow`].
+    /// Encodes one CSV row (`None` = empty cell). `Ok(None)`: the row is dropped, for a
+    /// missing label or for a missing value under [`MissingValues::DropRow`].
     pub fn encode(
         &self,
         row_number: usize,
@@ -292,7 +361,11 @@ impl Resolved {
                 expected: header_len,
             });
         }
-        let label = row[self.label].ok_or(SchemaError::MissingLabel { row: row_number })?;
+        // A row without a label can be neither trained nor judged on, and a label cannot be
+        // imputed: it is dropped under either missing-value rule (and counted by the caller).
+        let Some(label) = row[self.label] else {
+            return Ok(None);
+        };
         let mut features = Vec::with_capacity(self.width);
         for (i, name, levels) in &self.columns {
             let value = row[*i];
@@ -315,10 +388,11 @@ impl Resolved {
                 }
             }
         }
-        Ok(Some(EncodedRow {
-            features,
-            label: if label > self.greater_than { 1.0 } else { 0.0 },
-        }))
+        let label = self
+            .task
+            .target(row_number, label)
+            .map_err(SchemaError::BadLabel)?;
+        Ok(Some(EncodedRow { features, label }))
     }
 }
 
@@ -393,6 +467,9 @@ mod tests {
         missing[3] = None;
         assert_eq!(r.encode(2, &missing, 14).unwrap(), None);
         missing[10] = None; // slope is dropped: irrelevant
+        let mut unlabelled = row.clone();
+        unlabelled[13] = None;
+        assert_eq!(r.encode(5, &unlabelled, 14).unwrap(), None);
         let mut bad = row.clone();
         bad[2] = Some(9.0);
         assert!(matches!(
@@ -415,6 +492,59 @@ mod tests {
         .unwrap();
         assert_eq!(implicit.missing, MissingValues::DropRow);
         assert_eq!(implicit.hash(), explicit.hash());
+    }
+
+    #[test]
+    fn the_task_table_and_the_binary_shorthand_are_one_schema() {
+        let shorthand = flamby();
+        let table: DataSchema = toml::from_str(
+            r#"
+            drop = ["slope", "ca", "thal"]
+            categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
+            [task]
+            kind = "binary"
+            label = "num"
+            greater_than = 0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(table, shorthand);
+        assert_eq!(table.hash(), shorthand.hash());
+        let multi: DataSchema = toml::from_str(
+            "drop = [\"slope\", \"ca\", \"thal\"]\n[task]\nkind = \"multiclass\"\nlabel = \"num\"\nclasses = [0, 1, 2, 3, 4]",
+        )
+        .unwrap();
+        assert_ne!(multi.hash(), shorthand.hash());
+        assert_eq!(multi.task.outputs(), 5);
+        // The TOML sent to agents round-trips, the task included.
+        let sent = toml::to_string(&multi).unwrap_or_default();
+        assert_eq!(
+            toml::from_str::<DataSchema>(&sent).ok(),
+            Some(multi.clone())
+        );
+        assert!(
+            multi.differences(&shorthand)[0].starts_with("task:"),
+            "{:?}",
+            multi.differences(&shorthand)
+        );
+        // A class outside the declared ones names the line and the value.
+        let r = multi.resolve(&header()).unwrap();
+        let mut row: Vec<Option<f64>> = vec![Some(1.0); 14];
+        row[13] = Some(9.0);
+        let err = r.encode(12, &row, 14).unwrap_err().to_string();
+        assert!(err.contains("line 12") && err.contains("= 9"), "{err}");
+        row[13] = Some(3.0);
+        assert_eq!(r.encode(12, &row, 14).unwrap().map(|e| e.label), Some(3.0));
+        for (text, needle) in [
+            (
+                "label = { column = \"num\", greater_than = 0 }\n[task]\nkind = \"regression\"\nlabel = \"chol\"",
+                "not both",
+            ),
+            ("drop = []", "names no label"),
+        ] {
+            let err = toml::from_str::<DataSchema>(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

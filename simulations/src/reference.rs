@@ -1,0 +1,146 @@
+//! `cohort-sim run --pooled`: what the federated model is judged against.
+//!
+//! - **pooled**: the same model trained on every site's training rows as if one site held
+//!   them all (the centralised reference a federation tries to match), standardised with the
+//!   statistics of the pooled rows — the same numbers the federation's secure statistics round
+//!   computes;
+//! - **alone**: each site's own model, trained and standardised on its own rows only (what a
+//!   hospital gets without the federation).
+//!
+//! Both run the agent's own training and evaluation code (`cohort_agent::train`) for as many
+//! rounds as the federation, with the optimiser restarted each round as an agent's is. The
+//! pooled site takes `local_steps × sites` steps per round, so it sees as many batches as the
+//! whole federation does. Every model is judged on each site's own test split, the one the
+//! federation's sites evaluate on, so the three results compare row for row.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, anyhow};
+use cohort_agent::data::{Rows, SiteData};
+use cohort_agent::train::{self, Objective};
+use cohort_protocols::model::metrics::{Metrics, Tally};
+use cohort_protocols::model::{ModelSpec, Task, TrainingConfig, stats};
+
+use crate::run::Reference;
+
+/// One site's data, loaded exactly as its agent loads it.
+#[derive(Debug)]
+pub struct Site {
+    pub name: String,
+    pub data: SiteData,
+}
+
+/// The pooled and the site-alone references.
+pub fn references(
+    sites: &[Site],
+    spec: &ModelSpec,
+    cfg: &TrainingConfig,
+    seed: u64,
+    rounds: u64,
+) -> Result<(Reference, Reference)> {
+    let task = &sites.first().context("no sites")?.data.task;
+    let mut pooled = Rows::default();
+    let mut sum = vec![0u64; stats::vector_len(sites[0].data.stats_columns())];
+    for s in sites {
+        pooled
+            .features
+            .extend(s.data.train.features.iter().cloned());
+        pooled.labels.extend(s.data.train.labels.iter().copied());
+        for (a, b) in sum.iter_mut().zip(s.data.stats_vector()) {
+            *a = a.wrapping_add(b);
+        }
+    }
+    let steps = TrainingConfig {
+        local_steps: cfg.local_steps * sites.len(),
+        ..cfg.clone()
+    };
+    let (mean, std) = stats::from_sum(&sum, sites[0].data.stats_columns());
+    let model = fit(spec, task, &pooled, (&mean, &std), &steps, seed, rounds)?;
+    let pooled_ref = judge(
+        sites,
+        |_| Ok((model.clone(), mean.clone(), std.clone())),
+        spec,
+        task,
+    )?;
+
+    let alone = judge(
+        sites,
+        |s| {
+            let columns = s.data.stats_columns();
+            let (mean, std) = stats::from_sum(&s.data.stats_vector(), columns);
+            let own = fit(spec, task, &s.data.train, (&mean, &std), cfg, seed, rounds)
+                .with_context(|| format!("training {} alone", s.name))?;
+            Ok((own, mean, std))
+        },
+        spec,
+        task,
+    )?;
+    Ok((pooled_ref, alone))
+}
+
+/// `rounds` rounds of local training from the initial model, as a federation of one.
+fn fit(
+    spec: &ModelSpec,
+    task: &Task,
+    rows: &Rows,
+    (mean, std): (&[f64], &[f64]),
+    cfg: &TrainingConfig,
+    seed: u64,
+    rounds: u64,
+) -> Result<Vec<f32>> {
+    let inputs = spec.inputs;
+    let x = rows.standardised(&mean[..inputs], &std[..inputs]);
+    let objective = Objective::with_stats(task, inputs, mean, std);
+    let mut params = spec.init(seed);
+    for r in 1..=rounds {
+        params = train::train(
+            spec,
+            &objective,
+            &params,
+            &x,
+            rows,
+            cfg,
+            seed ^ r.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        )
+        .map_err(|e| anyhow!("round {r}: {e}"))?;
+    }
+    Ok(params)
+}
+
+/// Every site's test metrics for the model `model_for` gives it, their mean and the pooled
+/// (example-weighted) metrics.
+fn judge(
+    sites: &[Site],
+    model_for: impl Fn(&Site) -> Result<(Vec<f32>, Vec<f64>, Vec<f64>)>,
+    spec: &ModelSpec,
+    task: &Task,
+) -> Result<Reference> {
+    let mut per_site = BTreeMap::new();
+    let mut pooled: Option<Tally> = None;
+    let (mut auc_sum, mut auc_n) = (0.0, 0.0);
+    for s in sites {
+        let (params, mean, std) = model_for(s)?;
+        let inputs = spec.inputs;
+        let x = s.data.test.standardised(&mean[..inputs], &std[..inputs]);
+        let objective = Objective::with_stats(task, inputs, &mean, &std);
+        let e = train::evaluate(spec, &objective, &params, &x, &s.data.test.labels)
+            .map_err(|e| anyhow!("{}: {e}", s.name))?;
+        if let Some(a) = e.auc {
+            auc_sum += a * e.examples as f64;
+            auc_n += e.examples as f64;
+        }
+        match &mut pooled {
+            None => pooled = Some(e.tally.clone()),
+            Some(p) => p.add(&e.tally).map_err(|e| anyhow!(e))?,
+        }
+        per_site.insert(s.name.clone(), e.metrics());
+    }
+    let weighted = pooled
+        .unwrap_or_default()
+        .metrics((auc_n > 0.0).then(|| auc_sum / auc_n));
+    Ok(Reference {
+        site_mean: Metrics::mean(per_site.values().collect::<Vec<_>>()),
+        weighted,
+        per_site,
+    })
+}
