@@ -457,6 +457,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 3") && err.contains("\"forty\""), "{err}");
+        // A label outside the task's classes names the file, the line and the value.
+        let classes: DataSchema =
+            toml::from_str("[task]\nkind = \"multiclass\"\nlabel = \"num\"\nclasses = [0, 1, 2]")
+                .expect("schema");
+        std::fs::write(&p, "age,num\n40,1\n50,2\n60,7\n").expect("write");
+        let err = SiteData::load(&classes, &p, None, 0.3, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.csv") && err.contains("line 4") && err.contains("= 7"),
+            "{err}"
+        );
         let err = SiteData::load(&s, &dir.path().join("nope.csv"), None, 0.3, 1)
             .unwrap_err()
             .to_string();

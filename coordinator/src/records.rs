@@ -125,3 +125,57 @@ pub struct Setup {
     pub initial: Evaluation,
     pub initial_per_site: BTreeMap<String, SiteResult>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_before_tasks_still_read() {
+        let old = r#"{"summary":{"round":3,"attempts":1,"sites":4,"dropped":0,"clipped":0,
+            "seconds":0.1,"accuracy":0.8,"loss":0.45,"auc":0.81,"total_weight":480,
+            "model_sha3_512":"ab"},
+            "per_site":{"va":{"examples":86,"test_examples":44,"accuracy":0.75,"loss":0.5,"auc":0.7}}}"#;
+        let r: RoundRecord = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.summary.eval.accuracy, Some(0.8));
+        assert_eq!(r.summary.eval.auc, Some(0.81));
+        assert_eq!(r.per_site["va"].auc, Some(0.7));
+        assert!(r.per_site["va"].tally.confusion.is_empty());
+        // And the summary's keys are where the status API always served them.
+        let json = serde_json::to_value(&r.summary).unwrap_or_default();
+        assert_eq!(json["accuracy"], 0.8);
+        assert_eq!(json["loss"], 0.45);
+    }
+
+    #[test]
+    fn a_rounds_evaluation_pools_the_sites_tallies() {
+        let site = |tp: u64, fn_: u64, tn: u64, fp: u64, auc: Option<f64>| {
+            let tally = Tally {
+                confusion: vec![tn, fp, fn_, tp],
+                residuals: None,
+            };
+            let metrics = tally.metrics(auc);
+            SiteResult {
+                examples: 100,
+                test_examples: tally.examples(),
+                accuracy: metrics.accuracy,
+                loss: 0.5,
+                auc,
+                metrics,
+                tally,
+            }
+        };
+        let results = BTreeMap::from([
+            ("a".to_string(), site(8, 2, 8, 2, Some(0.9))),
+            // One class only in its test split: no AUC, and it does not count in the mean.
+            ("b".to_string(), site(0, 0, 25, 5, None)),
+        ]);
+        let e = Evaluation::of(&results);
+        assert_eq!(e.accuracy, Some((0.8 + 25.0 / 30.0) / 2.0));
+        assert_eq!(e.weighted.accuracy, Some(41.0 / 50.0));
+        assert_eq!(e.auc, Some(0.9));
+        assert_eq!(e.weighted.auc, Some(0.9));
+        assert_eq!(e.confusion, vec![33, 7, 2, 8]);
+        assert_eq!(e.loss, 0.5);
+    }
+}

@@ -222,7 +222,7 @@ impl Tally {
 impl Metrics {
     /// The unweighted mean over sites of each metric, over the sites where it is defined.
     pub fn mean<'a>(all: impl IntoIterator<Item = &'a Metrics> + Clone) -> Metrics {
-        fn avg<'a>(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+        fn avg(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
             let (sum, n) = v.flatten().fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
             (n > 0).then(|| sum / n as f64)
         }

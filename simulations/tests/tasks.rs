@@ -1,0 +1,201 @@
+//! Tasks other than binary classification, on the shipped heart-disease data, through the
+//! whole system: the shipped example scenarios (multiclass severity, regression of the
+//! maximum heart rate) run with secure aggregation over real gRPC and mTLS, with the
+//! centralised and site-alone references; each run's model is exported and scored again,
+//! by `cohort-agent`'s predict and by `examples/predict.py` (numpy), on each site's test CSV,
+//! and must reproduce the metric the federation reported for that site.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cohort_agent::predict::ExportedModel;
+use cohort_sim::run::{Summary, run_file_with};
+
+const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Each site's CSV split into `NAME-train.csv` and `NAME-test.csv` (every third row), so the
+/// test rows are a file that predict and predict.py can read.
+fn split(dir: &Path, site: &str) -> (PathBuf, PathBuf) {
+    let text =
+        std::fs::read_to_string(repo().join(format!("data/heart-disease/{site}.csv"))).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let (mut train, mut test) = (vec![header], vec![header]);
+    for (i, l) in lines.enumerate() {
+        if i % 3 == 2 { &mut test } else { &mut train }.push(l);
+    }
+    let paths = (
+        dir.join(format!("{site}-train.csv")),
+        dir.join(format!("{site}-test.csv")),
+    );
+    std::fs::write(&paths.0, train.join("\n") + "\n").unwrap();
+    std::fs::write(&paths.1, test.join("\n") + "\n").unwrap();
+    paths
+}
+
+/// The shipped example with `rounds` rounds and each site's data as a train and a test file.
+fn scenario(dir: &Path, example: &str, rounds: u64) -> PathBuf {
+    let mut text = std::fs::read_to_string(repo().join("examples").join(example)).unwrap();
+    assert!(text.contains("rounds = 15"));
+    text = text.replace("rounds = 15", &format!("rounds = {rounds}"));
+    for site in SITES {
+        let (train, test) = split(dir, site);
+        let shipped = format!("csv = \"../data/heart-disease/{site}.csv\"");
+        assert!(text.contains(&shipped), "{example} names {site}'s CSV");
+        text = text.replace(&shipped, &format!("csv = {train:?}\ntest_csv = {test:?}"));
+    }
+    let path = dir.join(example);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_and_export(dir: &Path, example: &str) -> (Summary, PathBuf) {
+    let out = dir.join("out");
+    let summary = run_file_with(&scenario(dir, example, 4), &out, true).expect("scenario runs");
+    assert_eq!(summary.rounds_completed, 4);
+    assert!(summary.secure);
+    assert_eq!(summary.coordinator_received.plain_updates, 0);
+    let config =
+        cohort_coordinator::CoordinatorConfig::load(&out.join("coordinator.toml")).unwrap();
+    let model = out.join("model.safetensors");
+    cohort_coordinator::export::export_model(&config, None, &model).unwrap();
+    (summary, model)
+}
+
+/// `python3 examples/predict.py MODEL CSV`: (rows scored, the metric on stderr). None when
+/// Python or its packages are missing outside CI (`.ci/run` installs them).
+fn python(model: &Path, csv: &Path, metric: &str) -> Option<(usize, f64)> {
+    let out = Command::new("python3")
+        .arg(repo().join("examples/predict.py"))
+        .arg(model)
+        .arg(csv)
+        .output();
+    let in_ci = std::env::var_os("CI").is_some();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) if !in_ci && String::from_utf8_lossy(&o.stderr).contains("ModuleNotFoundError") => {
+            eprintln!("numpy/safetensors for Python are missing: the Python check is skipped");
+            return None;
+        }
+        Ok(o) => panic!("predict.py failed:\n{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) if !in_ci => {
+            eprintln!("python3 not found ({e}): the Python check is skipped");
+            return None;
+        }
+        Err(e) => panic!("python3 is required in CI: {e}"),
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    let value = err
+        .strip_prefix(&format!("{metric} "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} from predict.py: {err}"));
+    Some((String::from_utf8_lossy(&out.stdout).lines().count(), value))
+}
+
+#[test]
+fn multiclass_severity_trains_securely_and_its_export_reproduces_each_sites_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, model) = run_and_export(dir.path(), "heart-disease-multiclass.toml");
+    assert_eq!(
+        (s.task.as_str(), s.metric.as_str()),
+        ("multiclass", "accuracy")
+    );
+    assert!(
+        s.final_.loss < s.initial.loss,
+        "{} -> {}",
+        s.initial.loss,
+        s.final_.loss
+    );
+    // Five classes: per-class recall, macro-F1, no AUC; the confusion matrix summed over the
+    // sites counts every test row once.
+    let w = &s.final_.weighted;
+    assert_eq!(w.per_class_recall.len(), 5);
+    assert!(w.macro_f1.is_some() && w.balanced_accuracy.is_some());
+    assert_eq!(w.auc, None);
+    assert_eq!(s.final_.confusion.len(), 25);
+    let test_rows: u64 = s.per_site.values().map(|r| r.test_examples).sum();
+    assert_eq!(s.final_.confusion.iter().sum::<u64>(), test_rows);
+    let correct: u64 = (0..5).map(|c| s.final_.confusion[c * 5 + c]).sum();
+    assert!((w.accuracy.unwrap() - correct as f64 / test_rows as f64).abs() < 1e-12);
+    // Hungary's records hold classes 0 and 1 only: its recall of the others is undefined,
+    // not zero, and the mean of sites averages over the sites that have the class.
+    let hungary = &s.per_site["hungary"].metrics;
+    assert_eq!(hungary.per_class_recall[2..], [None, None, None]);
+    // The references were trained and judged on the same test rows.
+    for reference in [s.pooled.as_ref().unwrap(), s.alone.as_ref().unwrap()] {
+        assert_eq!(reference.per_site.len(), 4);
+        assert!(reference.weighted.accuracy.is_some());
+    }
+
+    let exported = ExportedModel::read(&model).unwrap();
+    assert_eq!(exported.spec.outputs, 5);
+    for site in SITES {
+        let test = dir.path().join(format!("{site}-test.csv"));
+        let scored = exported.score(&test).unwrap();
+        let reported = &s.per_site[site];
+        let e = scored.evaluation.unwrap();
+        assert_eq!(e.examples as u64, reported.test_examples, "{site}");
+        assert_eq!(
+            e.metrics(),
+            reported.metrics,
+            "{site}: predict reproduces the report"
+        );
+        if let Some((rows, accuracy)) = python(&model, &test, "accuracy") {
+            assert_eq!(rows as u64, reported.test_examples, "{site}");
+            let one_row = 1.0 / rows as f64;
+            assert!(
+                (accuracy - reported.accuracy.unwrap()).abs() <= one_row + 1e-6,
+                "{site}: predict.py {accuracy} vs {:?}",
+                reported.accuracy
+            );
+        }
+    }
+}
+
+#[test]
+fn regression_reports_errors_in_beats_per_minute_and_its_export_reproduces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, model) = run_and_export(dir.path(), "heart-disease-regression.toml");
+    assert_eq!((s.task.as_str(), s.metric.as_str()), ("regression", "rmse"));
+    assert_eq!(s.final_.accuracy, None);
+    assert!(s.final_.confusion.is_empty());
+    let (before, after) = (
+        s.initial.weighted.rmse.unwrap(),
+        s.final_.weighted.rmse.unwrap(),
+    );
+    // The initial model predicts the federation's mean heart rate: its RMSE is about the
+    // label's standard deviation, in beats per minute (not in standardised units).
+    assert!(before > 15.0 && before < 40.0, "{before}");
+    assert!(after < before, "{before} -> {after}");
+    assert!(s.final_.weighted.r2.unwrap() > 0.0);
+    assert!(s.pooled.as_ref().unwrap().weighted.rmse.is_some());
+
+    let exported = ExportedModel::read(&model).unwrap();
+    let (mean, std) = exported.label_scaling.expect("the label's scaling travels");
+    assert!(mean > 100.0 && mean < 180.0 && std > 10.0, "{mean} {std}");
+    for site in SITES {
+        let test = dir.path().join(format!("{site}-test.csv"));
+        let reported = &s.per_site[site];
+        let e = exported.score(&test).unwrap().evaluation.unwrap();
+        assert_eq!(e.examples as u64, reported.test_examples, "{site}");
+        let (ours, theirs) = (e.metrics().rmse.unwrap(), reported.metrics.rmse.unwrap());
+        assert!(
+            (ours - theirs).abs() < 1e-9 * theirs,
+            "{site}: {ours} vs {theirs}"
+        );
+        if let Some((rows, rmse)) = python(&model, &test, "rmse") {
+            assert_eq!(rows as u64, reported.test_examples, "{site}");
+            assert!(
+                (rmse - theirs).abs() < 1e-3,
+                "{site}: predict.py {rmse} vs {theirs}"
+            );
+        }
+    }
+}
