@@ -173,7 +173,7 @@ mod tests {
         // An RMSE in label units is not clipped at 1.
         let (lo, hi) = y_range([18.0, 22.0].into_iter(), false);
         assert!(
-            (lo - 17.6).abs() < 1e-9 && (hi - 22.4).abs() < 1e-9,
+            (lo - 17.56).abs() < 1e-9 && (hi - 22.44).abs() < 1e-9,
             "{lo} {hi}"
         );
     }

@@ -426,9 +426,21 @@ fn run_scenario(
         coordinator_url: "https://127.0.0.1:0".into(),
     })?;
 
-    let schema: DataSchema = toml::Value::Table(s.schema.clone())
-        .try_into()
-        .context("[schema]")?;
+    let schema: DataSchema = match toml::Value::Table(s.schema.clone()).try_into() {
+        Ok(schema) => schema,
+        Err(e) => {
+            // Parsed again from the user's text, so the error points at their file and line.
+            #[derive(Deserialize)]
+            struct SchemaOnly {
+                #[allow(dead_code)]
+                schema: DataSchema,
+            }
+            match toml::from_str::<SchemaOnly>(source.text) {
+                Err(located) => bail!("{}: {located}", source.path.display()),
+                Ok(_) => bail!("{}: [schema]: {e}", source.path.display()),
+            }
+        }
+    };
     let first = s.sites.first().context("the scenario has no sites")?;
     let header = read_header(&base.join(&first.csv))?;
     let inputs = schema
