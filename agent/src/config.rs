@@ -25,6 +25,11 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// Must equal the common name of this site's certificate.
     pub site: String,
+    /// `train` (the default), or `evaluate`: the site holds only a test set (`data.csv` is
+    /// all test rows), takes part in every evaluation and never in statistics or training —
+    /// a consortium's independent test set.
+    #[serde(default)]
+    pub role: Role,
     pub coordinator: CoordinatorAddress,
     pub tls: TlsFiles,
     pub data: DataConfig,
@@ -42,6 +47,14 @@ pub struct AgentConfig {
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     #[serde(default)]
     pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    Train,
+    Evaluate,
 }
 
 /// A deliberate failure at one stage of one round.
@@ -241,6 +254,13 @@ impl AgentConfig {
                 key: "data.test_fraction",
                 value: cfg.data.test_fraction.to_string(),
                 allowed: "a fraction strictly between 0 and 1",
+            });
+        }
+        if cfg.role == Role::Evaluate && cfg.data.test_csv.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "data.test_csv",
+                value: "set".into(),
+                allowed: "not with role = \"evaluate\": an evaluation-only site's data.csv is its test set",
             });
         }
         if !cfg.coordinator.url.starts_with("https://") {

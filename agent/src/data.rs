@@ -207,6 +207,22 @@ impl SiteData {
         )
     }
 
+    /// An evaluation-only site: every usable row of `csv` is a test row; nothing trains.
+    pub fn load_test_only(
+        schema: &DataSchema,
+        renames: &Renames,
+        csv: &Path,
+    ) -> Result<Self, DataError> {
+        let (_, inputs, test, dropped_rows) = encode(schema, csv, renames)?;
+        Ok(SiteData {
+            inputs,
+            task: schema.task.clone(),
+            train: Rows::default(),
+            test,
+            dropped_rows,
+        })
+    }
+
     /// [`SiteData::load`] with this site's column names mapped to the schema's first.
     pub fn load_renamed(
         schema: &DataSchema,

@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::failure::{self, Class, Permanent};
 
-use crate::config::{AgentConfig, Fault, FaultAction, FaultStage};
+use crate::config::{AgentConfig, Fault, FaultAction, FaultStage, Role};
 use crate::data::SiteData;
 use crate::site::LocalSite;
 use cohort_protocols::model::TrainingConfig;
@@ -133,17 +133,21 @@ pub async fn run(mut cfg: AgentConfig) -> Result<()> {
         .into());
     }
     info!(site = %cfg.site, schema = %schema.hash(), "schema received from the coordinator");
-    let data = Arc::new(
-        SiteData::load_renamed(
+    let loaded = match cfg.role {
+        Role::Train => SiteData::load_renamed(
             &schema,
             &cfg.data.rename,
             &cfg.data.csv,
             cfg.data.test_csv.as_deref(),
             cfg.data.test_fraction,
             cfg.data.split_seed,
-        )
-        .context("loading the site's data with the coordinator's schema")
-        .map_err(failure::ConfigProblem)?,
+        ),
+        Role::Evaluate => SiteData::load_test_only(&schema, &cfg.data.rename, &cfg.data.csv),
+    };
+    let data = Arc::new(
+        loaded
+            .context("loading the site's data with the coordinator's schema")
+            .map_err(failure::ConfigProblem)?,
     );
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
     cfg.schema = Some(schema);
@@ -395,6 +399,7 @@ async fn session(
             schema_hash: schema.hash(),
             protocol_version: PROTOCOL_VERSION,
             schema_toml: toml::to_string(schema).unwrap_or_default(),
+            evaluate_only: cfg.role == Role::Evaluate,
         })),
     })
     .await?;
@@ -577,6 +582,16 @@ impl Session<'_> {
         let task = Task::try_from(start.task).unwrap_or(Task::Unspecified);
         let round = start.round;
         let secure = start.secure;
+        if self.cfg.role == Role::Evaluate && matches!(task, Task::Stats | Task::Train) {
+            self.round = None;
+            return self
+                .decline(
+                    round,
+                    "this site only evaluates (role = \"evaluate\"): it holds no training data"
+                        .into(),
+                )
+                .await;
+        }
         if !secure && self.cfg.policy.require_secure && matches!(task, Task::Stats | Task::Train) {
             self.round = None;
             return self

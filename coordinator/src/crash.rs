@@ -109,9 +109,9 @@ mod tests {
         let hub = Hub::new(tx);
         let (out, _keep) = tokio::sync::mpsc::channel(1);
         let close = std::sync::Arc::new(tokio::sync::Notify::new());
-        hub.connect("cleveland", 200, out.clone(), close.clone())
+        hub.connect("cleveland", 200, false, out.clone(), close.clone())
             .unwrap();
-        hub.connect("hungary", 173, out, close).unwrap();
+        hub.connect("hungary", 173, false, out, close).unwrap();
         hub.touch("cleveland", 1234);
         let progress = Progress::default();
         let dir = tempfile::tempdir().unwrap();

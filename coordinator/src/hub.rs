@@ -97,6 +97,9 @@ pub struct SiteState {
     #[serde(default)]
     pub last_rmse: Option<f64>,
     pub test_examples: u64,
+    /// The site holds only a test set: it evaluates, never trains or sends statistics.
+    #[serde(default)]
+    pub evaluate_only: bool,
     /// The reason the site last gave for declining a round (its policy, a model it could not
     /// verify, failed training), with the round.
     #[serde(default)]
@@ -127,6 +130,7 @@ impl SiteState {
             last_auc: None,
             last_rmse: None,
             test_examples: 0,
+            evaluate_only: false,
             last_decline: None,
             rejections: 0,
             last_rejection: None,
@@ -240,6 +244,7 @@ impl Hub {
         &self,
         site: &str,
         examples: u64,
+        evaluate_only: bool,
         tx: Outbound,
         close: Arc<Notify>,
     ) -> Result<(u32, u64), u64> {
@@ -258,6 +263,7 @@ impl Hub {
                 s.connected = true;
                 s.session += 1;
                 s.examples = examples;
+                s.evaluate_only = evaluate_only;
                 s.last_seen = Some(SystemTime::now());
                 Ok(s.session)
             },
@@ -438,10 +444,10 @@ mod tests {
         let (out, _o) = mpsc::channel(1);
         let close = Arc::new(Notify::new());
         let (id, first) = hub
-            .connect("cleveland", 10, out.clone(), close.clone())
+            .connect("cleveland", 10, false, out.clone(), close.clone())
             .unwrap();
         assert_eq!(
-            hub.connect("cleveland", 10, out.clone(), close.clone()),
+            hub.connect("cleveland", 10, false, out.clone(), close.clone()),
             Err(first)
         );
         // The refused newcomer changed nothing: the first session is still the site's.
@@ -452,11 +458,11 @@ mod tests {
         // A stale disconnect (an older session) does not end the current one.
         hub.disconnect("cleveland", first - 1);
         assert!(
-            hub.connect("cleveland", 10, out.clone(), close.clone())
+            hub.connect("cleveland", 10, false, out.clone(), close.clone())
                 .is_err()
         );
         hub.disconnect("cleveland", first);
-        let (again, second) = hub.connect("cleveland", 12, out, close).unwrap();
+        let (again, second) = hub.connect("cleveland", 12, false, out, close).unwrap();
         assert_eq!((again, second), (id, first + 1));
     }
 
@@ -467,9 +473,10 @@ mod tests {
         let (fast_tx, mut fast_rx) = mpsc::channel(SITE_OUTBOX_MESSAGES);
         let (slow_tx, _slow_rx) = mpsc::channel(SITE_OUTBOX_MESSAGES);
         let slow_close = Arc::new(Notify::new());
-        hub.connect("cleveland", 1, fast_tx, Arc::new(Notify::new()))
+        hub.connect("cleveland", 1, false, fast_tx, Arc::new(Notify::new()))
             .unwrap();
-        hub.connect("va", 1, slow_tx, slow_close.clone()).unwrap();
+        hub.connect("va", 1, false, slow_tx, slow_close.clone())
+            .unwrap();
         // A model of 3 x SITE_OUTBOX_MESSAGES chunks: more than a queue holds.
         let model = Bytes::from(vec![
             1u8;

@@ -44,6 +44,10 @@ pub struct SiteResult {
     /// The counts the site reported: a confusion matrix or residual sums.
     #[serde(default)]
     pub tally: Tally,
+    /// An evaluation-only site (`role = "evaluate"`): an independent test set, reported in
+    /// `held_out` and not in the training sites' metrics.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evaluate_only: bool,
 }
 
 /// The sites' evaluation of one model.
@@ -65,11 +69,28 @@ pub struct Evaluation {
     /// Classification: the confusion matrix summed over sites (row = true class).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub confusion: Vec<u64>,
+    /// The same evaluation by the evaluation-only sites (independent test sets), when any
+    /// took part; the fields above cover the training sites only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<Box<Evaluation>>,
 }
 
 impl Evaluation {
-    /// The evaluation of a round from what each site reported.
+    /// The evaluation of a round from what each site reported: the training sites' metrics,
+    /// and apart from them (`held_out`) the evaluation-only sites'.
     pub fn of(results: &BTreeMap<String, SiteResult>) -> Evaluation {
+        let (held_out, training): (BTreeMap<_, _>, BTreeMap<_, _>) = results
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(_, r)| r.evaluate_only);
+        let mut eval = Self::of_sites(&training);
+        if !held_out.is_empty() {
+            eval.held_out = Some(Box::new(Self::of_sites(&held_out)));
+        }
+        eval
+    }
+
+    fn of_sites(results: &BTreeMap<String, SiteResult>) -> Evaluation {
         if results.is_empty() {
             return Evaluation::default();
         }
@@ -106,6 +127,7 @@ impl Evaluation {
             site_mean,
             weighted,
             confusion: pooled.confusion,
+            held_out: None,
         }
     }
 }
@@ -163,6 +185,7 @@ mod tests {
                 auc,
                 metrics,
                 tally,
+                evaluate_only: false,
             }
         };
         let results = BTreeMap::from([

@@ -119,10 +119,13 @@ impl Coordinator for Service {
         }
         let (tx, rx) = mpsc::channel(crate::hub::SITE_OUTBOX_MESSAGES);
         let close = Arc::new(tokio::sync::Notify::new());
-        let (id, session) = match self
-            .hub
-            .connect(&site, join.examples, tx.clone(), close.clone())
-        {
+        let (id, session) = match self.hub.connect(
+            &site,
+            join.examples,
+            join.evaluate_only,
+            tx.clone(),
+            close.clone(),
+        ) {
             Ok(joined) => joined,
             Err(existing) => {
                 warn!(%site, peer = %peer, existing_session = existing, "join refused: this site is already connected (a second agent with the same bundle?)");
@@ -131,7 +134,7 @@ impl Coordinator for Service {
                 )));
             }
         };
-        info!(%site, id, examples = join.examples, %peer, "site joined");
+        info!(%site, id, examples = join.examples, evaluate_only = join.evaluate_only, %peer, "site joined");
         let welcome = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
                 site_id: id,

@@ -206,6 +206,8 @@ struct SiteDoc {
     last_loss: Option<f64>,
     last_auc: Option<f64>,
     last_rmse: Option<f64>,
+    /// The site holds only a test set (`role = "evaluate"`).
+    evaluate_only: bool,
     /// The round and reason of the site's last refusal (its policy, an unverifiable model).
     last_decline: Option<DeclineDoc>,
     /// SecAgg+ messages of the site the coordinator refused (it was excluded from the attempt).
@@ -385,6 +387,7 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
             last_loss: s.last_loss,
             last_auc: s.last_auc,
             last_rmse: s.last_rmse,
+            evaluate_only: s.evaluate_only,
             last_decline: s
                 .last_decline
                 .clone()

@@ -158,6 +158,7 @@ async fn try_join(
             schema_hash: config.schema.hash(),
             protocol_version: cohort_proto::PROTOCOL_VERSION,
             schema_toml: toml::to_string(&config.schema).unwrap(),
+            evaluate_only: false,
         })),
     })
     .await

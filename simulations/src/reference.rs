@@ -28,6 +28,8 @@ use crate::run::Reference;
 pub struct Site {
     pub name: String,
     pub data: SiteData,
+    /// An evaluation-only site: no training rows; its metrics go to `held_out`.
+    pub evaluate_only: bool,
 }
 
 /// The pooled and the site-alone references.
@@ -50,21 +52,25 @@ pub fn references(
             *a = a.wrapping_add(b);
         }
     }
+    let trainers = sites.iter().filter(|s| !s.evaluate_only).count().max(1);
     let steps = TrainingConfig {
-        local_steps: cfg.local_steps * sites.len(),
+        local_steps: cfg.local_steps * trainers,
         ..cfg.clone()
     };
     let (mean, std) = stats::from_sum(&sum, sites[0].data.stats_columns());
     let model = fit(spec, task, &pooled, (&mean, &std), &steps, seed, rounds)?;
+    let all: Vec<&Site> = sites.iter().collect();
     let pooled_ref = judge(
-        sites,
+        &all,
         |_| Ok((model.clone(), mean.clone(), std.clone())),
         spec,
         task,
     )?;
 
+    // A site alone needs training rows: evaluation-only sites have no model of their own.
+    let training: Vec<&Site> = sites.iter().filter(|s| !s.evaluate_only).collect();
     let alone = judge(
-        sites,
+        &training,
         |s| {
             let columns = s.data.stats_columns();
             let (mean, std) = stats::from_sum(&s.data.stats_vector(), columns);
@@ -107,17 +113,16 @@ fn fit(
     Ok(params)
 }
 
-/// Every site's test metrics for the model `model_for` gives it, their mean and the pooled
-/// (example-weighted) metrics.
+/// Every site's test metrics for the model `model_for` gives it; the training sites' mean
+/// and pooled (example-weighted) metrics, and the evaluation-only sites' pooled metrics apart.
 fn judge(
-    sites: &[Site],
+    sites: &[&Site],
     model_for: impl Fn(&Site) -> Result<(Vec<f32>, Vec<f64>, Vec<f64>)>,
     spec: &ModelSpec,
     task: &Task,
 ) -> Result<Reference> {
     let mut per_site = BTreeMap::new();
-    let mut pooled: Option<Tally> = None;
-    let (mut auc_sum, mut auc_n) = (0.0, 0.0);
+    let mut groups: [(Option<Tally>, f64, f64); 2] = [(None, 0.0, 0.0), (None, 0.0, 0.0)];
     for s in sites {
         let (params, mean, std) = model_for(s)?;
         let inputs = spec.inputs;
@@ -125,22 +130,32 @@ fn judge(
         let objective = Objective::with_stats(task, inputs, &mean, &std);
         let e = train::evaluate(spec, &objective, &params, &x, &s.data.test.labels)
             .map_err(|e| anyhow!("{}: {e}", s.name))?;
+        let (pooled, auc_sum, auc_n) = &mut groups[usize::from(s.evaluate_only)];
         if let Some(a) = e.auc {
-            auc_sum += a * e.examples as f64;
-            auc_n += e.examples as f64;
+            *auc_sum += a * e.examples as f64;
+            *auc_n += e.examples as f64;
         }
-        match &mut pooled {
-            None => pooled = Some(e.tally.clone()),
+        match pooled {
+            None => *pooled = Some(e.tally.clone()),
             Some(p) => p.add(&e.tally).map_err(|e| anyhow!(e))?,
         }
-        per_site.insert(s.name.clone(), e.metrics());
+        per_site.insert(s.name.clone(), (e.metrics(), s.evaluate_only));
     }
-    let weighted = pooled
-        .unwrap_or_default()
-        .metrics((auc_n > 0.0).then(|| auc_sum / auc_n));
+    let metrics = |(pooled, auc_sum, auc_n): &(Option<Tally>, f64, f64)| {
+        pooled
+            .as_ref()
+            .map(|p| p.metrics((*auc_n > 0.0).then(|| auc_sum / auc_n)))
+    };
     Ok(Reference {
-        site_mean: Metrics::mean(per_site.values().collect::<Vec<_>>()),
-        weighted,
-        per_site,
+        site_mean: Metrics::mean(
+            per_site
+                .values()
+                .filter(|(_, held_out)| !held_out)
+                .map(|(m, _)| m)
+                .collect::<Vec<_>>(),
+        ),
+        weighted: metrics(&groups[0]).unwrap_or_default(),
+        held_out: metrics(&groups[1]),
+        per_site: per_site.into_iter().map(|(k, (m, _))| (k, m)).collect(),
     })
 }

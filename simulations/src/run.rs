@@ -195,6 +195,15 @@ struct SiteSpec {
     name: String,
     csv: PathBuf,
     test_csv: Option<PathBuf>,
+    /// `train` (default) or `evaluate`: an evaluation-only site, whose `csv` is all test rows.
+    #[serde(default)]
+    role: cohort_agent::config::Role,
+}
+
+impl SiteSpec {
+    fn evaluates_only(&self) -> bool {
+        self.role == cohort_agent::config::Role::Evaluate
+    }
 }
 
 /// `summary.json`. Its keys are read by other tools: keep them stable (keys are added; a
@@ -250,6 +259,10 @@ pub struct Final {
     /// Classification: the confusion matrix summed over sites (row = true class).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub confusion: Vec<u64>,
+    /// The same for the evaluation-only sites (`role = "evaluate"`), reported apart: the
+    /// fields above are the training sites'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<Box<Final>>,
 }
 
 impl From<&Evaluation> for Final {
@@ -261,6 +274,7 @@ impl From<&Evaluation> for Final {
             site_mean: e.site_mean.clone(),
             weighted: e.weighted.clone(),
             confusion: e.confusion.clone(),
+            held_out: e.held_out.as_deref().map(|h| Box::new(Final::from(h))),
         }
     }
 }
@@ -302,13 +316,20 @@ pub struct SiteRow {
     pub auc: Option<f64>,
     #[serde(default)]
     pub metrics: Metrics,
+    /// An evaluation-only site (its metrics are in `held_out`, not the training sites').
+    #[serde(default)]
+    pub evaluate_only: bool,
 }
 
 /// A model trained outside the federation, judged like the federated one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reference {
+    /// Over the training sites.
     pub site_mean: Metrics,
     pub weighted: Metrics,
+    /// The evaluation-only sites' test sets pooled, when the scenario has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<Metrics>,
     pub per_site: BTreeMap<String, Metrics>,
 }
 
@@ -341,6 +362,14 @@ pub fn main(args: &RunArgs) -> Result<std::process::ExitCode> {
             .map_or(String::new(), |a| format!(", AUC {a:.4}")),
         summary.wall_seconds
     );
+    if let Some(h) = &summary.final_.held_out {
+        println!(
+            "evaluation-only sites (held out): {} {} (mean of sites), {} (pooled)",
+            summary.metric,
+            value(&h.site_mean),
+            value(&h.weighted)
+        );
+    }
     if let (Some(pooled), Some(alone)) = (&summary.pooled, &summary.alone) {
         println!(
             "{:<14} {:>12} {:>12}   ({}, test split of each site)",
@@ -399,11 +428,9 @@ fn run_scenario(
         }
     }
     let secure = s.secure()?;
-    if s.sites.len() < 3 && secure {
-        bail!(
-            "secure aggregation needs at least 3 sites; the scenario has {}",
-            s.sites.len()
-        );
+    let training = s.sites.iter().filter(|x| !x.evaluates_only()).count();
+    if training < 3 && secure {
+        bail!("secure aggregation needs at least 3 training sites; the scenario has {training}");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Absolute, so the coordinator.toml written below works from anywhere.
@@ -459,7 +486,7 @@ fn run_scenario(
             .as_integer()
             .and_then(|c| u32::try_from(c).ok())
             .context("secagg.max_colluders must be a non-negative integer")?,
-        None if s.sites.len() < 4 => 0,
+        None if training < 4 => 0,
         None => 1,
     };
     secagg.insert(
@@ -484,8 +511,7 @@ fn run_scenario(
                 (
                     "min_sites",
                     toml::Value::Integer(
-                        s.min_sites
-                            .map_or(s.sites.len().clamp(1, 4) as i64, i64::from),
+                        s.min_sites.map_or(training.clamp(1, 4) as i64, i64::from),
                     ),
                 ),
                 ("wait_for_sites_secs", toml::Value::Integer(60)),
@@ -599,6 +625,7 @@ fn run_scenario(
                 data.insert("test_csv".into(), path_value(&base.join(t)));
             }
             let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
+            cfg.role = site.role;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
             cfg.policy.require_secure = secure;
             cfg.policy.max_colluders = colluders;
@@ -660,17 +687,26 @@ fn references(
         .sites
         .iter()
         .map(|site| {
-            let data = cohort_agent::data::SiteData::load(
-                schema,
-                &base.join(&site.csv),
-                site.test_csv.as_ref().map(|t| base.join(t)).as_deref(),
-                s.test_fraction,
-                s.split_seed,
-            )
+            let data = if site.evaluates_only() {
+                cohort_agent::data::SiteData::load_test_only(
+                    schema,
+                    &Default::default(),
+                    &base.join(&site.csv),
+                )
+            } else {
+                cohort_agent::data::SiteData::load(
+                    schema,
+                    &base.join(&site.csv),
+                    site.test_csv.as_ref().map(|t| base.join(t)).as_deref(),
+                    s.test_fraction,
+                    s.split_seed,
+                )
+            }
             .with_context(|| format!("site {}", site.name))?;
             Ok(crate::reference::Site {
                 name: site.name.clone(),
                 data,
+                evaluate_only: site.evaluates_only(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -797,6 +833,7 @@ fn summarise(
                         accuracy: s.accuracy,
                         auc: s.auc,
                         metrics: s.metrics,
+                        evaluate_only: s.evaluate_only,
                     },
                 )
             })

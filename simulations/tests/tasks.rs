@@ -199,3 +199,56 @@ fn regression_reports_errors_in_beats_per_minute_and_its_export_reproduces_them(
         }
     }
 }
+
+#[test]
+fn an_evaluation_only_site_is_judged_apart_and_never_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(repo().join("examples/heart-disease.toml")).unwrap();
+    text = text.replace("rounds = 15", "rounds = 3");
+    for site in SITES {
+        let csv = repo().join(format!("data/heart-disease/{site}.csv"));
+        let role = if site == "switzerland" {
+            "\nrole = \"evaluate\""
+        } else {
+            ""
+        };
+        text = text.replace(
+            &format!("csv = \"../data/heart-disease/{site}.csv\""),
+            &format!("csv = {csv:?}{role}"),
+        );
+    }
+    let scenario = dir.path().join("held-out.toml");
+    std::fs::write(&scenario, text).unwrap();
+    let s = run_file_with(&scenario, &dir.path().join("out"), true).expect("runs");
+    assert_eq!(s.rounds_completed, 3);
+    // Three sites train (and sum securely); the fourth only evaluates, on all its rows.
+    assert!(s.rounds.iter().all(|r| r.sites == 3), "{:?}", s.rounds);
+    let swiss = &s.per_site["switzerland"];
+    assert!(swiss.evaluate_only);
+    assert_eq!(swiss.examples, 0);
+    assert_eq!(
+        swiss.test_examples, 46,
+        "every usable Swiss row is a test row"
+    );
+    // Its metrics are reported apart, and the training sites' mean leaves it out.
+    let held_out = s.final_.held_out.as_ref().expect("held-out metrics");
+    assert_eq!(held_out.weighted.accuracy, swiss.accuracy);
+    let trainers: Vec<f64> = s
+        .per_site
+        .values()
+        .filter(|r| !r.evaluate_only)
+        .map(|r| r.accuracy.unwrap())
+        .collect();
+    assert_eq!(trainers.len(), 3);
+    let mean = trainers.iter().sum::<f64>() / 3.0;
+    assert!((s.final_.accuracy.unwrap() - mean).abs() < 1e-12);
+    // The references are judged on it apart too.
+    assert!(s.pooled.as_ref().unwrap().held_out.is_some());
+    assert!(
+        !s.alone
+            .as_ref()
+            .unwrap()
+            .per_site
+            .contains_key("switzerland")
+    );
+}

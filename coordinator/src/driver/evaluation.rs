@@ -10,7 +10,7 @@ impl Driver {
         &mut self,
         round: u64,
     ) -> (Evaluation, BTreeMap<String, SiteResult>) {
-        let sites = self.select();
+        let sites = self.select_for_evaluation();
         info!(round, sites = sites.len(), "evaluating the model");
         self.progress
             .set_stage(RunState::Evaluating, round, 0, None);
@@ -109,7 +109,11 @@ impl Driver {
                 continue;
             }
             let metrics = tally.metrics(e.auc);
-            let examples = self.hub.sites.get(&site).map_or(0, |s| s.examples);
+            let (examples, evaluate_only) = self
+                .hub
+                .sites
+                .get(&site)
+                .map_or((0, false), |s| (s.examples, s.evaluate_only));
             self.hub.record(&site, |s| {
                 s.last_accuracy = metrics.accuracy;
                 s.last_loss = Some(e.loss);
@@ -127,6 +131,7 @@ impl Driver {
                     auc: e.auc,
                     metrics,
                     tally,
+                    evaluate_only,
                 },
             );
         }

@@ -477,15 +477,25 @@ impl Driver {
         Ok(())
     }
 
+    /// Connected sites that train (evaluation-only sites never count towards `min_sites`: a
+    /// round's secure sum is over training sites only).
+    fn training_sites_connected(&self) -> usize {
+        self.hub
+            .connected()
+            .iter()
+            .filter(|(_, s)| !s.evaluate_only)
+            .count()
+    }
+
     async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
-        if self.hub.connected().len() < self.cfg.rounds.min_sites as usize {
+        if self.training_sites_connected() < self.cfg.rounds.min_sites as usize {
             self.progress.set_state(RunState::WaitingForSites);
         }
         let min = self.cfg.rounds.min_sites as usize;
         let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
         let deadline = tokio::time::Instant::now() + waited;
         loop {
-            let connected = self.hub.connected().len();
+            let connected = self.training_sites_connected();
             if connected >= min {
                 return Ok(());
             }
@@ -542,17 +552,33 @@ impl Driver {
     /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
     /// The sites of a round: every connected site, or a uniformly random `sites_per_round`
     /// of them (so every site gets its turn), ordered by id.
+    /// Evaluation-only sites are never selected: they hold no training data.
     fn select(&self) -> Vec<(String, u32)> {
         let mut sites: Vec<(String, u32)> = self
             .hub
             .connected()
             .into_iter()
-            .filter(|(name, _)| !self.sidelined.contains(name))
+            .filter(|(name, s)| !self.sidelined.contains(name) && !s.evaluate_only)
             .map(|(name, s)| (name, s.id))
             .collect();
         if let Some(k) = self.cfg.rounds.sites_per_round {
             sites = choose(sites, k as usize, rand::random::<u64>);
         }
+        sites
+    }
+
+    /// The sites of an evaluation: the training sites of [`Driver::select`] and every
+    /// connected evaluation-only site.
+    fn select_for_evaluation(&self) -> Vec<(String, u32)> {
+        let mut sites = self.select();
+        sites.extend(
+            self.hub
+                .connected()
+                .into_iter()
+                .filter(|(_, s)| s.evaluate_only)
+                .map(|(name, s)| (name, s.id)),
+        );
+        sites.sort_by_key(|(_, id)| *id);
         sites
     }
 }
