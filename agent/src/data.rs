@@ -73,6 +73,10 @@ pub struct SiteData {
     pub test: Rows,
     /// Rows dropped for missing values (reported in the agent's log only).
     pub dropped_rows: usize,
+    /// The site's own model, when its agent was built with one (`run_with_model`): rounds of
+    /// a coordinator announcing a custom model use it; otherwise the TOML models are built
+    /// from the coordinator's spec.
+    pub model: Option<std::sync::Arc<dyn crate::model::Model>>,
 }
 
 use cohort_protocols::model::csv::RawRow;
@@ -220,6 +224,7 @@ impl SiteData {
             train: Rows::default(),
             test,
             dropped_rows,
+            model: None,
         })
     }
 
@@ -244,6 +249,7 @@ impl SiteData {
                 train: all,
                 test,
                 dropped_rows: dropped_rows + dropped_test,
+                model: None,
             });
         }
         if !(test_fraction > 0.0 && test_fraction < 1.0) {
@@ -256,6 +262,7 @@ impl SiteData {
             train,
             test,
             dropped_rows,
+            model: None,
         })
     }
 

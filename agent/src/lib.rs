@@ -4,11 +4,12 @@
 pub mod config;
 pub mod data;
 pub mod failure;
+pub mod model;
 pub mod predict;
 pub mod session;
 pub mod site;
 pub mod train;
 
 pub use config::AgentConfig;
-pub use session::{run, run_site};
+pub use session::{run, run_site, run_with_model};
 pub use site::LocalSite;

@@ -104,7 +104,22 @@ fn now_unix() -> i64 {
 /// Runs the agent until the coordinator shuts training down: fetches the federation's
 /// schema from the coordinator (signed; checked against `[schema]` when this site pins one),
 /// loads the site's data with it, then takes part in rounds.
-pub async fn run(mut cfg: AgentConfig) -> Result<()> {
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    run_inner(cfg, None).await
+}
+
+/// [`run`] for an agent built with its own model (a network written in Rust, see
+/// [`crate::model`] and `examples/custom-model`): rounds of a coordinator whose `[model]`
+/// announces this model (`kind = "custom"`, its name and parameter count) train it; the rest
+/// — TLS, the schema, SecAgg+, reconnection, policy — is the same agent.
+pub async fn run_with_model(cfg: AgentConfig, model: Arc<dyn crate::model::Model>) -> Result<()> {
+    run_inner(cfg, Some(model)).await
+}
+
+async fn run_inner(
+    mut cfg: AgentConfig,
+    model: Option<Arc<dyn crate::model::Model>>,
+) -> Result<()> {
     let creds = Arc::new(load_credentials(&cfg).map_err(failure::ConfigProblem)?);
     let mut retry = Retry::new(&cfg);
     let schema = loop {
@@ -144,11 +159,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<()> {
         ),
         Role::Evaluate => SiteData::load_test_only(&schema, &cfg.data.rename, &cfg.data.csv),
     };
-    let data = Arc::new(
-        loaded
-            .context("loading the site's data with the coordinator's schema")
-            .map_err(failure::ConfigProblem)?,
-    );
+    let mut data = loaded
+        .context("loading the site's data with the coordinator's schema")
+        .map_err(failure::ConfigProblem)?;
+    data.model = model;
+    let data = Arc::new(data);
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
     cfg.schema = Some(schema);
     run_site(cfg, data).await
@@ -488,10 +503,24 @@ impl Session<'_> {
 
     fn spec(&self, start: &RoundStart) -> Result<ModelSpec> {
         // The model family is implied by the parameter count: logistic regression has
-        // inputs + 1 parameters; anything else is described by the training settings.
+        // inputs + 1 parameters; anything else is described by the training settings, which
+        // name a custom model when the coordinator runs one.
         let params = start.model_bytes as usize / 4;
         let cfg: TrainingConfig =
             toml::from_str(&start.training_toml).context("the coordinator's [training] table")?;
+        if let Some(name) = cfg.custom {
+            // Which custom model, and whether this site has it, is the site's model's check.
+            return Ok(ModelSpec {
+                kind: model::ModelKind::Custom,
+                inputs: self.data.inputs(),
+                hidden: Vec::new(),
+                outputs: self.data.outputs(),
+                custom: Some(model::CustomSpec {
+                    name,
+                    parameters: params,
+                }),
+            });
+        }
         let hidden = cfg.hidden.clone();
         let kind = if hidden.is_empty() {
             model::ModelKind::Logreg
@@ -503,6 +532,7 @@ impl Session<'_> {
             inputs: self.data.inputs(),
             hidden,
             outputs: self.data.outputs(),
+            custom: None,
         };
         if spec.num_params() != params {
             bail!(

@@ -8,6 +8,9 @@
 use cohort_protocols::model::{ModelSpec, TrainingConfig};
 
 use crate::data::SiteData;
+use std::sync::Arc;
+
+use crate::model::{Model, TomlModel};
 use crate::train::{self, Evaluation, Objective};
 
 pub trait LocalSite: Send + Sync + 'static {
@@ -47,6 +50,25 @@ pub trait LocalSite: Send + Sync + 'static {
 }
 
 impl SiteData {
+    /// The model that trains for a round announcing `spec`: the site's own model if it has
+    /// one and the coordinator announces exactly it, a TOML model built from the spec when
+    /// the coordinator announces one of those; anything else is a mismatch, named.
+    pub fn model_for(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>, String> {
+        match (&self.model, &spec.custom) {
+            (None, None) => Ok(Arc::new(TomlModel { spec: spec.clone() })),
+            (Some(own), Some(_)) if own.spec() == *spec => Ok(own.clone()),
+            (Some(own), _) => Err(format!(
+                "the coordinator's model is {}, this site's is {}: do both run the same model version and schema?",
+                spec.describe(),
+                own.spec().describe()
+            )),
+            (None, Some(_)) => Err(format!(
+                "the coordinator runs a custom model ({}): this agent has no such model; run the agent binary built with it",
+                spec.describe()
+            )),
+        }
+    }
+
     /// The model inputs' part of a round's statistics (the label's may follow).
     fn feature_stats<'a>(
         &self,
@@ -101,7 +123,8 @@ impl LocalSite for SiteData {
         let (m, s) = self.feature_stats(mean, std)?;
         let x = self.train.standardised(m, s);
         let objective = Objective::with_stats(&self.task, self.inputs, mean, std);
-        train::train(spec, &objective, global, &x, &self.train, cfg, seed)
+        self.model_for(spec)?
+            .train(global, &x, &self.train.labels, &objective, cfg, seed)
             .map(|new| new.iter().zip(global).map(|(a, b)| a - b).collect())
             .map_err(|e| e.to_string())
     }
@@ -115,6 +138,93 @@ impl LocalSite for SiteData {
         let (m, s) = self.feature_stats(mean, std)?;
         let x = self.test.standardised(m, s);
         let objective = Objective::with_stats(&self.task, self.inputs, mean, std);
-        train::evaluate(spec, &objective, params, &x, &self.test.labels).map_err(|e| e.to_string())
+        let model = self.model_for(spec)?;
+        train::evaluate_model(model.as_ref(), &objective, params, &x, &self.test.labels)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BurnModel;
+    use cohort_protocols::model::{CustomSpec, DataSchema, ModelKind};
+
+    fn site() -> SiteData {
+        let schema: DataSchema =
+            toml::from_str("label = { column = \"num\", greater_than = 0 }\ndrop = [\"slope\", \"ca\", \"thal\"]\ncategorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }")
+                .expect("schema");
+        let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/heart-disease/cleveland.csv");
+        SiteData::load(&schema, &csv, None, 0.34, 1).expect("data")
+    }
+
+    /// A user's network: one linear layer, as a burn module of its own.
+    #[derive(burn::module::Module, Debug)]
+    struct Lin {
+        layer: burn::nn::Linear,
+    }
+
+    impl crate::model::Network for Lin {
+        fn forward(&self, x: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
+            self.layer.forward(x)
+        }
+    }
+
+    fn custom(name: &str, parameters: usize) -> ModelSpec {
+        ModelSpec {
+            kind: ModelKind::Custom,
+            inputs: 13,
+            hidden: Vec::new(),
+            outputs: 1,
+            custom: Some(CustomSpec {
+                name: name.into(),
+                parameters,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_round_trains_the_model_it_announces_or_is_refused_naming_both() {
+        let mut data = site();
+        let err = data.model_for(&custom("gated/1", 100)).unwrap_err();
+        assert!(err.contains("no such model"), "{err}");
+        // A site with its own model: the TOML spec is refused, the matching custom one used.
+        let own = BurnModel::new("linear/1", 13, 1, |device| Lin {
+            layer: burn::nn::LinearConfig::new(13, 1).init(device),
+        });
+        data.model = Some(Arc::new(own));
+        let toml_spec = ModelSpec {
+            kind: ModelKind::Logreg,
+            inputs: 13,
+            hidden: Vec::new(),
+            outputs: 1,
+            custom: None,
+        };
+        assert!(data.model_for(&toml_spec).is_err());
+        assert!(
+            data.model_for(&custom("linear/2", 14))
+                .unwrap_err()
+                .contains("linear/1")
+        );
+        assert!(
+            data.model_for(&custom("linear/1", 13))
+                .unwrap_err()
+                .contains("13 parameters")
+        );
+        let model = data
+            .model_for(&custom("linear/1", 14))
+            .expect("the site's own model");
+        // It trains through the same objective and metrics as the TOML models.
+        let spec = custom("linear/1", 14);
+        let (mean, std) = cohort_protocols::model::stats::from_sum(&data.stats_vector(), 13);
+        let cfg: TrainingConfig =
+            toml::from_str("learning_rate = 0.01\nbatch_size = 8\nlocal_steps = 200").expect("cfg");
+        let start = vec![0.0; 14];
+        let delta = LocalSite::train(&data, &spec, &start, (&mean, &std), &cfg, 3).expect("train");
+        let params: Vec<f32> = delta.iter().zip(&start).map(|(d, s)| d + s).collect();
+        let e = LocalSite::evaluate(&data, &spec, &params, (&mean, &std)).expect("eval");
+        assert!(e.metrics().accuracy.unwrap_or(0.0) > 0.7, "{e:?}");
+        assert_eq!(model.spec(), spec);
     }
 }

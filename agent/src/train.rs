@@ -8,17 +8,15 @@
 
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{log_sigmoid, log_softmax, relu};
-use chacha20::ChaCha20Rng;
 use cohort_protocols::model::metrics::{self, Metrics, Tally};
-use cohort_protocols::model::{ModelSpec, OptimizerKind, RegressionLoss, Task, TrainingConfig};
-use rand_core::{Rng, SeedableRng};
+use cohort_protocols::model::{ModelSpec, RegressionLoss, Task, TrainingConfig};
 use thiserror::Error;
 
 use crate::data::Rows;
+use crate::model::{Model, Network, TomlModel};
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -44,6 +42,12 @@ impl Net {
         params: &[f32],
         device: &Device,
     ) -> Result<Self, TrainError> {
+        if let Some(c) = &spec.custom {
+            return Err(TrainError::Data(format!(
+                "{} is a custom model: only its own code (its agent binary) can build it",
+                c.name
+            )));
+        }
         if params.len() != spec.num_params() {
             return Err(TrainError::WrongLength {
                 got: params.len(),
@@ -79,9 +83,11 @@ impl Net {
         }
         Ok(out)
     }
+}
 
+impl Network for Net {
     /// Outputs (logits, or the regression value before un-standardising), `[batch, outputs]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
         self.layers.iter().enumerate().fold(x, |h, (i, layer)| {
             let z = layer.forward(h);
@@ -149,7 +155,8 @@ impl Objective {
         Objective::new(task, label)
     }
 
-    fn classes(&self) -> usize {
+    /// Classes of a classification objective (2 for binary), 0 for regression.
+    pub fn classes(&self) -> usize {
         match self {
             Objective::Binary => 2,
             Objective::Multiclass { weights } => weights.len(),
@@ -157,8 +164,38 @@ impl Objective {
         }
     }
 
-    /// Mean loss of `out` (`[batch, outputs]`) against the targets `y`.
-    fn loss(&self, out: Tensor<2>, y: &[f64], device: &Device) -> Tensor<1> {
+    /// The loss of one row's outputs against its target, in f64 (for evaluation; multiclass
+    /// rows are weighted by their class, and the caller divides by the total weight).
+    pub fn row_loss(&self, out: &[f32], y: f64) -> f64 {
+        // log(1 + e^z), stable for large |z|.
+        let softplus = |z: f64| z.max(0.0) + (-z.abs()).exp().ln_1p();
+        match self {
+            Objective::Binary => {
+                let z = f64::from(out[0]);
+                if y >= 0.5 { softplus(-z) } else { softplus(z) }
+            }
+            Objective::Multiclass { weights } => {
+                let c = (y as usize).min(weights.len() - 1);
+                let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = max
+                    + out
+                        .iter()
+                        .map(|v| (f64::from(*v) - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                f64::from(weights[c]) * (lse - f64::from(out[c]))
+            }
+            Objective::Squared { mean, std } => (f64::from(out[0]) - (y - mean) / std).powi(2),
+            Objective::Poisson => {
+                let z = f64::from(out[0]);
+                z.exp() - y * z
+            }
+        }
+    }
+
+    /// Mean loss of `out` (`[batch, outputs]`) against the targets `y`, in the autodiff graph:
+    /// what [`crate::model::fit`] minimises.
+    pub fn loss(&self, out: Tensor<2>, y: &[f64], device: &Device) -> Tensor<1> {
         let b = y.len();
         let column = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, 1]), device);
         match self {
@@ -221,27 +258,7 @@ impl Objective {
     }
 }
 
-fn batch(
-    x: &[f32],
-    y: &[f64],
-    idx: &[usize],
-    inputs: usize,
-    device: &Device,
-) -> (Tensor<2>, Vec<f64>) {
-    let mut xb = Vec::with_capacity(idx.len() * inputs);
-    let mut yb = Vec::with_capacity(idx.len());
-    for &i in idx {
-        xb.extend_from_slice(&x[i * inputs..(i + 1) * inputs]);
-        yb.push(y[i]);
-    }
-    (
-        Tensor::from_data(TensorData::new(xb, [idx.len(), inputs]), device),
-        yb,
-    )
-}
-
-/// Trains from `global` for `cfg.local_steps` batches and returns the new flat parameters.
-/// `x` is the standardised training matrix (row-major), `seed` orders the batches.
+/// One round of local training of a TOML model (see [`Model::train`]).
 pub fn train(
     spec: &ModelSpec,
     objective: &Objective,
@@ -251,73 +268,7 @@ pub fn train(
     cfg: &TrainingConfig,
     seed: u64,
 ) -> Result<Vec<f32>, TrainError> {
-    let n = rows.len();
-    if n == 0 {
-        return Err(TrainError::NoData);
-    }
-    let device = Device::flex().autodiff();
-    let mut model = Net::from_flat(spec, global, &device)?;
-    let anchor: Vec<Tensor<1>> = global_tensors(spec, global, &device);
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut cursor = n;
-    let batch_size = cfg.batch_size.clamp(1, n);
-    let mut adam = AdamConfig::new().init();
-    let mut sgd = SgdConfig::new().init();
-    for _ in 0..cfg.local_steps {
-        if cursor + batch_size > n {
-            for i in (1..n).rev() {
-                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            cursor = 0;
-        }
-        let idx = &order[cursor..cursor + batch_size];
-        cursor += batch_size;
-        let (xb, yb) = batch(x, &rows.labels, idx, spec.inputs, &device);
-        let mut loss = objective.loss(model.forward(xb), &yb, &device);
-        if cfg.fedprox_mu > 0.0 {
-            loss = loss + proximal(&model, &anchor) * (cfg.fedprox_mu / 2.0);
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = match cfg.optimizer {
-            OptimizerKind::Adam => adam.step(cfg.learning_rate, model, grads),
-            OptimizerKind::Sgd => sgd.step(cfg.learning_rate, model, grads),
-        };
-    }
-    let out = model.to_flat()?;
-    if out.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::Diverged);
-    }
-    Ok(out)
-}
-
-/// The global model's parameters as 1-D tensors, in canonical order, for the FedProx term.
-fn global_tensors(spec: &ModelSpec, global: &[f32], device: &Device) -> Vec<Tensor<1>> {
-    let mut offset = 0;
-    let mut out = Vec::new();
-    for (i, o) in spec.layers() {
-        for len in [i * o, o] {
-            out.push(Tensor::from_data(
-                TensorData::new(global[offset..offset + len].to_vec(), [len]),
-                device,
-            ));
-            offset += len;
-        }
-    }
-    out
-}
-
-/// ||w − w_global||².
-fn proximal(model: &Net, anchor: &[Tensor<1>]) -> Tensor<1> {
-    let mut terms = Vec::new();
-    for (k, l) in model.layers.iter().enumerate() {
-        let w: Tensor<1> = l.weight.val().flatten(0, 1);
-        terms.push((w - anchor[2 * k].clone()).powi_scalar(2).sum());
-        if let Some(b) = &l.bias {
-            terms.push((b.val() - anchor[2 * k + 1].clone()).powi_scalar(2).sum());
-        }
-    }
-    Tensor::cat(terms, 0).sum()
+    TomlModel { spec: spec.clone() }.train(global, x, &rows.labels, objective, cfg, seed)
 }
 
 /// What an agent reports about a model on its test split.
@@ -337,22 +288,33 @@ impl Evaluation {
     }
 }
 
-/// The network's raw outputs for each row of standardised `x`, row-major `[n, outputs]`.
+/// A TOML model's raw outputs for each row of standardised `x`, row-major `[n, outputs]`.
 pub fn outputs(spec: &ModelSpec, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
-    let n = x.len() / spec.inputs.max(1);
-    if n == 0 {
-        return Err(TrainError::NoData);
-    }
-    let device = Device::flex();
-    let model = Net::from_flat(spec, params, &device)?;
-    let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
-    values(model.forward(xt).into_data())
+    TomlModel { spec: spec.clone() }.outputs(params, x)
+}
+
+/// [`evaluate_model`] for a TOML model.
+pub fn evaluate(
+    spec: &ModelSpec,
+    objective: &Objective,
+    params: &[f32],
+    x: &[f32],
+    labels: &[f64],
+) -> Result<Evaluation, TrainError> {
+    evaluate_model(
+        &TomlModel { spec: spec.clone() },
+        objective,
+        params,
+        x,
+        labels,
+    )
 }
 
 /// Loss, the metrics' tally and (binary) ROC AUC of `params` on standardised `x`; `labels`
-/// are the rows' training targets.
-pub fn evaluate(
-    spec: &ModelSpec,
+/// are the rows' training targets. Works from the model's outputs alone, so every [`Model`]
+/// is judged by the same code.
+pub fn evaluate_model(
+    model: &dyn Model,
     objective: &Objective,
     params: &[f32],
     x: &[f32],
@@ -362,13 +324,14 @@ pub fn evaluate(
     if n == 0 {
         return Err(TrainError::NoData);
     }
-    let device = Device::flex();
-    let model = Net::from_flat(spec, params, &device)?;
-    let xt = Tensor::from_data(TensorData::new(x.to_vec(), [n, spec.inputs]), &device);
-    let out = model.forward(xt);
-    let loss = values(objective.loss(out.clone(), labels, &device).into_data())?[0] as f64;
-    let out = values(out.into_data())?;
-    let width = spec.outputs.max(1);
+    let out = model.outputs(params, x)?;
+    let width = model.spec().outputs.max(1);
+    if out.len() != n * width {
+        return Err(TrainError::Data(format!(
+            "the model gave {} outputs for {n} rows of {width}",
+            out.len()
+        )));
+    }
     let classes = objective.classes();
     let mut tally = if classes > 0 {
         Tally::classification(classes)
@@ -376,6 +339,7 @@ pub fn evaluate(
         Tally::regression()
     };
     let mut scores = Vec::new();
+    let mut loss = 0.0;
     for (row, y) in out.chunks(width).zip(labels) {
         let (predicted, score) = objective.read(row);
         if classes > 0 {
@@ -384,7 +348,18 @@ pub fn evaluate(
             tally.residual(*y, predicted);
         }
         scores.extend(score);
+        loss += objective.row_loss(row, *y);
     }
+    let loss = match objective {
+        // The weighted mean, as training computes it.
+        Objective::Multiclass { weights } => {
+            loss / labels
+                .iter()
+                .map(|y| f64::from(weights[(*y as usize).min(weights.len() - 1)]))
+                .sum::<f64>()
+        }
+        _ => loss / n as f64,
+    };
     let auc = (scores.len() == n)
         .then(|| {
             let positive: Vec<bool> = labels.iter().map(|y| *y >= 0.5).collect();
@@ -402,7 +377,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cohort_protocols::model::ModelKind;
+    use cohort_protocols::model::{ModelKind, OptimizerKind};
 
     #[test]
     fn flat_round_trip_is_bit_exact() {
@@ -411,6 +386,7 @@ mod tests {
             inputs: 5,
             hidden: vec![4, 3],
             outputs: 3,
+            custom: None,
         };
         let params = spec.init(3);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("build");
@@ -426,6 +402,7 @@ mod tests {
             local_steps: steps,
             fedprox_mu: 0.0,
             hidden: vec![],
+            custom: None,
         }
     }
 
@@ -448,6 +425,7 @@ mod tests {
             inputs: 2,
             hidden: vec![],
             outputs,
+            custom: None,
         }
     }
 

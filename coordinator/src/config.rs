@@ -272,15 +272,56 @@ pub struct ModelConfig {
     /// configuration is loaded).
     #[serde(skip)]
     pub outputs: usize,
+    /// A custom model (`kind = "custom"`): its name, as its agent binary reports it (e.g.
+    /// "gated-mlp/1"), its parameter count and a file of its initial parameters
+    /// (little-endian f32, as the model's crate writes it). Agents without that model decline.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<usize>,
+    #[serde(default)]
+    pub init_file: Option<PathBuf>,
 }
 
 impl ModelConfig {
+    /// The initial global model: drawn from `seed` for the TOML models, read from `init_file`
+    /// (and checked) for a custom one.
+    pub fn initial(&self) -> Result<Vec<f32>, String> {
+        let spec = self.spec();
+        let Some(path) = self
+            .init_file
+            .as_ref()
+            .filter(|_| self.kind == ModelKind::Custom)
+        else {
+            return Ok(spec.init(self.seed));
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("model.init_file {}: {e}", path.display()))?;
+        let params = cohort_protocols::model::from_bytes(&bytes)
+            .map_err(|e| format!("model.init_file {}: {e}", path.display()))?;
+        spec.check(&params).map_err(|e| {
+            format!(
+                "model.init_file {}: {e} (model.parameters = {})",
+                path.display(),
+                spec.num_params()
+            )
+        })?;
+        Ok(params)
+    }
+
     pub fn spec(&self) -> ModelSpec {
         ModelSpec {
             kind: self.kind,
             inputs: self.inputs,
             hidden: self.hidden.clone(),
             outputs: self.outputs.max(1),
+            custom: match (self.kind, &self.name) {
+                (ModelKind::Custom, Some(name)) => Some(cohort_protocols::model::CustomSpec {
+                    name: name.clone(),
+                    parameters: self.parameters.unwrap_or(0),
+                }),
+                _ => None,
+            },
         }
     }
 }
@@ -379,6 +420,7 @@ impl CoordinatorConfig {
         .into_iter()
         .chain(self.tls.crl.as_mut())
         .chain(self.tls.registry.as_mut())
+        .chain(self.model.init_file.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -443,6 +485,35 @@ impl CoordinatorConfig {
         if self.model.inputs == 0 {
             return Err(invalid("model.inputs", 0, "must be at least 1"));
         }
+        let m = &self.model;
+        if m.kind == ModelKind::Custom {
+            match (&m.name, m.parameters, &m.init_file) {
+                (Some(name), Some(p), Some(_)) if !name.trim().is_empty() && p > 0 => {}
+                _ => {
+                    return Err(invalid(
+                        "model",
+                        "kind = \"custom\"",
+                        "a custom model needs name (as its agent binary reports it), parameters (> 0) and init_file (its initial parameters)",
+                    ));
+                }
+            }
+            if !m.hidden.is_empty() {
+                return Err(invalid(
+                    "model.hidden",
+                    format!("{:?}", m.hidden),
+                    "a custom model's layers are its own code's: remove hidden",
+                ));
+            }
+        } else if let Some((key, _)) = [
+            ("model.name", m.name.is_some()),
+            ("model.parameters", m.parameters.is_some()),
+            ("model.init_file", m.init_file.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        {
+            return Err(invalid(key, "given", "only for kind = \"custom\""));
+        }
         if self.model.kind == ModelKind::Mlp && self.model.hidden.is_empty() {
             return Err(invalid(
                 "model.hidden",
@@ -474,6 +545,13 @@ impl CoordinatorConfig {
                 "training.hidden",
                 format!("{:?}", training.hidden),
                 "set hidden layers in [model], not in [training]",
+            ));
+        }
+        if training.custom.is_some() {
+            return Err(invalid(
+                "training.custom",
+                "given",
+                "name a custom model in [model] (kind = \"custom\", name), not in [training]",
             ));
         }
         self.strategy

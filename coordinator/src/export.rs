@@ -116,7 +116,7 @@ pub fn export_model(
         // The initial model is a function of model.seed: rebuilt, then checked against what
         // was committed, so `--round 0` works after its checkpoint was pruned.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && round == 0 => {
-            let params = spec.init(config.model.seed);
+            let params = config.model.initial().map_err(|e| anyhow::anyhow!(e))?;
             if hex(&model::params_sha3_512(&params)) != committed.sha3_512 {
                 bail!(
                     "the checkpoint of round 0 was pruned and the model rebuilt from model.seed = {} is not the one committed: was the seed changed?",

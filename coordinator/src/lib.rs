@@ -231,6 +231,11 @@ async fn serve(
         .context("loading the site registry (tls.registry)")
         .map_err(config_problem)?
         .map(Arc::new);
+    // A custom model's initial parameters are a file: a missing or wrong one is configuration.
+    config
+        .model
+        .initial()
+        .map_err(|e| config_problem(anyhow::anyhow!(e)))?;
     let ca_der = tls::first_cert_der(&config.tls.ca_cert).map_err(config_problem)?;
     let certificate_der = tls::first_cert_der(&config.tls.cert).map_err(config_problem)?;
     let signing_key = signing_key(&config.tls.key).map_err(config_problem)?;

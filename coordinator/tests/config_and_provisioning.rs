@@ -56,6 +56,21 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "unknown field `treshold`",
         ),
         (
+            with("kind = \"logreg\"", "kind = \"custom\"\nname = \"gated/1\""),
+            "a custom model needs name (as its agent binary reports it), parameters (> 0) and init_file",
+        ),
+        (
+            with("kind = \"logreg\"", "kind = \"logreg\"\nname = \"gated/1\""),
+            "model.name = given: only for kind = \"custom\"",
+        ),
+        (
+            with(
+                "label = { column = \"num\", greater_than = 0 }\nmissing = \"drop_row\"",
+                "missing = \"drop_row\"\n[schema.task]\nkind = \"multiclass\"\nlabel = \"num\"\nclasses = [0, 1, 2]\ngreater_than = 1",
+            ),
+            "task.greater_than does not apply to kind = \"multiclass\"",
+        ),
+        (
             with("count = 5", "count = 0"),
             "rounds.count = 0: must be at least 1",
         ),

@@ -129,6 +129,7 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
         inputs: INPUTS,
         hidden: vec![hidden],
         outputs: 1,
+        custom: None,
     };
     let params = spec.num_params();
     std::fs::create_dir_all(&args.out)

@@ -70,6 +70,10 @@ pub enum DriverError {
     NonFiniteModel { round: u64, index: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the initial model: {0}")]
+    Model(String),
+    #[error("the training settings: {0}")]
+    Settings(#[from] toml::ser::Error),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -243,9 +247,9 @@ impl Driver {
         ca_der: Vec<u8>,
         ops: Operations,
         report: Option<mpsc::UnboundedSender<RoundRecord>>,
-    ) -> Result<Self, toml::ser::Error> {
+    ) -> Result<Self, DriverError> {
         let spec = cfg.model.spec();
-        let global = spec.init(cfg.model.seed);
+        let global = cfg.model.initial().map_err(DriverError::Model)?;
         let strategy = Strategy::new(cfg.strategy.clone(), spec.num_params());
         // The agents get the [training] table plus the model's hidden sizes.
         let mut training = cfg.training.clone();
@@ -259,6 +263,9 @@ impl Driver {
                     .collect(),
             ),
         );
+        if let Some(c) = &spec.custom {
+            training.insert("custom".into(), toml::Value::String(c.name.clone()));
+        }
         let training_toml = toml::to_string(&training)?;
         Ok(Driver {
             hub,

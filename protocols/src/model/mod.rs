@@ -30,6 +30,10 @@ pub struct TrainingConfig {
     /// `model.hidden`, which it copies here.
     #[serde(default)]
     pub hidden: Vec<usize>,
+    /// The name of a custom model (`model.kind = "custom"`), which the coordinator copies
+    /// here; absent for the TOML models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,8 +84,12 @@ use thiserror::Error;
 pub enum ModelKind {
     /// Logistic regression: one linear layer and a sigmoid.
     Logreg,
-    /// A multi-layer perceptron with ReLU between layers and a sigmoid output.
+    /// A multi-layer perceptron with ReLU between layers; its output layer follows the task.
     Mlp,
+    /// A network written in Rust by the user (`cohort_agent::model::Network`), run by the
+    /// user's own agent binary: the coordinator knows only its name and parameter count, and
+    /// its initial parameters come from a file (`model.init_file`).
+    Custom,
 }
 
 /// A named tensor: name, shape, values in row-major order.
@@ -99,6 +107,18 @@ pub struct ModelSpec {
     /// (an older export or data directory) is binary.
     #[serde(default = "one")]
     pub outputs: usize,
+    /// A custom model's name and parameter count: what both ends check for it, since neither
+    /// layer sizes nor the architecture itself are known to the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<CustomSpec>,
+}
+
+/// What identifies a user's own network: its name (chosen by its author, e.g. with a version:
+/// "gated-mlp/1") and the length of its flat parameter vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomSpec {
+    pub name: String,
+    pub parameters: usize,
 }
 
 fn one() -> usize {
@@ -118,11 +138,13 @@ pub enum ModelError {
 }
 
 impl ModelSpec {
-    /// `(d_in, d_out)` of every linear layer, input first.
+    /// `(d_in, d_out)` of every linear layer, input first (none for a custom model, whose
+    /// layout only its own code knows).
     pub fn layers(&self) -> Vec<(usize, usize)> {
         let hidden: &[usize] = match self.kind {
             ModelKind::Logreg => &[],
             ModelKind::Mlp => &self.hidden,
+            ModelKind::Custom => return Vec::new(),
         };
         let mut sizes = vec![self.inputs];
         sizes.extend_from_slice(hidden);
@@ -132,9 +154,16 @@ impl ModelSpec {
 
     /// A short description, e.g. "mlp 13-32-1" (the last number is the output width): what a data directory's checkpoints are of.
     pub fn describe(&self) -> String {
+        if let Some(c) = &self.custom {
+            return format!(
+                "custom {} {}-{} ({} parameters)",
+                c.name, self.inputs, self.outputs, c.parameters
+            );
+        }
         let kind = match self.kind {
             ModelKind::Logreg => "logreg",
             ModelKind::Mlp => "mlp",
+            ModelKind::Custom => "custom",
         };
         let mut sizes: Vec<String> = vec![self.inputs.to_string()];
         sizes.extend(self.layers().iter().map(|(_, o)| o.to_string()));
@@ -142,6 +171,9 @@ impl ModelSpec {
     }
 
     pub fn num_params(&self) -> usize {
+        if let Some(c) = &self.custom {
+            return c.parameters;
+        }
         self.layers().iter().map(|(i, o)| i * o + o).sum()
     }
 
@@ -170,6 +202,14 @@ impl ModelSpec {
                 got: params.len(),
             });
         }
+        if self.custom.is_some() {
+            // Only the network's own code knows how the vector splits into tensors.
+            return Ok(vec![(
+                "params".to_string(),
+                vec![params.len()],
+                params.to_vec(),
+            )]);
+        }
         let mut out = Vec::new();
         let mut at = 0;
         for (l, (i, o)) in self.layers().into_iter().enumerate() {
@@ -196,6 +236,16 @@ impl ModelSpec {
         &self,
         mut tensor: impl FnMut(&str) -> Option<(Vec<usize>, Vec<f32>)>,
     ) -> Result<Vec<f32>, ModelError> {
+        if self.custom.is_some() {
+            return match tensor("params") {
+                Some((s, v)) if s == [self.num_params()] && v.len() == self.num_params() => Ok(v),
+                Some((s, _)) => Err(ModelError::Tensor(format!(
+                    "params has shape {s:?}, the model needs [{}]",
+                    self.num_params()
+                ))),
+                None => Err(ModelError::Tensor("params is missing".into())),
+            };
+        }
         let mut params = Vec::with_capacity(self.num_params());
         for (l, (i, o)) in self.layers().into_iter().enumerate() {
             let get = |name: String, shape: Vec<usize>, t: Option<(Vec<usize>, Vec<f32>)>| match t {
@@ -219,11 +269,15 @@ impl ModelSpec {
         Ok(params)
     }
 
-    /// The initial global model. Logistic regression starts at zero (the convex problem needs
+    /// The initial global model (a custom model's comes from its own file instead: this gives
+    /// zeros of its length). Logistic regression starts at zero (the convex problem needs
     /// no symmetry breaking); MLP weights are uniform in ±1/√d_in (PyTorch's default scale),
     /// drawn from `seed` so every run with the same seed starts from the same model.
     pub fn init(&self, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        if self.custom.is_some() {
+            return vec![0.0; self.num_params()];
+        }
         let mut params = Vec::with_capacity(self.num_params());
         for (i, o) in self.layers() {
             let bound = 1.0 / (i as f64).sqrt();
@@ -380,6 +434,7 @@ mod tests {
             inputs: 2,
             hidden: vec![3],
             outputs: 1,
+            custom: None,
         };
         // layer 0: w [2, 3] = 0..6 row-major (w[c][r] = 3c + r), b = 6..9; layer 1: w [3, 1], b.
         let params: Vec<f32> = (0..spec.num_params()).map(|x| x as f32).collect();
@@ -438,6 +493,7 @@ mod tests {
             inputs: 13,
             hidden: vec![32],
             outputs: 1,
+            custom: None,
         };
         assert_eq!(logreg.layers(), vec![(13, 1)]);
         assert_eq!(logreg.num_params(), 14);
@@ -447,6 +503,7 @@ mod tests {
             inputs: 13,
             hidden: vec![16, 8],
             outputs: 1,
+            custom: None,
         };
         assert_eq!(mlp.layers(), vec![(13, 16), (16, 8), (8, 1)]);
         assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);
