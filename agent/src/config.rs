@@ -111,8 +111,17 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    pub csv: PathBuf,
+    /// The site's rows (CSV data). Exactly one of `csv`, `images` and `manifest` is given.
+    #[serde(default)]
+    pub csv: Option<PathBuf>,
+    /// Image data (`[schema.images]`): a folder of class folders, `root/CLASS/*.png|jpg`.
+    #[serde(default)]
+    pub images: Option<PathBuf>,
+    /// Image data as a CSV of `path,label` (paths relative to the manifest).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
     /// A separate test set; without it, `test_fraction` of `csv` is held out (stratified).
+    /// For image data, a folder or a manifest like the training source.
     pub test_csv: Option<PathBuf>,
     #[serde(default = "default_fraction")]
     pub test_fraction: f64,
@@ -226,20 +235,16 @@ impl AgentConfig {
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut cfg.tls.ca_cert,
-            &mut cfg.tls.cert,
-            &mut cfg.tls.key,
-            &mut cfg.data.csv,
-        ] {
+        for p in [&mut cfg.tls.ca_cert, &mut cfg.tls.cert, &mut cfg.tls.key]
+            .into_iter()
+            .chain(cfg.data.csv.as_mut())
+            .chain(cfg.data.images.as_mut())
+            .chain(cfg.data.manifest.as_mut())
+            .chain(cfg.data.test_csv.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
-        }
-        if let Some(t) = cfg.data.test_csv.as_mut()
-            && t.is_relative()
-        {
-            *t = base.join(&*t);
         }
         Ok(cfg)
     }
@@ -254,6 +259,17 @@ impl AgentConfig {
                 key: "data.test_fraction",
                 value: cfg.data.test_fraction.to_string(),
                 allowed: "a fraction strictly between 0 and 1",
+            });
+        }
+        let sources = [&cfg.data.csv, &cfg.data.images, &cfg.data.manifest]
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+        if sources != 1 {
+            return Err(ConfigError::Invalid {
+                key: "data",
+                value: format!("{sources} sources"),
+                allowed: "exactly one of data.csv (rows), data.images (a folder of class folders) and data.manifest (a CSV of path,label)",
             });
         }
         if cfg.role == Role::Evaluate && cfg.data.test_csv.is_some() {

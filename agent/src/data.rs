@@ -25,6 +25,12 @@ pub enum DataError {
     HeaderMismatch,
     #[error("test_fraction = {0}: must be in (0, 1)")]
     BadFraction(f64),
+    #[error("{path}: {error}")]
+    Image { path: String, error: String },
+    #[error(
+        "the schema and the data disagree: image data (data.images or data.manifest) needs [schema.images] and a multiclass task, and a schema with [schema.images] needs image data"
+    )]
+    NotImages,
 }
 
 /// Encoded rows: features may be missing (None) until imputation. Labels are training
@@ -224,6 +230,39 @@ impl SiteData {
             train: Rows::default(),
             test,
             dropped_rows,
+            model: None,
+        })
+    }
+
+    /// A site whose data are images (`schema.images`): `test` is a separate test source, else a
+    /// stratified `test_fraction` of `source` is held out, chosen with `seed`. With
+    /// `test_only`, every image is a test row (an evaluation-only site).
+    pub fn load_images(
+        schema: &DataSchema,
+        source: &crate::images::ImageSource,
+        test: Option<&crate::images::ImageSource>,
+        test_fraction: f64,
+        seed: u64,
+        test_only: bool,
+    ) -> Result<Self, DataError> {
+        let inputs = schema.images.map_or(0, |i| i.inputs());
+        let all = crate::images::load(schema, source)?;
+        let (train, test) = if test_only {
+            (Rows::default(), all)
+        } else if let Some(t) = test {
+            (all, crate::images::load(schema, t)?)
+        } else {
+            if !(test_fraction > 0.0 && test_fraction < 1.0) {
+                return Err(DataError::BadFraction(test_fraction));
+            }
+            stratified_split(&all, test_fraction, seed, true)
+        };
+        Ok(SiteData {
+            inputs,
+            task: schema.task.clone(),
+            train,
+            test,
+            dropped_rows: 0,
             model: None,
         })
     }

@@ -1,9 +1,11 @@
 //! The Cohort agent: runs at a site, next to its data, dials out to the coordinator, trains
 //! the global model locally and sends back only a masked update.
 
+pub mod cnn;
 pub mod config;
 pub mod data;
 pub mod failure;
+pub mod images;
 pub mod model;
 pub mod predict;
 pub mod session;

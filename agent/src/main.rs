@@ -66,8 +66,12 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// A CSV with the columns of the federation's schema (the label column is optional).
+        #[arg(long, required_unless_present = "images", conflicts_with = "images")]
+        csv: Option<PathBuf>,
+        /// Images, for a model trained on images: a folder of class folders or a manifest
+        /// (CSV of path,label).
         #[arg(long)]
-        csv: PathBuf,
+        images: Option<PathBuf>,
         /// Write the scores here instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -79,7 +83,12 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let config = match cli.command {
         Command::Run { config } => config,
-        Command::Predict { model, csv, out } => return predict(&model, &csv, out.as_deref()),
+        Command::Predict {
+            model,
+            csv,
+            images,
+            out,
+        } => return predict(&model, csv.as_deref(), images.as_deref(), out.as_deref()),
     };
     let config = match AgentConfig::load(&config) {
         Ok(c) => c,
@@ -114,11 +123,20 @@ fn main() -> ExitCode {
 
 fn predict(
     model: &std::path::Path,
-    csv: &std::path::Path,
+    csv: Option<&std::path::Path>,
+    images: Option<&std::path::Path>,
     out: Option<&std::path::Path>,
 ) -> ExitCode {
-    let scored = cohort_agent::predict::ExportedModel::read(model)
-        .and_then(|m| m.score(csv).map(|s| (m, s)));
+    use cohort_agent::images::ImageSource;
+    let scored = cohort_agent::predict::ExportedModel::read(model).and_then(|m| {
+        let s = match (csv, images) {
+            (Some(csv), _) => m.score(csv)?,
+            (None, Some(p)) if p.is_dir() => m.score_images(&ImageSource::Folder(p.into()))?,
+            (None, Some(p)) => m.score_images(&ImageSource::Manifest(p.into()))?,
+            (None, None) => anyhow::bail!("give --csv or --images"),
+        };
+        Ok((m, s))
+    });
     let (m, scored) = match scored {
         Ok(x) => x,
         Err(e) => {
@@ -191,6 +209,9 @@ fn predictions_csv(
     if labelled {
         text.push_str(",label");
     }
+    if !scored.files.is_empty() {
+        text = text.replacen("line,", "line,image,", 1);
+    }
     text.push('\n');
     for r in &scored.rows {
         let _ = match &m.schema.task {
@@ -202,7 +223,11 @@ fn predictions_csv(
                 r.prediction
             ),
             Task::Multiclass { .. } => {
-                let _ = write!(text, "{},{}", r.line, class(r.prediction));
+                let _ = write!(text, "{}", r.line);
+                if let Some(f) = r.line.checked_sub(1).and_then(|i| scored.files.get(i)) {
+                    let _ = write!(text, ",{f}");
+                }
+                let _ = write!(text, ",{}", class(r.prediction));
                 r.probabilities
                     .iter()
                     .try_for_each(|p| write!(text, ",{p:.6}"))

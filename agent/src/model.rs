@@ -18,6 +18,7 @@ use chacha20::ChaCha20Rng;
 use cohort_protocols::model::{CustomSpec, ModelKind, ModelSpec, OptimizerKind, TrainingConfig};
 use rand_core::{Rng, SeedableRng};
 
+use crate::cnn::CnnNet;
 use crate::train::{Net, Objective, TrainError};
 
 /// A model a site can train for the federation.
@@ -212,14 +213,46 @@ impl Model for TomlModel {
         cfg: &TrainingConfig,
         seed: u64,
     ) -> Result<Vec<f32>, TrainError> {
-        let net = Net::from_flat(&self.spec, global, &Device::flex().autodiff())?;
-        let trained = fit(net, objective, x, labels, self.spec.inputs, cfg, seed)?;
-        checked(flatten(&trained)?)
+        let device = Device::flex().autodiff();
+        let inputs = self.spec.inputs;
+        let trained = match &self.spec.cnn {
+            Some(c) => flatten(&fit(
+                load(self.cnn(c, &device)?, global)?,
+                objective,
+                x,
+                labels,
+                inputs,
+                cfg,
+                seed,
+            )?)?,
+            None => {
+                let net = Net::from_flat(&self.spec, global, &device)?;
+                flatten(&fit(net, objective, x, labels, inputs, cfg, seed)?)?
+            }
+        };
+        checked(trained)
     }
 
     fn outputs(&self, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
-        let net = Net::from_flat(&self.spec, params, &Device::flex())?;
-        forward_rows(&net, x, self.spec.inputs)
+        let device = Device::flex();
+        match &self.spec.cnn {
+            Some(c) => forward_rows(&load(self.cnn(c, &device)?, params)?, x, self.spec.inputs),
+            None => forward_rows(
+                &Net::from_flat(&self.spec, params, &device)?,
+                x,
+                self.spec.inputs,
+            ),
+        }
+    }
+}
+
+impl TomlModel {
+    fn cnn(
+        &self,
+        c: &cohort_protocols::model::cnn::CnnSpec,
+        device: &Device,
+    ) -> Result<CnnNet, TrainError> {
+        CnnNet::new(c, self.spec.outputs, device).map_err(TrainError::Data)
     }
 }
 
@@ -285,6 +318,7 @@ impl<N: Network> Model for BurnModel<N> {
                 name: self.name.clone(),
                 parameters,
             }),
+            cnn: None,
         }
     }
 
@@ -320,6 +354,7 @@ mod tests {
             hidden: vec![3],
             outputs: 2,
             custom: None,
+            cnn: None,
         };
         let params = spec.init(5);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("net");

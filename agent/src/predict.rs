@@ -40,9 +40,11 @@ pub struct ScoredRow {
     pub label: Option<f64>,
 }
 
-/// Scores of one CSV.
+/// Scores of one CSV or image set.
 #[derive(Debug, Clone)]
 pub struct Scored {
+    /// Image data: each row's file (rows are numbered from 1 in `line`).
+    pub files: Vec<String>,
     pub rows: Vec<ScoredRow>,
     pub dropped: Vec<usize>,
     /// The task's metrics and loss, when the file has the label column.
@@ -168,6 +170,39 @@ impl ExportedModel {
         Objective::new(&self.schema.task, self.label_scaling)
     }
 
+    /// Scores every image of `source` (the schema's image data: a class-folder tree or a
+    /// manifest of path,label), as the federation evaluated its sites' images.
+    pub fn score_images(&self, source: &crate::images::ImageSource) -> Result<Scored> {
+        if self.schema.images.is_none() {
+            bail!("the model was not trained on images (its schema has no [schema.images])");
+        }
+        let files: Vec<String> = crate::images::list(source)?
+            .into_iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        let rows = crate::images::load(&self.schema, source)?;
+        let x = rows.standardised(&self.mean, &self.std);
+        let objective = self.objective();
+        let outputs = train::outputs(&self.spec, &self.params, &x)?;
+        let evaluation = train::evaluate(&self.spec, &objective, &self.params, &x, &rows.labels)?;
+        Ok(Scored {
+            files,
+            rows: outputs
+                .chunks(self.spec.outputs.max(1))
+                .zip(&rows.labels)
+                .enumerate()
+                .map(|(i, (out, y))| ScoredRow {
+                    line: i + 1,
+                    prediction: objective.read(out).0,
+                    probabilities: Objective::probabilities(out),
+                    label: Some(*y),
+                })
+                .collect(),
+            dropped: Vec::new(),
+            evaluation: Some(evaluation),
+        })
+    }
+
     /// Scores every usable row of `csv`.
     pub fn score(&self, csv: &Path) -> Result<Scored> {
         let data = rows_to_score(&self.schema, csv)?;
@@ -194,6 +229,7 @@ impl ExportedModel {
         };
         let multiclass = matches!(objective, Objective::Multiclass { .. });
         Ok(Scored {
+            files: Vec::new(),
             rows: data
                 .lines
                 .iter()

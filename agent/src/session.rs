@@ -148,17 +148,7 @@ async fn run_inner(
         .into());
     }
     info!(site = %cfg.site, schema = %schema.hash(), "schema received from the coordinator");
-    let loaded = match cfg.role {
-        Role::Train => SiteData::load_renamed(
-            &schema,
-            &cfg.data.rename,
-            &cfg.data.csv,
-            cfg.data.test_csv.as_deref(),
-            cfg.data.test_fraction,
-            cfg.data.split_seed,
-        ),
-        Role::Evaluate => SiteData::load_test_only(&schema, &cfg.data.rename, &cfg.data.csv),
-    };
+    let loaded = load_site_data(&schema, &cfg);
     let mut data = loaded
         .context("loading the site's data with the coordinator's schema")
         .map_err(failure::ConfigProblem)?;
@@ -167,6 +157,54 @@ async fn run_inner(
     info!(site = %cfg.site, train = data.train.len(), test = data.test.len(), dropped = data.dropped_rows, inputs = data.inputs, "data loaded");
     cfg.schema = Some(schema);
     run_site(cfg, data).await
+}
+
+/// The site's data as its configuration names it: CSV rows, or images (a class-folder tree
+/// or a manifest), all test rows for an evaluation-only site.
+pub fn load_site_data(
+    schema: &DataSchema,
+    cfg: &AgentConfig,
+) -> Result<SiteData, crate::data::DataError> {
+    use crate::images::ImageSource;
+    let d = &cfg.data;
+    let evaluate = cfg.role == Role::Evaluate;
+    let image_source = |p: &std::path::Path| {
+        if p.is_dir() {
+            ImageSource::Folder(p.to_path_buf())
+        } else {
+            ImageSource::Manifest(p.to_path_buf())
+        }
+    };
+    let images = d
+        .images
+        .as_ref()
+        .map(|p| ImageSource::Folder(p.clone()))
+        .or_else(|| {
+            d.manifest
+                .as_ref()
+                .map(|p| ImageSource::Manifest(p.clone()))
+        });
+    match (images, &d.csv) {
+        (Some(source), _) => SiteData::load_images(
+            schema,
+            &source,
+            d.test_csv.as_deref().map(image_source).as_ref(),
+            d.test_fraction,
+            d.split_seed,
+            evaluate,
+        ),
+        (None, Some(_)) if schema.images.is_some() => Err(crate::data::DataError::NotImages),
+        (None, Some(csv)) if evaluate => SiteData::load_test_only(schema, &d.rename, csv),
+        (None, Some(csv)) => SiteData::load_renamed(
+            schema,
+            &d.rename,
+            csv,
+            d.test_csv.as_deref(),
+            d.test_fraction,
+            d.split_seed,
+        ),
+        (None, None) => Err(crate::data::DataError::NotImages),
+    }
 }
 
 /// Reconnection policy: exponential backoff with jitter, and a bound on permanent failures
@@ -519,7 +557,33 @@ impl Session<'_> {
                     name,
                     parameters: params,
                 }),
+                cnn: None,
             });
+        }
+        if let Some(layers) = cfg.cnn {
+            let input = self
+                .cfg
+                .schema
+                .as_ref()
+                .and_then(|s| s.images)
+                .ok_or_else(|| {
+                    anyhow!("the coordinator's model is a CNN but the schema has no images")
+                })?;
+            let spec = ModelSpec {
+                kind: model::ModelKind::Cnn,
+                inputs: self.data.inputs(),
+                hidden: Vec::new(),
+                outputs: self.data.outputs(),
+                custom: None,
+                cnn: Some(model::cnn::CnnSpec { input, layers }),
+            };
+            if spec.num_params() != params {
+                bail!(
+                    "the coordinator's CNN has {params} parameters, its declaration gives {} here: do the schemas match?",
+                    spec.num_params()
+                );
+            }
+            return Ok(spec);
         }
         let hidden = cfg.hidden.clone();
         let kind = if hidden.is_empty() {
@@ -533,6 +597,7 @@ impl Session<'_> {
             hidden,
             outputs: self.data.outputs(),
             custom: None,
+            cnn: None,
         };
         if spec.num_params() != params {
             bail!(

@@ -181,6 +181,7 @@ mod tests {
                 name: name.into(),
                 parameters,
             }),
+            cnn: None,
         }
     }
 
@@ -200,6 +201,7 @@ mod tests {
             hidden: Vec::new(),
             outputs: 1,
             custom: None,
+            cnn: None,
         };
         assert!(data.model_for(&toml_spec).is_err());
         assert!(

@@ -387,6 +387,7 @@ mod tests {
             hidden: vec![4, 3],
             outputs: 3,
             custom: None,
+            cnn: None,
         };
         let params = spec.init(3);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("build");
@@ -403,6 +404,7 @@ mod tests {
             fedprox_mu: 0.0,
             hidden: vec![],
             custom: None,
+            cnn: None,
         }
     }
 
@@ -426,6 +428,7 @@ mod tests {
             hidden: vec![],
             outputs,
             custom: None,
+            cnn: None,
         }
     }
 

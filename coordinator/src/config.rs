@@ -281,6 +281,12 @@ pub struct ModelConfig {
     pub parameters: Option<usize>,
     #[serde(default)]
     pub init_file: Option<PathBuf>,
+    /// A CNN's layers (`kind = "cnn"`), input first; the output layer is added for the task.
+    #[serde(default)]
+    pub layers: Vec<cohort_protocols::model::cnn::Layer>,
+    /// The schema's image shape, copied when the configuration is loaded (not a key).
+    #[serde(skip)]
+    pub image: Option<cohort_protocols::model::ImageShape>,
 }
 
 impl ModelConfig {
@@ -319,6 +325,13 @@ impl ModelConfig {
                 (ModelKind::Custom, Some(name)) => Some(cohort_protocols::model::CustomSpec {
                     name: name.clone(),
                     parameters: self.parameters.unwrap_or(0),
+                }),
+                _ => None,
+            },
+            cnn: match (self.kind, self.image) {
+                (ModelKind::Cnn, Some(input)) => Some(cohort_protocols::model::cnn::CnnSpec {
+                    input,
+                    layers: self.layers.clone(),
                 }),
                 _ => None,
             },
@@ -382,6 +395,7 @@ impl CoordinatorConfig {
     /// Sets `model.inputs` from the schema's listed features, or checks it against them.
     fn derive_inputs(&mut self) -> Result<(), ConfigError> {
         self.model.outputs = self.schema.task.outputs();
+        self.model.image = self.schema.images;
         match self.schema.declared_inputs() {
             Some(Ok(names)) => {
                 if self.model.inputs == 0 {
@@ -514,6 +528,29 @@ impl CoordinatorConfig {
         {
             return Err(invalid(key, "given", "only for kind = \"custom\""));
         }
+        match (m.kind, &self.schema.images) {
+            (ModelKind::Cnn, None) => {
+                return Err(invalid(
+                    "model.kind",
+                    "cnn",
+                    "a CNN needs image data: add [schema.images] (channels, height, width)",
+                ));
+            }
+            (ModelKind::Cnn, Some(_)) => {
+                if let Some(c) = &m.spec().cnn {
+                    c.tensors(m.outputs)
+                        .map_err(|e| invalid("model.layers", "", e))?;
+                }
+            }
+            (_, _) if !m.layers.is_empty() => {
+                return Err(invalid(
+                    "model.layers",
+                    "given",
+                    "only for kind = \"cnn\" (an mlp's layers are model.hidden)",
+                ));
+            }
+            _ => {}
+        }
         if self.model.kind == ModelKind::Mlp && self.model.hidden.is_empty() {
             return Err(invalid(
                 "model.hidden",
@@ -545,6 +582,13 @@ impl CoordinatorConfig {
                 "training.hidden",
                 format!("{:?}", training.hidden),
                 "set hidden layers in [model], not in [training]",
+            ));
+        }
+        if training.cnn.is_some() {
+            return Err(invalid(
+                "training.cnn",
+                "given",
+                "declare a CNN's layers in [model] (kind = \"cnn\", layers), not in [training]",
             ));
         }
         if training.custom.is_some() {

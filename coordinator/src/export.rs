@@ -39,12 +39,26 @@ pub struct Exported {
 }
 
 /// How to use the file, in words, for the task: what goes in and what comes out.
-fn preprocessing(task: &model::Task) -> String {
-    let input = "input = (value - preprocess.mean) / preprocess.std, in float64, in the order of \
+fn preprocessing(task: &model::Task, images: Option<&model::ImageShape>) -> String {
+    let input = match images {
+        Some(i) => format!(
+            "image = the file converted to {} channel(s) ({}), resized to {} x {} (bilinear), \
+             pixels / 255 in channel-major order (cohort.inputs); input = (image - \
+             preprocess.mean) / preprocess.std, in float64; output = the CNN of \
+             cohort.model_spec (convs.N: PyTorch Conv2d weights, stride 1, no padding; \
+             denses.N: nn.Linear weights)",
+            i.channels,
+            if i.channels == 1 { "grayscale" } else { "RGB" },
+            i.height,
+            i.width
+        ),
+        None => "input = (value - preprocess.mean) / preprocess.std, in float64, in the order of \
          cohort.inputs; a categorical column becomes one input per level but the first \
          (1 when the value equals the level, else 0); a missing value becomes 0 after \
          standardisation (schema missing = impute_mean) or drops the row (drop_row); \
-         output = model(input), layers in order with ReLU between them";
+         output = model(input), layers in order with ReLU between them"
+            .to_string(),
+    };
     let output = match task {
         model::Task::Binary { greater_than, .. } => format!(
             "probability = sigmoid(output[0]); the positive class is label > {greater_than}"
@@ -211,7 +225,14 @@ pub fn export_model(
             "cohort.class_names".to_string(),
             serde_json::to_string(&task.class_names())?,
         ),
-        ("cohort.preprocessing".to_string(), preprocessing(task)),
+        (
+            "cohort.preprocessing".to_string(),
+            preprocessing(task, config.schema.images.as_ref()),
+        ),
+        (
+            "cohort.images".to_string(),
+            serde_json::to_string(&config.schema.images)?,
+        ),
     ]);
     let n = views.len();
     let data = safetensors::tensor::serialize(views, Some(metadata))?;

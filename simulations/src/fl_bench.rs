@@ -130,6 +130,7 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
         hidden: vec![hidden],
         outputs: 1,
         custom: None,
+        cnn: None,
     };
     let params = spec.num_params();
     std::fs::create_dir_all(&args.out)

@@ -5,3 +5,4 @@ pub mod plot;
 pub mod reference;
 pub mod run;
 pub mod secagg_bench;
+pub mod shapes;

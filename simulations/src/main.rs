@@ -34,6 +34,9 @@ enum Command {
     /// P-parameter model over mTLS gRPC; reports seconds per round, secure against plain, and
     /// the coordinator's peak RSS (its own process).
     FlBench(fl_bench::FlBenchArgs),
+    /// Generate a learnable image dataset (four classes of strokes, PNG, one ImageFolder per
+    /// site) for CNN scenarios such as examples/shapes-cnn.toml.
+    GenImages(cohort_sim::shapes::GenArgs),
     /// Internal: one process of `fl-bench` (the coordinator, or all the agents).
     #[command(hide = true)]
     FlBenchRole(fl_bench::RoleArgs),
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::SecaggBench(args) => secagg_bench::main(&args),
+        Command::GenImages(args) => cohort_sim::shapes::main(&args),
         Command::FlBench(args) => fl_bench::main(&args),
         Command::FlBenchRole(args) => {
             tracing_subscriber::fmt()

@@ -193,7 +193,13 @@ fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
 #[serde(deny_unknown_fields)]
 struct SiteSpec {
     name: String,
-    csv: PathBuf,
+    /// The site's data: a CSV, or (with `[schema.images]`) an image folder or manifest.
+    #[serde(default)]
+    csv: Option<PathBuf>,
+    #[serde(default)]
+    images: Option<PathBuf>,
+    #[serde(default)]
+    manifest: Option<PathBuf>,
     test_csv: Option<PathBuf>,
     /// `train` (default) or `evaluate`: an evaluation-only site, whose `csv` is all test rows.
     #[serde(default)]
@@ -203,6 +209,25 @@ struct SiteSpec {
 impl SiteSpec {
     fn evaluates_only(&self) -> bool {
         self.role == cohort_agent::config::Role::Evaluate
+    }
+
+    /// The agent's `[data]` table for this site, paths made absolute.
+    fn data_table(&self, base: &Path, test_fraction: f64, split_seed: u64) -> toml::Table {
+        let mut data = table(vec![
+            ("test_fraction", toml::Value::Float(test_fraction)),
+            ("split_seed", toml::Value::Integer(split_seed as i64)),
+        ]);
+        for (key, path) in [
+            ("csv", &self.csv),
+            ("images", &self.images),
+            ("manifest", &self.manifest),
+            ("test_csv", &self.test_csv),
+        ] {
+            if let Some(p) = path {
+                data.insert(key.into(), path_value(&base.join(p)));
+            }
+        }
+        data
     }
 }
 
@@ -469,10 +494,16 @@ fn run_scenario(
         }
     };
     let first = s.sites.first().context("the scenario has no sites")?;
-    let header = read_header(&base.join(&first.csv))?;
-    let inputs = schema
-        .input_dim(&header)
-        .context("[schema] against the first site's CSV")?;
+    let inputs = match (&schema.images, &first.csv) {
+        (Some(shape), _) => shape.inputs(),
+        (None, Some(csv)) => schema
+            .input_dim(&read_header(&base.join(csv))?)
+            .context("[schema] against the first site's CSV")?,
+        (None, None) => bail!(
+            "site {}: no csv (a schema without [schema.images] describes CSV data)",
+            first.name
+        ),
+    };
     let mut model = s.model.clone();
     model.insert("inputs".into(), toml::Value::Integer(inputs as i64));
 
@@ -616,14 +647,7 @@ fn run_scenario(
                     })
                 })
                 .collect();
-            let mut data = table(vec![
-                ("csv", path_value(&base.join(&site.csv))),
-                ("test_fraction", toml::Value::Float(s.test_fraction)),
-                ("split_seed", toml::Value::Integer(s.split_seed as i64)),
-            ]);
-            if let Some(t) = &site.test_csv {
-                data.insert("test_csv".into(), path_value(&base.join(t)));
-            }
+            let data = site.data_table(base, s.test_fraction, s.split_seed);
             let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
             cfg.role = site.role;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
@@ -687,22 +711,18 @@ fn references(
         .sites
         .iter()
         .map(|site| {
-            let data = if site.evaluates_only() {
-                cohort_agent::data::SiteData::load_test_only(
-                    schema,
-                    &Default::default(),
-                    &base.join(&site.csv),
-                )
-            } else {
-                cohort_agent::data::SiteData::load(
-                    schema,
-                    &base.join(&site.csv),
-                    site.test_csv.as_ref().map(|t| base.join(t)).as_deref(),
-                    s.test_fraction,
-                    s.split_seed,
-                )
-            }
-            .with_context(|| format!("site {}", site.name))?;
+            // The site's agent configuration, so its data load exactly as the agent loads them.
+            let mut cfg = agent_config(
+                &site.name,
+                Path::new("."),
+                1,
+                site.data_table(base, s.test_fraction, s.split_seed),
+                &s.schema,
+                Vec::new(),
+            )?;
+            cfg.role = site.role;
+            let data = cohort_agent::session::load_site_data(schema, &cfg)
+                .with_context(|| format!("site {}", site.name))?;
             Ok(crate::reference::Site {
                 name: site.name.clone(),
                 data,

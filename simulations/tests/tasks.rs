@@ -252,3 +252,146 @@ fn an_evaluation_only_site_is_judged_apart_and_never_trains() {
             .contains_key("switzerland")
     );
 }
+
+#[test]
+fn a_cnn_learns_generated_images_from_folders_and_a_manifest_and_its_export_reproduces_them() {
+    use cohort_agent::images::ImageSource;
+    use cohort_sim::shapes::{GenArgs, generate};
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("shapes");
+    let sites = generate(&GenArgs {
+        out: images.clone(),
+        sites: 5,
+        per_site: 120,
+        size: 16,
+        seed: 3,
+    })
+    .unwrap();
+    // site2 lists its images in a manifest instead of being read as a folder tree.
+    let mut manifest = String::from("path,label\n");
+    for (path, class) in cohort_agent::images::list(&ImageSource::Folder(sites[1].clone())).unwrap()
+    {
+        let relative = path.strip_prefix(&images).unwrap();
+        manifest.push_str(&format!("{},{class}\n", relative.display()));
+    }
+    std::fs::write(images.join("site2.csv"), manifest).unwrap();
+    let scenario = format!(
+        r#"
+rounds = 4
+secure = true
+test_fraction = 0.25
+split_seed = 1
+
+[[sites]]
+name = "site1"
+images = {s1:?}
+test_csv = {s5:?}
+
+[[sites]]
+name = "site2"
+manifest = {m2:?}
+
+[[sites]]
+name = "site3"
+images = {s3:?}
+
+[[sites]]
+name = "site4"
+images = {s4:?}
+
+[schema.images]
+channels = 1
+height = 16
+width = 16
+
+[schema.task]
+kind = "multiclass"
+label = "shape"
+classes = [0, 1, 2, 3]
+class_names = ["horizontal", "vertical", "diagonal", "box"]
+
+[model]
+kind = "cnn"
+layers = [
+  {{ type = "conv2d", channels = 6, kernel = 3 }},
+  {{ type = "relu" }},
+  {{ type = "max_pool", size = 2 }},
+  {{ type = "flatten" }},
+  {{ type = "dense", units = 24 }},
+  {{ type = "relu" }},
+]
+
+[training]
+learning_rate = 0.003
+batch_size = 16
+local_steps = 40
+
+[secagg]
+quant_bits = 20
+max_weight = 1000
+"#,
+        s1 = sites[0].display().to_string(),
+        s3 = sites[2].display().to_string(),
+        s4 = sites[3].display().to_string(),
+        s5 = sites[4].display().to_string(),
+        m2 = images.join("site2.csv").display().to_string(),
+    );
+    let path = dir.path().join("cnn.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let out = dir.path().join("out");
+    let s = run_file_with(&path, &out, true).expect("the CNN scenario runs");
+    assert_eq!(s.rounds_completed, 4);
+    assert_eq!(s.coordinator_received.plain_updates, 0);
+    let (before, after) = (
+        s.initial.weighted.accuracy.unwrap(),
+        s.final_.weighted.accuracy.unwrap(),
+    );
+    // Four classes: chance is 0.25.
+    eprintln!("CNN on generated shapes: pooled test accuracy {before:.3} -> {after:.3}");
+    assert!(after > 0.6 && after > before + 0.2, "{before} -> {after}");
+    assert_eq!(
+        s.per_site["site1"].test_examples, 120,
+        "site1 is judged on its test folder"
+    );
+
+    let config =
+        cohort_coordinator::CoordinatorConfig::load(&out.join("coordinator.toml")).unwrap();
+    let model = out.join("model.safetensors");
+    cohort_coordinator::export::export_model(&config, None, &model).unwrap();
+    let exported = ExportedModel::read(&model).unwrap();
+    assert!(exported.spec.cnn.is_some());
+    assert_eq!(exported.inputs.len(), 256);
+    let scored = exported
+        .score_images(&ImageSource::Folder(sites[4].clone()))
+        .unwrap();
+    assert_eq!(scored.files.len(), 120);
+    assert_eq!(
+        scored.evaluation.unwrap().metrics(),
+        s.per_site["site1"].metrics,
+        "predict reproduces site1's reported metrics from the file alone"
+    );
+
+    // An image of a class the task does not know is named with its file.
+    let stray = images.join("site3").join("triangle");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::copy(
+        sites[2]
+            .join("box")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        stray.join("t.png"),
+    )
+    .unwrap();
+    let err =
+        cohort_agent::images::load(&config.schema, &ImageSource::Folder(images.join("site3")))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("t.png") && err.contains("\"triangle\""),
+        "{err}"
+    );
+}

@@ -266,6 +266,9 @@ impl Driver {
         if let Some(c) = &spec.custom {
             training.insert("custom".into(), toml::Value::String(c.name.clone()));
         }
+        if let Some(c) = &spec.cnn {
+            training.insert("cnn".into(), toml::Value::try_from(&c.layers)?);
+        }
         let training_toml = toml::to_string(&training)?;
         Ok(Driver {
             hub,

@@ -4,13 +4,16 @@
 //! the weight matrix `[d_in, d_out]` row-major, then the bias), so the coordinator can average,
 //! hash and sign it without knowing anything about burn, and the agent can load it bit-exactly.
 
+pub mod cnn;
 pub mod csv;
 pub mod metrics;
 mod schema;
 pub mod stats;
 mod task;
 
-pub use schema::{DataSchema, LabelRule, MissingValues, SchemaError};
+pub use schema::{
+    DataSchema, ImageShape, LabelRule, MissingValues, SchemaError, image_input_names,
+};
 pub use task::{RegressionLoss, Task, TaskKind, TaskTable};
 
 /// Local training settings, sent by the coordinator each round (its `[training]` table).
@@ -34,6 +37,10 @@ pub struct TrainingConfig {
     /// here; absent for the TOML models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<String>,
+    /// A CNN's declared layers (`model.kind = "cnn"`), which the coordinator copies here; the
+    /// input shape is the schema's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnn: Option<Vec<cnn::Layer>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +97,8 @@ pub enum ModelKind {
     /// user's own agent binary: the coordinator knows only its name and parameter count, and
     /// its initial parameters come from a file (`model.init_file`).
     Custom,
+    /// A small convolutional network over images, declared layer by layer (`model.layers`).
+    Cnn,
 }
 
 /// A named tensor: name, shape, values in row-major order.
@@ -97,7 +106,7 @@ pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
 /// A network over `inputs` features with `outputs` outputs (one per class of a multiclass
 /// task, otherwise one: the task decides, see [`Task::outputs`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub kind: ModelKind,
     pub inputs: usize,
@@ -111,6 +120,9 @@ pub struct ModelSpec {
     /// layer sizes nor the architecture itself are known to the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<CustomSpec>,
+    /// A CNN's input shape and declared layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnn: Option<cnn::CnnSpec>,
 }
 
 /// What identifies a user's own network: its name (chosen by its author, e.g. with a version:
@@ -144,7 +156,7 @@ impl ModelSpec {
         let hidden: &[usize] = match self.kind {
             ModelKind::Logreg => &[],
             ModelKind::Mlp => &self.hidden,
-            ModelKind::Custom => return Vec::new(),
+            ModelKind::Custom | ModelKind::Cnn => return Vec::new(),
         };
         let mut sizes = vec![self.inputs];
         sizes.extend_from_slice(hidden);
@@ -160,10 +172,14 @@ impl ModelSpec {
                 c.name, self.inputs, self.outputs, c.parameters
             );
         }
+        if let Some(c) = &self.cnn {
+            return format!("cnn {}-dense{}", c.describe(), self.outputs);
+        }
         let kind = match self.kind {
             ModelKind::Logreg => "logreg",
             ModelKind::Mlp => "mlp",
             ModelKind::Custom => "custom",
+            ModelKind::Cnn => "cnn",
         };
         let mut sizes: Vec<String> = vec![self.inputs.to_string()];
         sizes.extend(self.layers().iter().map(|(_, o)| o.to_string()));
@@ -174,12 +190,23 @@ impl ModelSpec {
         if let Some(c) = &self.custom {
             return c.parameters;
         }
+        if self.cnn.is_some() {
+            return self
+                .manifest()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+        }
         self.layers().iter().map(|(i, o)| i * o + o).sum()
     }
 
     /// Parameter names and shapes in canonical order, PyTorch-style names
     /// (`layers.0.weight` is `[d_in, d_out]` here: transpose it for `torch.nn.Linear`).
     pub fn manifest(&self) -> Vec<(String, Vec<usize>)> {
+        if let Some(c) = &self.cnn {
+            // A declaration that does not check has no layout (the configuration refuses it).
+            return c.tensors(self.outputs).unwrap_or_default();
+        }
         self.layers()
             .iter()
             .enumerate()
@@ -201,6 +228,26 @@ impl ModelSpec {
                 expected: self.num_params(),
                 got: params.len(),
             });
+        }
+        if self.cnn.is_some() {
+            // Convolutions are stored as PyTorch stores them; dense weights are transposed.
+            let mut out = Vec::new();
+            let mut at = 0;
+            for (name, shape) in self.manifest() {
+                let n: usize = shape.iter().product();
+                let v = &params[at..at + n];
+                at += n;
+                if let ([i, o], true) = (shape.as_slice(), name.starts_with("denses.")) {
+                    let (i, o) = (*i, *o);
+                    let t = (0..o)
+                        .flat_map(|r| (0..i).map(move |c| v[c * o + r]))
+                        .collect();
+                    out.push((name, vec![o, i], t));
+                } else {
+                    out.push((name, shape, v.to_vec()));
+                }
+            }
+            return Ok(out);
         }
         if self.custom.is_some() {
             // Only the network's own code knows how the vector splits into tensors.
@@ -246,6 +293,38 @@ impl ModelSpec {
                 None => Err(ModelError::Tensor("params is missing".into())),
             };
         }
+        if self.cnn.is_some() {
+            let mut params = Vec::with_capacity(self.num_params());
+            for (name, shape) in self.manifest() {
+                let dense = name.starts_with("denses.") && shape.len() == 2;
+                let want = if dense {
+                    vec![shape[1], shape[0]]
+                } else {
+                    shape.clone()
+                };
+                match tensor(&name) {
+                    Some((s, v)) if s == want && v.len() == want.iter().product::<usize>() => {
+                        if dense {
+                            let (i, o) = (shape[0], shape[1]);
+                            params.extend(
+                                (0..i)
+                                    .flat_map(|c| (0..o).map(move |r| (r, c)))
+                                    .map(|(r, c)| v[r * i + c]),
+                            );
+                        } else {
+                            params.extend(v);
+                        }
+                    }
+                    Some((s, _)) => {
+                        return Err(ModelError::Tensor(format!(
+                            "{name} has shape {s:?}, the model needs {want:?}"
+                        )));
+                    }
+                    None => return Err(ModelError::Tensor(format!("{name} is missing"))),
+                }
+            }
+            return Ok(params);
+        }
         let mut params = Vec::with_capacity(self.num_params());
         for (l, (i, o)) in self.layers().into_iter().enumerate() {
             let get = |name: String, shape: Vec<usize>, t: Option<(Vec<usize>, Vec<f32>)>| match t {
@@ -274,9 +353,21 @@ impl ModelSpec {
     /// no symmetry breaking); MLP weights are uniform in ±1/√d_in (PyTorch's default scale),
     /// drawn from `seed` so every run with the same seed starts from the same model.
     pub fn init(&self, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
         if self.custom.is_some() {
             return vec![0.0; self.num_params()];
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        if self.cnn.is_some() {
+            let shapes = self.manifest();
+            let mut params = Vec::with_capacity(self.num_params());
+            for (index, (_, shape)) in shapes.iter().enumerate() {
+                let bound = 1.0 / (cnn::fan_in(&shapes, index) as f64).sqrt();
+                for _ in 0..shape.iter().product::<usize>() {
+                    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                    params.push(((2.0 * u - 1.0) * bound) as f32);
+                }
+            }
+            return params;
         }
         let mut params = Vec::with_capacity(self.num_params());
         for (i, o) in self.layers() {
@@ -435,6 +526,7 @@ mod tests {
             hidden: vec![3],
             outputs: 1,
             custom: None,
+            cnn: None,
         };
         // layer 0: w [2, 3] = 0..6 row-major (w[c][r] = 3c + r), b = 6..9; layer 1: w [3, 1], b.
         let params: Vec<f32> = (0..spec.num_params()).map(|x| x as f32).collect();
@@ -494,6 +586,7 @@ mod tests {
             hidden: vec![32],
             outputs: 1,
             custom: None,
+            cnn: None,
         };
         assert_eq!(logreg.layers(), vec![(13, 1)]);
         assert_eq!(logreg.num_params(), 14);
@@ -504,6 +597,7 @@ mod tests {
             hidden: vec![16, 8],
             outputs: 1,
             custom: None,
+            cnn: None,
         };
         assert_eq!(mlp.layers(), vec![(13, 16), (16, 8), (8, 1)]);
         assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);

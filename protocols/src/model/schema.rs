@@ -47,6 +47,26 @@ pub struct DataSchema {
     /// Categorical columns and their levels; encoded one-hot with the first level dropped.
     pub categorical: BTreeMap<String, Vec<f64>>,
     pub missing: MissingValues,
+    /// Image data (`[schema.images]`): every image is converted to `channels` (1: grayscale,
+    /// 3: RGB) and resized to `height` × `width`; its pixels, scaled to [0, 1] in
+    /// channel-major order, are the model's inputs. The label is the image's class name
+    /// (its folder, or the manifest's label column), one of the task's `class_names`.
+    pub images: Option<ImageShape>,
+}
+
+/// The shape every image is brought to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageShape {
+    pub fn inputs(&self) -> usize {
+        self.channels * self.height * self.width
+    }
 }
 
 /// `[schema]` as written. A binary task is written back in the shorthand, so a schema that
@@ -66,6 +86,8 @@ struct SchemaTable {
     categorical: BTreeMap<String, Vec<f64>>,
     #[serde(default)]
     missing: MissingValues,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    images: Option<ImageShape>,
 }
 
 impl TryFrom<SchemaTable> for DataSchema {
@@ -85,12 +107,39 @@ impl TryFrom<SchemaTable> for DataSchema {
             },
             (None, Some(t)) => Task::try_from(t)?,
         };
+        if let Some(i) = &t.images {
+            if !matches!(i.channels, 1 | 3) {
+                return Err(format!(
+                    "images.channels = {}: 1 (grayscale) or 3 (RGB)",
+                    i.channels
+                ));
+            }
+            if i.height == 0 || i.width == 0 || i.height * i.width > 1 << 20 {
+                return Err(format!(
+                    "images: {} × {} pixels: each side at least 1, at most 2^20 pixels",
+                    i.height, i.width
+                ));
+            }
+            let Task::Multiclass { class_names, .. } = &task else {
+                return Err("image data needs a multiclass task whose class_names are the image classes (folder names)".into());
+            };
+            if class_names.is_empty() {
+                return Err("image data needs task.class_names: the class folders' (or manifest labels') names, in order".into());
+            }
+            if !(t.features.is_empty() && t.drop.is_empty() && t.categorical.is_empty()) {
+                return Err(
+                    "features, drop and categorical describe CSV columns; image data has none"
+                        .into(),
+                );
+            }
+        }
         Ok(DataSchema {
             task,
             features: t.features,
             drop: t.drop,
             categorical: t.categorical,
             missing: t.missing,
+            images: t.images,
         })
     }
 }
@@ -117,6 +166,7 @@ impl From<DataSchema> for SchemaTable {
             drop: s.drop,
             categorical: s.categorical,
             missing: s.missing,
+            images: s.images,
         }
     }
 }
@@ -167,6 +217,15 @@ pub struct EncodedRow {
     pub label: f64,
 }
 
+/// An image's inputs, channel-major: `c0/y0/x0`, `c0/y0/x1`, …
+pub fn image_input_names(i: &ImageShape) -> Vec<String> {
+    (0..i.channels)
+        .flat_map(|c| {
+            (0..i.height).flat_map(move |y| (0..i.width).map(move |x| format!("c{c}/y{y}/x{x}")))
+        })
+        .collect()
+}
+
 impl DataSchema {
     /// A stable digest of everything that affects the encoding.
     pub fn hash(&self) -> String {
@@ -196,6 +255,12 @@ impl DataSchema {
             MissingValues::DropRow => "drop_row",
             MissingValues::ImputeMean => "impute_mean",
         });
+        if let Some(i) = &self.images {
+            put("|images");
+            for n in [i.channels, i.height, i.width] {
+                put(&n.to_string());
+            }
+        }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
@@ -241,6 +306,11 @@ impl DataSchema {
             format!("{:?}", self.missing),
             format!("{:?}", other.missing),
         );
+        differ(
+            "images",
+            format!("{:?}", self.images),
+            format!("{:?}", other.images),
+        );
         out
     }
 
@@ -281,6 +351,9 @@ impl DataSchema {
     /// The model inputs' names when the schema lists its `features`, which is what lets the
     /// coordinator know the model's width without seeing a CSV (None when it does not).
     pub fn declared_inputs(&self) -> Option<Result<Vec<String>, SchemaError>> {
+        if let Some(i) = &self.images {
+            return Some(Ok(image_input_names(i)));
+        }
         if self.features.is_empty() {
             return None;
         }
