@@ -119,6 +119,9 @@ def predict(meta, tensors, x):
 
 def main():
     meta, tensors = load(sys.argv[1])
+    if json.loads(meta.get("cohort.images", "null")) is not None or "params" in tensors:
+        sys.exit("an image or custom model: score it with `cohort-agent predict --images` "
+                 "or the model's own code (this script reads CSV models)")
     task = task_of(meta)
     names = json.loads(meta.get("cohort.class_names", "[]"))
     with open(sys.argv[2], newline="") as f:

@@ -127,3 +127,53 @@ pub fn load(schema: &DataSchema, source: &ImageSource) -> Result<Rows, DataError
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rgb_images_are_resized_and_laid_out_channel_major() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // 4 × 2, left half pure red, right half pure blue.
+        let img = image::RgbImage::from_fn(4, 2, |x, _| {
+            if x < 2 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let path = dir.path().join("half.png");
+        img.save(&path).expect("save");
+        let shape = ImageShape {
+            channels: 3,
+            height: 1,
+            width: 2,
+        };
+        let p = pixels(&path, &shape).expect("pixels");
+        // Red plane, then green, then blue; each 1 × 2 after resizing.
+        assert_eq!(p.len(), 6);
+        assert!(p[0] > 0.75 && p[1] < 0.25, "red {:?}", &p[..2]);
+        assert!(p[2] < 0.1 && p[3] < 0.1, "green {:?}", &p[2..4]);
+        assert!(p[4] < 0.25 && p[5] > 0.75, "blue {:?}", &p[4..]);
+        let gray = pixels(
+            &path,
+            &ImageShape {
+                channels: 1,
+                height: 2,
+                width: 4,
+            },
+        )
+        .expect("gray");
+        assert_eq!(gray.len(), 8);
+        // A file that is not an image is named.
+        let bad = dir.path().join("bad.png");
+        std::fs::write(&bad, b"not a png").expect("write");
+        assert!(
+            pixels(&bad, &shape)
+                .unwrap_err()
+                .to_string()
+                .contains("bad.png")
+        );
+    }
+}

@@ -83,8 +83,12 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "secagg.modulus_bits = 48: 32 or 64",
         ),
         (
+            with("kind = \"logreg\"", "kind = \"rnn\""),
+            "unknown variant `rnn`",
+        ),
+        (
             with("kind = \"logreg\"", "kind = \"cnn\""),
-            "unknown variant `cnn`",
+            "a CNN needs image data: add [schema.images]",
         ),
         (
             with("kind = \"logreg\"", "kind = \"mlp\""),
