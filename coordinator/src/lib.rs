@@ -1,6 +1,7 @@
 //! The Cohort coordinator: accepts agents over mTLS gRPC and runs federated rounds with
 //! SecAgg+ secure aggregation.
 
+pub mod cgroup;
 pub mod config;
 pub mod crash;
 pub mod driver;
@@ -93,6 +94,41 @@ pub struct ConfigProblem(pub anyhow::Error);
 
 fn config_problem(e: impl Into<anyhow::Error>) -> anyhow::Error {
     ConfigProblem(e.into()).into()
+}
+
+/// The resident-memory budget for uploads: `limits.memory_mib`, or by default a margin below
+/// the memory limit of the cgroup (container, pod, systemd unit) the coordinator runs in.
+fn memory_budget(config: &CoordinatorConfig) -> Option<u64> {
+    let cgroup = cgroup::detect();
+    match (config.limits.memory_mib, cgroup) {
+        (Some(mib), Some(c)) if mib << 20 > c.limit => {
+            warn!(
+                budget_mib = mib,
+                cgroup_limit_mib = c.limit >> 20,
+                "limits.memory_mib is above this cgroup's memory limit: the OOM killer would strike first"
+            );
+            Some(mib << 20)
+        }
+        (Some(mib), _) => {
+            info!(
+                budget_mib = mib,
+                "memory budget for uploads (limits.memory_mib)"
+            );
+            Some(mib << 20)
+        }
+        (None, Some(c)) => {
+            info!(
+                budget_mib = c.budget >> 20,
+                cgroup_limit_mib = c.limit >> 20,
+                "memory budget for uploads: a margin below this cgroup's memory limit (set limits.memory_mib to choose)"
+            );
+            Some(c.budget)
+        }
+        (None, None) => {
+            info!("no memory budget for uploads: no limits.memory_mib and no cgroup memory limit");
+            None
+        }
+    }
 }
 
 /// The schema agents fetch: the configuration's `[schema]` as TOML, signed like a model.
@@ -293,7 +329,7 @@ async fn serve(
         schema: config.schema.clone(),
         schema_reply: schema_reply(&config, &signing_key, &certificate_der)?,
         certificate_der,
-        memory_budget: config.limits.memory_mib.map(|m| m << 20),
+        memory_budget: memory_budget(&config),
         registry: registry.clone(),
         crl_der: crls
             .first()
