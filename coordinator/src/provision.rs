@@ -121,6 +121,11 @@ fn write(path: &Path, contents: &str) -> Result<(), ProvisionError> {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))?;
     }
+    #[cfg(unix)]
+    if path.extension().is_some_and(|e| e == "sh") {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io(path))?;
+    }
     Ok(())
 }
 
@@ -402,6 +407,20 @@ csv = "data.csv"
 test_fraction = 0.34
 split_seed = 42
 
+"#
+        ),
+    )?;
+    write(
+        &dir.join("start.sh"),
+        &format!(
+            r#"#!/bin/sh
+# Site {site}: the one command that starts this site's Cohort agent. Put the site's CSV at
+# data.csv beside this file (or point [data] csv in agent.toml at it), then run ./start.sh.
+# It needs cohort-agent on PATH, or COHORT_AGENT set to its path. Exit codes: 0 training
+# finished, 1 runtime failure, 2 configuration (e.g. no data.csv), 3 refused for good.
+set -eu
+cd "$(dirname "$0")"
+exec "${{COHORT_AGENT:-cohort-agent}}" run --config agent.toml "$@"
 "#
         ),
     )?;
