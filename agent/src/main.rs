@@ -104,7 +104,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(cohort_agent::run(config)) {
+    // SIGTERM (a service manager, a container runtime: as PID 1 a signal without a handler
+    // would be ignored) and Ctrl-C end the agent at once with exit 0. Nothing is lost: the
+    // site holds no state the coordinator needs, and the round in progress goes on without it.
+    let stopped = rt.block_on(async {
+        tokio::select! {
+            r = cohort_agent::run(config) => Some(r),
+            () = stop_signal() => None,
+        }
+    });
+    let Some(result) = stopped else {
+        tracing::info!("stopped by a signal");
+        return ExitCode::SUCCESS;
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<cohort_agent::failure::ConfigProblem>() => {
             eprintln!("error: {e:#}");
@@ -118,6 +131,29 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

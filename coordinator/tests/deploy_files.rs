@@ -255,3 +255,62 @@ fn wait_exit(p: &mut common::Proc) -> Option<i32> {
     p.kill();
     None
 }
+
+/// The Containerfile passes hadolint and the Compose file the Compose specification's schema;
+/// the demo's coordinator.toml is a valid configuration.
+#[test]
+fn the_containerfile_and_the_compose_file_pass_their_linters() {
+    let deploy = repo().join("deploy");
+    cohort_coordinator::CoordinatorConfig::parse(
+        &std::fs::read_to_string(deploy.join("compose/coordinator.toml")).unwrap(),
+    )
+    .unwrap();
+    let containerfile = deploy.join("container/Containerfile");
+    let text = std::fs::read_to_string(&containerfile).unwrap();
+    assert!(text.contains("FROM scratch") && text.contains("USER 65532:65532"));
+    if let Some(out) = run("hadolint", &[&containerfile.display().to_string()]) {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let compose = deploy.join("compose/compose.yaml");
+    if let Some(out) = run(
+        "check-jsonschema",
+        &[
+            "--builtin-schema",
+            "vendor.compose-spec",
+            &compose.display().to_string(),
+        ],
+    ) {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Sensitive: a misspelt service key fails the schema.
+        let dir = tempfile::tempdir().unwrap();
+        let broken = dir.path().join("compose.yaml");
+        std::fs::write(
+            &broken,
+            std::fs::read_to_string(&compose).unwrap().replacen(
+                "network_mode: host",
+                "network_mod: host",
+                1,
+            ),
+        )
+        .unwrap();
+        let out = run(
+            "check-jsonschema",
+            &[
+                "--builtin-schema",
+                "vendor.compose-spec",
+                &broken.display().to_string(),
+            ],
+        )
+        .unwrap();
+        assert!(!out.status.success(), "a misspelt key passed the schema");
+    }
+}
