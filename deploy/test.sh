@@ -99,7 +99,7 @@ rm -rf deploy/compose/state && mkdir -p deploy/compose/state && chmod a+rwx depl
 )
 
 step "Kubernetes manifests"
-for k in deploy/kubernetes/base deploy/kubernetes/overlays/production deploy/kubernetes/agent; do
+for k in deploy/kubernetes/base deploy/kubernetes/overlays/production deploy/kubernetes/overlays/loadtest deploy/kubernetes/agent; do
     kubectl kustomize "$k" > "$work/k8s.yaml"
     for v in 1.30.0 1.33.0; do
         kubernetes-validate --strict -k "$v" --quiet "$work/k8s.yaml"

@@ -108,6 +108,10 @@ fn the_kubernetes_manifests_render_and_validate_strictly() {
         &std::fs::read_to_string(k8s.join("agent/agent.toml")).unwrap(),
     )
     .unwrap();
+    cohort_coordinator::CoordinatorConfig::parse(
+        &std::fs::read_to_string(k8s.join("overlays/loadtest/coordinator.toml")).unwrap(),
+    )
+    .unwrap();
     // kubectl is not in the package registries these machines reach (the machine image
     // carries Google's build); without it the manifests cannot be rendered, so this part is
     // skipped, in CI too, with a message.
@@ -121,7 +125,7 @@ fn the_kubernetes_manifests_render_and_validate_strictly() {
     eprintln!("{}", String::from_utf8_lossy(&version.stdout).trim());
     let dir = tempfile::tempdir().unwrap();
     let mut kinds = Vec::new();
-    for overlay in ["base", "overlays/production", "agent"] {
+    for overlay in ["base", "overlays/production", "overlays/loadtest", "agent"] {
         let out = Command::new("kubectl")
             .args(["kustomize", &k8s.join(overlay).display().to_string()])
             .output()
@@ -180,6 +184,7 @@ fn the_kubernetes_manifests_render_and_validate_strictly() {
         "base/NetworkPolicy",
         "base/ConfigMap",
         "overlays/production/Namespace",
+        "overlays/loadtest/Job",
         "agent/Deployment",
     ] {
         assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::run::{agent_config, path_value, table};
 
 /// Model inputs of the synthetic MLP; the hidden layer is sized to reach `--params`.
-const INPUTS: usize = 16;
+pub(crate) const INPUTS: usize = 16;
 
 #[derive(Debug, clap::Args)]
 pub struct FlBenchArgs {
@@ -192,7 +192,7 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn site_name(i: usize) -> String {
+pub(crate) fn site_name(i: usize) -> String {
     format!("site-{i:03}")
 }
 
@@ -264,7 +264,7 @@ fn coordinator_toml(
 }
 
 /// A schema both sides agree on; the synthetic sites never read a CSV.
-fn schema() -> toml::Table {
+pub(crate) fn schema() -> toml::Table {
     table(vec![
         (
             "label",
@@ -496,8 +496,8 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
 /// A site with 100 examples of unit-variance features whose "training" returns a random
 /// update in [-0.01, 0.01] (well inside the clipping range: nothing is clipped).
 #[derive(Debug)]
-struct SyntheticSite {
-    seed: u64,
+pub(crate) struct SyntheticSite {
+    pub(crate) seed: u64,
 }
 
 impl LocalSite for SyntheticSite {

@@ -1,6 +1,7 @@
 //! Cohort simulations and benchmarks: many sites in one process.
 
 pub mod fl_bench;
+pub mod load;
 pub mod plot;
 pub mod reference;
 pub mod run;

@@ -37,6 +37,9 @@ enum Command {
     /// Generate a learnable image dataset (four classes of strokes, PNG, one ImageFolder per
     /// site) for CNN scenarios such as examples/shapes-cnn.toml.
     GenImages(cohort_sim::shapes::GenArgs),
+    /// Run a share of N synthetic sites against a running coordinator (a load test across
+    /// machines: one share per pod of an indexed Kubernetes Job).
+    Load(cohort_sim::load::LoadArgs),
     /// Internal: one process of `fl-bench` (the coordinator, or all the agents).
     #[command(hide = true)]
     FlBenchRole(fl_bench::RoleArgs),
@@ -52,6 +55,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::SecaggBench(args) => secagg_bench::main(&args),
         Command::GenImages(args) => cohort_sim::shapes::main(&args),
+        Command::Load(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            cohort_sim::load::main(&args)
+        }
         Command::FlBench(args) => fl_bench::main(&args),
         Command::FlBenchRole(args) => {
             tracing_subscriber::fmt()
