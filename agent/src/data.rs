@@ -4,6 +4,7 @@
 //! Nothing in this module leaves the site. The only thing derived from the data that is sent
 //! anywhere is [`SiteData::stats_vector`], and only through secure aggregation.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use chacha20::ChaCha20Rng;
@@ -312,30 +313,37 @@ impl SiteData {
     }
 
     /// The training rows as the statistics see them: the features, then the label when the
-    /// task standardises it.
-    pub fn stats_rows(&self) -> Vec<Vec<Option<f64>>> {
-        let label = self.task.standardises_label();
-        self.train
-            .features
-            .iter()
-            .zip(&self.train.labels)
-            .map(|(row, y)| {
-                let mut r = row.clone();
-                if label {
+    /// task standardises it (only then are the rows copied).
+    pub fn stats_rows(&self) -> Cow<'_, [Vec<Option<f64>>]> {
+        if !self.task.standardises_label() {
+            return Cow::Borrowed(&self.train.features);
+        }
+        Cow::Owned(
+            self.train
+                .features
+                .iter()
+                .zip(&self.train.labels)
+                .map(|(row, y)| {
+                    let mut r = row.clone();
                     r.push(Some(*y));
-                }
-                r
-            })
-            .collect()
+                    r
+                })
+                .collect(),
+        )
     }
 
     /// Per statistics column ([`SiteData::stats_columns`]): [non-missing count, Σx, Σx²] over
     /// the training rows, as fixed-point integers in Z/2^64 ready for secure summation
     /// (layout in [`stats`]). Element 0 is the row count.
     pub fn stats_vector(&self) -> Vec<u64> {
+        self.stats_vector_of(&self.stats_rows())
+    }
+
+    /// [`SiteData::stats_vector`] of rows already from [`SiteData::stats_rows`].
+    pub fn stats_vector_of(&self, rows: &[Vec<Option<f64>>]) -> Vec<u64> {
         let mut v = vec![0u64; stats::vector_len(self.stats_columns())];
         v[0] = self.train.len() as u64;
-        for row in self.stats_rows() {
+        for row in rows {
             for (j, x) in row.iter().enumerate() {
                 if let Some(x) = x {
                     v[1 + 3 * j] += 1;

@@ -103,27 +103,34 @@ pub fn pixels(path: &Path, shape: &ImageShape) -> Result<Vec<f64>, DataError> {
 
 /// Every image of `source` as encoded rows (class indices as labels).
 pub fn load(schema: &DataSchema, source: &ImageSource) -> Result<Rows, DataError> {
+    let files = list(source)?;
+    if files.is_empty() {
+        let where_ = match source {
+            ImageSource::Folder(p) | ImageSource::Manifest(p) => p,
+        };
+        return Err(err(where_, "no images (png or jpg) found"));
+    }
+    load_files(schema, &files)
+}
+
+/// The images `list` gave, as encoded rows in the same order.
+pub fn load_files(schema: &DataSchema, files: &[(PathBuf, String)]) -> Result<Rows, DataError> {
     let (Some(shape), Task::Multiclass { .. }) = (&schema.images, &schema.task) else {
         return Err(DataError::NotImages);
     };
     let names = schema.task.class_names();
     let mut rows = Rows::default();
-    for (path, class) in list(source)? {
-        let Some(label) = names.iter().position(|n| *n == class) else {
+    for (path, class) in files {
+        let class = class.as_str();
+        let Some(label) = names.iter().position(|n| n == class) else {
             return Err(err(
-                &path,
+                path,
                 format!("class {class:?} is not one of the task's class_names {names:?}"),
             ));
         };
-        let x = pixels(&path, shape)?;
+        let x = pixels(path, shape)?;
         rows.features.push(x.into_iter().map(Some).collect());
         rows.labels.push(label as f64);
-    }
-    if rows.is_empty() {
-        let where_ = match source {
-            ImageSource::Folder(p) | ImageSource::Manifest(p) => p,
-        };
-        return Err(err(where_, "no images (png or jpg) found"));
     }
     Ok(rows)
 }

@@ -269,6 +269,9 @@ pub struct BurnModel<N: Network> {
     name: String,
     inputs: usize,
     outputs: usize,
+    /// Counted once: the spec is checked every round, and building the network to count
+    /// would initialise all of it each time.
+    parameters: usize,
     build: Box<dyn Fn(&Device) -> N + Send + Sync>,
 }
 
@@ -291,10 +294,12 @@ impl<N: Network> BurnModel<N> {
         outputs: usize,
         build: impl Fn(&Device) -> N + Send + Sync + 'static,
     ) -> Self {
+        let parameters = build(&Device::flex()).num_params();
         BurnModel {
             name: name.into(),
             inputs,
             outputs,
+            parameters,
             build: Box::new(build),
         }
     }
@@ -308,7 +313,6 @@ impl<N: Network> BurnModel<N> {
 
 impl<N: Network> Model for BurnModel<N> {
     fn spec(&self) -> ModelSpec {
-        let parameters = (self.build)(&Device::flex()).num_params();
         ModelSpec {
             kind: ModelKind::Custom,
             inputs: self.inputs,
@@ -316,7 +320,7 @@ impl<N: Network> Model for BurnModel<N> {
             outputs: self.outputs,
             custom: Some(CustomSpec {
                 name: self.name.clone(),
-                parameters,
+                parameters: self.parameters,
             }),
             cnn: None,
         }

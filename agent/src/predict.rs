@@ -176,30 +176,21 @@ impl ExportedModel {
         if self.schema.images.is_none() {
             bail!("the model was not trained on images (its schema has no [schema.images])");
         }
-        let files: Vec<String> = crate::images::list(source)?
-            .into_iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect();
-        let rows = crate::images::load(&self.schema, source)?;
-        let x = rows.standardised(&self.mean, &self.std);
-        let objective = self.objective();
-        let outputs = train::outputs(&self.spec, &self.params, &x)?;
-        let evaluation = train::evaluate(&self.spec, &objective, &self.params, &x, &rows.labels)?;
+        let listed = crate::images::list(source)?;
+        let rows = crate::images::load_files(&self.schema, &listed)?;
+        if rows.is_empty() {
+            bail!("no images (png or jpg) found");
+        }
+        let lines = (1..=rows.len()).collect::<Vec<_>>();
+        let (rows, evaluation) = self.scored(&rows, &lines, true)?;
         Ok(Scored {
-            files,
-            rows: outputs
-                .chunks(self.spec.outputs.max(1))
-                .zip(&rows.labels)
-                .enumerate()
-                .map(|(i, (out, y))| ScoredRow {
-                    line: i + 1,
-                    prediction: objective.read(out).0,
-                    probabilities: Objective::probabilities(out),
-                    label: Some(*y),
-                })
+            files: listed
+                .into_iter()
+                .map(|(p, _)| p.display().to_string())
                 .collect(),
+            rows,
             dropped: Vec::new(),
-            evaluation: Some(evaluation),
+            evaluation,
         })
     }
 
@@ -213,44 +204,56 @@ impl ExportedModel {
                 data.dropped.len()
             );
         }
-        let x = data.rows.standardised(&self.mean, &self.std);
+        let (rows, evaluation) = self.scored(&data.rows, &data.lines, data.labelled)?;
+        Ok(Scored {
+            files: Vec::new(),
+            rows,
+            dropped: data.dropped,
+            evaluation,
+        })
+    }
+
+    /// Each row's prediction (numbered by `lines`) and, when the rows are `labelled`, the
+    /// task's evaluation — from one pass of the model.
+    fn scored(
+        &self,
+        rows: &crate::data::Rows,
+        lines: &[usize],
+        labelled: bool,
+    ) -> Result<(Vec<ScoredRow>, Option<train::Evaluation>)> {
+        let x = rows.standardised(&self.mean, &self.std);
         let objective = self.objective();
+        let width = self.spec.outputs.max(1);
         let outputs = train::outputs(&self.spec, &self.params, &x)?;
-        let evaluation = if data.labelled {
-            Some(train::evaluate(
-                &self.spec,
+        let evaluation = if labelled {
+            Some(train::evaluate_outputs(
                 &objective,
-                &self.params,
-                &x,
-                &data.rows.labels,
+                width,
+                &outputs,
+                &rows.labels,
             )?)
         } else {
             None
         };
         let multiclass = matches!(objective, Objective::Multiclass { .. });
-        Ok(Scored {
-            files: Vec::new(),
-            rows: data
-                .lines
-                .iter()
-                .zip(outputs.chunks(self.spec.outputs.max(1)))
-                .zip(&data.rows.labels)
-                .map(|((line, out), y)| {
-                    let (prediction, p) = objective.read(out);
-                    ScoredRow {
-                        line: *line,
-                        prediction,
-                        probabilities: if multiclass {
-                            Objective::probabilities(out)
-                        } else {
-                            p.into_iter().collect()
-                        },
-                        label: data.labelled.then_some(*y),
-                    }
-                })
-                .collect(),
-            dropped: data.dropped,
-            evaluation,
-        })
+        let scored = lines
+            .iter()
+            .zip(outputs.chunks(width))
+            .zip(&rows.labels)
+            .map(|((line, out), y)| {
+                let (prediction, p) = objective.read(out);
+                ScoredRow {
+                    line: *line,
+                    prediction,
+                    probabilities: if multiclass {
+                        Objective::probabilities(out)
+                    } else {
+                        p.into_iter().collect()
+                    },
+                    label: labelled.then_some(*y),
+                }
+            })
+            .collect();
+        Ok((scored, evaluation))
     }
 }

@@ -104,12 +104,13 @@ impl LocalSite for SiteData {
     }
 
     fn stats_vector(&self) -> Result<Vec<u64>, String> {
+        let rows = self.stats_rows();
         cohort_protocols::model::stats::check_site_headroom(
-            self.stats_rows().iter().map(Vec::as_slice),
+            rows.iter().map(Vec::as_slice),
             SiteData::stats_columns(self),
         )
         .map_err(|e| e.to_string())?;
-        Ok(SiteData::stats_vector(self))
+        Ok(self.stats_vector_of(&rows))
     }
 
     fn train(

@@ -71,18 +71,6 @@ impl Net {
             .collect();
         Ok(Net { layers })
     }
-
-    /// The parameters as one flat vector in canonical order.
-    pub fn to_flat(&self) -> Result<Vec<f32>, TrainError> {
-        let mut out = Vec::new();
-        for l in &self.layers {
-            out.extend(values(l.weight.val().into_data())?);
-            if let Some(b) = &l.bias {
-                out.extend(values(b.val().into_data())?);
-            }
-        }
-        Ok(out)
-    }
 }
 
 impl Network for Net {
@@ -94,12 +82,6 @@ impl Network for Net {
             if i < last { relu(z) } else { z }
         })
     }
-}
-
-fn values(data: TensorData) -> Result<Vec<f32>, TrainError> {
-    data.as_slice::<f32>()
-        .map(|s| s.to_vec())
-        .map_err(|e| TrainError::Data(format!("{e:?}")))
 }
 
 /// How the network's outputs are trained and read: the schema's task, with the label's
@@ -325,7 +307,21 @@ pub fn evaluate_model(
         return Err(TrainError::NoData);
     }
     let out = model.outputs(params, x)?;
-    let width = model.spec().outputs.max(1);
+    evaluate_outputs(objective, model.spec().outputs.max(1), &out, labels)
+}
+
+/// [`evaluate_model`] from outputs already computed (`width` per row), so a caller that
+/// also needs the predictions runs the model once.
+pub fn evaluate_outputs(
+    objective: &Objective,
+    width: usize,
+    out: &[f32],
+    labels: &[f64],
+) -> Result<Evaluation, TrainError> {
+    let n = labels.len();
+    if n == 0 {
+        return Err(TrainError::NoData);
+    }
     if out.len() != n * width {
         return Err(TrainError::Data(format!(
             "the model gave {} outputs for {n} rows of {width}",
@@ -391,7 +387,7 @@ mod tests {
         };
         let params = spec.init(3);
         let net = Net::from_flat(&spec, &params, &Device::flex()).expect("build");
-        assert_eq!(net.to_flat().expect("flat"), params);
+        assert_eq!(crate::model::flatten(&net).expect("flat"), params);
         assert!(Net::from_flat(&spec, &params[1..], &Device::flex()).is_err());
     }
 

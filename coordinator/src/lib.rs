@@ -268,7 +268,7 @@ async fn serve(
         .map_err(config_problem)?
         .map(Arc::new);
     // A custom model's initial parameters are a file: a missing or wrong one is configuration.
-    config
+    let initial = config
         .model
         .initial()
         .map_err(|e| config_problem(anyhow::anyhow!(e)))?;
@@ -398,6 +398,7 @@ async fn serve(
     crash::watch(&hub, &progress, &config.data_dir);
     let driver = driver::Driver::new(
         config,
+        initial,
         hub,
         inbox_rx,
         ca_der,

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow};
 use cohort_agent::data::{Rows, SiteData};
 use cohort_agent::train::{self, Objective};
-use cohort_protocols::model::metrics::{Metrics, Tally};
+use cohort_coordinator::driver::{Evaluation, SiteResult};
 use cohort_protocols::model::{ModelSpec, Task, TrainingConfig, stats};
 
 use crate::run::Reference;
@@ -113,16 +113,16 @@ fn fit(
     Ok(params)
 }
 
-/// Every site's test metrics for the model `model_for` gives it; the training sites' mean
-/// and pooled (example-weighted) metrics, and the evaluation-only sites' pooled metrics apart.
+/// Every site's test metrics for the model `model_for` gives it, summarised exactly as the
+/// coordinator summarises a round ([`Evaluation::of`]): the training sites' mean and pooled
+/// (example-weighted) metrics, and the evaluation-only sites' pooled metrics apart.
 fn judge(
     sites: &[&Site],
     model_for: impl Fn(&Site) -> Result<(Vec<f32>, Vec<f64>, Vec<f64>)>,
     spec: &ModelSpec,
     task: &Task,
 ) -> Result<Reference> {
-    let mut per_site = BTreeMap::new();
-    let mut groups: [(Option<Tally>, f64, f64); 2] = [(None, 0.0, 0.0), (None, 0.0, 0.0)];
+    let mut results = BTreeMap::new();
     for s in sites {
         let (params, mean, std) = model_for(s)?;
         let inputs = spec.inputs;
@@ -130,32 +130,26 @@ fn judge(
         let objective = Objective::with_stats(task, inputs, &mean, &std);
         let e = train::evaluate(spec, &objective, &params, &x, &s.data.test.labels)
             .map_err(|e| anyhow!("{}: {e}", s.name))?;
-        let (pooled, auc_sum, auc_n) = &mut groups[usize::from(s.evaluate_only)];
-        if let Some(a) = e.auc {
-            *auc_sum += a * e.examples as f64;
-            *auc_n += e.examples as f64;
-        }
-        match pooled {
-            None => *pooled = Some(e.tally.clone()),
-            Some(p) => p.add(&e.tally).map_err(|e| anyhow!(e))?,
-        }
-        per_site.insert(s.name.clone(), (e.metrics(), s.evaluate_only));
+        let metrics = e.metrics();
+        results.insert(
+            s.name.clone(),
+            SiteResult {
+                examples: s.data.train.len() as u64,
+                test_examples: e.examples as u64,
+                accuracy: metrics.accuracy,
+                loss: e.loss,
+                auc: e.auc,
+                metrics,
+                tally: e.tally,
+                evaluate_only: s.evaluate_only,
+            },
+        );
     }
-    let metrics = |(pooled, auc_sum, auc_n): &(Option<Tally>, f64, f64)| {
-        pooled
-            .as_ref()
-            .map(|p| p.metrics((*auc_n > 0.0).then(|| auc_sum / auc_n)))
-    };
+    let eval = Evaluation::of(&results);
     Ok(Reference {
-        site_mean: Metrics::mean(
-            per_site
-                .values()
-                .filter(|(_, held_out)| !held_out)
-                .map(|(m, _)| m)
-                .collect::<Vec<_>>(),
-        ),
-        weighted: metrics(&groups[0]).unwrap_or_default(),
-        held_out: metrics(&groups[1]),
-        per_site: per_site.into_iter().map(|(k, (m, _))| (k, m)).collect(),
+        site_mean: eval.site_mean,
+        weighted: eval.weighted,
+        held_out: eval.held_out.map(|h| h.weighted),
+        per_site: results.into_iter().map(|(k, r)| (k, r.metrics)).collect(),
     })
 }

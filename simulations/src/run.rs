@@ -267,42 +267,10 @@ pub struct Received {
     pub evaluations: u64,
 }
 
-/// The evaluation of one model by all sites.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Final {
-    /// Mean of the sites' accuracies (classification).
-    pub accuracy: Option<f64>,
-    pub loss: f64,
-    /// Mean AUC of the sites where it is defined (binary).
-    pub auc: Option<f64>,
-    /// Every metric's mean over sites.
-    #[serde(default)]
-    pub site_mean: Metrics,
-    /// Every metric over the sites' test sets pooled (example-weighted).
-    #[serde(default)]
-    pub weighted: Metrics,
-    /// Classification: the confusion matrix summed over sites (row = true class).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub confusion: Vec<u64>,
-    /// The same for the evaluation-only sites (`role = "evaluate"`), reported apart: the
-    /// fields above are the training sites'.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held_out: Option<Box<Final>>,
-}
-
-impl From<&Evaluation> for Final {
-    fn from(e: &Evaluation) -> Self {
-        Final {
-            accuracy: e.accuracy,
-            loss: e.loss,
-            auc: e.auc,
-            site_mean: e.site_mean.clone(),
-            weighted: e.weighted.clone(),
-            confusion: e.confusion.clone(),
-            held_out: e.held_out.as_deref().map(|h| Box::new(Final::from(h))),
-        }
-    }
-}
+/// The evaluation of one model by all sites: the coordinator's own record of it, so
+/// `summary.json`'s `final` and `initial` have exactly the keys of a round summary's
+/// evaluation (`accuracy`, `loss`, `auc`, `site_mean`, `weighted`, `confusion`, `held_out`).
+pub type Final = Evaluation;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RoundRow {
@@ -809,8 +777,8 @@ fn summarise(
         secure: run.secure,
         task: format!("{:?}", task.kind()).to_lowercase(),
         metric: metric.into(),
-        final_: Final::from(last.map_or(&run.initial, |r| &r.eval)),
-        initial: Final::from(&run.initial),
+        final_: last.map_or(&run.initial, |r| &r.eval).clone(),
+        initial: run.initial.clone(),
         rounds: run
             .rounds
             .iter()
@@ -867,19 +835,6 @@ fn summarise(
         pooled: None,
         alone: None,
     }
-}
-
-/// Test accuracy over all sites' test examples together (each site weighted by its test
-/// examples); None when no site reported one.
-pub fn weighted_accuracy(per_site: &BTreeMap<String, SiteResult>) -> Option<f64> {
-    let (sum, total) = per_site
-        .values()
-        .filter_map(|s| {
-            s.accuracy
-                .map(|a| (a * s.test_examples as f64, s.test_examples))
-        })
-        .fold((0.0, 0u64), |(s, n), (a, t)| (s + a, n + t));
-    (total > 0).then(|| sum / total as f64)
 }
 
 fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {

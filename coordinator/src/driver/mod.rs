@@ -70,8 +70,6 @@ pub enum DriverError {
     NonFiniteModel { round: u64, index: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the initial model: {0}")]
-    Model(String),
     #[error("the training settings: {0}")]
     Settings(#[from] toml::ser::Error),
 }
@@ -240,8 +238,11 @@ impl WaitingLog {
 }
 
 impl Driver {
+    /// `initial` is the model of round 0 (`ModelConfig::initial`, read once by the caller,
+    /// which reports a bad `model.init_file` as configuration).
     pub fn new(
         cfg: CoordinatorConfig,
+        initial: Vec<f32>,
         hub: Arc<Hub>,
         inbox: mpsc::Receiver<Inbound>,
         ca_der: Vec<u8>,
@@ -249,7 +250,7 @@ impl Driver {
         report: Option<mpsc::UnboundedSender<RoundRecord>>,
     ) -> Result<Self, DriverError> {
         let spec = cfg.model.spec();
-        let global = cfg.model.initial().map_err(DriverError::Model)?;
+        let global = initial;
         let strategy = Strategy::new(cfg.strategy.clone(), spec.num_params());
         // The agents get the [training] table plus the model's hidden sizes.
         let mut training = cfg.training.clone();
