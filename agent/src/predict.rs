@@ -196,6 +196,11 @@ impl ExportedModel {
 
     /// Scores every usable row of `csv`.
     pub fn score(&self, csv: &Path) -> Result<Scored> {
+        if self.schema.images.is_some() {
+            bail!(
+                "the model was trained on images: score images with --images (a folder of class folders, or a path,label manifest)"
+            );
+        }
         let data = rows_to_score(&self.schema, csv)?;
         if data.rows.is_empty() {
             bail!(

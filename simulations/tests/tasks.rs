@@ -370,6 +370,12 @@ max_weight = 1000
         s.per_site["site1"].metrics,
         "predict reproduces site1's reported metrics from the file alone"
     );
+    // A CSV given to an image model is refused with what to do instead.
+    let err = exported
+        .score(&repo().join("data/heart-disease/va.csv"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--images"), "{err}");
 
     // An image of a class the task does not know is named with its file.
     let stray = images.join("site3").join("triangle");
