@@ -376,7 +376,9 @@ enum Pending {
 
 struct Round {
     start: RoundStart,
-    model: Vec<u8>,
+    /// The round's model as it arrives (train and evaluate rounds), hashed and decoded chunk
+    /// by chunk; taken when complete, so a site holds one copy of the model.
+    model: Option<model::Incoming>,
     secagg_buf: Vec<u8>,
     params: Option<Params>,
     client: Option<SecClient>,
@@ -636,14 +638,17 @@ impl Session<'_> {
                 let Some(r) = self.round.as_mut() else {
                     return Ok(None);
                 };
-                if r.model.len() + chunk.data.len() > r.start.model_bytes as usize {
+                // A model in a round that announced none (statistics) is ignored like any
+                // other stray message.
+                let Some(incoming) = r.model.as_mut() else {
+                    return Ok(None);
+                };
+                if let Err(e) = incoming.push(&chunk.data) {
                     let round = r.start.round;
                     self.round = None;
-                    self.decline(round, "the model is larger than announced".into())
-                        .await?;
+                    self.decline(round, e.to_string()).await?;
                     return Ok(None);
                 }
-                r.model.extend_from_slice(&chunk.data);
                 if chunk.last {
                     self.on_model().await?;
                 }
@@ -696,9 +701,20 @@ impl Session<'_> {
                 )
                 .await;
         }
+        let model = if matches!(task, Task::Train | Task::Evaluate) {
+            match model::Incoming::new(start.model_bytes) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.round = None;
+                    return self.decline(round, e.to_string()).await;
+                }
+            }
+        } else {
+            None
+        };
         self.round = Some(Round {
             start,
-            model: Vec::new(),
+            model,
             secagg_buf: Vec::new(),
             params: None,
             client: None,
@@ -728,35 +744,25 @@ impl Session<'_> {
 
     /// The model is complete: verify it, then train or evaluate.
     async fn on_model(&mut self) -> Result<()> {
-        let Some(r) = self.round.as_ref() else {
+        let Some(r) = self.round.as_mut() else {
+            return Ok(());
+        };
+        let Some(incoming) = r.model.take() else {
             return Ok(());
         };
         let start = r.start.clone();
-        let digest = model::sha3_512(&r.model);
-        if digest.as_slice() != start.model_sha3_512.as_slice()
-            || r.model.len() as u64 != start.model_bytes
-        {
-            warn!(site = %self.cfg.site, round = start.round, "model hash mismatch: refusing to use it");
-            self.round = None;
-            return self
-                .decline(start.round, "the model's SHA3-512 does not match".into())
-                .await;
-        }
-        let signed = self
-            .coordinator_key
-            .is_some_and(|k| model::verify_model(&k, &digest, &start.model_signature));
-        if !signed {
-            warn!(site = %self.cfg.site, round = start.round, "model signature does not verify against the coordinator's certificate: refusing to use it");
-            self.round = None;
-            return self
-                .decline(
-                    start.round,
-                    "the model's signature does not verify against the coordinator's certificate"
-                        .into(),
-                )
-                .await;
-        }
-        let params = model::from_bytes(&r.model).map_err(|e| anyhow!("{e}"))?;
+        let params = match incoming.finish(
+            &start.model_sha3_512,
+            &start.model_signature,
+            self.coordinator_key.as_ref(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(site = %self.cfg.site, round = start.round, reason = %e, "refusing to use the model");
+                self.round = None;
+                return self.decline(start.round, e.to_string()).await;
+            }
+        };
         let spec = match self.spec(&start) {
             Ok(s) => s,
             Err(e) => return self.decline(start.round, format!("{e:#}")).await,

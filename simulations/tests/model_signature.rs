@@ -426,3 +426,75 @@ fn a_coordinator_that_chooses_the_neighbour_graph_is_refused() {
         );
     }
 }
+
+/// An evaluation round announcing `announced` bytes with the coordinator's signature of
+/// `params`, then `bytes` in chunks of `chunk` bytes.
+fn model_round(
+    pki: &Path,
+    params: &[f32],
+    announced: u64,
+    bytes: &[u8],
+    chunk: usize,
+) -> Vec<coordinator_message::Kind> {
+    let hash = model::sha3_512(&model::to_bytes(params));
+    let mut script = vec![coordinator_message::Kind::RoundStart(RoundStart {
+        round: 1,
+        task: Task::Evaluate as i32,
+        secure: true,
+        model_sha3_512: hash.to_vec(),
+        model_bytes: announced,
+        model_signature: model::sign_model(&key(pki, "coordinator/key.pem"), &hash).to_vec(),
+        training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+        ..Default::default()
+    })];
+    let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        script.push(coordinator_message::Kind::Model(Chunk {
+            data: piece.to_vec().into(),
+            last: i + 1 == pieces.len(),
+        }));
+    }
+    script
+}
+
+/// The model is hashed and decoded chunk by chunk as it arrives: chunks cut across values
+/// still give the signed model, and a model that differs from what was announced is
+/// declined with what was wrong, before it is used.
+#[test]
+fn a_model_that_differs_from_its_announcement_is_declined_and_odd_chunks_are_fine() {
+    let params = [0.25f32; 14];
+    let bytes = model::to_bytes(&params);
+    let n = bytes.len() as u64;
+    // Cut into 3-byte pieces (values straddle chunks): evaluated.
+    let answer = answer_with(
+        |_, _| Vec::new(),
+        "coordinator/key.pem",
+        Some(&|pki| model_round(pki, &params, n, &bytes, 3)),
+    );
+    assert!(
+        matches!(answer, Ok(agent_message::Kind::Eval(_))),
+        "{answer:?}"
+    );
+    // One byte changed after signing.
+    let mut tampered = bytes.clone();
+    tampered[9] ^= 0x40;
+    let reason = answer_to_attack(&|pki| model_round(pki, &params, n, &tampered, 16));
+    assert!(reason.contains("SHA3-512 does not match"), "{reason}");
+    // More bytes than announced: refused at the chunk that overflows.
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0; 4]);
+    let reason = answer_to_attack(&|pki| model_round(pki, &params, n, &longer, 16));
+    assert!(
+        reason.contains(&format!("larger than the {n} bytes")),
+        "{reason}"
+    );
+    // Fewer: the last chunk ends it short.
+    let reason = answer_to_attack(&|pki| model_round(pki, &params, n, &bytes[..52], 16));
+    assert!(
+        reason.contains(&format!("ended after 52 of the {n} bytes")),
+        "{reason}"
+    );
+    // A size no site could hold: refused at the announcement, before any chunk.
+    let reason = answer_to_attack(&|pki| model_round(pki, &params, u64::MAX - 3, &[], 1));
+    assert!(reason.contains("cannot set aside memory"), "{reason}");
+}

@@ -6,11 +6,13 @@
 
 pub mod cnn;
 pub mod csv;
+mod incoming;
 pub mod metrics;
 mod schema;
 pub mod stats;
 mod task;
 
+pub use incoming::{Incoming, IncomingError};
 pub use schema::{
     DataSchema, ImageShape, LabelRule, MissingValues, SchemaError, image_input_names,
 };
