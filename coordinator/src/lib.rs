@@ -168,11 +168,14 @@ async fn close_unregistered(
 }
 
 /// Where a started coordinator can be reached (the actual ports, useful with port 0).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Endpoints {
     pub grpc: SocketAddr,
     /// The status API, when `[status]` is configured.
     pub status: Option<SocketAddr>,
+    /// The run's live position, which the status API serves: a program that embeds the
+    /// coordinator (a benchmark) can watch it without a status port and token.
+    pub progress: Arc<status::Progress>,
 }
 
 /// Starts serving on `config.listen` (and the status API, if configured) and runs the
@@ -216,6 +219,17 @@ pub async fn run_until(
     after: AfterFinish,
 ) -> Result<Option<RunSummary>> {
     serve(config, None, None, stop, after).await
+}
+
+/// [`run_until`] that also hands over its [`Endpoints`] once it listens: for programs that
+/// embed the coordinator and stop it on an event of their own (the roll-out benchmark stops
+/// it once the first model has gone out).
+pub async fn run_observed(
+    config: CoordinatorConfig,
+    bound: oneshot::Sender<Endpoints>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<RunSummary>> {
+    serve(config, Some(bound), None, stop, AfterFinish::Exit).await
 }
 
 /// What a coordinator does when its last round is committed.
@@ -320,6 +334,7 @@ async fn serve(
         let _ = tx.send(Endpoints {
             grpc: addr,
             status: status_api.as_ref().map(|(_, at, _)| *at),
+            progress: progress.clone(),
         });
     }
     let service = service::Service {

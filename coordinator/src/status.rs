@@ -50,6 +50,25 @@ struct Live {
     stage: Option<String>,
 }
 
+/// The last time a model went out to the sites for evaluation: how long the roll-out of a
+/// new model to the federation took. Kept in memory only (a restart forgets it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Rollout {
+    /// The round whose model it was (0: the initial model).
+    pub round: u64,
+    pub model_bytes: u64,
+    /// Sites that were sent every chunk of the model.
+    pub sites: usize,
+    /// Sites that verified the model (hash and signature) and reported their evaluation.
+    pub acknowledged: usize,
+    /// From the first chunk until the last was queued for every site. A site's queue holds
+    /// at most [`crate::hub::SITE_OUTBOX_MESSAGES`] chunks, so for a large model this is close
+    /// to delivery; a small one fits in the queues and this is only the hand-over.
+    pub sent_seconds: f64,
+    /// From the first byte sent until the last acknowledgement (or the stage's deadline).
+    pub seconds: f64,
+}
+
 /// The driver's live position, shared with the status API. One small mutex: it is written a
 /// few times per stage and read per request.
 #[derive(Debug)]
@@ -62,6 +81,7 @@ pub struct Progress {
     /// Rounds completed by this process and their total seconds, for the time estimate.
     timing: Mutex<(u64, f64)>,
     last: Mutex<Option<Evaluation>>,
+    rollout: Mutex<Option<Rollout>>,
 }
 
 impl Default for Progress {
@@ -78,6 +98,7 @@ impl Default for Progress {
             started_unix: crate::unix_seconds(),
             timing: Mutex::new((0, 0.0)),
             last: Mutex::new(None),
+            rollout: Mutex::new(None),
         }
     }
 }
@@ -130,6 +151,21 @@ impl Progress {
     pub fn try_position(&self) -> Option<(RunState, u64, u32, Option<String>)> {
         let l = self.live.try_lock().ok()?;
         Some((l.state, l.round, l.attempt, l.stage.clone()))
+    }
+
+    pub fn rolled_out(&self, rollout: Rollout) {
+        *lock(&self.rollout) = Some(rollout);
+    }
+
+    /// The last evaluation broadcast, once one has finished.
+    pub fn last_rollout(&self) -> Option<Rollout> {
+        lock(&self.rollout).clone()
+    }
+
+    /// The current state and round.
+    pub fn position(&self) -> (RunState, u64) {
+        let l = lock(&self.live);
+        (l.state, l.round)
     }
 
     pub fn resumed(&self, last: Option<&RoundSummary>) {
@@ -187,6 +223,7 @@ struct StatusDoc {
     sites_connected: usize,
     sites_expected: u32,
     last_round: Option<Evaluation>,
+    last_rollout: Option<Rollout>,
     started_unix: u64,
     elapsed_seconds: f64,
     /// Mean round time of this process × rounds left; null until a round has completed.
@@ -327,6 +364,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         sites_connected: api.hub.connected().len(),
         sites_expected: api.sites_expected,
         last_round: lock(&api.progress.last).clone(),
+        last_rollout: api.progress.last_rollout(),
         started_unix: api.progress.started_unix,
         elapsed_seconds: api.progress.started.elapsed().as_secs_f64(),
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),

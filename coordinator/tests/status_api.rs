@@ -170,6 +170,7 @@ local_steps = 50
         }
         let status = check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;
         assert_eq!(status["state"], "waiting_for_sites");
+        assert!(status["last_rollout"].is_null());
         assert_eq!(status["sites_expected"], 4);
         assert_eq!(status["rounds_completed"], 0);
         let (code, served) = get(&format!("{base}/api/v1/openapi.json"), Some(TOKEN))
@@ -192,6 +193,13 @@ local_steps = 50
         assert!(status["rounds_completed"].as_u64().unwrap() >= 1);
         assert_eq!(status["sites_connected"], 4);
         assert!(status["last_round"]["accuracy"].as_f64().unwrap() > 0.5);
+        // The model of the last evaluation went out to and was verified by all four sites.
+        let rollout = &status["last_rollout"];
+        assert!(rollout["round"].as_u64().unwrap() >= 1, "{rollout}");
+        assert_eq!(rollout["sites"], 4);
+        assert_eq!(rollout["acknowledged"], 4);
+        assert!(rollout["model_bytes"].as_u64().unwrap() > 0);
+        assert!(rollout["seconds"].as_f64().unwrap() >= rollout["sent_seconds"].as_f64().unwrap());
         let page = check(
             &doc,
             &base,

@@ -2,6 +2,8 @@
 
 use cohort_protocols::model::metrics::{Residuals, Tally};
 
+use crate::status::Rollout;
+
 use super::*;
 
 impl Driver {
@@ -17,7 +19,9 @@ impl Driver {
         let started = Instant::now();
         let bytes = Bytes::from(model::to_bytes(&self.global));
         let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
+        let sending = Instant::now();
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
+        let sent_seconds = sending.elapsed().as_secs_f64();
         let deadline = tokio::time::Instant::now() + self.stage_timeout();
         let mut results: BTreeMap<String, SiteResult> = BTreeMap::new();
         let sessions = Sessions::of(&self.hub, &sites);
@@ -137,6 +141,23 @@ impl Driver {
         }
         self.metrics
             .stage("evaluate", started.elapsed().as_secs_f64());
+        let rollout = Rollout {
+            round,
+            model_bytes: bytes.len() as u64,
+            sites: sites.len(),
+            acknowledged: results.len(),
+            sent_seconds,
+            seconds: sending.elapsed().as_secs_f64(),
+        };
+        info!(
+            round,
+            sites = rollout.sites,
+            acknowledged = rollout.acknowledged,
+            sent_seconds = rollout.sent_seconds,
+            seconds = rollout.seconds,
+            "model rolled out"
+        );
+        self.progress.rolled_out(rollout);
         let eval = Evaluation::of(&results);
         (eval, results)
     }
