@@ -53,7 +53,7 @@ pub struct FlBenchArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RoleArgs {
-    /// coordinator or agents
+    /// coordinator, rollout (a coordinator stopped after its first roll-out) or agents
     pub role: String,
     #[arg(long)]
     pub config: PathBuf,
@@ -103,7 +103,7 @@ pub struct Report {
 }
 
 /// The hidden width h for which 16·h + h + h + 1 ≈ `params`.
-fn hidden_for(params: usize) -> usize {
+pub(crate) fn hidden_for(params: usize) -> usize {
     (params.saturating_sub(1) / (INPUTS + 2)).max(1)
 }
 
@@ -196,7 +196,7 @@ pub(crate) fn site_name(i: usize) -> String {
     format!("site-{i:03}")
 }
 
-fn coordinator_toml(
+pub(crate) fn coordinator_toml(
     args: &FlBenchArgs,
     pki: &Path,
     data_dir: &Path,
@@ -278,7 +278,7 @@ pub(crate) fn schema() -> toml::Table {
 }
 
 /// Kills a child process when dropped, so a failed benchmark leaves nothing running.
-struct Reaped(Child);
+pub(crate) struct Reaped(pub(crate) Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -298,21 +298,7 @@ fn run_mode(exe: &Path, config: &Path, report: &Path, sites: usize) -> Result<Mo
             .spawn()
             .context("starting the coordinator process")?,
     );
-    let stdout = coordinator
-        .0
-        .stdout
-        .take()
-        .context("the coordinator's stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the coordinator's address")?;
-    let port: u16 = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("the coordinator did not report its address: {line:?}"))?;
+    let port = listening_port(&mut coordinator.0)?;
     let agents_report = report.with_extension("agents");
     let mut agents = Reaped(
         Command::new(exe)
@@ -342,6 +328,23 @@ fn run_mode(exe: &Path, config: &Path, report: &Path, sites: usize) -> Result<Mo
         .and_then(|t| t.trim().parse().ok())
         .unwrap_or(f64::NAN);
     Ok(out)
+}
+
+/// The port a coordinator role process announces on its first line of output.
+pub(crate) fn listening_port(coordinator: &mut Child) -> Result<u16> {
+    let stdout = coordinator
+        .stdout
+        .take()
+        .context("the coordinator's stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the coordinator's address")?;
+    line.trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("the coordinator did not report its address: {line:?}"))
 }
 
 fn print_table(r: &Report) {
@@ -374,10 +377,15 @@ fn print_table(r: &Report) {
     }
 }
 
-/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (in clock
-/// ticks of 1/100 s, Linux's fixed USER_HZ).
+/// CPU seconds (user + system) this process has used.
 fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
+    cpu_seconds_of("self")
+}
+
+/// CPU seconds (user + system) process `pid` ("self" for this one) has used, from
+/// `/proc/<pid>/stat` (in clock ticks of 1/100 s, Linux's fixed USER_HZ); NaN if unreadable.
+pub(crate) fn cpu_seconds_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             // Fields after the parenthesised command name; utime and stime are 14 and 15.
@@ -392,7 +400,12 @@ fn cpu_seconds() -> f64 {
 
 /// Resident memory of this process in MiB: the current (`VmRSS`) or the peak (`VmHWM`).
 pub(crate) fn rss_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_mib_of("self", field)
+}
+
+/// [`rss_mib`] of process `pid`.
+pub(crate) fn rss_mib_of(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -488,7 +501,11 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
                     .with_context(|| format!("writing {}", report.display()))?;
             }
         }
-        other => bail!("unknown role {other:?}: coordinator or agents"),
+        "rollout" => {
+            let report = args.report.clone().context("--report is required")?;
+            crate::rollout::coordinator(&rt, config, &report)?;
+        }
+        other => bail!("unknown role {other:?}: coordinator, rollout or agents"),
     }
     Ok(ExitCode::SUCCESS)
 }

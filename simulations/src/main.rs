@@ -34,6 +34,9 @@ enum Command {
     /// P-parameter model over mTLS gRPC; reports seconds per round, secure against plain, and
     /// the coordinator's peak RSS (its own process).
     FlBench(fl_bench::FlBenchArgs),
+    /// Measure a model roll-out: how long N sites take to receive, verify and acknowledge a
+    /// new P-parameter model over mTLS gRPC, with the coordinator's memory meanwhile.
+    Rollout(cohort_sim::rollout::RolloutArgs),
     /// Generate a learnable image dataset (four classes of strokes, PNG, one ImageFolder per
     /// site) for CNN scenarios such as examples/shapes-cnn.toml.
     GenImages(cohort_sim::shapes::GenArgs),
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             cohort_sim::load::main(&args)
         }
         Command::FlBench(args) => fl_bench::main(&args),
+        Command::Rollout(args) => cohort_sim::rollout::main(&args),
         Command::FlBenchRole(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

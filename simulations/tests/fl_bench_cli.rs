@@ -57,3 +57,34 @@ fn bad_arguments_are_refused_with_a_message() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
 }
+
+/// `cohort-sim rollout`: every site receives, verifies and acknowledges the signed model, and
+/// the coordinator's own measure of the broadcast comes back with its memory and CPU.
+#[test]
+fn rollout_reaches_every_site_and_reports_the_coordinators_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
+        .args(["rollout", "--sites", "6", "--params", "300000", "--json"])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("cohort-sim runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    // h = (300000 - 1) / 18 = 16666: 16·16666 + 16666 + 16666 + 1 parameters of 4 bytes.
+    assert_eq!(v["params"], 299_989);
+    assert_eq!(v["model_bytes"], 299_989 * 4);
+    assert_eq!(v["sites"], 6);
+    assert_eq!(v["acknowledged"], 6);
+    let sent = v["sent_seconds"].as_f64().unwrap();
+    let seconds = v["seconds"].as_f64().unwrap();
+    assert!(sent > 0.0 && seconds >= sent, "{v}");
+    // The coordinator holds at least the model's bytes while it goes out.
+    assert!(v["peak_rss_mib"].as_f64().unwrap() >= 299_989.0 * 4.0 / 1048576.0);
+    assert!(v["verify_seconds_per_site"].as_f64().unwrap() > 0.0);
+    assert!(dir.path().join("coordinator.log").exists());
+}
