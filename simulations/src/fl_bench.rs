@@ -124,29 +124,11 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
         })
         .collect::<Result<_>>()?;
     let hidden = hidden_for(args.params);
-    let spec = ModelSpec {
-        kind: cohort_protocols::model::ModelKind::Mlp,
-        inputs: INPUTS,
-        hidden: vec![hidden],
-        outputs: 1,
-        custom: None,
-        cnn: None,
-    };
-    let params = spec.num_params();
+    let params = synthetic_spec(hidden).num_params();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let pki = args.out.join("pki");
-    if pki.exists() {
-        std::fs::remove_dir_all(&pki).with_context(|| format!("clearing {}", pki.display()))?;
-    }
-    let names: Vec<String> = (0..args.sites).map(site_name).collect();
-    provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: names,
-        coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],
-        coordinator_url: "https://127.0.0.1:0".into(),
-    })?;
+    provision_synthetic(&pki, args.sites)?;
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut reports = Vec::new();
     for secure in modes {
@@ -190,6 +172,34 @@ pub fn main(args: &FlBenchArgs) -> Result<ExitCode> {
         print_table(&report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The synthetic sites' model: an MLP 16 → `hidden` → 1.
+pub(crate) fn synthetic_spec(hidden: usize) -> ModelSpec {
+    ModelSpec {
+        kind: cohort_protocols::model::ModelKind::Mlp,
+        inputs: INPUTS,
+        hidden: vec![hidden],
+        outputs: 1,
+        custom: None,
+        cnn: None,
+    }
+}
+
+/// A fresh PKI in `pki` (any old one removed) for synthetic sites 0..`sites` and a
+/// coordinator on 127.0.0.1.
+pub(crate) fn provision_synthetic(pki: &Path, sites: usize) -> Result<()> {
+    if pki.exists() {
+        std::fs::remove_dir_all(pki).with_context(|| format!("clearing {}", pki.display()))?;
+    }
+    provision(&ProvisionOptions {
+        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        out: pki.to_path_buf(),
+        sites: (0..sites).map(site_name).collect(),
+        coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],
+        coordinator_url: "https://127.0.0.1:0".into(),
+    })?;
+    Ok(())
 }
 
 pub(crate) fn site_name(i: usize) -> String {

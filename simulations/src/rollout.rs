@@ -17,14 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cohort_coordinator::CoordinatorConfig;
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::status::{Progress, Rollout, RunState};
-use cohort_protocols::model::{self, Incoming, ModelKind, ModelSpec};
+use cohort_protocols::model::{self, Incoming};
 use serde::{Deserialize, Serialize};
 
 use crate::fl_bench::{
-    FlBenchArgs, INPUTS, Reaped, coordinator_toml, cpu_seconds_of, hidden_for, listening_port,
-    rss_mib, rss_mib_of, site_name,
+    FlBenchArgs, Reaped, coordinator_toml, cpu_seconds_of, hidden_for, listening_port,
+    provision_synthetic, rss_mib, rss_mib_of, synthetic_spec,
 };
 
 #[derive(Debug, clap::Args)]
@@ -76,31 +75,16 @@ pub fn main(args: &RolloutArgs) -> Result<ExitCode> {
         bail!("--sites {}: a federation needs at least 3", args.sites);
     }
     let hidden = hidden_for(args.params);
-    let params = ModelSpec {
-        kind: ModelKind::Mlp,
-        inputs: INPUTS,
-        hidden: vec![hidden],
-        outputs: 1,
-        custom: None,
-        cnn: None,
-    }
-    .num_params();
+    let params = synthetic_spec(hidden).num_params();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let pki = args.out.join("pki");
     let data_dir = args.out.join("coordinator");
-    for dir in [&pki, &data_dir] {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-        }
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir)
+            .with_context(|| format!("clearing {}", data_dir.display()))?;
     }
-    provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: (0..args.sites).map(site_name).collect(),
-        coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],
-        coordinator_url: "https://127.0.0.1:0".into(),
-    })?;
+    provision_synthetic(&pki, args.sites)?;
     // Plain mode: the broadcast is the same in both (a model is never masked), and the
     // statistics round before it is quicker.
     let bench = FlBenchArgs {

@@ -5,23 +5,31 @@
 
 use std::process::Command;
 
-#[test]
-fn small_benchmark_runs_both_modes_and_reports_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
-        .args([
-            "fl-bench", "--sites", "4", "--params", "5000", "--rounds", "2", "--json",
-        ])
+/// Runs `cohort-sim ARGS --out OUT`, which must succeed, and parses its JSON report.
+fn json_report(args: &[&str], out: &std::path::Path) -> serde_json::Value {
+    let run = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
+        .args(args)
         .arg("--out")
-        .arg(dir.path())
+        .arg(out)
         .output()
         .expect("cohort-sim runs");
     assert!(
-        out.status.success(),
+        run.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    serde_json::from_slice(&run.stdout).expect("one JSON object")
+}
+
+#[test]
+fn small_benchmark_runs_both_modes_and_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = json_report(
+        &[
+            "fl-bench", "--sites", "4", "--params", "5000", "--rounds", "2", "--json",
+        ],
+        dir.path(),
+    );
     assert_eq!(v["sites"], 4);
     // 16 inputs → h → 1 with h = (5000 - 1) / 18 = 277: 16·277 + 277 + 277 + 1.
     assert_eq!(v["params"], 4987);
@@ -63,18 +71,10 @@ fn bad_arguments_are_refused_with_a_message() {
 #[test]
 fn rollout_reaches_every_site_and_reports_the_coordinators_measure() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
-        .args(["rollout", "--sites", "6", "--params", "300000", "--json"])
-        .arg("--out")
-        .arg(dir.path())
-        .output()
-        .expect("cohort-sim runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_report(
+        &["rollout", "--sites", "6", "--params", "300000", "--json"],
+        dir.path(),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     // h = (300000 - 1) / 18 = 16666: 16·16666 + 16666 + 16666 + 1 parameters of 4 bytes.
     assert_eq!(v["params"], 299_989);
     assert_eq!(v["model_bytes"], 299_989 * 4);

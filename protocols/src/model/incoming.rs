@@ -63,11 +63,6 @@ impl Incoming {
         })
     }
 
-    /// Bytes received so far.
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
     /// Takes the next chunk. More bytes than announced are refused before they are kept.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), IncomingError> {
         if self.received + chunk.len() as u64 > self.announced {
