@@ -102,7 +102,8 @@ pub fn classify(e: &anyhow::Error) -> Class {
     Class::Transient
 }
 
-fn classify_tls(tls: &rustls::Error) -> Class {
+/// How a TLS error is treated: a certificate refused by either side cannot heal.
+pub fn classify_tls(tls: &rustls::Error) -> Class {
     match tls {
         rustls::Error::InvalidCertificate(c) => Class::Permanent(format!(
             "the coordinator's TLS certificate was refused ({c:?}). {WRONG_CA}"

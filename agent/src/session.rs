@@ -125,7 +125,10 @@ async fn run_inner(
     let schema = loop {
         match fetch_schema(&cfg, &creds).await {
             Ok(s) => break s,
-            Err(e) => retry.failed(&cfg, e).await?,
+            Err(e) => {
+                let class = classify(&cfg, &creds, &e, false).await;
+                retry.failed(&cfg, e, class).await?
+            }
         }
     };
     if let Some(pinned) = &cfg.schema
@@ -228,10 +231,13 @@ impl Retry {
         self.refusals = 0;
     }
 
-    /// Logs `e` for what it is and waits before the next try; gives up (Err) after
-    /// `reconnect.max_refusals` permanent failures in a row.
-    async fn failed(&mut self, cfg: &AgentConfig, e: anyhow::Error) -> Result<()> {
-        match failure::classify(&e) {
+    /// Logs `e` for what it is (`class`) and waits before the next try; gives up (Err) after
+    /// `reconnect.max_refusals` permanent failures in a row. Permanent failures are retried
+    /// after a short fixed wait, not the growing backoff: the retries only confirm the
+    /// refusal (a coordinator that restarted with a newer CRL, say), and a revoked site
+    /// should stop within seconds, not after minutes of backoff.
+    async fn failed(&mut self, cfg: &AgentConfig, e: anyhow::Error, class: Class) -> Result<()> {
+        match class {
             Class::Transient => {
                 warn!(site = %cfg.site, error = %format!("{e:#}"), "session failed; reconnecting")
             }
@@ -248,6 +254,8 @@ impl Retry {
                     }
                     .into());
                 }
+                tokio::time::sleep(Duration::from_millis(cfg.reconnect.initial_ms.min(1000))).await;
+                return Ok(());
             }
         }
         self.sleep(cfg).await;
@@ -284,8 +292,116 @@ pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> 
                 warn!(site = %cfg.site, "session closed");
                 retry.sleep(&cfg).await;
             }
-            Err(e) => retry.failed(&cfg, e).await?,
+            Err(e) => {
+                let class = classify(&cfg, &creds, &e, welcomed).await;
+                retry.failed(&cfg, e, class).await?
+            }
         }
+    }
+}
+
+/// How a failed session is treated: [`failure::classify`], and — for a failure before
+/// the coordinator welcomed the site that looks like a dropped connection — a second look
+/// at the TLS handshake ([`handshake_refusal`]). A coordinator that refuses this site's
+/// certificate (revoked, from another CA, superseded) says so with a TLS alert, but HTTP/2
+/// over that connection often reports only "connection closed" or "broken pipe": taken at
+/// its word the agent would retry a refusal forever.
+async fn classify(
+    cfg: &AgentConfig,
+    creds: &Credentials,
+    e: &anyhow::Error,
+    welcomed: bool,
+) -> Class {
+    let class = failure::classify(e);
+    if class != Class::Transient || welcomed {
+        return class;
+    }
+    match handshake_refusal(cfg, creds).await {
+        Some(message) => Class::Permanent(message),
+        None => class,
+    }
+}
+
+/// The coordinator's host and port, and the name its certificate must carry.
+fn coordinator_address(cfg: &AgentConfig) -> (String, u16, String) {
+    let rest = cfg
+        .coordinator
+        .url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h.to_string(), p.parse().unwrap_or(443))
+        }
+        _ => (rest.to_string(), 443),
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let name = cfg
+        .coordinator
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host.clone());
+    (host, port, name)
+}
+
+/// Opens a bare TLS 1.3 connection to the coordinator with this site's certificate and
+/// waits briefly for its first bytes: a coordinator that refused the certificate answers
+/// with an alert (revoked, unknown CA, bad certificate), one that accepted it with HTTP/2
+/// settings. Returns the refusal, classified, or None when the handshake was accepted or
+/// nothing conclusive came back (the coordinator is down: a transient failure after all).
+async fn handshake_refusal(cfg: &AgentConfig, creds: &Credentials) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+    let (host, port, name) = coordinator_address(cfg);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(creds.ca_der.clone())).ok()?;
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).ok()?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .ok()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![CertificateDer::from(creds.cert_der.clone())], key)
+    .ok()?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let wait = Duration::from_secs(5);
+    let tcp = tokio::time::timeout(wait, tokio::net::TcpStream::connect((host.as_str(), port)))
+        .await
+        .ok()?
+        .ok()?;
+    let server = ServerName::try_from(name).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let refusal = |e: &std::io::Error| {
+        let class = match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => failure::classify_tls(tls),
+            None => failure::classify(&anyhow::anyhow!("{e}")),
+        };
+        match class {
+            Class::Permanent(m) => Some(m),
+            _ => None,
+        }
+    };
+    let mut tls = match tokio::time::timeout(wait, connector.connect(server, tcp))
+        .await
+        .ok()?
+    {
+        Ok(stream) => stream,
+        Err(e) => return refusal(&e),
+    };
+    let mut first = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(3), tls.read(&mut first)).await {
+        Ok(Err(e)) => refusal(&e),
+        _ => None,
     }
 }
 

@@ -31,6 +31,10 @@ pub enum ConfigError {
         value: String,
         allowed: String,
     },
+    /// A rule checked elsewhere, whose message already names the key and the value (e.g.
+    /// `training.learning_rate = -1: must be > 0`).
+    #[error("{0}")]
+    Rule(String),
 }
 
 fn invalid(key: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> ConfigError {
@@ -126,16 +130,35 @@ pub struct StorageConfig {
     /// Model checkpoints kept: the newest N rounds' (the latest is never pruned).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: u64,
+    /// Rounds whose per-site results are kept, in the database and the journal: the newest
+    /// N. Older rounds keep their summary (pooled evaluation, model hash and signature,
+    /// refused sites), so the disk used per round stays small over a run of months.
+    #[serde(default = "default_keep_detail")]
+    pub keep_round_detail: u64,
 }
 
 fn default_keep() -> u64 {
     5
 }
 
+fn default_keep_detail() -> u64 {
+    1000
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             keep_checkpoints: default_keep(),
+            keep_round_detail: default_keep_detail(),
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            checkpoints: self.keep_checkpoints,
+            round_detail: self.keep_round_detail,
         }
     }
 }
@@ -489,6 +512,13 @@ impl CoordinatorConfig {
                 "must be at least 1 (the latest checkpoint is always kept)",
             ));
         }
+        if self.storage.keep_round_detail == 0 {
+            return Err(invalid(
+                "storage.keep_round_detail",
+                0,
+                "must be at least 1 (the newest rounds whose per-site results are kept)",
+            ));
+        }
         if r.max_attempts == 0 {
             return Err(invalid("rounds.max_attempts", 0, "must be at least 1"));
         }
@@ -567,16 +597,10 @@ impl CoordinatorConfig {
         }
         let training: TrainingConfig = toml::Value::Table(self.training.clone())
             .try_into()
-            .map_err(|e| {
-                invalid(
-                    "training",
-                    format!("{:?}", self.training.to_string()),
-                    e.to_string(),
-                )
+            .map_err(|e: toml::de::Error| {
+                ConfigError::Rule(format!("[training]: {}", e.message().trim()))
             })?;
-        training
-            .validate()
-            .map_err(|e| invalid("training", "", e))?;
+        training.validate().map_err(ConfigError::Rule)?;
         if !training.hidden.is_empty() {
             return Err(invalid(
                 "training.hidden",

@@ -30,10 +30,60 @@ pub fn watch(hub: &Arc<Hub>, progress: &Arc<Progress>, data_dir: &Path) {
     });
 }
 
+thread_local! {
+    /// Set while [`contain`] runs on this thread: a panic then is an error to report, not a
+    /// crash to snapshot.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The contained panic's message and location, for the error.
+    static CONTAINED_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the current thread's panic is one [`contain`] catches; records its message.
+fn contained(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    if !CONTAINED.with(|c| c.get()) {
+        return false;
+    }
+    // One line: it ends up inside a refusal message.
+    CONTAINED_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string().replace('\n', " ")));
+    true
+}
+
+/// Runs `f`, turning a panic inside it into an error instead of a crash.
+///
+/// For sled: it panics on some damaged files (an index out of bounds in its segment
+/// accounting when its file lost 512 KiB or more), and a damaged database must end in a
+/// refusal that says what to do, never in exit 101. The caught panic is neither printed nor
+/// snapshotted — it is the error — and panics on other threads are untouched. A sled
+/// database whose open panicked is dropped whole; nothing of it is used afterwards.
+pub fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !contained(info) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINED.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(was));
+    result.map_err(|payload| {
+        CONTAINED_PANIC
+            .with(|p| p.borrow_mut().take())
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}
+
 /// Installs a panic hook that writes the snapshot, then runs the default hook.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if contained(info) {
+            return;
+        }
         if let Some(w) = WATCHED.get() {
             let backtrace = std::backtrace::Backtrace::force_capture().to_string();
             match write_snapshot(&w.dir, &w.hub, &w.progress, &info.to_string(), &backtrace) {
@@ -102,6 +152,18 @@ pub fn write_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_contained_panic_is_an_error_and_the_thread_goes_on() {
+        let r: Result<u32, String> = contain(|| {
+            let v: Vec<u32> = Vec::new();
+            v[usize::from(v.is_empty()) + 2]
+        });
+        let err = r.unwrap_err();
+        assert!(err.contains("index out of bounds"), "{err}");
+        assert!(err.contains("crash.rs"), "names where: {err}");
+        assert_eq!(contain(|| 7), Ok(7));
+    }
 
     #[test]
     fn the_snapshot_names_sites_per_shard_and_skips_locked_shards() {

@@ -95,7 +95,7 @@ pub fn export_model(
 ) -> Result<Exported> {
     let ca_der = crate::tls::first_cert_der(&config.tls.ca_cert)?;
     let spec = config.model.spec();
-    let identity = Identity::new(&ca_der, spec.describe(), config.schema.hash());
+    let identity = Identity::of(&ca_der, config);
     let dir = &config.data_dir;
     if !Store::check_marker(dir, &identity)? {
         bail!(

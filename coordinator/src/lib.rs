@@ -8,6 +8,7 @@ pub mod driver;
 pub mod export;
 pub mod hub;
 pub mod journal;
+pub mod lockfile;
 pub mod metrics;
 pub mod provision;
 pub mod records;
@@ -87,13 +88,53 @@ pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::Signi
 }
 
 /// A start-up failure caused by the configuration (a file it names, a token, a data_dir of
-/// another federation): the binary exits with code 2 for these, 1 for runtime failures.
+/// another federation): the binary exits with [`EXIT_CONFIG`] for these.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0:#}")]
 pub struct ConfigProblem(pub anyhow::Error);
 
 fn config_problem(e: impl Into<anyhow::Error>) -> anyhow::Error {
     ConfigProblem(e.into()).into()
+}
+
+/// A failure of the data directory that a restart cannot fix and an operator must look at:
+/// a damaged or disagreeing database and journal, a directory in use by another process, or
+/// one changed under the running coordinator. The binary exits with [`EXIT_STORAGE`], which
+/// service managers are told not to restart on (a restart loop would only repeat it).
+#[derive(Debug, thiserror::Error)]
+#[error("storage: {0:#}")]
+pub struct StorageProblem(pub anyhow::Error);
+
+fn storage_problem(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    StorageProblem(e.into()).into()
+}
+
+/// Exit code: a runtime failure a restart may fix (a round that failed all its attempts, a
+/// lost runtime).
+pub const EXIT_TRANSIENT: u8 = 1;
+/// Exit code: the configuration or the command line is wrong.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code: the data directory needs an operator ([`StorageProblem`]).
+pub const EXIT_STORAGE: u8 = 4;
+
+/// The exit code for an error of `run`, `repair` or `export-model`.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<ConfigProblem>()) {
+        EXIT_CONFIG
+    } else if e.chain().any(|c| c.is::<StorageProblem>()) {
+        EXIT_STORAGE
+    } else {
+        EXIT_TRANSIENT
+    }
+}
+
+/// A store error as the binary reports it: a data_dir of another run is configuration, the
+/// rest needs an operator.
+pub fn store_problem(e: store::StoreError) -> anyhow::Error {
+    match e {
+        store::StoreError::NotOurs { .. } | store::StoreError::Foreign { .. } => config_problem(e),
+        other => storage_problem(other),
+    }
 }
 
 /// The resident-memory budget for uploads: `limits.memory_mib`, or by default a margin below
@@ -155,7 +196,9 @@ async fn close_unregistered(
     progress: Arc<status::Progress>,
 ) {
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        // A stat of the registry file a second: a revocation ends the site's session within
+        // about a second, and the agent is told it will not be admitted again.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let current = registry.get();
         // The round in progress, for the site's record (0 before the first).
         let round = progress.try_position().map_or(0, |(_, round, _, _)| round);
@@ -289,16 +332,11 @@ async fn serve(
     let ca_der = tls::first_cert_der(&config.tls.ca_cert).map_err(config_problem)?;
     let certificate_der = tls::first_cert_der(&config.tls.cert).map_err(config_problem)?;
     let signing_key = signing_key(&config.tls.key).map_err(config_problem)?;
-    let identity = store::Identity::new(
-        &ca_der,
-        config.model.spec().describe(),
-        config.schema.hash(),
-    );
-    // Before the port opens: a data directory that is not this run's stops everything.
-    let store = store::Store::open(&config.data_dir, &identity).map_err(|e| match e {
-        store::StoreError::NotOurs { .. } | store::StoreError::Foreign { .. } => config_problem(e),
-        other => other.into(),
-    })?;
+    let identity = store::Identity::of(&ca_der, &config);
+    // Before the port opens: a data directory that is not this run's, is in use, or is
+    // damaged stops everything. Only the last round is read back.
+    let store = store::Store::open(&config.data_dir, &identity).map_err(store_problem)?;
+    let resume = store.resume().map_err(store_problem)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))
@@ -310,9 +348,33 @@ async fn serve(
     let hub = Arc::new(hub::Hub::new(inbox_tx));
     let progress = Arc::new(status::Progress::default());
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.min_sites.set(i64::from(config.rounds.min_sites));
+    // Restored before the status API answers: the sites' counters, the run's position, and
+    // every metric counter at least as high as any scrape has seen.
+    let saved_counters: metrics::Counters = match store.counters().map_err(store_problem)? {
+        Some(json) => serde_json::from_slice(&json).unwrap_or_else(|e| {
+            warn!(error = %e, "the saved metric counters do not decode; counters start from the committed rounds");
+            metrics::Counters::default()
+        }),
+        None => metrics::Counters::default(),
+    };
+    if let Some(r) = &resume {
+        hub.restore(r.sites.clone());
+        progress.resumed(
+            r.last_round,
+            r.last.as_ref().map(|l| &l.summary),
+            config.rounds.count,
+        );
+        metrics.resumed(
+            r.last_round,
+            r.last.as_ref().map(|l| (l.summary.round, &l.summary.eval)),
+        );
+    }
+    metrics.restore(&saved_counters, &hub);
     let status_api = match (&config.status, status_token) {
         (Some(cfg), Some(token)) => {
             let api = Arc::new(status::StatusApi::new(
+                saved_counters,
                 hub.clone(),
                 store.clone(),
                 progress.clone(),
@@ -377,14 +439,17 @@ async fn serve(
             let conn_tx = conn_tx.clone();
             let rejected = rejected.clone();
             tokio::spawn(async move {
-                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let accepted =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible())
+                        .await;
                 drop(slot);
                 match accepted {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
-                    Ok(Err(e)) => {
+                    Ok(Err((e, tcp))) => {
                         rejected.handshake_failed(peer, &tls::handshake_reason(&e));
+                        tls::close_refused(tcp).await;
                     }
                     Err(_) => {
                         rejected.handshake_failed(peer, "TLS handshake timed out");
@@ -418,6 +483,7 @@ async fn serve(
         inbox_rx,
         ca_der,
         driver::Operations {
+            resume,
             store: store.clone(),
             signing_key,
             progress: progress.clone(),
@@ -455,9 +521,14 @@ async fn serve(
     if let Some((_, _, task)) = status_api {
         task.abort();
     }
-    store.flush().context("flushing the data directory")?;
+    store
+        .flush()
+        .context("flushing the data directory")
+        .map_err(storage_problem)?;
     match result {
-        Some(r) => Ok(Some(r?)),
+        Some(Ok(summary)) => Ok(Some(summary)),
+        Some(Err(e @ driver::DriverError::Store(_))) => Err(storage_problem(e)),
+        Some(Err(e)) => Err(e.into()),
         None => Ok(None),
     }
 }

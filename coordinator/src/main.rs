@@ -13,8 +13,13 @@ use cohort_coordinator::{CoordinatorConfig, provision};
     version,
     about = "The Cohort coordinator: federated rounds with secure aggregation",
     long_about = "The Cohort coordinator: runs federated training rounds with SecAgg+ secure \
-        aggregation over gRPC with mutual TLS 1.3.\n\nExit codes: 0 success, 1 runtime error, \
-        2 invalid configuration or arguments."
+        aggregation over gRPC with mutual TLS 1.3.\n\nExit codes: 0 success (run: finished or \
+        stopped by SIGTERM); 1 a runtime failure a restart may fix (a round that failed all its \
+        attempts); 2 invalid configuration or arguments (the file or anything it names: TLS \
+        files, the token, a data_dir of another federation, a port in use); 4 the data \
+        directory needs an operator (damaged, in use by another coordinator or a repair, or \
+        changed under the running coordinator): the message says what to do, and a restart \
+        cannot fix it. `status` has codes of its own (see `status --help`)."
 )]
 struct Cli {
     /// Log lines as human-readable text or as JSON objects (one per line).
@@ -69,13 +74,23 @@ enum Command {
         coordinator_url: String,
     },
     /// Rebuild a damaged database from the round journal (or a damaged journal from the
-    /// database) in the configuration's data_dir. The coordinator must not be running. The
-    /// damaged database is kept beside the new one as db.damaged-<time>.
+    /// database) in the configuration's data_dir. Refused while the directory is in use (a
+    /// coordinator holds its lock, or answers on the configured ports); a directory that
+    /// would start as it is is left unchanged. What is replaced is kept (db.damaged-<time>,
+    /// rounds.journal.before-repair-<time>) and `--undo` puts it back. Exit codes: 0
+    /// repaired or nothing to repair, 2 configuration, 4 refused (the message says why).
     Repair {
         #[arg(long)]
         config: PathBuf,
+        /// Undo the last repair: put back the database and journal it replaced (refused
+        /// once rounds were committed after it).
+        #[arg(long)]
+        undo: bool,
     },
-    /// Show a running coordinator's status and sites (from its status API).
+    /// Show a running coordinator's status, sites and last rounds (from its status API).
+    /// Exit codes: 0 the run is progressing (or finished), 1 the API cannot be reached or
+    /// refuses the token, 3 the run is stalled: no progress for --stalled-after seconds
+    /// (waiting for sites included).
     Status {
         /// Base URL of the status API, e.g. http://127.0.0.1:7701.
         #[arg(long, default_value = "http://127.0.0.1:7701")]
@@ -86,9 +101,17 @@ enum Command {
         /// Refresh every this many seconds until interrupted.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
+        /// Print the status, the sites and the last rounds as one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Seconds without progress after which the run counts as stalled (exit code 3);
+        /// the default matches the CohortRunStalled alert.
+        #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+        stalled_after: u64,
     },
     /// Write a global model checkpoint from the data directory as safetensors, in PyTorch's
-    /// layout (see docs/configuration.md for loading it).
+    /// layout, with the whole preprocessing pipeline (README.md, "The model": loading it with
+    /// PyTorch, numpy or `cohort-agent predict`). Works while the coordinator runs.
     ExportModel {
         /// The coordinator's configuration (for data_dir, the CA, the key and the model).
         #[arg(long)]
@@ -110,6 +133,9 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let out = Report {
+        json: matches!(cli.log_format, LogFormat::Json),
+    };
     match cli.command {
         Command::Run {
             config,
@@ -118,8 +144,7 @@ fn main() -> ExitCode {
             let config = match CoordinatorConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
+                    return out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG);
                 }
             };
             let after = if exit_when_done {
@@ -127,26 +152,26 @@ fn main() -> ExitCode {
             } else {
                 cohort_coordinator::AfterFinish::Serve
             };
-            match run(config, after) {
+            match run(config, after, out) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e)
-                    if e.chain()
-                        .any(|c| c.is::<cohort_coordinator::ConfigProblem>()) =>
-                {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
+                Err(e) => out.fail(&e, cohort_coordinator::exit_code(&e)),
             }
         }
-        Command::ExportModel { config, round, out } => export(&config, round, &out),
-        Command::Repair { config } => repair(&config),
-        Command::Status { url, token, watch } => status(&url, &token, watch),
+        Command::ExportModel {
+            config,
+            round,
+            out: file,
+        } => export(&config, round, &file, out),
+        Command::Repair { config, undo } => repair(&config, undo, out),
+        Command::Status {
+            url,
+            token,
+            watch,
+            json,
+            stalled_after,
+        } => status(&url, &token, watch, json, stalled_after),
         Command::Provision {
-            out,
+            out: dir,
             sites,
             add_site,
             renew,
@@ -158,7 +183,7 @@ fn main() -> ExitCode {
             let (result, done) = match (add_site, renew, revoke) {
                 (Some(site), _, _) => (
                     provision::add_site(
-                        &out,
+                        &dir,
                         &site,
                         &coordinator_url,
                         &coordinator_names,
@@ -167,18 +192,18 @@ fn main() -> ExitCode {
                     format!("added site {site}"),
                 ),
                 (_, Some(site), _) => (
-                    provision::renew(&out, &site, validity_days),
+                    provision::renew(&dir, &site, validity_days),
                     format!(
                         "renewed site {site}: send it sites/{site}/cert.pem and key.pem; its old certificate is revoked"
                     ),
                 ),
                 (_, _, Some(site)) => (
-                    provision::revoke(&out, &site),
+                    provision::revoke(&dir, &site),
                     format!("revoked site {site}"),
                 ),
                 _ => (
                     provision::provision(&provision::ProvisionOptions {
-                        out: out.clone(),
+                        out: dir.clone(),
                         sites,
                         coordinator_names,
                         coordinator_url,
@@ -189,15 +214,38 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(()) => {
-                    println!("{done}: {} (keep ca.key offline)", out.display());
+                    println!("{done}: {} (keep ca.key offline)", dir.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
             }
         }
+    }
+}
+
+/// Where the binary's own messages go: plain lines, or — with `--log-format json` — log
+/// records like every other line, so a JSON log stays JSON to its last line.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    json: bool,
+}
+
+impl Report {
+    fn say(self, message: &str) {
+        if self.json {
+            tracing::info!("{message}");
+        } else {
+            println!("{message}");
+        }
+    }
+
+    fn fail(self, e: &anyhow::Error, code: u8) -> ExitCode {
+        if self.json {
+            tracing::error!(exit_code = code, "{e:#}");
+        } else {
+            eprintln!("error: {e:#}");
+        }
+        ExitCode::from(code)
     }
 }
 
@@ -224,72 +272,127 @@ async fn stop_signal() {
     }
 }
 
-fn repair(config: &std::path::Path) -> ExitCode {
+/// Something answering on one of the configured ports, as a reason to refuse a repair: the
+/// directory's lock is the real guard, this also catches a coordinator that holds it from
+/// another mount of the same directory.
+fn port_answers(config: &CoordinatorConfig) -> Option<String> {
+    let loopback = |mut a: std::net::SocketAddr| {
+        if a.ip().is_unspecified() {
+            a.set_ip(if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        a
+    };
+    let ports = std::iter::once(("gRPC", config.listen))
+        .chain(config.status.as_ref().map(|s| ("status", s.listen)))
+        .filter(|(_, a)| a.port() != 0);
+    for (what, addr) in ports {
+        let addr = loopback(addr);
+        if std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok() {
+            return Some(format!(
+                "something answers on the configured {what} port {addr}: a coordinator of this configuration may be running; stop it first (repair never acts on a data directory in use)"
+            ));
+        }
+    }
+    None
+}
+
+fn repair(config: &std::path::Path, undo: bool, out: Report) -> ExitCode {
+    use cohort_coordinator::store::{RepairSource, Store};
     let config = match CoordinatorConfig::load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
     };
     let identity = match cohort_coordinator::tls::first_cert_der(&config.tls.ca_cert) {
-        Ok(ca) => cohort_coordinator::store::Identity::new(
-            &ca,
-            config.model.spec().describe(),
-            config.schema.hash(),
-        ),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Ok(ca) => cohort_coordinator::store::Identity::of(&ca, &config),
+        Err(e) => return out.fail(&e.into(), cohort_coordinator::EXIT_CONFIG),
     };
-    match cohort_coordinator::store::Store::repair(&config.data_dir, &identity) {
+    if let Some(why) = port_answers(&config) {
+        return out.fail(
+            &anyhow::anyhow!(
+                "data_dir {}: {why}; nothing was changed",
+                config.data_dir.display()
+            ),
+            cohort_coordinator::EXIT_STORAGE,
+        );
+    }
+    if undo {
+        return match Store::undo_repair(&config.data_dir, &identity) {
+            Ok(r) => {
+                out.say(&format!(
+                    "undid the repair of unix time {}: {}{}; the directory is as it was before that repair",
+                    r.at_unix,
+                    r.moved_db
+                        .map(|m| format!("the database is back from {m}"))
+                        .unwrap_or_else(|| "the database it built is set aside".into()),
+                    r.journal_backup
+                        .map(|b| format!(", the journal is back from {b}"))
+                        .unwrap_or_default(),
+                ));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let e = cohort_coordinator::store_problem(e);
+                out.fail(&e, cohort_coordinator::exit_code(&e))
+            }
+        };
+    }
+    match Store::repair(&config.data_dir, &identity) {
         Ok(r) => {
-            match r.source {
-                cohort_coordinator::store::RepairSource::Journal => println!(
-                    "rebuilt the database from the round journal: rounds 0..={} committed{}",
+            out.say(&match r.source {
+                RepairSource::NothingToDo => format!(
+                    "nothing to repair: the database and the round journal agree up to round {}; nothing was changed",
+                    r.last_round
+                ),
+                RepairSource::Journal => format!(
+                    "rebuilt the database from the round journal: rounds 0..={} committed{}; `repair --undo` puts it back",
                     r.last_round,
                     r.moved_aside
                         .map(|p| format!("; the damaged database is kept at {}", p.display()))
                         .unwrap_or_default()
                 ),
-                cohort_coordinator::store::RepairSource::Database => println!(
-                    "rewrote the round journal from the database: rounds 0..={} committed",
-                    r.last_round
+                RepairSource::Database => format!(
+                    "rewrote the round journal from the database: rounds 0..={} committed{}; `repair --undo` puts it back",
+                    r.last_round,
+                    r.journal_backup
+                        .map(|p| format!("; the old journal is kept at {}", p.display()))
+                        .unwrap_or_default()
                 ),
-            }
+            });
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
+            let e = cohort_coordinator::store_problem(e);
+            out.fail(&e, cohort_coordinator::exit_code(&e))
         }
     }
 }
 
-fn export(config: &std::path::Path, round: Option<u64>, out: &std::path::Path) -> ExitCode {
+fn export(
+    config: &std::path::Path,
+    round: Option<u64>,
+    file: &std::path::Path,
+    out: Report,
+) -> ExitCode {
     let config = match CoordinatorConfig::load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
     };
-    match cohort_coordinator::export::export_model(&config, round, out) {
+    match cohort_coordinator::export::export_model(&config, round, file) {
         Ok(x) => {
-            println!(
+            out.say(&format!(
                 "wrote {} ({} tensors): round {}, SHA3-512 {}",
-                out.display(),
+                file.display(),
                 x.tensors,
                 x.round,
                 x.sha3_512
-            );
+            ));
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => out.fail(&e, cohort_coordinator::EXIT_TRANSIENT),
     }
 }
 
@@ -313,34 +416,42 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: CoordinatorConfig, after: cohort_coordinator::AfterFinish) -> Result<()> {
+fn run(
+    config: CoordinatorConfig,
+    after: cohort_coordinator::AfterFinish,
+    out: Report,
+) -> Result<()> {
     cohort_coordinator::crash::install_panic_hook();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let Some(summary) = rt.block_on(cohort_coordinator::run_until(config, stop_signal(), after))?
     else {
-        println!("stopped: committed rounds are on disk; start again to resume");
+        out.say("stopped: committed rounds are on disk; start again to resume");
         return Ok(());
     };
-    if let Some(last) = summary.rounds.last() {
+    if let Some(last) = &summary.last {
         let metric = |m: &cohort_protocols::model::metrics::Metrics| {
             m.headline()
                 .map_or("no metric".to_string(), |(n, v)| format!("{n} {v:.4}"))
         };
-        println!(
+        out.say(&format!(
             "finished {} rounds: {} (mean of sites), {} (pooled test sets), loss {:.4}{}",
-            summary.rounds.len(),
+            summary.rounds_completed,
             metric(&last.eval.site_mean),
             metric(&last.eval.weighted),
             last.eval.loss,
             last.eval
                 .auc
                 .map_or(String::new(), |a| format!(", AUC {a:.4}"))
-        );
+        ));
     }
     Ok(())
 }
 
-fn status(url: &str, token: &str, watch: Option<u64>) -> ExitCode {
+/// Exit code of `status` for a run that has not progressed for `--stalled-after` seconds.
+const EXIT_STALLED: u8 = 3;
+
+fn status(url: &str, token: &str, watch: Option<u64>, json: bool, stalled_after: u64) -> ExitCode {
+    use std::io::IsTerminal;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -349,34 +460,69 @@ fn status(url: &str, token: &str, watch: Option<u64>) -> ExitCode {
         }
     };
     let base = url.trim_end_matches('/');
+    // Screen control only for a person at a terminal; a pipe or a file gets plain blocks.
+    let terminal = std::io::stdout().is_terminal();
     loop {
-        match rt.block_on(status_table(base, token)) {
-            Ok(table) => {
+        let code = match rt.block_on(fetch_status(base, token)) {
+            Ok(doc) => {
                 if watch.is_some() {
-                    // Clear the screen and go home, like `watch`.
-                    print!("\x1b[2J\x1b[H");
+                    if terminal && !json {
+                        // Clear the screen and go home, like `watch`.
+                        print!("\x1b[2J\x1b[H");
+                    } else if !json {
+                        println!("--- {} (unix time)", unix_now());
+                    }
                 }
-                print!("{table}");
+                if json {
+                    println!("{}", doc.json);
+                } else {
+                    print!("{}", status_text(&doc));
+                }
+                if doc.stalled_for(stalled_after).is_some() {
+                    EXIT_STALLED
+                } else {
+                    0
+                }
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
-                if watch.is_none() {
-                    return ExitCode::from(1);
-                }
+                1
             }
-        }
+        };
         match watch {
             Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
-            None => return ExitCode::SUCCESS,
+            None => return ExitCode::from(code),
         }
     }
 }
 
-/// The status and the sites as a readable table.
-async fn status_table(base: &str, token: &str) -> Result<String> {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What `status` shows: the status document, the sites and the newest rounds.
+#[derive(Debug)]
+struct StatusDoc {
+    status: serde_json::Value,
+    sites: serde_json::Value,
+    rounds: serde_json::Value,
+    /// All three as one object (`--json`).
+    json: serde_json::Value,
+}
+
+impl StatusDoc {
+    /// Seconds without progress, when at least `limit` (a finished run never stalls).
+    fn stalled_for(&self, limit: u64) -> Option<f64> {
+        let idle = self.status["seconds_since_progress"].as_f64()?;
+        (idle >= limit as f64).then_some(idle)
+    }
+}
+
+async fn fetch_status(base: &str, token: &str) -> Result<StatusDoc> {
     use cohort_coordinator::status::client::get;
-    use std::fmt::Write;
-    let fetch = |path: &'static str| async move {
+    let fetch = |path: String| async move {
         let (code, body) = get(&format!("{base}{path}"), Some(token)).await?;
         if code != 200 {
             anyhow::bail!("{base}{path} answered {code}: {body}");
@@ -384,56 +530,173 @@ async fn status_table(base: &str, token: &str) -> Result<String> {
         serde_json::from_str::<serde_json::Value>(&body)
             .with_context(|| format!("{base}{path} did not answer JSON"))
     };
-    let s = fetch("/api/v1/status").await?;
-    let sites = fetch("/api/v1/sites").await?;
+    let status = fetch("/api/v1/status".into()).await?;
+    let sites = fetch("/api/v1/sites".into()).await?;
+    // The last five committed rounds: the last page of five.
+    let completed = status["rounds_completed"].as_u64().unwrap_or(0);
+    let page = completed.saturating_sub(1) / 5 + 1;
+    let mut rounds = fetch(format!("/api/v1/rounds?per_page=5&page={page}")).await?;
+    if let Some(list) = rounds["rounds"].as_array_mut()
+        && list.len() < 5
+        && page > 1
+        && let Ok(earlier) = fetch(format!("/api/v1/rounds?per_page=5&page={}", page - 1)).await
+        && let Some(before) = earlier["rounds"].as_array()
+    {
+        let mut all = before.clone();
+        all.append(list);
+        let keep = all.len().saturating_sub(5);
+        *list = all.split_off(keep);
+    }
+    let rounds = rounds["rounds"].take();
+    let json = serde_json::json!({
+        "status": status,
+        "sites": sites["sites"],
+        "rounds": rounds,
+    });
+    Ok(StatusDoc {
+        sites: json["sites"].clone(),
+        rounds: json["rounds"].clone(),
+        status: json["status"].clone(),
+        json,
+    })
+}
+
+/// A table whose columns are as wide as their widest cell: text left, numbers right.
+fn table(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    use std::fmt::Write;
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                l.push_str(&" ".repeat(pad));
+                l.push_str(cell);
+            } else {
+                l.push_str(cell);
+                if i + 1 < cells.len() {
+                    l.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        l
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The status, sites and last rounds as readable text.
+fn status_text(doc: &StatusDoc) -> String {
+    use std::fmt::Write;
+    let s = &doc.status;
     let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+    let int = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "state {}   round {} (attempt {}){}   rounds {}/{}   sites {}/{}",
+        "state {}   round {} (attempt {}){}   rounds completed {}/{}   sites {}/{} (min_sites)",
         s["state"].as_str().unwrap_or("?"),
-        s["round"],
-        s["attempt"],
+        int(&s["round"]),
+        int(&s["attempt"]),
         s["stage"]
             .as_str()
             .map_or(String::new(), |st| format!(", stage {st}")),
-        s["rounds_completed"],
-        s["rounds_total"],
-        s["sites_connected"],
-        s["sites_expected"],
+        int(&s["rounds_completed"]),
+        int(&s["rounds_total"]),
+        int(&s["sites_connected"]),
+        int(&s["sites_expected"]),
     );
     let _ = writeln!(
         out,
-        "last round: accuracy {}  loss {}  AUC {}   elapsed {:.0} s   remaining ~{}",
+        "last round: accuracy {}  loss {}  AUC {}   no progress for {:.0} s   elapsed {:.0} s   remaining ~{}",
         num(&s["last_round"]["accuracy"]),
         num(&s["last_round"]["loss"]),
         num(&s["last_round"]["auc"]),
+        s["seconds_since_progress"].as_f64().unwrap_or(0.0),
         s["elapsed_seconds"].as_f64().unwrap_or(0.0),
         s["estimated_remaining_seconds"]
             .as_f64()
             .map_or("?".to_string(), |x| format!("{x:.0} s")),
     );
-    let _ = writeln!(
-        out,
-        "\n{:<24} {:>9} {:>7} {:>8} {:>12} {:>12} {:>9}",
-        "site", "connected", "rounds", "dropouts", "received", "sent", "accuracy"
-    );
-    for site in sites["sites"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "{:<24} {:>9} {:>7} {:>8} {:>12} {:>12} {:>9}",
-            site["name"].as_str().unwrap_or("?"),
-            if site["connected"] == true {
-                "yes"
-            } else {
-                "no"
-            },
-            site["rounds_joined"],
-            site["dropouts"],
-            site["bytes_received"],
-            site["bytes_sent"],
-            num(&site["last_accuracy"]),
-        );
+    let sites: Vec<Vec<String>> = doc
+        .sites
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|site| {
+            vec![
+                site["name"].as_str().unwrap_or("?").to_string(),
+                if site["connected"] == true {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_string(),
+                int(&site["rounds_joined"]),
+                int(&site["dropouts"]),
+                int(&site["rejections"]),
+                int(&site["bytes_received"]),
+                int(&site["bytes_sent"]),
+                num(&site["last_accuracy"]),
+            ]
+        })
+        .collect();
+    let _ = writeln!(out);
+    out.push_str(&table(
+        &[
+            "site",
+            "connected",
+            "rounds",
+            "dropouts",
+            "rejections",
+            "received",
+            "sent",
+            "accuracy",
+        ],
+        &sites,
+        &[false, false, true, true, true, true, true, true],
+    ));
+    let rounds: Vec<Vec<String>> = doc
+        .rounds
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let s = &r["summary"];
+            vec![
+                int(&s["round"]),
+                int(&s["attempts"]),
+                int(&s["sites"]),
+                int(&s["dropped"]),
+                s["seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |x| format!("{x:.2}")),
+                num(&s["accuracy"]),
+                num(&s["loss"]),
+            ]
+        })
+        .collect();
+    if !rounds.is_empty() {
+        let _ = writeln!(out);
+        out.push_str(&table(
+            &[
+                "round", "attempts", "sites", "dropped", "seconds", "accuracy", "loss",
+            ],
+            &rounds,
+            &[true; 7],
+        ));
     }
-    Ok(out)
+    out
 }

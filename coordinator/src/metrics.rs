@@ -5,16 +5,26 @@
 //! arrives ([`Metrics::refresh`]), so the hot paths pay nothing for them. Per-shard lock
 //! acquisitions and wait time carry `map` and `shard` labels, so contention shows as a heat map
 //! over shards (deploy/grafana/cohort.json).
+//!
+//! Counters never go down, restarts included: Prometheus reads a lower value as a reset and
+//! `rate()` then invents traffic. Every counter (histograms too) is restorable
+//! ([`Counters`]): the status API saves them in the store before it answers a scrape with
+//! values above the saved ones, and a starting coordinator restores them before its status
+//! API answers. Values copied from the hub advance by the hub's growth since the last
+//! scrape, not to its total, since the hub's totals start again with the process.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 
 use crate::hub::Hub;
 use crate::records::Evaluation;
@@ -22,9 +32,143 @@ use crate::sharded::ShardStats;
 
 type Labels = Vec<(String, String)>;
 
-fn stage_histogram() -> Histogram {
-    // 1 ms to ~4.4 min.
-    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+/// Upper bounds of the stage-duration buckets: 1 ms to ~4.4 min, ×4 each.
+fn stage_bounds() -> Vec<f64> {
+    (0..10).map(|i| 0.001 * 4f64.powi(i)).collect()
+}
+
+/// A histogram's counts: what [`StageHistogram`] holds and [`Counters`] saves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistogramState {
+    pub sum: f64,
+    pub count: u64,
+    /// Observations per bucket (not cumulative), the last being +Inf.
+    pub buckets: Vec<u64>,
+}
+
+/// The stage-duration histogram: prometheus-client's own cannot be restored, this one can.
+#[derive(Debug, Clone)]
+pub struct StageHistogram {
+    bounds: std::sync::Arc<Vec<f64>>,
+    state: std::sync::Arc<Mutex<HistogramState>>,
+}
+
+impl Default for StageHistogram {
+    fn default() -> Self {
+        let bounds = stage_bounds();
+        let state = HistogramState {
+            buckets: vec![0; bounds.len() + 1],
+            ..HistogramState::default()
+        };
+        StageHistogram {
+            bounds: std::sync::Arc::new(bounds),
+            state: std::sync::Arc::new(Mutex::new(state)),
+        }
+    }
+}
+
+impl StageHistogram {
+    pub fn observe(&self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        let mut s = lock(&self.state);
+        s.sum += v;
+        s.count += 1;
+        if let Some(b) = s.buckets.get_mut(i) {
+            *b += 1;
+        }
+    }
+
+    pub fn state(&self) -> HistogramState {
+        lock(&self.state).clone()
+    }
+
+    /// Takes up a saved state when it is ahead of this one (as after a restart).
+    fn restore(&self, saved: &HistogramState) {
+        let mut s = lock(&self.state);
+        if saved.count >= s.count && saved.buckets.len() == s.buckets.len() {
+            *s = saved.clone();
+        }
+    }
+}
+
+impl TypedMetric for StageHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for StageHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.state();
+        let buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(s.buckets.iter().copied())
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(s.sum, s.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Every counter's value, as saved in the store between restarts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rounds_completed: u64,
+    pub attempts_aborted: u64,
+    pub dropouts: u64,
+    pub clipped_values: u64,
+    pub received_bytes: u64,
+    pub sent_bytes: u64,
+    pub site_rejections: u64,
+    /// By stage.
+    pub stages: BTreeMap<String, HistogramState>,
+    /// By "map/shard": lock acquisitions and seconds waited.
+    pub shards: BTreeMap<String, (u64, f64)>,
+}
+
+impl Counters {
+    /// Whether any value here is above `saved`'s (what a scrape must not serve unsaved).
+    pub fn ahead_of(&self, saved: &Counters) -> bool {
+        let simple = [
+            (self.rounds_completed, saved.rounds_completed),
+            (self.attempts_aborted, saved.attempts_aborted),
+            (self.dropouts, saved.dropouts),
+            (self.clipped_values, saved.clipped_values),
+            (self.received_bytes, saved.received_bytes),
+            (self.sent_bytes, saved.sent_bytes),
+            (self.site_rejections, saved.site_rejections),
+        ];
+        simple.iter().any(|(a, b)| a > b)
+            || self
+                .stages
+                .iter()
+                .any(|(k, h)| saved.stages.get(k).is_none_or(|s| h.count > s.count))
+            || self
+                .shards
+                .iter()
+                .any(|(k, v)| saved.shards.get(k).is_none_or(|s| v.0 > s.0 || v.1 > s.1))
+    }
+}
+
+/// The hub's totals as of the last scrape: counters copied from the hub advance by the
+/// difference, so a restored counter keeps its restored value as its base.
+#[derive(Debug, Default)]
+struct HubSeen {
+    received: u64,
+    sent: u64,
+    rejections: u64,
+    shards: BTreeMap<String, (u64, u64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Debug)]
@@ -32,7 +176,7 @@ pub struct Metrics {
     registry: Registry,
     pub rounds_completed: Counter,
     pub attempts_aborted: Counter,
-    pub stage_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pub stage_seconds: Family<Labels, StageHistogram>,
     pub dropouts: Counter,
     pub clipped_values: Counter,
     pub current_round: Gauge,
@@ -46,14 +190,22 @@ pub struct Metrics {
     /// Seconds since the run last moved (a stage opened or closed, a round started or was
     /// committed); 0 once it has finished. The stall alert watches it.
     pub seconds_since_progress: Gauge<f64, AtomicU64>,
+    /// How long the coordinator has been waiting for `rounds.min_sites` (0 when not waiting).
+    pub waiting_for_sites_seconds: Gauge<f64, AtomicU64>,
+    /// `rounds.min_sites`, so alerts compare the connected sites against the configuration
+    /// instead of a number written into the alert.
+    pub min_sites: Gauge,
     sites_connected: Gauge,
     bytes_received: Counter,
     bytes_sent: Counter,
     site_rejections: Counter,
     shard_acquisitions: Family<Labels, Counter>,
     shard_wait_seconds: Family<Labels, Counter<f64, AtomicU64>>,
-    /// Serialises refresh-and-encode, so two scrapes never interleave their counter deltas.
-    scrape: Mutex<()>,
+    /// Serialises refresh-and-encode, so two scrapes never interleave their counter deltas;
+    /// holds the hub's totals as of the last scrape.
+    scrape: Mutex<HubSeen>,
+    /// The stage labels observed (the histogram family does not list its members).
+    stages: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -68,7 +220,7 @@ impl Metrics {
             registry: Registry::with_prefix("cohort"),
             rounds_completed: Counter::default(),
             attempts_aborted: Counter::default(),
-            stage_seconds: Family::new_with_constructor(stage_histogram),
+            stage_seconds: Family::default(),
             dropouts: Counter::default(),
             clipped_values: Counter::default(),
             current_round: Gauge::default(),
@@ -77,13 +229,16 @@ impl Metrics {
             round_loss: Gauge::default(),
             round_metric: Family::default(),
             seconds_since_progress: Gauge::default(),
+            waiting_for_sites_seconds: Gauge::default(),
+            min_sites: Gauge::default(),
             sites_connected: Gauge::default(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
             site_rejections: Counter::default(),
             shard_acquisitions: Family::default(),
             shard_wait_seconds: Family::default(),
-            scrape: Mutex::new(()),
+            scrape: Mutex::new(HubSeen::default()),
+            stages: Mutex::new(std::collections::BTreeSet::new()),
         };
         let r = &mut m.registry;
         r.register(
@@ -142,6 +297,16 @@ impl Metrics {
             m.seconds_since_progress.clone(),
         );
         r.register(
+            "waiting_for_sites_seconds",
+            "Seconds the coordinator has waited for rounds.min_sites connected sites (0 when not waiting)",
+            m.waiting_for_sites_seconds.clone(),
+        );
+        r.register(
+            "min_sites",
+            "rounds.min_sites: training sites a round needs",
+            m.min_sites.clone(),
+        );
+        r.register(
             "sites_connected",
             "Sites with an open session",
             m.sites_connected.clone(),
@@ -170,49 +335,167 @@ impl Metrics {
         m
     }
 
-    /// Copies the hub's current values in (counters advance by the difference).
-    pub fn refresh(&self, hub: &Hub) {
+    /// Copies the hub's current values in: counters advance by the hub's growth since the
+    /// last scrape (`seen`).
+    fn refresh(&self, hub: &Hub, seen: &mut HubSeen) {
         let sites = hub.sites.snapshot();
         self.sites_connected
             .set(sites.iter().filter(|(_, s)| s.connected).count() as i64);
-        let advance = |c: &Counter, total: u64| {
-            c.inc_by(total.saturating_sub(c.get()));
+        let advance = |c: &Counter, seen: &mut u64, total: u64| {
+            c.inc_by(total.saturating_sub(*seen));
+            *seen = total;
         };
         advance(
             &self.bytes_received,
+            &mut seen.received,
             sites.iter().map(|(_, s)| s.bytes_in).sum(),
         );
         advance(
             &self.bytes_sent,
+            &mut seen.sent,
             sites.iter().map(|(_, s)| s.bytes_out).sum(),
         );
         advance(
             &self.site_rejections,
+            &mut seen.rejections,
             sites.iter().map(|(_, s)| s.rejections).sum(),
         );
         for (map, stats) in hub.shard_stats() {
-            self.shards(map, &stats);
+            self.shards(map, &stats, seen);
         }
     }
 
-    fn shards(&self, map: &str, stats: &[ShardStats]) {
+    fn shards(&self, map: &str, stats: &[ShardStats], seen: &mut HubSeen) {
         for (i, s) in stats.iter().enumerate() {
             let labels = vec![
                 ("map".to_string(), map.to_string()),
                 ("shard".to_string(), i.to_string()),
             ];
-            let c = self.shard_acquisitions.get_or_create(&labels);
-            c.inc_by(s.acquisitions.saturating_sub(c.get()));
+            let was = seen.shards.entry(format!("{map}/{i}")).or_default();
+            self.shard_acquisitions
+                .get_or_create(&labels)
+                .inc_by(s.acquisitions.saturating_sub(was.0));
+            let waited = s.wait_nanos.saturating_sub(was.1);
+            if waited > 0 {
+                self.shard_wait_seconds
+                    .get_or_create(&labels)
+                    .inc_by(waited as f64 / 1e9);
+            }
+            *was = (s.acquisitions, s.wait_nanos);
+        }
+    }
+
+    /// Every counter's current value.
+    pub fn counters(&self) -> Counters {
+        let seen = lock(&self.scrape);
+        self.counters_seen(&seen)
+    }
+
+    fn counters_seen(&self, seen: &HubSeen) -> Counters {
+        let mut shards = BTreeMap::new();
+        for key in seen.shards.keys() {
+            let Some((map, shard)) = key.split_once('/') else {
+                continue;
+            };
+            let labels = vec![
+                ("map".to_string(), map.to_string()),
+                ("shard".to_string(), shard.to_string()),
+            ];
+            let a = self.shard_acquisitions.get(&labels).map_or(0, |c| c.get());
+            let w = self
+                .shard_wait_seconds
+                .get(&labels)
+                .map_or(0.0, |c| c.get());
+            shards.insert(key.clone(), (a, w));
+        }
+        let stages = lock(&self.stages)
+            .iter()
+            .filter_map(|st| {
+                self.stage_seconds
+                    .get(&vec![("stage".to_string(), st.clone())])
+                    .map(|h| (st.clone(), h.state()))
+            })
+            .collect();
+        Counters {
+            rounds_completed: self.rounds_completed.get(),
+            attempts_aborted: self.attempts_aborted.get(),
+            dropouts: self.dropouts.get(),
+            clipped_values: self.clipped_values.get(),
+            received_bytes: self.bytes_received.get(),
+            sent_bytes: self.bytes_sent.get(),
+            site_rejections: self.site_rejections.get(),
+            stages,
+            shards,
+        }
+    }
+
+    /// Takes up saved counters (a restart): each counter continues from the larger of its
+    /// saved value and its current one, and the hub's present totals (the sites' restored
+    /// counters) become the base its later growth is added to.
+    pub fn restore(&self, saved: &Counters, hub: &Hub) {
+        let up = |c: &Counter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        up(&self.rounds_completed, saved.rounds_completed);
+        up(&self.attempts_aborted, saved.attempts_aborted);
+        up(&self.dropouts, saved.dropouts);
+        up(&self.clipped_values, saved.clipped_values);
+        for (stage, h) in &saved.stages {
+            lock(&self.stages).insert(stage.clone());
+            self.stage_seconds
+                .get_or_create(&vec![("stage".to_string(), stage.clone())])
+                .restore(h);
+        }
+        for (key, (acq, wait)) in &saved.shards {
+            let Some((map, shard)) = key.split_once('/') else {
+                continue;
+            };
+            let labels = vec![
+                ("map".to_string(), map.to_string()),
+                ("shard".to_string(), shard.to_string()),
+            ];
+            up(&self.shard_acquisitions.get_or_create(&labels), *acq);
             let w = self.shard_wait_seconds.get_or_create(&labels);
-            let secs = s.wait_nanos as f64 / 1e9;
-            if secs > w.get() {
-                w.inc_by(secs - w.get());
+            if *wait > w.get() {
+                w.inc_by(wait - w.get());
+            }
+        }
+        let mut guard = lock(&self.scrape);
+        let seen = &mut *guard;
+        let sites = hub.sites.snapshot();
+        let totals = [
+            (
+                &self.bytes_received,
+                &mut seen.received,
+                saved.received_bytes,
+                sites.iter().map(|(_, s)| s.bytes_in).sum::<u64>(),
+            ),
+            (
+                &self.bytes_sent,
+                &mut seen.sent,
+                saved.sent_bytes,
+                sites.iter().map(|(_, s)| s.bytes_out).sum(),
+            ),
+            (
+                &self.site_rejections,
+                &mut seen.rejections,
+                saved.site_rejections,
+                sites.iter().map(|(_, s)| s.rejections).sum(),
+            ),
+        ];
+        for (counter, seen, saved, now) in totals {
+            up(counter, saved.max(now));
+            *seen = now;
+        }
+        for (map, stats) in hub.shard_stats() {
+            for (i, s) in stats.iter().enumerate() {
+                seen.shards
+                    .insert(format!("{map}/{i}"), (s.acquisitions, s.wait_nanos));
             }
         }
     }
 
     /// Observes a stage's duration.
     pub fn stage(&self, stage: &str, seconds: f64) {
+        lock(&self.stages).insert(stage.to_string());
         self.stage_seconds
             .get_or_create(&vec![("stage".to_string(), stage.to_string())])
             .observe(seconds);
@@ -258,14 +541,15 @@ impl Metrics {
         }
     }
 
-    /// Every metric in Prometheus' classic text format (version 0.0.4), refreshed from `hub`.
-    pub fn render(&self, hub: &Hub) -> String {
-        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        self.refresh(hub);
+    /// Every metric in Prometheus' classic text format (version 0.0.4), refreshed from `hub`,
+    /// with the counters it shows (to be saved before it is served).
+    pub fn render(&self, hub: &Hub) -> (String, Counters) {
+        let mut seen = lock(&self.scrape);
+        self.refresh(hub, &mut seen);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        classic_text(&out)
+        (classic_text(&out), self.counters_seen(&seen))
     }
 }
 

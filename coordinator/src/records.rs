@@ -137,6 +137,19 @@ impl Evaluation {
 pub struct RoundRecord {
     pub summary: RoundSummary,
     pub per_site: BTreeMap<String, SiteResult>,
+    /// The per-site results were removed because the round is older than the newest
+    /// `storage.keep_round_detail` rounds; the summary (pooled evaluation, model hash,
+    /// refused sites) is kept for every round.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_site_pruned: bool,
+}
+
+impl RoundRecord {
+    /// Drops the per-site results, keeping the summary: what an old round keeps.
+    pub fn prune_detail(&mut self) {
+        self.per_site.clear();
+        self.per_site_pruned = true;
+    }
 }
 
 /// Round 0: the federated feature statistics and the initial model's evaluation.

@@ -48,7 +48,7 @@ impl Coordinator for Service {
         &self,
         request: Request<SchemaRequest>,
     ) -> Result<Response<SchemaReply>, Status> {
-        let (site, peer) = self.authenticate(&request)?;
+        let (site, peer, _) = self.authenticate(&request)?;
         debug!(%site, %peer, "schema sent");
         Ok(Response::new(self.schema_reply.clone()))
     }
@@ -57,7 +57,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let (site, peer) = self.authenticate(&request)?;
+        let (site, peer, serial) = self.authenticate(&request)?;
 
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -148,6 +148,7 @@ impl Coordinator for Service {
             .map_err(|_| Status::unavailable("session closed"))?;
 
         let hub = self.hub.clone();
+        let registry = self.registry.clone();
         let budget = self.memory_budget;
         let out = tx.clone();
         let inbox_budget = InboxBudget::default();
@@ -160,7 +161,7 @@ impl Coordinator for Service {
                 let next = tokio::select! {
                     next = inbound.message() => next,
                     () = close.notified() => {
-                        tell_closed(&hub, &site, &out);
+                        tell_closed(&hub, &site, &out, registry.as_deref(), &serial);
                         break;
                     }
                 };
@@ -200,7 +201,7 @@ impl Coordinator for Service {
                         let permit = tokio::select! {
                             p = inbox_budget.admit(&msg) => Some(p),
                             () = close.notified() => {
-                                tell_closed(&hub, &site, &out);
+                                tell_closed(&hub, &site, &out, registry.as_deref(), &serial);
                                 break;
                             }
                         };
@@ -243,7 +244,7 @@ impl Coordinator for Service {
 impl Service {
     /// The site a request comes from (its certificate's name) and the peer's address.
     /// rustls has already checked the chain; this extracts the identity it vouches for.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<(String, String), Status> {
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(String, String, String), Status> {
         let certs = request
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -264,13 +265,25 @@ impl Service {
             warn!(site = %cert.common_name, %peer, reason = %why, "session refused by the site registry");
             return Err(Status::permission_denied(why));
         }
-        Ok((cert.common_name, peer))
+        Ok((cert.common_name, peer, cert.serial))
     }
 }
 
 /// Tells the agent, if its queue has room, why the coordinator ended its session (it has
-/// been recorded in the site's state by [`Hub::close`]).
-fn tell_closed(hub: &Hub, site: &str, out: &crate::hub::Outbound) {
+/// been recorded in the site's state by [`Hub::close`]). A certificate the registry no
+/// longer admits is PERMISSION_DENIED, as at a new session: the agent knows at once that
+/// retrying cannot help, instead of learning it one reconnection later.
+fn tell_closed(
+    hub: &Hub,
+    site: &str,
+    out: &crate::hub::Outbound,
+    registry: Option<&crate::registry::LiveRegistry>,
+    serial: &str,
+) {
+    if let Some(why) = registry.and_then(|r| r.get().refusal(site, serial)) {
+        let _ = out.try_send(Err(Status::permission_denied(why)));
+        return;
+    }
     let reason = hub
         .sites
         .get(&site.to_string())

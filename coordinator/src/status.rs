@@ -168,10 +168,14 @@ impl Progress {
         (l.state, l.round)
     }
 
-    pub fn resumed(&self, last: Option<&RoundSummary>) {
+    /// Takes up a run that has committed `done` rounds: the round shown is the next one
+    /// (the one the coordinator waits for or runs), not 0, and the last evaluation is the
+    /// committed one.
+    pub fn resumed(&self, done: u64, last: Option<&RoundSummary>, total: u64) {
         if let Some(s) = last {
             *lock(&self.last) = Some(s.eval.clone());
         }
+        lock(&self.live).round = (done + 1).min(total.max(done));
     }
 }
 
@@ -187,10 +191,16 @@ pub struct StatusApi {
     token: String,
     /// Set once the gRPC server is accepting connections.
     pub grpc_serving: AtomicBool,
+    /// The counters as last saved in the store.
+    saved_counters: Mutex<crate::metrics::Counters>,
 }
 
 impl StatusApi {
+    /// The API over a run whose counters were saved as `saved` (restored into `metrics`
+    /// already).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        saved: crate::metrics::Counters,
         hub: Arc<Hub>,
         store: Store,
         progress: Arc<Progress>,
@@ -208,6 +218,7 @@ impl StatusApi {
             sites_expected,
             token,
             grpc_serving: AtomicBool::new(false),
+            saved_counters: Mutex::new(saved),
         }
     }
 }
@@ -224,6 +235,8 @@ struct StatusDoc {
     sites_expected: u32,
     last_round: Option<Evaluation>,
     last_rollout: Option<Rollout>,
+    /// Seconds since the run last changed stage or round (0 when finished).
+    seconds_since_progress: f64,
     started_unix: u64,
     elapsed_seconds: f64,
     /// Mean round time of this process × rounds left; null until a round has completed.
@@ -365,6 +378,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         sites_expected: api.sites_expected,
         last_round: lock(&api.progress.last).clone(),
         last_rollout: api.progress.last_rollout(),
+        seconds_since_progress: api.progress.seconds_since_progress(),
         started_unix: api.progress.started_unix,
         elapsed_seconds: api.progress.started.elapsed().as_secs_f64(),
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
@@ -372,7 +386,23 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
     Json(doc).into_response()
 }
 
-async fn rounds(State(api): State<Arc<StatusApi>>, Query(q): Query<PageQuery>) -> Response {
+async fn rounds(
+    State(api): State<Arc<StatusApi>>,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    // axum's own rejection is text/plain; every error of this API is JSON.
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}: page and per_page are positive whole numbers, e.g. ?page=2&per_page=50",
+                    e.body_text()
+                ),
+            );
+        }
+    };
     let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
     let page = q.page.unwrap_or(1).max(1);
     match api.store.rounds_page((page - 1) * per_page, per_page) {
@@ -445,18 +475,39 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
+/// Serves the metrics, after saving any counter that is above its saved value: a restarted
+/// coordinator restores the saved values, so no counter a scrape has seen ever goes down.
+/// A scrape whose counters cannot be saved is refused (503) rather than served unsaved.
 async fn metrics(State(api): State<Arc<StatusApi>>) -> Response {
+    api.metrics
+        .seconds_since_progress
+        .set(api.progress.seconds_since_progress());
+    let (text, counters) = api.metrics.render(&api.hub);
+    let ahead = counters.ahead_of(&lock(&api.saved_counters));
+    if ahead {
+        let store = api.store.clone();
+        let json = serde_json::to_vec(&counters).unwrap_or_default();
+        let saved = tokio::task::spawn_blocking(move || store.save_counters(&json)).await;
+        match saved {
+            Ok(Ok(())) => *lock(&api.saved_counters) = counters,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the metric counters could not be saved; scrape refused");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the metric counters could not be saved: {e}"),
+                );
+            }
+            Err(e) => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        {
-            api.metrics
-                .seconds_since_progress
-                .set(api.progress.seconds_since_progress());
-            api.metrics.render(&api.hub)
-        },
+        text,
     )
         .into_response()
 }

@@ -15,12 +15,19 @@
 //! before a crash but never committed is simply overwritten next time; a committed one is
 //! checked against the hash in sled when read.
 //!
-//! The directory carries a marker naming the federation (CA), the model and the data schema.
-//! A directory that is not ours, belongs to another federation or model, or whose database
-//! does not open is refused before anything is written.
+//! The directory carries a marker naming the federation (CA), the model and the data schema,
+//! and a lock ([`crate::lockfile`]) held by whichever process uses it. A directory that is
+//! not ours, belongs to another federation or model, is in use, or whose database does not
+//! open is refused before anything is written.
+//!
+//! Nothing here grows with the number of rounds in memory: a resumed run reads only its last
+//! round, the start-up check against the journal streams both one round at a time, and the
+//! status API reads rounds page by page. On disk, rounds older than the newest
+//! `storage.keep_round_detail` keep their summary and lose their per-site results.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha3::{Digest, Sha3_256};
@@ -28,12 +35,15 @@ use sled::Transactional;
 use thiserror::Error;
 
 use crate::hub::SiteState;
-use crate::journal::{CheckpointId, Entry, Journal, JournalError};
+use crate::journal::{CheckpointId, Entry, Journal, JournalError, Reader, Rewriter};
+use crate::lockfile::{DirLock, Holder, LockError};
 pub use crate::records::{RoundRecord, Setup};
 use crate::{from_hex, hex};
 
 /// File in the data directory that says whose it is.
 pub const MARKER: &str = "COHORT-DATA.json";
+/// What the last `repair` did, so `repair --undo` can put it back.
+pub const REPAIR_RECORD: &str = "REPAIR.json";
 const FORMAT: &str = "cohort-coordinator data v1";
 
 #[derive(Debug, Error)]
@@ -42,15 +52,27 @@ pub enum StoreError {
         "data_dir {path} is not empty and holds no {MARKER}: it is not a Cohort data directory, so it is left alone; point data_dir at a new or empty directory"
     )]
     NotOurs { path: PathBuf },
-    #[error(
-        "data_dir {path} belongs to another federation or model: its {what} is {stored}, the configuration's is {configured}; nothing was changed (use another data_dir to start afresh)"
-    )]
+    #[error("{}", foreign(path, what, stored, configured, detail))]
     Foreign {
         path: PathBuf,
         what: &'static str,
         stored: String,
         configured: String,
+        /// What differs, key by key, where it can be told (the schema).
+        detail: String,
     },
+    #[error(
+        "data_dir {path} is {}; nothing was changed. Stop it first (systemctl stop cohort-coordinator, or SIGTERM to that pid) — neither run nor repair ever acts on a data directory in use",
+        in_use(holder)
+    )]
+    InUse {
+        path: PathBuf,
+        holder: Option<Holder>,
+    },
+    #[error(
+        "data_dir {path} changed under the running coordinator ({detail}); nothing more was written to it. Something outside the coordinator moved, replaced or deleted its files: find out what, then start the coordinator again, which checks the directory and says what to do"
+    )]
+    Replaced { path: PathBuf, detail: String },
     #[error("data_dir {path}: {detail}; nothing was changed")]
     Corrupt { path: PathBuf, detail: String },
     #[error("data_dir {path}: {source}")]
@@ -66,6 +88,34 @@ pub enum StoreError {
     Journal(#[from] JournalError),
 }
 
+fn in_use(holder: &Option<Holder>) -> String {
+    match holder {
+        Some(h) => format!("in use by {h}"),
+        None => "in use by another process".into(),
+    }
+}
+
+fn foreign(path: &Path, what: &str, stored: &str, configured: &str, detail: &str) -> String {
+    let path = path.display();
+    match what {
+        "CA" => format!(
+            "data_dir {path} belongs to another federation: it was started with the CA whose SHA3-256 is {stored}, and the configuration's tls.ca_cert is {configured}; nothing was changed (point data_dir at a new directory to start afresh)"
+        ),
+        "data schema" if !detail.is_empty() => format!(
+            "data_dir {path} holds a run that started with another [schema] ({detail}); nothing was changed. Restore [schema] as the run started (a renamed or mistyped column is a different schema), or point data_dir at a new directory to start a new run"
+        ),
+        "data schema" => format!(
+            "data_dir {path} holds a run that started with another [schema] (its hash is {stored}, the configuration's {configured}); nothing was changed. Restore [schema] as the run started (a renamed or mistyped column is a different schema), or point data_dir at a new directory to start a new run"
+        ),
+        "model" => format!(
+            "data_dir {path} holds a run of another model: {stored} there, {configured} in the configuration's [model]; nothing was changed. Restore [model] as the run started, or point data_dir at a new directory to start a new run"
+        ),
+        _ => format!(
+            "data_dir {path} was written by another version of Cohort ({what} {stored}, this one reads {configured}); nothing was changed"
+        ),
+    }
+}
+
 /// What a data directory is for. Rounds of one federated run may only continue with the same
 /// CA, model and schema; anything else is a different run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +126,10 @@ pub struct Identity {
     /// e.g. "mlp 13-[32]-1".
     pub model: String,
     pub schema_hash: String,
+    /// The `[schema]` itself, as TOML: a refusal for a changed schema can then say which key
+    /// changed (absent in directories made before it was kept; not part of the check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_toml: Option<String>,
 }
 
 impl Identity {
@@ -85,6 +139,31 @@ impl Identity {
             ca_sha3_256: hex(&Sha3_256::digest(ca_der)),
             model,
             schema_hash,
+            schema_toml: None,
+        }
+    }
+
+    /// The identity of a coordinator configuration's run.
+    pub fn of(ca_der: &[u8], config: &crate::CoordinatorConfig) -> Self {
+        let mut id = Identity::new(ca_der, config.model.spec().describe(), config.schema.hash());
+        id.schema_toml = toml::to_string(&config.schema).ok();
+        id
+    }
+
+    /// The keys in which the schema this identity was made with differs from `stored`'s, as
+    /// "key: value there, value in the configuration".
+    fn schema_differences(&self, stored: &Identity) -> String {
+        let parse = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| toml::from_str::<cohort_protocols::model::DataSchema>(t).ok())
+        };
+        match (parse(&stored.schema_toml), parse(&self.schema_toml)) {
+            (Some(there), Some(here)) => there
+                .differences(&here)
+                .join("; ")
+                .replace(" here, ", " in data_dir, ")
+                .replace(" there", " in the configuration"),
+            _ => String::new(),
         }
     }
 }
@@ -113,13 +192,26 @@ pub struct CheckpointRef<'a> {
     pub strategy_v: &'a [f32],
 }
 
-/// Everything needed to continue a run.
+/// Everything needed to continue a run: the last round, not the history (which stays on
+/// disk, so a run of 100 000 rounds resumes in the memory of a run of one).
 #[derive(Debug, Clone)]
 pub struct Resume {
     pub setup: Setup,
-    pub rounds: Vec<RoundRecord>,
+    /// The last committed round (0: only the setup).
+    pub last_round: u64,
+    /// That round's record (None when it is 0).
+    pub last: Option<RoundRecord>,
     pub checkpoint: Checkpoint,
     pub sites: BTreeMap<String, SiteState>,
+}
+
+/// How long rounds keep what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Checkpoints kept: the newest N rounds' (at least the latest).
+    pub checkpoints: u64,
+    /// Rounds whose per-site results are kept: the newest N (at least 1).
+    pub round_detail: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -130,46 +222,133 @@ pub struct Store {
     rounds: sled::Tree,
     checkpoints: sled::Tree,
     sites: sled::Tree,
+    /// Held for as long as any clone of the store lives: no other coordinator, and no repair,
+    /// can use the directory meanwhile.
+    lock: Arc<DirLock>,
+    /// `db/` as it was opened (device, inode): a directory moved or replaced under us is
+    /// noticed before the next commit instead of being written past.
+    db_id: (u64, u64),
 }
 
 const SETUP: &[u8] = b"setup";
 const LAST_ROUND: &[u8] = b"last_round";
+const COUNTERS: &[u8] = b"counters";
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Takes the directory's lock for `purpose`, as a store error.
+fn lock(dir: &Path, purpose: &str) -> Result<DirLock, StoreError> {
+    DirLock::acquire(dir, purpose).map_err(|e| match e {
+        LockError::Held { holder } => StoreError::InUse {
+            path: dir.to_path_buf(),
+            holder,
+        },
+        LockError::Io { path, source } => StoreError::Io { path, source },
+    })
+}
+
+/// The database in `dir/db`, opened where sled's panics cannot end the process
+/// ([`crate::crash::contain`]). It holds metadata only (models are files), so a small page
+/// cache is plenty: the cache is the one part of sled's memory that grows with the data.
+fn open_db(dir: &Path) -> Result<sled::Db, String> {
+    let path = dir.join("db");
+    match crate::crash::contain(|| {
+        sled::Config::new()
+            .path(&path)
+            .cache_capacity(4 << 20)
+            .open()
+    }) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("sled panicked reading it: {panic}")),
+    }
+}
+
+/// Runs a read of a possibly damaged database, turning a sled panic into an error.
+fn contained<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    crate::crash::contain(f)
+        .unwrap_or_else(|panic| Err(StoreError::Decode(format!("sled panicked: {panic}"))))
+}
+
+/// Whether two entries record the same committed step, compared as JSON (floats and maps
+/// as they were written). Per-site results are compared only where both still have them: a
+/// round pruned in one witness and not yet in the other (a crash between the two) is the
+/// same round.
+fn same_entry(a: &Entry, b: &Entry) -> bool {
+    fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
+        serde_json::to_value(v).ok()
+    }
+    match (a, b) {
+        (
+            Entry::Setup {
+                setup: s1,
+                checkpoint: c1,
+            },
+            Entry::Setup {
+                setup: s2,
+                checkpoint: c2,
+            },
+        ) => c1 == c2 && json(s1) == json(s2),
+        (
+            Entry::Round {
+                record: r1,
+                checkpoint: c1,
+            },
+            Entry::Round {
+                record: r2,
+                checkpoint: c2,
+            },
+        ) => {
+            c1 == c2
+                && json(&r1.summary) == json(&r2.summary)
+                && (r1.per_site_pruned
+                    || r2.per_site_pruned
+                    || json(&r1.per_site) == json(&r2.per_site))
+        }
+        _ => false,
+    }
+}
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, refusing a directory that is not this run's.
+    /// Opens (or creates) the store in `dir` for a run, refusing a directory that is not this
+    /// run's, is in use, or whose database and journal do not agree.
     pub fn open(dir: &Path, identity: &Identity) -> Result<Self, StoreError> {
         let io = |source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let marker = dir.join(MARKER);
-        if Self::check_marker(dir, identity)? {
-            if !dir.join("db").is_dir() {
-                return Err(StoreError::Corrupt {
-                    path: dir.to_path_buf(),
-                    detail: "the database directory db/ is missing; if the round journal is intact, `cohort-coordinator repair --config FILE` rebuilds it".into(),
-                });
-            }
-        } else {
+        let ours = Self::check_marker(dir, identity)?;
+        if !ours {
             let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
             if !empty {
                 return Err(StoreError::NotOurs {
                     path: dir.to_path_buf(),
                 });
             }
+        }
+        let lock = lock(dir, "run")?;
+        if !ours {
             let text = serde_json::to_string_pretty(identity)
                 .map_err(|e| StoreError::Decode(e.to_string()))?;
-            std::fs::write(&marker, text).map_err(io)?;
-        }
-        let db = Self::open_db(dir).map_err(|e| StoreError::Corrupt {
+            std::fs::write(dir.join(MARKER), text).map_err(io)?;
+        } else if !dir.join("db").is_dir() {
+            return Err(StoreError::Corrupt {
                 path: dir.to_path_buf(),
-                detail: format!(
-                    "the database does not open ({e}); if the round journal is intact, `cohort-coordinator repair --config FILE` rebuilds it"
-                ),
-            })?;
-        let store = Store::from_db(dir, db)?;
-        store.check_against_journal()?;
+                detail: "the database directory db/ is missing; `cohort-coordinator repair --config FILE` rebuilds it from the round journal".into(),
+            });
+        }
+        let db = open_db(dir).map_err(|e| StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            detail: format!(
+                "the database does not open ({e}); `cohort-coordinator repair --config FILE` rebuilds it from the round journal (docs/deploy.md, \"Recovering storage\")"
+            ),
+        })?;
+        let store = Store::from_db(dir, db, lock)?;
+        contained(|| store.check_against_journal())?;
         Ok(store)
     }
 
@@ -181,80 +360,127 @@ impl Store {
             source,
         };
         let marker = dir.join(MARKER);
-        if marker.exists() {
-            let text = std::fs::read_to_string(&marker).map_err(io)?;
-            let stored: Identity =
-                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-                    path: dir.to_path_buf(),
-                    detail: format!("{MARKER} does not parse ({e})"),
-                })?;
-            let fields = [
-                ("format", &stored.format, &identity.format),
-                ("CA", &stored.ca_sha3_256, &identity.ca_sha3_256),
-                ("model", &stored.model, &identity.model),
-                ("data schema", &stored.schema_hash, &identity.schema_hash),
-            ];
-            for (what, s, c) in fields {
-                if s != c {
-                    return Err(StoreError::Foreign {
-                        path: dir.to_path_buf(),
-                        what,
-                        stored: s.clone(),
-                        configured: c.clone(),
-                    });
-                }
-            }
-            return Ok(true);
+        if !marker.exists() {
+            return Ok(false);
         }
-        Ok(false)
+        let text = std::fs::read_to_string(&marker).map_err(io)?;
+        let stored: Identity = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            detail: format!("{MARKER} does not parse ({e})"),
+        })?;
+        let fields = [
+            ("format", &stored.format, &identity.format),
+            ("CA", &stored.ca_sha3_256, &identity.ca_sha3_256),
+            ("model", &stored.model, &identity.model),
+            ("data schema", &stored.schema_hash, &identity.schema_hash),
+        ];
+        for (what, s, c) in fields {
+            if s != c {
+                return Err(StoreError::Foreign {
+                    path: dir.to_path_buf(),
+                    what,
+                    stored: s.clone(),
+                    configured: c.clone(),
+                    detail: if what == "data schema" {
+                        identity.schema_differences(&stored)
+                    } else {
+                        String::new()
+                    },
+                });
+            }
+        }
+        Ok(true)
     }
 
-    /// The database in `dir/db`. It holds metadata only (models are files): a small page
-    /// cache is plenty.
-    fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
-        sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(16 << 20)
-            .open()
+    fn from_db(dir: &Path, db: sled::Db, lock: DirLock) -> Result<Store, StoreError> {
+        Self::from_shared(dir, db, Arc::new(lock))
+    }
+
+    fn from_shared(dir: &Path, db: sled::Db, lock: Arc<DirLock>) -> Result<Store, StoreError> {
+        Ok(Store {
+            path: dir.to_path_buf(),
+            meta: db.open_tree("meta")?,
+            rounds: db.open_tree("rounds")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            sites: db.open_tree("sites")?,
+            db_id: file_id(&dir.join("db")).unwrap_or_default(),
+            db,
+            lock,
+        })
+    }
+
+    /// Refuses to write when the directory is no longer the one opened: `db/` or `LOCK`
+    /// moved, replaced or deleted by something else. Writing on would put rounds into a
+    /// database nobody will open again while the journal moves on without it.
+    fn check_in_place(&self) -> Result<(), StoreError> {
+        let replaced = |detail: &str| StoreError::Replaced {
+            path: self.path.clone(),
+            detail: detail.into(),
+        };
+        if file_id(&self.path.join("db")) != Some(self.db_id) {
+            return Err(replaced("db/ is no longer the database it opened"));
+        }
+        if !self.lock.still_ours() {
+            return Err(replaced("its LOCK file was removed or replaced"));
+        }
+        Ok(())
     }
 
     /// sled and the round journal must tell the same story: the same last round (sled may be
     /// one ahead after a crash between the two writes, which is then written into the
     /// journal), the same records, the same checkpoints. Anything else means one of them was
-    /// damaged, and starting would silently lose or redo committed rounds.
+    /// damaged, and starting would silently lose or redo committed rounds. Both are read one
+    /// round at a time.
     fn check_against_journal(&self) -> Result<(), StoreError> {
         let corrupt = |detail: String| StoreError::Corrupt {
             path: self.path.clone(),
             detail,
         };
-        let journal = Journal::read(&self.path).map_err(|e| {
-            corrupt(format!(
-                "the round journal is damaged ({e}); if the database is intact, `cohort-coordinator repair` rewrites the journal from it"
-            ))
-        })?;
         let db_last = self.db_last_round().map_err(|e| {
             corrupt(format!(
-                "the database does not read back ({e}); the round journal holds rounds up to {}: run `cohort-coordinator repair --config FILE` to rebuild the database from it",
-                describe(journal.last_round())
+                "the database does not read back ({e}); run `cohort-coordinator repair --config FILE` to rebuild it from the round journal"
             ))
         })?;
-        let j_last = journal.last_round();
-        if journal.entries.is_empty() && db_last.is_some() && !Journal::path(&self.path).exists() {
+        if db_last.is_some() && !Journal::path(&self.path).exists() {
             // A data directory from before the journal existed: start one from sled.
-            let entries = self.entries_from_db(db_last, &journal)?;
-            Journal::rewrite(&self.path, &entries)?;
-            return Ok(());
+            return self.rewrite_journal_from_db(db_last);
         }
+        let mut reader = Reader::open(&self.path)?;
+        loop {
+            let entry = reader.next_entry().map_err(|e| {
+                corrupt(format!(
+                    "the round journal is damaged ({e}); if the database is intact, `cohort-coordinator repair --config FILE` rewrites the journal from it"
+                ))
+            })?;
+            let Some(journal_entry) = entry else {
+                break;
+            };
+            let round = journal_entry.round();
+            if db_last.is_none_or(|d| round > d) {
+                continue;
+            }
+            let from_db = self
+                .entry_from_db(round, Some(journal_entry.checkpoint()))
+                .map_err(|e| {
+                    corrupt(format!(
+                        "the database does not read back at round {round} ({e}); run `cohort-coordinator repair --config FILE` to rebuild it from the round journal"
+                    ))
+                })?;
+            if !same_entry(&from_db, &journal_entry) {
+                return Err(corrupt(format!(
+                    "round {round} differs between the database and the round journal; run `cohort-coordinator repair --config FILE` to rebuild the database from the journal"
+                )));
+            }
+        }
+        let j_last = reader.last_round();
         let ahead_by_one = match (db_last, j_last) {
             (Some(0), None) => true,
             (Some(d), Some(j)) => d == j + 1,
             _ => false,
         };
-        if ahead_by_one {
-            let entries = self.entries_from_db(db_last, &journal)?;
-            if let Some(missing) = entries.last() {
-                Journal::append(&self.path, missing)?;
-            }
+        if let (true, Some(d)) = (ahead_by_one, db_last) {
+            let missing = self.entry_from_db(d, None)?;
+            Journal::append(&self.path, &missing)?;
             return Ok(());
         }
         if db_last != j_last {
@@ -269,22 +495,6 @@ impl Store {
                 describe(j_last)
             )));
         }
-        // Same last round: the records and the checkpoint index must agree too.
-        let from_db = self.entries_from_db(db_last, &journal).map_err(|e| {
-            corrupt(format!(
-                "the database does not read back ({e}); run `cohort-coordinator repair --config FILE` to rebuild it from the journal (rounds up to {})",
-                describe(j_last)
-            ))
-        })?;
-        for (d, j) in from_db.iter().zip(&journal.entries) {
-            let same = serde_json::to_value(d).ok() == serde_json::to_value(j).ok();
-            if !same {
-                return Err(corrupt(format!(
-                    "round {} differs between the database and the round journal; run `cohort-coordinator repair --config FILE` to rebuild the database from the journal",
-                    j.round()
-                )));
-            }
-        }
         Ok(())
     }
 
@@ -295,68 +505,101 @@ impl Store {
         Ok(Some(self.last_round()?.unwrap_or(0)))
     }
 
-    /// The journal entries the database holds, rounds 0..=last. A checkpoint that was pruned
-    /// is taken from the journal's own copy of the index when the database lost it too.
-    fn entries_from_db(
+    /// Round `round` as a journal entry, from the database. A checkpoint whose index sled
+    /// no longer has (pruned) takes `fallback`, the journal's copy, when there is one.
+    fn entry_from_db(
         &self,
-        last: Option<u64>,
-        prior: &Journal,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let Some(last) = last else {
-            return Ok(Vec::new());
-        };
-        let id = |round: u64| -> Result<CheckpointId, StoreError> {
-            if let Some(index) = self.checkpoints.get(round.to_be_bytes())? {
-                if index.len() != 128 {
-                    return Err(StoreError::Decode(format!(
-                        "the checkpoint index of round {round} has {} bytes",
-                        index.len()
-                    )));
-                }
-                return Ok(CheckpointId {
-                    round,
-                    sha3_512: hex(&index[..64]),
-                    signature: hex(&index[64..]),
-                });
+        round: u64,
+        fallback: Option<&CheckpointId>,
+    ) -> Result<Entry, StoreError> {
+        let checkpoint = match self.checkpoints.get(round.to_be_bytes())? {
+            Some(index) if index.len() == 128 => CheckpointId {
+                round,
+                sha3_512: hex(&index[..64]),
+                signature: hex(&index[64..]),
+            },
+            Some(index) => {
+                return Err(StoreError::Decode(format!(
+                    "the checkpoint index of round {round} has {} bytes",
+                    index.len()
+                )));
             }
-            if let Some(e) = prior.entry(round) {
-                return Ok(e.checkpoint().clone());
-            }
-            // Pruned before the journal existed: only the hash in the round's summary is
-            // known.
-            Ok(CheckpointId {
+            None => fallback.cloned().unwrap_or(CheckpointId {
+                // Pruned before the journal existed: only the hash in the summary is known.
                 round,
                 sha3_512: String::new(),
                 signature: String::new(),
-            })
+            }),
         };
-        let setup: Setup = decode_json(
-            &self
-                .meta
-                .get(SETUP)?
-                .ok_or_else(|| StoreError::Decode("the setup is missing".into()))?,
-        )?;
-        let mut entries = vec![Entry::Setup {
-            setup,
-            checkpoint: id(0)?,
-        }];
-        for r in 1..=last {
-            let bytes = self
-                .rounds
-                .get(r.to_be_bytes())?
-                .ok_or_else(|| StoreError::Decode(format!("round {r} is missing")))?;
-            entries.push(Entry::Round {
-                record: decode_json(&bytes)?,
-                checkpoint: id(r)?,
-            });
+        if round == 0 {
+            let setup: Setup = decode_json(
+                &self
+                    .meta
+                    .get(SETUP)?
+                    .ok_or_else(|| StoreError::Decode("the setup is missing".into()))?,
+            )?;
+            return Ok(Entry::Setup { setup, checkpoint });
         }
-        Ok(entries)
+        let bytes = self
+            .rounds
+            .get(round.to_be_bytes())?
+            .ok_or_else(|| StoreError::Decode(format!("round {round} is missing")))?;
+        Ok(Entry::Round {
+            record: decode_json(&bytes)?,
+            checkpoint,
+        })
     }
 
-    /// Rebuilds the database from the round journal (the old database is kept beside it as
-    /// `db.damaged-<unix time>`), or rewrites the journal from the database when the journal
-    /// is the damaged one. The last round must have its checkpoint file, intact. Site
-    /// counters are copied over when the old database still yields them.
+    /// Writes the journal anew from the database, rounds 0..=last, one at a time (an empty
+    /// journal when nothing was committed). The checkpoint identity of a round whose index
+    /// sled pruned is taken from the old journal while it still reads.
+    fn rewrite_journal_from_db(&self, last: Option<u64>) -> Result<(), StoreError> {
+        let mut w = Rewriter::create(&self.path)?;
+        if let Some(last) = last {
+            let mut prior = Reader::open(&self.path).ok();
+            for round in 0..=last {
+                let fallback = match prior.as_mut().map(Reader::next_entry) {
+                    Some(Ok(Some(e))) if e.round() == round => Some(e.checkpoint().clone()),
+                    _ => {
+                        prior = None;
+                        None
+                    }
+                };
+                w.push(&self.entry_from_db(round, fallback.as_ref())?)?;
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Whether the data directory passes the start-up check as it is (read by
+    /// `repair`: a directory that would start needs no repair).
+    fn verify(dir: &Path, lock: Arc<DirLock>) -> Result<Store, StoreError> {
+        if !dir.join("db").is_dir() {
+            return Err(StoreError::Corrupt {
+                path: dir.to_path_buf(),
+                detail: "db/ is missing".into(),
+            });
+        }
+        let db = open_db(dir).map_err(|e| StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            detail: e,
+        })?;
+        let store = Self::from_shared(dir, db, lock)?;
+        contained(|| store.check_against_journal())?;
+        Ok(store)
+    }
+
+    /// Repairs a data directory that `run` refuses, from whichever witness is intact: the
+    /// database is rebuilt from the round journal (the old one kept beside it as
+    /// `db.damaged-<unix time>`), or the journal is rewritten from the database (the old one
+    /// kept as `rounds.journal.before-repair-<unix time>`). What was done is recorded in
+    /// [`REPAIR_RECORD`] for [`Store::undo_repair`].
+    ///
+    /// It never touches a directory in use (it takes the directory's lock, and refuses while
+    /// anybody holds it), never changes a directory that already passes the start-up check,
+    /// and never leaves one that does not: the repaired directory is checked as `run` checks
+    /// it, and the repair is undone if it fails.
     pub fn repair(dir: &Path, identity: &Identity) -> Result<Repaired, StoreError> {
         let corrupt = |detail: String| StoreError::Corrupt {
             path: dir.to_path_buf(),
@@ -367,35 +610,91 @@ impl Store {
                 "no {MARKER}: not a Cohort data directory, nothing to repair"
             )));
         }
-        let journal = Journal::read(dir);
-        let old = Self::open_db(dir).ok();
-        // Which witness is intact: a readable journal at least as long as the database wins.
-        let empty = Journal::default();
-        let prior = journal.as_ref().unwrap_or(&empty);
-        let db_entries = old.as_ref().and_then(|db| {
-            let s = Store::from_db(dir, db.clone()).ok()?;
-            let last = s.db_last_round().ok()?;
-            s.entries_from_db(last, prior).ok()
+        let lock = Arc::new(lock(dir, "repair")?);
+        match Self::verify(dir, lock.clone()) {
+            Ok(store) => {
+                let last = store.db_last_round()?.unwrap_or(0);
+                return Ok(Repaired {
+                    last_round: last,
+                    source: RepairSource::NothingToDo,
+                    moved_aside: None,
+                    journal_backup: None,
+                });
+            }
+            Err(StoreError::Io { path, source }) => return Err(StoreError::Io { path, source }),
+            Err(_) => {}
+        }
+        // Which witness is intact: a journal that reads to its end, at least as long as a
+        // database that reads back, wins.
+        let journal_last = {
+            let mut reader = Reader::open(dir)?;
+            let mut ok = true;
+            loop {
+                match reader.next_entry() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            ok.then(|| reader.last_round()).flatten()
+        };
+        let old = if dir.join("db").is_dir() {
+            open_db(dir).ok()
+        } else {
+            None
+        };
+        let old_store = old
+            .as_ref()
+            .and_then(|db| Self::from_shared(dir, db.clone(), lock.clone()).ok());
+        let db_last = old_store.as_ref().and_then(|s| {
+            contained(|| {
+                let last = s.db_last_round()?;
+                // Readable all the way: every round decodes.
+                for r in 0..=last.unwrap_or(0) {
+                    if last.is_some() {
+                        s.entry_from_db(r, None)?;
+                    }
+                }
+                Ok(last)
+            })
+            .ok()
+            .flatten()
         });
-        let (entries, source) = match (journal, db_entries) {
-            (Ok(j), Some(d)) if d.len() > j.entries.len() => (d, RepairSource::Database),
-            (Ok(j), _) if !j.entries.is_empty() => (j.entries, RepairSource::Journal),
-            (Err(_), Some(d)) if !d.is_empty() => (d, RepairSource::Database),
-            (Ok(_), Some(d)) if !d.is_empty() => (d, RepairSource::Database),
-            (j, _) => {
-                return Err(corrupt(format!(
-                    "neither the round journal ({}) nor the database holds a committed run to repair from; start afresh with a new data_dir",
-                    j.err().map_or("empty".to_string(), |e| e.to_string())
-                )));
+        let source = match (journal_last, db_last) {
+            (Some(j), Some(d)) if d > j => RepairSource::Database,
+            (Some(_), _) => RepairSource::Journal,
+            (None, Some(_)) => RepairSource::Database,
+            (None, None) => {
+                return Err(corrupt(
+                    "neither the round journal nor the database holds a readable committed run to repair from; start afresh with a new data_dir (keep this one for inspection)".into(),
+                ));
             }
         };
-        let sites: Vec<(sled::IVec, sled::IVec)> = old
-            .as_ref()
-            .and_then(|db| db.open_tree("sites").ok())
-            .map(|t| t.iter().filter_map(Result::ok).collect())
-            .unwrap_or_default();
-        drop(old);
-        let last = entries.last().map_or(0, Entry::round);
+        let last = match source {
+            RepairSource::Database => db_last.unwrap_or(0),
+            _ => journal_last.unwrap_or(0),
+        };
+        // The last round's checkpoint must be there and be the committed one: without it
+        // there is nothing to resume from, and nothing is changed.
+        let committed = match source {
+            RepairSource::Database => old_store
+                .as_ref()
+                .map(|s| s.entry_from_db(last, None))
+                .transpose()?
+                .map(|e| e.checkpoint().sha3_512.clone()),
+            _ => {
+                let mut reader = Reader::open(dir)?;
+                let mut hash = None;
+                while let Some(e) = reader.next_entry()? {
+                    hash = Some(e.checkpoint().sha3_512.clone());
+                }
+                hash
+            }
+        }
+        .unwrap_or_default();
         let probe = Store::checkpoint_file(dir, last);
         let bytes = std::fs::read(&probe).map_err(|e| {
             corrupt(format!(
@@ -404,80 +703,190 @@ impl Store {
             ))
         })?;
         let ckpt = decode_checkpoint(last, &bytes)?;
-        let committed = entries
-            .last()
-            .map(|e| e.checkpoint().sha3_512.clone())
-            .unwrap_or_default();
         if hex(&ckpt.sha3_512) != committed {
             return Err(corrupt(format!(
-                "{} is not the checkpoint committed for round {last}",
+                "{} is not the checkpoint committed for round {last}: nothing to resume from",
                 probe.display()
             )));
         }
-        let moved = match source {
-            RepairSource::Database => None,
-            RepairSource::Journal => {
+        let sites: Vec<(sled::IVec, sled::IVec)> = old_store
+            .as_ref()
+            .and_then(|s| contained(|| Ok(s.sites.iter().filter_map(Result::ok).collect())).ok())
+            .unwrap_or_default();
+        let stamp = crate::unix_seconds();
+        let mut record = RepairRecord {
+            at_unix: stamp,
+            source,
+            last_round: last,
+            moved_db: None,
+            journal_backup: None,
+        };
+        match source {
+            RepairSource::Database => {
+                let store = old_store.ok_or_else(|| corrupt("the database vanished".into()))?;
+                drop(old);
+                let journal = Journal::path(dir);
+                if journal.exists() {
+                    let backup = format!("{}.before-repair-{stamp}", crate::journal::JOURNAL);
+                    std::fs::copy(&journal, dir.join(&backup)).map_err(|source| {
+                        StoreError::Io {
+                            path: journal.clone(),
+                            source,
+                        }
+                    })?;
+                    record.journal_backup = Some(backup);
+                }
+                write_repair_record(dir, &record)?;
+                store.rewrite_journal_from_db(Some(last))?;
+                store.flush()?;
+            }
+            RepairSource::Journal | RepairSource::NothingToDo => {
+                drop(old_store);
+                drop(old);
                 let db = dir.join("db");
-                let aside = dir.join(format!("db.damaged-{}", crate::unix_seconds()));
                 if db.exists() {
-                    std::fs::rename(&db, &aside).map_err(|source| StoreError::Io {
+                    let aside = format!("db.damaged-{stamp}");
+                    std::fs::rename(&db, dir.join(&aside)).map_err(|source| StoreError::Io {
                         path: db.clone(),
                         source,
                     })?;
-                    Some(aside)
-                } else {
-                    None
+                    record.moved_db = Some(aside);
                 }
+                write_repair_record(dir, &record)?;
+                let fresh = open_db(dir).map_err(|e| corrupt(format!("a new database: {e}")))?;
+                let store = Self::from_shared(dir, fresh, lock.clone())?;
+                store.fill_from_journal(&sites, last)?;
             }
-        };
-        let store = Store::from_db(dir, Self::open_db(dir)?)?;
-        if source == RepairSource::Journal {
-            for e in &entries {
-                let index = |c: &CheckpointId| -> Option<Vec<u8>> {
-                    let mut v = from_hex(&c.sha3_512)?;
-                    v.extend(from_hex(&c.signature)?);
-                    (v.len() == 128 && Store::checkpoint_file(dir, c.round).exists()).then_some(v)
-                };
-                match e {
-                    Entry::Setup { setup, checkpoint } => {
-                        store.meta.insert(SETUP, encode_json(setup)?)?;
-                        if let Some(i) = index(checkpoint) {
-                            store.checkpoints.insert(0u64.to_be_bytes(), i)?;
-                        }
-                    }
-                    Entry::Round { record, checkpoint } => {
-                        let r = record.summary.round;
-                        store.rounds.insert(r.to_be_bytes(), encode_json(record)?)?;
-                        if let Some(i) = index(checkpoint) {
-                            store.checkpoints.insert(r.to_be_bytes(), i)?;
-                        }
-                    }
-                }
-            }
-            for (k, v) in sites {
-                store.sites.insert(k, v)?;
-            }
-            store.meta.insert(LAST_ROUND, &last.to_be_bytes())?;
-            store.db.flush()?;
         }
-        Journal::rewrite(dir, &entries)?;
-        store.check_against_journal()?;
-        Ok(Repaired {
-            last_round: last,
-            source,
-            moved_aside: moved,
-        })
+        // Every handle on the database is gone here (sled locks its file while one lives),
+        // so the check below opens it as `run` will.
+        match Self::verify(dir, lock.clone()) {
+            Ok(_) => Ok(Repaired {
+                last_round: last,
+                source,
+                moved_aside: record.moved_db.as_ref().map(|m| dir.join(m)),
+                journal_backup: record.journal_backup.as_ref().map(|b| dir.join(b)),
+            }),
+            Err(e) => {
+                let undone = Self::undo_locked(dir, &record);
+                Err(corrupt(format!(
+                    "the repaired directory did not pass the start-up check ({e}); the repair was {}",
+                    match undone {
+                        Ok(()) => "undone".to_string(),
+                        Err(u) => format!("not undone either ({u}): see {REPAIR_RECORD}"),
+                    }
+                )))
+            }
+        }
     }
 
-    fn from_db(dir: &Path, db: sled::Db) -> Result<Store, StoreError> {
-        Ok(Store {
+    /// Rebuilds an empty database from the journal, one entry at a time, with the site
+    /// counters the old database still yielded.
+    fn fill_from_journal(
+        &self,
+        sites: &[(sled::IVec, sled::IVec)],
+        last: u64,
+    ) -> Result<(), StoreError> {
+        let index = |c: &CheckpointId| -> Option<Vec<u8>> {
+            let mut v = from_hex(&c.sha3_512)?;
+            v.extend(from_hex(&c.signature)?);
+            (v.len() == 128 && Store::checkpoint_file(&self.path, c.round).exists()).then_some(v)
+        };
+        let mut reader = Reader::open(&self.path)?;
+        while let Some(e) = reader.next_entry()? {
+            match &e {
+                Entry::Setup { setup, checkpoint } => {
+                    self.meta.insert(SETUP, encode_json(setup)?)?;
+                    if let Some(i) = index(checkpoint) {
+                        self.checkpoints.insert(0u64.to_be_bytes(), i)?;
+                    }
+                }
+                Entry::Round { record, checkpoint } => {
+                    let r = record.summary.round;
+                    self.rounds.insert(r.to_be_bytes(), encode_json(record)?)?;
+                    if let Some(i) = index(checkpoint) {
+                        self.checkpoints.insert(r.to_be_bytes(), i)?;
+                    }
+                }
+            }
+        }
+        for (k, v) in sites {
+            self.sites.insert(k, v.clone())?;
+        }
+        self.meta.insert(LAST_ROUND, &last.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Puts back what the last `repair` changed (`repair --undo`): the database it moved
+    /// aside and the journal it replaced. Refused while the directory is in use, when no
+    /// repair is recorded, and when rounds were committed after the repair (undoing it would
+    /// lose them).
+    pub fn undo_repair(dir: &Path, identity: &Identity) -> Result<RepairRecord, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
             path: dir.to_path_buf(),
-            meta: db.open_tree("meta")?,
-            rounds: db.open_tree("rounds")?,
-            checkpoints: db.open_tree("checkpoints")?,
-            sites: db.open_tree("sites")?,
-            db,
-        })
+            detail,
+        };
+        if !Self::check_marker(dir, identity)? {
+            return Err(corrupt(format!("no {MARKER}: not a Cohort data directory")));
+        }
+        let _lock = lock(dir, "repair --undo")?;
+        let path = dir.join(REPAIR_RECORD);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(corrupt(format!(
+                    "no repair to undo: {REPAIR_RECORD} is absent (only the last repair can be undone, once)"
+                )));
+            }
+            Err(source) => return Err(StoreError::Io { path, source }),
+        };
+        let record: RepairRecord = serde_json::from_str(&text)
+            .map_err(|e| corrupt(format!("{REPAIR_RECORD} does not parse ({e})")))?;
+        let mut reader = Reader::open(dir)?;
+        while reader.next_entry().ok().flatten().is_some() {}
+        if reader.last_round().is_some_and(|j| j > record.last_round) {
+            return Err(corrupt(format!(
+                "rounds were committed after the repair (the journal reaches round {}, the repair left round {}): undoing it would lose them",
+                describe(reader.last_round()),
+                record.last_round
+            )));
+        }
+        Self::undo_locked(dir, &record)?;
+        Ok(record)
+    }
+
+    /// The undo itself, under a lock the caller holds.
+    fn undo_locked(dir: &Path, record: &RepairRecord) -> Result<(), StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let stamp = crate::unix_seconds();
+        // A rebuild made the present db/: it goes aside, and the one it replaced (if there
+        // was one) comes back.
+        if record.source == RepairSource::Journal {
+            let db = dir.join("db");
+            if db.exists() {
+                std::fs::rename(&db, dir.join(format!("db.undone-{stamp}"))).map_err(io(&db))?;
+            }
+            if let Some(moved) = &record.moved_db {
+                std::fs::rename(dir.join(moved), &db).map_err(io(&db))?;
+            }
+        }
+        if let Some(backup) = &record.journal_backup {
+            let journal = Journal::path(dir);
+            if journal.exists() {
+                std::fs::rename(
+                    &journal,
+                    dir.join(format!("{}.undone-{stamp}", crate::journal::JOURNAL)),
+                )
+                .map_err(io(&journal))?;
+            }
+            std::fs::rename(dir.join(backup), &journal).map_err(io(&journal))?;
+        }
+        let path = dir.join(REPAIR_RECORD);
+        std::fs::rename(&path, dir.join(format!("REPAIR.undone-{stamp}.json"))).map_err(io(&path))
     }
 
     /// Writes everything to disk (commits already do; this is for shutdown).
@@ -490,37 +899,40 @@ impl Store {
         &self.path
     }
 
-    /// The state to continue from, if round 0 was committed.
+    /// The state to continue from, if round 0 was committed: the last round only.
     pub fn resume(&self) -> Result<Option<Resume>, StoreError> {
-        let Some(setup) = self.meta.get(SETUP)? else {
-            return Ok(None);
-        };
-        let setup: Setup = decode_json(&setup)?;
-        let last = self.last_round()?.unwrap_or(0);
-        let mut rounds = Vec::new();
-        for r in 1..=last {
-            let bytes = self.rounds.get(r.to_be_bytes())?.ok_or_else(|| {
-                StoreError::Decode(format!("round {r} is missing before the last round {last}"))
+        contained(|| {
+            let Some(setup) = self.meta.get(SETUP)? else {
+                return Ok(None);
+            };
+            let setup: Setup = decode_json(&setup)?;
+            let last_round = self.last_round()?.unwrap_or(0);
+            let last = if last_round == 0 {
+                None
+            } else {
+                Some(self.round(last_round)?.ok_or_else(|| {
+                    StoreError::Decode(format!("the last round ({last_round}) is missing"))
+                })?)
+            };
+            let checkpoint = self.checkpoint(last_round)?.ok_or_else(|| {
+                StoreError::Decode(format!(
+                    "the checkpoint of the last round ({last_round}) is missing"
+                ))
             })?;
-            rounds.push(decode_json(&bytes)?);
-        }
-        let checkpoint = self.checkpoint(last)?.ok_or_else(|| {
-            StoreError::Decode(format!(
-                "the checkpoint of the last round ({last}) is missing"
-            ))
-        })?;
-        let mut sites = BTreeMap::new();
-        for entry in self.sites.iter() {
-            let (k, v) = entry?;
-            let name = String::from_utf8_lossy(&k).into_owned();
-            sites.insert(name, decode_json(&v)?);
-        }
-        Ok(Some(Resume {
-            setup,
-            rounds,
-            checkpoint,
-            sites,
-        }))
+            let mut sites = BTreeMap::new();
+            for entry in self.sites.iter() {
+                let (k, v) = entry?;
+                let name = String::from_utf8_lossy(&k).into_owned();
+                sites.insert(name, decode_json(&v)?);
+            }
+            Ok(Some(Resume {
+                setup,
+                last_round,
+                last,
+                checkpoint,
+                sites,
+            }))
+        })
     }
 
     pub fn last_round(&self) -> Result<Option<u64>, StoreError> {
@@ -530,12 +942,27 @@ impl Store {
             .transpose()
     }
 
+    /// The metric counters as last saved (`metrics::Counters`, JSON), if ever.
+    pub fn counters(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(COUNTERS)?.map(|v| v.to_vec()))
+    }
+
+    /// Saves the metric counters durably: called before a scrape is answered with values
+    /// above the saved ones, so a restart never serves less than was served.
+    pub fn save_counters(&self, json: &[u8]) -> Result<(), StoreError> {
+        self.check_in_place()?;
+        self.meta.insert(COUNTERS, json)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Commits round 0: statistics, initial evaluation and the initial model.
     pub fn commit_setup(
         &self,
         setup: &Setup,
         checkpoint: &CheckpointRef,
     ) -> Result<(), StoreError> {
+        self.check_in_place()?;
         let setup_bytes = encode_json(setup)?;
         let index = self.write_checkpoint_file(checkpoint)?;
         (&self.meta, &self.checkpoints)
@@ -557,15 +984,19 @@ impl Store {
         Ok(())
     }
 
-    /// Commits a finished round atomically and flushes it to disk, then prunes checkpoints
-    /// older than the newest `keep`. Returns only once the round is durable.
+    /// Commits a finished round atomically and flushes it to disk, then prunes what
+    /// `retention` no longer keeps: checkpoints older than the newest `retention.checkpoints`,
+    /// and the per-site results of the round that just fell out of the newest
+    /// `retention.round_detail` (in the same transaction, so one round a commit: the cost
+    /// of a commit does not grow with the run). Returns only once the round is durable.
     pub fn commit_round(
         &self,
         record: &RoundRecord,
         checkpoint: &CheckpointRef,
         sites: &[(String, SiteState)],
-        keep: u64,
+        retention: Retention,
     ) -> Result<(), StoreError> {
+        self.check_in_place()?;
         let round = record.summary.round;
         let rec = encode_json(record)?;
         let index = self.write_checkpoint_file(checkpoint)?;
@@ -573,9 +1004,25 @@ impl Store {
             .iter()
             .map(|(n, s)| Ok((n.clone(), encode_json(s)?)))
             .collect::<Result<_, StoreError>>()?;
+        let aged = round
+            .checked_sub(retention.round_detail.max(1))
+            .filter(|r| *r >= 1);
+        let pruned = match aged {
+            Some(r) => match self.round(r)? {
+                Some(mut old) if !old.per_site_pruned => {
+                    old.prune_detail();
+                    Some((r, encode_json(&old)?))
+                }
+                _ => None,
+            },
+            None => None,
+        };
         (&self.meta, &self.rounds, &self.checkpoints, &self.sites)
             .transaction(|(meta, rounds, checkpoints, site_tree)| {
                 rounds.insert(&round.to_be_bytes(), rec.as_slice())?;
+                if let Some((r, bytes)) = &pruned {
+                    rounds.insert(&r.to_be_bytes(), bytes.as_slice())?;
+                }
                 checkpoints.insert(&round.to_be_bytes(), index.as_slice())?;
                 for (name, state) in &sites {
                     site_tree.insert(name.as_bytes(), state.as_slice())?;
@@ -594,7 +1041,13 @@ impl Store {
                 checkpoint: CheckpointId::new(round, checkpoint.sha3_512, checkpoint.signature),
             },
         )?;
-        self.prune(round, keep)?;
+        // The journal is compacted every `round_detail` rounds: a rewrite of the whole file,
+        // so not at every commit.
+        let detail = retention.round_detail.max(1);
+        if round > detail && round.is_multiple_of(detail) {
+            Journal::compact(&self.path, round + 1 - detail)?;
+        }
+        self.prune(round, retention.checkpoints)?;
         Ok(())
     }
 
@@ -664,21 +1117,23 @@ impl Store {
             .transpose()
     }
 
-    /// Committed rounds `offset..offset + limit` in round order, and how many there are.
+    /// Committed rounds `offset + 1 ..= offset + limit` in round order, and how many there
+    /// are: read by key range, so a page costs the same at round 10 and at round 100 000.
     pub fn rounds_page(
         &self,
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<RoundRecord>, usize), StoreError> {
+        let total = self.last_round()?.unwrap_or(0);
+        let first = (offset as u64).saturating_add(1);
         let page = self
             .rounds
-            .iter()
+            .range(first.to_be_bytes()..)
             .values()
-            .skip(offset)
             .take(limit)
             .map(|v| decode_json(&v?))
             .collect::<Result<_, _>>()?;
-        Ok((page, self.rounds.len()))
+        Ok((page, usize::try_from(total).unwrap_or(usize::MAX)))
     }
 
     /// Whether the database answers (for readiness).
@@ -722,12 +1177,15 @@ impl Store {
 }
 
 /// Which witness a repair rebuilt the other from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RepairSource {
     /// The database was rebuilt from the round journal.
     Journal,
     /// The round journal was rewritten from the database.
     Database,
+    /// The directory passed the start-up check: nothing was changed.
+    NothingToDo,
 }
 
 /// What `repair` did.
@@ -737,6 +1195,36 @@ pub struct Repaired {
     pub source: RepairSource,
     /// Where the damaged database was moved, when it was replaced.
     pub moved_aside: Option<PathBuf>,
+    /// Where the replaced journal was kept, when it was rewritten.
+    pub journal_backup: Option<PathBuf>,
+}
+
+/// What the last repair changed, in [`REPAIR_RECORD`]: enough to put it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairRecord {
+    pub at_unix: u64,
+    pub source: RepairSource,
+    /// The last committed round the repair left.
+    pub last_round: u64,
+    /// The database moved aside (a name in the data directory).
+    pub moved_db: Option<String>,
+    /// The journal as it was before (a name in the data directory).
+    pub journal_backup: Option<String>,
+}
+
+/// Written (and fsynced) before the repair changes anything, so an interrupted repair can
+/// still be undone.
+fn write_repair_record(dir: &Path, record: &RepairRecord) -> Result<(), StoreError> {
+    let path = dir.join(REPAIR_RECORD);
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let text =
+        serde_json::to_string_pretty(record).map_err(|e| StoreError::Decode(e.to_string()))?;
+    let file = std::fs::File::create(&path).map_err(io)?;
+    std::io::Write::write_all(&mut &file, text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 fn describe(round: Option<u64>) -> String {
@@ -866,6 +1354,31 @@ mod tests {
     }
 
     fn commit(store: &Store, round: u64, params: &[f32], keep: u64) {
+        commit_with(
+            store,
+            round,
+            params,
+            Retention {
+                checkpoints: keep,
+                round_detail: 1000,
+            },
+        );
+    }
+
+    fn site_result() -> crate::records::SiteResult {
+        crate::records::SiteResult {
+            examples: 100,
+            test_examples: 30,
+            accuracy: Some(0.8),
+            loss: 0.4,
+            auc: Some(0.7),
+            metrics: Default::default(),
+            tally: Default::default(),
+            evaluate_only: false,
+        }
+    }
+
+    fn commit_with(store: &Store, round: u64, params: &[f32], retention: Retention) {
         let hash = cohort_protocols::model::params_sha3_512(params);
         let ckpt = CheckpointRef {
             round,
@@ -880,9 +1393,13 @@ mod tests {
         } else {
             let record = RoundRecord {
                 summary: summary(round),
-                per_site: BTreeMap::new(),
+                per_site: BTreeMap::from([
+                    ("cleveland".to_string(), site_result()),
+                    ("va".to_string(), site_result()),
+                ]),
+                per_site_pruned: false,
             };
-            store.commit_round(&record, &ckpt, &[], keep).unwrap();
+            store.commit_round(&record, &ckpt, &[], retention).unwrap();
         }
     }
 
@@ -899,8 +1416,14 @@ mod tests {
         }
         let store = Store::open(dir.path(), &id).unwrap();
         let resume = store.resume().unwrap().expect("a run to resume");
-        let rounds: Vec<u64> = resume.rounds.iter().map(|r| r.summary.round).collect();
+        assert_eq!(resume.last_round, 4);
+        assert_eq!(resume.last.as_ref().map(|r| r.summary.round), Some(4));
+        let (page, total) = store.rounds_page(0, 10).unwrap();
+        let rounds: Vec<u64> = page.iter().map(|r| r.summary.round).collect();
         assert_eq!(rounds, vec![1, 2, 3, 4]);
+        assert_eq!(total, 4);
+        let (page, _) = store.rounds_page(2, 1).unwrap();
+        assert_eq!(page[0].summary.round, 3, "a page starts where it says");
         assert_eq!(resume.checkpoint.round, 4);
         assert_eq!(resume.checkpoint.params, vec![4.0, 1.0, 2.0, 3.0]);
         assert_eq!(resume.checkpoint.signature, [4u8; 64]);
@@ -950,7 +1473,11 @@ mod tests {
         );
         let other_model = Identity::new(b"ca", "mlp 3-8-1".into(), "schema".into());
         let err = Store::open(ours.path(), &other_model).unwrap_err();
-        assert!(err.to_string().contains("its model is logreg 3-1"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("holds a run of another model: logreg 3-1 there, mlp 3-8-1 in the configuration's [model]"),
+            "{err}"
+        );
 
         // A damaged marker or a missing database.
         std::fs::write(ours.path().join(MARKER), "{").unwrap();
@@ -961,6 +1488,279 @@ mod tests {
         std::fs::remove_dir_all(fresh.path().join("db")).unwrap();
         let err = Store::open(fresh.path(), &identity(b"ca")).unwrap_err();
         assert!(err.to_string().contains("db/ is missing"), "{err}");
+    }
+
+    /// The directory's files and their bytes: what "left untouched" means.
+    fn listing(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.clone(), std::fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused_by_a_second_run_and_by_repair_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        let live = Store::open(dir.path(), &id).unwrap();
+        for r in 0..=3u64 {
+            commit(&live, r, &[r as f32, 1.0], 5);
+        }
+        live.flush().unwrap();
+        let before = listing(dir.path());
+        let pid = std::process::id();
+        for err in [
+            Store::open(dir.path(), &id).unwrap_err(),
+            Store::repair(dir.path(), &id).unwrap_err(),
+            Store::undo_repair(dir.path(), &id).unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("in use by a running coordinator (pid {pid}")),
+                "{text}"
+            );
+            assert!(text.contains("nothing was changed"), "{text}");
+        }
+        assert!(listing(dir.path()) == before, "nothing was touched");
+        // The live run goes on committing.
+        commit(&live, 4, &[4.0, 1.0], 5);
+        drop(live);
+        let store = Store::open(dir.path(), &id).unwrap();
+        assert_eq!(store.last_round().unwrap(), Some(4));
+    }
+
+    #[test]
+    fn old_rounds_lose_their_per_site_detail_in_both_witnesses_and_still_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        let retention = Retention {
+            checkpoints: 2,
+            round_detail: 10,
+        };
+        let store = Store::open(dir.path(), &id).unwrap();
+        for r in 0..=25u64 {
+            commit_with(&store, r, &[r as f32], retention);
+        }
+        // sled: rounds 1..=15 pruned at each commit; 16..=25 whole.
+        let kept: Vec<bool> = (1..=25)
+            .map(|r| !store.round(r).unwrap().unwrap().per_site_pruned)
+            .collect();
+        assert_eq!(kept.iter().filter(|k| **k).count(), 10);
+        assert!(kept[15..].iter().all(|k| *k), "{kept:?}");
+        let old = store.round(3).unwrap().unwrap();
+        assert!(old.per_site.is_empty());
+        assert_eq!(old.summary.round, 3, "the summary stays");
+        // The journal was compacted at round 20: rounds before 11 pruned there, 11..=25 not
+        // yet (a different state from sled's, which is the same run).
+        let journal = Journal::read(dir.path()).unwrap();
+        let pruned: Vec<u64> = journal
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Round { record, .. } if record.per_site_pruned => Some(e.round()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pruned, (1..=10).collect::<Vec<_>>());
+        drop(store);
+        let store = Store::open(dir.path(), &id).unwrap();
+        assert_eq!(store.resume().unwrap().unwrap().last_round, 25);
+        // A pruned round that differs in its summary is still caught.
+        drop(store);
+        let text = std::fs::read_to_string(Journal::path(dir.path())).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let (_, json) = lines[5].split_once(' ').unwrap();
+        let mut entry: Entry = serde_json::from_str(json).unwrap();
+        if let Entry::Round { record, .. } = &mut entry {
+            record.summary.total_weight += 1;
+        }
+        let json = serde_json::to_string(&entry).unwrap();
+        lines[5] = format!("{} {json}", hex(&Sha3_256::digest(json.as_bytes())));
+        std::fs::write(Journal::path(dir.path()), lines.join("\n") + "\n").unwrap();
+        let err = Store::open(dir.path(), &id).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("round 5 differs between the database and the round journal"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn repair_leaves_a_sound_directory_alone_rebuilds_a_lost_database_and_can_be_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            for r in 0..=6u64 {
+                commit(&store, r, &[r as f32, 2.0], 5);
+            }
+        }
+        // Nothing to do: nothing changes.
+        let before = listing(dir.path());
+        let r = Store::repair(dir.path(), &id).unwrap();
+        assert_eq!(r.source, RepairSource::NothingToDo);
+        assert_eq!(r.last_round, 6);
+        // sled rewrites its own file when it opens; everything else is byte for byte the same.
+        let outside_db = |l: BTreeMap<PathBuf, Vec<u8>>| {
+            l.into_iter()
+                .filter(|(p, _)| {
+                    !p.ends_with(crate::lockfile::LOCK_FILE)
+                        && !p.starts_with(dir.path().join("db"))
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(outside_db(listing(dir.path())) == outside_db(before));
+        assert!(!dir.path().join(REPAIR_RECORD).exists());
+        assert!(
+            Store::undo_repair(dir.path(), &id).is_err(),
+            "no repair recorded"
+        );
+
+        // The database directory lost: run refuses naming repair; repair rebuilds it.
+        std::fs::rename(dir.path().join("db"), dir.path().join("db.lost")).unwrap();
+        let err = Store::open(dir.path(), &id).unwrap_err();
+        assert!(err.to_string().contains("repair"), "{err}");
+        let r = Store::repair(dir.path(), &id).unwrap();
+        assert_eq!((r.source, r.last_round), (RepairSource::Journal, 6));
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            assert_eq!(store.resume().unwrap().unwrap().last_round, 6);
+        }
+        // Undo puts the directory back as it was before the repair (db/ absent again), which
+        // run refuses the same way; repairing again works.
+        let undone = Store::undo_repair(dir.path(), &id).unwrap();
+        assert_eq!(undone.last_round, 6);
+        assert!(!dir.path().join("db").exists());
+        assert!(Store::open(dir.path(), &id).is_err());
+        Store::repair(dir.path(), &id).unwrap();
+        // Rounds committed after a repair are never undone.
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            commit(&store, 7, &[7.0, 2.0], 5);
+        }
+        let err = Store::undo_repair(dir.path(), &id).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rounds were committed after the repair"),
+            "{err}"
+        );
+        let store = Store::open(dir.path(), &id).unwrap();
+        assert_eq!(store.last_round().unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_journal_that_lost_rounds_is_rewritten_from_the_database_and_the_old_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            for r in 0..=5u64 {
+                commit(&store, r, &[r as f32], 5);
+            }
+        }
+        let path = Journal::path(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cut: Vec<&str> = text.lines().take(3).collect();
+        std::fs::write(&path, cut.join("\n") + "\n").unwrap();
+        let err = Store::open(dir.path(), &id).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the database's last committed round is 5 but the round journal's is 2"),
+            "{err}"
+        );
+        let r = Store::repair(dir.path(), &id).unwrap();
+        assert_eq!((r.source, r.last_round), (RepairSource::Database, 5));
+        let backup = r.journal_backup.unwrap();
+        assert_eq!(std::fs::read_to_string(&backup).unwrap().lines().count(), 3);
+        assert_eq!(Journal::read(dir.path()).unwrap().last_round(), Some(5));
+        drop(Store::open(dir.path(), &id).unwrap());
+        Store::undo_repair(dir.path(), &id).unwrap();
+        assert_eq!(Journal::read(dir.path()).unwrap().last_round(), Some(2));
+    }
+
+    #[test]
+    fn a_database_moved_under_the_running_coordinator_stops_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        let store = Store::open(dir.path(), &id).unwrap();
+        for r in 0..=2u64 {
+            commit(&store, r, &[r as f32], 5);
+        }
+        // What the old `repair` did to a live run.
+        std::fs::rename(dir.path().join("db"), dir.path().join("db.damaged-1")).unwrap();
+        let hash = cohort_protocols::model::params_sha3_512(&[3.0]);
+        let record = RoundRecord {
+            summary: summary(3),
+            per_site: BTreeMap::new(),
+            per_site_pruned: false,
+        };
+        let err = store
+            .commit_round(
+                &record,
+                &CheckpointRef {
+                    round: 3,
+                    params: &[3.0],
+                    sha3_512: &hash,
+                    signature: &[3; 64],
+                    strategy_m: &[],
+                    strategy_v: &[],
+                },
+                &[],
+                Retention {
+                    checkpoints: 5,
+                    round_detail: 100,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Replaced { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("db/ is no longer the database it opened")
+        );
+        assert_eq!(
+            Journal::read(dir.path()).unwrap().last_round(),
+            Some(2),
+            "the journal did not move on without the database"
+        );
+        drop(store);
+        std::fs::rename(dir.path().join("db.damaged-1"), dir.path().join("db")).unwrap();
+        let store = Store::open(dir.path(), &id).unwrap();
+        assert_eq!(store.last_round().unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_changed_schema_is_named_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = |features: &str| {
+            let text = format!(
+                "label = {{ column = \"num\", greater_than = 0 }}\nfeatures = [{features}]\nmissing = \"drop_row\""
+            );
+            let s: cohort_protocols::model::DataSchema = toml::from_str(&text).unwrap();
+            let mut id = Identity::new(b"ca", "logreg 2-1".into(), s.hash());
+            id.schema_toml = toml::to_string(&s).ok();
+            id
+        };
+        drop(Store::open(dir.path(), &schema("\"age\", \"chol\"")).unwrap());
+        let err = Store::open(dir.path(), &schema("\"age\", \"chl\"")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("started with another [schema]"), "{text}");
+        assert!(
+            text.contains(
+                r#"features: ["age", "chol"] in data_dir, ["age", "chl"] in the configuration"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("another federation"), "{text}");
     }
 
     #[test]

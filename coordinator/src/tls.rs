@@ -173,6 +173,26 @@ impl RejectLog {
     }
 }
 
+/// Closes a connection whose TLS handshake was refused so that the client reads why. rustls
+/// has already written its alert (revoked, unknown CA, bad certificate); closing a socket
+/// with unread bytes in it (the rest of the client's flight) would send a reset, and a reset
+/// can overtake the alert — the agent then sees "connection reset" and takes a refusal for a
+/// network fault. So: FIN after the alert, then read and drop what the client still sends,
+/// for at most two seconds, before closing.
+pub async fn close_refused(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,6 +165,22 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             .to_string();
         assert!(err.contains(needle), "expected {needle:?} in {err:?}");
     }
+    // The [training] table's own checks read as written, without a key = value prefix
+    // around them (they used to read `training = : training.learning_rate = -1: ...`).
+    let err = CoordinatorConfig::parse(&with("learning_rate = 0.001", "learning_rate = -1.0"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "training.learning_rate = -1: must be > 0");
+    let err = CoordinatorConfig::parse(&with(
+        "batch_size = 4",
+        "batch_size = 4\noptimizer = \"adamw\"",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("[training]: unknown variant `adamw`"),
+        "{err}"
+    );
     // Listed features and no model.inputs: the coordinator derives it.
     let derived = CoordinatorConfig::parse(
         &with(

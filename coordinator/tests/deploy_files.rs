@@ -53,6 +53,22 @@ fn the_systemd_units_are_hardened_and_pass_systemd_analyze_verify_silently() {
         ] {
             assert!(text.contains(directive), "{unit} lacks {directive:?}");
         }
+        // Restarted on a failure a restart may fix, never on one it repeats: the coordinator's
+        // configuration (2) and data directory (4), the agent's configuration (2) and a
+        // permanent refusal (3).
+        let never = if unit.contains("coordinator") {
+            format!(
+                "RestartPreventExitStatus={} {}\n",
+                cohort_coordinator::EXIT_CONFIG,
+                cohort_coordinator::EXIT_STORAGE
+            )
+        } else {
+            format!(
+                "RestartPreventExitStatus=2 {}\n",
+                cohort_agent::failure::EXIT_REFUSED
+            )
+        };
+        assert!(text.contains(&never), "{unit} lacks {never:?}");
         let name = exe.file_name().unwrap().to_string_lossy().into_owned();
         let local = text.replace(
             &format!("/usr/local/bin/{name}"),

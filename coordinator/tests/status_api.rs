@@ -291,7 +291,7 @@ local_steps = 50
         assert!(queried >= 14, "{queried}");
 
         let summary = run.await.unwrap().unwrap();
-        assert_eq!(summary.rounds.len(), 12);
+        assert_eq!(summary.rounds().unwrap().len(), 12);
         for a in agents {
             a.await.unwrap().unwrap();
         }
@@ -496,5 +496,19 @@ fn the_alert_rules_and_scrape_config_pass_promtool() {
         );
     }
     assert!(text.contains("cohort_seconds_since_progress"));
+    assert!(
+        text.contains("cohort_sites_connected < cohort_min_sites"),
+        "the site alert follows rounds.min_sites"
+    );
     promtool(&["check", "rules", rules.to_str().unwrap()], None);
+    // Prometheus' own evaluation of the rules against made-up series: one hospital of four
+    // away fires CohortTooFewSites, three of three does not.
+    promtool(
+        &[
+            "test",
+            "rules",
+            deploy.join("alerts.test.yml").to_str().unwrap(),
+        ],
+        None,
+    );
 }

@@ -449,7 +449,8 @@ pub fn role(args: &RoleArgs) -> Result<ExitCode> {
                 run.await.context("coordinator task")?
             })?;
             let rounds: Vec<RoundTime> = summary
-                .rounds
+                .rounds()
+                .context("reading the rounds back from the data directory")?
                 .iter()
                 .map(|r| RoundTime {
                     round: r.round,

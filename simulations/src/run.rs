@@ -765,7 +765,10 @@ fn summarise(
     let per_round: BTreeMap<u64, &RoundRecord> =
         records.iter().map(|r| (r.summary.round, r)).collect();
     let received = run.received;
-    let last = run.rounds.last();
+    // The rounds as this run reported them one by one (a simulation always starts afresh).
+    let rounds: Vec<&cohort_coordinator::driver::RoundSummary> =
+        records.iter().map(|r| &r.summary).collect();
+    let last = run.last.as_ref();
     let metric = if task.classes() > 0 {
         "accuracy"
     } else {
@@ -773,14 +776,13 @@ fn summarise(
     };
     let headline = |m: &Metrics| m.headline().map(|h| h.1);
     Summary {
-        rounds_completed: run.rounds.len(),
+        rounds_completed: run.rounds_completed as usize,
         secure: run.secure,
         task: format!("{:?}", task.kind()).to_lowercase(),
         metric: metric.into(),
         final_: last.map_or(&run.initial, |r| &r.eval).clone(),
         initial: run.initial.clone(),
-        rounds: run
-            .rounds
+        rounds: rounds
             .iter()
             .map(|r| {
                 let per_site = per_round.get(&r.round).map(|rec| &rec.per_site);

@@ -76,8 +76,8 @@ fn two_shards_of_synthetic_sites_complete_the_load_test_overlays_rounds() {
         coordinator.await.unwrap().unwrap()
     });
     assert!(summary.secure);
-    assert_eq!(summary.rounds.len(), 2);
-    assert!(summary.rounds.iter().all(|r| r.sites == sites));
+    assert_eq!(summary.rounds().unwrap().len(), 2);
+    assert!(summary.rounds().unwrap().iter().all(|r| r.sites == sites));
     // A shard outside the Job's range is refused, naming both.
     let bad = LoadArgs {
         coordinator: "https://127.0.0.1:1".into(),

@@ -50,12 +50,6 @@ use crate::{hex, unix_seconds};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
-    #[error("only {connected} sites connected within {waited:?}; rounds.min_sites = {min}")]
-    NotEnoughSites {
-        connected: usize,
-        min: u32,
-        waited: Duration,
-    },
     #[error("round {round} failed after {attempts} attempts; last reason: {reason}")]
     RoundFailed {
         round: u64,
@@ -74,15 +68,37 @@ pub enum DriverError {
     Settings(#[from] toml::ser::Error),
 }
 
+/// How a run ended. It holds the last round, not the history: a run of months would
+/// otherwise end holding every round in memory. [`RunSummary::rounds`] reads the history
+/// from the data directory when it is wanted.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     pub secure: bool,
-    pub rounds: Vec<RoundSummary>,
+    /// The last committed round (`rounds.count` when the run finished).
+    pub rounds_completed: u64,
+    pub last: Option<RoundSummary>,
     pub initial: Evaluation,
     pub per_site: BTreeMap<String, SiteResult>,
     pub model: Vec<f32>,
     /// Message kinds the coordinator received over the whole run.
     pub received: crate::hub::ReceivedCounts,
+    #[serde(skip)]
+    data_dir: std::path::PathBuf,
+}
+
+impl RunSummary {
+    /// Every committed round's summary, in order, from the data directory's round journal
+    /// (readable while a coordinator holds the directory, and after).
+    pub fn rounds(&self) -> Result<Vec<RoundSummary>, crate::journal::JournalError> {
+        let mut reader = crate::journal::Reader::open(&self.data_dir)?;
+        let mut rounds = Vec::new();
+        while let Some(entry) = reader.next_entry()? {
+            if let crate::journal::Entry::Round { record, .. } = entry {
+                rounds.push(record.summary);
+            }
+        }
+        Ok(rounds)
+    }
 }
 
 pub struct Driver {
@@ -105,6 +121,7 @@ pub struct Driver {
     /// summary; cleared when a new round starts.
     rejected: std::collections::BTreeSet<String>,
     store: Store,
+    resume: Option<Resume>,
     signing_key: SigningKey,
     progress: Arc<Progress>,
     metrics: Arc<Metrics>,
@@ -115,6 +132,8 @@ pub struct Driver {
 /// crash and its models can be verified; and the live progress and metrics operators watch.
 #[derive(Debug)]
 pub struct Operations {
+    /// The run found in the data directory, if any (read once, before anything listens).
+    pub resume: Option<Resume>,
     pub store: Store,
     pub signing_key: SigningKey,
     pub progress: Arc<Progress>,
@@ -286,6 +305,7 @@ impl Driver {
             sidelined: HashSet::new(),
             rejected: std::collections::BTreeSet::new(),
             store: ops.store,
+            resume: ops.resume,
             signing_key: ops.signing_key,
             progress: ops.progress,
             metrics: ops.metrics,
@@ -316,19 +336,13 @@ impl Driver {
             );
         }
         self.metrics.model_parameters.set(self.global.len() as i64);
-        let (setup, mut records) = match self.store.resume()? {
+        // Only the last round is kept in memory: the history is in the store.
+        let (setup, mut last) = match self.resume.take() {
             Some(resume) => self.restore(resume)?,
-            None => (self.first_setup().await?, Vec::new()),
+            None => (self.first_setup().await?, None),
         };
-        self.progress.resumed(records.last().map(|r| &r.summary));
-        self.metrics.resumed(
-            records.len() as u64,
-            records.last().map(|r| (r.summary.round, &r.summary.eval)),
-        );
-        let first = records
-            .last()
-            .map_or(1, |r: &RoundRecord| r.summary.round + 1);
-        for r in first..=self.cfg.rounds.count {
+        let done = last.as_ref().map_or(0, |r: &RoundRecord| r.summary.round);
+        for r in done + 1..=self.cfg.rounds.count {
             let started = Instant::now();
             let span = info_span!("round", round = r);
             // The round's update is applied to the global model inside `train_round`.
@@ -364,7 +378,11 @@ impl Driver {
                 model_sha3_512: hex(&hash),
                 rejected: self.rejected.iter().cloned().collect(),
             };
-            let record = RoundRecord { summary, per_site };
+            let record = RoundRecord {
+                summary,
+                per_site,
+                per_site_pruned: false,
+            };
             // Durable before the next round is announced: a crash from here on resumes
             // after this round, never redoes or loses it.
             self.commit(&record, hash)?;
@@ -391,7 +409,7 @@ impl Driver {
             if let Some(p) = &self.report {
                 let _ = p.send(record.clone());
             }
-            records.push(record);
+            last = Some(record);
         }
         self.progress.set_state(RunState::Finished);
         // Before the shutdown goes out: the sessions that end now end normally.
@@ -407,31 +425,33 @@ impl Driver {
             .into_iter()
             .map(|(site, _)| (site, vec![shutdown.clone()]))
             .collect();
-        let last = self.cfg.rounds.count;
         self.hub
-            .deliver(last, batches, self.control_deadline())
+            .deliver(self.cfg.rounds.count, batches, self.control_deadline())
             .await;
-        let per_site = records
-            .last()
-            .map_or_else(|| setup.initial_per_site.clone(), |r| r.per_site.clone());
+        let (rounds_completed, last, per_site) = match last {
+            Some(r) => (r.summary.round, Some(r.summary), r.per_site),
+            None => (0, None, setup.initial_per_site.clone()),
+        };
         Ok(RunSummary {
             secure: self.secure(),
-            rounds: records.into_iter().map(|r| r.summary).collect(),
+            rounds_completed,
+            last,
             initial: setup.initial,
             per_site,
             model: self.global.clone(),
             received: self.hub.received.snapshot(),
+            data_dir: self.store.path().to_path_buf(),
         })
     }
 
     /// Takes up a run from the data directory: the model, the optimiser state, the feature
     /// statistics and the sites' counters of the last committed round.
-    fn restore(&mut self, resume: Resume) -> Result<(Setup, Vec<RoundRecord>), DriverError> {
+    fn restore(&mut self, resume: Resume) -> Result<(Setup, Option<RoundRecord>), DriverError> {
         let Resume {
             setup,
-            rounds,
+            last,
             checkpoint,
-            sites,
+            ..
         } = resume;
         let corrupt = |detail: String| {
             DriverError::Store(StoreError::Corrupt {
@@ -461,12 +481,12 @@ impl Driver {
         self.global = checkpoint.params;
         self.mean = setup.mean.clone();
         self.std = setup.std.clone();
-        self.hub.restore(sites);
+        // The sites' counters were restored into the hub before the status API answered.
         info!(
             round = checkpoint.round,
             "resuming after the last committed round"
         );
-        Ok((setup, rounds))
+        Ok((setup, last))
     }
 
     /// Commits a finished round with the current model (signed) and the sites' counters.
@@ -483,7 +503,7 @@ impl Driver {
                 strategy_v: v,
             },
             &self.hub.sites.snapshot(),
-            self.cfg.storage.keep_checkpoints,
+            self.cfg.storage.retention(),
         )?;
         Ok(())
     }
@@ -498,32 +518,86 @@ impl Driver {
             .count()
     }
 
-    async fn wait_for_sites(&mut self) -> Result<(), DriverError> {
-        if self.training_sites_connected() < self.cfg.rounds.min_sites as usize {
-            self.progress.set_state(RunState::WaitingForSites);
-        }
+    /// Waits until `min_sites` training sites are connected — for as long as it takes. A
+    /// federation whose hospitals are all away for an hour (a network outage, a maintenance
+    /// window) must find its coordinator waiting, still serving its status API, not exited.
+    /// Who is missing is logged every [`WAITING_LOG_EVERY`]; past `wait_for_sites_secs` the
+    /// wait is also a warning and `cohort_waiting_for_sites_seconds` says how long (the
+    /// alert's signal), but the coordinator keeps waiting.
+    async fn wait_for_sites(&mut self, round: u64) -> Result<(), DriverError> {
         let min = self.cfg.rounds.min_sites as usize;
-        let waited = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
-        let deadline = tokio::time::Instant::now() + waited;
+        if self.training_sites_connected() >= min {
+            return Ok(());
+        }
+        self.progress
+            .set_stage(RunState::WaitingForSites, round, 0, None);
+        let alert_after = Duration::from_secs(self.cfg.rounds.wait_for_sites_secs);
+        let started = Instant::now();
+        let mut log = WaitingLog::new();
+        let mut warned = false;
+        info!(
+            round,
+            connected = self.training_sites_connected(),
+            min_sites = min,
+            "waiting for sites before the round"
+        );
         loop {
             let connected = self.training_sites_connected();
             if connected >= min {
+                self.metrics.waiting_for_sites_seconds.set(0.0);
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::NotEnoughSites {
+            let waited = started.elapsed();
+            self.metrics
+                .waiting_for_sites_seconds
+                .set(waited.as_secs_f64());
+            if !warned && waited >= alert_after {
+                warned = true;
+                warn!(
+                    round,
                     connected,
-                    min: self.cfg.rounds.min_sites,
-                    waited,
-                });
+                    min_sites = min,
+                    waited_secs = waited.as_secs(),
+                    missing = %self.missing_sites().join(","),
+                    "still too few sites after rounds.wait_for_sites_secs; the coordinator keeps waiting"
+                );
+            }
+            if Instant::now() >= log.next {
+                log.next = Instant::now() + log.every;
+                info!(
+                    round,
+                    connected,
+                    min_sites = min,
+                    waited_secs = waited.as_secs(),
+                    missing = %self.missing_sites().join(","),
+                    "still waiting for sites"
+                );
             }
             // Joins do not pass through the inbox: look again at least every 250 ms. Messages
             // that arrive meanwhile belong to no round and are dropped.
-            let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            let tick = tokio::time::Instant::now() + Duration::from_millis(250);
             if let Ok(None) = tokio::time::timeout_at(tick, self.inbox.recv()).await {
                 return Err(DriverError::HubClosed);
             }
         }
+    }
+
+    /// Training sites the coordinator has known (this run or before a restart) that are not
+    /// connected, each with when it was last seen.
+    fn missing_sites(&self) -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        self.hub
+            .sites
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s)| !s.connected && !s.evaluate_only)
+            .map(
+                |(name, s)| match s.last_seen.and_then(|t| now.duration_since(t).ok()) {
+                    Some(ago) => format!("{name} (last seen {}s ago)", ago.as_secs()),
+                    None => format!("{name} (never seen)"),
+                },
+            )
+            .collect()
     }
 
     async fn with_attempts<T>(
@@ -540,10 +614,7 @@ impl Driver {
         self.sidelined.clear();
         self.rejected.clear();
         for attempt in 0..self.cfg.rounds.max_attempts {
-            if let Err(e) = self.wait_for_sites().await {
-                last = e.to_string();
-                break;
-            }
+            self.wait_for_sites(round).await?;
             match f(self, attempt).await {
                 Ok(v) => return Ok(v),
                 Err(reason) => {

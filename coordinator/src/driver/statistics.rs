@@ -6,7 +6,7 @@ impl Driver {
     /// Round 0 of a new run: the federated feature statistics and the initial model's
     /// evaluation, committed with the initial model.
     pub(super) async fn first_setup(&mut self) -> Result<Setup, DriverError> {
-        self.wait_for_sites().await?;
+        self.wait_for_sites(0).await?;
         let sum = self
             .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
             .await?;

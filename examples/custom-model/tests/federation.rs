@@ -122,10 +122,11 @@ local_steps = 100
     });
 
     assert!(summary.secure);
-    assert_eq!(summary.rounds.len() as u64, ROUNDS);
+    assert_eq!(summary.rounds().unwrap().len() as u64, ROUNDS);
     assert!(
         summary
-            .rounds
+            .rounds()
+            .unwrap()
             .iter()
             .all(|r| r.sites == 4 && r.dropped == 0)
     );
@@ -136,7 +137,7 @@ local_steps = 100
     // The committed model is GatedNet's vector: its length, and it moved from the file's.
     assert_eq!(summary.model.len(), parameters);
     assert_ne!(cohort_protocols::model::to_bytes(&summary.model), bytes);
-    let (before, after) = (&summary.initial, &summary.rounds.last().unwrap().eval);
+    let (before, after) = (&summary.initial, &summary.last.as_ref().unwrap().eval);
     assert!(
         after.loss < before.loss,
         "{} -> {}",

@@ -264,8 +264,9 @@ impl DataSchema {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The keys in which `other` differs from this schema, each with both values, e.g.
-    /// `missing: "drop_row" here, "impute_mean" there`. Empty when they encode alike.
+    /// The keys in which `other` differs from this schema, each with both values written as
+    /// in the TOML file, e.g. `missing: "drop_row" here, "impute_mean" there`. Empty when
+    /// they encode alike.
     pub fn differences(&self, other: &DataSchema) -> Vec<String> {
         let mut out = Vec::new();
         let mut differ = |key: &str, a: String, b: String| {
@@ -275,19 +276,15 @@ impl DataSchema {
         };
         differ(
             "task",
-            format!("{:?}", self.task.to_table()),
-            format!("{:?}", other.task.to_table()),
+            toml_text(&self.task.to_table()),
+            toml_text(&other.task.to_table()),
         );
         differ(
             "features",
-            format!("{:?}", self.features),
-            format!("{:?}", other.features),
+            toml_text(&self.features),
+            toml_text(&other.features),
         );
-        differ(
-            "drop",
-            format!("{:?}", self.drop),
-            format!("{:?}", other.drop),
-        );
+        differ("drop", toml_text(&self.drop), toml_text(&other.drop));
         let columns: std::collections::BTreeSet<&String> = self
             .categorical
             .keys()
@@ -297,19 +294,22 @@ impl DataSchema {
             let levels = |s: &DataSchema| {
                 s.categorical
                     .get(c)
-                    .map_or("(not categorical)".to_string(), |l| format!("{l:?}"))
+                    .map_or("(not categorical)".to_string(), toml_text)
             };
             differ(&format!("categorical.{c}"), levels(self), levels(other));
         }
         differ(
             "missing",
-            format!("{:?}", self.missing),
-            format!("{:?}", other.missing),
+            toml_text(&self.missing),
+            toml_text(&other.missing),
         );
         differ(
             "images",
-            format!("{:?}", self.images),
-            format!("{:?}", other.images),
+            self.images.as_ref().map_or("(none)".to_string(), toml_text),
+            other
+                .images
+                .as_ref()
+                .map_or("(none)".to_string(), toml_text),
         );
         out
     }
@@ -469,6 +469,19 @@ impl Resolved {
     }
 }
 
+/// A value as it is written in a TOML file (an inline table for a table): what a reader of
+/// an error message typed, not Rust's debug form.
+fn toml_text<T: Serialize + std::fmt::Debug>(v: &T) -> String {
+    match toml::Value::try_from(v) {
+        Ok(toml::Value::Table(t)) => {
+            let fields: Vec<String> = t.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        Ok(value) => value.to_string(),
+        Err(_) => format!("{v:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,7 +504,19 @@ mod tests {
             d[1].starts_with("categorical.sex: (not categorical) here"),
             "{d:?}"
         );
-        assert_eq!(d[2], "missing: DropRow here, ImputeMean there");
+        assert_eq!(d[2], r#"missing: "drop_row" here, "impute_mean" there"#);
+        // A task is written as a TOML table, not as Rust's debug output.
+        let mut multi = ours.clone();
+        multi.task = toml::from_str::<DataSchema>(
+            "label = { column = \"num\", greater_than = 1 }\nmissing = \"drop_row\"",
+        )
+        .unwrap()
+        .task;
+        let d = ours.differences(&multi);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("task: {"), "{d:?}");
+        assert!(d[0].contains("greater_than = 1"), "{d:?}");
+        assert!(!d[0].contains("TaskTable"), "{d:?}");
         // The TOML an agent sends round-trips to the same schema.
         let sent = toml::to_string(&theirs).unwrap_or_default();
         let back: DataSchema = toml::from_str(&sent).unwrap_or_else(|e| panic!("{e}: {sent}"));
