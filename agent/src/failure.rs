@@ -91,13 +91,28 @@ pub fn classify(e: &anyhow::Error) -> Class {
             return classify_tls(tls);
         }
     }
-    // Some transports flatten the TLS error into text; recognise rustls's wording.
+    // Some transports flatten the TLS error into text; recognise rustls's wording, and say
+    // only that phrase, not the whole chain of wrappers around it.
     let text = format!("{e:#}");
-    if text.contains("invalid peer certificate") {
-        return Class::Permanent(format!("{text}. {WRONG_CA}"));
+    let phrase = |start: usize| {
+        text[start..]
+            .split(['"', ')', ';', '\n'])
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    if let Some(at) = text.find("invalid peer certificate") {
+        return Class::Permanent(format!(
+            "the coordinator's TLS certificate was refused ({}). {WRONG_CA}",
+            phrase(at)
+        ));
     }
-    if text.contains("received fatal alert") {
-        return Class::Permanent(format!("{text}. {REFUSED_CERT}"));
+    if let Some(at) = text.find("received fatal alert") {
+        return Class::Permanent(format!(
+            "the coordinator ended the TLS handshake ({}). {REFUSED_CERT}",
+            phrase(at)
+        ));
     }
     Class::Transient
 }
@@ -156,6 +171,16 @@ mod tests {
         assert!(matches!(
             classify(&anyhow::Error::new(refused).context("session")),
             Class::Permanent(_)
+        ));
+        // hyper flattens the alert into text inside a transport error: the refusal is still
+        // recognised, and said in a phrase rather than the chain of wrappers.
+        let flattened = anyhow::anyhow!(
+            "transport error: connection error: received fatal alert: CertificateRevoked"
+        )
+        .context("asking for the schema");
+        assert!(matches!(
+            classify(&flattened),
+            Class::Permanent(m) if m.starts_with("the coordinator ended the TLS handshake (received fatal alert: CertificateRevoked). The coordinator refused")
         ));
         let dropped = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         assert_eq!(

@@ -90,19 +90,23 @@ fn main() -> ExitCode {
             out,
         } => return predict(&model, csv.as_deref(), images.as_deref(), out.as_deref()),
     };
+    // With JSON logs the last word is a log record too: a log pipeline reads every line.
+    let json = matches!(cli.log_format, LogFormat::Json);
+    let fail = |message: String, code: u8| {
+        if json {
+            tracing::error!(exit_code = code, "{message}");
+        } else {
+            eprintln!("error: {message}");
+        }
+        ExitCode::from(code)
+    };
     let config = match AgentConfig::load(&config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(e.to_string(), 2),
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(format!("starting the async runtime: {e}"), 1),
     };
     // SIGTERM (a service manager, a container runtime: as PID 1 a signal without a handler
     // would be ignored) and Ctrl-C end the agent at once with exit 0. Nothing is lost: the
@@ -114,23 +118,19 @@ fn main() -> ExitCode {
         }
     });
     let Some(result) = stopped else {
+        // The session was dropped with the future: give the connection a moment to tell the
+        // coordinator the stream has ended, instead of vanishing mid-stream.
+        rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(200)).await });
         tracing::info!("stopped by a signal");
         return ExitCode::SUCCESS;
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<cohort_agent::failure::ConfigProblem>() => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) if e.is::<cohort_agent::failure::ConfigProblem>() => fail(format!("{e:#}"), 2),
         Err(e) if e.is::<cohort_agent::failure::GaveUp>() => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(cohort_agent::failure::EXIT_REFUSED)
+            fail(format!("{e:#}"), cohort_agent::failure::EXIT_REFUSED)
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(format!("{e:#}"), 1),
     }
 }
 

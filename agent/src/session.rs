@@ -605,13 +605,43 @@ async fn session(
                     *welcomed = true;
                     info!(site = %cfg.site, id = w.site_id, "joined the federation");
                 }
-                if let Some(end) = s.handle(kind).await? {
-                    return Ok(end);
+                match s.handle(kind).await {
+                    Ok(Some(end)) => return Ok(end),
+                    Ok(None) => {}
+                    Err(e) => return Err(why_closed(&mut inbound, e).await),
                 }
             }
             Some((round, attempt, result)) = trained_rx.recv() => {
-                s.on_trained(round, attempt, result).await?;
+                if let Err(e) = s.on_trained(round, attempt, result).await {
+                    return Err(why_closed(&mut inbound, e).await);
+                }
             }
+        }
+    }
+}
+
+/// A message could not be sent: the session's stream is closed.
+#[derive(Debug, thiserror::Error)]
+#[error("session closed")]
+struct SendClosed;
+
+/// The coordinator's reason for a session that ended under a send. When the coordinator ends
+/// a session (a revoked certificate, say) it says why in the stream's status, but an agent
+/// busy sending sees only its own send fail ("session closed") and would take a refusal for
+/// a dropped connection; so the rest of the stream is read, briefly, for that status.
+async fn why_closed(
+    inbound: &mut tonic::Streaming<cohort_proto::v1::CoordinatorMessage>,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    if !e.is::<SendClosed>() {
+        return e;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Err(status)) => return anyhow::Error::new(status).context(format!("{e:#}")),
+            Ok(Ok(None)) | Err(_) => return e,
         }
     }
 }
@@ -621,7 +651,7 @@ impl Session<'_> {
         self.out
             .send(AgentMessage { kind: Some(kind) })
             .await
-            .map_err(|_| anyhow!("session closed"))
+            .map_err(|_| anyhow::Error::new(SendClosed))
     }
 
     async fn send_chunked(

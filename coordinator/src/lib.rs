@@ -442,14 +442,17 @@ async fn serve(
                 let accepted =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible())
                         .await;
-                drop(slot);
                 match accepted {
                     Ok(Ok(stream)) => {
+                        drop(slot);
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
                     Ok(Err((e, tcp))) => {
                         rejected.handshake_failed(peer, &tls::handshake_reason(&e));
+                        // Still holding the handshake slot: a crowd of refused clients
+                        // lingers in at most MAX_HANDSHAKES sockets.
                         tls::close_refused(tcp).await;
+                        drop(slot);
                     }
                     Err(_) => {
                         rejected.handshake_failed(peer, "TLS handshake timed out");

@@ -310,6 +310,15 @@ fn repair(config: &std::path::Path, undo: bool, out: Report) -> ExitCode {
         Ok(ca) => cohort_coordinator::store::Identity::of(&ca, &config),
         Err(e) => return out.fail(&e.into(), cohort_coordinator::EXIT_CONFIG),
     };
+    // The lock names the holder (its pid): asked first. The ports catch what a lock cannot
+    // see (the same directory mounted on another host).
+    if let Some(holder) = cohort_coordinator::lockfile::DirLock::holder(&config.data_dir) {
+        let e = cohort_coordinator::store_problem(cohort_coordinator::store::StoreError::InUse {
+            path: config.data_dir.clone(),
+            holder: Some(holder),
+        });
+        return out.fail(&e, cohort_coordinator::exit_code(&e));
+    }
     if let Some(why) = port_answers(&config) {
         return out.fail(
             &anyhow::anyhow!(

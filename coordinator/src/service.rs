@@ -221,6 +221,13 @@ impl Coordinator for Service {
                         debug!(%site, error = %e, "session ended after training finished");
                         break;
                     }
+                    // An agent that stopped, crashed or lost its network ends its stream
+                    // without a goodbye: that is a site going away, which the rounds handle,
+                    // not a fault of the coordinator's to warn about.
+                    Err(e) if connection_lost(&e) => {
+                        info!(%site, reason = %e.message(), "site's connection ended");
+                        break;
+                    }
                     Err(e) => {
                         warn!(%site, error = %e, "session error");
                         // Tells the agent why, if it still listens (an oversize message is
@@ -267,6 +274,32 @@ impl Service {
         }
         Ok((cert.common_name, peer, cert.serial))
     }
+}
+
+/// Whether a session's error is only its connection ending: the peer went away (end of file,
+/// reset, broken pipe) or cancelled its stream. Anything else — a message too large, one that
+/// does not decode — is the agent's fault and worth a warning.
+fn connection_lost(e: &Status) -> bool {
+    use std::io::ErrorKind;
+    if e.code() == tonic::Code::Cancelled {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Tells the agent, if its queue has room, why the coordinator ended its session (it has

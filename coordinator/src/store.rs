@@ -323,7 +323,11 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(io)?;
         let ours = Self::check_marker(dir, identity)?;
         if !ours {
-            let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
+            // Empty, or holding only the lock of a first start that stopped before its marker.
+            let empty = std::fs::read_dir(dir)
+                .map_err(io)?
+                .filter_map(Result::ok)
+                .all(|e| e.file_name() == crate::lockfile::LOCK_FILE);
             if !empty {
                 return Err(StoreError::NotOurs {
                     path: dir.to_path_buf(),
@@ -335,7 +339,10 @@ impl Store {
             let text = serde_json::to_string_pretty(identity)
                 .map_err(|e| StoreError::Decode(e.to_string()))?;
             std::fs::write(dir.join(MARKER), text).map_err(io)?;
-        } else if !dir.join("db").is_dir() {
+        } else if identity.schema_toml.is_some() {
+            Self::complete_marker(dir, identity)?;
+        }
+        if ours && !dir.join("db").is_dir() {
             return Err(StoreError::Corrupt {
                 path: dir.to_path_buf(),
                 detail: "the database directory db/ is missing; `cohort-coordinator repair --config FILE` rebuilds it from the round journal".into(),
@@ -390,6 +397,26 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// Adds the schema's TOML to a marker written before it was kept (the same run: the
+    /// hashes agree), so a later change of `[schema]` can be named key by key.
+    fn complete_marker(dir: &Path, identity: &Identity) -> Result<(), StoreError> {
+        let path = dir.join(MARKER);
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let stored: Identity = serde_json::from_str(&std::fs::read_to_string(&path).map_err(io)?)
+            .map_err(|e| StoreError::Decode(e.to_string()))?;
+        if stored.schema_toml.is_some() {
+            return Ok(());
+        }
+        let text = serde_json::to_string_pretty(identity)
+            .map_err(|e| StoreError::Decode(e.to_string()))?;
+        let tmp = path.with_extension("json.partial");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
     }
 
     fn from_db(dir: &Path, db: sled::Db, lock: DirLock) -> Result<Store, StoreError> {

@@ -213,14 +213,15 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
         "{err}"
     );
 
-    // A damaged data directory is refused at start-up, and left as it was.
+    // A damaged data directory is refused at start-up, and left as it was: exit 4, the data
+    // directory needs an operator (a restart would only repeat it).
     std::fs::write(data_dir.join(MARKER), "not json").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
         .args(["run", "--config"])
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("does not parse") && err.contains("nothing was changed"),

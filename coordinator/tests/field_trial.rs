@@ -324,7 +324,7 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
     assert!(
         schema
             .log()
-            .contains("missing: DropRow at the coordinator, ImputeMean at this site"),
+            .contains(r#"missing: "drop_row" at the coordinator, "impute_mean" at this site"#),
         "{}",
         schema.log()
     );

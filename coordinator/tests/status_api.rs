@@ -215,6 +215,18 @@ local_steps = 50
         assert_eq!(one["per_site"].as_object().unwrap().len(), 4);
         check(&doc, &base, "/api/v1/rounds/99", "/api/v1/rounds/{n}", 404).await;
         check(&doc, &base, "/api/v1/rounds/x", "/api/v1/rounds/{n}", 400).await;
+        // A page that is not a number is a JSON error like every other (it was axum's
+        // text/plain), documented in the OpenAPI document.
+        let bad = check(&doc, &base, "/api/v1/rounds?page=x", "/api/v1/rounds", 400).await;
+        assert!(
+            bad["error"]
+                .as_str()
+                .unwrap()
+                .contains("page and per_page are positive whole numbers"),
+            "{bad}"
+        );
+        // The status says how long since the run last moved (the stall signal).
+        assert!(status["seconds_since_progress"].as_f64().unwrap() >= 0.0);
         let sites = check(&doc, &base, "/api/v1/sites", "/api/v1/sites", 200).await;
         let names: Vec<&str> = sites["sites"]
             .as_array()

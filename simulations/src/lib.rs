@@ -8,3 +8,4 @@ pub mod rollout;
 pub mod run;
 pub mod secagg_bench;
 pub mod shapes;
+pub mod soak;

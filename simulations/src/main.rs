@@ -43,6 +43,10 @@ enum Command {
     /// Run a share of N synthetic sites against a running coordinator (a load test across
     /// machines: one share per pod of an indexed Kubernetes Job).
     Load(cohort_sim::load::LoadArgs),
+    /// Run the real coordinator and four real agents (separate processes, the shipped
+    /// hospitals) for thousands of short rounds, with every site away for a while and a
+    /// restart at the end; report the coordinator's memory and disk at given rounds.
+    Soak(cohort_sim::soak::SoakArgs),
     /// Internal: one process of `fl-bench` (the coordinator, or all the agents).
     #[command(hide = true)]
     FlBenchRole(fl_bench::RoleArgs),
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         }
         Command::FlBench(args) => fl_bench::main(&args),
         Command::Rollout(args) => cohort_sim::rollout::main(&args),
+        Command::Soak(args) => cohort_sim::soak::main(&args),
         Command::FlBenchRole(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

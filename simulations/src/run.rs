@@ -623,22 +623,42 @@ fn run_scenario(
             cfg.policy.max_colluders = colluders;
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
-        let summary = match coordinator.await.context("coordinator task")? {
-            Ok(summary) => summary,
-            Err(e) => {
-                // A coordinator that waited in vain is explained by the agents that gave up.
-                let mut why = Vec::new();
-                for (site, a) in s.sites.iter().zip(agents) {
-                    if a.is_finished()
-                        && let Ok(Err(err)) = a.await
-                    {
-                        why.push(format!("{}: {err:#}", site.name));
+        // The coordinator waits for its sites as long as it takes, as a service must; the
+        // simulation owns every site, so once too few of its training agents are left for a
+        // round it stops the run and says which agents stopped and why.
+        let mut coordinator = coordinator;
+        let needed = s.min_sites.map_or(training.clamp(1, 4), |m| m as usize);
+        let summary = loop {
+            let stopped: Vec<String> = s
+                .sites
+                .iter()
+                .zip(&agents)
+                .filter(|(site, a)| !site.evaluates_only() && a.is_finished())
+                .map(|(site, _)| site.name.clone())
+                .collect();
+            if training - stopped.len() < needed && !coordinator.is_finished() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !coordinator.is_finished() {
+                    coordinator.abort();
+                    let mut why = Vec::new();
+                    for (site, a) in s.sites.iter().zip(agents) {
+                        if a.is_finished() {
+                            match a.await {
+                                Ok(Err(err)) => why.push(format!("{}: {err:#}", site.name)),
+                                Ok(Ok(())) => why.push(format!("{}: ended", site.name)),
+                                Err(e) => why.push(format!("{}: {e}", site.name)),
+                            }
+                        }
                     }
+                    anyhow::bail!(
+                        "too few sites are left for a round (rounds.min_sites = {needed}); agents that stopped: {}",
+                        why.join("; ")
+                    );
                 }
-                if why.is_empty() {
-                    return Err(e);
-                }
-                return Err(e.context(format!("agents that stopped: {}", why.join("; "))));
+            }
+            tokio::select! {
+                r = &mut coordinator => break r.context("coordinator task")??,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         };
         let records = progress.await.unwrap_or_default();

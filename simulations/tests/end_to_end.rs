@@ -382,3 +382,36 @@ fn mistakes_in_a_scenario_are_reported_at_the_users_own_line() {
         "{err}"
     );
 }
+
+/// The coordinator waits for its sites as long as it takes; a simulation, which owns every
+/// site, must not: with one hospital's CSV unusable, the run stops and says which agent
+/// stopped and why, instead of waiting forever.
+#[test]
+fn a_site_that_cannot_start_ends_the_simulation_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("va-without-label.csv");
+    let text = std::fs::read_to_string(data("va")).unwrap();
+    let cut: Vec<String> = text
+        .lines()
+        .map(|l| l.rsplit_once(',').map_or(l, |(rest, _)| rest).to_string())
+        .collect();
+    std::fs::write(&bad, cut.join("\n") + "\n").unwrap();
+    let path = scenario(dir.path(), 2, true, "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&format!("{:?}", data("va")), &format!("{bad:?}"));
+    std::fs::write(&path, text).unwrap();
+    let Err(err) = run_file(&path, &dir.path().join("out")) else {
+        panic!("the run cannot complete");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("too few sites are left for a round"),
+        "{text}"
+    );
+    assert!(text.contains("agents that stopped: va:"), "{text}");
+    assert!(
+        text.contains("num"),
+        "names the missing label column: {text}"
+    );
+}

@@ -1,9 +1,11 @@
 //! The round driver: one task that runs the statistics round, the training rounds and the
 //! evaluations, driving the `cohort-protocols` SecAgg+ server with messages from the hub.
 //!
-//! The driver never waits forever: every wait has a deadline (a stage timeout, the training
-//! timeout, the wait for sites), and a round that loses its quorum is retried with a new
-//! attempt number — fresh keys, fresh masks — up to `max_attempts` times.
+//! The driver never waits forever for an answer: every wait for a site has a deadline (a
+//! stage timeout, the training timeout), and a round that loses its quorum is retried with a
+//! new attempt number — fresh keys, fresh masks — up to `max_attempts` times. The one wait
+//! without a deadline is for enough sites to start a round: a coordinator whose sites are all
+//! away keeps waiting (and serving its status API) instead of exiting, and says for whom.
 
 mod aggregation;
 mod broadcast;
@@ -586,9 +588,9 @@ impl Driver {
     /// connected, each with when it was last seen.
     fn missing_sites(&self) -> Vec<String> {
         let now = std::time::SystemTime::now();
-        self.hub
-            .sites
-            .snapshot()
+        let mut sites = self.hub.sites.snapshot();
+        sites.sort_by(|a, b| a.0.cmp(&b.0));
+        sites
             .into_iter()
             .filter(|(_, s)| !s.connected && !s.evaluate_only)
             .map(
