@@ -323,30 +323,20 @@ async fn classify(
 }
 
 /// The coordinator's host and port, and the name its certificate must carry.
-fn coordinator_address(cfg: &AgentConfig) -> (String, u16, String) {
-    let rest = cfg
-        .coordinator
-        .url
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.to_string(), p.parse().unwrap_or(443))
-        }
-        _ => (rest.to_string(), 443),
-    };
-    let host = host
+fn coordinator_address(cfg: &AgentConfig) -> Option<(String, u16, String)> {
+    let uri: tonic::transport::Uri = cfg.coordinator.url.parse().ok()?;
+    let host = uri
+        .host()?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
+    let port = uri.port_u16().unwrap_or(443);
     let name = cfg
         .coordinator
         .server_name
         .clone()
         .unwrap_or_else(|| host.clone());
-    (host, port, name)
+    Some((host, port, name))
 }
 
 /// Opens a bare TLS 1.3 connection to the coordinator with this site's certificate and
@@ -358,7 +348,7 @@ async fn handshake_refusal(cfg: &AgentConfig, creds: &Credentials) -> Option<Str
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::AsyncReadExt;
-    let (host, port, name) = coordinator_address(cfg);
+    let (host, port, name) = coordinator_address(cfg)?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(creds.ca_der.clone())).ok()?;
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).ok()?;

@@ -267,6 +267,35 @@ fn open_db(dir: &Path) -> Result<sled::Db, String> {
     }
 }
 
+/// Why the database did not open, with what to do: damage is for `repair`; a file the
+/// process may not read or write, a full or read-only disk, or a lock held by a process that
+/// is not a coordinator of ours (ours hold `LOCK` first) are not, and rebuilding would not
+/// help.
+fn open_refusal(dir: &Path, e: &str) -> StoreError {
+    let io_problem = [
+        "Permission denied",
+        "Read-only file system",
+        "No space left",
+        "could not acquire lock",
+        "Too many open files",
+    ]
+    .iter()
+    .find(|p| e.contains(*p));
+    let detail = match io_problem {
+        Some(_) => format!(
+            "the database does not open ({e}): it is not damaged, the process cannot use it — check that the coordinator's user may read and write {} and that the disk has room, and that no other program holds it",
+            dir.join("db").display()
+        ),
+        None => format!(
+            "the database does not open ({e}); `cohort-coordinator repair --config FILE` rebuilds it from the round journal (docs/deploy.md, \"Recovering storage\")"
+        ),
+    };
+    StoreError::Corrupt {
+        path: dir.to_path_buf(),
+        detail,
+    }
+}
+
 /// Runs a read of a possibly damaged database, turning a sled panic into an error.
 fn contained<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
     crate::crash::contain(f)
@@ -348,12 +377,7 @@ impl Store {
                 detail: "the database directory db/ is missing; `cohort-coordinator repair --config FILE` rebuilds it from the round journal".into(),
             });
         }
-        let db = open_db(dir).map_err(|e| StoreError::Corrupt {
-            path: dir.to_path_buf(),
-            detail: format!(
-                "the database does not open ({e}); `cohort-coordinator repair --config FILE` rebuilds it from the round journal (docs/deploy.md, \"Recovering storage\")"
-            ),
-        })?;
+        let db = open_db(dir).map_err(|e| open_refusal(dir, &e))?;
         let store = Store::from_db(dir, db, lock)?;
         contained(|| store.check_against_journal())?;
         Ok(store)
@@ -1788,6 +1812,24 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("another federation"), "{text}");
+    }
+
+    #[test]
+    fn a_database_another_program_holds_is_not_called_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = identity(b"ca");
+        {
+            let store = Store::open(dir.path(), &id).unwrap();
+            commit(&store, 0, &[0.0], 5);
+        }
+        // sled's own lock taken by something that is not a coordinator of ours (ours take
+        // LOCK first): the start says so, and does not send the operator to `repair`.
+        let other = sled::open(dir.path().join("db")).unwrap();
+        let err = Store::open(dir.path(), &id).unwrap_err().to_string();
+        assert!(err.contains("it is not damaged"), "{err}");
+        assert!(!err.contains("repair"), "{err}");
+        drop(other);
+        assert!(Store::open(dir.path(), &id).is_ok());
     }
 
     #[test]
