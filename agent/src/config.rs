@@ -106,6 +106,12 @@ pub struct TlsFiles {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The federation manifest the CA signed: only the sites it lists, with the keys it
+    /// lists, are accepted as SecAgg+ peers. Newer versions (from the coordinator) replace
+    /// this file; older ones are refused. Without it any certificate of the CA is accepted,
+    /// so whoever holds the CA key could run this site's rounds with puppets.
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +243,7 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.tls.ca_cert, &mut cfg.tls.cert, &mut cfg.tls.key]
             .into_iter()
+            .chain(cfg.tls.manifest.as_mut())
             .chain(cfg.data.csv.as_mut())
             .chain(cfg.data.images.as_mut())
             .chain(cfg.data.manifest.as_mut())

@@ -4,6 +4,7 @@
 pub mod cnn;
 pub mod config;
 pub mod data;
+pub mod enroll;
 pub mod failure;
 pub mod images;
 pub mod model;
@@ -11,6 +12,7 @@ pub mod predict;
 pub mod session;
 pub mod site;
 pub mod train;
+pub mod trust;
 
 pub use config::AgentConfig;
 pub use session::{run, run_site, run_with_model};

@@ -76,6 +76,19 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Make this site's key and a certificate signing request for the consortium's CA. The
+    /// key (DIR/key.pem) never leaves this machine; send DIR/request.csr.pem to the CA, which
+    /// answers with a bundle (certificate, CA certificate, manifest, agent.toml) to unpack
+    /// into DIR. Run it again for a renewal, into a new directory.
+    Enroll {
+        /// The site's name, as the federation will know it (letters, digits, '-', '_').
+        #[arg(long)]
+        name: String,
+        /// Directory for key.pem and request.csr.pem (created; an existing key is never
+        /// overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +102,22 @@ fn main() -> ExitCode {
             images,
             out,
         } => return predict(&model, csv.as_deref(), images.as_deref(), out.as_deref()),
+        Command::Enroll { name, out } => {
+            return match cohort_agent::enroll::request(&out, &name) {
+                Ok(csr) => {
+                    println!(
+                        "site {name}: key in {}, request in {} (send the request to the consortium's CA; never the key)",
+                        out.join("key.pem").display(),
+                        csr.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     // With JSON logs the last word is a log record too: a log pipeline reads every line.
     let json = matches!(cli.log_format, LogFormat::Json);

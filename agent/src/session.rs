@@ -57,6 +57,8 @@ struct Credentials {
     signing_key: SigningKey,
     /// The site certificate's common name: the name peers check this site's keys against.
     name: String,
+    /// The federation manifest this site pins (see [`crate::trust`]).
+    trust: crate::trust::Trust,
 }
 
 fn pem_der(pem: &str, what: &str) -> Result<Vec<u8>> {
@@ -83,7 +85,9 @@ fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
     // handshake, and says so with the peer's address.
     let name = cohort_protocols::identity::common_name(&cert_der)
         .map_err(|e| anyhow!("{}: {e}", cfg.tls.cert.display()))?;
+    let trust = crate::trust::Trust::load(&ca_der, cfg.tls.manifest.as_deref())?;
     Ok(Credentials {
+        trust,
         ca_der,
         cert_der,
         name,
@@ -446,26 +450,42 @@ async fn fetch_schema(cfg: &AgentConfig, creds: &Credentials) -> Result<DataSche
 }
 
 /// The key that signs models and the schema: from the coordinator's certificate, which must
-/// be issued by the project CA to the coordinator's name.
+/// be issued by the project CA to the coordinator's name and, when the site pins a manifest,
+/// be the coordinator member's certificate.
 fn coordinator_key(creds: &Credentials, cert_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey> {
-    let verifier = CaVerifier::new(creds.ca_der.clone(), now_unix()).map_err(|e| anyhow!("{e}"))?;
-    let cert = verifier.verify(cert_der).map_err(|e| {
-        Permanent::new(
+    use cohort_protocols::identity::IdentityError;
+    let verifier = creds.trust.verifier(&creds.ca_der, now_unix())?;
+    let cert = verifier.verify_coordinator(cert_der).map_err(|e| match e {
+        IdentityError::NameMismatch { got, .. } => Permanent::new(
+            format!("the coordinator's certificate is for {got:?}, not the coordinator"),
+            "The server is not this project's coordinator; check coordinator.url.",
+        ),
+        IdentityError::NotAMember { .. }
+        | IdentityError::WrongRole { .. }
+        | IdentityError::NotTheMembersKey { .. } => Permanent::new(
+            format!("the coordinator's certificate: {e}"),
+            "The coordinator is not the one the federation's manifest names; if the consortium re-certified it, install the new manifest.toml.",
+        ),
+        e => Permanent::new(
             format!("the coordinator's certificate: {e}"),
             "Models could not be verified; check that ca.pem is this project's CA.",
-        )
+        ),
     })?;
-    if cert.common_name != COORDINATOR_COMMON_NAME {
-        return Err(Permanent::new(
-            format!(
-                "the coordinator's certificate is for {:?}, not the coordinator",
-                cert.common_name
-            ),
-            "The server is not this project's coordinator; check coordinator.url.",
-        )
-        .into());
-    }
+    debug_assert_eq!(cert.common_name, COORDINATOR_COMMON_NAME);
     Ok(cert.key)
+}
+
+/// Offers the coordinator's manifest (from Welcome or a round start) to the site's trust.
+/// A refused one is logged and changes nothing: the site keeps the version it pins, and a
+/// round under another manifest then fails its context check.
+fn offer_manifest(creds: &Credentials, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    if let Err(e) = creds.trust.offer(bytes) {
+        let pinned = creds.trust.current().map_or(0, |m| m.version());
+        warn!(error = %e, pinned, "refused the coordinator's federation manifest");
+    }
 }
 
 /// The SecAgg+ client of the current round, for the round's modulus.
@@ -752,6 +772,9 @@ impl Session<'_> {
         match kind {
             Kind::Welcome(w) => {
                 self.site_id = Some(w.site_id);
+                // Before the certificate check: a coordinator re-certified in a newer
+                // manifest is recognised by it.
+                offer_manifest(self.creds, &w.manifest);
                 self.coordinator_key =
                     Some(coordinator_key(self.creds, &w.coordinator_certificate)?);
                 if !w.crl.is_empty() {
@@ -807,6 +830,7 @@ impl Session<'_> {
     }
 
     async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
+        offer_manifest(self.creds, &start.manifest);
         if start.feature_mean.len() == self.data.stats_columns()
             && start.feature_std.len() == self.data.stats_columns()
             && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
@@ -1100,8 +1124,25 @@ impl Session<'_> {
             let Some(id) = self.site_id else {
                 bail!("SecAgg+ setup before Welcome")
             };
-            if setup.round != RoundId::new(r.start.round, r.start.attempt) {
+            let expected = RoundId::new(r.start.round, r.start.attempt);
+            if (setup.round.round, setup.round.attempt) != (expected.round, expected.attempt) {
                 return Ok(());
+            }
+            // The context is this site's own view (its pinned manifest), never the server's
+            // say-so: a round under another manifest is refused, and peers shown another
+            // one could not verify this site's keys anyway.
+            if setup.round.context != self.creds.trust.context() {
+                let round = r.start.round;
+                let pinned = self.creds.trust.current().map_or(0, |m| m.version());
+                self.round = None;
+                return self
+                    .decline(
+                        round,
+                        format!(
+                            "the coordinator runs this round under another federation manifest than the v{pinned} this site trusts"
+                        ),
+                    )
+                    .await;
             }
             if let Some(reason) = policy_refusal(&self.cfg.policy, setup) {
                 let round = r.start.round;
@@ -1114,8 +1155,7 @@ impl Session<'_> {
                 signing_key: self.creds.signing_key.clone(),
                 credential: self.creds.cert_der.clone(),
             };
-            let mut verifier = CaVerifier::new(self.creds.ca_der.clone(), now_unix())
-                .map_err(|e| anyhow!("{e}"))?;
+            let mut verifier = self.creds.trust.verifier(&self.creds.ca_der, now_unix())?;
             if !self.crl.is_empty() {
                 verifier = verifier.with_crl(&self.crl).map_err(|e| anyhow!("{e}"))?;
             }

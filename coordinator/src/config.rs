@@ -177,6 +177,11 @@ pub struct TlsFiles {
     /// current certificate is admitted. Re-read when it changes.
     #[serde(default)]
     pub registry: Option<PathBuf>,
+    /// The federation manifest the CA signed (`manifest.toml`). Handed to every agent, whose
+    /// SecAgg+ peers must be its members; its digest is each round's context. Read at start
+    /// and checked against `ca_cert`.
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -457,6 +462,7 @@ impl CoordinatorConfig {
         .into_iter()
         .chain(self.tls.crl.as_mut())
         .chain(self.tls.registry.as_mut())
+        .chain(self.tls.manifest.as_mut())
         .chain(self.model.init_file.as_mut())
         {
             if p.is_relative() {

@@ -87,6 +87,33 @@ pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::Signi
     })
 }
 
+/// The federation manifest at `path`, checked before the port opens: signed by the CA, and
+/// listing this coordinator's own certificate (an agent would refuse it otherwise).
+fn load_manifest(
+    path: &std::path::Path,
+    ca_der: &[u8],
+    certificate_der: &[u8],
+) -> Result<cohort_protocols::manifest::SignedManifest> {
+    use cohort_protocols::identity::CaVerifier;
+    use cohort_protocols::manifest::{SignedManifest, ca_key};
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading the federation manifest {}", path.display()))?;
+    let signed = ca_key(ca_der)
+        .and_then(|key| SignedManifest::verify(&bytes, &key))
+        .with_context(|| format!("{} (tls.manifest)", path.display()))?;
+    CaVerifier::new(ca_der.to_vec(), unix_seconds() as i64)
+        .map(|v| v.with_manifest(&signed))
+        .and_then(|v| v.verify_coordinator(certificate_der))
+        .with_context(|| {
+            format!(
+                "{}: the coordinator's certificate (tls.cert) is not the one the manifest lists",
+                path.display()
+            )
+        })?;
+    tracing::info!(manifest = %signed.summary(), "federation manifest loaded");
+    Ok(signed)
+}
+
 /// A start-up failure caused by the configuration (a file it names, a token, a data_dir of
 /// another federation): the binary exits with [`EXIT_CONFIG`] for these.
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +359,13 @@ async fn serve(
     let ca_der = tls::first_cert_der(&config.tls.ca_cert).map_err(config_problem)?;
     let certificate_der = tls::first_cert_der(&config.tls.cert).map_err(config_problem)?;
     let signing_key = signing_key(&config.tls.key).map_err(config_problem)?;
+    let manifest = config
+        .tls
+        .manifest
+        .as_deref()
+        .map(|path| load_manifest(path, &ca_der, &certificate_der))
+        .transpose()
+        .map_err(config_problem)?;
     let identity = store::Identity::of(&ca_der, &config);
     // Before the port opens: a data directory that is not this run's, is in use, or is
     // damaged stops everything. Only the last round is read back.
@@ -412,6 +446,7 @@ async fn serve(
             .first()
             .map(|c| c.as_ref().to_vec())
             .unwrap_or_default(),
+        manifest: manifest.clone(),
     };
     let registry_task =
         registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r, progress.clone())));
@@ -491,6 +526,7 @@ async fn serve(
             signing_key,
             progress: progress.clone(),
             metrics,
+            manifest,
         },
         report,
     )

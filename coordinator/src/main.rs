@@ -29,6 +29,13 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Site,
+    Evaluation,
+    Coordinator,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve agents and run the configured rounds.
@@ -50,9 +57,22 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            required_unless_present_any = ["add_site", "renew", "revoke"]
+            required_unless_present_any = ["add_site", "renew", "revoke", "sign_csr", "init"]
         )]
         sites: Vec<String>,
+        /// Create only the CA (ca.pem, ca.key, an empty registry, CRL and manifest): the
+        /// consortium's first step when keys are made at the sites (see --sign-csr).
+        #[arg(long, conflicts_with_all = ["sites", "add_site", "renew", "revoke", "sign_csr"])]
+        init: bool,
+        /// Sign a certificate signing request (from `cohort-agent enroll` at a site, or
+        /// `cohort-coordinator enroll` on the coordinator's host) with the CA in --out: the
+        /// key stays where it was made. Writes the bundle (sites/NAME or coordinator/) and a
+        /// new manifest version. A second request for a site renews it.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["sites", "add_site", "renew", "revoke"])]
+        sign_csr: Option<PathBuf>,
+        /// What the request in --sign-csr is for.
+        #[arg(long, value_enum, default_value = "site", requires = "sign_csr")]
+        role: RoleArg,
         /// Add one site to the existing CA in --out.
         #[arg(long, conflicts_with_all = ["sites", "renew", "revoke"])]
         add_site: Option<String>,
@@ -72,6 +92,17 @@ enum Command {
         /// URL written into each agent.toml.
         #[arg(long, default_value = "https://localhost:7700")]
         coordinator_url: String,
+    },
+    /// Make the coordinator's key and a certificate signing request on this host, for the
+    /// consortium's CA (`provision --sign-csr FILE --role coordinator`). The key
+    /// (DIR/key.pem) never leaves this host.
+    Enroll {
+        /// Names the coordinator is reached at (its certificate's subject alt names).
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        names: Vec<String>,
+        /// Directory for key.pem and request.csr.pem.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Rebuild a damaged database from the round journal (or a damaged journal from the
     /// database) in the configuration's data_dir. Refused while the directory is in use (a
@@ -170,16 +201,80 @@ fn main() -> ExitCode {
             json,
             stalled_after,
         } => status(&url, &token, watch, json, stalled_after),
+        Command::Enroll { names, out: dir } => {
+            match provision::make_request(
+                &dir,
+                cohort_protocols::identity::COORDINATOR_COMMON_NAME,
+                &names,
+            ) {
+                Ok(csr) => {
+                    println!(
+                        "the coordinator's key is in {}; send {} to the consortium's CA (never the key)",
+                        dir.join("key.pem").display(),
+                        csr.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
+            }
+        }
         Command::Provision {
             out: dir,
             sites,
             add_site,
             renew,
             revoke,
+            sign_csr,
+            role,
+            init,
             validity_days,
             coordinator_names,
             coordinator_url,
         } => {
+            if init {
+                return match provision::init(&dir, validity_days) {
+                    Ok(()) => {
+                        println!(
+                            "created the CA in {}: keep ca.key offline, with the consortium, never on the coordinator's host",
+                            dir.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
+                };
+            }
+            if let Some(csr) = sign_csr {
+                let role = match role {
+                    RoleArg::Site => provision::Enrolment::Site,
+                    RoleArg::Evaluation => provision::Enrolment::Evaluation,
+                    RoleArg::Coordinator => provision::Enrolment::Coordinator,
+                };
+                let signed = std::fs::read_to_string(&csr)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", csr.display()))
+                    .and_then(|pem| {
+                        provision::sign_request(
+                            &dir,
+                            &pem,
+                            role,
+                            &coordinator_url,
+                            &coordinator_names,
+                            validity_days,
+                        )
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", csr.display()))
+                    });
+                return match signed {
+                    Ok(bundle) => {
+                        println!(
+                            "signed {}: send {} to its owner (it holds no private key); the manifest in {} is the new version",
+                            csr.display(),
+                            bundle.display(),
+                            provision::manifest_path(&dir).display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => out.fail(&e, cohort_coordinator::EXIT_CONFIG),
+                };
+            }
             let (result, done) = match (add_site, renew, revoke) {
                 (Some(site), _, _) => (
                     provision::add_site(

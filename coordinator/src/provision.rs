@@ -10,6 +10,14 @@
 //! certificate gets a random serial, recorded in `coordinator/registry.toml`; `--revoke` and
 //! `--renew` move serials to its revoked list and re-sign `coordinator/crl.pem` from it, which
 //! the coordinator loads (`tls.crl`, `tls.registry`).
+//!
+//! Every change also publishes a new version of the federation manifest (`manifest.toml`,
+//! [`cohort_protocols::manifest`]): the members, their roles, keys and serials, signed with
+//! the CA key. Agents pin it and accept as SecAgg+ peers only the sites it lists with the
+//! listed key, so a certificate the CA key mints later is not a member until a new manifest
+//! says so. It is written at the top of `--out`, beside the coordinator's files and into
+//! every bundle on disk; agents also receive newer versions through the coordinator, which
+//! cannot forge them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,6 +29,8 @@ use rcgen::{
 };
 use thiserror::Error;
 use time::OffsetDateTime;
+
+use cohort_protocols::manifest::{Manifest, Member, Role, SignedManifest};
 
 use crate::registry::{RegisteredSite, Registry, RegistryError};
 
@@ -53,6 +63,21 @@ pub enum ProvisionError {
     NotRegistered(String),
     #[error("validity_days must be between 1 and 36500, not {0}")]
     BadValidity(u32),
+    #[error("the federation manifest: {0}")]
+    Manifest(String),
+    #[error("the certificate signing request: {0}")]
+    BadCsr(String),
+}
+
+/// What a certificate signing request asks to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolment {
+    /// A training site: a client certificate, a SecAgg+ peer.
+    Site,
+    /// A site that only evaluates.
+    Evaluation,
+    /// The coordinator: a server certificate for the names its request lists.
+    Coordinator,
 }
 
 /// Options for a new project.
@@ -75,6 +100,22 @@ pub fn registry_path(out: &Path) -> PathBuf {
 
 pub fn crl_path(out: &Path) -> PathBuf {
     out.join("coordinator").join("crl.pem")
+}
+
+/// The CA's copy of the current manifest (the one the next version is made from).
+pub fn manifest_path(out: &Path) -> PathBuf {
+    out.join("manifest.toml")
+}
+
+/// What a manifest calls the federation: derived from the CA's key, so two projects never
+/// share a name and a manifest of another CA is refused as another federation's before its
+/// signature is even looked at.
+pub fn federation_id(ca_der: &[u8]) -> Result<String, ProvisionError> {
+    use sha3::Digest;
+    let key = cohort_protocols::identity::certificate_key(ca_der)
+        .map_err(|e| ProvisionError::Manifest(e.to_string()))?;
+    let digest = sha3::Sha3_256::digest(key.as_bytes());
+    Ok(format!("cohort-{}", crate::hex(&digest[..8])))
 }
 
 fn now() -> OffsetDateTime {
@@ -176,6 +217,30 @@ fn leaf_params(
     Ok(p)
 }
 
+/// Creates only a CA under `out` (`ca.pem`, `ca.key`, an empty registry and CRL, manifest
+/// version 1 with no members): the consortium's side of enrolment. The coordinator and each
+/// site then make their own keys and send requests for [`sign_request`].
+pub fn init(out: &Path, validity_days: u32) -> Result<(), ProvisionError> {
+    let ca_cert_path = out.join("ca.pem");
+    if ca_cert_path.exists() {
+        return Err(ProvisionError::Exists(ca_cert_path.display().to_string()));
+    }
+    let ca_key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let ca_params = ca_params(validity_days)?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    write(&ca_cert_path, &ca_cert.pem())?;
+    write(&out.join("ca.key"), &ca_key.serialize_pem())?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    publish(out, &mut Registry::default(), &issuer)?;
+    let manifest = Manifest {
+        federation: federation_id(ca_cert.der())?,
+        version: 1,
+        issued_unix: crate::unix_seconds() as i64,
+        members: Vec::new(),
+    };
+    write_manifest(out, &manifest, &ca_signing_key(out)?)
+}
+
 /// Creates a new CA, the coordinator's certificate and the site bundles under `opts.out`.
 pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
     let ca_cert_path = opts.out.join("ca.pem");
@@ -207,14 +272,22 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
     )?;
     validity(&mut params, opts.validity_days)?;
     serial(&mut params);
+    let coordinator_serial = serial(&mut params);
     let cert = params.signed_by(&key, &issuer)?;
     write(&dir.join("cert.pem"), &cert.pem())?;
     write(&dir.join("key.pem"), &key.serialize_pem())?;
     write(&dir.join("ca.pem"), &ca_cert.pem())?;
+    let mut members = vec![Member {
+        name: cohort_protocols::identity::COORDINATOR_COMMON_NAME.to_string(),
+        role: Role::Coordinator,
+        key: crate::hex(key.public_key_raw()),
+        serial: coordinator_serial,
+        not_after_unix: params.not_after.unix_timestamp(),
+    }];
 
     let mut registry = Registry::default();
     for site in &opts.sites {
-        let registered = site_bundle(
+        let (registered, member) = site_bundle(
             &opts.out,
             site,
             &issuer,
@@ -224,8 +297,86 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
             opts.validity_days,
         )?;
         registry.site.push(registered);
+        members.push(member);
     }
-    publish(&opts.out, &mut registry, &issuer)
+    publish(&opts.out, &mut registry, &issuer)?;
+    let manifest = Manifest {
+        federation: federation_id(ca_cert.der())?,
+        version: 1,
+        issued_unix: crate::unix_seconds() as i64,
+        members,
+    };
+    write_manifest(&opts.out, &manifest, &ca_signing_key(&opts.out)?)
+}
+
+/// The CA key as a signer of manifests.
+fn ca_signing_key(out: &Path) -> Result<ed25519_dalek::SigningKey, ProvisionError> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let path = out.join("ca.key");
+    let pem = fs::read_to_string(&path).map_err(io(&path))?;
+    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| ProvisionError::Manifest(format!("{}: {e}", path.display())))
+}
+
+/// Signs `manifest` and writes it where the CA keeps it, beside the coordinator's files and
+/// into every site bundle under `out/sites`.
+fn write_manifest(
+    out: &Path,
+    manifest: &Manifest,
+    ca: &ed25519_dalek::SigningKey,
+) -> Result<(), ProvisionError> {
+    let signed = manifest
+        .sign(ca)
+        .map_err(|e| ProvisionError::Manifest(e.to_string()))?;
+    let text = String::from_utf8_lossy(&signed.to_bytes()).into_owned();
+    write(&manifest_path(out), &text)?;
+    write(&out.join("coordinator").join("manifest.toml"), &text)?;
+    let sites = out.join("sites");
+    if let Ok(entries) = fs::read_dir(&sites) {
+        for entry in entries.flatten() {
+            if entry.path().join("cert.pem").exists() {
+                write(&entry.path().join("manifest.toml"), &text)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next manifest version: the current one (checked against the CA) changed by `edit`.
+fn next_manifest(out: &Path, edit: impl FnOnce(&mut Vec<Member>)) -> Result<(), ProvisionError> {
+    let ca = ca_signing_key(out)?;
+    let path = manifest_path(out);
+    let mut manifest = match fs::read(&path) {
+        Ok(bytes) => SignedManifest::verify(&bytes, &ca.verifying_key())
+            .map_err(|e| ProvisionError::Manifest(format!("{}: {e}", path.display())))?
+            .manifest()
+            .clone(),
+        // A project provisioned before manifests existed: its first one lists what is
+        // (re)issued from now on.
+        Err(_) => {
+            let ca_pem = fs::read_to_string(out.join("ca.pem"))
+                .map_err(|_| ProvisionError::NoCa(out.display().to_string()))?;
+            let der = rustls_pemfile_der(&ca_pem)?;
+            Manifest {
+                federation: federation_id(&der)?,
+                version: 0,
+                issued_unix: 0,
+                members: Vec::new(),
+            }
+        }
+    };
+    edit(&mut manifest.members);
+    manifest.version += 1;
+    manifest.issued_unix = crate::unix_seconds() as i64;
+    write_manifest(out, &manifest, &ca)
+}
+
+fn rustls_pemfile_der(pem: &str) -> Result<Vec<u8>, ProvisionError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.as_ref().to_vec())
+        .map_err(|e| ProvisionError::Manifest(format!("ca.pem: {e}")))
 }
 
 /// Saves the registry and re-signs the CRL from its revoked list.
@@ -295,7 +446,8 @@ pub fn revoke(out: &Path, site: &str) -> Result<(), ProvisionError> {
     if !registry.retire(site, "revoked", crate::unix_seconds() as i64) {
         return Err(ProvisionError::NotRegistered(site.to_string()));
     }
-    publish(out, &mut registry, &issuer)
+    publish(out, &mut registry, &issuer)?;
+    next_manifest(out, |members| members.retain(|m| m.name != site))
 }
 
 /// Issues `site` a new key and certificate (valid `validity_days`) in its bundle, keeping its
@@ -309,13 +461,17 @@ pub fn renew(out: &Path, site: &str, validity_days: u32) -> Result<(), Provision
     if !dir.join("cert.pem").exists() {
         return Err(ProvisionError::NotRegistered(site.to_string()));
     }
-    let (cert_pem, key_pem, registered) = site_certificate(site, &issuer, validity_days)?;
+    let (cert_pem, key_pem, registered, member) = site_certificate(site, &issuer, validity_days)?;
     write(&dir.join("cert.pem"), &cert_pem)?;
     write(&dir.join("key.pem"), &key_pem)?;
     // A project provisioned before registries existed has no entry to supersede.
     registry.retire(site, "superseded", crate::unix_seconds() as i64);
     registry.site.push(registered);
-    publish(out, &mut registry, &issuer)
+    publish(out, &mut registry, &issuer)?;
+    next_manifest(out, |members| {
+        members.retain(|m| m.name != site);
+        members.push(member);
+    })
 }
 
 /// Adds one site to an existing project without touching the others.
@@ -329,7 +485,7 @@ pub fn add_site(
     check_site_name(site)?;
     let (issuer, ca_pem) = load_issuer(out)?;
     let mut registry = load_registry(out)?;
-    let registered = site_bundle(
+    let (registered, member) = site_bundle(
         out,
         site,
         &issuer,
@@ -339,20 +495,168 @@ pub fn add_site(
         validity_days,
     )?;
     registry.site.push(registered);
-    publish(out, &mut registry, &issuer)
+    publish(out, &mut registry, &issuer)?;
+    next_manifest(out, |members| members.push(member))
 }
 
-/// A new key and client certificate for `site`: (cert PEM, key PEM, registry entry).
+/// A key made here and a certificate signing request for it, written to `dir` (`key.pem`,
+/// mode 0600, and `request.csr.pem`): what a site or the coordinator's host runs, so its
+/// private key never leaves the machine that uses it. `names` become the request's subject
+/// alternative names (the coordinator's DNS names and IPs; none for a site).
+pub fn make_request(
+    dir: &Path,
+    common_name: &str,
+    names: &[String],
+) -> Result<PathBuf, ProvisionError> {
+    let key_path = dir.join("key.pem");
+    if key_path.exists() {
+        return Err(ProvisionError::Exists(key_path.display().to_string()));
+    }
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let usage = if common_name == cohort_protocols::identity::COORDINATOR_COMMON_NAME {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        check_site_name(common_name)?;
+        ExtendedKeyUsagePurpose::ClientAuth
+    };
+    let params = leaf_params(common_name, names, usage)?;
+    let csr = params.serialize_request(&key)?;
+    write(&key_path, &key.serialize_pem())?;
+    let csr_path = dir.join("request.csr.pem");
+    write(&csr_path, &csr.pem()?)?;
+    Ok(csr_path)
+}
+
+/// Signs a certificate signing request made where its key lives (see [`make_request`]):
+/// the CA sees only the public key. The common name and, for the coordinator, the subject
+/// alternative names come from the request; everything else (usages, validity, serial) is
+/// the CA's. A site's certificate replaces its current one (renewal: the old one is revoked
+/// as superseded). Registry, CRL and a new manifest version are published; the bundle
+/// (`sites/NAME/` or `coordinator/`) gets the certificate, the CA certificate and the
+/// manifest, and a new site's bundle its `agent.toml` and `start.sh`. Returns the bundle.
+pub fn sign_request(
+    out: &Path,
+    csr_pem: &str,
+    role: Enrolment,
+    coordinator_url: &str,
+    coordinator_names: &[String],
+    validity_days: u32,
+) -> Result<PathBuf, ProvisionError> {
+    use rcgen::{CertificateSigningRequestParams, PublicKeyData};
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| ProvisionError::BadCsr(e.to_string()))?;
+    if csr.public_key.algorithm() != &PKCS_ED25519 {
+        return Err(ProvisionError::BadCsr(
+            "the key is not an Ed25519 key (make requests with `cohort-agent enroll`)".into(),
+        ));
+    }
+    let name = csr
+        .params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .and_then(|v| match v {
+            rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+            rcgen::DnValue::PrintableString(p) => Some(p.as_str().to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| ProvisionError::BadCsr("no common name".into()))?;
+    let (usage, names, member_role) = match role {
+        Enrolment::Coordinator => {
+            if name != cohort_protocols::identity::COORDINATOR_COMMON_NAME {
+                return Err(ProvisionError::BadCsr(format!(
+                    "a coordinator's request must be for {:?}, not {name:?}",
+                    cohort_protocols::identity::COORDINATOR_COMMON_NAME
+                )));
+            }
+            let names: Vec<String> = csr
+                .params
+                .subject_alt_names
+                .iter()
+                .filter_map(|n| match n {
+                    SanType::DnsName(d) => Some(d.as_str().to_string()),
+                    SanType::IpAddress(ip) => Some(ip.to_string()),
+                    _ => None,
+                })
+                .collect();
+            (
+                ExtendedKeyUsagePurpose::ServerAuth,
+                names,
+                Role::Coordinator,
+            )
+        }
+        Enrolment::Site | Enrolment::Evaluation => {
+            check_site_name(&name)?;
+            let role = if role == Enrolment::Site {
+                Role::Site
+            } else {
+                Role::Evaluation
+            };
+            (ExtendedKeyUsagePurpose::ClientAuth, Vec::new(), role)
+        }
+    };
+    let (issuer, ca_pem) = load_issuer(out)?;
+    let mut registry = load_registry(out)?;
+    let mut params = leaf_params(&name, &names, usage)?;
+    let not_after_unix = validity(&mut params, validity_days)?;
+    let serial = serial(&mut params);
+    let key_hex = crate::hex(csr.public_key.der_bytes());
+    let cert = CertificateSigningRequestParams {
+        params,
+        public_key: csr.public_key,
+    }
+    .signed_by(&issuer)?;
+    let dir = match role {
+        Enrolment::Coordinator => out.join("coordinator"),
+        _ => out.join("sites").join(&name),
+    };
+    let new_bundle = !dir.join("cert.pem").exists();
+    write(&dir.join("cert.pem"), &cert.pem())?;
+    write(&dir.join("ca.pem"), &ca_pem)?;
+    if role != Enrolment::Coordinator {
+        if new_bundle && !dir.join("agent.toml").exists() {
+            write_agent_files(&dir, &name, coordinator_url, coordinator_names)?;
+        }
+        registry.retire(&name, "superseded", crate::unix_seconds() as i64);
+        registry.site.push(RegisteredSite {
+            name: name.clone(),
+            serial: serial.clone(),
+            not_after_unix,
+        });
+    }
+    publish(out, &mut registry, &issuer)?;
+    let member = Member {
+        name: name.clone(),
+        role: member_role,
+        key: key_hex,
+        serial,
+        not_after_unix,
+    };
+    next_manifest(out, |members| {
+        members.retain(|m| m.name != name);
+        members.push(member);
+    })?;
+    Ok(dir)
+}
+
+/// A new key and client certificate for `site`: (cert PEM, key PEM, registry entry,
+/// manifest entry).
 fn site_certificate(
     site: &str,
     issuer: &Issuer<'_, KeyPair>,
     validity_days: u32,
-) -> Result<(String, String, RegisteredSite), ProvisionError> {
+) -> Result<(String, String, RegisteredSite, Member), ProvisionError> {
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut params = leaf_params(site, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
     let not_after_unix = validity(&mut params, validity_days)?;
     let serial = serial(&mut params);
     let cert = params.signed_by(&key, issuer)?;
+    let member = Member {
+        name: site.to_string(),
+        role: Role::Site,
+        key: crate::hex(key.public_key_raw()),
+        serial: serial.clone(),
+        not_after_unix,
+    };
     Ok((
         cert.pem(),
         key.serialize_pem(),
@@ -361,6 +665,7 @@ fn site_certificate(
             serial,
             not_after_unix,
         },
+        member,
     ))
 }
 
@@ -372,15 +677,26 @@ fn site_bundle(
     coordinator_url: &str,
     coordinator_names: &[String],
     validity_days: u32,
-) -> Result<RegisteredSite, ProvisionError> {
+) -> Result<(RegisteredSite, Member), ProvisionError> {
     let dir = out.join("sites").join(site);
     if dir.exists() {
         return Err(ProvisionError::Exists(dir.display().to_string()));
     }
-    let (cert_pem, key_pem, registered) = site_certificate(site, issuer, validity_days)?;
+    let (cert_pem, key_pem, registered, member) = site_certificate(site, issuer, validity_days)?;
     write(&dir.join("cert.pem"), &cert_pem)?;
     write(&dir.join("key.pem"), &key_pem)?;
     write(&dir.join("ca.pem"), ca_pem)?;
+    write_agent_files(&dir, site, coordinator_url, coordinator_names)?;
+    Ok((registered, member))
+}
+
+/// A site bundle's `agent.toml` and `start.sh`.
+fn write_agent_files(
+    dir: &Path,
+    site: &str,
+    coordinator_url: &str,
+    coordinator_names: &[String],
+) -> Result<(), ProvisionError> {
     let server_name = coordinator_names
         .first()
         .cloned()
@@ -401,6 +717,9 @@ server_name = "{server_name}"
 ca_cert = "ca.pem"
 cert = "cert.pem"
 key = "key.pem"
+# The federation's members, signed by the CA: only these sites are accepted as peers. Newer
+# versions from the coordinator replace this file.
+manifest = "manifest.toml"
 
 [data]
 csv = "data.csv"
@@ -424,5 +743,5 @@ exec "${{COHORT_AGENT:-cohort-agent}}" run --config agent.toml "$@"
 "#
         ),
     )?;
-    Ok(registered)
+    Ok(())
 }

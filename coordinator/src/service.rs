@@ -38,6 +38,8 @@ pub struct Service {
     pub registry: Option<Arc<crate::registry::LiveRegistry>>,
     /// `tls.crl` (DER), sent in Welcome so agents refuse revoked peers too; empty if none.
     pub crl_der: Vec<u8>,
+    /// `tls.manifest`: sent in Welcome; with it, only its members are admitted.
+    pub manifest: Option<cohort_protocols::manifest::SignedManifest>,
 }
 
 #[tonic::async_trait]
@@ -108,6 +110,7 @@ impl Coordinator for Service {
                     protocol_version: PROTOCOL_VERSION,
                     coordinator_certificate: self.certificate_der.clone(),
                     crl: Vec::new(),
+                    manifest: Vec::new(),
                 }),
                 coordinator_message::Kind::Shutdown(cohort_proto::v1::Shutdown {
                     reason: "training finished".into(),
@@ -141,6 +144,11 @@ impl Coordinator for Service {
                 protocol_version: PROTOCOL_VERSION,
                 coordinator_certificate: self.certificate_der.clone(),
                 crl: self.crl_der.clone(),
+                manifest: self
+                    .manifest
+                    .as_ref()
+                    .map(|m| m.to_bytes())
+                    .unwrap_or_default(),
             })),
         };
         tx.send(Ok(welcome))
@@ -258,14 +266,27 @@ impl Service {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
+        let mut verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
             .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
-        let cert = verifier
-            .verify(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        if let Some(m) = &self.manifest {
+            verifier = verifier.with_manifest(m);
+        }
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let cert = verifier.verify_member(leaf.as_ref()).map_err(|e| {
+            // The agents would refuse such a site as a peer anyway; refusing its session says
+            // so at once, to the site, instead of as failed rounds.
+            use cohort_protocols::identity::IdentityError as E;
+            warn!(%peer, reason = %e, "session refused: client certificate");
+            let why = format!("client certificate: {e}");
+            match e {
+                E::NotAMember { .. } | E::WrongRole { .. } | E::NotTheMembersKey { .. } => {
+                    Status::permission_denied(why)
+                }
+                _ => Status::unauthenticated(why),
+            }
+        })?;
         if let Some(registry) = &self.registry
             && let Some(why) = registry.get().refusal(&cert.common_name, &cert.serial)
         {

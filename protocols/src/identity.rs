@@ -38,6 +38,44 @@ pub enum IdentityError {
     Revoked { serial: String },
     #[error("the revocation list is not the project CA's: {0}")]
     BadCrl(String),
+    #[error("{name:?} is not a member of the federation (manifest v{version})")]
+    NotAMember { name: String, version: u64 },
+    #[error("{name:?} is a member as {role}, not as a training site (manifest v{version})")]
+    WrongRole {
+        name: String,
+        role: crate::manifest::Role,
+        version: u64,
+    },
+    #[error(
+        "the certificate for {name:?} (serial {serial}) is not the one manifest v{version} lists for it: another key or a certificate the federation never admitted"
+    )]
+    NotTheMembersKey {
+        name: String,
+        serial: String,
+        version: u64,
+    },
+}
+
+/// The Ed25519 key of a DER certificate, whoever issued it: what the CA's own certificate is
+/// read for, to check manifests.
+pub fn certificate_key(cert_der: &[u8]) -> Result<VerifyingKey, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    ed25519_key(&cert)
+}
+
+fn ed25519_key(cert: &X509Certificate<'_>) -> Result<VerifyingKey, IdentityError> {
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm != OID_SIG_ED25519 {
+        return Err(IdentityError::NotEd25519);
+    }
+    let bytes: [u8; 32] = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| IdentityError::NotEd25519)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::NotEd25519)
 }
 
 /// The common name of a certificate, without checking who issued it: what a site calls itself
@@ -65,6 +103,10 @@ pub struct CaVerifier {
     now_unix: i64,
     /// Serial numbers (raw DER bytes) the CA has revoked, from its CRLs.
     revoked: std::collections::BTreeSet<Vec<u8>>,
+    /// The federation's members: when set, a certificate is a peer's only if the manifest
+    /// lists its name, role, key and serial. Without it any CA certificate passes, which is
+    /// what lets the CA's holder mint puppets.
+    manifest: Option<crate::manifest::Manifest>,
 }
 
 /// What a valid certificate says.
@@ -86,7 +128,77 @@ impl CaVerifier {
             ca_der,
             now_unix,
             revoked: Default::default(),
+            manifest: None,
         })
+    }
+
+    /// Accepts only the members `manifest` lists, each with its listed certificate. The
+    /// manifest must already be verified (see [`crate::manifest::SignedManifest::verify`]).
+    pub fn with_manifest(mut self, manifest: &crate::manifest::SignedManifest) -> Self {
+        self.manifest = Some(manifest.manifest().clone());
+        self
+    }
+
+    /// Checks `cert` against the manifest entry for its name and `role`, if there is a manifest.
+    fn check_member(
+        &self,
+        cert: &SiteCertificate,
+        role: crate::manifest::Role,
+    ) -> Result<(), IdentityError> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        let member = m
+            .member(&cert.common_name)
+            .ok_or_else(|| IdentityError::NotAMember {
+                name: cert.common_name.clone(),
+                version: m.version,
+            })?;
+        if member.role != role {
+            return Err(IdentityError::WrongRole {
+                name: cert.common_name.clone(),
+                role: member.role,
+                version: m.version,
+            });
+        }
+        if member.verifying_key() != Some(cert.key) || member.serial != cert.serial {
+            return Err(IdentityError::NotTheMembersKey {
+                name: cert.common_name.clone(),
+                serial: cert.serial.clone(),
+                version: m.version,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that `cert_der` is a certificate the coordinator may open a session for: issued
+    /// by the CA, valid now and, with a manifest, a site's or evaluation site's as listed.
+    pub fn verify_member(&self, cert_der: &[u8]) -> Result<SiteCertificate, IdentityError> {
+        let cert = self.verify(cert_der)?;
+        if let Some(m) = &self.manifest {
+            let role = m
+                .member(&cert.common_name)
+                .map_or(crate::manifest::Role::Site, |x| x.role);
+            if role == crate::manifest::Role::Coordinator {
+                return Err(IdentityError::CoordinatorAsPeer);
+            }
+            self.check_member(&cert, role)?;
+        }
+        Ok(cert)
+    }
+
+    /// Checks that `cert_der` is the coordinator's certificate: issued by the CA, valid now,
+    /// named [`COORDINATOR_COMMON_NAME`] and, with a manifest, the coordinator member's.
+    pub fn verify_coordinator(&self, cert_der: &[u8]) -> Result<SiteCertificate, IdentityError> {
+        let cert = self.verify(cert_der)?;
+        if cert.common_name != COORDINATOR_COMMON_NAME {
+            return Err(IdentityError::NameMismatch {
+                expected: COORDINATOR_COMMON_NAME.to_string(),
+                got: cert.common_name,
+            });
+        }
+        self.check_member(&cert, crate::manifest::Role::Coordinator)?;
+        Ok(cert)
     }
 
     /// Also refuses every certificate the CA revoked in `crl_der` (a DER CRL, as `provision`
@@ -127,6 +239,7 @@ impl CaVerifier {
                 got: cert.common_name,
             });
         }
+        self.check_member(&cert, crate::manifest::Role::Site)?;
         Ok(cert)
     }
 
@@ -156,17 +269,7 @@ impl CaVerifier {
             return Err(IdentityError::Expired);
         }
         let common_name = subject_common_name(&cert)?;
-        let spki = cert.public_key();
-        if spki.algorithm.algorithm != OID_SIG_ED25519 {
-            return Err(IdentityError::NotEd25519);
-        }
-        let bytes: [u8; 32] = spki
-            .subject_public_key
-            .data
-            .as_ref()
-            .try_into()
-            .map_err(|_| IdentityError::NotEd25519)?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::NotEd25519)?;
+        let key = ed25519_key(&cert)?;
         let client_auth = matches!(
             cert.extended_key_usage(),
             Ok(Some(eku)) if eku.value.client_auth

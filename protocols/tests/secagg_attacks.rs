@@ -767,7 +767,7 @@ fn header_and_field_errors_are_specific() {
     ));
     // a count far beyond the message is refused before allocating
     let mut bad = masked.clone();
-    let count_at = 5 + 12 + 4 + 1;
+    let count_at = 5 + 44 + 4 + 1;
     bad[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(
         ClientMessage::<u32>::decode(&bad),
@@ -905,7 +905,7 @@ fn streamed_uploads_are_checked_before_anything_reaches_the_sum() {
                 "short prefix" => {
                     let at = MASKED_INPUT_PREFIX - 4;
                     b[at..at + 4].copy_from_slice(&17u32.to_le_bytes());
-                    let r = s.feed(&b[..40], false);
+                    let r = s.feed(&b[..MASKED_INPUT_PREFIX + 8], false);
                     assert_eq!(
                         r,
                         Err(RejectReason::WrongLength {
@@ -913,7 +913,10 @@ fn streamed_uploads_are_checked_before_anything_reaches_the_sum() {
                             expected: 18
                         })
                     );
-                    assert_eq!(s.feed(&b[40..], true), Err(RejectReason::Excluded));
+                    assert_eq!(
+                        s.feed(&b[MASKED_INPUT_PREFIX + 8..], true),
+                        Err(RejectReason::Excluded)
+                    );
                 }
                 "wrong sender" => {
                     // Site 1 uploads site 3's bytes; its slot is the transport's identity.
@@ -1164,5 +1167,82 @@ fn a_round_everyone_left_aborts_instead_of_finishing_empty() {
             live: 0,
             threshold: w.params.threshold
         }
+    );
+}
+
+/// The round context (the manifest digest each site trusts) is in every signature: a server
+/// that shows one site another context, to run it in a round of its own making, cannot pass
+/// that site's advertisement to the others, with or without relabelling it.
+#[test]
+fn a_site_shown_another_context_cannot_be_passed_off_to_its_peers() {
+    let a = RoundId::new(9, 0).with_context([0xaa; 32]);
+    let b = RoundId::new(9, 0).with_context([0xbb; 32]);
+    let mut honest = World::with_round(false, a);
+    honest.step(&[]);
+    let mut shown_b = World::with_round(false, b);
+    shown_b.step(&[]);
+    let ServerMessage::NeighbourKeys(keys) = honest.message_for(0) else {
+        panic!()
+    };
+    let ServerMessage::NeighbourKeys(other) = shown_b.message_for(0) else {
+        panic!()
+    };
+    let peer = keys.keys[0].sender;
+    let from_b = other
+        .keys
+        .iter()
+        .find(|k| k.sender == peer)
+        .expect("same neighbour")
+        .clone();
+
+    // Setup for context B is refused by a site that trusts context A.
+    let ServerMessage::Setup(setup_b) = World::with_round(false, b).message_for(0) else {
+        panic!()
+    };
+    let mut fresh = World::with_round(false, a);
+    assert!(matches!(
+        fresh
+            .clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::Setup(setup_b)),
+        Err(ClientError::WrongRound { .. })
+    ));
+
+    // Forwarded as signed: refused as another round's key.
+    let mut forwarded = keys.clone();
+    forwarded.keys[0] = from_b.clone();
+    assert_eq!(
+        honest
+            .clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::NeighbourKeys(forwarded)),
+        Err(ClientError::ReplayedKey { peer })
+    );
+    // Relabelled with context A: the signature covers the context, so it does not verify.
+    // (A refused NeighbourKeys ends a client's round, so each lie gets a fresh, identical world.)
+    let mut honest = World::with_round(false, a);
+    honest.step(&[]);
+    let mut relabelled = keys.clone();
+    relabelled.keys[0] = AdvertiseKeys { round: a, ..from_b };
+    assert_eq!(
+        honest
+            .clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::NeighbourKeys(relabelled)),
+        Err(ClientError::BadSignature { peer })
+    );
+    // The untouched message goes through: the refusals are the context's doing.
+    let mut honest = World::with_round(false, a);
+    honest.step(&[]);
+    assert!(
+        honest
+            .clients
+            .get_mut(&0)
+            .expect("client 0")
+            .handle(&ServerMessage::NeighbourKeys(keys))
+            .is_ok()
     );
 }

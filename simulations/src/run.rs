@@ -497,11 +497,14 @@ fn run_scenario(
         ("data_dir", path_value(&out.join("coordinator"))),
         (
             "tls",
-            toml::Value::Table(table(vec![
-                ("ca_cert", path_value(&pki.join("ca.pem"))),
-                ("cert", path_value(&pki.join("coordinator/cert.pem"))),
-                ("key", path_value(&pki.join("coordinator/key.pem"))),
-            ])),
+            toml::Value::Table(with_manifest(
+                table(vec![
+                    ("ca_cert", path_value(&pki.join("ca.pem"))),
+                    ("cert", path_value(&pki.join("coordinator/cert.pem"))),
+                    ("key", path_value(&pki.join("coordinator/key.pem"))),
+                ]),
+                &pki.join("coordinator/manifest.toml"),
+            )),
         ),
         (
             "rounds",
@@ -723,6 +726,14 @@ fn references(
 
 /// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
 /// the coordinator on 127.0.0.1:`port`.
+/// A `[tls]` table with `manifest` set when provisioning wrote one at `path`.
+fn with_manifest(mut tls: toml::Table, path: &Path) -> toml::Table {
+    if path.exists() {
+        tls.insert("manifest".into(), path_value(path));
+    }
+    tls
+}
+
 pub fn agent_config(
     site: &str,
     dir: &Path,
@@ -745,11 +756,14 @@ pub fn agent_config(
         ),
         (
             "tls",
-            toml::Value::Table(table(vec![
-                ("ca_cert", path_value(&dir.join("ca.pem"))),
-                ("cert", path_value(&dir.join("cert.pem"))),
-                ("key", path_value(&dir.join("key.pem"))),
-            ])),
+            toml::Value::Table(with_manifest(
+                table(vec![
+                    ("ca_cert", path_value(&dir.join("ca.pem"))),
+                    ("cert", path_value(&dir.join("cert.pem"))),
+                    ("key", path_value(&dir.join("key.pem"))),
+                ]),
+                &dir.join("manifest.toml"),
+            )),
         ),
         ("data", toml::Value::Table(data)),
         ("schema", toml::Value::Table(schema.clone())),

@@ -47,6 +47,37 @@ enum Lie {
     /// Site 1's certificate was revoked, and the CRL sent in Welcome says so, but the
     /// coordinator puts site 1 in the round anyway.
     RevokedPeer,
+    /// The coordinator's operator holds the CA key and mints a certificate for a new name,
+    /// "puppet", and runs it as site 1: a CA-valid certificate the manifest does not list.
+    MintedPeer,
+    /// As above, but the minted certificate reuses a member's name (hungary) with a new key.
+    ReusedName,
+}
+
+/// A certificate the CA key signs outside provisioning (so outside the manifest), as whoever
+/// holds `ca.key` can: the key and the DER certificate.
+fn mint(pki: &Path, name: &str) -> (ed25519_dalek::SigningKey, Vec<u8>) {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+        KeyUsagePurpose, PKCS_ED25519,
+    };
+    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&read("ca.pem"), KeyPair::from_pem(&read("ca.key")).unwrap())
+            .unwrap();
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        ed25519_dalek::SigningKey::from_pkcs8_pem(&key.serialize_pem()).unwrap(),
+        cert.der().to_vec(),
+    )
 }
 
 struct Stub {
@@ -55,6 +86,10 @@ struct Stub {
     lie: Lie,
     /// Sent in Welcome (DER; empty for none).
     crl: Vec<u8>,
+    /// The federation manifest, sent in Welcome and the round start; its digest is the
+    /// round context.
+    manifest: Vec<u8>,
+    context: [u8; 32],
     answers: mpsc::UnboundedSender<(String, Option<u32>)>,
 }
 
@@ -79,23 +114,23 @@ struct Round {
 }
 
 impl Round {
-    fn new(pki: &Path, lie: Lie) -> (Self, ServerMessage) {
+    fn new(pki: &Path, lie: Lie, context: [u8; 32]) -> (Self, ServerMessage) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
         let verifier = Arc::new(CaVerifier::new(stub::pem_der(&pki.join("ca.pem")), now).unwrap());
-        let roster: Vec<(u32, String)> = SITES
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u32, s.to_string()))
-            .collect();
+        let name = |i: usize| match (lie, i) {
+            (Lie::MintedPeer, 1) => "puppet".to_string(),
+            _ => SITES[i].to_string(),
+        };
+        let roster: Vec<(u32, String)> = (0..SITES.len()).map(|i| (i as u32, name(i))).collect();
         let params = Params {
             consistency_check: true,
             modulus: Modulus::Bits64,
             ..Params::with_defaults(4, 38)
         };
-        let round = RoundId::new(0, 0);
+        let round = RoundId::new(0, 0).with_context(context);
         let (server, setup) = Server::<u64>::new(
             params.clone(),
             round,
@@ -109,11 +144,18 @@ impl Round {
         let peers = (1..4u32)
             .map(|id| {
                 let site = pki.join("sites").join(SITES[id as usize]);
+                let (signing_key, credential) = match (lie, id) {
+                    (Lie::MintedPeer | Lie::ReusedName, 1) => mint(pki, &name(1)),
+                    _ => (
+                        stub::key(&site.join("key.pem")),
+                        stub::pem_der(&site.join("cert.pem")),
+                    ),
+                };
                 let identity = SiteIdentity {
                     id,
-                    name: SITES[id as usize].to_string(),
-                    signing_key: stub::key(&site.join("key.pem")),
-                    credential: stub::pem_der(&site.join("cert.pem")),
+                    name: name(id as usize),
+                    signing_key,
+                    credential,
                 };
                 (
                     id,
@@ -223,7 +265,12 @@ impl Round {
             "{req:?}"
         );
         match self.lie {
-            Lie::Honest | Lie::TamperedShare | Lie::GarbageFromPeer | Lie::RevokedPeer => {}
+            Lie::Honest
+            | Lie::TamperedShare
+            | Lie::GarbageFromPeer
+            | Lie::RevokedPeer
+            | Lie::MintedPeer
+            | Lie::ReusedName => {}
             Lie::BothShares => req.dropped = vec![1],
             Lie::ChangedSurvivors => {
                 req.survivors.retain(|&s| s != 1);
@@ -248,9 +295,10 @@ impl Coordinator for Stub {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let (mut round, setup) = Round::new(&self.pki, self.lie);
+        let (mut round, setup) = Round::new(&self.pki, self.lie, self.context);
         let answers = self.answers.clone();
         let crl = self.crl.clone();
+        let manifest = self.manifest.clone();
         let certificate = stub::pem_der(&self.pki.join("coordinator/cert.pem"));
         tokio::spawn(async move {
             let send = |kind| CoordinatorMessage { kind: Some(kind) };
@@ -260,8 +308,10 @@ impl Coordinator for Stub {
                     protocol_version: cohort_proto::PROTOCOL_VERSION,
                     coordinator_certificate: certificate,
                     crl: crl.clone(),
+                    manifest: manifest.clone(),
                 })),
                 send(coordinator_message::Kind::RoundStart(RoundStart {
+                    manifest,
                     round: 0,
                     task: Task::Stats as i32,
                     secure: true,
@@ -316,14 +366,22 @@ impl Coordinator for Stub {
 fn refusal(lie: Lie) -> (String, Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let pki = stub::provision_sites(dir.path());
+    let manifest = std::fs::read(pki.join("manifest.toml")).unwrap();
     let crl = if matches!(lie, Lie::RevokedPeer) {
         cohort_coordinator::provision::revoke(&pki, "hungary").unwrap();
+        // Only the CRL is under test here: cleveland keeps the manifest that still lists
+        // hungary (the revocation's new manifest is the other, stricter path).
+        std::fs::write(pki.join("sites/cleveland/manifest.toml"), &manifest).unwrap();
         cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap()[0]
             .as_ref()
             .to_vec()
     } else {
         Vec::new()
     };
+    let ca = cohort_protocols::manifest::ca_key(&stub::pem_der(&pki.join("ca.pem"))).unwrap();
+    let context = cohort_protocols::manifest::SignedManifest::verify(&manifest, &ca)
+        .unwrap()
+        .digest();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (answers, mut rx) = mpsc::unbounded_channel();
@@ -332,6 +390,8 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
             schema: stub::schema_reply(&pki, "coordinator/key.pem"),
             lie,
             crl,
+            manifest,
+            context,
             answers,
         };
         let port = stub::serve(&pki, stub).await;
@@ -404,6 +464,28 @@ fn a_peer_revoked_by_the_crl_in_welcome_is_refused_by_the_real_agent() {
     assert_eq!(accused, None, "{reason}");
     assert!(
         reason.contains("site 1's identity was not accepted") && reason.contains("revoked"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_peer_minted_with_the_ca_key_under_a_new_name_is_refused_by_the_real_agent() {
+    let (reason, accused) = refusal(Lie::MintedPeer);
+    assert_eq!(accused, None, "{reason}");
+    assert!(
+        reason.contains("site 1's identity was not accepted")
+            && reason.contains("\"puppet\" is not a member of the federation"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_member_name_with_a_key_the_ca_minted_is_refused_by_the_real_agent() {
+    let (reason, accused) = refusal(Lie::ReusedName);
+    assert_eq!(accused, None, "{reason}");
+    assert!(
+        reason.contains("site 1's identity was not accepted")
+            && reason.contains("is not the one manifest v1 lists for it"),
         "{reason}"
     );
 }

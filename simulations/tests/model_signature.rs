@@ -105,6 +105,12 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
 /// coordinator's key or a colluding site's).
 type Attack<'a> = &'a dyn Fn(&Path) -> Vec<coordinator_message::Kind>;
 
+thread_local! {
+    /// The round context of the test's federation: set when its PKI is provisioned, before the
+    /// attack script (run on the same thread) builds its SecAgg+ set-up.
+    static CONTEXT: std::cell::Cell<[u8; 32]> = const { std::cell::Cell::new([0; 32]) };
+}
+
 fn answer_with(
     signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
     schema_signer: &str,
@@ -112,6 +118,7 @@ fn answer_with(
 ) -> Result<agent_message::Kind, String> {
     let dir = tempfile::tempdir().unwrap();
     let pki = stub::provision_sites(dir.path());
+    CONTEXT.with(|c| c.set(stub::context(&pki)));
     let hash = model::sha3_512(&model::to_bytes(&[0.0f32; 14]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -218,7 +225,7 @@ fn setup_with(
     };
     let (_, setup) = Server::<u64>::new(
         params,
-        RoundId::new(0, 0),
+        RoundId::new(0, 0).with_context(CONTEXT.with(|c| c.get())),
         roster,
         [7u8; 32],
         std::sync::Arc::new(PinnedIdentities::new(std::iter::empty())),

@@ -191,8 +191,11 @@ impl Driver {
             consistency_check: stage,
             unmask: stage,
         };
-        let verifier = CaVerifier::new(self.ca_der.clone(), unix_seconds() as i64)
+        let mut verifier = CaVerifier::new(self.ca_der.clone(), unix_seconds() as i64)
             .map_err(|e| e.to_string())?;
+        if let Some(m) = &self.manifest {
+            verifier = verifier.with_manifest(m);
+        }
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,

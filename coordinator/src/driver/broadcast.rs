@@ -69,6 +69,11 @@ impl Driver {
             training_toml: self.training_toml.clone(),
             feature_mean: self.mean.clone(),
             feature_std: self.std.clone(),
+            manifest: self
+                .manifest
+                .as_ref()
+                .map(|m| m.to_bytes())
+                .unwrap_or_default(),
         }
     }
 }

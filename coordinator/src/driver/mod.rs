@@ -127,6 +127,7 @@ pub struct Driver {
     signing_key: SigningKey,
     progress: Arc<Progress>,
     metrics: Arc<Metrics>,
+    manifest: Option<cohort_protocols::manifest::SignedManifest>,
 }
 
 /// What the driver needs besides the configuration: the data directory's store and the
@@ -140,6 +141,8 @@ pub struct Operations {
     pub signing_key: SigningKey,
     pub progress: Arc<Progress>,
     pub metrics: Arc<Metrics>,
+    /// `tls.manifest`: sent with every round; its digest is the round context.
+    pub manifest: Option<cohort_protocols::manifest::SignedManifest>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -259,6 +262,12 @@ impl WaitingLog {
 }
 
 impl Driver {
+    /// The round context every site signs: the digest of the manifest the round runs under
+    /// (all zeros without one, which agents holding a manifest refuse).
+    fn context(&self) -> [u8; 32] {
+        self.manifest.as_ref().map_or([0; 32], |m| m.digest())
+    }
+
     /// `initial` is the model of round 0 (`ModelConfig::initial`, read once by the caller,
     /// which reports a bad `model.init_file` as configuration).
     pub fn new(
@@ -311,6 +320,7 @@ impl Driver {
             signing_key: ops.signing_key,
             progress: ops.progress,
             metrics: ops.metrics,
+            manifest: ops.manifest,
         })
     }
 

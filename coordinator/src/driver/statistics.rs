@@ -61,7 +61,11 @@ impl Driver {
                 ..self.cfg.secagg.params(sites.len() as u32, (len - 2) as u32)
             };
             let agg = self
-                .secagg::<u64>(RoundId::new(0, attempt), &sites, params)
+                .secagg::<u64>(
+                    RoundId::new(0, attempt).with_context(self.context()),
+                    &sites,
+                    params,
+                )
                 .await?;
             agg.sum.to_vec()
         } else {

@@ -40,7 +40,7 @@ impl Driver {
         }
         if self.secure() {
             let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
-            let id = RoundId::new(round, attempt);
+            let id = RoundId::new(round, attempt).with_context(self.context());
             // The sum stays in the round's own word size (a 2^32 sum is half the memory) and
             // in its ranges, dequantised and applied range by range.
             let (a, dropped) = match params.modulus {

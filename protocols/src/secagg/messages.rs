@@ -16,7 +16,9 @@ use super::{ClientId, RoundId};
 
 const MAGIC: &[u8; 3] = b"CSA";
 /// Version of the encoding. Bumped on any incompatible change; decoders refuse other versions.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
+/// A [`RoundId`] on the wire: round, attempt, context.
+const ROUND_BYTES: usize = 8 + 4 + 32;
 const HEADER: usize = 5;
 
 /// Upper bound for an identity credential (a certificate chain comfortably fits).
@@ -371,6 +373,7 @@ impl<'a> Reader<'a> {
         Ok(RoundId {
             round: self.u64("round")?,
             attempt: self.u32("attempt")?,
+            context: self.array("round context")?,
         })
     }
     /// A list count, checked against the bytes left so a forged count cannot force a huge
@@ -461,7 +464,7 @@ fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
     })
 }
 
-const ADVERTISE_FIXED: usize = 12 + 4 + 32 + 32 + 32 + 4 + 64;
+const ADVERTISE_FIXED: usize = ROUND_BYTES + 4 + 32 + 32 + 32 + 4 + 64;
 
 fn write_advertise(w: &mut Writer, m: &AdvertiseKeys) {
     w.round(m.round);
@@ -684,7 +687,7 @@ impl ServerMessage {
 
 /// Bytes before the values of an encoded [`MaskedInput`]: header, round, sender, element
 /// width and count.
-pub const MASKED_INPUT_PREFIX: usize = HEADER + 12 + 4 + 1 + 4;
+pub const MASKED_INPUT_PREFIX: usize = HEADER + ROUND_BYTES + 4 + 1 + 4;
 
 /// The fixed part of an encoded [`MaskedInput`], decoded on its own so that a streamed upload
 /// is checked — and can be refused — before a single value reaches the sum.
@@ -727,11 +730,15 @@ impl<W: Word> ClientMessage<W> {
             + match self {
                 ClientMessage::AdvertiseKeys(m) => ADVERTISE_FIXED + m.credential.len(),
                 ClientMessage::ShareKeys(m) => {
-                    12 + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES) + 64
+                    ROUND_BYTES + 4 + 4 + m.shares.len() * (4 + SHARE_CIPHERTEXT_BYTES) + 64
                 }
-                ClientMessage::MaskedInput(m) => 12 + 4 + 1 + 4 + m.values.len() * W::BYTES,
-                ClientMessage::ConsistencySignature(_) => 12 + 4 + 64,
-                ClientMessage::UnmaskShares(m) => 12 + 4 + 4 + m.shares.len() * (5 + SHARE_BYTES),
+                ClientMessage::MaskedInput(m) => {
+                    ROUND_BYTES + 4 + 1 + 4 + m.values.len() * W::BYTES
+                }
+                ClientMessage::ConsistencySignature(_) => ROUND_BYTES + 4 + 64,
+                ClientMessage::UnmaskShares(m) => {
+                    ROUND_BYTES + 4 + 4 + m.shares.len() * (5 + SHARE_BYTES)
+                }
             }
     }
 

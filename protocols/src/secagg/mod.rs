@@ -53,28 +53,55 @@ pub use word::{Word, add_assign};
 /// without checking it against that mapping.
 pub type ClientId = u32;
 
-/// Identifies one attempt of one round. A retried round gets a new attempt number, and every
-/// key, mask and ciphertext is derived with it, so nothing from a failed attempt can be reused.
+/// Identifies one attempt of one round, and what the round is about. A retried round gets a
+/// new attempt number, and every key, mask and ciphertext is derived with it, so nothing from a
+/// failed attempt can be reused.
+///
+/// `context` is a digest of what every participant must agree on for the round to mean the
+/// same thing to all of them (today: the federation manifest each site trusts). Each site
+/// builds its `RoundId` from its own view, never from the server's say-so, and every
+/// signature, hash and ciphertext of the round covers it: a server that shows two sites
+/// different contexts gets advertisements that do not verify, so the equivocation shows as a
+/// refused round instead of a quiet attack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoundId {
     pub round: u64,
     pub attempt: u32,
+    pub context: [u8; 32],
 }
 
 impl RoundId {
+    /// A round with no context (all zeros): tests, benchmarks and sites without a manifest.
     pub fn new(round: u64, attempt: u32) -> Self {
-        RoundId { round, attempt }
+        RoundId {
+            round,
+            attempt,
+            context: [0; 32],
+        }
+    }
+
+    pub fn with_context(self, context: [u8; 32]) -> Self {
+        RoundId { context, ..self }
     }
 
     pub(crate) fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.round.to_le_bytes());
         out.extend_from_slice(&self.attempt.to_le_bytes());
+        out.extend_from_slice(&self.context);
     }
 }
 
 impl std::fmt::Display for RoundId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "round {} attempt {}", self.round, self.attempt)
+        write!(f, "round {} attempt {}", self.round, self.attempt)?;
+        if self.context != [0; 32] {
+            write!(f, " (context ")?;
+            for b in &self.context[..4] {
+                write!(f, "{b:02x}")?;
+            }
+            write!(f, "…)")?;
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,8 @@ pub fn run_round<W: Word>(
     }
 }
 
+// One value per test run: its size does not matter, and boxing `Run` would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Driven<W: Word> {
     Finished(Run<W>),

@@ -49,6 +49,16 @@ pub fn provision_sites(dir: &Path) -> PathBuf {
     pki
 }
 
+/// The round context of the provisioned federation: its manifest's digest, as the agents
+/// (which pin that manifest) expect it in every SecAgg+ round.
+pub fn context(pki: &Path) -> [u8; 32] {
+    use cohort_protocols::manifest::{SignedManifest, ca_key};
+    let ca = ca_key(&pem_der(&pki.join("ca.pem"))).unwrap();
+    SignedManifest::verify(&std::fs::read(pki.join("manifest.toml")).unwrap(), &ca)
+        .unwrap()
+        .digest()
+}
+
 /// [`SCHEMA`] as the coordinator serves it, signed with the key at `signer` in the PKI (the
 /// coordinator's own, or another for a forgery).
 pub fn schema_reply(pki: &Path, signer: &str) -> SchemaReply {
