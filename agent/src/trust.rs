@@ -33,8 +33,9 @@ pub enum Offer {
     Adopted { from: u64, to: u64 },
     /// The one already pinned.
     Same,
-    /// The site has no manifest to compare with (configured without one): ignored.
-    Unpinned,
+    /// The site was configured without a manifest: this one (CA-signed) is pinned from now on,
+    /// for this process (trust on first use).
+    FirstUse { version: u64 },
 }
 
 impl Trust {
@@ -87,7 +88,12 @@ impl Trust {
             .map_err(|e| anyhow!("the manifest from the coordinator: {e}"))?;
         let mut pinned = self.lock();
         let Some(current) = pinned.as_ref() else {
-            return Ok(Offer::Unpinned);
+            // No worse than what such a site accepted before (any CA certificate), and from
+            // now on no puppet the manifest does not list.
+            let version = offered.version();
+            warn!(manifest = %offered.summary(), "no [tls] manifest configured: pinning the coordinator's, CA-signed, until this agent stops (configure tls.manifest to pin across restarts)");
+            *pinned = Some(offered);
+            return Ok(Offer::FirstUse { version });
         };
         let from = current.version();
         if !offered

@@ -295,6 +295,13 @@ fn the_example_configuration_is_valid_local_and_watched() {
     let status = cfg.status.expect("[status] is configured");
     assert!(status.listen.ip().is_loopback());
     assert!(cfg.secagg.consistency_check);
+    assert!(
+        cfg.tls
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.ends_with("pki/coordinator/manifest.toml")),
+        "agents pin a manifest, so the example's coordinator relays it"
+    );
 }
 
 /// (serial hex, not_before, not_after) of a PEM certificate.

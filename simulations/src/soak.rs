@@ -243,6 +243,7 @@ cert = {cert:?}
 key = {key:?}
 crl = {crl:?}
 registry = {registry:?}
+manifest = {manifest:?}
 [rounds]
 count = {rounds}
 min_sites = 4
@@ -272,6 +273,7 @@ local_steps = 2
             key = pki.join("coordinator/key.pem"),
             crl = pki.join("coordinator/crl.pem"),
             registry = pki.join("coordinator/registry.toml"),
+            manifest = pki.join("coordinator/manifest.toml"),
             rounds = args.rounds,
         ),
     )?;

@@ -179,4 +179,15 @@ local_steps = 5
         let kept = std::fs::read(dir.path().join(site).join("manifest.toml")).unwrap();
         assert_eq!(kept, manifest, "{site}");
     }
+    // A revocation is a new manifest version without the site.
+    provision::revoke(&ca, "hungary").unwrap();
+    let after = cohort_protocols::manifest::SignedManifest::verify(
+        &std::fs::read(ca.join("manifest.toml")).unwrap(),
+        &cohort_protocols::manifest::ca_key(&ca_der).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(after.version(), 7);
+    assert!(after.supersedes(&signed).unwrap());
+    assert!(after.manifest().member("hungary").is_none());
+    assert_eq!(after.manifest().members.len(), 4);
 }

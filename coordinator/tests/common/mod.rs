@@ -47,10 +47,11 @@ pub fn pki(dir: &Path) -> PathBuf {
 /// The `[tls]` table of the coordinator's configuration.
 pub fn coordinator_tls(pki: &Path) -> String {
     format!(
-        "[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+        "[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\nmanifest = {:?}\n",
         pki.join("coordinator/ca.pem"),
         pki.join("coordinator/cert.pem"),
         pki.join("coordinator/key.pem"),
+        pki.join("coordinator/manifest.toml"),
     )
 }
 
