@@ -8,6 +8,7 @@ pub mod driver;
 pub mod export;
 pub mod hub;
 pub mod journal;
+pub mod live_manifest;
 pub mod lockfile;
 pub mod metrics;
 pub mod provision;
@@ -85,33 +86,6 @@ pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::Signi
             path.display()
         )
     })
-}
-
-/// The federation manifest at `path`, checked before the port opens: signed by the CA, and
-/// listing this coordinator's own certificate (an agent would refuse it otherwise).
-fn load_manifest(
-    path: &std::path::Path,
-    ca_der: &[u8],
-    certificate_der: &[u8],
-) -> Result<cohort_protocols::manifest::SignedManifest> {
-    use cohort_protocols::identity::CaVerifier;
-    use cohort_protocols::manifest::{SignedManifest, ca_key};
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("reading the federation manifest {}", path.display()))?;
-    let signed = ca_key(ca_der)
-        .and_then(|key| SignedManifest::verify(&bytes, &key))
-        .with_context(|| format!("{} (tls.manifest)", path.display()))?;
-    CaVerifier::new(ca_der.to_vec(), unix_seconds() as i64)
-        .map(|v| v.with_manifest(&signed))
-        .and_then(|v| v.verify_coordinator(certificate_der))
-        .with_context(|| {
-            format!(
-                "{}: the coordinator's certificate (tls.cert) is not the one the manifest lists",
-                path.display()
-            )
-        })?;
-    tracing::info!(manifest = %signed.summary(), "federation manifest loaded");
-    Ok(signed)
 }
 
 /// A start-up failure caused by the configuration (a file it names, a token, a data_dir of
@@ -363,9 +337,10 @@ async fn serve(
         .tls
         .manifest
         .as_deref()
-        .map(|path| load_manifest(path, &ca_der, &certificate_der))
+        .map(|path| live_manifest::LiveManifest::open(path, &ca_der, &certificate_der))
         .transpose()
-        .map_err(config_problem)?;
+        .map_err(config_problem)?
+        .map(Arc::new);
     let identity = store::Identity::of(&ca_der, &config);
     // Before the port opens: a data directory that is not this run's, is in use, or is
     // damaged stops everything. Only the last round is read back.

@@ -39,7 +39,7 @@ pub struct Service {
     /// `tls.crl` (DER), sent in Welcome so agents refuse revoked peers too; empty if none.
     pub crl_der: Vec<u8>,
     /// `tls.manifest`: sent in Welcome; with it, only its members are admitted.
-    pub manifest: Option<cohort_protocols::manifest::SignedManifest>,
+    pub manifest: Option<Arc<crate::live_manifest::LiveManifest>>,
 }
 
 #[tonic::async_trait]
@@ -147,7 +147,7 @@ impl Coordinator for Service {
                 manifest: self
                     .manifest
                     .as_ref()
-                    .map(|m| m.to_bytes())
+                    .map(|m| m.get().to_bytes())
                     .unwrap_or_default(),
             })),
         };
@@ -266,32 +266,32 @@ impl Service {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let mut verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
+        let verifier = CaVerifier::new(self.ca_der.clone(), crate::unix_seconds() as i64)
             .map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
-        if let Some(m) = &self.manifest {
-            verifier = verifier.with_manifest(m);
-        }
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
-        let cert = verifier.verify_member(leaf.as_ref()).map_err(|e| {
-            // The agents would refuse such a site as a peer anyway; refusing its session says
-            // so at once, to the site, instead of as failed rounds.
-            use cohort_protocols::identity::IdentityError as E;
-            warn!(%peer, reason = %e, "session refused: client certificate");
-            let why = format!("client certificate: {e}");
-            match e {
-                E::NotAMember { .. } | E::WrongRole { .. } | E::NotTheMembersKey { .. } => {
-                    Status::permission_denied(why)
-                }
-                _ => Status::unauthenticated(why),
-            }
-        })?;
+        let cert = verifier
+            .verify(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        // The registry first: it can say "revoked" or "superseded", where the manifest only
+        // knows that the certificate is not the listed one.
         if let Some(registry) = &self.registry
             && let Some(why) = registry.get().refusal(&cert.common_name, &cert.serial)
         {
             warn!(site = %cert.common_name, %peer, reason = %why, "session refused by the site registry");
             return Err(Status::permission_denied(why));
+        }
+        if let Some(m) = &self.manifest {
+            // The agents would refuse such a site as a peer anyway; refusing its session says
+            // so at once, to the site, instead of as failed rounds.
+            verifier
+                .with_manifest(&m.get())
+                .verify_member(leaf.as_ref())
+                .map_err(|e| {
+                    warn!(site = %cert.common_name, %peer, reason = %e, "session refused by the federation manifest");
+                    Status::permission_denied(format!("client certificate: {e}"))
+                })?;
         }
         Ok((cert.common_name, peer, cert.serial))
     }

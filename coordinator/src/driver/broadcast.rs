@@ -72,7 +72,7 @@ impl Driver {
             manifest: self
                 .manifest
                 .as_ref()
-                .map(|m| m.to_bytes())
+                .map(|m| m.get().to_bytes())
                 .unwrap_or_default(),
         }
     }

@@ -127,7 +127,7 @@ pub struct Driver {
     signing_key: SigningKey,
     progress: Arc<Progress>,
     metrics: Arc<Metrics>,
-    manifest: Option<cohort_protocols::manifest::SignedManifest>,
+    manifest: Option<Arc<crate::live_manifest::LiveManifest>>,
 }
 
 /// What the driver needs besides the configuration: the data directory's store and the
@@ -142,7 +142,7 @@ pub struct Operations {
     pub progress: Arc<Progress>,
     pub metrics: Arc<Metrics>,
     /// `tls.manifest`: sent with every round; its digest is the round context.
-    pub manifest: Option<cohort_protocols::manifest::SignedManifest>,
+    pub manifest: Option<Arc<crate::live_manifest::LiveManifest>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -265,7 +265,7 @@ impl Driver {
     /// The round context every site signs: the digest of the manifest the round runs under
     /// (all zeros without one, which agents holding a manifest refuse).
     fn context(&self) -> [u8; 32] {
-        self.manifest.as_ref().map_or([0; 32], |m| m.digest())
+        self.manifest.as_ref().map_or([0; 32], |m| m.get().digest())
     }
 
     /// `initial` is the model of round 0 (`ModelConfig::initial`, read once by the caller,
