@@ -13,13 +13,7 @@ use rcgen::{
 /// Writes `dir/key.pem` (mode 0600) and `dir/request.csr.pem` for site `name`; returns the
 /// request's path. Refuses to overwrite a key.
 pub fn request(dir: &Path, name: &str) -> Result<PathBuf> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name != cohort_protocols::identity::COORDINATOR_COMMON_NAME
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !valid {
+    if !cohort_protocols::identity::valid_site_name(name) {
         bail!(
             "site name {name:?} is not allowed: use letters, digits, '-' and '_' (at most 64), and not \"cohort-coordinator\""
         );

@@ -3,19 +3,40 @@
 //! (and is admitted) without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::manifest::{SignedManifest, ca_key};
 
+use crate::registry::modified;
+
+/// One version of the manifest, with what every round start and Welcome needs of it, made
+/// once per version: the bytes relayed to agents and the digest that is the round context.
+#[derive(Debug)]
+pub struct Relayed {
+    pub signed: SignedManifest,
+    pub bytes: Vec<u8>,
+    pub digest: [u8; 32],
+}
+
+impl Relayed {
+    fn new(signed: SignedManifest) -> Arc<Self> {
+        Arc::new(Relayed {
+            bytes: signed.to_bytes(),
+            digest: signed.digest(),
+            signed,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct LiveManifest {
     path: PathBuf,
     ca_der: Vec<u8>,
     certificate_der: Vec<u8>,
-    cached: Mutex<(Option<SystemTime>, SignedManifest)>,
+    cached: Mutex<(Option<SystemTime>, Arc<Relayed>)>,
 }
 
 impl LiveManifest {
@@ -28,22 +49,22 @@ impl LiveManifest {
             path: path.to_path_buf(),
             ca_der: ca_der.to_vec(),
             certificate_der: certificate_der.to_vec(),
-            cached: Mutex::new((modified(path), signed)),
+            cached: Mutex::new((modified(path), Relayed::new(signed))),
         })
     }
 
     /// The current manifest. A changed file that does not check out, or is older than the
     /// one in force, leaves the one in force, with a warning: agents would refuse it anyway.
-    pub fn get(&self) -> SignedManifest {
+    pub fn get(&self) -> Arc<Relayed> {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         let now = modified(&self.path);
         if now != cached.0 {
             cached.0 = now;
             match load(&self.path, &self.ca_der, &self.certificate_der) {
-                Ok(m) => match m.supersedes(&cached.1) {
+                Ok(m) => match m.supersedes(&cached.1.signed) {
                     Ok(true) => {
                         tracing::info!(manifest = %m.summary(), "newer federation manifest loaded");
-                        cached.1 = m;
+                        cached.1 = Relayed::new(m);
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -75,8 +96,4 @@ fn load(path: &Path, ca_der: &[u8], certificate_der: &[u8]) -> Result<SignedMani
             )
         })?;
     Ok(signed)
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

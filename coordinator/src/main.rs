@@ -201,23 +201,17 @@ fn main() -> ExitCode {
             json,
             stalled_after,
         } => status(&url, &token, watch, json, stalled_after),
-        Command::Enroll { names, out: dir } => {
-            match provision::make_request(
-                &dir,
-                cohort_protocols::identity::COORDINATOR_COMMON_NAME,
-                &names,
-            ) {
-                Ok(csr) => {
-                    println!(
-                        "the coordinator's key is in {}; send {} to the consortium's CA (never the key)",
-                        dir.join("key.pem").display(),
-                        csr.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
+        Command::Enroll { names, out: dir } => match provision::coordinator_request(&dir, &names) {
+            Ok(csr) => {
+                println!(
+                    "the coordinator's key is in {}; send {} to the consortium's CA (never the key)",
+                    dir.join("key.pem").display(),
+                    csr.display()
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
+        },
         Command::Provision {
             out: dir,
             sites,

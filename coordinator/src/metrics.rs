@@ -606,11 +606,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn saved_counters_restore_exactly_and_never_below_what_was_served() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let hub = Hub::new(tx);
-        let (out, _keep) = tokio::sync::mpsc::channel(1);
+    /// Connects site "va" to `hub`; the receiver keeps its session's queue open.
+    fn connect_va(hub: &Hub) -> impl Sized {
+        let (out, keep) = tokio::sync::mpsc::channel(1);
         hub.connect(
             "va",
             10,
@@ -619,6 +617,14 @@ mod tests {
             std::sync::Arc::new(tokio::sync::Notify::new()),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        keep
+    }
+
+    #[test]
+    fn saved_counters_restore_exactly_and_never_below_what_was_served() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let hub = Hub::new(tx);
+        let _keep = connect_va(&hub);
         hub.touch("va", 12_345);
         let first = Metrics::new();
         for s in [0.0004, 0.003, 0.1, 7.0, 1e6] {
@@ -652,15 +658,7 @@ mod tests {
         }
         assert_eq!(after["cohort_received_bytes_total"], 12_345.0);
         // And they go on from there: new traffic adds to the restored value.
-        let (out, _keep) = tokio::sync::mpsc::channel(1);
-        hub.connect(
-            "va",
-            10,
-            false,
-            out,
-            std::sync::Arc::new(tokio::sync::Notify::new()),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let _keep = connect_va(&hub);
         hub.touch("va", 5);
         second.stage("MaskedInput", 0.5);
         let (text, _) = second.render(&hub);

@@ -171,13 +171,7 @@ fn write(path: &Path, contents: &str) -> Result<(), ProvisionError> {
 }
 
 pub fn check_site_name(name: &str) -> Result<(), ProvisionError> {
-    let ok = !name.is_empty()
-        && name != cohort_protocols::identity::COORDINATOR_COMMON_NAME
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
+    if cohort_protocols::identity::valid_site_name(name) {
         Ok(())
     } else {
         Err(ProvisionError::BadSiteName(name.to_string()))
@@ -311,11 +305,7 @@ pub fn provision(opts: &ProvisionOptions) -> Result<(), ProvisionError> {
 
 /// The CA key as a signer of manifests.
 fn ca_signing_key(out: &Path) -> Result<ed25519_dalek::SigningKey, ProvisionError> {
-    use ed25519_dalek::pkcs8::DecodePrivateKey;
-    let path = out.join("ca.key");
-    let pem = fs::read_to_string(&path).map_err(io(&path))?;
-    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem)
-        .map_err(|e| ProvisionError::Manifest(format!("{}: {e}", path.display())))
+    crate::signing_key(&out.join("ca.key")).map_err(|e| ProvisionError::Manifest(format!("{e:#}")))
 }
 
 /// Signs `manifest` and writes it where the CA keeps it, beside the coordinator's files and
@@ -354,9 +344,8 @@ fn next_manifest(out: &Path, edit: impl FnOnce(&mut Vec<Member>)) -> Result<(), 
         // A project provisioned before manifests existed: its first one lists what is
         // (re)issued from now on.
         Err(_) => {
-            let ca_pem = fs::read_to_string(out.join("ca.pem"))
+            let der = crate::tls::first_cert_der(&out.join("ca.pem"))
                 .map_err(|_| ProvisionError::NoCa(out.display().to_string()))?;
-            let der = rustls_pemfile_der(&ca_pem)?;
             Manifest {
                 federation: federation_id(&der)?,
                 version: 0,
@@ -369,14 +358,6 @@ fn next_manifest(out: &Path, edit: impl FnOnce(&mut Vec<Member>)) -> Result<(), 
     manifest.version += 1;
     manifest.issued_unix = crate::unix_seconds() as i64;
     write_manifest(out, &manifest, &ca)
-}
-
-fn rustls_pemfile_der(pem: &str) -> Result<Vec<u8>, ProvisionError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|c| c.as_ref().to_vec())
-        .map_err(|e| ProvisionError::Manifest(format!("ca.pem: {e}")))
 }
 
 /// Saves the registry and re-signs the CRL from its revoked list.
@@ -499,27 +480,21 @@ pub fn add_site(
     next_manifest(out, |members| members.push(member))
 }
 
-/// A key made here and a certificate signing request for it, written to `dir` (`key.pem`,
-/// mode 0600, and `request.csr.pem`): what a site or the coordinator's host runs, so its
-/// private key never leaves the machine that uses it. `names` become the request's subject
-/// alternative names (the coordinator's DNS names and IPs; none for a site).
-pub fn make_request(
-    dir: &Path,
-    common_name: &str,
-    names: &[String],
-) -> Result<PathBuf, ProvisionError> {
+/// The coordinator's key, made on its host, and a certificate signing request for it, written
+/// to `dir` (`key.pem`, mode 0600, and `request.csr.pem`; a site makes its own with
+/// `cohort-agent enroll`), so the key never leaves the machine that uses it. `names` become the
+/// request's subject alternative names (the coordinator's DNS names and IPs).
+pub fn coordinator_request(dir: &Path, names: &[String]) -> Result<PathBuf, ProvisionError> {
     let key_path = dir.join("key.pem");
     if key_path.exists() {
         return Err(ProvisionError::Exists(key_path.display().to_string()));
     }
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let usage = if common_name == cohort_protocols::identity::COORDINATOR_COMMON_NAME {
-        ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        check_site_name(common_name)?;
-        ExtendedKeyUsagePurpose::ClientAuth
-    };
-    let params = leaf_params(common_name, names, usage)?;
+    let params = leaf_params(
+        cohort_protocols::identity::COORDINATOR_COMMON_NAME,
+        names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
     let csr = params.serialize_request(&key)?;
     write(&key_path, &key.serialize_pem())?;
     let csr_path = dir.join("request.csr.pem");
@@ -527,7 +502,7 @@ pub fn make_request(
     Ok(csr_path)
 }
 
-/// Signs a certificate signing request made where its key lives (see [`make_request`]):
+/// Signs a certificate signing request made where its key lives (see [`coordinator_request`] and `cohort-agent enroll`):
 /// the CA sees only the public key. The common name and, for the coordinator, the subject
 /// alternative names come from the request; everything else (usages, validity, serial) is
 /// the CA's. A site's certificate replaces its current one (renewal: the old one is revoked

@@ -163,7 +163,8 @@ impl LiveRegistry {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
+/// A file's modification time: what the live registry and manifest compare to notice a change.
+pub(crate) fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 

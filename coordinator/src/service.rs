@@ -147,7 +147,7 @@ impl Coordinator for Service {
                 manifest: self
                     .manifest
                     .as_ref()
-                    .map(|m| m.get().to_bytes())
+                    .map(|m| m.get().bytes.clone())
                     .unwrap_or_default(),
             })),
         };
@@ -286,7 +286,7 @@ impl Service {
             // The agents would refuse such a site as a peer anyway; refusing its session says
             // so at once, to the site, instead of as failed rounds.
             verifier
-                .with_manifest(&m.get())
+                .with_manifest(&m.get().signed)
                 .verify_member(leaf.as_ref())
                 .map_err(|e| {
                     warn!(site = %cert.common_name, %peer, reason = %e, "session refused by the federation manifest");

@@ -219,19 +219,6 @@ fn start_agents(dir: &Path, pki: &Path, port: u16) -> Vec<Proc> {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 /// Starts the coordinator on `config` with no agents: Ok(rounds completed) once its status
 /// API answers (then stops it with SIGTERM, which must exit 0), or Err(what it said) when
 /// it refuses to start — which must be exit code 4 and never a panic.

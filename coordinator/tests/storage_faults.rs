@@ -14,6 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod common;
+use common::copy_dir;
+
 use cohort_coordinator::records::{Evaluation, RoundRecord, RoundSummary, Setup, SiteResult};
 use cohort_coordinator::store::{CheckpointRef, Identity, Retention, Store};
 
@@ -88,19 +91,6 @@ fn committed_run(dir: &Path) {
             store
                 .commit_round(&record(round), &ckpt, &[], retention)
                 .unwrap();
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
         }
     }
 }

@@ -78,6 +78,18 @@ fn ed25519_key(cert: &X509Certificate<'_>) -> Result<VerifyingKey, IdentityError
     VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::NotEd25519)
 }
 
+/// Whether `name` may be a site's name: letters, digits, '-' and '_', at most 64, and never
+/// [`COORDINATOR_COMMON_NAME`] (that name is how a site recognises the coordinator). One rule
+/// for whoever makes a request (the agent) and whoever signs it (the CA).
+pub fn valid_site_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != COORDINATOR_COMMON_NAME
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// The common name of a certificate, without checking who issued it: what a site calls itself
 /// in the roster (its peers check the certificate).
 pub fn common_name(cert_der: &[u8]) -> Result<String, IdentityError> {

@@ -56,12 +56,7 @@ fn four_hospitals_enrol_with_their_own_keys_and_train() {
     // The coordinator's host makes its key; the CA signs its request.
     let host = dir.path().join("coordinator-host");
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let csr = provision::make_request(
-        &host,
-        cohort_protocols::identity::COORDINATOR_COMMON_NAME,
-        &names,
-    )
-    .unwrap();
+    let csr = provision::coordinator_request(&host, &names).unwrap();
     let pem = std::fs::read_to_string(&csr).unwrap();
     let bundle = provision::sign_request(
         &ca,

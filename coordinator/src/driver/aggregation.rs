@@ -194,7 +194,7 @@ impl Driver {
         let mut verifier = CaVerifier::new(self.ca_der.clone(), unix_seconds() as i64)
             .map_err(|e| e.to_string())?;
         if let Some(m) = &self.manifest {
-            verifier = verifier.with_manifest(&m.get());
+            verifier = verifier.with_manifest(&m.get().signed);
         }
         let (mut server, setup) = Server::<W>::new(
             params.clone(),

@@ -48,15 +48,20 @@ impl Driver {
         tokio::time::Instant::now() + (self.stage_timeout() / 4).max(Duration::from_secs(1))
     }
 
+    /// The round's announcement and its SecAgg+ round context, both from one version of the
+    /// manifest: the context is the digest of the manifest the start relays (all zeros
+    /// without one, which agents holding a manifest refuse), so a manifest published between
+    /// the two cannot make them disagree.
     pub(super) fn round_start(
         &self,
         round: u64,
         attempt: u32,
         task: Task,
         model: Option<&[u8]>,
-    ) -> RoundStart {
+    ) -> (RoundStart, [u8; 32]) {
         let hash = model.map(model::sha3_512);
-        RoundStart {
+        let manifest = self.manifest.as_ref().map(|m| m.get());
+        let start = RoundStart {
             round,
             attempt,
             task: task as i32,
@@ -69,11 +74,11 @@ impl Driver {
             training_toml: self.training_toml.clone(),
             feature_mean: self.mean.clone(),
             feature_std: self.std.clone(),
-            manifest: self
-                .manifest
+            manifest: manifest
                 .as_ref()
-                .map(|m| m.get().to_bytes())
+                .map(|m| m.bytes.clone())
                 .unwrap_or_default(),
-        }
+        };
+        (start, manifest.map_or([0; 32], |m| m.digest))
     }
 }

@@ -18,7 +18,7 @@ impl Driver {
             .set_stage(RunState::Evaluating, round, 0, None);
         let started = Instant::now();
         let bytes = Bytes::from(model::to_bytes(&self.global));
-        let start = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
+        let (start, _) = self.round_start(round, 0, Task::Evaluate, Some(&bytes));
         let sending = Instant::now();
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
         let sent_seconds = sending.elapsed().as_secs_f64();

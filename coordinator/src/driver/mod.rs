@@ -262,12 +262,6 @@ impl WaitingLog {
 }
 
 impl Driver {
-    /// The round context every site signs: the digest of the manifest the round runs under
-    /// (all zeros without one, which agents holding a manifest refuse).
-    fn context(&self) -> [u8; 32] {
-        self.manifest.as_ref().map_or([0; 32], |m| m.get().digest())
-    }
-
     /// `initial` is the model of round 0 (`ModelConfig::initial`, read once by the caller,
     /// which reports a bad `model.init_file` as configuration).
     pub fn new(

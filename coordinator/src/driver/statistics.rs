@@ -53,7 +53,7 @@ impl Driver {
         let len = stats::vector_len(self.stats_columns());
         let plain =
             (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true, 0));
-        let start = self.round_start(0, attempt, Task::Stats, None);
+        let (start, context) = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
         let sum = if self.secure() {
             let params = Params {
@@ -62,7 +62,7 @@ impl Driver {
             };
             let agg = self
                 .secagg::<u64>(
-                    RoundId::new(0, attempt).with_context(self.context()),
+                    RoundId::new(0, attempt).with_context(context),
                     &sites,
                     params,
                 )

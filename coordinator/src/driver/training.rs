@@ -31,7 +31,7 @@ impl Driver {
             )
         });
         let bytes = Bytes::from(model::to_bytes(&self.global));
-        let start = self.round_start(round, attempt, Task::Train, Some(&bytes));
+        let (start, context) = self.round_start(round, attempt, Task::Train, Some(&bytes));
         let sites = self.start_round(&sites, start, Some(&bytes)).await;
         // The queues to the sites hold views of it until sent; this copy is no longer needed.
         drop(bytes);
@@ -40,7 +40,7 @@ impl Driver {
         }
         if self.secure() {
             let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
-            let id = RoundId::new(round, attempt).with_context(self.context());
+            let id = RoundId::new(round, attempt).with_context(context);
             // The sum stays in the round's own word size (a 2^32 sum is half the memory) and
             // in its ranges, dequantised and applied range by range.
             let (a, dropped) = match params.modulus {

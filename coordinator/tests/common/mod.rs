@@ -241,3 +241,18 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// Copies a directory tree (a data directory, say), leaving out a `LOCK` file: a copy is
+/// another directory, not the same one in use.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
