@@ -230,11 +230,14 @@ pub(crate) fn coordinator_toml(
         ("data_dir", path_value(data_dir)),
         (
             "tls",
-            toml::Value::Table(table(vec![
-                ("ca_cert", path_value(&pki.join("ca.pem"))),
-                ("cert", path_value(&pki.join("coordinator/cert.pem"))),
-                ("key", path_value(&pki.join("coordinator/key.pem"))),
-            ])),
+            toml::Value::Table(crate::run::with_manifest(
+                table(vec![
+                    ("ca_cert", path_value(&pki.join("ca.pem"))),
+                    ("cert", path_value(&pki.join("coordinator/cert.pem"))),
+                    ("key", path_value(&pki.join("coordinator/key.pem"))),
+                ]),
+                &pki.join("coordinator/manifest.toml"),
+            )),
         ),
         (
             "rounds",

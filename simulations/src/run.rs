@@ -727,7 +727,7 @@ fn references(
 /// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
 /// the coordinator on 127.0.0.1:`port`.
 /// A `[tls]` table with `manifest` set when provisioning wrote one at `path`.
-fn with_manifest(mut tls: toml::Table, path: &Path) -> toml::Table {
+pub(crate) fn with_manifest(mut tls: toml::Table, path: &Path) -> toml::Table {
     if path.exists() {
         tls.insert("manifest".into(), path_value(path));
     }

@@ -38,6 +38,7 @@ fn two_shards_of_synthetic_sites_complete_the_load_test_overlays_rounds() {
         ("ca_cert", "ca.pem"),
         ("cert", "coordinator/cert.pem"),
         ("key", "coordinator/key.pem"),
+        ("manifest", "coordinator/manifest.toml"),
     ] {
         tls.insert(key.into(), pki.join(file).display().to_string().into());
     }

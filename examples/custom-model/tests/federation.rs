@@ -74,6 +74,7 @@ max_weight = 1000
 ca_cert = {ca:?}
 cert = {cert:?}
 key = {key:?}
+manifest = {manifest:?}
 
 [training]
 optimizer = "adam"
@@ -86,6 +87,7 @@ local_steps = 100
         ca = pki.join("ca.pem").display().to_string(),
         cert = pki.join("coordinator/cert.pem").display().to_string(),
         key = pki.join("coordinator/key.pem").display().to_string(),
+        manifest = pki.join("coordinator/manifest.toml").display().to_string(),
     );
     let config = cohort_coordinator::CoordinatorConfig::parse(&config).unwrap();
     let schema: toml::Table = toml::from_str(SCHEMA).unwrap();
