@@ -188,24 +188,38 @@ fn schema_reply(
     })
 }
 
-/// Ends the sessions of sites that are no longer in the registry (revoked while connected),
-/// looking every few seconds: new sessions are checked as they start, this covers the ones
-/// already running.
-async fn close_unregistered(
+/// Ends the sessions of sites that are no longer admitted (revoked while connected: gone from
+/// the registry, or from the federation manifest), looking every second: new sessions are
+/// checked as they start, this covers the ones already running. Without it a site removed
+/// from the manifest would stay connected and be refused by every round's verifier instead.
+async fn close_unadmitted(
     hub: Arc<hub::Hub>,
-    registry: Arc<registry::LiveRegistry>,
+    registry: Option<Arc<registry::LiveRegistry>>,
+    manifest: Option<Arc<live_manifest::LiveManifest>>,
     progress: Arc<status::Progress>,
 ) {
     loop {
-        // A stat of the registry file a second: a revocation ends the site's session within
-        // about a second, and the agent is told it will not be admitted again.
+        // A stat of each file a second: a revocation ends the site's session within about a
+        // second, and the agent is told it will not be admitted again.
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let current = registry.get();
+        let registry = registry.as_ref().map(|r| r.get());
+        let manifest = manifest.as_ref().map(|m| m.get());
         // The round in progress, for the site's record (0 before the first).
         let round = progress.try_position().map_or(0, |(_, round, _, _)| round);
         for (site, _) in hub.connected() {
-            if current.current(&site).is_none() {
+            if registry
+                .as_ref()
+                .is_some_and(|r| r.current(&site).is_none())
+            {
                 hub.close(&site, round, "its certificate was revoked (registry)");
+            } else if let Some(m) = &manifest
+                && m.signed.manifest().member(&site).is_none()
+            {
+                let why = format!(
+                    "it is no longer a member of the federation (manifest v{})",
+                    m.signed.version()
+                );
+                hub.close(&site, round, &why);
             }
         }
     }
@@ -423,8 +437,14 @@ async fn serve(
             .unwrap_or_default(),
         manifest: manifest.clone(),
     };
-    let registry_task =
-        registry.map(|r| tokio::spawn(close_unregistered(hub.clone(), r, progress.clone())));
+    let registry_task = (registry.is_some() || manifest.is_some()).then(|| {
+        tokio::spawn(close_unadmitted(
+            hub.clone(),
+            registry.clone(),
+            manifest.clone(),
+            progress.clone(),
+        ))
+    });
 
     // TLS handshakes run in their own tasks so a slow or hostile client cannot stall accept.
     let (conn_tx, conn_rx) = mpsc::channel(64);

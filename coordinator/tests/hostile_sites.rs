@@ -461,7 +461,7 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
         // before the alert arrived, or hyper cancelling the call because the connection closed
         // before HTTP/2 was up ("connection was not ready", "connection closed": seen in
         // clean-clone runs under load); either way the site never gets as far as a session.
-        let revoked = match try_channel(&bundles.join("sites/mallory"), port, None).await {
+        let revoked = match try_channel(&bundles, port, None).await {
             Err(e) => format!("{e:?}"),
             Ok(ch) => format!("{:?}", try_join(&cfg, ch, "mallory").await.err()),
         };
@@ -499,6 +499,58 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     assert!(
         superseded.message().contains("was superseded"),
         "{superseded:?}"
+    );
+}
+
+/// Without a registry, the manifest alone decides who is admitted: a site the CA removes from
+/// it (a revocation publishes a new version) loses its open session within seconds and is
+/// refused when it comes back, and the hospitals go on.
+#[test]
+fn a_site_removed_from_the_manifest_is_disconnected_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with_mallory(dir.path());
+    let config = config(dir.path(), &pki, 1, r#"kind = "logreg""#);
+    let cfg = config.clone();
+    let bundles = pki.clone();
+    let rt = runtime();
+    let (summary, outcome) = rt.block_on(federation(config, &pki, async move |port, api| {
+        let (_tx, mut stream) = join(&cfg, channel(&bundles, port, None).await).await;
+        cohort_coordinator::provision::revoke(&bundles, "mallory").unwrap();
+        // The open session ends: the stream closes (or errors) without the site doing anything.
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(_)) = stream.message().await {}
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "mallory's session is still open 20 s after its removal"
+        );
+        let record = mallory_state(&api).await.unwrap();
+        let again = try_join(&cfg, channel(&bundles, port, None).await, "mallory")
+            .await
+            .err();
+        tokio::spawn(async move { (record, again) })
+    }));
+    let (record, again) = rt.block_on(outcome).unwrap();
+    assert_eq!(
+        summary.rounds().unwrap().len(),
+        1,
+        "the hospitals finish the run"
+    );
+    assert_eq!(record["connected"], false, "{record}");
+    assert!(
+        record
+            .to_string()
+            .contains("no longer a member of the federation"),
+        "{record}"
+    );
+    let again = again.expect("the removed site is refused");
+    assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
+    assert!(
+        again
+            .message()
+            .contains("\"mallory\" is not a member of the federation"),
+        "{again:?}"
     );
 }
 
