@@ -640,24 +640,27 @@ fn run_scenario(
                 .map(|(site, _)| site.name.clone())
                 .collect();
             if training - stopped.len() < needed && !coordinator.is_finished() {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if !coordinator.is_finished() {
-                    coordinator.abort();
-                    let mut why = Vec::new();
-                    for (site, a) in s.sites.iter().zip(agents) {
-                        if a.is_finished() {
-                            match a.await {
-                                Ok(Err(err)) => why.push(format!("{}: {err:#}", site.name)),
-                                Ok(Ok(())) => why.push(format!("{}: ended", site.name)),
-                                Err(e) => why.push(format!("{}: {e}", site.name)),
-                            }
+                // Agents also stop when the run is over, a moment before the coordinator
+                // finishes committing: wait for that moment, no longer.
+                if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), &mut coordinator).await
+                {
+                    break r.context("coordinator task")??;
+                }
+                coordinator.abort();
+                let mut why = Vec::new();
+                for (site, a) in s.sites.iter().zip(agents) {
+                    if a.is_finished() {
+                        match a.await {
+                            Ok(Err(err)) => why.push(format!("{}: {err:#}", site.name)),
+                            Ok(Ok(())) => why.push(format!("{}: ended", site.name)),
+                            Err(e) => why.push(format!("{}: {e}", site.name)),
                         }
                     }
-                    anyhow::bail!(
-                        "too few sites are left for a round (rounds.min_sites = {needed}); agents that stopped: {}",
-                        why.join("; ")
-                    );
                 }
+                anyhow::bail!(
+                    "too few sites are left for a round (rounds.min_sites = {needed}); agents that stopped: {}",
+                    why.join("; ")
+                );
             }
             tokio::select! {
                 r = &mut coordinator => break r.context("coordinator task")??,
