@@ -461,7 +461,7 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
         // before the alert arrived, or hyper cancelling the call because the connection closed
         // before HTTP/2 was up ("connection was not ready", "connection closed": seen in
         // clean-clone runs under load); either way the site never gets as far as a session.
-        let revoked = match try_channel(&bundles, port, None).await {
+        let revoked = match try_channel(&bundles.join("sites/mallory"), port, None).await {
             Err(e) => format!("{e:?}"),
             Ok(ch) => format!("{:?}", try_join(&cfg, ch, "mallory").await.err()),
         };
