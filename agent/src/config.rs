@@ -174,6 +174,12 @@ pub struct Policy {
     /// parameters resist c colluders when 2 × threshold > neighbours + c.
     #[serde(default = "one")]
     pub max_colluders: u32,
+    /// Adopt a manifest that adds a training site (or gives one a new key) only when this
+    /// many sites of the manifest this site already trusts countersigned it (`cohort-agent
+    /// countersign`). 0 (the default) trusts the CA alone: whoever holds the CA key can then
+    /// make a puppet a peer. Removals never need countersignatures.
+    #[serde(default)]
+    pub manifest_quorum: u32,
 }
 
 fn one() -> u32 {
@@ -197,6 +203,7 @@ impl Default for Policy {
             min_threshold: 0,
             require_consistency_check: true,
             max_colluders: one(),
+            manifest_quorum: 0,
         }
     }
 }

@@ -89,6 +89,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Show this site's identity, the federation manifest it pins (version, members and
+    /// their keys) and its trust policy, from its files: no coordinator needed.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Vouch for a new manifest version (needed where sites set policy.manifest_quorum):
+    /// checks the CA's signature, prints what it adds, re-keys and removes against the
+    /// manifest this site pins, and writes this site's countersignature for the CA
+    /// (`cohort-ca countersign`). Read the changes before sending the file.
+    Countersign {
+        #[arg(long)]
+        config: PathBuf,
+        /// The new manifest.toml from the CA.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Where to write the countersignature.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +122,51 @@ fn main() -> ExitCode {
             images,
             out,
         } => return predict(&model, csv.as_deref(), images.as_deref(), out.as_deref()),
+        Command::Status { config } => {
+            return match AgentConfig::load(&config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| cohort_agent::trust::report(&c))
+            {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Countersign {
+            config,
+            manifest,
+            out,
+        } => {
+            let signed = AgentConfig::load(&config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    let bytes = std::fs::read(&manifest)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", manifest.display()))?;
+                    let (changes, file) = cohort_agent::trust::countersign(&c, &bytes)?;
+                    std::fs::write(&out, file)
+                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+                    Ok(changes)
+                });
+            return match signed {
+                Ok(changes) => {
+                    print!("{changes}");
+                    println!(
+                        "countersigned: send {} to the CA (it holds no secret)",
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Enroll { name, out } => {
             return match cohort_agent::enroll::request(&out, &name) {
                 Ok(csr) => {

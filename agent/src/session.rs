@@ -48,17 +48,17 @@ pub enum SessionEnd {
 }
 
 /// The site's identity material, loaded once.
-struct Credentials {
+pub(crate) struct Credentials {
     ca_pem: String,
-    ca_der: Vec<u8>,
+    pub(crate) ca_der: Vec<u8>,
     cert_pem: String,
-    cert_der: Vec<u8>,
+    pub(crate) cert_der: Vec<u8>,
     key_pem: String,
-    signing_key: SigningKey,
+    pub(crate) signing_key: SigningKey,
     /// The site certificate's common name: the name peers check this site's keys against.
-    name: String,
+    pub(crate) name: String,
     /// The federation manifest this site pins (see [`crate::trust`]).
-    trust: crate::trust::Trust,
+    pub(crate) trust: crate::trust::Trust,
 }
 
 fn pem_der(pem: &str, what: &str) -> Result<Vec<u8>> {
@@ -70,7 +70,7 @@ fn pem_der(pem: &str, what: &str) -> Result<Vec<u8>> {
         .to_vec())
 }
 
-fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
+pub(crate) fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
@@ -85,7 +85,11 @@ fn load_credentials(cfg: &AgentConfig) -> Result<Credentials> {
     // handshake, and says so with the peer's address.
     let name = cohort_protocols::identity::common_name(&cert_der)
         .map_err(|e| anyhow!("{}: {e}", cfg.tls.cert.display()))?;
-    let trust = crate::trust::Trust::load(&ca_der, cfg.tls.manifest.as_deref())?;
+    let trust = crate::trust::Trust::load(
+        &ca_der,
+        cfg.tls.manifest.as_deref(),
+        cfg.policy.manifest_quorum as usize,
+    )?;
     Ok(Credentials {
         trust,
         ca_der,

@@ -7,6 +7,11 @@
 //! logged. What it adopts it writes back over its manifest file, so a restart does not forget
 //! a revocation. The pinned manifest decides every SecAgg+ peer and the coordinator's own
 //! certificate, and its digest is the round context the site signs.
+//!
+//! With `policy.manifest_quorum` set, a newer manifest that adds a training site (or re-keys
+//! one) is adopted only with that many countersignatures of sites the pinned manifest lists:
+//! the CA's holder alone can then no longer make a puppet a peer. A site makes its
+//! countersignature with [`countersign`], after reading what the new version changes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -23,6 +28,8 @@ pub struct Trust {
     ca_key: VerifyingKey,
     /// Where the pinned manifest is kept; `None` for a site configured without one.
     path: Option<PathBuf>,
+    /// `policy.manifest_quorum`.
+    quorum: usize,
     pinned: Mutex<Option<SignedManifest>>,
 }
 
@@ -40,7 +47,7 @@ pub enum Offer {
 
 impl Trust {
     /// Loads and checks the manifest at `path` (if any) against the CA certificate.
-    pub fn load(ca_der: &[u8], path: Option<&Path>) -> Result<Self> {
+    pub fn load(ca_der: &[u8], path: Option<&Path>, quorum: usize) -> Result<Self> {
         let ca_key = ca_key(ca_der).map_err(|e| anyhow!("the CA certificate: {e}"))?;
         let pinned = match path {
             None => {
@@ -61,6 +68,7 @@ impl Trust {
         Ok(Trust {
             ca_key,
             path: path.map(Path::to_path_buf),
+            quorum,
             pinned: Mutex::new(pinned),
         })
     }
@@ -102,6 +110,9 @@ impl Trust {
         {
             return Ok(Offer::Same);
         }
+        offered
+            .check_quorum(current, self.quorum)
+            .map_err(|e| anyhow!("the manifest from the coordinator: {e}"))?;
         let to = offered.version();
         info!(from, to, manifest = %offered.summary(), "adopted a newer federation manifest");
         if let Some(path) = &self.path
@@ -121,6 +132,99 @@ impl Trust {
             None => v,
         })
     }
+}
+
+/// What `cohort-agent status` prints: who this site is, the manifest it pins and the members it
+/// accepts, read from its files (no coordinator needed).
+pub fn report(cfg: &crate::AgentConfig) -> Result<String> {
+    let creds = crate::session::load_credentials(cfg)?;
+    let mut out = format!("site {}\n", creds.name);
+    match creds.trust.current() {
+        None => out.push_str(
+            "manifest: none configured ([tls] manifest): every certificate of the CA is accepted as a peer\n",
+        ),
+        Some(m) => {
+            out.push_str(&format!(
+                "federation {}  manifest v{}  digest {}\n",
+                m.manifest().federation,
+                m.version(),
+                hex(&m.digest())
+            ));
+            for member in &m.manifest().members {
+                let me = if member.name == creds.name { "  (this site)" } else { "" };
+                out.push_str(&format!(
+                    "  {:<24} {:<11} key {}…{me}\n",
+                    member.name,
+                    member.role.to_string(),
+                    member.key.get(..16).unwrap_or(&member.key),
+                ));
+            }
+            if m.manifest().member(&creds.name).is_none() {
+                out.push_str("WARNING: this site is not a member of the manifest it pins\n");
+            }
+        }
+    }
+    out.push_str(&format!(
+        "policy: manifest_quorum {} (0: the CA alone may add sites), min_sites {}, max_colluders {}",
+        cfg.policy.manifest_quorum, cfg.policy.min_sites, cfg.policy.max_colluders
+    ));
+    Ok(out)
+}
+
+/// `cohort-agent countersign`: checks `offered` (the CA's signature, a newer version of the
+/// pinned manifest), describes what it changes, and signs it with the site's own key.
+/// Returns (the changes, the countersignature file for the CA). The site should read the
+/// changes before sending the file: that reading is what the quorum rule buys.
+pub fn countersign(cfg: &crate::AgentConfig, offered: &[u8]) -> Result<(String, String)> {
+    let creds = crate::session::load_credentials(cfg)?;
+    let pinned = creds
+        .trust
+        .current()
+        .ok_or_else(|| anyhow!("this site pins no manifest ([tls] manifest): there is nothing to compare the new one with"))?;
+    let offered = SignedManifest::verify(offered, &creds.trust.ca_key)
+        .map_err(|e| anyhow!("the manifest to countersign: {e}"))?;
+    if !offered
+        .supersedes(&pinned)
+        .map_err(|e| anyhow!("the manifest to countersign: {e}"))?
+    {
+        anyhow::bail!(
+            "the manifest to countersign is version {}, the one this site already trusts: nothing to vouch for",
+            offered.version()
+        );
+    }
+    let me = offered.manifest().member(&creds.name);
+    if !me.is_some_and(|m| {
+        m.role == cohort_protocols::manifest::Role::Site
+            && m.verifying_key() == Some(creds.signing_key.verifying_key())
+    }) {
+        anyhow::bail!(
+            "the new manifest does not list this site ({}) as a training site with its own key: its countersignature would not count",
+            creds.name
+        );
+    }
+    let (old, new) = (pinned.manifest(), offered.manifest());
+    let mut changes = format!("manifest v{} → v{}:\n", old.version, new.version);
+    for m in &new.members {
+        match old.member(&m.name) {
+            None => changes.push_str(&format!("  + {} ({}, key {})\n", m.name, m.role, m.key)),
+            Some(o) if o.key != m.key || o.role != m.role => changes.push_str(&format!(
+                "  ~ {} ({} → {}, key {} → {})\n",
+                m.name, o.role, m.role, o.key, m.key
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in &old.members {
+        if new.member(&o.name).is_none() {
+            changes.push_str(&format!("  - {} ({})\n", o.name, o.role));
+        }
+    }
+    let c = offered.countersign(&creds.name, &creds.signing_key);
+    Ok((changes, c.to_file(&offered)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -167,6 +271,7 @@ mod tests {
         Trust {
             ca_key: ca.verifying_key(),
             path: Some(path),
+            quorum: 0,
             pinned: Mutex::new(Some(v2)),
         }
     }

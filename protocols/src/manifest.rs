@@ -26,6 +26,8 @@ use thiserror::Error;
 
 /// What the CA signs: this label, then the body's bytes.
 const SIGNING_LABEL: &[u8] = b"cohort federation manifest v1\0";
+/// What a member site signs to vouch for a manifest: this label, then the body's bytes.
+const COUNTERSIGNING_LABEL: &[u8] = b"cohort federation manifest countersignature v1\0";
 /// What the round context hashes: this label, then the body's bytes.
 const DIGEST_LABEL: &[u8] = b"cohort federation manifest digest v1\0";
 /// A manifest lists at most this many members: a bound on what a relayed one can cost to
@@ -48,6 +50,17 @@ pub enum ManifestError {
     Forked { version: u64 },
     #[error("the CA certificate has no Ed25519 key: {0}")]
     CaKey(String),
+    #[error(
+        "manifest version {version} adds or re-keys site(s) {added:?} with {got} countersignature(s) of existing member sites; this site's policy.manifest_quorum asks for {needed}"
+    )]
+    Quorum {
+        version: u64,
+        added: Vec<String>,
+        got: usize,
+        needed: usize,
+    },
+    #[error("countersignature of {member:?}: {why}")]
+    Countersignature { member: String, why: String },
 }
 
 /// What a member does in the federation.
@@ -99,12 +112,28 @@ pub struct Manifest {
     pub members: Vec<Member>,
 }
 
-/// A manifest as it travels: the exact signed bytes and the signature.
+/// A manifest as it travels: the exact signed bytes, the CA's signature and the
+/// countersignatures of member sites collected since.
+///
+/// Countersignatures sit outside the signed body: they are added after the CA signed, do not
+/// change the manifest's identity (its digest, its version) and are checked only by a site
+/// that asks for them ([`SignedManifest::check_quorum`]), against the keys of the manifest
+/// it already trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedManifest {
     body: String,
     signature: [u8; 64],
     manifest: Manifest,
+    countersignatures: Vec<Countersignature>,
+}
+
+/// A member site's signature over a manifest's body: "I have seen this membership and vouch
+/// for it". Made with the site's own key (`cohort-agent countersign`), which the CA never
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Countersignature {
+    pub member: String,
+    pub signature: [u8; 64],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -112,7 +141,27 @@ pub struct SignedManifest {
 struct Envelope {
     signature: String,
     body: String,
+    #[serde(
+        default,
+        rename = "countersignature",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    countersignatures: Vec<CountersignatureText>,
 }
+
+/// A countersignature as written in a manifest or a file of its own. `manifest` (the hex
+/// digest of what was signed) lets the CA match a file to the right version before checking.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountersignatureText {
+    member: String,
+    signature: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manifest: Option<String>,
+}
+
+/// A manifest carries at most this many countersignatures (one per member at most).
+const MAX_COUNTERSIGNATURES: usize = MAX_MEMBERS;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -190,6 +239,7 @@ impl Manifest {
             body,
             signature,
             manifest: self.clone(),
+            countersignatures: Vec::new(),
         })
     }
 }
@@ -216,10 +266,22 @@ impl SignedManifest {
         let manifest: Manifest = toml::from_str(&envelope.body)
             .map_err(|e| ManifestError::Malformed(format!("body: {}", e.message())))?;
         manifest.check()?;
+        if envelope.countersignatures.len() > MAX_COUNTERSIGNATURES {
+            return Err(ManifestError::Malformed(format!(
+                "{} countersignatures, more than {MAX_COUNTERSIGNATURES}",
+                envelope.countersignatures.len()
+            )));
+        }
+        let countersignatures = envelope
+            .countersignatures
+            .into_iter()
+            .map(Countersignature::from_text)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SignedManifest {
             body: envelope.body,
             signature,
             manifest,
+            countersignatures,
         })
     }
 
@@ -228,6 +290,15 @@ impl SignedManifest {
         let envelope = Envelope {
             signature: hex(&self.signature),
             body: self.body.clone(),
+            countersignatures: self
+                .countersignatures
+                .iter()
+                .map(|c| CountersignatureText {
+                    member: c.member.clone(),
+                    signature: hex(&c.signature),
+                    manifest: None,
+                })
+                .collect(),
         };
         let text = toml::to_string(&envelope).unwrap_or_default();
         format!(
@@ -298,6 +369,168 @@ impl SignedManifest {
             names(Role::Evaluation),
             names(Role::Coordinator)
         )
+    }
+}
+
+impl SignedManifest {
+    /// The countersignatures this copy carries (unchecked: see [`Self::check_quorum`]).
+    pub fn countersignatures(&self) -> &[Countersignature] {
+        &self.countersignatures
+    }
+
+    /// Member `member`'s countersignature over this manifest, made with its own key.
+    pub fn countersign(&self, member: &str, key: &SigningKey) -> Countersignature {
+        Countersignature {
+            member: member.to_string(),
+            signature: key.sign(&countersigned_bytes(&self.body)).to_bytes(),
+        }
+    }
+
+    /// Whether `c` is a valid countersignature of this manifest by `key`.
+    fn countersigned_by(&self, c: &Countersignature, key: &VerifyingKey) -> bool {
+        key.verify(
+            &countersigned_bytes(&self.body),
+            &Signature::from_bytes(&c.signature),
+        )
+        .is_ok()
+    }
+
+    /// Adds `c`, which must be by a site this manifest lists, made with the listed key (what
+    /// the CA can check; each site checks against the manifest it trusted before). A second
+    /// countersignature by the same member replaces the first.
+    pub fn attach(&mut self, c: Countersignature) -> Result<(), ManifestError> {
+        let bad = |why: &str| ManifestError::Countersignature {
+            member: c.member.clone(),
+            why: why.to_string(),
+        };
+        let member = self
+            .manifest
+            .member(&c.member)
+            .ok_or_else(|| bad("not a member of this manifest"))?;
+        if member.role != Role::Site {
+            return Err(bad("only training sites countersign"));
+        }
+        let key = member
+            .verifying_key()
+            .ok_or_else(|| bad("the member's key does not parse"))?;
+        if !self.countersigned_by(&c, &key) {
+            return Err(bad(
+                "the signature does not verify with the member's key over this manifest version",
+            ));
+        }
+        self.countersignatures.retain(|x| x.member != c.member);
+        self.countersignatures.push(c);
+        Ok(())
+    }
+
+    /// The quorum rule, checked by a site about to replace `pinned` with `self`: if `self`
+    /// lists a training site that `pinned` does not list with the same key (a new member, a
+    /// new key, or an evaluation site turned training site), it must carry valid
+    /// countersignatures of at least `quorum` sites that `pinned` lists as training sites and
+    /// that `self` keeps, unchanged; the sites being added do not count. So the CA's holder
+    /// alone cannot make a puppet a peer: it needs `quorum` existing hospitals to vouch for
+    /// the change. Removals need nobody's consent (a revocation must not wait).
+    pub fn check_quorum(
+        &self,
+        pinned: &SignedManifest,
+        quorum: usize,
+    ) -> Result<(), ManifestError> {
+        if quorum == 0 {
+            return Ok(());
+        }
+        let trusted = |m: &Member| {
+            pinned
+                .manifest
+                .member(&m.name)
+                .is_some_and(|p| p.role == Role::Site && p.key == m.key)
+        };
+        let added: Vec<String> = self
+            .manifest
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Site && !trusted(m))
+            .map(|m| m.name.clone())
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        let got = self
+            .countersignatures
+            .iter()
+            .filter(|c| {
+                let Some(m) = self.manifest.member(&c.member) else {
+                    return false;
+                };
+                m.role == Role::Site
+                    && trusted(m)
+                    && m.verifying_key()
+                        .is_some_and(|key| self.countersigned_by(c, &key))
+            })
+            .map(|c| c.member.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+        if got < quorum {
+            return Err(ManifestError::Quorum {
+                version: self.version(),
+                added,
+                got,
+                needed: quorum,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn countersigned_bytes(body: &str) -> Vec<u8> {
+    [COUNTERSIGNING_LABEL, body.as_bytes()].concat()
+}
+
+impl Countersignature {
+    fn from_text(t: CountersignatureText) -> Result<Self, ManifestError> {
+        let signature = unhex::<64>(&t.signature).ok_or_else(|| {
+            ManifestError::Malformed(format!(
+                "the countersignature of {:?} is not 128 hex digits",
+                t.member
+            ))
+        })?;
+        Ok(Countersignature {
+            member: t.member,
+            signature,
+        })
+    }
+
+    /// The file a site sends to the CA: who, the signature, and the digest of the manifest it
+    /// signed, so the CA can tell at once which version it is for.
+    pub fn to_file(&self, manifest: &SignedManifest) -> String {
+        let text = CountersignatureText {
+            member: self.member.clone(),
+            signature: hex(&self.signature),
+            manifest: Some(hex(&manifest.digest())),
+        };
+        format!(
+            "# A Cohort site's countersignature of federation manifest v{}: send it to the CA\n\
+             # (`cohort-ca countersign`). It holds no secret.\n{}",
+            manifest.version(),
+            toml::to_string(&text).unwrap_or_default()
+        )
+    }
+
+    /// Reads [`Self::to_file`]'s form; the digest, if present, must be `for_manifest`'s.
+    pub fn parse_for(text: &str, for_manifest: &SignedManifest) -> Result<Self, ManifestError> {
+        let t: CountersignatureText =
+            toml::from_str(text).map_err(|e| ManifestError::Malformed(e.message().to_string()))?;
+        if let Some(d) = &t.manifest
+            && d != &hex(&for_manifest.digest())
+        {
+            return Err(ManifestError::Countersignature {
+                member: t.member,
+                why: format!(
+                    "it is for another manifest (digest {d}), not the current version {}",
+                    for_manifest.version()
+                ),
+            });
+        }
+        Self::from_text(t)
     }
 }
 
@@ -376,6 +609,68 @@ mod tests {
         ));
         assert_ne!(v3.digest(), v4.digest());
         assert_ne!(v3.digest(), v3_forked.digest());
+    }
+
+    #[test]
+    fn a_new_site_needs_the_quorum_of_sites_already_trusted() {
+        let ca = SigningKey::from_bytes(&[9; 32]);
+        let key = |i: u8| SigningKey::from_bytes(&[i + 1; 32]);
+        let pinned = manifest(3, &["a", "b", "c"]).sign(&ca).unwrap();
+        // v4 adds d (index 3) and two puppets the CA's holder made keys for.
+        let mut v4 = manifest(4, &["a", "b", "c", "d", "p1", "p2"])
+            .sign(&ca)
+            .unwrap();
+        let refused = |m: &SignedManifest, q| match m.check_quorum(&pinned, q) {
+            Err(ManifestError::Quorum { got, added, .. }) => Some((got, added)),
+            Ok(()) => None,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            refused(&v4, 2),
+            Some((0, vec!["d".into(), "p1".into(), "p2".into()]))
+        );
+        assert_eq!(refused(&v4, 0), None, "quorum 0 trusts the CA alone");
+        // The additions vouching for themselves count for nothing...
+        for (name, i) in [("d", 3), ("p1", 4), ("p2", 5)] {
+            let c = v4.countersign(name, &key(i));
+            v4.attach(c).unwrap();
+        }
+        assert_eq!(refused(&v4, 1).map(|r| r.0), Some(0));
+        // ...a signature by a trusted name made with another key is not attached...
+        let forged = v4.countersign("a", &key(4));
+        assert!(matches!(
+            v4.attach(forged),
+            Err(ManifestError::Countersignature { .. })
+        ));
+        // ...one over another version does not verify.
+        let other = pinned.countersign("a", &key(0));
+        assert!(v4.attach(other).is_err());
+        // Two trusted sites vouch: quorum 2 is met, 3 is not; a repeat does not count twice.
+        for i in [0u8, 1, 1] {
+            let name = ["a", "b"][i as usize];
+            let c = v4.countersign(name, &key(i));
+            v4.attach(c).unwrap();
+        }
+        assert_eq!(refused(&v4, 2), None);
+        assert_eq!(refused(&v4, 3).map(|r| r.0), Some(2));
+        // Countersignatures travel with the manifest and leave its identity alone.
+        let back = SignedManifest::verify(&v4.to_bytes(), &ca.verifying_key()).unwrap();
+        assert_eq!(back.countersignatures().len(), 5);
+        assert_eq!(
+            back.digest(),
+            manifest(4, &["a", "b", "c", "d", "p1", "p2"])
+                .sign(&ca)
+                .unwrap()
+                .digest()
+        );
+        assert_eq!(refused(&back, 2), None);
+        // Re-keying a trusted site is an addition; a removal needs nobody.
+        let mut rekeyed = manifest(5, &["a", "b", "c"]);
+        rekeyed.members[2].key = hex(key(7).verifying_key().as_bytes());
+        let rekeyed = rekeyed.sign(&ca).unwrap();
+        assert_eq!(refused(&rekeyed, 1), Some((0, vec!["c".into()])));
+        let removed = manifest(5, &["a", "b"]).sign(&ca).unwrap();
+        assert_eq!(refused(&removed, 3), None);
     }
 
     #[test]
