@@ -169,11 +169,11 @@ pub struct TlsFiles {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// The CA's certificate revocation list (`provision` writes `coordinator/crl.pem`): a
+    /// The CA's certificate revocation list (`cohort-ca` writes `coordinator/crl.pem`): a
     /// revoked site fails the TLS handshake. Read at start.
     #[serde(default)]
     pub crl: Option<PathBuf>,
-    /// The registry of provisioned sites (`coordinator/registry.toml`): only a site's
+    /// The CA's registry of enrolled sites (`coordinator/registry.toml`): only a site's
     /// current certificate is admitted. Re-read when it changes.
     #[serde(default)]
     pub registry: Option<PathBuf>,

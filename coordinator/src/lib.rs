@@ -5,13 +5,13 @@ pub mod cgroup;
 pub mod config;
 pub mod crash;
 pub mod driver;
+pub mod enrol;
 pub mod export;
 pub mod hub;
 pub mod journal;
 pub mod live_manifest;
 pub mod lockfile;
 pub mod metrics;
-pub mod provision;
 pub mod records;
 pub mod registry;
 pub mod service;
@@ -75,14 +75,14 @@ pub(crate) fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The coordinator's Ed25519 key (its TLS key, as provisioned), which also signs models.
+/// The coordinator's Ed25519 key (its TLS key, made by `enroll`), which also signs models.
 pub(crate) fn signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
     use ed25519_dalek::pkcs8::DecodePrivateKey;
     let pem = std::fs::read_to_string(path)
         .with_context(|| format!("reading the coordinator's key {}", path.display()))?;
     ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
         anyhow::anyhow!(
-            "{}: the coordinator's key must be an Ed25519 PKCS#8 key, as `provision` writes: {e}",
+            "{}: the coordinator's key must be an Ed25519 PKCS#8 key, as `cohort-coordinator enroll` makes: {e}",
             path.display()
         )
     })

@@ -1,11 +1,12 @@
-//! `cohort-coordinator`: run the coordinator, or provision certificates.
+//! `cohort-coordinator`: run the coordinator, enrol its key, repair, export and watch it.
+//! Certificate authority operations are `cohort-ca`'s, which the coordinator's host never needs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cohort_coordinator::{CoordinatorConfig, provision};
+use cohort_coordinator::{CoordinatorConfig, enrol};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,13 +30,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum RoleArg {
-    Site,
-    Evaluation,
-    Coordinator,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve agents and run the configured rounds.
@@ -47,55 +41,9 @@ enum Command {
         #[arg(long)]
         exit_when_done: bool,
     },
-    /// Create a project CA, the coordinator's certificate and one bundle per site; add a
-    /// site to an existing project; renew or revoke a site's certificate.
-    Provision {
-        /// Output directory (created; existing keys are never overwritten).
-        #[arg(long)]
-        out: PathBuf,
-        /// Comma-separated site names, e.g. hospital-a,hospital-b.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required_unless_present_any = ["add_site", "renew", "revoke", "sign_csr", "init"]
-        )]
-        sites: Vec<String>,
-        /// Create only the CA (ca.pem, ca.key, an empty registry, CRL and manifest): the
-        /// consortium's first step when keys are made at the sites (see --sign-csr).
-        #[arg(long, conflicts_with_all = ["sites", "add_site", "renew", "revoke", "sign_csr"])]
-        init: bool,
-        /// Sign a certificate signing request (from `cohort-agent enroll` at a site, or
-        /// `cohort-coordinator enroll` on the coordinator's host) with the CA in --out: the
-        /// key stays where it was made. Writes the bundle (sites/NAME or coordinator/) and a
-        /// new manifest version. A second request for a site renews it.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["sites", "add_site", "renew", "revoke"])]
-        sign_csr: Option<PathBuf>,
-        /// What the request in --sign-csr is for.
-        #[arg(long, value_enum, default_value = "site", requires = "sign_csr")]
-        role: RoleArg,
-        /// Add one site to the existing CA in --out.
-        #[arg(long, conflicts_with_all = ["sites", "renew", "revoke"])]
-        add_site: Option<String>,
-        /// Issue this site a new key and certificate in its bundle; the old certificate is
-        /// revoked as superseded (registry and CRL in --out/coordinator).
-        #[arg(long, conflicts_with_all = ["sites", "revoke"])]
-        renew: Option<String>,
-        /// Revoke this site's certificate (registry and CRL in --out/coordinator).
-        #[arg(long, conflicts_with = "sites")]
-        revoke: Option<String>,
-        /// Validity of new certificates, in days (the CA gets ten years, or more).
-        #[arg(long, default_value_t = provision::DEFAULT_VALIDITY_DAYS)]
-        validity_days: u32,
-        /// Names the coordinator is reached at (certificate subject alt names).
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
-        coordinator_names: Vec<String>,
-        /// URL written into each agent.toml.
-        #[arg(long, default_value = "https://localhost:7700")]
-        coordinator_url: String,
-    },
     /// Make the coordinator's key and a certificate signing request on this host, for the
-    /// consortium's CA (`provision --sign-csr FILE --role coordinator`). The key
-    /// (DIR/key.pem) never leaves this host.
+    /// consortium's CA (`cohort-ca sign --role coordinator FILE`). The key (DIR/key.pem)
+    /// never leaves this host.
     Enroll {
         /// Names the coordinator is reached at (its certificate's subject alt names).
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
@@ -201,10 +149,10 @@ fn main() -> ExitCode {
             json,
             stalled_after,
         } => status(&url, &token, watch, json, stalled_after),
-        Command::Enroll { names, out: dir } => match provision::coordinator_request(&dir, &names) {
+        Command::Enroll { names, out: dir } => match enrol::coordinator_request(&dir, &names) {
             Ok(csr) => {
                 println!(
-                    "the coordinator's key is in {}; send {} to the consortium's CA (never the key)",
+                    "the coordinator's key is in {}; send {} to the consortium's CA, `cohort-ca sign --role coordinator` (never the key)",
                     dir.join("key.pem").display(),
                     csr.display()
                 );
@@ -212,103 +160,6 @@ fn main() -> ExitCode {
             }
             Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
         },
-        Command::Provision {
-            out: dir,
-            sites,
-            add_site,
-            renew,
-            revoke,
-            sign_csr,
-            role,
-            init,
-            validity_days,
-            coordinator_names,
-            coordinator_url,
-        } => {
-            if init {
-                return match provision::init(&dir, validity_days) {
-                    Ok(()) => {
-                        println!(
-                            "created the CA in {}: keep ca.key offline, with the consortium, never on the coordinator's host",
-                            dir.display()
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
-                };
-            }
-            if let Some(csr) = sign_csr {
-                let role = match role {
-                    RoleArg::Site => provision::Enrolment::Site,
-                    RoleArg::Evaluation => provision::Enrolment::Evaluation,
-                    RoleArg::Coordinator => provision::Enrolment::Coordinator,
-                };
-                let signed = std::fs::read_to_string(&csr)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", csr.display()))
-                    .and_then(|pem| {
-                        provision::sign_request(
-                            &dir,
-                            &pem,
-                            role,
-                            &coordinator_url,
-                            &coordinator_names,
-                            validity_days,
-                        )
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", csr.display()))
-                    });
-                return match signed {
-                    Ok(bundle) => {
-                        println!(
-                            "signed {}: send {} to its owner (it holds no private key); the manifest in {} is the new version",
-                            csr.display(),
-                            bundle.display(),
-                            provision::manifest_path(&dir).display()
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => out.fail(&e, cohort_coordinator::EXIT_CONFIG),
-                };
-            }
-            let (result, done) = match (add_site, renew, revoke) {
-                (Some(site), _, _) => (
-                    provision::add_site(
-                        &dir,
-                        &site,
-                        &coordinator_url,
-                        &coordinator_names,
-                        validity_days,
-                    ),
-                    format!("added site {site}"),
-                ),
-                (_, Some(site), _) => (
-                    provision::renew(&dir, &site, validity_days),
-                    format!(
-                        "renewed site {site}: send it sites/{site}/cert.pem and key.pem; its old certificate is revoked"
-                    ),
-                ),
-                (_, _, Some(site)) => (
-                    provision::revoke(&dir, &site),
-                    format!("revoked site {site}"),
-                ),
-                _ => (
-                    provision::provision(&provision::ProvisionOptions {
-                        out: dir.clone(),
-                        sites,
-                        coordinator_names,
-                        coordinator_url,
-                        validity_days,
-                    }),
-                    "provisioned".to_string(),
-                ),
-            };
-            match result {
-                Ok(()) => {
-                    println!("{done}: {} (keep ca.key offline)", dir.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => out.fail(&anyhow::anyhow!("{e}"), cohort_coordinator::EXIT_CONFIG),
-            }
-        }
     }
 }
 

@@ -34,7 +34,7 @@ pub struct Service {
     /// Resident-memory budget in bytes (`limits.memory_mib`): an upload that would start
     /// above it is refused with RESOURCE_EXHAUSTED.
     pub memory_budget: Option<u64>,
-    /// `tls.registry`: only the current certificate of a provisioned site is admitted.
+    /// `tls.registry`: only the current certificate of an enrolled site is admitted.
     pub registry: Option<Arc<crate::registry::LiveRegistry>>,
     /// `tls.crl` (DER), sent in Welcome so agents refuse revoked peers too; empty if none.
     pub crl_der: Vec<u8>,

@@ -48,7 +48,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
-/// The CRLs in a PEM file (`provision` writes one, signed by the project CA).
+/// The CRLs in a PEM file (`cohort-ca` writes one, signed by the project CA).
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let crls = CertificateRevocationListDer::pem_file_iter(path)
         .map_err(|e| file_err(path, e))?
@@ -115,7 +115,7 @@ pub fn handshake_reason(e: &std::io::Error) -> String {
             "the client certificate is not valid yet (is the site's clock right?)".into()
         }
         Error::InvalidCertificate(CertificateError::Revoked) => {
-            "the client certificate is revoked (tls.crl): the site needs a new bundle from `provision --renew`".into()
+            "the client certificate is revoked (tls.crl): the site needs a new certificate: it enrols again (`cohort-agent enroll`, `cohort-ca sign`)".into()
         }
         Error::NoCertificatesPresented => "the client presented no certificate".into(),
         Error::AlertReceived(alert) => format!(

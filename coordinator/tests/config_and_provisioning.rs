@@ -3,8 +3,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use cohort_ca::demo_keys::{ProvisionOptions, add_site, provision};
 use cohort_coordinator::CoordinatorConfig;
-use cohort_coordinator::provision::{ProvisionOptions, add_site, provision};
 use cohort_protocols::identity::{CaVerifier, IdentityError};
 
 const BASE: &str = r#"
@@ -214,7 +214,7 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pki");
     let opts = ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: out.clone(),
         sites: vec![
             "hospital-a".into(),
@@ -274,7 +274,7 @@ fn provisioned_sites_verify_and_add_site_leaves_the_others_alone() {
     // a certificate from another project's CA is refused
     let other = dir.path().join("other");
     provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: other.clone(),
         ..opts
     })
@@ -337,8 +337,9 @@ fn crl_serials(crl: &std::path::Path, ca: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_crl() {
-    use cohort_coordinator::provision::{crl_path, registry_path, renew, revoke};
-    use cohort_coordinator::registry::Registry;
+    use cohort_ca::demo_keys::renew;
+    use cohort_ca::{crl_path, registry_path, revoke};
+    use cohort_coordinator::registry::load as load_registry;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pki");
     provision(&ProvisionOptions {
@@ -360,7 +361,7 @@ fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_cr
     let (_, _, coordinator_to) = cert_facts(&out.join("coordinator/cert.pem"));
     assert_eq!(coordinator_to, to);
 
-    let registry = Registry::load(&registry_path(&out)).unwrap();
+    let registry = load_registry(&registry_path(&out)).unwrap();
     assert_eq!(registry.current("hospital-a").unwrap().serial, serial_a);
     assert_eq!(registry.current("hospital-a").unwrap().not_after_unix, to);
     assert!(registry.revoked.is_empty());
@@ -382,7 +383,7 @@ fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_cr
         agent_toml,
         "the site's own settings are kept"
     );
-    let registry = Registry::load(&registry_path(&out)).unwrap();
+    let registry = load_registry(&registry_path(&out)).unwrap();
     assert_eq!(registry.refusal("hospital-a", &renewed), None);
     assert!(
         registry
@@ -398,7 +399,7 @@ fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_cr
     // Revocation: the site leaves the registry and its serial joins the CRL.
     let (serial_b, _, _) = cert_facts(&out.join("sites/hospital-b/cert.pem"));
     revoke(&out, "hospital-b").unwrap();
-    let registry = Registry::load(&registry_path(&out)).unwrap();
+    let registry = load_registry(&registry_path(&out)).unwrap();
     assert!(registry.current("hospital-b").is_none());
     assert!(
         registry
@@ -434,7 +435,7 @@ fn certificates_expire_and_renewal_and_revocation_update_the_registry_and_the_cr
 
 #[test]
 fn a_site_verifier_with_the_cas_crl_refuses_revoked_sites_and_other_cas_lists() {
-    use cohort_coordinator::provision::{crl_path, revoke};
+    use cohort_ca::{crl_path, revoke};
     use rustls::pki_types::CertificateRevocationListDer;
     use rustls::pki_types::pem::PemObject;
     let dir = tempfile::tempdir().unwrap();

@@ -207,23 +207,101 @@ fn the_kubernetes_manifests_render_and_validate_strictly() {
     }
 }
 
-/// Four hospitals, each started with nothing but its bundle's `./start.sh` and its CSV
-/// dropped in as `data.csv`, complete a secure federation against the real coordinator.
+/// The enrolment a README reader follows, with the real binaries as separate processes: the
+/// consortium creates its CA (`cohort-ca init`), the coordinator's host and four hospitals
+/// each make their own key and request (`cohort-coordinator enroll`, `cohort-agent enroll`),
+/// the CA signs the requests (`cohort-ca sign`) and sees no key but its own; then each
+/// hospital, with its bundle unpacked and its CSV dropped in as `data.csv`, starts with one
+/// command (`./start.sh`) and completes a secure federation against the real coordinator.
 #[test]
-fn each_site_starts_from_its_bundle_with_one_command() {
-    use cohort_coordinator::provision::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
+fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
     use common::{Proc, SITES, coordinator_tls, data, free_port};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let pki = dir.path().join("pki");
-    provision(&ProvisionOptions {
-        validity_days: DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: format!("https://localhost:{port}"),
-    })
-    .unwrap();
+    let ca = dir.path().join("consortium-ca");
+    let ok = |what: &str, cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(
+        "cohort-ca init",
+        Command::new(common::ca_exe())
+            .args(["init", "--ca"])
+            .arg(&ca),
+    );
+    let url = format!("https://localhost:{port}");
+    let sign = |csr: &Path, role: &str| {
+        ok(
+            "cohort-ca sign",
+            Command::new(common::ca_exe())
+                .args(["sign", "--ca"])
+                .arg(&ca)
+                .arg(csr)
+                .args(["--role", role, "--coordinator-names", "localhost"])
+                .args(["--coordinator-url", &url]),
+        )
+    };
+    let unpack = |bundle: &Path, home: &Path| {
+        for entry in std::fs::read_dir(bundle).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, home.join(path.file_name().unwrap())).unwrap();
+        }
+    };
+    // Sites and the coordinator each keep their key at home.
+    let pki = dir.path().join("coordinator-host");
+    ok(
+        "cohort-coordinator enroll",
+        Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"))
+            .args(["enroll", "--names", "localhost", "--out"])
+            .arg(pki.join("coordinator")),
+    );
+    sign(&pki.join("coordinator/request.csr.pem"), "coordinator");
+    for site in SITES {
+        let home = dir.path().join(site);
+        ok(
+            "cohort-agent enroll",
+            Command::new(common::agent_exe())
+                .args(["enroll", "--name", site, "--out"])
+                .arg(&home),
+        );
+        let said = sign(&home.join("request.csr.pem"), "site");
+        assert!(said.contains("holds no private key"), "{said}");
+        // The CA sends each bundle as soon as it is signed.
+        unpack(&ca.join("sites").join(site), &home);
+    }
+    unpack(&ca.join("coordinator"), &pki.join("coordinator"));
+    // The CA's directory holds one private key: its own.
+    let mut keys = Vec::new();
+    let mut stack = vec![ca.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::read_to_string(&path).is_ok_and(|t| t.contains("PRIVATE KEY")) {
+                keys.push(path);
+            }
+        }
+    }
+    assert_eq!(keys, vec![ca.join("ca.key")]);
+    // Each site's status shows the manifest it pins. The first site enrolled got version 3
+    // (init, coordinator, itself); the coordinator relays the newest.
+    let status = ok(
+        "cohort-agent status",
+        Command::new(common::agent_exe())
+            .args(["status", "--config"])
+            .arg(dir.path().join(SITES[0]).join("agent.toml")),
+    );
+    assert!(
+        status.contains("manifest v3") && status.contains("(this site)"),
+        "{status}"
+    );
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
         &config,
@@ -240,7 +318,7 @@ fn each_site_starts_from_its_bundle_with_one_command() {
     .unwrap();
     let start = |site: &str| {
         let mut cmd = Command::new("sh");
-        cmd.arg(pki.join("sites").join(site).join("start.sh"))
+        cmd.arg(dir.path().join(site).join("start.sh"))
             .env("COHORT_AGENT", common::agent_exe());
         Proc::spawn(site, cmd)
     };
@@ -254,7 +332,7 @@ fn each_site_starts_from_its_bundle_with_one_command() {
 
     let mut agents = Vec::new();
     for site in SITES {
-        std::fs::copy(data(site), pki.join("sites").join(site).join("data.csv")).unwrap();
+        std::fs::copy(data(site), dir.path().join(site).join("data.csv")).unwrap();
         agents.push(start(site));
     }
     for mut a in agents {
@@ -262,6 +340,11 @@ fn each_site_starts_from_its_bundle_with_one_command() {
         assert_eq!(code, Some(0), "{}: {}", a.name, a.log());
         assert!(a.log().contains("finished training"), "{}", a.log());
     }
+    // The first site adopted the newest manifest from the coordinator and kept it.
+    assert_eq!(
+        std::fs::read(dir.path().join(SITES[0]).join("manifest.toml")).unwrap(),
+        std::fs::read(ca.join("manifest.toml")).unwrap()
+    );
 }
 
 /// The exit code of a process that should end within two minutes.

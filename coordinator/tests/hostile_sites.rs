@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use cohort_ca::demo_keys::{ProvisionOptions, provision};
 use cohort_coordinator::CoordinatorConfig;
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::status::client::get;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use cohort_proto::v1::{
@@ -43,7 +43,7 @@ fn pki_with_mallory(dir: &Path) -> PathBuf {
     let mut sites: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
     sites.push("mallory".into());
     provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites,
         coordinator_names: vec!["localhost".into()],
@@ -440,7 +440,7 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
     let dir = tempfile::tempdir().unwrap();
     let pki = pki_with_mallory(dir.path());
     // Mallory is revoked before the coordinator starts: the CRL stops it in the handshake.
-    cohort_coordinator::provision::revoke(&pki, "mallory").unwrap();
+    cohort_ca::revoke(&pki, "mallory").unwrap();
     let extra = format!(
         "crl = {:?}\nregistry = {:?}\n",
         pki.join("coordinator/crl.pem"),
@@ -471,7 +471,7 @@ fn revoked_and_superseded_certificates_are_refused_and_renewed_sites_take_part()
         assert!(!sites.contains("mallory"), "mallory never joined: {sites}");
         // va is renewed while the coordinator runs: its old certificate still chains to the
         // CA and is not in the CRL loaded at start, but the re-read registry refuses it.
-        cohort_coordinator::provision::renew(&bundles, "va", 30).unwrap();
+        cohort_ca::demo_keys::renew(&bundles, "va", 30).unwrap();
         let superseded = match try_channel(&old_va, port, None).await {
             Err(e) => panic!("the old certificate passes TLS: {e}"),
             Ok(ch) => try_join(&cfg, ch, "va").await.err(),
@@ -515,7 +515,7 @@ fn a_site_removed_from_the_manifest_is_disconnected_and_refused() {
     let rt = runtime();
     let (summary, outcome) = rt.block_on(federation(config, &pki, async move |port, api| {
         let (_tx, mut stream) = join(&cfg, channel(&bundles, port, None).await).await;
-        cohort_coordinator::provision::revoke(&bundles, "mallory").unwrap();
+        cohort_ca::revoke(&bundles, "mallory").unwrap();
         // The open session ends: the stream closes (or errors) without the site doing anything.
         let ended = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(_)) = stream.message().await {}

@@ -535,7 +535,7 @@ fn a_federation_lives_through_what_a_hospital_network_does_to_it() {
     }
     agents = start_agents(dir.path(), &pki, port);
     api.wait_rounds(last + 20, &c);
-    cohort_coordinator::provision::revoke(&pki, "va").unwrap();
+    cohort_ca::revoke(&pki, "va").unwrap();
     let refused = |va: &mut Proc, reason: &str| {
         assert_eq!(va.exit_code(), Some(3), "{}", va.log());
         let log = va.log();
@@ -547,7 +547,7 @@ fn a_federation_lives_through_what_a_hospital_network_does_to_it() {
         );
     };
     let va = agents.iter_mut().find(|a| a.name == "va").unwrap();
-    refused(va, "was revoked by `provision`");
+    refused(va, "was revoked by the CA");
     c.wait_for(&["session refused by the site registry", "va"]);
     sigterm(&c);
     assert_eq!(c.exit_code(), Some(0), "{}", tail(&c.log()));

@@ -129,7 +129,7 @@ pub struct SiteCertificate {
     /// The certificate's extended key usage includes client authentication (what provisioning
     /// gives site certificates and never the coordinator's).
     pub client_auth: bool,
-    /// The serial number, lowercase hex (what `provision`'s registry records).
+    /// The serial number, lowercase hex (what the CA's registry records).
     pub serial: String,
 }
 
@@ -213,7 +213,7 @@ impl CaVerifier {
         Ok(cert)
     }
 
-    /// Also refuses every certificate the CA revoked in `crl_der` (a DER CRL, as `provision`
+    /// Also refuses every certificate the CA revoked in `crl_der` (a DER CRL, as `cohort-ca`
     /// writes it). The CRL must be signed by the CA, so whoever hands it over (the coordinator,
     /// in Welcome) cannot add to it or forge one; it can only withhold a newer one.
     pub fn with_crl(mut self, crl_der: &[u8]) -> Result<Self, IdentityError> {

@@ -4,11 +4,13 @@
 //! - [`secagg`]: SecAgg+ secure aggregation.
 //! - [`identity`]: site identities: certificates issued by the project CA.
 //! - [`manifest`]: the CA-signed list of the federation's members that every agent pins.
+//! - [`registry`]: the CA's list of enrolled certificates the coordinator admits.
 //! - [`model`]: the model description, flat parameter vectors, the data schema, hashing.
 //! - [`strategy`]: how the coordinator turns an aggregated update into the next model.
 
 pub mod identity;
 pub mod manifest;
 pub mod model;
+pub mod registry;
 pub mod secagg;
 pub mod strategy;

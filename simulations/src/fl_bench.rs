@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cohort_agent::LocalSite;
 use cohort_agent::train::Evaluation;
+use cohort_ca::demo_keys::{ProvisionOptions, provision};
 use cohort_coordinator::CoordinatorConfig;
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_protocols::model::{ModelSpec, TrainingConfig, stats};
 use serde::{Deserialize, Serialize};
 
@@ -193,7 +193,7 @@ pub(crate) fn provision_synthetic(pki: &Path, sites: usize) -> Result<()> {
         std::fs::remove_dir_all(pki).with_context(|| format!("clearing {}", pki.display()))?;
     }
     provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: pki.to_path_buf(),
         sites: (0..sites).map(site_name).collect(),
         coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],

@@ -4,7 +4,7 @@
 //!
 //! The sites are `fl-bench`'s synthetic ones (the agent's own session code, TLS, SecAgg+ and
 //! all, with a random update instead of training), site `i` using the bundle
-//! `PKI/sites/site-NNN` that `provision --sites site-000,site-001,…` wrote. The coordinator
+//! `PKI/sites/site-NNN` that `cohort-ca demo --sites site-000,site-001,…` wrote. The coordinator
 //! must run the matching synthetic model: an MLP over 16 inputs with the schema of
 //! `deploy/kubernetes/overlays/loadtest/coordinator.toml`.
 
@@ -26,7 +26,7 @@ pub struct LoadArgs {
     /// The name in the coordinator's certificate (default: the URL's host).
     #[arg(long)]
     pub server_name: Option<String>,
-    /// `provision`'s output folder: holds `sites/site-000/`, `sites/site-001/`, ….
+    /// `cohort-ca demo`'s output folder: holds `sites/site-000/`, `sites/site-001/`, ….
     #[arg(long)]
     pub pki: PathBuf,
     /// Sites in the whole load test (across every shard).
@@ -64,7 +64,7 @@ pub async fn run(args: &LoadArgs) -> Result<()> {
         let bundle = args.pki.join("sites").join(&name);
         if !bundle.is_dir() {
             bail!(
-                "{} is missing: provision the load test's sites as site-000 … site-{:03}",
+                "{} is missing: make the load test's sites with `cohort-ca demo` as site-000 … site-{:03}",
                 bundle.display(),
                 args.sites - 1
             );

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use cohort_agent::AgentConfig;
+use cohort_ca::demo_keys::{ProvisionOptions, provision};
 use cohort_coordinator::driver::{Evaluation, RoundRecord, SiteResult};
-use cohort_coordinator::provision::{ProvisionOptions, provision};
 use cohort_coordinator::{CoordinatorConfig, RunSummary};
 use cohort_protocols::model::DataSchema;
 use cohort_protocols::model::metrics::Metrics;
@@ -439,7 +439,7 @@ fn run_scenario(
     let pki = out.join("pki");
     let names: Vec<String> = s.sites.iter().map(|x| x.name.clone()).collect();
     provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: names,
         coordinator_names: vec!["localhost".into(), "127.0.0.1".into()],

@@ -218,12 +218,12 @@ pub fn main(args: &SoakArgs) -> Result<ExitCode> {
     let out = args.out.canonicalize()?;
     let (port, status) = (free_port()?, free_port()?);
     let pki = out.join("pki");
-    cohort_coordinator::provision::provision(&cohort_coordinator::provision::ProvisionOptions {
+    cohort_ca::demo_keys::provision(&cohort_ca::demo_keys::ProvisionOptions {
         out: pki.clone(),
         sites: SITES.iter().map(|s| s.to_string()).collect(),
         coordinator_names: vec!["localhost".into()],
         coordinator_url: format!("https://127.0.0.1:{port}"),
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
     })?;
     for site in SITES {
         let csv = args.data.join(format!("{site}.csv"));

@@ -199,10 +199,10 @@ fn a_wrong_length_upload_drops_only_that_site() {
 
 #[test]
 fn an_agent_with_a_certificate_from_another_ca_is_refused() {
-    use cohort_coordinator::provision::{ProvisionOptions, provision};
+    use cohort_ca::demo_keys::{ProvisionOptions, provision};
     let dir = tempfile::tempdir().unwrap();
     let opts = |out: PathBuf| ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out,
         sites: vec!["cleveland".into()],
         coordinator_names: vec!["localhost".into()],

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cohort_coordinator::provision::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
+use cohort_ca::demo_keys::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
 use cohort_sim::load::{LoadArgs, run, share};
 
 #[test]

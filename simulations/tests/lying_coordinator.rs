@@ -368,7 +368,7 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
     let pki = stub::provision_sites(dir.path());
     let manifest = std::fs::read(pki.join("manifest.toml")).unwrap();
     let crl = if matches!(lie, Lie::RevokedPeer) {
-        cohort_coordinator::provision::revoke(&pki, "hungary").unwrap();
+        cohort_ca::revoke(&pki, "hungary").unwrap();
         // Only the CRL is under test here: cleveland keeps the manifest that still lists
         // hungary (the revocation's new manifest is the other, stricter path).
         std::fs::write(pki.join("sites/cleveland/manifest.toml"), &manifest).unwrap();

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 fn a_revoked_certificate_refused_by_a_terminator_that_hangs_up_is_a_permanent_failure() {
     let dir = tempfile::tempdir().unwrap();
     let pki = stub::provision_sites(dir.path());
-    cohort_coordinator::provision::revoke(&pki, "cleveland").unwrap();
+    cohort_ca::revoke(&pki, "cleveland").unwrap();
     let crls = cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap();
     let tls = cohort_coordinator::tls::server_config(
         &pki.join("ca.pem"),

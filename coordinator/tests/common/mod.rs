@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use cohort_coordinator::provision::{ProvisionOptions, provision};
+use cohort_ca::demo_keys::{ProvisionOptions, provision};
 
 pub const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
 
@@ -34,7 +34,7 @@ pub fn data(site: &str) -> PathBuf {
 pub fn pki(dir: &Path) -> PathBuf {
     let pki = dir.join("pki");
     provision(&ProvisionOptions {
-        validity_days: cohort_coordinator::provision::DEFAULT_VALIDITY_DAYS,
+        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
         out: pki.clone(),
         sites: SITES.iter().map(|s| s.to_string()).collect(),
         coordinator_names: vec!["localhost".into()],
@@ -117,15 +117,25 @@ pub fn free_port() -> u16 {
 
 /// `cohort-agent`, built next to this test's binary by `cargo test --workspace`.
 pub fn agent_exe() -> PathBuf {
+    workspace_exe("cohort-agent")
+}
+
+/// The consortium's CA tool, built beside the agent.
+#[allow(dead_code)]
+pub fn ca_exe() -> PathBuf {
+    workspace_exe("cohort-ca")
+}
+
+fn workspace_exe(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let agent = dir.join(format!("cohort-agent{}", std::env::consts::EXE_SUFFIX));
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
-        agent.exists(),
+        path.exists(),
         "{} is missing: build the workspace (cargo test --workspace builds it)",
-        agent.display()
+        path.display()
     );
-    agent
+    path
 }
 
 /// A process whose stdout and stderr lines arrive on a channel and are kept.

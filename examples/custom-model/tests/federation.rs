@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cohort_coordinator::provision::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
+use cohort_ca::demo_keys::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
 use cohort_example_custom_model::{NAME, initial, model};
 
 const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];

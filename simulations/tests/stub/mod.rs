@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cohort_coordinator::provision::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
+use cohort_ca::demo_keys::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
 use cohort_proto::v1::SchemaReply;
 use cohort_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use cohort_protocols::model;
