@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Static binaries of cohort-coordinator, cohort-agent and cohort-sim (musl; no libc needed on
+# Static binaries of cohort-coordinator, cohort-agent, cohort-ca and cohort-sim (musl; no libc needed on
 # the target host or in a FROM-scratch image), copied to dist/ with their sizes.
 #
 #   deploy/build-static.sh            # installs the musl target and musl-tools when missing
@@ -26,7 +26,7 @@ else
 fi
 
 mkdir -p dist
-for bin in cohort-coordinator cohort-agent cohort-sim; do
+for bin in cohort-coordinator cohort-agent cohort-ca cohort-sim; do
     cp "target/$target/release/$bin" dist/
     strip dist/$bin 2>/dev/null || true
     # A static executable asks for no program interpreter (the dynamic loader).

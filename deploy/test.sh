@@ -52,8 +52,8 @@ step "SIGTERM as PID 1"
 # An agent that cannot reach its coordinator retries forever; `podman stop` must end it with
 # SIGTERM (exit 0), not with SIGKILL after the grace period (exit 137).
 work=$(mktemp -d)
-dist/cohort-coordinator provision --out "$work/pki" --sites probe \
-    --coordinator-url https://127.0.0.1:9 >/dev/null
+dist/cohort-ca demo --out "$work/pki" --sites probe \
+    --coordinator-url https://127.0.0.1:9 >/dev/null 2>&1
 chmod -R a+rX "$work"
 podman run -d --name cohort-sigterm --network host -v "$work/pki/sites/probe:/bundle:ro" \
     cohort:0.1.0 cohort-agent run --config /bundle/agent.toml >/dev/null
@@ -68,7 +68,8 @@ test "$code" = 0 && test "$took" -lt 15
 
 step "Compose federation"
 check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
-COHORT_COORDINATOR="$root/dist/cohort-coordinator" deploy/compose/setup.sh
+COHORT_COORDINATOR="$root/dist/cohort-coordinator" COHORT_AGENT="$root/dist/cohort-agent" \
+    COHORT_CA="$root/dist/cohort-ca" deploy/compose/setup.sh
 # The coordinator as PID 1, waiting for sites that never come: SIGTERM ends it with exit 0.
 podman run -d --name cohort-sigterm-coordinator --network host \
     -v "$root/deploy/compose/coordinator.toml:/etc/cohort/coordinator.toml:ro" \

@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
-# Prepares the demo federation beside this file: a fresh PKI (coordinator at 127.0.0.1:7700)
-# and each hospital's CSV copied into its own bundle, which is all its agent mounts.
+# Prepares the demo federation beside this file by the enrolment a real one follows, all on
+# this machine: the consortium's CA (ca/), the coordinator's key and four hospitals' keys each
+# made by their own command (pki/coordinator, pki/sites/NAME), the CA signing only their
+# requests, and each hospital's CSV copied into its bundle, which is all its agent mounts.
+# In a real federation ca/ lives on the consortium's offline machine and each key on its
+# own host; the commands are the same.
 set -euo pipefail
 cd "$(dirname "$0")"
 coordinator="${COHORT_COORDINATOR:-cohort-coordinator}"
-rm -rf pki state
-"$coordinator" provision --out pki --sites cleveland,hungary,switzerland,va \
-    --coordinator-names 127.0.0.1,localhost --coordinator-url https://127.0.0.1:7700 >/dev/null
+agent="${COHORT_AGENT:-cohort-agent}"
+ca="${COHORT_CA:-cohort-ca}"
+names=127.0.0.1,localhost
+rm -rf ca pki state
+"$ca" init --ca ca >/dev/null
+"$coordinator" enroll --names "$names" --out pki/coordinator >/dev/null
+"$ca" sign --ca ca --role coordinator pki/coordinator/request.csr.pem >/dev/null
 for site in cleveland hungary switzerland va; do
+    "$agent" enroll --name "$site" --out "pki/sites/$site" >/dev/null
+    "$ca" sign --ca ca "pki/sites/$site/request.csr.pem" \
+        --coordinator-names "$names" --coordinator-url https://127.0.0.1:7700 >/dev/null
+done
+# What the CA sends back (no private key in any of it), unpacked where each key lives.
+cp ca/coordinator/* pki/coordinator/
+cp ca/ca.pem pki/ca.pem
+for site in cleveland hungary switzerland va; do
+    cp "ca/sites/$site/"* "pki/sites/$site/"
     cp "../../data/heart-disease/$site.csv" "pki/sites/$site/data.csv"
 done
 # The containers run as 65532: they must read their bundle and write the coordinator's state.
