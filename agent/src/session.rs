@@ -697,6 +697,7 @@ impl Session<'_> {
             round,
             reason,
             accused,
+            trusted_manifest: None,
         }))
         .await
     }
@@ -1139,13 +1140,17 @@ impl Session<'_> {
                 let round = r.start.round;
                 let pinned = self.creds.trust.current().map_or(0, |m| m.version());
                 self.round = None;
+                let reason = format!(
+                    "the coordinator runs this round under another federation manifest than the v{pinned} this site trusts"
+                );
+                warn!(site = %self.cfg.site, round, %reason, "declining the round");
                 return self
-                    .decline(
+                    .send(agent_message::Kind::Decline(Decline {
                         round,
-                        format!(
-                            "the coordinator runs this round under another federation manifest than the v{pinned} this site trusts"
-                        ),
-                    )
+                        reason,
+                        accused: None,
+                        trusted_manifest: Some(pinned),
+                    }))
                     .await;
             }
             if let Some(reason) = policy_refusal(&self.cfg.policy, setup) {

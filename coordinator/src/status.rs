@@ -35,6 +35,9 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 pub enum RunState {
     Starting,
     WaitingForSites,
+    /// Sites declined the round because they pin another federation manifest (see the
+    /// driver's `wait_for_manifest`): the operator has something to install.
+    WaitingForManifest,
     Statistics,
     Training,
     Evaluating,

@@ -372,6 +372,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
                         round: 999_999,
                         reason: reason.clone(),
                         accused: None,
+                        trusted_manifest: None,
                     })),
                 };
                 match tokio::time::timeout(Duration::from_millis(200), tx.send(flood)).await {
@@ -609,6 +610,7 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
                     round: 1,
                     reason: "shares do not decrypt".into(),
                     accused: Some(setup.participants[at]),
+                    trusted_manifest: None,
                 }))
             })
             .await;

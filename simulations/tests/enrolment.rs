@@ -129,6 +129,12 @@ local_steps = 5
 /// Runs the coordinator and the four sites homed under `dir` (each site's agent.toml with
 /// `extra` appended) until every agent has finished training.
 fn train(dir: &Path, rounds: u32, extra: &str) {
+    train_with(dir, rounds, extra, || {});
+}
+
+/// [`train`], with `meanwhile` run (on a thread of its own) once the agents have started;
+/// training must finish after it returns.
+fn train_with(dir: &Path, rounds: u32, extra: &str, meanwhile: impl FnOnce() + Send + 'static) {
     let coordinator = coordinator_config(dir, rounds);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -154,6 +160,8 @@ fn train(dir: &Path, rounds: u32, extra: &str) {
             let cfg = cohort_agent::AgentConfig::load(&home.join("agent.toml")).unwrap();
             agents.push(tokio::spawn(cohort_agent::run(cfg)));
         }
+        tokio::task::spawn_blocking(meanwhile).await.unwrap();
+        assert!(!server.is_finished(), "the coordinator is still running");
         for (site, agent) in SITES.iter().zip(agents) {
             tokio::time::timeout(std::time::Duration::from_secs(300), agent)
                 .await
@@ -336,21 +344,36 @@ fn a_new_member_takes_part_only_with_the_countersignatures_the_sites_ask_for() {
         "zz",
     );
     assert!(cohort_ca::countersign(&ca, &[stale.as_str()]).is_err());
-    assert_eq!(
-        cohort_ca::countersign(&ca, &[files[1].as_str()]).unwrap(),
-        2
-    );
+    // The coordinator's operator installs the version with one countersignature: the founders
+    // refuse it and decline its rounds (the newcomer accepts it: it is the one it holds). The
+    // coordinator waits for them to agree instead of failing the round after max_attempts.
+    let host = dir.path().join("coordinator-host");
+    std::fs::copy(ca.join("manifest.toml"), host.join("manifest.toml")).unwrap();
+    let second = files[1].clone();
+    let (ca_dir, host_manifest) = (ca.clone(), host.join("manifest.toml"));
+    train_with(dir.path(), 2, policy, move || {
+        // Long enough for every attempt of round 0 to be declined several times over.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        // The second founder's countersignature arrives: the CA attaches it and the operator
+        // installs the manifest again; the coordinator relays it and the round goes on.
+        assert_eq!(
+            cohort_ca::countersign(&ca_dir, &[second.as_str()]).unwrap(),
+            2
+        );
+        std::fs::copy(ca_dir.join("manifest.toml"), &host_manifest).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&host_manifest)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+    });
     let countersigned = read_manifest(&ca.join("manifest.toml"), &ca);
     assert_eq!(
         countersigned.version(),
         6,
         "countersigning is not a new version"
     );
-    let host = dir.path().join("coordinator-host");
-    std::fs::copy(ca.join("manifest.toml"), host.join("manifest.toml")).unwrap();
-
-    // The federation trains: the founders adopt v6 from the coordinator and keep it.
-    train(dir.path(), 2, policy);
     for site in founders {
         let kept = read_manifest(&dir.path().join(site).join("manifest.toml"), &ca);
         assert_eq!(kept.digest(), countersigned.digest(), "{site}");

@@ -196,6 +196,13 @@ impl Driver {
         if let Some(m) = &self.manifest {
             verifier = verifier.with_manifest(&m.get().signed);
         }
+        // The version this round runs under (its context is that manifest's digest).
+        let round_manifest = self
+            .manifest
+            .as_ref()
+            .map(|m| m.get())
+            .filter(|m| m.digest == round.context)
+            .map(|m| m.signed.version());
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
@@ -393,6 +400,13 @@ impl Driver {
                         },
                         Some(agent_message::Kind::Decline(d)) => {
                             warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
+                            // Only a version other than the one this round runs under explains
+                            // the decline; a site claiming otherwise is not waited for.
+                            if let Some(version) = d.trusted_manifest
+                                && Some(version) != round_manifest
+                            {
+                                self.manifest_declines.insert(site.clone(), version);
+                            }
                             self.hub.record(&site, |s| {
                                 s.last_decline = Some((round.round, d.reason.clone()))
                             });

@@ -122,6 +122,9 @@ pub struct Driver {
     /// Sites with a refused SecAgg+ message in the current round (any attempt), for its
     /// summary; cleared when a new round starts.
     rejected: std::collections::BTreeSet<String>,
+    /// Sites that declined the current attempt because they pin another manifest version
+    /// than the one the round ran under, with the version they pin.
+    manifest_declines: BTreeMap<String, u64>,
     store: Store,
     resume: Option<Resume>,
     signing_key: SigningKey,
@@ -209,6 +212,10 @@ impl Sessions {
 
 /// Says every [`WAITING_LOG_EVERY`] what a stage is still waiting for, so a long wait is
 /// never silent.
+/// How long the driver waits after sites refused the manifest before it tries the round
+/// again even if the manifest file has not changed.
+const MANIFEST_RETRY: Duration = Duration::from_secs(10);
+
 struct WaitingLog {
     opened: Instant,
     next: Instant,
@@ -309,6 +316,7 @@ impl Driver {
             report,
             sidelined: HashSet::new(),
             rejected: std::collections::BTreeSet::new(),
+            manifest_declines: BTreeMap::new(),
             store: ops.store,
             resume: ops.resume,
             signing_key: ops.signing_key,
@@ -588,6 +596,51 @@ impl Driver {
         }
     }
 
+    /// Sites declined an attempt because they pin another version of the federation manifest
+    /// than the one the coordinator relays: typically a new version that adds a site without
+    /// the countersignatures their `policy.manifest_quorum` asks for, or an older file at the
+    /// coordinator. Retrying at once cannot help, and failing the run would only repeat on
+    /// restart, so the driver waits — until the manifest file changes, or [`MANIFEST_RETRY`]
+    /// (a site may adopt a version out of band) — and says what the operator can do.
+    async fn wait_for_manifest(&mut self, round: u64) -> Result<(), DriverError> {
+        let current = self.manifest.as_ref().map(|m| m.get());
+        let version = current.as_ref().map_or(0, |m| m.signed.version());
+        let sites = self
+            .manifest_declines
+            .iter()
+            .map(|(site, v)| format!("{site} (trusts v{v})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        warn!(
+            round,
+            manifest = version,
+            %sites,
+            "sites refuse the federation manifest this round runs under; waiting for them to agree (if they ask for countersignatures, attach them with `cohort-ca countersign` and install the manifest again; if they trust a newer version, install it here)"
+        );
+        self.progress
+            .set_stage(RunState::WaitingForManifest, round, 0, None);
+        let until = Instant::now() + MANIFEST_RETRY;
+        while Instant::now() < until {
+            // A new version, or the same one with more countersignatures: either is a new
+            // `Relayed`.
+            let now = self.manifest.as_ref().map(|m| m.get());
+            if let (Some(now), Some(before)) = (&now, &current)
+                && !Arc::ptr_eq(now, before)
+            {
+                info!(
+                    round,
+                    "the federation manifest changed; trying the round again"
+                );
+                return Ok(());
+            }
+            let tick = tokio::time::Instant::now() + Duration::from_millis(250);
+            if let Ok(None) = tokio::time::timeout_at(tick, self.inbox.recv()).await {
+                return Err(DriverError::HubClosed);
+            }
+        }
+        Ok(())
+    }
+
     /// Training sites the coordinator has known (this run or before a restart) that are not
     /// connected, each with when it was last seen.
     fn missing_sites(&self) -> Vec<String> {
@@ -619,14 +672,26 @@ impl Driver {
         let mut last = String::new();
         self.sidelined.clear();
         self.rejected.clear();
-        for attempt in 0..self.cfg.rounds.max_attempts {
+        // Every attempt gets a number of its own (fresh keys, a fresh round id); only the
+        // failures that a retry may fix count towards max_attempts.
+        let mut failures = 0;
+        let mut attempt = 0u32;
+        while failures < self.cfg.rounds.max_attempts {
             self.wait_for_sites(round).await?;
-            match f(self, attempt).await {
+            self.manifest_declines.clear();
+            let result = f(self, attempt).await;
+            attempt = attempt.saturating_add(1);
+            match result {
                 Ok(v) => return Ok(v),
                 Err(reason) => {
                     self.metrics.attempts_aborted.inc();
-                    warn!(round, attempt, %reason, "round attempt aborted; retrying with fresh keys");
+                    warn!(round, attempt = attempt - 1, %reason, "round attempt aborted; retrying with fresh keys");
                     last = reason;
+                    if self.manifest_declines.is_empty() {
+                        failures += 1;
+                    } else {
+                        self.wait_for_manifest(round).await?;
+                    }
                 }
             }
         }
