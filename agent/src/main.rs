@@ -113,7 +113,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // status, countersign and enroll print a report of their own: log lines would only
+    // interleave with it on standard output.
+    if !matches!(
+        cli.command,
+        Command::Status { .. } | Command::Countersign { .. } | Command::Enroll { .. }
+    ) {
+        init_logging(cli.log_format);
+    }
     let config = match cli.command {
         Command::Run { config } => config,
         Command::Predict {
