@@ -17,6 +17,7 @@ use cohort_proto::v1::{
 };
 use cohort_protocols::identity::{COORDINATOR_COMMON_NAME, CaVerifier};
 use cohort_protocols::model::{self, DataSchema, ModelSpec};
+use cohort_protocols::round_context::{Announcement, round_context};
 use cohort_protocols::secagg::{
     Client, ClientError, ClientMessage, Modulus, Params, QuantisedInput, RoundId, ServerMessage,
     SiteIdentity, Word, quantise,
@@ -482,13 +483,19 @@ fn coordinator_key(creds: &Credentials, cert_der: &[u8]) -> Result<ed25519_dalek
 /// Offers the coordinator's manifest (from Welcome or a round start) to the site's trust.
 /// A refused one is logged and changes nothing: the site keeps the version it pins, and a
 /// round under another manifest then fails its context check.
-fn offer_manifest(creds: &Credentials, bytes: &[u8]) {
+/// Returns whether the site now pins the manifest the coordinator relays (none relayed: only
+/// if the site pins none either).
+fn offer_manifest(creds: &Credentials, bytes: &[u8]) -> bool {
     if bytes.is_empty() {
-        return;
+        return creds.trust.current().is_none();
     }
-    if let Err(e) = creds.trust.offer(bytes) {
-        let pinned = creds.trust.current().map_or(0, |m| m.version());
-        warn!(error = %e, pinned, "refused the coordinator's federation manifest");
+    match creds.trust.offer(bytes) {
+        Ok(_) => true,
+        Err(e) => {
+            let pinned = creds.trust.current().map_or(0, |m| m.version());
+            warn!(error = %e, pinned, "refused the coordinator's federation manifest");
+            false
+        }
     }
 }
 
@@ -506,6 +513,9 @@ enum Pending {
 
 struct Round {
     start: RoundStart,
+    /// Whether the manifest the coordinator relayed with the start is the one this site pins
+    /// (after adopting it, if it was newer): a context mismatch is then not the manifest's.
+    manifest_agrees: bool,
     /// The round's model as it arrives (train and evaluate rounds), hashed and decoded chunk
     /// by chunk; taken when complete, so a site holds one copy of the model.
     model: Option<model::Incoming>,
@@ -835,7 +845,7 @@ impl Session<'_> {
     }
 
     async fn on_round_start(&mut self, start: RoundStart) -> Result<()> {
-        offer_manifest(self.creds, &start.manifest);
+        let manifest_agrees = offer_manifest(self.creds, &start.manifest);
         if start.feature_mean.len() == self.data.stats_columns()
             && start.feature_std.len() == self.data.stats_columns()
             && start.feature_std.iter().all(|s| s.is_finite() && *s > 0.0)
@@ -879,6 +889,7 @@ impl Session<'_> {
         };
         self.round = Some(Round {
             start,
+            manifest_agrees,
             model,
             secagg_buf: Vec::new(),
             params: None,
@@ -1133,23 +1144,41 @@ impl Session<'_> {
             if (setup.round.round, setup.round.attempt) != (expected.round, expected.attempt) {
                 return Ok(());
             }
-            // The context is this site's own view (its pinned manifest), never the server's
-            // say-so: a round under another manifest is refused, and peers shown another
-            // one could not verify this site's keys anyway.
-            if setup.round.context != self.creds.trust.context() {
+            // The context is this site's own view — the manifest it pins, the start and the
+            // set-up it was sent — never the server's say-so
+            // ([`cohort_protocols::round_context`]). A round under another manifest is
+            // refused here; a site told anything else than its peers computes another
+            // context, and neither can verify the other's keys.
+            let announced = Announcement {
+                round: r.start.round,
+                attempt: r.start.attempt,
+                task: r.start.task,
+                secure: r.start.secure,
+                model_sha3_512: &r.start.model_sha3_512,
+                training_toml: &r.start.training_toml,
+                feature_mean: &r.start.feature_mean,
+                feature_std: &r.start.feature_std,
+            }
+            .digest(&self.creds.trust.context());
+            if setup.round.context != round_context(&announced, setup) {
                 let round = r.start.round;
                 let pinned = self.creds.trust.current().map_or(0, |m| m.version());
+                let manifest = !r.manifest_agrees;
                 self.round = None;
-                let reason = format!(
-                    "the coordinator runs this round under another federation manifest than the v{pinned} this site trusts"
-                );
+                let reason = if manifest {
+                    format!(
+                        "the coordinator runs this round under another federation manifest than the v{pinned} this site trusts"
+                    )
+                } else {
+                    "the round's context is not the one this site computes from what it was told (the round start and the SecAgg+ set-up)".to_string()
+                };
                 warn!(site = %self.cfg.site, round, %reason, "declining the round");
                 return self
                     .send(agent_message::Kind::Decline(Decline {
                         round,
                         reason,
                         accused: None,
-                        trusted_manifest: Some(pinned),
+                        trusted_manifest: manifest.then_some(pinned),
                     }))
                     .await;
             }

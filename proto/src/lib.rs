@@ -10,8 +10,9 @@ pub mod v1 {
 use bytes::Bytes;
 
 /// Version of the session protocol, checked at join. 2: updates travel as their own chunk
-/// kind and are streamed into the aggregate.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// kind and are streamed into the aggregate. 4: the SecAgg+ round context is the digest of
+/// the whole round as announced (`cohort_protocols::round_context`), not only the manifest's.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest encoded gRPC message either side accepts (gRPC's usual 4 MiB): a chunk of at most
 /// 4 MiB less its envelope. Cohort itself sends [`CHUNK_BYTES`].

@@ -5,6 +5,8 @@
 //! - [`identity`]: site identities: certificates issued by the project CA.
 //! - [`manifest`]: the CA-signed list of the federation's members that every agent pins.
 //! - [`registry`]: the CA's list of enrolled certificates the coordinator admits.
+//! - [`round_context`]: one digest of everything a site is told about a round, which every
+//!   SecAgg+ signature covers.
 //! - [`model`]: the model description, flat parameter vectors, the data schema, hashing.
 //! - [`strategy`]: how the coordinator turns an aggregated update into the next model.
 
@@ -12,5 +14,6 @@ pub mod identity;
 pub mod manifest;
 pub mod model;
 pub mod registry;
+pub mod round_context;
 pub mod secagg;
 pub mod strategy;

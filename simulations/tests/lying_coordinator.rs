@@ -19,6 +19,7 @@ use cohort_proto::v1::{
     agent_message, coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
+use cohort_protocols::round_context::{Announcement, round_context};
 use cohort_protocols::secagg::{
     Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
     SiteIdentity, StageTimeouts, share_digest, sign_share_list,
@@ -52,6 +53,10 @@ enum Lie {
     MintedPeer,
     /// As above, but the minted certificate reuses a member's name (hungary) with a new key.
     ReusedName,
+    /// The agent alone is told another clipping bound than its peers (clip 1 against 1e6:
+    /// the peers' quantised values then sit within a step of the midpoint and the sum minus a
+    /// constant is the agent's input), its set-up sealed with the context of what it was told.
+    ClipForAgent,
 }
 
 /// A certificate the CA key signs outside provisioning (so outside the manifest), as whoever
@@ -114,7 +119,9 @@ struct Round {
 }
 
 impl Round {
-    fn new(pki: &Path, lie: Lie, context: [u8; 32]) -> (Self, ServerMessage) {
+    /// The round as the real coordinator sets it up: its context is the announcement's digest
+    /// (`announced`) completed by the set-up. Returns the set-up the agent is sent.
+    fn new(pki: &Path, lie: Lie, announced: [u8; 32]) -> (Self, ServerMessage) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -128,9 +135,24 @@ impl Round {
         let params = Params {
             consistency_check: true,
             modulus: Modulus::Bits64,
+            clip: if matches!(lie, Lie::ClipForAgent) {
+                1e6
+            } else {
+                Params::with_defaults(4, 38).clip
+            },
             ..Params::with_defaults(4, 38)
         };
-        let round = RoundId::new(0, 0).with_context(context);
+        let (_, probe) = Server::<u64>::new(
+            params.clone(),
+            RoundId::new(0, 0).with_context(announced),
+            &roster,
+            [7u8; 32],
+            verifier.clone(),
+            StageTimeouts::default(),
+            0,
+        )
+        .unwrap();
+        let round = RoundId::new(0, 0).with_context(round_context(&announced, &probe));
         let (server, setup) = Server::<u64>::new(
             params.clone(),
             round,
@@ -163,6 +185,17 @@ impl Round {
                 )
             })
             .collect();
+        // What the agent is told: the same set-up, or (the lie) its own clip, sealed with the
+        // context of its own view as a coordinator that knows the protocol would.
+        let to_agent = match lie {
+            Lie::ClipForAgent => {
+                let mut own = setup.clone();
+                own.params.clip = 1.0;
+                own.round = RoundId::new(0, 0).with_context(round_context(&announced, &own));
+                ServerMessage::Setup(own)
+            }
+            _ => ServerMessage::Setup(setup.clone()),
+        };
         let setup = ServerMessage::Setup(setup);
         let mut r = Round {
             server,
@@ -171,12 +204,8 @@ impl Round {
             lie,
             len: params.vector_len(),
         };
-        r.deliver_to_peers(vec![
-            (1, setup.clone()),
-            (2, setup.clone()),
-            (3, setup.clone()),
-        ]);
-        (r, setup)
+        r.deliver_to_peers(vec![(1, setup.clone()), (2, setup.clone()), (3, setup)]);
+        (r, to_agent)
     }
 
     /// Hands messages to the simulated sites and their answers to the server.
@@ -270,7 +299,8 @@ impl Round {
             | Lie::GarbageFromPeer
             | Lie::RevokedPeer
             | Lie::MintedPeer
-            | Lie::ReusedName => {}
+            | Lie::ReusedName
+            | Lie::ClipForAgent => {}
             Lie::BothShares => req.dropped = vec![1],
             Lie::ChangedSurvivors => {
                 req.survivors.retain(|&s| s != 1);
@@ -295,7 +325,19 @@ impl Coordinator for Stub {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let (mut round, setup) = Round::new(&self.pki, self.lie, self.context);
+        let start = stats_start(self.manifest.clone());
+        let announced = Announcement {
+            round: start.round,
+            attempt: start.attempt,
+            task: start.task,
+            secure: start.secure,
+            model_sha3_512: &start.model_sha3_512,
+            training_toml: &start.training_toml,
+            feature_mean: &start.feature_mean,
+            feature_std: &start.feature_std,
+        }
+        .digest(&self.context);
+        let (mut round, setup) = Round::new(&self.pki, self.lie, announced);
         let answers = self.answers.clone();
         let crl = self.crl.clone();
         let manifest = self.manifest.clone();
@@ -310,14 +352,7 @@ impl Coordinator for Stub {
                     crl: crl.clone(),
                     manifest: manifest.clone(),
                 })),
-                send(coordinator_message::Kind::RoundStart(RoundStart {
-                    manifest,
-                    round: 0,
-                    task: Task::Stats as i32,
-                    secure: true,
-                    training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
-                    ..Default::default()
-                })),
+                send(coordinator_message::Kind::RoundStart(start)),
                 secagg(&setup),
             ];
             for m in opening {
@@ -333,7 +368,13 @@ impl Coordinator for Stub {
                         }
                         let m =
                             ClientMessage::<u64>::decode(&std::mem::take(&mut control)).unwrap();
-                        round.server.receive(0, m, 0).unwrap();
+                        // The real server checks the agent's messages as it checks any site's:
+                        // a refusal there is an answer too.
+                        if let Err(e) = round.server.receive(0, m, 0) {
+                            let _ =
+                                answers.send((format!("the server refused the agent: {e}"), None));
+                            continue;
+                        }
                     }
                     Some(agent_message::Kind::MaskedInput(c)) => {
                         masked.extend_from_slice(&c.data);
@@ -358,6 +399,18 @@ impl Coordinator for Stub {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The statistics round the stub announces, relaying `manifest`.
+fn stats_start(manifest: Vec<u8>) -> RoundStart {
+    RoundStart {
+        manifest,
+        round: 0,
+        task: Task::Stats as i32,
+        secure: true,
+        training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+        ..Default::default()
     }
 }
 
@@ -486,6 +539,23 @@ fn a_member_name_with_a_key_the_ca_minted_is_refused_by_the_real_agent() {
     assert!(
         reason.contains("site 1's identity was not accepted")
             && reason.contains("is not the one manifest v1 lists for it"),
+        "{reason}"
+    );
+}
+
+/// The first attack of the round-integrity review: one site told a clipping bound of 1 while
+/// its peers are told 1e6 (what makes their quantised inputs a known constant). The agent's
+/// key advertisement is for the context of what it was told, so the real server refuses it
+/// (as an honest peer would refuse its signature), and the round never gets its masked
+/// input. Before the context covered the set-up, the round completed with the agent's
+/// statistics in the sum.
+#[test]
+fn a_site_told_its_own_clipping_bound_cannot_join_its_peers_round() {
+    let (reason, _) = refusal(Lie::ClipForAgent);
+    assert!(
+        reason.contains("the server refused the agent")
+            && reason.contains("AdvertiseKeys")
+            && reason.contains("context"),
         "{reason}"
     );
 }

@@ -199,12 +199,14 @@ fn answer_to_attack(attack: Attack<'_>) -> String {
     }
 }
 
+const STATS_TOML: &str = "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n";
+
 fn stats_round(secure: bool) -> coordinator_message::Kind {
     coordinator_message::Kind::RoundStart(RoundStart {
         round: 0,
         task: Task::Stats as i32,
         secure,
-        training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
+        training_toml: STATS_TOML.into(),
         ..Default::default()
     })
 }
@@ -223,9 +225,9 @@ fn setup_with(
         // the statistics vector of the 13-input heart model: 1 + 3 × 13 = 40 = dim + 2
         ..Params::with_defaults(n, 38)
     };
-    let (_, setup) = Server::<u64>::new(
+    let (_, mut setup) = Server::<u64>::new(
         params,
-        RoundId::new(0, 0).with_context(CONTEXT.with(|c| c.get())),
+        RoundId::new(0, 0),
         roster,
         [7u8; 32],
         std::sync::Arc::new(PinnedIdentities::new(std::iter::empty())),
@@ -233,7 +235,31 @@ fn setup_with(
         0,
     )
     .unwrap();
+    seal(&mut setup);
     (secagg(ServerMessage::Setup(setup.clone())), setup)
+}
+
+/// Gives `setup` the context the real coordinator would: the one of the secure statistics
+/// round `stats_round(true)` announces with this very set-up, for a site that pins the
+/// federation's manifest. A lying coordinator that edits a set-up seals it again, so the lie
+/// reaches the checks behind the context.
+fn seal(setup: &mut cohort_protocols::secagg::Setup) {
+    let announced = cohort_protocols::round_context::Announcement {
+        round: 0,
+        attempt: 0,
+        task: Task::Stats as i32,
+        secure: true,
+        model_sha3_512: &[],
+        training_toml: STATS_TOML,
+        feature_mean: &[],
+        feature_std: &[],
+    }
+    .digest(&CONTEXT.with(|c| c.get()));
+    setup.round = setup
+        .round
+        .with_context(cohort_protocols::round_context::round_context(
+            &announced, setup,
+        ));
 }
 
 fn secagg(msg: cohort_protocols::secagg::ServerMessage) -> coordinator_message::Kind {
@@ -367,6 +393,7 @@ fn a_coordinator_that_substitutes_keys_is_refused_by_the_production_verifier() {
 fn edited_roster(edit: impl Fn(&mut Vec<String>)) -> Vec<coordinator_message::Kind> {
     let (_, mut setup) = setup_with(&roster(), true);
     edit(&mut setup.names);
+    seal(&mut setup);
     vec![
         stats_round(true),
         secagg(cohort_protocols::secagg::ServerMessage::Setup(setup)),

@@ -196,19 +196,31 @@ impl Driver {
         if let Some(m) = &self.manifest {
             verifier = verifier.with_manifest(&m.get().signed);
         }
-        // The version this round runs under (its context is that manifest's digest).
-        let round_manifest = self
-            .manifest
-            .as_ref()
-            .map(|m| m.get())
-            .filter(|m| m.digest == round.context)
-            .map(|m| m.signed.version());
+        // The version this round runs under: a site declining because it pins another one
+        // says which (see `wait_for_manifest`).
+        let round_manifest = self.manifest.as_ref().map(|m| m.get().signed.version());
+        // `round.context` holds the announcement's digest; the round's context adds the whole
+        // set-up (parameters, seed, roster), as every site computes it from its own Setup. The
+        // set-up is made once to learn it, then again under the final context.
+        let seed = random_seed();
+        let verifier = Arc::new(verifier);
+        let (_, probe) = Server::<W>::new(
+            params.clone(),
+            round,
+            &roster,
+            seed,
+            verifier.clone(),
+            timeouts,
+            now_ms(clock),
+        )
+        .map_err(|e| e.to_string())?;
+        let round = round.with_context(round_context(&round.context, &probe));
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
             &roster,
-            random_seed(),
-            Arc::new(verifier),
+            seed,
+            verifier,
             timeouts,
             now_ms(clock),
         )

@@ -48,10 +48,11 @@ impl Driver {
         tokio::time::Instant::now() + (self.stage_timeout() / 4).max(Duration::from_secs(1))
     }
 
-    /// The round's announcement and its SecAgg+ round context, both from one version of the
-    /// manifest: the context is the digest of the manifest the start relays (all zeros
-    /// without one, which agents holding a manifest refuse), so a manifest published between
-    /// the two cannot make them disagree.
+    /// The round's announcement and the digest of it that begins the SecAgg+ round context
+    /// ([`cohort_protocols::round_context`]; the set-up completes it), both from one version
+    /// of the manifest: the digest covers the manifest the start relays (all zeros without
+    /// one, which agents holding a manifest refuse), so a manifest published between the two
+    /// cannot make them disagree.
     pub(super) fn round_start(
         &self,
         round: u64,
@@ -79,6 +80,17 @@ impl Driver {
                 .map(|m| m.bytes.clone())
                 .unwrap_or_default(),
         };
-        (start, manifest.map_or([0; 32], |m| m.digest))
+        let announced = Announcement {
+            round,
+            attempt,
+            task: start.task,
+            secure: start.secure,
+            model_sha3_512: &start.model_sha3_512,
+            training_toml: &start.training_toml,
+            feature_mean: &start.feature_mean,
+            feature_std: &start.feature_std,
+        }
+        .digest(&manifest.map_or([0; 32], |m| m.digest));
+        (start, announced)
     }
 }

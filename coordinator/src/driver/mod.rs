@@ -25,6 +25,7 @@ use cohort_proto::v1::{
 };
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec, stats};
+use cohort_protocols::round_context::{Announcement, round_context};
 use cohort_protocols::secagg::accumulator::Ranges;
 use cohort_protocols::secagg::quant::{CLIPPED_INDEX, VALUES_OFFSET, WEIGHT_INDEX};
 use cohort_protocols::secagg::{
