@@ -180,6 +180,15 @@ pub struct Policy {
     /// make a puppet a peer. Removals never need countersignatures.
     #[serde(default)]
     pub manifest_quorum: u32,
+    /// Train only with a learning rate in this range, e.g. `[1e-5, 0.1]` (the training
+    /// settings are checked as the coordinator's own configuration is in any case: a rate
+    /// above 0, at least one step). None: any valid rate.
+    #[serde(default)]
+    pub learning_rate: Option<[f64; 2]>,
+    /// Take part only in rounds whose clipping bound (`secagg.clip`) is in this range. None:
+    /// any valid bound.
+    #[serde(default)]
+    pub clip: Option<[f32; 2]>,
 }
 
 fn one() -> u32 {
@@ -204,6 +213,8 @@ impl Default for Policy {
             require_consistency_check: true,
             max_colluders: one(),
             manifest_quorum: 0,
+            learning_rate: None,
+            clip: None,
         }
     }
 }
@@ -275,6 +286,24 @@ impl AgentConfig {
                 allowed: "a fraction strictly between 0 and 1",
             });
         }
+        if let Some([low, high]) = cfg.policy.learning_rate
+            && !(low.is_finite() && high.is_finite() && 0.0 < low && low <= high)
+        {
+            return Err(ConfigError::Invalid {
+                key: "policy.learning_rate",
+                value: format!("[{low}, {high}]"),
+                allowed: "[low, high] with 0 < low <= high",
+            });
+        }
+        if let Some([low, high]) = cfg.policy.clip
+            && !(low.is_finite() && high.is_finite() && 0.0 < low && low <= high)
+        {
+            return Err(ConfigError::Invalid {
+                key: "policy.clip",
+                value: format!("[{low}, {high}]"),
+                allowed: "[low, high] with 0 < low <= high",
+            });
+        }
         let sources = [&cfg.data.csv, &cfg.data.images, &cfg.data.manifest]
             .iter()
             .filter(|s| s.is_some())
@@ -311,5 +340,32 @@ impl AgentConfig {
             });
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_policy(policy: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(&format!(
+            "site = \"a\"\n[coordinator]\nurl = \"https://localhost:7700\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[data]\ncsv = \"data.csv\"\n[policy]\n{policy}\n"
+        ))
+    }
+
+    #[test]
+    fn policy_ranges_must_be_ordered_and_positive() {
+        let cfg = with_policy("learning_rate = [1e-5, 0.1]\nclip = [0.5, 10.0]").unwrap();
+        assert_eq!(cfg.policy.learning_rate, Some([1e-5, 0.1]));
+        assert_eq!(cfg.policy.clip, Some([0.5, 10.0]));
+        for (bad, key) in [
+            ("learning_rate = [0.1, 1e-5]", "policy.learning_rate"),
+            ("learning_rate = [0.0, 1.0]", "policy.learning_rate"),
+            ("clip = [-1.0, 1.0]", "policy.clip"),
+            ("clip = [2.0, 1.0]", "policy.clip"),
+        ] {
+            let e = with_policy(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
     }
 }

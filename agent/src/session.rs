@@ -876,6 +876,12 @@ impl Session<'_> {
                 )
                 .await;
         }
+        if task == Task::Train
+            && let Some(reason) = training_refusal(&self.cfg.policy, &start.training_toml)
+        {
+            self.round = None;
+            return self.decline(round, reason).await;
+        }
         let model = if matches!(task, Task::Train | Task::Evaluate) {
             match model::Incoming::new(start.model_bytes) {
                 Ok(m) => Some(m),
@@ -1228,11 +1234,48 @@ impl Session<'_> {
 }
 
 /// Why this site's policy refuses a SecAgg+ round with `setup`, if it does.
+/// Why this site will not train with the coordinator's training settings: they do not parse or
+/// validate (the checks the coordinator's own configuration passes), or the learning rate is
+/// outside the site's `policy.learning_rate`.
+fn training_refusal(policy: &crate::config::Policy, training_toml: &str) -> Option<String> {
+    let cfg: TrainingConfig = match toml::from_str(training_toml) {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(format!(
+                "the coordinator's training settings do not parse: {}",
+                e.message()
+            ));
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        return Some(format!(
+            "the coordinator's training settings are invalid: {e}"
+        ));
+    }
+    if let Some([low, high]) = policy.learning_rate
+        && !(low..=high).contains(&cfg.learning_rate)
+    {
+        return Some(format!(
+            "policy: training.learning_rate = {} is outside [{low}, {high}] (policy.learning_rate)",
+            cfg.learning_rate
+        ));
+    }
+    None
+}
+
 fn policy_refusal(
     policy: &crate::config::Policy,
     setup: &cohort_protocols::secagg::Setup,
 ) -> Option<String> {
     let p = &setup.params;
+    if let Some([low, high]) = policy.clip
+        && !(low..=high).contains(&p.clip)
+    {
+        return Some(format!(
+            "policy: the round's clipping bound {} is outside [{low}, {high}] (policy.clip)",
+            p.clip
+        ));
+    }
     if (setup.participants.len() as u32) < policy.min_sites {
         return Some(format!(
             "policy: the round has {} participants, this site requires at least {} (policy.min_sites)",

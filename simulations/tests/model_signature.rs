@@ -105,7 +105,11 @@ fn answer_to(signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>) -> agent_message::
 /// coordinator's key or a colluding site's).
 type Attack<'a> = &'a dyn Fn(&Path) -> Vec<coordinator_message::Kind>;
 
+type PolicyEdit = Box<dyn Fn(&mut cohort_agent::config::Policy)>;
+
 thread_local! {
+    /// What the test changes in the agent's policy (nothing, unless a test says so).
+    static POLICY: std::cell::RefCell<PolicyEdit> = std::cell::RefCell::new(Box::new(|_| {}));
     /// The round context of the test's federation: set when its PKI is provisioned, before the
     /// attack script (run on the same thread) builds its SecAgg+ set-up.
     static CONTEXT: std::cell::Cell<[u8; 32]> = const { std::cell::Cell::new([0; 32]) };
@@ -131,7 +135,8 @@ fn answer_with(
             answers,
         };
         let port = stub::serve(&pki, stub).await;
-        let cfg = stub::cleveland(&pki, port);
+        let mut cfg = stub::cleveland(&pki, port);
+        POLICY.with(|p| p.borrow()(&mut cfg.policy));
         let mut agent = tokio::spawn(cohort_agent::run(cfg));
         let answer = loop {
             tokio::select! {
@@ -531,4 +536,58 @@ fn a_model_that_differs_from_its_announcement_is_declined_and_odd_chunks_are_fin
     // A size no site could hold: refused at the announcement, before any chunk.
     let reason = answer_to_attack(&|pki| model_round(pki, &params, u64::MAX - 3, &[], 1));
     assert!(reason.contains("cannot set aside memory"), "{reason}");
+}
+
+/// A training round announcing `training_toml`, with the model the stub signs.
+fn training_round(training_toml: &str) -> Vec<coordinator_message::Kind> {
+    vec![coordinator_message::Kind::RoundStart(RoundStart {
+        round: 1,
+        task: Task::Train as i32,
+        secure: true,
+        training_toml: training_toml.into(),
+        ..Default::default()
+    })]
+}
+
+/// The agent checks the training settings it is sent as the coordinator's own configuration
+/// is checked, and against the learning-rate range its policy sets, before it trains. (Round
+/// integrity review: a learning rate of 1e-30 passed, and settings that did not validate were
+/// trained with, or ended the session.)
+#[test]
+fn training_settings_that_do_not_validate_or_leave_the_sites_range_are_declined() {
+    let toml = |lr: &str| format!("learning_rate = {lr}\nbatch_size = 4\nlocal_steps = 1\n");
+    let reason = answer_to_attack(&|_| training_round(&toml("-1.0")));
+    assert!(
+        reason.contains("training settings are invalid") && reason.contains("learning_rate = -1"),
+        "{reason}"
+    );
+    let reason = answer_to_attack(&|_| training_round("learning_rate = \"fast\""));
+    assert!(reason.contains("do not parse"), "{reason}");
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.learning_rate = Some([1e-6, 1.0])));
+    let reason = answer_to_attack(&|_| training_round(&toml("1e-30")));
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    assert!(
+        reason.contains("policy.learning_rate") && reason.contains("is outside [0.000001, 1]"),
+        "{reason}"
+    );
+}
+
+/// The site's clipping range: a round with a bound outside it is declined at set-up.
+#[test]
+fn a_clipping_bound_outside_the_sites_range_is_declined() {
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.clip = Some([0.5, 10.0])));
+    let reason = answer_to_attack(&|_| {
+        let (_, mut setup) = setup_with(&roster(), true);
+        setup.params.clip = 1e6;
+        seal(&mut setup);
+        vec![
+            stats_round(true),
+            secagg(cohort_protocols::secagg::ServerMessage::Setup(setup)),
+        ]
+    });
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    assert!(
+        reason.contains("policy.clip") && reason.contains("1000000"),
+        "{reason}"
+    );
 }
