@@ -593,8 +593,13 @@ fn a_site_that_sends_garbage_in_a_round_is_named_in_the_round_summary() {
     );
 }
 
+/// An accusation needs evidence: a site can only accuse a neighbour whose share it was sent in
+/// this attempt. Mallory accuses va as soon as round 1's set-up arrives, before any share was
+/// sent: the accusation is refused and counted against mallory (a verified refusal, in the
+/// round's `rejected`), va's record stays clean, and the rounds complete. Before, the report
+/// was recorded against va and both were left out of the round's later attempts.
 #[test]
-fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_accused() {
+fn an_accusation_without_evidence_is_counted_against_the_accuser() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki_with_mallory(dir.path());
     let config = config(dir.path(), &pki, 2, r#"kind = "logreg""#);
@@ -603,7 +608,6 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
     let (summary, mallory) = rt.block_on(federation(config, &pki, async |port, api| {
         let (tx, mut stream) = join(&cfg, channel(&pki, port, None).await).await;
         tokio::spawn(async move {
-            // In round 1, mallory claims va's shares to it did not decrypt.
             answer_round_1_setups(&mut stream, &tx, |setup| {
                 let at = setup.names.iter().position(|n| n == "va").unwrap();
                 ControlFlow::Break(agent_message::Kind::Decline(Decline {
@@ -614,34 +618,45 @@ fn an_accusation_of_undecryptable_shares_is_recorded_as_a_report_against_the_acc
                 }))
             })
             .await;
-            // The report is on va's record while the run goes on.
+            // The refusal is on mallory's record while the run goes on.
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Ok((_, body)) = get(&format!("{api}/api/v1/sites"), Some(TOKEN)).await else {
                     return None;
                 };
                 let sites: serde_json::Value = serde_json::from_str(&body).unwrap();
-                let va = sites["sites"]
-                    .as_array()
-                    .and_then(|a| a.iter().find(|s| s["name"] == "va"))
-                    .cloned()
-                    .unwrap();
-                if va["rejections"] == 1 {
-                    return Some(va["last_rejection"]["reason"].to_string());
+                let site = |name: &str| {
+                    sites["sites"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|s| s["name"] == name))
+                        .cloned()
+                        .unwrap()
+                };
+                if site("mallory")["rejections"] == 1 {
+                    return Some((
+                        site("mallory")["last_rejection"]["reason"].to_string(),
+                        site("va")["rejections"].clone(),
+                    ));
                 }
             }
         })
     }));
-    let report = rt
+    let (report, va_rejections) = rt
         .block_on(mallory)
         .unwrap()
-        .expect("va's record shows the report");
-    assert!(report.contains("reported by mallory"), "{report}");
-    assert_eq!(summary.rounds().unwrap().len(), 2, "the rounds complete");
+        .expect("mallory's record shows the refusal");
     assert!(
-        summary.rounds().unwrap()[0].rejected.is_empty(),
-        "an unverified report is not a verified refusal: {:?}",
-        summary.rounds().unwrap()[0]
+        report.contains("accused va") && report.contains("without evidence"),
+        "{report}"
+    );
+    assert_eq!(va_rejections, 0, "the accused is left alone");
+    let rounds = summary.rounds().unwrap();
+    assert_eq!(rounds.len(), 2, "the rounds complete");
+    assert!(
+        rounds
+            .iter()
+            .any(|r| r.rejected.iter().any(|s| s == "mallory")),
+        "a verified refusal: {rounds:?}"
     );
 }
 

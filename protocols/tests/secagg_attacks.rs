@@ -394,6 +394,11 @@ fn a_site_that_signs_an_undecryptable_share_is_named_by_its_recipient() {
     assert_eq!(err, ClientError::ShareDecryption { peer: 3 });
     assert_eq!(err.accused(), Some(3));
     assert!(err.to_string().contains("site 3 is at fault"), "{err}");
+    // The coordinator can tell this accusation has evidence: site 3 did send site 0 a share.
+    // An accusation of a site that sent none (or of a site not in the round) has none.
+    assert!(w.server.forwarded_share(3, 0));
+    assert!(!w.server.forwarded_share(0, 0));
+    assert!(!w.server.forwarded_share(99, 0));
 }
 
 #[test]

@@ -152,6 +152,26 @@ impl Driver {
         self.sidelined.insert(accuser.to_string());
     }
 
+    /// `accuser` accused a site that sent it no share in this attempt (or no participant at
+    /// all): there is nothing it could have failed to decrypt, so the accusation is refused
+    /// and counted against the accuser — a verified refusal, in the round's `rejected` — and
+    /// the accused is left alone. Without this, any site could push any other out of a
+    /// round's later attempts at the price of its own place.
+    fn baseless_accusation(&mut self, round: u64, accuser: &str, accused: String) {
+        warn!(round, %accuser, %accused, "site accused another that sent it no share in this attempt: refused, counted against the accuser");
+        self.hub.record(accuser, |s| {
+            s.rejections += 1;
+            s.last_rejection = Some((
+                round,
+                format!(
+                    "accused {accused} of undecryptable shares without evidence: {accused} sent it no share in this attempt"
+                ),
+            ));
+        });
+        self.rejected.insert(accuser.to_string());
+        self.sidelined.insert(accuser.to_string());
+    }
+
     /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
     fn stage_changed(
         &self,
@@ -422,8 +442,17 @@ impl Driver {
                             self.hub.record(&site, |s| {
                                 s.last_decline = Some((round.round, d.reason.clone()))
                             });
-                            if let Some(accused) = d.accused.and_then(|a| by_id.get(&a)) {
-                                self.accusation(round.round, &site, accused);
+                            if let Some(accused) = d.accused {
+                                match by_id.get(&accused) {
+                                    Some(name) if server.forwarded_share(accused, id) => {
+                                        self.accusation(round.round, &site, name);
+                                    }
+                                    other => self.baseless_accusation(
+                                        round.round,
+                                        &site,
+                                        other.map_or_else(|| format!("id {accused}"), Clone::clone),
+                                    ),
+                                }
                             }
                             // It will send nothing more: the stage need not wait for it.
                             server.disconnected(id);

@@ -538,6 +538,19 @@ impl<W: Word> Server<W> {
         slot.add_whole(&m.values)
     }
 
+    /// Whether `from` sent `to` an encrypted share in this attempt that was forwarded: `from`
+    /// is in U2 and its signed share list names `to`. Only then can `to` have a share of
+    /// `from`'s that does not decrypt, so only then is an accusation by `to` backed by
+    /// evidence (the signed list it holds).
+    pub fn forwarded_share(&self, from: ClientId, to: ClientId) -> bool {
+        self.u2.contains(&from)
+            && self.u2.contains(&to)
+            && self
+                .share_lists
+                .get(&from)
+                .is_some_and(|l| l.digests.iter().any(|(t, _)| *t == to))
+    }
+
     /// The slots into which the transport streams each site's masked input, while the
     /// masked-input stage is open (empty otherwise). Each slot accepts only its own site's
     /// upload; route by the authenticated identity, never by what the upload claims.
