@@ -148,7 +148,7 @@ pub fn report(cfg: &crate::AgentConfig) -> Result<String> {
                 "federation {}  manifest v{}  digest {}\n",
                 m.manifest().federation,
                 m.version(),
-                hex(&m.digest())
+                cohort_protocols::hex::encode(&m.digest())
             ));
             for member in &m.manifest().members {
                 let me = if member.name == creds.name { "  (this site)" } else { "" };
@@ -223,10 +223,6 @@ pub fn countersign(cfg: &crate::AgentConfig, offered: &[u8]) -> Result<(String, 
     Ok((changes, c.to_file(&offered)))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("toml.new");
     std::fs::write(&tmp, bytes)?;
@@ -250,12 +246,11 @@ mod tests {
                 .map(|(i, n)| Member {
                     name: n.to_string(),
                     role: Role::Site,
-                    key: SigningKey::from_bytes(&[i as u8 + 1; 32])
-                        .verifying_key()
-                        .as_bytes()
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect(),
+                    key: cohort_protocols::hex::encode(
+                        SigningKey::from_bytes(&[i as u8 + 1; 32])
+                            .verifying_key()
+                            .as_bytes(),
+                    ),
                     serial: "01".into(),
                     not_after_unix: i64::MAX,
                 })

@@ -27,20 +27,7 @@ pub use authority::{
     federation_id, init, manifest_path, registry_path, revoke, sign_request,
 };
 
-/// Lowercase hex.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+use cohort_protocols::hex::{decode as from_hex, encode as hex};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 fn unix_seconds() -> i64 {

@@ -32,6 +32,20 @@ enum RoleArg {
     Coordinator,
 }
 
+/// What a new bundle is made with: its certificate's validity and what its agent.toml names.
+#[derive(Debug, clap::Args)]
+struct BundleArgs {
+    /// Validity of the certificates signed, in days.
+    #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Names the coordinator is reached at (a new site's agent.toml server_name is the first).
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    coordinator_names: Vec<String>,
+    /// URL written into a new site's agent.toml.
+    #[arg(long, default_value = "https://localhost:7700")]
+    coordinator_url: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create the CA in --ca: ca.pem, ca.key (keep it offline), an empty registry and CRL,
@@ -54,14 +68,8 @@ enum Command {
         /// What the request is for.
         #[arg(long, value_enum, default_value = "site")]
         role: RoleArg,
-        #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
-        validity_days: u32,
-        /// Names the coordinator is reached at (a new site's agent.toml server_name is the first).
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
-        coordinator_names: Vec<String>,
-        /// URL written into a new site's agent.toml.
-        #[arg(long, default_value = "https://localhost:7700")]
-        coordinator_url: String,
+        #[command(flatten)]
+        bundle: BundleArgs,
     },
     /// Revoke a site: its certificate goes to the CRL and the registry's revoked list, and a
     /// new manifest version no longer lists it.
@@ -99,12 +107,8 @@ enum Command {
         /// Give a demo site a new key and certificate; the old one is revoked as superseded.
         #[arg(long, conflicts_with = "sites")]
         renew: Option<String>,
-        #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
-        validity_days: u32,
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
-        coordinator_names: Vec<String>,
-        #[arg(long, default_value = "https://localhost:7700")]
-        coordinator_url: String,
+        #[command(flatten)]
+        bundle: BundleArgs,
     },
 }
 
@@ -134,9 +138,12 @@ fn run(command: Command) -> Result<String> {
             ca,
             csr,
             role,
-            validity_days,
-            coordinator_names,
-            coordinator_url,
+            bundle:
+                BundleArgs {
+                    validity_days,
+                    coordinator_names,
+                    coordinator_url,
+                },
         } => {
             let role = match role {
                 RoleArg::Site => Enrolment::Site,
@@ -192,9 +199,12 @@ fn run(command: Command) -> Result<String> {
             sites,
             add_site,
             renew,
-            validity_days,
-            coordinator_names,
-            coordinator_url,
+            bundle:
+                BundleArgs {
+                    validity_days,
+                    coordinator_names,
+                    coordinator_url,
+                },
         } => {
             eprintln!(
                 "WARNING: `cohort-ca demo` makes every site's private key on this machine: whoever holds {} can sign as any site. For throw-away demos only; real sites enrol with `cohort-agent enroll`.",
@@ -235,10 +245,7 @@ fn show(m: &cohort_protocols::manifest::SignedManifest) -> String {
         "federation {}  manifest v{}  digest {}\n",
         m.manifest().federation,
         m.version(),
-        m.digest()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        cohort_protocols::hex::encode(&m.digest())
     );
     for member in &m.manifest().members {
         out.push_str(&format!(

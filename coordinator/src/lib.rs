@@ -53,20 +53,7 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 const MAX_STREAMS: u32 = 8;
 
 /// Lowercase hex, for hashes and signatures in records and metadata.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of lowercase or uppercase hex; None if it is not hex.
-pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub(crate) use cohort_protocols::hex::{decode as from_hex, encode as hex};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_seconds() -> u64 {

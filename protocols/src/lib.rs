@@ -2,6 +2,7 @@
 //! argument), deterministic given a seed. The coordinator and the agent drive these.
 //!
 //! - [`secagg`]: SecAgg+ secure aggregation.
+//! - [`hex`]: the one spelling of keys, digests and serials in the files above.
 //! - [`identity`]: site identities: certificates issued by the project CA.
 //! - [`manifest`]: the CA-signed list of the federation's members that every agent pins.
 //! - [`registry`]: the CA's list of enrolled certificates the coordinator admits.
@@ -10,6 +11,7 @@
 //! - [`model`]: the model description, flat parameter vectors, the data schema, hashing.
 //! - [`strategy`]: how the coordinator turns an aggregated update into the next model.
 
+pub mod hex;
 pub mod identity;
 pub mod manifest;
 pub mod model;

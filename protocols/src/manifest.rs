@@ -163,19 +163,10 @@ struct CountersignatureText {
 /// A manifest carries at most this many countersignatures (one per member at most).
 const MAX_COUNTERSIGNATURES: usize = MAX_MEMBERS;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::hex::encode as hex;
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    crate::hex::decode(s)?.try_into().ok()
 }
 
 /// The Ed25519 key of a DER CA certificate: what a manifest's signature is checked against.

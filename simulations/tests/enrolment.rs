@@ -295,12 +295,7 @@ fn a_new_member_takes_part_only_with_the_countersignatures_the_sites_ask_for() {
         forged.members.push(Member {
             name: format!("puppet-{i}"),
             role: Role::Site,
-            key: key
-                .verifying_key()
-                .as_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            key: cohort_protocols::hex::encode(key.verifying_key().as_bytes()),
             serial: "01".into(),
             not_after_unix: i64::MAX,
         });

@@ -22,7 +22,7 @@ use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::round_context::{Announcement, round_context};
 use cohort_protocols::secagg::{
     Client, ClientMessage, Modulus, Params, Poll, QuantisedInput, RoundId, Server, ServerMessage,
-    SiteIdentity, StageTimeouts, share_digest, sign_share_list,
+    Setup, SiteIdentity, StageTimeouts, share_digest, sign_share_list,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -142,16 +142,7 @@ impl Round {
             },
             ..Params::with_defaults(4, 38)
         };
-        let (_, probe) = Server::<u64>::new(
-            params.clone(),
-            RoundId::new(0, 0).with_context(announced),
-            &roster,
-            [7u8; 32],
-            verifier.clone(),
-            StageTimeouts::default(),
-            0,
-        )
-        .unwrap();
+        let probe = Setup::new(RoundId::new(0, 0), params.clone(), [7u8; 32], &roster);
         let round = RoundId::new(0, 0).with_context(round_context(&announced, &probe));
         let (server, setup) = Server::<u64>::new(
             params.clone(),

@@ -220,27 +220,16 @@ impl Driver {
         // says which (see `wait_for_manifest`).
         let round_manifest = self.manifest.as_ref().map(|m| m.get().signed.version());
         // `round.context` holds the announcement's digest; the round's context adds the whole
-        // set-up (parameters, seed, roster), as every site computes it from its own Setup. The
-        // set-up is made once to learn it, then again under the final context.
+        // set-up (parameters, seed, roster), as every site computes it from its own Setup.
         let seed = random_seed();
-        let verifier = Arc::new(verifier);
-        let (_, probe) = Server::<W>::new(
-            params.clone(),
-            round,
-            &roster,
-            seed,
-            verifier.clone(),
-            timeouts,
-            now_ms(clock),
-        )
-        .map_err(|e| e.to_string())?;
+        let probe = cohort_protocols::secagg::Setup::new(round, params.clone(), seed, &roster);
         let round = round.with_context(round_context(&round.context, &probe));
         let (mut server, setup) = Server::<W>::new(
             params.clone(),
             round,
             &roster,
             seed,
-            verifier,
+            Arc::new(verifier),
             timeouts,
             now_ms(clock),
         )

@@ -63,6 +63,28 @@ pub struct Setup {
     pub names: Vec<String>,
 }
 
+impl Setup {
+    /// The set-up a server started with these inputs sends: participants sorted by id, each
+    /// name in its participant's place. What a caller needs to know the set-up before the
+    /// server exists (the round context is computed from it) without building one.
+    pub fn new(
+        round: RoundId,
+        params: Params,
+        graph_seed: [u8; 32],
+        roster: &[(ClientId, String)],
+    ) -> Setup {
+        let names: std::collections::BTreeMap<ClientId, &String> =
+            roster.iter().map(|(id, name)| (*id, name)).collect();
+        Setup {
+            round,
+            params,
+            graph_seed,
+            participants: names.keys().copied().collect(),
+            names: names.values().map(|n| (*n).clone()).collect(),
+        }
+    }
+}
+
 /// A site's two ephemeral X25519 public keys, signed with its identity key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdvertiseKeys {

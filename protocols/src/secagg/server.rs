@@ -288,14 +288,8 @@ impl<W: Word> Server<W> {
                 "site names must be non-empty and distinct".into(),
             )));
         }
-        let sorted: Vec<ClientId> = names.keys().copied().collect();
-        let setup = Setup {
-            round,
-            params: params.clone(),
-            graph_seed,
-            participants: sorted.clone(),
-            names: names.values().cloned().collect(),
-        };
+        let setup = Setup::new(round, params.clone(), graph_seed, roster);
+        let sorted = setup.participants.clone();
         let acc = Arc::new(ShardedAccumulator::new(
             params.vector_len(),
             DEFAULT_SHARD_LEN,
