@@ -44,6 +44,11 @@ pub struct AgentConfig {
     /// data. Safe by default.
     #[serde(default)]
     pub policy: Policy,
+    /// Where the agent keeps what it must remember across restarts: the contribution ledger
+    /// (`ledger.toml`, see [`crate::ledger`]). Must be writable and survive restarts (a
+    /// persistent volume, systemd's StateDirectory). Default: the directory of `tls.key`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     #[serde(default)]
     pub faults: Vec<Fault>,
@@ -89,6 +94,9 @@ pub enum FaultAction {
     /// Send the first half of the message, then drop the connection: a site that died
     /// mid-upload.
     Interrupt,
+    /// Send a well-formed masked input whose clipped-value count no honest input can have:
+    /// the unmasked sum is out of range, and nothing but the sum shows it.
+    OutOfRange,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +197,25 @@ pub struct Policy {
     /// any valid bound.
     #[serde(default)]
     pub clip: Option<[f32; 2]>,
+    /// Send at most this many training updates computed from one model (the contribution
+    /// ledger counts them). None (the default): no limit. 1 closes the last way to difference
+    /// two sums of this site without differential privacy — the same model sent in two rounds
+    /// to different sets of sites — but then a round that fails after the inputs went out (a
+    /// coordinator crash, a refused sum) leaves its model unusable by this site for good.
+    #[serde(default)]
+    pub updates_per_model: Option<u32>,
+    /// Answer at most this many evaluations per round (each of a model not evaluated before,
+    /// in round order). An evaluation report is counts over the site's test rows in clear.
+    #[serde(default = "one")]
+    pub max_evaluations_per_round: u32,
+    /// Report the confusion matrix's counts rounded to a multiple of this (1: exact). Coarser
+    /// counts answer fewer questions about single test rows.
+    #[serde(default = "one_u64")]
+    pub evaluation_granularity: u64,
+}
+
+fn one_u64() -> u64 {
+    1
 }
 
 fn one() -> u32 {
@@ -215,6 +242,9 @@ impl Default for Policy {
             manifest_quorum: 0,
             learning_rate: None,
             clip: None,
+            updates_per_model: None,
+            max_evaluations_per_round: one(),
+            evaluation_granularity: one_u64(),
         }
     }
 }
@@ -246,6 +276,16 @@ impl Default for Reconnect {
 }
 
 impl AgentConfig {
+    /// The directory of the contribution ledger: `state_dir`, or the directory of `tls.key`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            self.tls
+                .key
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
@@ -262,6 +302,7 @@ impl AgentConfig {
         for p in [&mut cfg.tls.ca_cert, &mut cfg.tls.cert, &mut cfg.tls.key]
             .into_iter()
             .chain(cfg.tls.manifest.as_mut())
+            .chain(cfg.state_dir.as_mut())
             .chain(cfg.data.csv.as_mut())
             .chain(cfg.data.images.as_mut())
             .chain(cfg.data.manifest.as_mut())
@@ -302,6 +343,21 @@ impl AgentConfig {
                 key: "policy.clip",
                 value: format!("[{low}, {high}]"),
                 allowed: "[low, high] with 0 < low <= high",
+            });
+        }
+        if cfg.policy.updates_per_model == Some(0)
+            || cfg.policy.max_evaluations_per_round == 0
+            || cfg.policy.evaluation_granularity == 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "policy",
+                value: format!(
+                    "updates_per_model = {:?}, max_evaluations_per_round = {}, evaluation_granularity = {}",
+                    cfg.policy.updates_per_model,
+                    cfg.policy.max_evaluations_per_round,
+                    cfg.policy.evaluation_granularity
+                ),
+                allowed: "updates_per_model, max_evaluations_per_round and evaluation_granularity of at least 1 (leave updates_per_model out for no limit)",
             });
         }
         let sources = [&cfg.data.csv, &cfg.data.images, &cfg.data.manifest]

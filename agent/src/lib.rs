@@ -7,6 +7,7 @@ pub mod data;
 pub mod enroll;
 pub mod failure;
 pub mod images;
+pub mod ledger;
 pub mod model;
 pub mod predict;
 pub mod session;

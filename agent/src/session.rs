@@ -284,11 +284,16 @@ impl Retry {
 /// reconnects with backoff, and answers rounds. `cfg.schema` must be the federation's.
 pub async fn run_site(cfg: AgentConfig, data: Arc<dyn LocalSite>) -> Result<()> {
     let creds = Arc::new(load_credentials(&cfg).map_err(failure::ConfigProblem)?);
+    let mut ledger = crate::ledger::Ledger::open(&cfg.state_dir())
+        .map_err(|e| failure::ConfigProblem(e.into()))?;
+    if let Some(c) = ledger.contributed() {
+        info!(site = %cfg.site, round = c.round, attempt = c.attempt, ledger = %ledger.path().display(), "contribution ledger: last input sent");
+    }
     let mut retry = Retry::new(&cfg);
     let mut fired: Vec<Fault> = Vec::new();
     loop {
         let mut welcomed = false;
-        let result = session(&cfg, &data, &creds, &mut welcomed, &mut fired).await;
+        let result = session(&cfg, &data, &creds, &mut ledger, &mut welcomed, &mut fired).await;
         if welcomed {
             retry.reset(&cfg);
         }
@@ -519,6 +524,9 @@ struct Round {
     /// The round's model as it arrives (train and evaluate rounds), hashed and decoded chunk
     /// by chunk; taken when complete, so a site holds one copy of the model.
     model: Option<model::Incoming>,
+    /// What this round's input is computed from, for the ledger: recorded just before the
+    /// masked input leaves.
+    input: Option<crate::ledger::Input>,
     secagg_buf: Vec<u8>,
     params: Option<Params>,
     client: Option<SecClient>,
@@ -540,6 +548,8 @@ struct Session<'a> {
     mean: Vec<f64>,
     std: Vec<f64>,
     trained: mpsc::Sender<(u64, u32, Result<Vec<f32>, String>)>,
+    /// What this site already contributed (see [`crate::ledger`]); outlives the session.
+    ledger: &'a mut crate::ledger::Ledger,
     /// Faults already injected (each fires once, across reconnections).
     fired: &'a mut Vec<Fault>,
 }
@@ -575,6 +585,7 @@ async fn session(
     cfg: &AgentConfig,
     data: &Arc<dyn LocalSite>,
     creds: &Arc<Credentials>,
+    ledger: &mut crate::ledger::Ledger,
     welcomed: &mut bool,
     fired: &mut Vec<Fault>,
 ) -> Result<SessionEnd> {
@@ -616,6 +627,7 @@ async fn session(
         mean: vec![0.0; data.stats_columns()],
         std: vec![1.0; data.stats_columns()],
         trained: trained_tx,
+        ledger,
         fired,
     };
     loop {
@@ -708,6 +720,21 @@ impl Session<'_> {
             reason,
             accused,
             trusted_manifest: None,
+            contributed_round: None,
+        }))
+        .await
+    }
+
+    /// Declines because the contribution ledger refuses the round (see [`crate::ledger`]).
+    async fn decline_refusal(&mut self, round: u64, r: crate::ledger::Refusal) -> Result<()> {
+        warn!(site = %self.cfg.site, round, reason = %r.reason, "declining the round");
+        self.round = None;
+        self.send(agent_message::Kind::Decline(Decline {
+            round,
+            reason: r.reason,
+            accused: None,
+            trusted_manifest: None,
+            contributed_round: r.contributed,
         }))
         .await
     }
@@ -882,6 +909,31 @@ impl Session<'_> {
             self.round = None;
             return self.decline(round, reason).await;
         }
+        // The ledger's say comes before any work: a round this site may not contribute to
+        // is not trained for.
+        let ledger = match task {
+            Task::Stats => self.ledger.check_round(round),
+            Task::Train => self.ledger.check(
+                round,
+                &crate::ledger::Input::update(&start.model_sha3_512),
+                self.cfg.policy.updates_per_model,
+            ),
+            Task::Evaluate => self
+                .ledger
+                .check_evaluation(
+                    round,
+                    &start.model_sha3_512,
+                    self.cfg.policy.max_evaluations_per_round,
+                )
+                .map_err(|reason| crate::ledger::Refusal {
+                    reason,
+                    contributed: None,
+                }),
+            Task::Unspecified => Ok(()),
+        };
+        if let Err(refusal) = ledger {
+            return self.decline_refusal(round, refusal).await;
+        }
         let model = if matches!(task, Task::Train | Task::Evaluate) {
             match model::Incoming::new(start.model_bytes) {
                 Ok(m) => Some(m),
@@ -897,6 +949,7 @@ impl Session<'_> {
             start,
             manifest_agrees,
             model,
+            input: None,
             secagg_buf: Vec::new(),
             params: None,
             client: None,
@@ -911,7 +964,14 @@ impl Session<'_> {
                     return self.decline(round, reason).await;
                 }
             };
+            let input = crate::ledger::Input::statistics(&v);
+            if let Err(refusal) = self.ledger.check(round, &input, None) {
+                return self.decline_refusal(round, refusal).await;
+            }
             if secure {
+                if let Some(r) = self.round.as_mut() {
+                    r.input = Some(input);
+                }
                 self.provide(Pending::Stats(v)).await?;
             } else {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -961,14 +1021,27 @@ impl Session<'_> {
                 })
                 .await?
                 .map_err(|e| anyhow!("evaluation failed: {e}"))?;
+                if let Err(e) = self
+                    .ledger
+                    .record_evaluation(start.round, &start.model_sha3_512)
+                {
+                    error!(site = %self.cfg.site, error = %e, "evaluation not reported");
+                    return self.decline(start.round, e.to_string()).await;
+                }
                 let metrics = eval.metrics();
+                let g = self.cfg.policy.evaluation_granularity;
                 self.send(agent_message::Kind::Eval(EvalReport {
                     round: start.round,
                     examples: eval.examples as u64,
                     loss: eval.loss,
                     accuracy: metrics.accuracy,
                     auc: eval.auc,
-                    confusion: eval.tally.confusion.clone(),
+                    confusion: eval
+                        .tally
+                        .confusion
+                        .iter()
+                        .map(|c| coarsen(*c, g))
+                        .collect(),
                     residuals: eval.tally.residuals.map(|r| Residuals {
                         n: r.n,
                         sse: r.sse,
@@ -1025,6 +1098,9 @@ impl Session<'_> {
         let weight = self.data.train_examples();
         let secure = self.round.as_ref().is_some_and(|r| r.start.secure);
         if secure {
+            if let Some(r) = self.round.as_mut() {
+                r.input = Some(crate::ledger::Input::update(&r.start.model_sha3_512));
+            }
             self.provide(Pending::Delta { delta, weight }).await
         } else {
             let mut v = Vec::with_capacity(delta.len() + 1);
@@ -1055,6 +1131,11 @@ impl Session<'_> {
             return Ok(());
         };
         let truncate = truncates(&self.cfg.faults, r.start.round);
+        let out_of_range = self.cfg.faults.iter().any(|f| {
+            f.round == r.start.round
+                && f.stage == FaultStage::MaskedInput
+                && f.action == FaultAction::OutOfRange
+        });
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
@@ -1064,10 +1145,12 @@ impl Session<'_> {
                 .set_input(QuantisedInput::from_values(v))
                 .map(|m| m.map(|m| outgoing(m, truncate))),
             (SecClient::B32(c), Pending::Delta { delta, weight }) => {
-                input(c, &params, &delta, weight, &mut rng, truncate)?
+                let faults = (truncate, out_of_range);
+                input(c, &params, &delta, weight, &mut rng, faults)?
             }
             (SecClient::B64(c), Pending::Delta { delta, weight }) => {
-                input(c, &params, &delta, weight, &mut rng, truncate)?
+                let faults = (truncate, out_of_range);
+                input(c, &params, &delta, weight, &mut rng, faults)?
             }
             (SecClient::B32(_), Pending::Stats(_)) => {
                 bail!("statistics rounds must use modulus 2^64")
@@ -1080,6 +1163,25 @@ impl Session<'_> {
         match reply {
             Ok(Some(out)) => {
                 let round = self.round.as_ref().map_or(0, |r| r.start.round);
+                if out.stage == FaultStage::MaskedInput
+                    && let Some(r) = self.round.as_mut()
+                {
+                    // Durably on the site's disk before the input leaves: from here on it may
+                    // be in a sum (see `crate::ledger`).
+                    let attempt = r.start.attempt;
+                    let recorded = match r.input.take() {
+                        Some(input) => self.ledger.record(round, attempt, &input),
+                        None => Err(crate::ledger::LedgerError::Corrupt {
+                            path: self.ledger.path().to_path_buf(),
+                            error: "a masked input without a recorded origin".into(),
+                        }),
+                    };
+                    if let Err(e) = recorded {
+                        error!(site = %self.cfg.site, round, error = %e, "masked input not sent");
+                        self.round = None;
+                        return self.decline(round, e.to_string()).await;
+                    }
+                }
                 let fault = self.cfg.faults.iter().find(|f| {
                     f.round == round
                         && f.stage == out.stage
@@ -1185,6 +1287,7 @@ impl Session<'_> {
                         reason,
                         accused: None,
                         trusted_manifest: manifest.then_some(pinned),
+                        contributed_round: None,
                     }))
                     .await;
             }
@@ -1319,9 +1422,17 @@ fn input<W: Word>(
     delta: &[f32],
     weight: u64,
     rng: &mut ChaCha20Rng,
-    truncate: bool,
+    (truncate, out_of_range): (bool, bool),
 ) -> Result<Result<Option<Outgoing>, ClientError>> {
-    let (q, report) = quantise::<W, _>(params, delta, weight, rng).map_err(|e| anyhow!("{e}"))?;
+    let (mut q, report) =
+        quantise::<W, _>(params, delta, weight, rng).map_err(|e| anyhow!("{e}"))?;
+    if out_of_range {
+        let mut values = q.values().to_vec();
+        if let Some(c) = values.get_mut(cohort_protocols::secagg::quant::CLIPPED_INDEX) {
+            *c = W::from_u64_wrapping(u64::from(u32::MAX));
+        }
+        q = QuantisedInput::from_values(values);
+    }
     if report.clipped > 0 {
         warn!(
             clipped = report.clipped,
@@ -1341,6 +1452,12 @@ fn truncates(faults: &[Fault], round: u64) -> bool {
     faults.iter().any(|f| {
         f.round == round && f.stage == FaultStage::MaskedInput && f.action == FaultAction::Truncate
     })
+}
+
+/// `count` rounded to the nearest multiple of `granularity` (`policy.evaluation_granularity`).
+fn coarsen(count: u64, granularity: u64) -> u64 {
+    let g = granularity.max(1);
+    (count.saturating_add(g / 2) / g).saturating_mul(g)
 }
 
 fn site_hash(site: &str) -> u64 {

@@ -202,9 +202,18 @@ pub struct RoundsConfig {
     /// Timeout for local training (the masked-input stage).
     #[serde(default = "default_train")]
     pub train_timeout_secs: u64,
-    /// Attempts per round before the run stops with an error.
+    /// Attempts per round before the round is given up (recorded as failed, the model
+    /// unchanged; the run goes on with the next round).
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Rounds given up in a row after which the run stops with an error: one failed round is
+    /// the run's business, several in a row need the operator.
+    #[serde(default = "default_failed_rounds")]
+    pub max_failed_rounds: u32,
+}
+
+fn default_failed_rounds() -> u32 {
+    3
 }
 
 fn default_wait() -> u64 {
@@ -527,6 +536,9 @@ impl CoordinatorConfig {
         }
         if r.max_attempts == 0 {
             return Err(invalid("rounds.max_attempts", 0, "must be at least 1"));
+        }
+        if r.max_failed_rounds == 0 {
+            return Err(invalid("rounds.max_failed_rounds", 0, "must be at least 1"));
         }
         let s = &self.secagg;
         if Modulus::from_bits(s.modulus_bits).is_none() {

@@ -579,6 +579,15 @@ fn status_text(doc: &StatusDoc) -> String {
             .as_f64()
             .map_or("?".to_string(), |x| format!("{x:.0} s")),
     );
+    if let Some(f) = s["last_failure"].as_object() {
+        let _ = writeln!(
+            out,
+            "rounds given up: {}   the last: round {}: {}",
+            int(&s["rounds_failed"]),
+            f.get("round").map_or("?".to_string(), int),
+            f.get("reason").and_then(|r| r.as_str()).unwrap_or("?"),
+        );
+    }
     let sites: Vec<Vec<String>> = doc
         .sites
         .as_array()

@@ -121,6 +121,9 @@ impl EncodeMetric for StageHistogram {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub rounds_completed: u64,
+    /// Rounds given up (recorded, the model unchanged): absent in counters saved before.
+    #[serde(default)]
+    pub rounds_failed: u64,
     pub attempts_aborted: u64,
     pub dropouts: u64,
     pub clipped_values: u64,
@@ -138,6 +141,7 @@ impl Counters {
     pub fn ahead_of(&self, saved: &Counters) -> bool {
         let simple = [
             (self.rounds_completed, saved.rounds_completed),
+            (self.rounds_failed, saved.rounds_failed),
             (self.attempts_aborted, saved.attempts_aborted),
             (self.dropouts, saved.dropouts),
             (self.clipped_values, saved.clipped_values),
@@ -175,6 +179,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Metrics {
     registry: Registry,
     pub rounds_completed: Counter,
+    /// Rounds the run gave up and went on from (a refused sum, too few sites left to retry
+    /// with): repeated failures are the operator's signal.
+    pub rounds_failed: Counter,
     pub attempts_aborted: Counter,
     pub stage_seconds: Family<Labels, StageHistogram>,
     pub dropouts: Counter,
@@ -219,6 +226,7 @@ impl Metrics {
         let mut m = Metrics {
             registry: Registry::with_prefix("cohort"),
             rounds_completed: Counter::default(),
+            rounds_failed: Counter::default(),
             attempts_aborted: Counter::default(),
             stage_seconds: Family::default(),
             dropouts: Counter::default(),
@@ -245,6 +253,11 @@ impl Metrics {
             "rounds_completed",
             "Training rounds committed",
             m.rounds_completed.clone(),
+        );
+        r.register(
+            "rounds_failed",
+            "Rounds given up with the model unchanged (a refused sum, no sites left to retry with); the run goes on",
+            m.rounds_failed.clone(),
         );
         r.register(
             "round_attempts_aborted",
@@ -418,6 +431,7 @@ impl Metrics {
             .collect();
         Counters {
             rounds_completed: self.rounds_completed.get(),
+            rounds_failed: self.rounds_failed.get(),
             attempts_aborted: self.attempts_aborted.get(),
             dropouts: self.dropouts.get(),
             clipped_values: self.clipped_values.get(),
@@ -435,6 +449,7 @@ impl Metrics {
     pub fn restore(&self, saved: &Counters, hub: &Hub) {
         let up = |c: &Counter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         up(&self.rounds_completed, saved.rounds_completed);
+        up(&self.rounds_failed, saved.rounds_failed);
         up(&self.attempts_aborted, saved.attempts_aborted);
         up(&self.dropouts, saved.dropouts);
         up(&self.clipped_values, saved.clipped_values);

@@ -26,6 +26,10 @@ pub struct RoundSummary {
     /// its attempts: each was excluded from that attempt and from the round's later ones.
     #[serde(default)]
     pub rejected: Vec<String>,
+    /// Set when the round was given up: why. The model is the one before the round, and
+    /// `eval` is its evaluation (the same model is not evaluated again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// What one site reported about the model after a round.

@@ -85,6 +85,8 @@ pub struct Progress {
     timing: Mutex<(u64, f64)>,
     last: Mutex<Option<Evaluation>>,
     rollout: Mutex<Option<Rollout>>,
+    /// The last round given up and why (see [`Progress::round_failed`]).
+    last_failure: Mutex<Option<(u64, String)>>,
 }
 
 impl Default for Progress {
@@ -102,6 +104,7 @@ impl Default for Progress {
             timing: Mutex::new((0, 0.0)),
             last: Mutex::new(None),
             rollout: Mutex::new(None),
+            last_failure: Mutex::new(None),
         }
     }
 }
@@ -149,6 +152,17 @@ impl Progress {
         *lock(&self.last) = Some(summary.eval.clone());
     }
 
+    /// A round was given up (the model unchanged): shown as `last_failure` until the
+    /// process ends (the rounds' records keep every failure).
+    pub fn round_failed(&self, round: u64, reason: &str) {
+        *lock(&self.last_failure) = Some((round, reason.to_string()));
+        *lock(&self.changed) = Instant::now();
+    }
+
+    pub fn last_failure(&self) -> Option<(u64, String)> {
+        lock(&self.last_failure).clone()
+    }
+
     /// State, round, attempt and stage, without waiting for the lock (None if it is taken):
     /// for the panic hook.
     pub fn try_position(&self) -> Option<(RunState, u64, u32, Option<String>)> {
@@ -177,6 +191,9 @@ impl Progress {
     pub fn resumed(&self, done: u64, last: Option<&RoundSummary>, total: u64) {
         if let Some(s) = last {
             *lock(&self.last) = Some(s.eval.clone());
+            if let Some(reason) = &s.failed {
+                *lock(&self.last_failure) = Some((s.round, reason.clone()));
+            }
         }
         lock(&self.live).round = (done + 1).min(total.max(done));
     }
@@ -234,6 +251,10 @@ struct StatusDoc {
     stage: Option<String>,
     rounds_total: u64,
     rounds_completed: u64,
+    /// Rounds given up (the model unchanged, the run went on), over the run's lifetime.
+    rounds_failed: u64,
+    /// The last round given up by this process (or the last round, if it failed), and why.
+    last_failure: Option<DeclineDoc>,
     sites_connected: usize,
     sites_expected: u32,
     last_round: Option<Evaluation>,
@@ -377,6 +398,11 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         stage: live.stage,
         rounds_total: api.rounds_total,
         rounds_completed,
+        rounds_failed: api.metrics.rounds_failed.get(),
+        last_failure: api
+            .progress
+            .last_failure()
+            .map(|(round, reason)| DeclineDoc { round, reason }),
         sites_connected: api.hub.connected().len(),
         sites_expected: api.sites_expected,
         last_round: lock(&api.progress.last).clone(),

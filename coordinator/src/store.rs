@@ -1506,6 +1506,7 @@ mod tests {
             total_weight: 30,
             model_sha3_512: String::new(),
             rejected: Vec::new(),
+            failed: None,
         }
     }
 

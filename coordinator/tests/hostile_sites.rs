@@ -373,6 +373,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
                         reason: reason.clone(),
                         accused: None,
                         trusted_manifest: None,
+                        contributed_round: None,
                     })),
                 };
                 match tokio::time::timeout(Duration::from_millis(200), tx.send(flood)).await {
@@ -615,6 +616,7 @@ fn an_accusation_without_evidence_is_counted_against_the_accuser() {
                     reason: "shares do not decrypt".into(),
                     accused: Some(setup.participants[at]),
                     trusted_manifest: None,
+                    contributed_round: None,
                 }))
             })
             .await;

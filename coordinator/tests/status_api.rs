@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cohort_agent::config::{Fault, FaultAction, FaultStage};
 use cohort_coordinator::CoordinatorConfig;
 use cohort_coordinator::status::client::get;
 use serde_json::Value;
@@ -179,9 +180,21 @@ local_steps = 50
         assert_eq!(code, 200);
         assert_eq!(serde_json::from_str::<Value>(&served).unwrap(), doc);
 
+        // va sends an input in round 2 that no honest site can (round-integrity review: the run
+        // stopped after `max_attempts`); the round fails and the run goes on.
         let agents: Vec<_> = SITES
             .iter()
-            .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, endpoints.grpc.port()))))
+            .map(|s| {
+                let mut cfg = agent(&pki, s, endpoints.grpc.port());
+                if *s == "va" {
+                    cfg.faults = vec![Fault {
+                        round: 2,
+                        stage: FaultStage::MaskedInput,
+                        action: FaultAction::OutOfRange,
+                    }];
+                }
+                tokio::spawn(cohort_agent::run(cfg))
+            })
             .collect();
         // Round 1 is committed; eleven more keep the run (and its connections) going while the
         // API is questioned.
@@ -225,6 +238,20 @@ local_steps = 50
                 .contains("page and per_page are positive whole numbers"),
             "{bad}"
         );
+        // Round 2 is given up: in its record, the status, the metrics and the CLI table.
+        let second = report.recv().await.expect("round 2");
+        assert_eq!(second.summary.round, 2);
+        let reason = second.summary.failed.clone().unwrap_or_default();
+        assert!(reason.contains("the unmasked sum is refused"), "{reason}");
+        let status = check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;
+        assert_eq!(status["rounds_failed"], 1, "{status}");
+        assert_eq!(status["last_failure"]["round"], 2, "{status}");
+        let two = check(&doc, &base, "/api/v1/rounds/2", "/api/v1/rounds/{n}", 200).await;
+        assert_eq!(two["summary"]["failed"].as_str(), Some(reason.as_str()));
+        // The run goes on.
+        let third = report.recv().await.expect("round 3");
+        assert_eq!(third.summary.failed, None);
+        assert_eq!(third.summary.sites, 4);
         // The status says how long since the run last moved (the stall signal).
         assert!(status["seconds_since_progress"].as_f64().unwrap() >= 0.0);
         let sites = check(&doc, &base, "/api/v1/sites", "/api/v1/sites", 200).await;
@@ -256,6 +283,10 @@ local_steps = 50
             "{table}"
         );
         assert!(table.contains("/4"), "{table}");
+        assert!(
+            table.contains("rounds given up: 1   the last: round 2: the unmasked sum is refused"),
+            "{table}"
+        );
         for site in SITES {
             assert!(table.contains(site), "{table}");
         }
@@ -267,7 +298,8 @@ local_steps = 50
         let (code, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
         assert_eq!(code, 200);
         let samples = parse_metrics(&text);
-        assert!(samples["cohort_rounds_completed_total"] >= 1.0, "{text}");
+        assert!(samples["cohort_rounds_completed_total"] >= 2.0, "{text}");
+        assert_eq!(samples["cohort_rounds_failed_total"], 1.0, "{text}");
         assert_eq!(samples["cohort_sites_connected"], 4.0);
         assert_eq!(samples["cohort_model_parameters"], 14.0);
         assert!(samples["cohort_received_bytes_total"] > 0.0);

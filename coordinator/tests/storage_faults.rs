@@ -53,6 +53,7 @@ fn record(round: u64) -> RoundRecord {
             total_weight: 2400,
             model_sha3_512: format!("{round:0128}"),
             rejected: Vec::new(),
+            failed: None,
         },
         per_site: (0..12)
             .map(|i| (format!("hospital-{i:02}"), site.clone()))

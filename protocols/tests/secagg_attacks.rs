@@ -943,7 +943,12 @@ fn streamed_uploads_are_checked_before_anything_reaches_the_sum() {
             }
         }
         let late = slot(&w, 0);
+        // Every site's upload began, refused or not: each has contributed to the attempt
+        // (the driver's ledger of who may join a retry), and that survives the stage's close.
+        let slots: Vec<_> = inputs.iter().map(|(from, _)| slot(&w, *from)).collect();
+        assert!(slots.iter().all(|s| s.started()), "{kind}");
         let out = finish(&mut w).expect("the others complete the round");
+        assert!(slots.iter().all(|s| s.started()), "{kind}");
         assert_eq!(out.sum.to_vec(), expected, "{kind}");
         assert_eq!(out.dropped, vec![1], "{kind}");
         let refused: Vec<_> = w.server.rejections().iter().map(|r| r.client).collect();
@@ -1250,4 +1255,29 @@ fn a_site_shown_another_context_cannot_be_passed_off_to_its_peers() {
             .handle(&ServerMessage::NeighbourKeys(keys))
             .is_ok()
     );
+}
+
+/// The coordinator learns whose masked input reached an attempt from the slots, not from the
+/// sites: a site that sent nothing may join a retry, one whose bytes arrived may not (its
+/// contribution ledger refuses, and asking would only cost the attempt).
+#[test]
+fn a_slot_says_whether_its_sites_input_began_to_arrive() {
+    let mut w = World::new(false);
+    let inputs = encoded_inputs(&mut w);
+    for (from, bytes) in &inputs {
+        let s = slot(&w, *from);
+        assert!(!s.started());
+        if *from != 2 {
+            stream_in(&s, bytes, 64);
+        }
+    }
+    let slots: Vec<_> = inputs
+        .iter()
+        .map(|(from, _)| (*from, slot(&w, *from)))
+        .collect();
+    let out = finish(&mut w).expect("the others complete the round");
+    assert_eq!(out.dropped, vec![2]);
+    for (from, s) in slots {
+        assert_eq!(s.started(), from != 2, "site {from}");
+    }
 }

@@ -285,6 +285,9 @@ pub struct RoundRow {
     /// Attempts the round needed (1 unless an attempt was aborted and retried).
     #[serde(default)]
     pub attempts: u32,
+    /// Why the round was given up (the model unchanged, the run went on); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
     /// sites' accuracies, FLamby's convention).
     #[serde(default)]
@@ -840,6 +843,7 @@ fn summarise(
                     dropped: r.dropped,
                     clipped: r.clipped,
                     attempts: r.attempts,
+                    failed: r.failed.clone(),
                     weighted_accuracy: r.eval.weighted.accuracy,
                     site_accuracy: each(&|res| res.accuracy),
                     site_metric: each(&|res| headline(&res.metrics)),

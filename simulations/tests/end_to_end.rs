@@ -317,27 +317,65 @@ fn an_mlp_trained_with_fedadam_learns() {
     assert!(s.final_.accuracy > Some(0.7), "{:?}", s.final_.accuracy);
 }
 
+/// A site dies half-way through its masked input: the attempt is aborted. The other three
+/// sent their whole inputs in it, and an honest site sends its input for a round once (a
+/// second attempt over the same sites minus one would give that one's input away), so the
+/// round is given up rather than retried, with the model unchanged; the next round runs
+/// with the site back. (Before the contribution ledger the round was retried with the three
+/// others: exactly the second sum the differencing attack needs.)
 #[test]
-fn a_site_that_dies_mid_upload_is_left_out_and_the_round_is_retried() {
+fn a_site_that_dies_mid_upload_costs_its_round_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let s = run(
         dir.path(),
         3,
         true,
         // Every round waits for all four: the site that died is noticed at once now, so
-        // without this the next round could start before it has reconnected. The retry runs
-        // with three sites, which resist no colluding site with a dropout to spare.
+        // without this the next round could start before it has reconnected.
         "min_sites = 4\nsecagg.max_colluders = 0\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"interrupt\"\nfraction = 0.25\n",
     );
     assert_eq!(s.rounds_completed, 3);
     assert_eq!(s.rounds[0].attempts, 1);
-    // Attempt 1 is aborted (half a masked input is in its sum); attempt 2 runs without the site.
-    assert_eq!(s.rounds[1].attempts, 2, "{:?}", s.rounds);
-    assert_eq!(s.rounds[1].sites, 3);
-    assert_eq!(s.rounds[1].dropped, 0);
+    assert_eq!(s.rounds[0].failed, None);
+    let failed = s.rounds[1].failed.as_deref().unwrap_or_default();
+    assert!(
+        failed.contains("already sent their input for this round"),
+        "{:?}",
+        s.rounds
+    );
+    assert_eq!(s.rounds[1].attempts, 1, "not retried: {:?}", s.rounds);
+    // The model is the round before's: its evaluation is carried, not repeated.
+    assert_eq!(s.rounds[1].loss, s.rounds[0].loss);
     // The site reconnects and is back for the next round.
     assert_eq!(s.rounds[2].sites, 4);
-    assert_eq!(s.rounds[2].attempts, 1);
+    assert_eq!(s.rounds[2].failed, None);
+    assert!(s.final_.loss < s.initial.loss);
+}
+
+/// One site sends a well-formed masked input whose content no honest input can have (its
+/// clipped-value count beyond any bound): only the unmasked sum shows it, and nothing says
+/// whose it is without zero-knowledge range proofs. The sum is refused, the round fails with
+/// the model as it was, and the run goes on. (Round-integrity review: the driver retried the
+/// same sites and stopped the whole run after `max_attempts`.)
+#[test]
+fn an_out_of_range_input_fails_its_round_and_the_next_round_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(
+        dir.path(),
+        3,
+        true,
+        "min_sites = 4\n[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"out_of_range\"\nfraction = 0.25\n",
+    );
+    assert_eq!(s.rounds_completed, 3);
+    let failed = s.rounds[1].failed.as_deref().unwrap_or_default();
+    assert!(
+        failed.contains("the unmasked sum is refused") && failed.contains("clipped"),
+        "{:?}",
+        s.rounds
+    );
+    assert_eq!(s.rounds[1].attempts, 1, "{:?}", s.rounds);
+    assert_eq!(s.rounds[2].failed, None);
+    assert_eq!(s.rounds[2].sites, 4);
     assert!(s.final_.loss < s.initial.loss);
 }
 

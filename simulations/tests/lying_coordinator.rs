@@ -95,7 +95,29 @@ struct Stub {
     /// round context.
     manifest: Vec<u8>,
     context: [u8; 32],
-    answers: mpsc::UnboundedSender<(String, Option<u32>)>,
+    /// The attempts of round 0 each session runs, in order, one plan per session (the
+    /// agent reconnects, or is restarted, for the next); [0] once they are used up.
+    plans: std::sync::Mutex<std::collections::VecDeque<Vec<u32>>>,
+    answers: mpsc::UnboundedSender<Answer>,
+}
+
+/// How the agent answered one attempt (or how the honest round ended).
+#[derive(Debug, Clone)]
+struct Answer {
+    text: String,
+    accused: Option<u32>,
+    /// `Decline.contributed_round`: the ledger's refusal.
+    contributed: Option<u64>,
+}
+
+impl Answer {
+    fn text(text: String) -> Self {
+        Answer {
+            text,
+            accused: None,
+            contributed: None,
+        }
+    }
 }
 
 fn secagg(msg: &ServerMessage) -> CoordinatorMessage {
@@ -121,7 +143,7 @@ struct Round {
 impl Round {
     /// The round as the real coordinator sets it up: its context is the announcement's digest
     /// (`announced`) completed by the set-up. Returns the set-up the agent is sent.
-    fn new(pki: &Path, lie: Lie, announced: [u8; 32]) -> (Self, ServerMessage) {
+    fn new(pki: &Path, lie: Lie, announced: [u8; 32], attempt: u32) -> (Self, ServerMessage) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -142,8 +164,8 @@ impl Round {
             },
             ..Params::with_defaults(4, 38)
         };
-        let probe = Setup::new(RoundId::new(0, 0), params.clone(), [7u8; 32], &roster);
-        let round = RoundId::new(0, 0).with_context(round_context(&announced, &probe));
+        let probe = Setup::new(RoundId::new(0, attempt), params.clone(), [7u8; 32], &roster);
+        let round = RoundId::new(0, attempt).with_context(round_context(&announced, &probe));
         let (server, setup) = Server::<u64>::new(
             params.clone(),
             round,
@@ -182,7 +204,7 @@ impl Round {
             Lie::ClipForAgent => {
                 let mut own = setup.clone();
                 own.params.clip = 1.0;
-                own.round = RoundId::new(0, 0).with_context(round_context(&announced, &own));
+                own.round = RoundId::new(0, attempt).with_context(round_context(&announced, &own));
                 ServerMessage::Setup(own)
             }
             _ => ServerMessage::Setup(setup.clone()),
@@ -316,88 +338,106 @@ impl Coordinator for Stub {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let start = stats_start(self.manifest.clone());
-        let announced = Announcement {
-            round: start.round,
-            attempt: start.attempt,
-            task: start.task,
-            secure: start.secure,
-            model_sha3_512: &start.model_sha3_512,
-            training_toml: &start.training_toml,
-            feature_mean: &start.feature_mean,
-            feature_std: &start.feature_std,
-        }
-        .digest(&self.context);
-        let (mut round, setup) = Round::new(&self.pki, self.lie, announced);
+        let plan = self
+            .plans
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| vec![0]);
         let answers = self.answers.clone();
         let crl = self.crl.clone();
         let manifest = self.manifest.clone();
+        let (pki, lie, context) = (self.pki.clone(), self.lie, self.context);
         let certificate = stub::pem_der(&self.pki.join("coordinator/cert.pem"));
         tokio::spawn(async move {
             let send = |kind| CoordinatorMessage { kind: Some(kind) };
-            let opening = [
-                send(coordinator_message::Kind::Welcome(Welcome {
-                    site_id: 0,
-                    protocol_version: cohort_proto::PROTOCOL_VERSION,
-                    coordinator_certificate: certificate,
-                    crl: crl.clone(),
-                    manifest: manifest.clone(),
-                })),
-                send(coordinator_message::Kind::RoundStart(start)),
-                secagg(&setup),
-            ];
-            for m in opening {
-                let _ = tx.send(Ok(m)).await;
+            let welcome = send(coordinator_message::Kind::Welcome(Welcome {
+                site_id: 0,
+                protocol_version: cohort_proto::PROTOCOL_VERSION,
+                coordinator_certificate: certificate,
+                crl: crl.clone(),
+                manifest: manifest.clone(),
+            }));
+            let _ = tx.send(Ok(welcome)).await;
+            for attempt in plan {
+                let start = stats_start(manifest.clone(), attempt);
+                let announced = Announcement {
+                    round: start.round,
+                    attempt: start.attempt,
+                    task: start.task,
+                    secure: start.secure,
+                    model_sha3_512: &start.model_sha3_512,
+                    training_toml: &start.training_toml,
+                    feature_mean: &start.feature_mean,
+                    feature_std: &start.feature_std,
+                }
+                .digest(&context);
+                let (mut round, setup) = Round::new(&pki, lie, announced, attempt);
+                for m in [
+                    send(coordinator_message::Kind::RoundStart(start)),
+                    secagg(&setup),
+                ] {
+                    let _ = tx.send(Ok(m)).await;
+                }
+                let (mut control, mut masked) = (Vec::new(), Vec::new());
+                // Until the agent has answered this attempt.
+                while let Ok(Some(msg)) = inbound.message().await {
+                    match msg.kind {
+                        Some(agent_message::Kind::Secagg(c)) => {
+                            control.extend_from_slice(&c.data);
+                            if !c.last {
+                                continue;
+                            }
+                            let m = ClientMessage::<u64>::decode(&std::mem::take(&mut control))
+                                .unwrap();
+                            // The real server checks the agent's messages as it checks any
+                            // site's: a refusal there is an answer too.
+                            if let Err(e) = round.server.receive(0, m, 0) {
+                                let text = format!("the server refused the agent: {e}");
+                                let _ = answers.send(Answer::text(text));
+                                break;
+                            }
+                        }
+                        Some(agent_message::Kind::MaskedInput(c)) => {
+                            masked.extend_from_slice(&c.data);
+                            if !c.last {
+                                continue;
+                            }
+                            round.upload(0, &std::mem::take(&mut masked));
+                        }
+                        Some(agent_message::Kind::Decline(d)) => {
+                            let _ = answers.send(Answer {
+                                text: d.reason,
+                                accused: d.accused,
+                                contributed: d.contributed_round,
+                            });
+                            break;
+                        }
+                        _ => continue,
+                    }
+                    let (to_agent, done) = round.advance();
+                    for m in to_agent {
+                        let _ = tx.send(Ok(secagg(&m))).await;
+                    }
+                    if let Some(done) = done {
+                        let _ = answers.send(Answer::text(done));
+                        break;
+                    }
+                }
             }
-            let (mut control, mut masked) = (Vec::new(), Vec::new());
-            while let Ok(Some(msg)) = inbound.message().await {
-                match msg.kind {
-                    Some(agent_message::Kind::Secagg(c)) => {
-                        control.extend_from_slice(&c.data);
-                        if !c.last {
-                            continue;
-                        }
-                        let m =
-                            ClientMessage::<u64>::decode(&std::mem::take(&mut control)).unwrap();
-                        // The real server checks the agent's messages as it checks any site's:
-                        // a refusal there is an answer too.
-                        if let Err(e) = round.server.receive(0, m, 0) {
-                            let _ =
-                                answers.send((format!("the server refused the agent: {e}"), None));
-                            continue;
-                        }
-                    }
-                    Some(agent_message::Kind::MaskedInput(c)) => {
-                        masked.extend_from_slice(&c.data);
-                        if !c.last {
-                            continue;
-                        }
-                        round.upload(0, &std::mem::take(&mut masked));
-                    }
-                    Some(agent_message::Kind::Decline(d)) => {
-                        let _ = answers.send((d.reason, d.accused));
-                        continue;
-                    }
-                    _ => continue,
-                }
-                let (to_agent, done) = round.advance();
-                for m in to_agent {
-                    let _ = tx.send(Ok(secagg(&m))).await;
-                }
-                if let Some(done) = done {
-                    let _ = answers.send((done, None));
-                }
-            }
+            // Held open until the agent goes.
+            while let Ok(Some(_)) = inbound.message().await {}
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// The statistics round the stub announces, relaying `manifest`.
-fn stats_start(manifest: Vec<u8>) -> RoundStart {
+/// Attempt `attempt` of the statistics round the stub announces, relaying `manifest`.
+fn stats_start(manifest: Vec<u8>, attempt: u32) -> RoundStart {
     RoundStart {
         manifest,
         round: 0,
+        attempt,
         task: Task::Stats as i32,
         secure: true,
         training_toml: "learning_rate = 0.01\nbatch_size = 4\nlocal_steps = 1\n".into(),
@@ -408,6 +448,14 @@ fn stats_start(manifest: Vec<u8>) -> RoundStart {
 /// The reason the real agent gives for refusing the round with `lie` and the site it accuses
 /// (or how the honest round ended).
 fn refusal(lie: Lie) -> (String, Option<u32>) {
+    let answer = answers(lie, vec![vec![0]]).remove(0);
+    (answer.text, answer.accused)
+}
+
+/// The agent's answers to `plans`: each plan is one agent process's life (the agent is
+/// stopped after it and a new one started with the same site directory for the next), and
+/// lists the attempts of round 0 its session runs.
+fn answers(lie: Lie, plans: Vec<Vec<u32>>) -> Vec<Answer> {
     let dir = tempfile::tempdir().unwrap();
     let pki = stub::provision_sites(dir.path());
     let manifest = std::fs::read(pki.join("manifest.toml")).unwrap();
@@ -429,6 +477,7 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (answers, mut rx) = mpsc::unbounded_channel();
+        let lives: Vec<usize> = plans.iter().map(Vec::len).collect();
         let stub = Stub {
             pki: pki.clone(),
             schema: stub::schema_reply(&pki, "coordinator/key.pem"),
@@ -436,16 +485,24 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
             crl,
             manifest,
             context,
+            plans: std::sync::Mutex::new(plans.into()),
             answers,
         };
         let port = stub::serve(&pki, stub).await;
-        let agent = tokio::spawn(cohort_agent::run(stub::cleveland(&pki, port)));
-        let reason = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-            .await
-            .expect("the agent answers within 60 s")
-            .expect("a refusal");
-        agent.abort();
-        reason
+        let mut all = Vec::new();
+        for expected in lives {
+            let agent = tokio::spawn(cohort_agent::run(stub::cleveland(&pki, port)));
+            for _ in 0..expected {
+                let answer = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                    .await
+                    .expect("the agent answers within 60 s")
+                    .expect("an answer");
+                all.push(answer);
+            }
+            agent.abort();
+            let _ = agent.await;
+        }
+        all
     })
 }
 
@@ -549,4 +606,33 @@ fn a_site_told_its_own_clipping_bound_cannot_join_its_peers_round() {
             && reason.contains("context"),
         "{reason}"
     );
+}
+
+/// The second attack of the round-integrity review: honest, complete attempts of one round,
+/// each leaving another site out, difference out a site's input (S_j = T - x_j). An agent
+/// that sent its input in attempt 0 refuses attempt 1 of the same round — in the same
+/// session, and after a restart of the agent (the ledger is on the site's disk). Before the
+/// ledger, the agent answered every attempt with the same statistics.
+#[test]
+fn a_second_attempt_of_a_round_the_agent_sent_its_input_for_is_refused_even_after_a_restart() {
+    let same_session = answers(Lie::Honest, vec![vec![0, 1]]);
+    assert!(
+        same_session[0]
+            .text
+            .starts_with("completed: survivors [0, 1, 2, 3]"),
+        "{same_session:?}"
+    );
+    let refused = &same_session[1];
+    assert_eq!(refused.contributed, Some(0), "{refused:?}");
+    assert!(
+        refused
+            .text
+            .contains("already sent its input for round 0 (attempt 0)"),
+        "{refused:?}"
+    );
+    // The agent stops after attempt 0; a new agent process with the same site directory is
+    // asked for attempt 1.
+    let restarted = answers(Lie::Honest, vec![vec![0], vec![1]]);
+    assert!(restarted[0].text.starts_with("completed"), "{restarted:?}");
+    assert_eq!(restarted[1].contributed, Some(0), "{restarted:?}");
 }

@@ -120,6 +120,16 @@ fn answer_with(
     schema_signer: &str,
     attack: Option<Attack<'_>>,
 ) -> Result<agent_message::Kind, String> {
+    answers_with(signature, schema_signer, attack, 1).map(|mut a| a.remove(0))
+}
+
+/// The agent's first `n` answers (or how it ended before giving them).
+fn answers_with(
+    signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
+    schema_signer: &str,
+    attack: Option<Attack<'_>>,
+    n: usize,
+) -> Result<Vec<agent_message::Kind>, String> {
     let dir = tempfile::tempdir().unwrap();
     let pki = stub::provision_sites(dir.path());
     CONTEXT.with(|c| c.set(stub::context(&pki)));
@@ -138,13 +148,17 @@ fn answer_with(
         let mut cfg = stub::cleveland(&pki, port);
         POLICY.with(|p| p.borrow()(&mut cfg.policy));
         let mut agent = tokio::spawn(cohort_agent::run(cfg));
+        let mut answers = Vec::new();
         let answer = loop {
             tokio::select! {
                 kind = rx.recv() => {
                     let kind = kind.expect("an answer");
                     // The agent's own SecAgg+ messages (its key advertisement) are not answers.
                     if !matches!(kind, agent_message::Kind::Join(_) | agent_message::Kind::Secagg(_)) {
-                        break Ok(kind);
+                        answers.push(kind);
+                        if answers.len() == n {
+                            break Ok(std::mem::take(&mut answers));
+                        }
                     }
                 }
                 ended = &mut agent => break Err(format!("{:#}", ended.unwrap().unwrap_err())),
@@ -536,6 +550,67 @@ fn a_model_that_differs_from_its_announcement_is_declined_and_odd_chunks_are_fin
     // A size no site could hold: refused at the announcement, before any chunk.
     let reason = answer_to_attack(&|pki| model_round(pki, &params, u64::MAX - 3, &[], 1));
     assert!(reason.contains("cannot set aside memory"), "{reason}");
+}
+
+/// An evaluation of `params`, signed by the coordinator, announced as round `round`.
+fn evaluation(pki: &Path, round: u64, params: &[f32]) -> Vec<coordinator_message::Kind> {
+    let bytes = model::to_bytes(params);
+    let mut script = model_round(pki, params, bytes.len() as u64, &bytes, 1 << 16);
+    if let Some(coordinator_message::Kind::RoundStart(start)) = script.first_mut() {
+        start.round = round;
+    }
+    script
+}
+
+/// What the agent answers two evaluations, `(round, params)` each.
+fn two_evaluations(first: (u64, [f32; 14]), second: (u64, [f32; 14])) -> (String, String) {
+    let answers = answers_with(
+        |_, _| Vec::new(),
+        "coordinator/key.pem",
+        Some(&|pki| {
+            let mut script = evaluation(pki, first.0, &first.1);
+            script.extend(evaluation(pki, second.0, &second.1));
+            script
+        }),
+        2,
+    )
+    .unwrap();
+    let text = |k: &agent_message::Kind| match k {
+        agent_message::Kind::Eval(e) => format!("evaluated round {}", e.round),
+        agent_message::Kind::Decline(d) => format!("declined round {}: {}", d.round, d.reason),
+        other => format!("{other:?}"),
+    };
+    (text(&answers[0]), text(&answers[1]))
+}
+
+/// Evaluation reports are counts over a hospital's test rows in clear: a coordinator that
+/// could send any signed model any number of times would have a query oracle on them. (Round
+/// integrity review: every evaluation was answered.) Each model is evaluated once, in round
+/// order, one per round unless the site allows more.
+#[test]
+fn an_evaluation_of_the_same_model_again_out_of_order_or_beyond_the_limit_is_declined() {
+    let a = [0.25f32; 14];
+    let b = [0.5f32; 14];
+    let (first, again) = two_evaluations((1, a), (2, a));
+    assert_eq!(first, "evaluated round 1");
+    assert!(
+        again.starts_with("declined round 2") && again.contains("already evaluated this model"),
+        "{again}"
+    );
+    let (_, older) = two_evaluations((5, a), (3, b));
+    assert!(
+        older.starts_with("declined round 3") && older.contains("after round 5"),
+        "{older}"
+    );
+    let (_, second) = two_evaluations((4, a), (4, b));
+    assert!(
+        second.contains("policy.max_evaluations_per_round = 1"),
+        "{second}"
+    );
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.max_evaluations_per_round = 2));
+    let (_, allowed) = two_evaluations((4, a), (4, b));
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    assert_eq!(allowed, "evaluated round 4");
 }
 
 /// A training round announcing `training_toml`, with the model the stub signs.

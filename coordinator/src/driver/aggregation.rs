@@ -277,6 +277,12 @@ impl Driver {
                 server.disconnected(id);
             }
         }
+        // `return` inside the block ends the attempt; the block lets the spent sites be
+        // collected below however it ended.
+        // The masked-input slots, kept past the stage (the server forgets them when it closes)
+        // to see whose input arrived.
+        let mut opened = Vec::new();
+        let result: Result<Aggregated<Ranges<W>>, String> = async {
         loop {
             match server.poll(now_ms(clock)) {
                 Err(abort) => {
@@ -325,6 +331,7 @@ impl Driver {
                     if !slots_open && server.stage() == ServerStage::MaskedInput {
                         for (id, slot) in server.input_slots() {
                             if let Some(site) = by_id.get(&id) {
+                                opened.push((site.clone(), slot.clone()));
                                 uploads.open(site, W::sink(slot));
                             }
                         }
@@ -431,6 +438,11 @@ impl Driver {
                             self.hub.record(&site, |s| {
                                 s.last_decline = Some((round.round, d.reason.clone()))
                             });
+                            // Its ledger holds an input for this round (sent before a restart,
+                            // of either end): no attempt of the round can include it.
+                            if d.contributed_round.is_some_and(|r| r >= round.round) {
+                                self.spent.insert(site.clone());
+                            }
                             if let Some(accused) = d.accused {
                                 match by_id.get(&accused) {
                                     Some(name) if server.forwarded_share(accused, id) => {
@@ -452,6 +464,16 @@ impl Driver {
                 }
             }
         }
+        }
+        .await;
+        // Whoever's input reached the sum (or began to) has contributed to this round, however
+        // the attempt ended.
+        for (site, slot) in opened {
+            if slot.started() {
+                self.spent.insert(site);
+            }
+        }
+        result
     }
 
     /// Plain aggregation for comparison runs. Training rounds: each site sends

@@ -59,6 +59,14 @@ pub enum DriverError {
         attempts: u32,
         reason: String,
     },
+    #[error(
+        "{count} rounds in a row were given up (the last, round {round}: {reason}); the run stops for the operator: see the rounds' `failed` reasons in the status API"
+    )]
+    RoundsFailing {
+        count: u32,
+        round: u64,
+        reason: String,
+    },
     #[error("the hub closed")]
     HubClosed,
     #[error(
@@ -123,6 +131,11 @@ pub struct Driver {
     /// Sites with a refused SecAgg+ message in the current round (any attempt), for its
     /// summary; cleared when a new round starts.
     rejected: std::collections::BTreeSet<String>,
+    /// Sites whose masked input reached the coordinator in an attempt of the current round,
+    /// or that said they already sent one for it (a restart): their contribution ledgers
+    /// refuse any other attempt of the round, so retries go on without them. Cleared when a
+    /// new round starts.
+    spent: HashSet<String>,
     /// Sites that declined the current attempt because they pin another manifest version
     /// than the one the round ran under, with the version they pin.
     manifest_declines: BTreeMap<String, u64>,
@@ -317,6 +330,7 @@ impl Driver {
             report,
             sidelined: HashSet::new(),
             rejected: std::collections::BTreeSet::new(),
+            spent: HashSet::new(),
             manifest_declines: BTreeMap::new(),
             store: ops.store,
             resume: ops.resume,
@@ -357,11 +371,12 @@ impl Driver {
             None => (self.first_setup().await?, None),
         };
         let done = last.as_ref().map_or(0, |r: &RoundRecord| r.summary.round);
+        let mut failed_in_a_row = 0;
         for r in done + 1..=self.cfg.rounds.count {
             let started = Instant::now();
             let span = info_span!("round", round = r);
             // The round's update is applied to the global model inside `train_round`.
-            let (total_weight, clipped, sites, dropped, attempts) = async {
+            let (outcome, attempts) = async {
                 let mut attempts = 0;
                 let result = self
                     .with_attempts(r, |d, attempt| {
@@ -369,10 +384,31 @@ impl Driver {
                         Box::pin(d.train_round(r, attempt))
                     })
                     .await?;
-                Ok::<_, DriverError>((result.0, result.1, result.2, result.3, attempts))
+                Ok::<_, DriverError>((result, attempts))
             }
             .instrument(span.clone())
             .await?;
+            let (total_weight, clipped, sites, dropped) = match outcome {
+                Ok(done) => done,
+                Err(reason) => {
+                    let record =
+                        self.give_up(r, attempts, started, reason.clone(), &last, &setup)?;
+                    if let Some(p) = &self.report {
+                        let _ = p.send(record.clone());
+                    }
+                    last = Some(record);
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= self.cfg.rounds.max_failed_rounds {
+                        return Err(DriverError::RoundsFailing {
+                            count: failed_in_a_row,
+                            round: r,
+                            reason,
+                        });
+                    }
+                    continue;
+                }
+            };
+            failed_in_a_row = 0;
             // The update is applied in place (no second model-sized copy), so a model that
             // is no longer finite cannot be rolled back here: it is never committed, and the
             // run stops; a restart resumes from the last committed round.
@@ -392,6 +428,7 @@ impl Driver {
                 total_weight,
                 model_sha3_512: hex(&hash),
                 rejected: self.rejected.iter().cloned().collect(),
+                failed: None,
             };
             let record = RoundRecord {
                 summary,
@@ -457,6 +494,48 @@ impl Driver {
             received: self.hub.received.snapshot(),
             data_dir: self.store.path().to_path_buf(),
         })
+    }
+
+    /// Gives round `round` up: the model stays as it was, and the round is committed as
+    /// failed (with the evaluation of that model, which is not evaluated again) so a restart
+    /// goes on after it — the sites that sent inputs for it will not send them again.
+    fn give_up(
+        &mut self,
+        round: u64,
+        attempts: u32,
+        started: Instant,
+        reason: String,
+        last: &Option<RoundRecord>,
+        setup: &Setup,
+    ) -> Result<RoundRecord, DriverError> {
+        let hash = model::params_sha3_512(&self.global);
+        let (eval, per_site) = match last {
+            Some(l) => (l.summary.eval.clone(), l.per_site.clone()),
+            None => (setup.initial.clone(), setup.initial_per_site.clone()),
+        };
+        let record = RoundRecord {
+            summary: RoundSummary {
+                round,
+                attempts,
+                sites: 0,
+                dropped: 0,
+                clipped: 0,
+                seconds: started.elapsed().as_secs_f64(),
+                eval,
+                total_weight: 0,
+                model_sha3_512: hex(&hash),
+                rejected: self.rejected.iter().cloned().collect(),
+                failed: Some(reason.clone()),
+            },
+            per_site,
+            per_site_pruned: false,
+        };
+        self.commit(&record, hash)?;
+        warn!(round, %reason, "round given up: the model is unchanged; the run goes on with the next round");
+        self.progress.round_failed(round, &reason);
+        self.metrics.rounds_failed.inc();
+        self.metrics.current_round.set(round as i64);
+        Ok(record)
     }
 
     /// Takes up a run from the data directory: the model, the optimiser state, the feature
@@ -669,10 +748,11 @@ impl Driver {
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>,
         >,
-    ) -> Result<T, DriverError> {
+    ) -> Result<Result<T, String>, DriverError> {
         let mut last = String::new();
         self.sidelined.clear();
         self.rejected.clear();
+        self.spent.clear();
         // Every attempt gets a number of its own (fresh keys, a fresh round id); only the
         // failures that a retry may fix count towards max_attempts.
         let mut failures = 0;
@@ -683,11 +763,28 @@ impl Driver {
             let result = f(self, attempt).await;
             attempt = attempt.saturating_add(1);
             match result {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    // Spent for this round's attempts only: every site evaluates the result.
+                    self.spent.clear();
+                    return Ok(Ok(v));
+                }
                 Err(reason) => {
                     self.metrics.attempts_aborted.inc();
-                    warn!(round, attempt = attempt - 1, %reason, "round attempt aborted; retrying with fresh keys");
                     last = reason;
+                    // A retry may only ask sites that sent nothing for this round: another
+                    // sum over an overlapping set would difference out a site's input (the
+                    // sites' ledgers refuse it anyway). A refused sum spends every
+                    // survivor, so it ends here.
+                    let left = self.eligible();
+                    if !self.spent.is_empty() && left < self.cfg.rounds.min_sites as usize {
+                        let mut spent: Vec<_> = self.spent.iter().cloned().collect();
+                        spent.sort();
+                        return Ok(Err(format!(
+                            "{last}; not retried: {} already sent their input for this round and {left} other site(s) are left",
+                            spent.join(", ")
+                        )));
+                    }
+                    warn!(round, attempt = attempt - 1, reason = %last, "round attempt aborted; retrying with fresh keys");
                     if self.manifest_declines.is_empty() {
                         failures += 1;
                     } else {
@@ -696,11 +793,21 @@ impl Driver {
                 }
             }
         }
-        Err(DriverError::RoundFailed {
-            round,
-            attempts: self.cfg.rounds.max_attempts,
-            reason: last,
-        })
+        Ok(Err(format!(
+            "{} attempts failed; the last: {last}",
+            self.cfg.rounds.max_attempts
+        )))
+    }
+
+    /// Connected training sites a new attempt of the round may ask.
+    fn eligible(&self) -> usize {
+        self.hub
+            .connected()
+            .iter()
+            .filter(|(name, s)| {
+                !s.evaluate_only && !self.sidelined.contains(name) && !self.spent.contains(name)
+            })
+            .count()
     }
 
     /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
@@ -712,7 +819,9 @@ impl Driver {
             .hub
             .connected()
             .into_iter()
-            .filter(|(name, s)| !self.sidelined.contains(name) && !s.evaluate_only)
+            .filter(|(name, s)| {
+                !self.sidelined.contains(name) && !self.spent.contains(name) && !s.evaluate_only
+            })
             .map(|(name, s)| (name, s.id))
             .collect();
         if let Some(k) = self.cfg.rounds.sites_per_round {

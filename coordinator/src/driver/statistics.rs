@@ -7,9 +7,17 @@ impl Driver {
     /// evaluation, committed with the initial model.
     pub(super) async fn first_setup(&mut self) -> Result<Setup, DriverError> {
         self.wait_for_sites(0).await?;
+        // Without the statistics no round can standardise its inputs: a statistics round that
+        // cannot complete ends the run (the sites that sent theirs will not send them again:
+        // see the agent's contribution ledger).
         let sum = self
             .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
-            .await?;
+            .await?
+            .map_err(|reason| DriverError::RoundFailed {
+                round: 0,
+                attempts: self.cfg.rounds.max_attempts,
+                reason,
+            })?;
         let (mean, std) = stats::from_sum(&sum, self.stats_columns());
         self.mean = mean;
         self.std = std;

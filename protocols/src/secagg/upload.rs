@@ -61,6 +61,8 @@ pub struct InputSlot<W: Word> {
     round: RoundId,
     acc: Arc<ShardedAccumulator<W>>,
     state: Mutex<State>,
+    /// Set by the first byte fed, and never cleared (sealing keeps it): see [`Self::started`].
+    arrived: std::sync::atomic::AtomicBool,
 }
 
 impl<W: Word> InputSlot<W> {
@@ -70,11 +72,20 @@ impl<W: Word> InputSlot<W> {
             round,
             acc,
             state: Mutex::new(State::Prefix(Vec::new())),
+            arrived: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     pub fn sender(&self) -> ClientId {
         self.sender
+    }
+
+    /// Whether any byte of the site's masked input arrived. From then on the input may be
+    /// in a sum the server can unmask (with its neighbours' shares, without the site's own),
+    /// so an honest site that keeps a contribution ledger will not take part in another
+    /// attempt of the round: the driver need not ask it.
+    pub fn started(&self) -> bool {
+        self.arrived.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -86,6 +97,10 @@ impl<W: Word> InputSlot<W> {
     /// refuses everything.
     pub fn feed(&self, bytes: &[u8], last: bool) -> Result<bool, RejectReason> {
         let mut state = self.state();
+        if !bytes.is_empty() && !matches!(*state, State::Sealed) {
+            self.arrived
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let result = self.advance(&mut state, bytes, last);
         if let Err(reason) = &result
             && !matches!(
@@ -213,6 +228,8 @@ impl<W: Word> InputSlot<W> {
             State::Sealed => return Err(RejectReason::Late),
             _ => return Err(RejectReason::Excluded),
         }
+        self.arrived
+            .store(true, std::sync::atomic::Ordering::Release);
         if values.len() != self.acc.len() {
             return Err(RejectReason::WrongLength {
                 got: values.len(),

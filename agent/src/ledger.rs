@@ -1,0 +1,403 @@
+//! The site's contribution ledger: what this site has already given the federation, kept on
+//! the site's own disk so that no coordinator can ask for it twice.
+//!
+//! Secure aggregation hides one site's input inside a sum, but two sums over sets that differ
+//! by one site give that site's input away: run a round's attempt with every site, then
+//! another without the victim, and subtract. Every attempt is honest on its own, so nothing
+//! inside the protocol can see it; only the sites can, by remembering what they sent. So a
+//! site writes down, durably and before the input leaves, each masked input it sends, and
+//! refuses:
+//!
+//! - any attempt of a round up to the last one it sent an input for (a round is at most one
+//!   contribution, whatever its attempt number — and a coordinator that restarted cannot
+//!   "redo" a round either);
+//! - a second statistics contribution from the same data (the statistics vector's digest);
+//! - more training updates from one model than `policy.updates_per_model` allows, when the
+//!   site sets it;
+//! - evaluating a model twice, a round older than the last it evaluated, or more models per
+//!   round than `policy.max_evaluations_per_round`: evaluation reports are counts in clear.
+//!
+//! Recorded at the masked input, not at the unmasking shares: a survivor's input can be
+//! unmasked with its neighbours' shares alone, so a site the coordinator cuts off after its
+//! input arrived has contributed even though it never revealed a share.
+//!
+//! The file is replaced atomically (write a temporary file, sync it, rename it over the old
+//! one, sync the directory), so a crash leaves the old ledger or the new one, never half of
+//! either. A ledger that cannot be read or written stops the agent: contributing without a
+//! record is exactly what the ledger exists to prevent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_256};
+use thiserror::Error;
+
+/// The file name inside the site's state directory.
+pub const FILE: &str = "ledger.toml";
+
+#[derive(Debug, Error)]
+pub enum LedgerError {
+    #[error(
+        "the contribution ledger {path} cannot be read: {error} (it records what this site already sent; restore it, or delete it only if this site's data changed since)"
+    )]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "the contribution ledger {path} is damaged: {error} (it records what this site already sent; restore it, or delete it only if this site's data changed since)"
+    )]
+    Corrupt { path: PathBuf, error: String },
+    #[error(
+        "the contribution ledger {path} cannot be written: {error} (set state_dir in agent.toml to a writable directory that survives restarts)"
+    )]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// The last round this site sent a masked input for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contribution {
+    pub round: u64,
+    pub attempt: u32,
+}
+
+/// What a contribution was computed from, as the ledger names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A statistics vector, named by its digest: the data version.
+    Statistics(String),
+    /// A training update, named by its model.
+    Update(String),
+}
+
+impl Input {
+    pub fn statistics(vector: &[u64]) -> Self {
+        Input::Statistics(data_version(vector))
+    }
+
+    pub fn update(model_sha3_512: &[u8]) -> Self {
+        Input::Update(model_key(model_sha3_512))
+    }
+}
+
+/// Why the ledger refuses a round; `contributed` is set when the reason is an earlier
+/// contribution to this round or a later one (the coordinator then gives the round up for
+/// this site).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub contributed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entries {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    contributed: Option<Contribution>,
+    /// Data versions (hex SHA3-256 of the statistics vector) already sent as statistics.
+    #[serde(default)]
+    statistics: BTreeSet<String>,
+    /// Training updates sent per model (hex of the first 16 bytes of its SHA3-512).
+    #[serde(default)]
+    updates: BTreeMap<String, u32>,
+    /// Models evaluated (as above).
+    #[serde(default)]
+    evaluated: BTreeSet<String>,
+    /// The last round an evaluation was answered in, and how many in it.
+    #[serde(default)]
+    evaluation_round: u64,
+    #[serde(default)]
+    evaluations_in_round: u32,
+}
+
+/// The ledger of one site. Owned by the agent's connection loop: one session at a time
+/// consults and updates it, so it needs no lock.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    entries: Entries,
+}
+
+/// 128 bits of the model's hash name it in the ledger: a model is only ever compared with
+/// the ones this site saw, and 16 bytes keep a ledger of a million rounds small.
+fn model_key(sha3_512: &[u8]) -> String {
+    cohort_protocols::hex::encode(&sha3_512[..sha3_512.len().min(16)])
+}
+
+fn data_version(stats: &[u64]) -> String {
+    let mut h = Sha3_256::new();
+    for v in stats {
+        h.update(v.to_le_bytes());
+    }
+    cohort_protocols::hex::encode(&h.finalize())
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir`, creating an empty one (and so proving the directory
+    /// writable before the site takes part in anything).
+    pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+        let path = dir.join(FILE);
+        let entries = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| LedgerError::Corrupt {
+                path: path.clone(),
+                error: e.message().to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let ledger = Ledger {
+                    path,
+                    entries: Entries::default(),
+                };
+                ledger.save(&ledger.entries)?;
+                return Ok(ledger);
+            }
+            Err(error) => return Err(LedgerError::Read { path, error }),
+        };
+        Ok(Ledger { path, entries })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last round this site sent a masked input for.
+    pub fn contributed(&self) -> Option<Contribution> {
+        self.entries.contributed
+    }
+
+    /// Whether this site may contribute to `round` at all: not if it already sent an input
+    /// for this round or a later one (in any attempt).
+    pub fn check_round(&self, round: u64) -> Result<(), Refusal> {
+        match self.entries.contributed {
+            Some(c) if round <= c.round => Err(Refusal {
+                reason: format!(
+                    "ledger: this site already sent its input for round {} (attempt {}); it takes part in no other attempt of that round and in no earlier round, as two sums over different sites would give a site's input away",
+                    c.round, c.attempt
+                ),
+                contributed: Some(c.round),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `input` may go into `round`: [`Ledger::check_round`], then the statistics and
+    /// per-model limits.
+    pub fn check(
+        &self,
+        round: u64,
+        input: &Input,
+        updates_per_model: Option<u32>,
+    ) -> Result<(), Refusal> {
+        self.check_round(round)?;
+        match input {
+            Input::Statistics(version) if self.entries.statistics.contains(version) => {
+                Err(Refusal {
+                    reason: "ledger: this site already sent the statistics of these data to a federation; the same statistics twice would let two sums be differenced".into(),
+                    contributed: None,
+                })
+            }
+            Input::Update(model) => {
+                let sent = self
+                    .entries
+                    .updates
+                    .get(model)
+                    .copied()
+                    .unwrap_or(0);
+                match updates_per_model {
+                    Some(limit) if sent >= limit => Err(Refusal {
+                        reason: format!(
+                            "ledger: this site already sent {sent} update(s) computed from this model (policy.updates_per_model = {limit})"
+                        ),
+                        contributed: None,
+                    }),
+                    _ => Ok(()),
+                }
+            }
+            Input::Statistics(_) => Ok(()),
+        }
+    }
+
+    /// Records that this site is about to send its masked input for (`round`, `attempt`),
+    /// durably: call before the input leaves, and send nothing if it fails.
+    pub fn record(&mut self, round: u64, attempt: u32, input: &Input) -> Result<(), LedgerError> {
+        let mut next = self.entries.clone();
+        next.contributed = Some(Contribution { round, attempt });
+        match input {
+            Input::Statistics(version) => {
+                next.statistics.insert(version.clone());
+            }
+            Input::Update(model) => {
+                *next.updates.entry(model.clone()).or_insert(0) += 1;
+            }
+        }
+        self.save(&next)?;
+        self.entries = next;
+        Ok(())
+    }
+
+    /// Whether this site answers an evaluation of `model` in `round`: each model once, in
+    /// round order, at most `max_per_round` per round.
+    pub fn check_evaluation(
+        &self,
+        round: u64,
+        model_sha3_512: &[u8],
+        max_per_round: u32,
+    ) -> Result<(), String> {
+        let e = &self.entries;
+        if e.evaluated.contains(&model_key(model_sha3_512)) {
+            return Err("ledger: this site already evaluated this model; each model is evaluated once, as repeated evaluations are queries on the site's test rows".into());
+        }
+        if e.evaluations_in_round > 0 && round < e.evaluation_round {
+            return Err(format!(
+                "ledger: evaluation of round {round} after round {}: this site evaluates models in the order the run produces them",
+                e.evaluation_round
+            ));
+        }
+        if round == e.evaluation_round && e.evaluations_in_round >= max_per_round {
+            return Err(format!(
+                "ledger: this site already evaluated {} model(s) in round {round} (policy.max_evaluations_per_round = {max_per_round})",
+                e.evaluations_in_round
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records an evaluation about to be reported, durably.
+    pub fn record_evaluation(
+        &mut self,
+        round: u64,
+        model_sha3_512: &[u8],
+    ) -> Result<(), LedgerError> {
+        let mut next = self.entries.clone();
+        next.evaluated.insert(model_key(model_sha3_512));
+        if round == next.evaluation_round && next.evaluations_in_round > 0 {
+            next.evaluations_in_round += 1;
+        } else {
+            next.evaluation_round = round;
+            next.evaluations_in_round = 1;
+        }
+        self.save(&next)?;
+        self.entries = next;
+        Ok(())
+    }
+
+    /// Replaces the file atomically with `entries`.
+    fn save(&self, entries: &Entries) -> Result<(), LedgerError> {
+        let error = |error| LedgerError::Write {
+            path: self.path.clone(),
+            error,
+        };
+        let text =
+            toml::to_string(entries).map_err(|e| error(std::io::Error::other(e.to_string())))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = self.path.with_extension("toml.tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(error)?;
+        file.write_all(text.as_bytes()).map_err(error)?;
+        file.sync_all().map_err(error)?;
+        drop(file);
+        std::fs::rename(&tmp, &self.path).map_err(error)?;
+        // The rename is durable only once the directory is.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(error)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: [u8; 64] = [7; 64];
+    const OTHER: [u8; 64] = [8; 64];
+
+    #[test]
+    fn a_contribution_closes_its_round_and_every_earlier_one_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let update = Input::update(&MODEL);
+        assert_eq!(ledger.check(3, &update, None), Ok(()));
+        ledger.record(3, 0, &update).unwrap();
+        // The agent restarts: the record is on disk.
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let other = Input::update(&OTHER);
+        for round in [3, 2, 0] {
+            let refusal = ledger.check(round, &other, None).unwrap_err();
+            assert_eq!(refusal.contributed, Some(3));
+            assert!(
+                refusal.reason.contains("round 3 (attempt 0)"),
+                "{refusal:?}"
+            );
+        }
+        assert_eq!(ledger.check(4, &other, None), Ok(()));
+    }
+
+    #[test]
+    fn statistics_go_once_per_data_version_and_updates_per_model_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        ledger.record(0, 1, &Input::statistics(&[1, 2, 3])).unwrap();
+        let again = ledger.check(5, &Input::statistics(&[1, 2, 3]), None);
+        assert!(again.unwrap_err().reason.contains("statistics"));
+        assert_eq!(
+            ledger.check(5, &Input::statistics(&[1, 2, 4]), None),
+            Ok(())
+        );
+        let update = Input::update(&MODEL);
+        ledger.record(1, 0, &update).unwrap();
+        assert_eq!(ledger.check(2, &update, None), Ok(()), "no limit set");
+        let refused = ledger.check(2, &update, Some(1)).unwrap_err();
+        assert!(refused.reason.contains("policy.updates_per_model = 1"));
+        assert_eq!(refused.contributed, None);
+        assert_eq!(ledger.check(2, &update, Some(2)), Ok(()));
+    }
+
+    #[test]
+    fn a_model_is_evaluated_once_in_round_order_and_within_the_per_round_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.check_evaluation(0, &MODEL, 1), Ok(()));
+        ledger.record_evaluation(0, &MODEL).unwrap();
+        let ledger2 = Ledger::open(dir.path()).unwrap();
+        assert!(
+            ledger2
+                .check_evaluation(1, &MODEL, 1)
+                .unwrap_err()
+                .contains("already evaluated this model")
+        );
+        assert!(
+            ledger2
+                .check_evaluation(0, &OTHER, 1)
+                .unwrap_err()
+                .contains("policy.max_evaluations_per_round = 1")
+        );
+        let mut ledger = ledger2;
+        ledger.record_evaluation(4, &OTHER).unwrap();
+        assert!(
+            ledger
+                .check_evaluation(3, &[9; 64], 5)
+                .unwrap_err()
+                .contains("after round 4")
+        );
+        assert_eq!(ledger.check_evaluation(4, &[9; 64], 2), Ok(()));
+    }
+
+    #[test]
+    fn a_damaged_ledger_stops_the_agent_instead_of_starting_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), "contributed = 3 [").unwrap();
+        let e = Ledger::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is damaged") && e.contains(FILE), "{e}");
+        let missing = dir.path().join("no/such/dir");
+        let e = Ledger::open(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot be written") && e.contains("state_dir"),
+            "{e}"
+        );
+    }
+}
