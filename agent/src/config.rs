@@ -162,14 +162,25 @@ pub struct Policy {
     /// comparison runs: a plain round shows the coordinator this site's update.
     #[serde(default = "yes")]
     pub require_secure: bool,
-    /// Refuse rounds with fewer participants: a sum over two sites tells each the other's
-    /// update.
+    /// Refuse rounds with fewer participants, and rounds with fewer survivors (counted when
+    /// the survivors are announced, before any share is revealed): a sum over two sites tells
+    /// each the other's update.
     #[serde(default = "three")]
     pub min_sites: u32,
     /// Refuse rounds whose SecAgg+ neighbourhood (k, this site included) is smaller: each
     /// site's update is masked only against its neighbours (0: no bound of the site's own).
     #[serde(default)]
     pub min_neighbours: u32,
+    /// Refuse a round, at whichever stage it becomes true, when fewer than this many other
+    /// sites of this site's SecAgg+ neighbourhood are live: keys advertised and verified
+    /// against the manifest, then shares exchanged, then surviving to the sum. The roster a
+    /// coordinator announces counts for nothing here: it can list honest sites and withhold
+    /// their keys, which looks like ordinary dropouts, until this site's update is summed
+    /// with few others (or only the coordinator's own sites). 5 by default; a federation of
+    /// fewer sites must lower it (four hospitals have three others: 2 leaves room for one
+    /// dropout).
+    #[serde(default = "five")]
+    pub min_live_neighbours: u32,
     /// Refuse rounds whose SecAgg+ threshold is below this (0: the protocol's own check, a
     /// strict majority of the neighbourhood).
     #[serde(default)]
@@ -222,6 +233,10 @@ fn one() -> u32 {
     1
 }
 
+fn five() -> u32 {
+    5
+}
+
 fn yes() -> bool {
     true
 }
@@ -236,6 +251,7 @@ impl Default for Policy {
             require_secure: true,
             min_sites: three(),
             min_neighbours: 0,
+            min_live_neighbours: five(),
             min_threshold: 0,
             require_consistency_check: true,
             max_colluders: one(),
@@ -278,12 +294,12 @@ impl Default for Reconnect {
 impl AgentConfig {
     /// The directory of the contribution ledger: `state_dir`, or the directory of `tls.key`.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| {
-            self.tls
-                .key
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        })
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| match self.tls.key.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -60,11 +60,26 @@ pub enum LedgerError {
 }
 
 /// The last round this site sent a masked input for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Contribution {
     pub round: u64,
     pub attempt: u32,
+    /// What the input was computed from ([`Input::label`]).
+    #[serde(default)]
+    pub input: String,
+    /// The survivors (names, sorted) this site accepted for that attempt before it revealed
+    /// any share; absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survivors: Option<Vec<String>>,
+}
+
+/// What the ledger allows for a round: a first contribution, or the same input again over
+/// exactly the survivors it went to before (`redo_of`), which tells the coordinator nothing
+/// it could not already know. The redo is how a round survives a coordinator crash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permit {
+    pub redo_of: Option<Vec<String>>,
 }
 
 /// What a contribution was computed from, as the ledger names it.
@@ -83,6 +98,14 @@ impl Input {
 
     pub fn update(model_sha3_512: &[u8]) -> Self {
         Input::Update(model_key(model_sha3_512))
+    }
+
+    /// How the ledger writes it.
+    pub fn label(&self) -> String {
+        match self {
+            Input::Statistics(v) => format!("statistics {v}"),
+            Input::Update(m) => format!("update {m}"),
+        }
     }
 }
 
@@ -114,6 +137,20 @@ struct Entries {
     evaluation_round: u64,
     #[serde(default)]
     evaluations_in_round: u32,
+    /// The last evaluation reported: (round, model, the encoded report), answered again as
+    /// it was when the same round asks for the same model (a coordinator that restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_report: Option<(u64, String, String)>,
+}
+
+/// What the ledger allows for an evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evaluation {
+    /// Evaluate the model and report.
+    New,
+    /// The same round asked for the same model again: send this report (encoded) again,
+    /// without evaluating. It tells the coordinator nothing it was not told.
+    Replay(Vec<u8>),
 }
 
 /// The ledger of one site. Owned by the agent's connection loop: one session at a time
@@ -166,34 +203,55 @@ impl Ledger {
     }
 
     /// The last round this site sent a masked input for.
-    pub fn contributed(&self) -> Option<Contribution> {
-        self.entries.contributed
+    pub fn contributed(&self) -> Option<&Contribution> {
+        self.entries.contributed.as_ref()
     }
 
-    /// Whether this site may contribute to `round` at all: not if it already sent an input
-    /// for this round or a later one (in any attempt).
-    pub fn check_round(&self, round: u64) -> Result<(), Refusal> {
-        match self.entries.contributed {
-            Some(c) if round <= c.round => Err(Refusal {
-                reason: format!(
-                    "ledger: this site already sent its input for round {} (attempt {}); it takes part in no other attempt of that round and in no earlier round, as two sums over different sites would give a site's input away",
-                    c.round, c.attempt
-                ),
-                contributed: Some(c.round),
-            }),
-            _ => Ok(()),
+    fn already(c: &Contribution, why: &str) -> Refusal {
+        Refusal {
+            reason: format!(
+                "ledger: this site already sent its input for round {} (attempt {}){why}; it takes part in no other attempt of that round and in no earlier round, as two sums over different sites would give a site's input away",
+                c.round, c.attempt
+            ),
+            contributed: Some(c.round),
         }
     }
 
-    /// Whether `input` may go into `round`: [`Ledger::check_round`], then the statistics and
-    /// per-model limits.
+    /// Whether this site may contribute to `round` at all, before it knows its input: not to
+    /// a round before the last it sent an input for, and to that round only as a redo (the
+    /// survivors it accepted then are known, and must be the same again).
+    pub fn check_round(&self, round: u64) -> Result<Permit, Refusal> {
+        match &self.entries.contributed {
+            Some(c) if round < c.round => Err(Self::already(c, "")),
+            Some(c) if round == c.round => match &c.survivors {
+                Some(survivors) => Ok(Permit {
+                    redo_of: Some(survivors.clone()),
+                }),
+                None => Err(Self::already(
+                    c,
+                    " and never learnt which sites survived it",
+                )),
+            },
+            _ => Ok(Permit::default()),
+        }
+    }
+
+    /// Whether `input` may go into `round`: [`Ledger::check_round`] (a redo must be of the
+    /// same input), then the statistics and per-model limits.
     pub fn check(
         &self,
         round: u64,
         input: &Input,
         updates_per_model: Option<u32>,
-    ) -> Result<(), Refusal> {
-        self.check_round(round)?;
+    ) -> Result<Permit, Refusal> {
+        let permit = self.check_round(round)?;
+        if permit.redo_of.is_some() {
+            return match &self.entries.contributed {
+                Some(c) if c.input == input.label() => Ok(permit),
+                Some(c) => Err(Self::already(c, " from another input")),
+                None => Ok(Permit::default()),
+            };
+        }
         match input {
             Input::Statistics(version) if self.entries.statistics.contains(version) => {
                 Err(Refusal {
@@ -202,12 +260,7 @@ impl Ledger {
                 })
             }
             Input::Update(model) => {
-                let sent = self
-                    .entries
-                    .updates
-                    .get(model)
-                    .copied()
-                    .unwrap_or(0);
+                let sent = self.entries.updates.get(model).copied().unwrap_or(0);
                 match updates_per_model {
                     Some(limit) if sent >= limit => Err(Refusal {
                         reason: format!(
@@ -215,25 +268,63 @@ impl Ledger {
                         ),
                         contributed: None,
                     }),
-                    _ => Ok(()),
+                    _ => Ok(permit),
                 }
             }
-            Input::Statistics(_) => Ok(()),
+            Input::Statistics(_) => Ok(permit),
         }
     }
 
     /// Records that this site is about to send its masked input for (`round`, `attempt`),
-    /// durably: call before the input leaves, and send nothing if it fails.
+    /// durably: call before the input leaves, and send nothing if it fails. A redo of the
+    /// last contribution (same round, same input) counts no second time.
     pub fn record(&mut self, round: u64, attempt: u32, input: &Input) -> Result<(), LedgerError> {
         let mut next = self.entries.clone();
-        next.contributed = Some(Contribution { round, attempt });
-        match input {
-            Input::Statistics(version) => {
-                next.statistics.insert(version.clone());
+        let label = input.label();
+        let redo = next
+            .contributed
+            .as_ref()
+            .is_some_and(|c| c.round == round && c.input == label);
+        next.contributed = Some(Contribution {
+            round,
+            attempt,
+            input: label,
+            survivors: None,
+        });
+        if !redo {
+            match input {
+                Input::Statistics(version) => {
+                    next.statistics.insert(version.clone());
+                }
+                Input::Update(model) => {
+                    *next.updates.entry(model.clone()).or_insert(0) += 1;
+                }
             }
-            Input::Update(model) => {
-                *next.updates.entry(model.clone()).or_insert(0) += 1;
+        }
+        self.save(&next)?;
+        self.entries = next;
+        Ok(())
+    }
+
+    /// Records the survivors this site accepts for (`round`, `attempt`), durably, before it
+    /// signs them or reveals a share: from then on a redo of the round must have exactly
+    /// these. Nothing is recorded for an attempt that is not the last contribution.
+    pub fn record_survivors(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        mut survivors: Vec<String>,
+    ) -> Result<(), LedgerError> {
+        survivors.sort();
+        let mut next = self.entries.clone();
+        match next.contributed.as_mut() {
+            Some(c) if c.round == round && c.attempt == attempt => {
+                if c.survivors.as_ref() == Some(&survivors) {
+                    return Ok(());
+                }
+                c.survivors = Some(survivors);
             }
+            _ => return Ok(()),
         }
         self.save(&next)?;
         self.entries = next;
@@ -247,9 +338,17 @@ impl Ledger {
         round: u64,
         model_sha3_512: &[u8],
         max_per_round: u32,
-    ) -> Result<(), String> {
+    ) -> Result<Evaluation, String> {
         let e = &self.entries;
-        if e.evaluated.contains(&model_key(model_sha3_512)) {
+        let model = model_key(model_sha3_512);
+        if let Some((r, m, report)) = &e.last_report
+            && *r == round
+            && *m == model
+            && let Some(bytes) = cohort_protocols::hex::decode(report)
+        {
+            return Ok(Evaluation::Replay(bytes));
+        }
+        if e.evaluated.contains(&model) {
             return Err("ledger: this site already evaluated this model; each model is evaluated once, as repeated evaluations are queries on the site's test rows".into());
         }
         if e.evaluations_in_round > 0 && round < e.evaluation_round {
@@ -264,17 +363,20 @@ impl Ledger {
                 e.evaluations_in_round
             ));
         }
-        Ok(())
+        Ok(Evaluation::New)
     }
 
-    /// Records an evaluation about to be reported, durably.
+    /// Records an evaluation about to be reported (`report`, encoded), durably.
     pub fn record_evaluation(
         &mut self,
         round: u64,
         model_sha3_512: &[u8],
+        report: &[u8],
     ) -> Result<(), LedgerError> {
         let mut next = self.entries.clone();
-        next.evaluated.insert(model_key(model_sha3_512));
+        let model = model_key(model_sha3_512);
+        next.evaluated.insert(model.clone());
+        next.last_report = Some((round, model, cohort_protocols::hex::encode(report)));
         if round == next.evaluation_round && next.evaluations_in_round > 0 {
             next.evaluations_in_round += 1;
         } else {
@@ -294,7 +396,10 @@ impl Ledger {
         };
         let text =
             toml::to_string(entries).map_err(|e| error(std::io::Error::other(e.to_string())))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         let tmp = self.path.with_extension("toml.tmp");
         let mut file = std::fs::File::create(&tmp).map_err(error)?;
         file.write_all(text.as_bytes()).map_err(error)?;
@@ -321,10 +426,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = Ledger::open(dir.path()).unwrap();
         let update = Input::update(&MODEL);
-        assert_eq!(ledger.check(3, &update, None), Ok(()));
+        assert_eq!(ledger.check(3, &update, None), Ok(Permit::default()));
         ledger.record(3, 0, &update).unwrap();
         // The agent restarts: the record is on disk.
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
         let other = Input::update(&OTHER);
         for round in [3, 2, 0] {
             let refusal = ledger.check(round, &other, None).unwrap_err();
@@ -334,7 +439,20 @@ mod tests {
                 "{refusal:?}"
             );
         }
-        assert_eq!(ledger.check(4, &other, None), Ok(()));
+        // Round 3 again, even with the same input: the site never learnt the survivors.
+        assert!(ledger.check(3, &update, None).is_err());
+        assert_eq!(ledger.check(4, &other, None), Ok(Permit::default()));
+        // Once it accepted the survivors, a redo of round 3 is allowed with the same input,
+        // and only over those survivors; an earlier round still is not.
+        ledger
+            .record_survivors(3, 0, vec!["va".into(), "hungary".into()])
+            .unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let redo = ledger.check(3, &update, Some(1)).unwrap();
+        assert_eq!(redo.redo_of, Some(vec!["hungary".into(), "va".into()]));
+        let refused = ledger.check(3, &other, None).unwrap_err();
+        assert!(refused.reason.contains("from another input"), "{refused:?}");
+        assert!(ledger.check(2, &update, None).is_err());
     }
 
     #[test]
@@ -344,25 +462,30 @@ mod tests {
         ledger.record(0, 1, &Input::statistics(&[1, 2, 3])).unwrap();
         let again = ledger.check(5, &Input::statistics(&[1, 2, 3]), None);
         assert!(again.unwrap_err().reason.contains("statistics"));
-        assert_eq!(
-            ledger.check(5, &Input::statistics(&[1, 2, 4]), None),
-            Ok(())
+        assert!(
+            ledger
+                .check(5, &Input::statistics(&[1, 2, 4]), None)
+                .is_ok()
         );
         let update = Input::update(&MODEL);
         ledger.record(1, 0, &update).unwrap();
-        assert_eq!(ledger.check(2, &update, None), Ok(()), "no limit set");
+        assert!(ledger.check(2, &update, None).is_ok(), "no limit set");
         let refused = ledger.check(2, &update, Some(1)).unwrap_err();
         assert!(refused.reason.contains("policy.updates_per_model = 1"));
         assert_eq!(refused.contributed, None);
-        assert_eq!(ledger.check(2, &update, Some(2)), Ok(()));
+        assert!(ledger.check(2, &update, Some(2)).is_ok());
+        // A redo of round 1 (same survivors) is not a second update from the model.
+        ledger.record_survivors(1, 0, vec!["a".into()]).unwrap();
+        ledger.record(1, 1, &update).unwrap();
+        assert!(ledger.check(2, &update, Some(2)).is_ok());
     }
 
     #[test]
     fn a_model_is_evaluated_once_in_round_order_and_within_the_per_round_limit() {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = Ledger::open(dir.path()).unwrap();
-        assert_eq!(ledger.check_evaluation(0, &MODEL, 1), Ok(()));
-        ledger.record_evaluation(0, &MODEL).unwrap();
+        assert_eq!(ledger.check_evaluation(0, &MODEL, 1), Ok(Evaluation::New));
+        ledger.record_evaluation(0, &MODEL, b"report").unwrap();
         let ledger2 = Ledger::open(dir.path()).unwrap();
         assert!(
             ledger2
@@ -377,14 +500,19 @@ mod tests {
                 .contains("policy.max_evaluations_per_round = 1")
         );
         let mut ledger = ledger2;
-        ledger.record_evaluation(4, &OTHER).unwrap();
+        ledger.record_evaluation(4, &OTHER, b"other").unwrap();
         assert!(
             ledger
                 .check_evaluation(3, &[9; 64], 5)
                 .unwrap_err()
                 .contains("after round 4")
         );
-        assert_eq!(ledger.check_evaluation(4, &[9; 64], 2), Ok(()));
+        assert_eq!(ledger.check_evaluation(4, &[9; 64], 2), Ok(Evaluation::New));
+        // The same round asking for the same model again gets the same report, unevaluated.
+        assert_eq!(
+            ledger.check_evaluation(4, &OTHER, 1),
+            Ok(Evaluation::Replay(b"other".to_vec()))
+        );
     }
 
     #[test]

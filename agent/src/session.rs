@@ -527,6 +527,13 @@ struct Round {
     /// What this round's input is computed from, for the ledger: recorded just before the
     /// masked input leaves.
     input: Option<crate::ledger::Input>,
+    /// What the ledger allows: a first contribution, or a redo over the same survivors.
+    permit: crate::ledger::Permit,
+    /// The round's participants' names by id, from its Setup: survivors are recorded and
+    /// compared by name (ids are per session).
+    names: std::collections::BTreeMap<u32, String>,
+    /// The survivors of the request being answered, recorded before the answer leaves.
+    survivors: Option<Vec<String>>,
     secagg_buf: Vec<u8>,
     params: Option<Params>,
     client: Option<SecClient>,
@@ -925,14 +932,19 @@ impl Session<'_> {
                     &start.model_sha3_512,
                     self.cfg.policy.max_evaluations_per_round,
                 )
+                .map(|_| crate::ledger::Permit::default())
                 .map_err(|reason| crate::ledger::Refusal {
                     reason,
                     contributed: None,
                 }),
-            Task::Unspecified => Ok(()),
+            Task::Unspecified => Ok(crate::ledger::Permit::default()),
         };
-        if let Err(refusal) = ledger {
-            return self.decline_refusal(round, refusal).await;
+        let permit = match ledger {
+            Ok(p) => p,
+            Err(refusal) => return self.decline_refusal(round, refusal).await,
+        };
+        if let Some(survivors) = &permit.redo_of {
+            info!(site = %self.cfg.site, round, survivors = %survivors.join(","), "a redo of a round this site sent its input for: only over the same survivors");
         }
         let model = if matches!(task, Task::Train | Task::Evaluate) {
             match model::Incoming::new(start.model_bytes) {
@@ -950,6 +962,9 @@ impl Session<'_> {
             manifest_agrees,
             model,
             input: None,
+            permit,
+            names: std::collections::BTreeMap::new(),
+            survivors: None,
             secagg_buf: Vec::new(),
             params: None,
             client: None,
@@ -965,12 +980,14 @@ impl Session<'_> {
                 }
             };
             let input = crate::ledger::Input::statistics(&v);
-            if let Err(refusal) = self.ledger.check(round, &input, None) {
-                return self.decline_refusal(round, refusal).await;
-            }
+            let permit = match self.ledger.check(round, &input, None) {
+                Ok(p) => p,
+                Err(refusal) => return self.decline_refusal(round, refusal).await,
+            };
             if secure {
                 if let Some(r) = self.round.as_mut() {
                     r.input = Some(input);
+                    r.permit = permit;
                 }
                 self.provide(Pending::Stats(v)).await?;
             } else {
@@ -1014,43 +1031,33 @@ impl Session<'_> {
         }
         match Task::try_from(start.task).unwrap_or(Task::Unspecified) {
             Task::Evaluate => {
-                let data = self.data.clone();
-                let (mean, std) = (self.mean.clone(), self.std.clone());
-                let eval = tokio::task::spawn_blocking(move || {
-                    data.evaluate(&spec, &params, (&mean, &std))
-                })
-                .await?
-                .map_err(|e| anyhow!("evaluation failed: {e}"))?;
-                if let Err(e) = self
-                    .ledger
-                    .record_evaluation(start.round, &start.model_sha3_512)
-                {
-                    error!(site = %self.cfg.site, error = %e, "evaluation not reported");
-                    return self.decline(start.round, e.to_string()).await;
-                }
-                let metrics = eval.metrics();
-                let g = self.cfg.policy.evaluation_granularity;
-                self.send(agent_message::Kind::Eval(EvalReport {
-                    round: start.round,
-                    examples: eval.examples as u64,
-                    loss: eval.loss,
-                    accuracy: metrics.accuracy,
-                    auc: eval.auc,
-                    confusion: eval
-                        .tally
-                        .confusion
-                        .iter()
-                        .map(|c| coarsen(*c, g))
-                        .collect(),
-                    residuals: eval.tally.residuals.map(|r| Residuals {
-                        n: r.n,
-                        sse: r.sse,
-                        sae: r.sae,
-                        sum_y: r.sum_y,
-                        sum_y2: r.sum_y2,
-                    }),
-                }))
-                .await?;
+                let allowed = self.ledger.check_evaluation(
+                    start.round,
+                    &start.model_sha3_512,
+                    self.cfg.policy.max_evaluations_per_round,
+                );
+                let report = match allowed {
+                    Err(reason) => return self.decline(start.round, reason).await,
+                    Ok(crate::ledger::Evaluation::Replay(bytes)) => {
+                        info!(site = %self.cfg.site, round = start.round, "the same evaluation again: the report sent before, unevaluated");
+                        <EvalReport as prost::Message>::decode(bytes.as_slice())
+                            .map_err(|e| anyhow!("the ledger's stored report: {e}"))?
+                    }
+                    Ok(crate::ledger::Evaluation::New) => {
+                        let report = self.evaluate(&start, spec, params).await?;
+                        let bytes = prost::Message::encode_to_vec(&report);
+                        if let Err(e) = self.ledger.record_evaluation(
+                            start.round,
+                            &start.model_sha3_512,
+                            &bytes,
+                        ) {
+                            error!(site = %self.cfg.site, error = %e, "evaluation not reported");
+                            return self.decline(start.round, e.to_string()).await;
+                        }
+                        report
+                    }
+                };
+                self.send(agent_message::Kind::Eval(report)).await?;
             }
             Task::Train => {
                 let cfg: TrainingConfig =
@@ -1072,6 +1079,44 @@ impl Session<'_> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Evaluates `params` on the site's test rows: the report, counts coarsened as the
+    /// site's policy says.
+    async fn evaluate(
+        &self,
+        start: &RoundStart,
+        spec: ModelSpec,
+        params: Vec<f32>,
+    ) -> Result<EvalReport> {
+        let data = self.data.clone();
+        let (mean, std) = (self.mean.clone(), self.std.clone());
+        let eval =
+            tokio::task::spawn_blocking(move || data.evaluate(&spec, &params, (&mean, &std)))
+                .await?
+                .map_err(|e| anyhow!("evaluation failed: {e}"))?;
+        let metrics = eval.metrics();
+        let g = self.cfg.policy.evaluation_granularity;
+        Ok(EvalReport {
+            round: start.round,
+            examples: eval.examples as u64,
+            loss: eval.loss,
+            accuracy: metrics.accuracy,
+            auc: eval.auc,
+            confusion: eval
+                .tally
+                .confusion
+                .iter()
+                .map(|c| coarsen(*c, g))
+                .collect(),
+            residuals: eval.tally.residuals.map(|r| Residuals {
+                n: r.n,
+                sse: r.sse,
+                sae: r.sae,
+                sum_y: r.sum_y,
+                sum_y2: r.sum_y2,
+            }),
+        })
     }
 
     async fn on_trained(
@@ -1178,6 +1223,19 @@ impl Session<'_> {
                     };
                     if let Err(e) = recorded {
                         error!(site = %self.cfg.site, round, error = %e, "masked input not sent");
+                        self.round = None;
+                        return self.decline(round, e.to_string()).await;
+                    }
+                }
+                if matches!(out.stage, FaultStage::ConsistencyCheck | FaultStage::Unmask)
+                    && let Some(r) = self.round.as_mut()
+                    && let Some(survivors) = r.survivors.take()
+                {
+                    // Before the signature or a share leaves: a redo of this round must then
+                    // have exactly these survivors.
+                    let attempt = r.start.attempt;
+                    if let Err(e) = self.ledger.record_survivors(round, attempt, survivors) {
+                        error!(site = %self.cfg.site, round, error = %e, "survivors not recorded: nothing sent");
                         self.round = None;
                         return self.decline(round, e.to_string()).await;
                     }
@@ -1308,15 +1366,61 @@ impl Session<'_> {
             }
             let verifier = Arc::new(verifier);
             let seed: [u8; 32] = rand::random();
+            let (live, survivors) = (
+                self.cfg.policy.min_live_neighbours,
+                self.cfg.policy.min_sites,
+            );
             r.client = Some(match setup.params.modulus {
-                Modulus::Bits32 => {
-                    SecClient::B32(Client::new(identity, verifier, setup.round, seed))
-                }
-                Modulus::Bits64 => {
-                    SecClient::B64(Client::new(identity, verifier, setup.round, seed))
-                }
+                Modulus::Bits32 => SecClient::B32(
+                    Client::new(identity, verifier, setup.round, seed).requiring(live, survivors),
+                ),
+                Modulus::Bits64 => SecClient::B64(
+                    Client::new(identity, verifier, setup.round, seed).requiring(live, survivors),
+                ),
             });
             r.params = Some(setup.params.clone());
+            r.names = setup
+                .participants
+                .iter()
+                .copied()
+                .zip(setup.names.iter().cloned())
+                .collect();
+        }
+        if let ServerMessage::ConsistencyRequest(cohort_protocols::secagg::ConsistencyRequest {
+            survivors,
+            ..
+        })
+        | ServerMessage::UnmaskRequest(cohort_protocols::secagg::UnmaskRequest {
+            survivors,
+            ..
+        }) = &msg
+        {
+            let mut names: Vec<String> = survivors
+                .iter()
+                .map(|id| r.names.get(id).cloned().unwrap_or_else(|| format!("#{id}")))
+                .collect();
+            names.sort();
+            if let Some(before) = &r.permit.redo_of
+                && *before != names
+            {
+                let round = r.start.round;
+                let reason = format!(
+                    "ledger: this round was run before with survivors [{}]; a redo is answered only over the same survivors, not [{}]",
+                    before.join(", "),
+                    names.join(", ")
+                );
+                self.round = None;
+                return self
+                    .decline_refusal(
+                        round,
+                        crate::ledger::Refusal {
+                            reason,
+                            contributed: Some(round),
+                        },
+                    )
+                    .await;
+            }
+            r.survivors = Some(names);
         }
         let truncate = truncates(&self.cfg.faults, r.start.round);
         let Some(client) = r.client.as_mut() else {
@@ -1384,6 +1488,13 @@ fn policy_refusal(
             "policy: the round has {} participants, this site requires at least {} (policy.min_sites)",
             setup.participants.len(),
             policy.min_sites
+        ));
+    }
+    if p.neighbours.saturating_sub(1) < policy.min_live_neighbours {
+        return Some(format!(
+            "policy: the round's neighbourhood has {} other sites, this site requires at least {} of them live (policy.min_live_neighbours; a federation of fewer sites must lower it)",
+            p.neighbours.saturating_sub(1),
+            policy.min_live_neighbours
         ));
     }
     if p.neighbours < policy.min_neighbours {

@@ -37,6 +37,17 @@ impl UploadSink {
             UploadSink::Plain(s) => s.feed(bytes, last),
         }
     }
+
+    /// The site's upload reached the coordinator but was refused before any of it was fed
+    /// (the memory budget): from the site's side its input was sent, so it is spent for the
+    /// round all the same.
+    pub fn arrived_unfed(&self) {
+        match self {
+            UploadSink::Masked32(s) => s.arrived_unfed(),
+            UploadSink::Masked64(s) => s.arrived_unfed(),
+            UploadSink::Plain(_) => {}
+        }
+    }
 }
 
 /// The ring elements a SecAgg+ round can use, each with its kind of sink.

@@ -11,7 +11,7 @@ coordinator="${COHORT_COORDINATOR:-cohort-coordinator}"
 agent="${COHORT_AGENT:-cohort-agent}"
 ca="${COHORT_CA:-cohort-ca}"
 names=127.0.0.1,localhost
-rm -rf ca pki state
+rm -rf ca pki state site-state
 "$ca" init --ca ca >/dev/null
 "$coordinator" enroll --names "$names" --out pki/coordinator >/dev/null
 "$ca" sign --ca ca --role coordinator pki/coordinator/request.csr.pem >/dev/null
@@ -26,9 +26,18 @@ cp ca/ca.pem pki/ca.pem
 for site in cleveland hungary switzerland va; do
     cp "ca/sites/$site/"* "pki/sites/$site/"
     cp "../../data/heart-disease/$site.csv" "pki/sites/$site/data.csv"
+    # What each site adds to the agent.toml it received: where its contribution ledger lives
+    # (a volume of its own that outlives the container; the bundle is mounted read-only), and
+    # a policy a federation of four can meet (three others, one of which may drop out; the
+    # default asks for 5 live others).
+    { echo 'state_dir = "/state"'; cat "pki/sites/$site/agent.toml"; printf '\n[policy]\nmin_live_neighbours = 2\n'; } \
+        > "pki/sites/$site/agent.toml.new"
+    mv "pki/sites/$site/agent.toml.new" "pki/sites/$site/agent.toml"
+    mkdir -p "site-state/$site"
 done
-# The containers run as 65532: they must read their bundle and write the coordinator's state.
+# The containers run as 65532: they must read their bundle and write their state.
 mkdir -p state
 chmod -R a+rX pki
 chmod a+rwx state
+chmod -R a+rwx site-state
 echo "ready: podman-compose up (or docker compose up) in $(pwd)"

@@ -1281,3 +1281,53 @@ fn a_slot_says_whether_its_sites_input_began_to_arrive() {
         assert_eq!(s.started(), from != 2, "site {from}");
     }
 }
+
+/// A site's own floors on who is really there (`Client::requiring`): the neighbours whose
+/// keys it verified and who then shared and survived, and the survivors of the round. A
+/// coordinator that lists sites and withholds them looks like dropouts; with these floors
+/// the sites refuse before their input is summed with fewer others than they asked for.
+#[test]
+fn sites_refuse_a_round_with_fewer_live_others_or_survivors_than_they_require() {
+    let params = Params::with_defaults(N, 16);
+    let ids: Vec<ClientId> = (0..N).collect();
+    let ones = |_: ClientId, _: usize| 1u32;
+    // N = 7 sites, two of which never advertise: four live others each.
+    let drops: BTreeMap<ClientId, DropAt> = [(5, DropAt::Advertise), (6, DropAt::Advertise)].into();
+    set_requiring(4, 5);
+    let fine = run_round::<u32>(&params, &ids, &drops, 11, &ones);
+    assert!(fine.result.is_ok(), "{:?}", fine.client_errors);
+    set_requiring(5, 0);
+    let few = run_round::<u32>(&params, &ids, &drops, 12, &ones);
+    assert!(few.result.is_err());
+    assert!(
+        few.client_errors.iter().all(|(_, e)| matches!(
+            e,
+            ClientError::TooFewLive {
+                others: 4,
+                required: 5,
+                ..
+            }
+        )) && few.client_errors.len() == 5,
+        "{:?}",
+        few.client_errors
+    );
+    // Live at the key exchange, gone before the sum: caught when the survivors are named.
+    let late: BTreeMap<ClientId, DropAt> =
+        [(5, DropAt::MaskedInput), (6, DropAt::MaskedInput)].into();
+    set_requiring(0, 6);
+    let fewer = run_round::<u32>(&params, &ids, &late, 13, &ones);
+    set_requiring(0, 0);
+    assert!(fewer.result.is_err());
+    assert!(
+        !fewer.client_errors.is_empty()
+            && fewer.client_errors.iter().all(|(_, e)| matches!(
+                e,
+                ClientError::TooFewSurvivors {
+                    survivors: 5,
+                    required: 6
+                }
+            )),
+        "{:?}",
+        fewer.client_errors
+    );
+}

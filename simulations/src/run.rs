@@ -623,6 +623,9 @@ fn run_scenario(
                 .collect();
             let data = site.data_table(base, s.test_fraction, s.split_seed);
             let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
+            // The agent's default (5 live others) asks for a federation of seven or more; a
+            // simulated one of n sites asks for all others but one (one may drop out).
+            cfg.policy.min_live_neighbours = (training as u32).saturating_sub(2).clamp(1, 5);
             cfg.role = site.role;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
             cfg.policy.require_secure = secure;
@@ -730,8 +733,6 @@ fn references(
     crate::reference::references(&sites, spec, training, *seed, s.rounds)
 }
 
-/// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
-/// the coordinator on 127.0.0.1:`port`.
 /// A `[tls]` table with `manifest` set when provisioning wrote one at `path`.
 pub(crate) fn with_manifest(mut tls: toml::Table, path: &Path) -> toml::Table {
     if path.exists() {
@@ -740,6 +741,9 @@ pub(crate) fn with_manifest(mut tls: toml::Table, path: &Path) -> toml::Table {
     tls
 }
 
+/// The configuration of an agent for `site` whose provisioned bundle is in `dir`, dialling
+/// the coordinator on 127.0.0.1:`port`. Its policy asks for 2 live others (a federation of
+/// four, one of which may drop out), where the agent's own default asks for 5.
 pub fn agent_config(
     site: &str,
     dir: &Path,
@@ -781,6 +785,13 @@ pub fn agent_config(
             ])),
         ),
         ("faults", toml::Value::Array(faults)),
+        (
+            "policy",
+            toml::Value::Table(table(vec![(
+                "min_live_neighbours",
+                toml::Value::Integer(2),
+            )])),
+        ),
     ]);
     AgentConfig::parse(&toml::to_string(&agent)?)
         .with_context(|| format!("agent configuration for {site}"))

@@ -151,11 +151,20 @@ fn train_with(dir: &Path, rounds: u32, extra: &str, meanwhile: impl FnOnce() + S
                     "https://localhost:1",
                     &format!("https://127.0.0.1:{}", addr.port()),
                 );
-            let text = if text.contains(extra) {
+            let mut text = if text.contains(extra) {
                 text
             } else {
                 format!("{text}\n{extra}")
             };
+            // Four hospitals: three others, one of which may drop out (the agent's default
+            // asks for 5 live others).
+            if !text.contains("min_live_neighbours") {
+                text = if text.contains("[policy]\n") {
+                    text.replacen("[policy]\n", "[policy]\nmin_live_neighbours = 2\n", 1)
+                } else {
+                    format!("{text}\n[policy]\nmin_live_neighbours = 2\n")
+                };
+            }
             std::fs::write(home.join("agent.toml"), text).unwrap();
             let cfg = cohort_agent::AgentConfig::load(&home.join("agent.toml")).unwrap();
             agents.push(tokio::spawn(cohort_agent::run(cfg)));

@@ -57,6 +57,9 @@ enum Lie {
     /// the peers' quantised values then sit within a step of the midpoint and the sum minus a
     /// constant is the agent's input), its set-up sealed with the context of what it was told.
     ClipForAgent,
+    /// In attempts after the first, site 3 never sends its masked input: the survivors are
+    /// the other three.
+    DropInRedo,
 }
 
 /// A certificate the CA key signs outside provisioning (so outside the manifest), as whoever
@@ -131,6 +134,7 @@ fn secagg(msg: &ServerMessage) -> CoordinatorMessage {
 
 /// The round as the stub's honest half runs it: the real server and three real clients.
 struct Round {
+    attempt: u32,
     server: Server<u64>,
     peers: BTreeMap<u32, Client<u64>>,
     /// Site 1's identity key, for the share it "sends" in `Lie::GarbageFromPeer`.
@@ -211,6 +215,7 @@ impl Round {
         };
         let setup = ServerMessage::Setup(setup);
         let mut r = Round {
+            attempt,
             server,
             peers,
             hungary_key: stub::key(&pki.join("sites/hungary/key.pem")),
@@ -231,6 +236,11 @@ impl Round {
                 reply = peer.set_input(zeros).unwrap();
             }
             match reply {
+                Some(ClientMessage::MaskedInput(_))
+                    if id == 3 && self.attempt > 0 && matches!(self.lie, Lie::DropInRedo) =>
+                {
+                    self.server.disconnected(3);
+                }
                 Some(ClientMessage::MaskedInput(x)) => {
                     self.upload(id, &ClientMessage::MaskedInput(x).encode())
                 }
@@ -308,6 +318,7 @@ impl Round {
         );
         match self.lie {
             Lie::Honest
+            | Lie::DropInRedo
             | Lie::TamperedShare
             | Lie::GarbageFromPeer
             | Lie::RevokedPeer
@@ -609,30 +620,47 @@ fn a_site_told_its_own_clipping_bound_cannot_join_its_peers_round() {
 }
 
 /// The second attack of the round-integrity review: honest, complete attempts of one round,
-/// each leaving another site out, difference out a site's input (S_j = T - x_j). An agent
-/// that sent its input in attempt 0 refuses attempt 1 of the same round — in the same
-/// session, and after a restart of the agent (the ledger is on the site's disk). Before the
-/// ledger, the agent answered every attempt with the same statistics.
+/// each leaving another site out, difference out a site's input (S_j = T - x_j). After
+/// attempt 0 completed with all four, attempt 1 leaves site 3 out: the agent refuses it
+/// before it signs the survivors — in the same session, and after a restart of the agent
+/// (the ledger is on the site's disk). Before the ledger, the agent answered every attempt
+/// with the same statistics.
 #[test]
-fn a_second_attempt_of_a_round_the_agent_sent_its_input_for_is_refused_even_after_a_restart() {
-    let same_session = answers(Lie::Honest, vec![vec![0, 1]]);
+fn a_second_attempt_of_a_round_over_other_survivors_is_refused_even_after_a_restart() {
+    for plans in [vec![vec![0, 1]], vec![vec![0], vec![1]]] {
+        let answers = answers(Lie::DropInRedo, plans.clone());
+        assert!(
+            answers[0]
+                .text
+                .starts_with("completed: survivors [0, 1, 2, 3]"),
+            "{plans:?}: {answers:?}"
+        );
+        let refused = &answers[1];
+        assert_eq!(refused.contributed, Some(0), "{plans:?}: {refused:?}");
+        assert!(
+            refused
+                .text
+                .contains("a redo is answered only over the same survivors")
+                && refused
+                    .text
+                    .contains("not [cleveland, hungary, switzerland]"),
+            "{plans:?}: {refused:?}"
+        );
+    }
+}
+
+/// A coordinator that crashed after a round's sum runs the round again, and the agent
+/// answers the redo: the input is the same and so are the survivors, so the sum is the one
+/// the coordinator already had. (The crash-resume test kills the real coordinator.)
+#[test]
+fn a_redo_of_a_round_over_the_same_survivors_is_answered() {
+    let redo = answers(Lie::Honest, vec![vec![0], vec![1]]);
+    assert!(redo[0].text.starts_with("completed"), "{redo:?}");
     assert!(
-        same_session[0]
+        redo[1]
             .text
             .starts_with("completed: survivors [0, 1, 2, 3]"),
-        "{same_session:?}"
+        "{redo:?}"
     );
-    let refused = &same_session[1];
-    assert_eq!(refused.contributed, Some(0), "{refused:?}");
-    assert!(
-        refused
-            .text
-            .contains("already sent its input for round 0 (attempt 0)"),
-        "{refused:?}"
-    );
-    // The agent stops after attempt 0; a new agent process with the same site directory is
-    // asked for attempt 1.
-    let restarted = answers(Lie::Honest, vec![vec![0], vec![1]]);
-    assert!(restarted[0].text.starts_with("completed"), "{restarted:?}");
-    assert_eq!(restarted[1].contributed, Some(0), "{restarted:?}");
+    assert_eq!(redo[0].text, redo[1].text, "the same sum");
 }

@@ -666,3 +666,57 @@ fn a_clipping_bound_outside_the_sites_range_is_declined() {
         "{reason}"
     );
 }
+
+/// The third attack of the round-integrity review: the coordinator lists four sites in the
+/// set-up, which passes any policy on the roster, then withholds an honest site's keys, so
+/// the agent sees an ordinary dropout and its input is summed with fewer sites than it
+/// asked for. The agent counts the neighbours whose keys it verified, and refuses at the key
+/// exchange. (Before, the policy counted the roster only.)
+#[test]
+fn a_round_that_withholds_advertisements_is_refused_at_the_key_exchange() {
+    use cohort_protocols::secagg::{NeighbourKeys, ServerMessage};
+    let withheld = |pki: &Path| {
+        let (kind, setup) = setup_with(&roster(), true);
+        // hungary's and switzerland's real keys; va's are withheld.
+        let keys = (1..3u32)
+            .map(|id| {
+                let site = format!("sites/{}", SITES[id as usize]);
+                advertisement(
+                    pki,
+                    &setup,
+                    id,
+                    &format!("{site}/key.pem"),
+                    &format!("{site}/cert.pem"),
+                )
+            })
+            .collect();
+        vec![
+            stats_round(true),
+            kind,
+            secagg(ServerMessage::NeighbourKeys(NeighbourKeys {
+                round: setup.round,
+                keys,
+                advertisers: Vec::new(),
+            })),
+        ]
+    };
+    // The site asks for all three others of a federation of four.
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.min_live_neighbours = 3));
+    let reason = answer_to_attack(&withheld);
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    assert!(
+        reason.contains("only 2 other live sites") && reason.contains("requires 3"),
+        "{reason}"
+    );
+    // With the agent's default (5 live others; the stub's agent asks for 2), a round of four
+    // is refused at its set-up already.
+    let default = cohort_agent::config::Policy::default().min_live_neighbours;
+    POLICY.with(|p| *p.borrow_mut() = Box::new(move |p| p.min_live_neighbours = default));
+    let reason = answer_to_attack(&withheld);
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    assert!(
+        reason.contains("neighbourhood has 3 other sites")
+            && reason.contains("policy.min_live_neighbours"),
+        "{reason}"
+    );
+}

@@ -53,7 +53,7 @@ use crate::{hex, unix_seconds};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
-    #[error("round {round} failed after {attempts} attempts; last reason: {reason}")]
+    #[error("round {round} failed (attempts: {attempts}); last reason: {reason}")]
     RoundFailed {
         round: u64,
         attempts: u32,

@@ -10,12 +10,16 @@ impl Driver {
         // Without the statistics no round can standardise its inputs: a statistics round that
         // cannot complete ends the run (the sites that sent theirs will not send them again:
         // see the agent's contribution ledger).
+        let mut attempts = 0;
         let sum = self
-            .with_attempts(0, |d, attempt| Box::pin(d.stats_round(attempt)))
+            .with_attempts(0, |d, attempt| {
+                attempts = attempt + 1;
+                Box::pin(d.stats_round(attempt))
+            })
             .await?
             .map_err(|reason| DriverError::RoundFailed {
                 round: 0,
-                attempts: self.cfg.rounds.max_attempts,
+                attempts,
                 reason,
             })?;
         let (mean, std) = stats::from_sum(&sum, self.stats_columns());

@@ -56,7 +56,8 @@ pub fn coordinator_tls(pki: &Path) -> String {
 }
 
 /// An agent.toml for `site` from the bundle in `bundle`, dialling `port`: only what is local
-/// to the site (the schema comes from the coordinator), plus `extra`.
+/// to the site (the schema comes from the coordinator), plus `extra` (which must not hold a
+/// `[policy]` table: this one asks for 2 live others, as a federation of four can).
 pub fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
     let data = format!(
         "csv = {:?}\ntest_fraction = 0.34\nsplit_seed = 42",
@@ -89,7 +90,11 @@ key = {key:?}
 initial_ms = 100
 max_ms = 500
 max_refusals = 2
-{extra}"#,
+{extra}
+# Four hospitals: three others, one of which may drop out (the agent's default asks for 5).
+[policy]
+min_live_neighbours = 2
+"#,
         ca = bundle.join("ca.pem"),
         cert = bundle.join("cert.pem"),
         key = bundle.join("key.pem"),

@@ -114,6 +114,16 @@ pub enum ClientError {
     IncompleteUnmaskRequest { peer: ClientId },
     #[error("the survivor set differs from the one this site signed")]
     SurvivorSetChanged,
+    #[error(
+        "only {others} other live sites in this site's neighbourhood at stage {stage:?}; this site requires {required}"
+    )]
+    TooFewLive {
+        stage: ClientStage,
+        others: usize,
+        required: u32,
+    },
+    #[error("the round has {survivors} surviving sites; this site requires {required}")]
+    TooFewSurvivors { survivors: usize, required: u32 },
     #[error("this client failed earlier in the round; start a new attempt")]
     Failed,
 }
@@ -175,6 +185,11 @@ pub struct Client<W: Word> {
     peers: BTreeMap<ClientId, Peer>,
     input: Option<QuantisedInput<W>>,
     signed_survivors: Option<Vec<ClientId>>,
+    /// The site's own floor on live verified neighbours besides itself, at every stage
+    /// ([`Client::requiring`]); 0: the threshold alone.
+    min_live_others: u32,
+    /// The site's own floor on the survivors of the round (participants of the roster).
+    min_survivors: u32,
 }
 
 impl<W: Word> std::fmt::Debug for Client<W> {
@@ -222,7 +237,21 @@ impl<W: Word> Client<W> {
             peers: BTreeMap::new(),
             input: None,
             signed_survivors: None,
+            min_live_others: 0,
+            min_survivors: 0,
         }
+    }
+
+    /// Refuses the round, at whichever stage it becomes true, when fewer than `live_others`
+    /// other sites of this site's neighbourhood are live — advertised keys it verified, then
+    /// shared, then survived — or fewer than `survivors` sites survive the round. The roster
+    /// a coordinator announces counts for nothing here: it can list honest sites and withhold
+    /// their keys, which looks to this site like ordinary dropouts, until the sum is over
+    /// this site and the coordinator's own.
+    pub fn requiring(mut self, live_others: u32, survivors: u32) -> Self {
+        self.min_live_others = live_others;
+        self.min_survivors = survivors;
+        self
     }
 
     pub fn id(&self) -> ClientId {
@@ -331,6 +360,30 @@ impl<W: Word> Client<W> {
                 stage: self.stage,
                 live,
                 threshold,
+            });
+        }
+        let others = live.saturating_sub(1);
+        if others < self.min_live_others as usize {
+            return Err(ClientError::TooFewLive {
+                stage: self.stage,
+                others,
+                required: self.min_live_others,
+            });
+        }
+        Ok(())
+    }
+
+    /// The site's floor on survivors: participants of the roster only, each once (the list
+    /// is checked sorted and duplicate-free first).
+    fn require_survivors(&self, survivors: &[ClientId]) -> Result<(), ClientError> {
+        let n = survivors
+            .iter()
+            .filter(|s| self.roster.contains_key(s))
+            .count();
+        if n < self.min_survivors as usize {
+            return Err(ClientError::TooFewSurvivors {
+                survivors: n,
+                required: self.min_survivors,
             });
         }
         Ok(())
@@ -737,7 +790,7 @@ impl<W: Word> Client<W> {
             }
         }
         self.require_quorum(live)?;
-        Ok(())
+        self.require_survivors(survivors)
     }
 
     fn on_consistency_request(
@@ -781,6 +834,7 @@ impl<W: Word> Client<W> {
                 signers.insert(*signer);
             }
             self.require_quorum(signers.len())?;
+            self.require_survivors(&m.survivors)?;
         } else {
             self.check_survivors(&m.survivors)?;
         }

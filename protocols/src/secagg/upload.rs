@@ -88,6 +88,14 @@ impl<W: Word> InputSlot<W> {
         self.arrived.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The transport received the start of the site's upload but refused it before feeding
+    /// any of it (a memory budget, say): nothing reaches the sum, yet [`Self::started`] holds,
+    /// as the site sent its input.
+    pub fn arrived_unfed(&self) {
+        self.arrived
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -113,6 +113,16 @@ pub fn drive<W: Word>(
     drive_with(params, ids, drops, seed, input_of, stop_before_unmask, None)
 }
 
+/// Thread-local floors every client of the next rounds on this thread applies
+/// ([`Client::requiring`]): (live others, survivors).
+pub fn set_requiring(live_others: u32, survivors: u32) {
+    REQUIRING.with(|r| r.set((live_others, survivors)));
+}
+
+thread_local! {
+    static REQUIRING: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
 /// [`drive`] with masked inputs streamed through the server's input slots by `upload`
 /// instead of handed over as whole messages.
 pub fn drive_with<W: Word>(
@@ -130,9 +140,11 @@ pub fn drive_with<W: Word>(
         .into_iter()
         .map(|ident| {
             let id = ident.id;
+            let (live, survivors) = REQUIRING.with(|r| r.get());
             (
                 id,
-                Client::new(ident, verifier.clone(), round, seed32(seed, id as u64)),
+                Client::new(ident, verifier.clone(), round, seed32(seed, id as u64))
+                    .requiring(live, survivors),
             )
         })
         .collect();
