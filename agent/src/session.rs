@@ -1601,8 +1601,15 @@ mod tests {
         let policy = Policy {
             min_sites: 4,
             min_threshold: 3,
+            min_live_neighbours: 3,
             ..Policy::default()
         };
+        let live = policy_refusal(&Policy::default(), &setup(5, 4, true)).unwrap_or_default();
+        assert!(
+            live.contains("neighbourhood has 4 other sites")
+                && live.contains("policy.min_live_neighbours"),
+            "{live}"
+        );
         assert_eq!(policy_refusal(&policy, &setup(5, 4, true)), None);
         let small = policy_refusal(&policy, &setup(3, 2, true)).unwrap_or_default();
         assert!(

@@ -165,9 +165,34 @@ pub fn report(cfg: &crate::AgentConfig) -> Result<String> {
         }
     }
     out.push_str(&format!(
-        "policy: manifest_quorum {} (0: the CA alone may add sites), min_sites {}, max_colluders {}",
-        cfg.policy.manifest_quorum, cfg.policy.min_sites, cfg.policy.max_colluders
+        "policy: manifest_quorum {} (0: the CA alone may add sites), min_sites {}, max_colluders {}, min_live_neighbours {}\n",
+        cfg.policy.manifest_quorum,
+        cfg.policy.min_sites,
+        cfg.policy.max_colluders,
+        cfg.policy.min_live_neighbours
     ));
+    // Read only: `status` never creates the ledger.
+    let path = cfg.state_dir().join(crate::ledger::FILE);
+    if path.exists() {
+        let ledger = crate::ledger::Ledger::open(&cfg.state_dir())?;
+        match ledger.contributed() {
+            Some(c) => out.push_str(&format!(
+                "ledger {}: last input sent for round {} (attempt {}), survivors {}",
+                path.display(),
+                c.round,
+                c.attempt,
+                c.survivors
+                    .as_ref()
+                    .map_or("not yet accepted".to_string(), |s| s.join(", "))
+            )),
+            None => out.push_str(&format!("ledger {}: nothing sent yet", path.display())),
+        }
+    } else {
+        out.push_str(&format!(
+            "ledger {}: none yet (created when the agent starts)",
+            path.display()
+        ));
+    }
     Ok(out)
 }
 

@@ -229,6 +229,13 @@ pub fn main(args: &SoakArgs) -> Result<ExitCode> {
         let csv = args.data.join(format!("{site}.csv"));
         std::fs::copy(&csv, pki.join("sites").join(site).join("data.csv"))
             .with_context(|| format!("copying {}", csv.display()))?;
+        // Four hospitals have three others; the agent's default asks for 5 live others.
+        let toml = pki.join("sites").join(site).join("agent.toml");
+        let text = std::fs::read_to_string(&toml)?;
+        std::fs::write(
+            &toml,
+            format!("{text}\n[policy]\nmin_live_neighbours = 2\n"),
+        )?;
     }
     let data_dir = out.join("coordinator-data");
     let config = out.join("coordinator.toml");
