@@ -19,10 +19,14 @@ if [ "$mode" = musl ]; then
     fi
     export CC_x86_64_unknown_linux_musl=musl-gcc
     cargo build --release --locked --workspace --target "$target"
+    # Last, and alone: the shipped agent without the `faults` feature cohort-sim turns on.
+    cargo build --release --locked -p cohort-agent --target "$target"
 else
     target=x86_64-unknown-linux-gnu
     RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --release --locked --workspace --target "$target"
+    RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --locked -p cohort-agent --target "$target"
 fi
 
 mkdir -p dist

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
+    /// Refused unless the agent is built with the `faults` feature (cohort-sim and the
+    /// tests are; a release `cohort-agent -p` build is not).
     #[serde(default)]
     pub faults: Vec<Fault>,
 }
@@ -394,6 +396,13 @@ impl AgentConfig {
                 allowed: "not with role = \"evaluate\": an evaluation-only site's data.csv is its test set",
             });
         }
+        if !cfg.faults.is_empty() && !cfg!(feature = "faults") {
+            return Err(ConfigError::Invalid {
+                key: "faults",
+                value: format!("{} fault(s)", cfg.faults.len()),
+                allowed: "none: fault injection is for simulations and tests, and this agent was built without the `faults` feature",
+            });
+        }
         if !cfg.coordinator.url.starts_with("https://") {
             return Err(ConfigError::Invalid {
                 key: "coordinator.url",
@@ -423,6 +432,19 @@ mod tests {
         AgentConfig::parse(&format!(
             "site = \"a\"\n[coordinator]\nurl = \"https://localhost:7700\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[data]\ncsv = \"data.csv\"\n[policy]\n{policy}\n"
         ))
+    }
+
+    /// A production agent (built without the `faults` feature) cannot be made to misbehave by
+    /// its configuration; cohort-sim and the tests build it with the feature.
+    #[test]
+    fn faults_are_accepted_only_in_a_build_with_the_faults_feature() {
+        let parsed = with_policy("[[faults]]\nround = 1\nstage = \"unmask\"\n");
+        if cfg!(feature = "faults") {
+            assert_eq!(parsed.map(|c| c.faults.len()).ok(), Some(1));
+        } else {
+            let e = parsed.map(|_| ()).unwrap_err().to_string();
+            assert!(e.starts_with("faults = 1 fault(s)"), "{e}");
+        }
     }
 
     #[test]

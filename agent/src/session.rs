@@ -1184,7 +1184,11 @@ impl Session<'_> {
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
-        let mut rng = ChaCha20Rng::from_seed(rand::random());
+        let mut rng = ChaCha20Rng::from_seed(rounding_seed(
+            &self.creds.signing_key,
+            r.start.round,
+            &r.start.model_sha3_512,
+        ));
         let reply = match (client, pending) {
             (SecClient::B64(c), Pending::Stats(v)) => c
                 .set_input(QuantisedInput::from_values(v))
@@ -1565,6 +1569,21 @@ fn truncates(faults: &[Fault], round: u64) -> bool {
     })
 }
 
+/// The seed of the stochastic rounding of this site's update in `round` from `model`: secret
+/// (derived from the site's key, so the coordinator cannot predict the rounding), and the same
+/// in every attempt of the round, so a redo after a coordinator crash sends exactly the input
+/// it sent before and the coordinator gets exactly the sum it had (see [`crate::ledger`]);
+/// with fresh randomness the redo's sum would differ by rounding noise, a second look at it.
+fn rounding_seed(key: &SigningKey, round: u64, model_sha3_512: &[u8]) -> [u8; 32] {
+    use sha3::{Digest, Sha3_256};
+    let mut h = Sha3_256::new();
+    h.update(b"cohort stochastic rounding v1");
+    h.update(key.to_bytes());
+    h.update(round.to_le_bytes());
+    h.update(model_sha3_512);
+    h.finalize().into()
+}
+
 /// `count` rounded to the nearest multiple of `granularity` (`policy.evaluation_granularity`).
 fn coarsen(count: u64, granularity: u64) -> u64 {
     let g = granularity.max(1);
@@ -1594,6 +1613,28 @@ mod tests {
             participants: (0..n).collect(),
             names: (0..n).map(cohort_protocols::secagg::pinned_name).collect(),
         }
+    }
+
+    /// A redo of a round must send the very input sent before: the stochastic rounding is
+    /// seeded by the site's key, the round and the model, never by the attempt.
+    #[test]
+    fn the_rounding_of_an_update_is_the_same_in_every_attempt_and_secret_to_others() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let seed = rounding_seed(&key, 5, &[1; 64]);
+        assert_eq!(seed, rounding_seed(&key, 5, &[1; 64]));
+        assert_ne!(seed, rounding_seed(&key, 6, &[1; 64]));
+        assert_ne!(seed, rounding_seed(&key, 5, &[2; 64]));
+        assert_ne!(seed, rounding_seed(&other, 5, &[1; 64]));
+        let params = Params::with_defaults(4, 8);
+        let delta = [0.123_f32, -0.456, 0.789, 0.001, -0.999, 0.5, 0.25, -0.3];
+        let q = |seed| {
+            let mut rng = ChaCha20Rng::from_seed(seed);
+            quantise::<u32, _>(&params, &delta, 10, &mut rng)
+                .map(|(q, _)| q.values().to_vec())
+                .unwrap_or_default()
+        };
+        assert_eq!(q(seed), q(rounding_seed(&key, 5, &[1; 64])));
     }
 
     #[test]
