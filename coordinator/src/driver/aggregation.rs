@@ -277,193 +277,192 @@ impl Driver {
                 server.disconnected(id);
             }
         }
-        // `return` inside the block ends the attempt; the block lets the spent sites be
-        // collected below however it ended.
         // The masked-input slots, kept past the stage (the server forgets them when it closes)
-        // to see whose input arrived.
+        // to see whose input arrived. `return` inside the block below ends the attempt; the
+        // block lets the spent sites be collected however it ended.
         let mut opened = Vec::new();
         let result: Result<Aggregated<Ranges<W>>, String> = async {
-        loop {
-            match server.poll(now_ms(clock)) {
-                Err(abort) => {
-                    // Whoever was refused in the failed attempt is counted, and left out of
-                    // the round's next attempts: one lying site must not abort them all.
-                    let rejected = self.record_rejections(round.round, &by_id, server.rejections());
-                    self.sidelined.extend(rejected);
-                    if let AbortReason::PartialInput { client } = abort.reason
-                        && let Some(site) = by_id.get(&client)
-                    {
-                        warn!(round = round.round, %site, "site left out of the round's next attempts: its upload stopped part-way");
-                        self.sidelined.insert(site.clone());
-                    }
-                    return Err(abort.to_string());
-                }
-                Ok(Poll::Done(out)) => {
-                    self.stage_changed(state, round, &mut stage, ServerStage::Done);
-                    let Output {
-                        sum,
-                        survivors,
-                        dropped,
-                        rejections,
-                        ..
-                    } = *out;
-                    self.record_rejections(round.round, &by_id, &rejections);
-                    for d in &dropped {
-                        if let Some(s) = by_id.get(d) {
-                            self.hub.record(s, |st| st.dropouts += 1);
-                        }
-                    }
-                    return Ok(Aggregated {
-                        sum,
-                        survivors: survivors
-                            .iter()
-                            .filter_map(|id| by_id.get(id).cloned())
-                            .collect(),
-                        dropped: dropped.len(),
-                    });
-                }
-                Ok(Poll::Send(messages)) => {
-                    info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
-                    self.stage_changed(state, round, &mut stage, server.stage());
-                    waiting = WaitingLog::new();
-                    // Open the slots before the shares go out: a fast site may answer with
-                    // its masked input before the last share is sent.
-                    if !slots_open && server.stage() == ServerStage::MaskedInput {
-                        for (id, slot) in server.input_slots() {
-                            if let Some(site) = by_id.get(&id) {
-                                opened.push((site.clone(), slot.clone()));
-                                uploads.open(site, W::sink(slot));
-                            }
-                        }
-                        slots_open = true;
-                    }
-                    let batches = messages
-                        .into_iter()
-                        .filter_map(|(id, m)| {
-                            let site = by_id.get(&id)?;
-                            let bytes = Bytes::from(m.encode());
-                            let item = Outgoing::Chunked(bytes, coordinator_message::Kind::Secagg);
-                            Some((site.clone(), vec![item]))
-                        })
-                        .collect();
-                    let unreached = self
-                        .hub
-                        .deliver(round.round, batches, self.control_deadline())
-                        .await;
-                    for site in unreached {
-                        if let Some(&id) = by_name.get(&site) {
-                            server.disconnected(id);
-                        }
-                    }
-                }
-                Ok(Poll::Pending { deadline }) => {
-                    let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)))
-                        .min(waiting.until_next());
-                    let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
-                        Err(_) => {
-                            waiting.tick(round.round, &format!("{:?}", server.stage()), || {
-                                server
-                                    .awaiting()
-                                    .iter()
-                                    .filter_map(|id| by_id.get(id).cloned())
-                                    .collect()
-                            });
-                            continue;
-                        }
-                        Ok(None) => return Err("hub closed".into()),
-                        Ok(Some(m)) => m,
-                    };
-                    let (site, msg) = match msg {
-                        Inbound::Message { site, msg, .. } => (site, msg),
-                        // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
-                        Inbound::Uploaded { .. } => continue,
-                        Inbound::Disconnected { .. } => {
-                            let awaited = server.awaiting();
-                            for site in sessions.gone() {
-                                let Some(&id) = by_name.get(&site) else {
-                                    continue;
-                                };
-                                if awaited.contains(&id) {
-                                    info!(round = round.round, attempt = round.attempt, %site, stage = ?server.stage(), "site disconnected: the stage no longer waits for it");
-                                }
-                                server.disconnected(id);
-                            }
-                            continue;
-                        }
-                    };
-                    let Some(&id) = by_name.get(&site) else {
-                        continue;
-                    };
-                    if banned.contains(&site) {
-                        continue;
-                    }
-                    match msg.kind {
-                        Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk)
+            loop {
+                match server.poll(now_ms(clock)) {
+                    Err(abort) => {
+                        // Whoever was refused in the failed attempt is counted, and left out of
+                        // the round's next attempts: one lying site must not abort them all.
+                        let rejected = self.record_rejections(round.round, &by_id, server.rejections());
+                        self.sidelined.extend(rejected);
+                        if let AbortReason::PartialInput { client } = abort.reason
+                            && let Some(site) = by_id.get(&client)
                         {
-                            Err(len) => {
-                                // No agent sends this: its session ends, and the stage stops
-                                // waiting for it.
-                                let reason = format!(
-                                    "a SecAgg+ message of {len} bytes exceeds the limit of {limit}"
-                                );
-                                self.hub.close(&site, round.round, &reason);
-                                server.disconnected(id);
-                                banned.insert(site);
+                            warn!(round = round.round, %site, "site left out of the round's next attempts: its upload stopped part-way");
+                            self.sidelined.insert(site.clone());
+                        }
+                        return Err(abort.to_string());
+                    }
+                    Ok(Poll::Done(out)) => {
+                        self.stage_changed(state, round, &mut stage, ServerStage::Done);
+                        let Output {
+                            sum,
+                            survivors,
+                            dropped,
+                            rejections,
+                            ..
+                        } = *out;
+                        self.record_rejections(round.round, &by_id, &rejections);
+                        for d in &dropped {
+                            if let Some(s) = by_id.get(d) {
+                                self.hub.record(s, |st| st.dropouts += 1);
                             }
-                            Ok(None) => {}
-                            Ok(Some(bytes)) => match ClientMessage::<W>::decode(&bytes) {
-                                Err(e) => {
-                                    let reason = format!("undecodable SecAgg+ message: {e}");
+                        }
+                        return Ok(Aggregated {
+                            sum,
+                            survivors: survivors
+                                .iter()
+                                .filter_map(|id| by_id.get(id).cloned())
+                                .collect(),
+                            dropped: dropped.len(),
+                        });
+                    }
+                    Ok(Poll::Send(messages)) => {
+                        info!(round = round.round, attempt = round.attempt, stage = ?server.stage(), sites = messages.len(), "SecAgg+ stage open");
+                        self.stage_changed(state, round, &mut stage, server.stage());
+                        waiting = WaitingLog::new();
+                        // Open the slots before the shares go out: a fast site may answer with
+                        // its masked input before the last share is sent.
+                        if !slots_open && server.stage() == ServerStage::MaskedInput {
+                            for (id, slot) in server.input_slots() {
+                                if let Some(site) = by_id.get(&id) {
+                                    opened.push((site.clone(), slot.clone()));
+                                    uploads.open(site, W::sink(slot));
+                                }
+                            }
+                            slots_open = true;
+                        }
+                        let batches = messages
+                            .into_iter()
+                            .filter_map(|(id, m)| {
+                                let site = by_id.get(&id)?;
+                                let bytes = Bytes::from(m.encode());
+                                let item = Outgoing::Chunked(bytes, coordinator_message::Kind::Secagg);
+                                Some((site.clone(), vec![item]))
+                            })
+                            .collect();
+                        let unreached = self
+                            .hub
+                            .deliver(round.round, batches, self.control_deadline())
+                            .await;
+                        for site in unreached {
+                            if let Some(&id) = by_name.get(&site) {
+                                server.disconnected(id);
+                            }
+                        }
+                    }
+                    Ok(Poll::Pending { deadline }) => {
+                        let wait = Duration::from_millis(deadline.saturating_sub(now_ms(clock)))
+                            .min(waiting.until_next());
+                        let msg = match tokio::time::timeout(wait, self.inbox.recv()).await {
+                            Err(_) => {
+                                waiting.tick(round.round, &format!("{:?}", server.stage()), || {
+                                    server
+                                        .awaiting()
+                                        .iter()
+                                        .filter_map(|id| by_id.get(id).cloned())
+                                        .collect()
+                                });
+                                continue;
+                            }
+                            Ok(None) => return Err("hub closed".into()),
+                            Ok(Some(m)) => m,
+                        };
+                        let (site, msg) = match msg {
+                            Inbound::Message { site, msg, .. } => (site, msg),
+                            // Inbound::Uploaded only wakes the loop: the next poll sees the slot.
+                            Inbound::Uploaded { .. } => continue,
+                            Inbound::Disconnected { .. } => {
+                                let awaited = server.awaiting();
+                                for site in sessions.gone() {
+                                    let Some(&id) = by_name.get(&site) else {
+                                        continue;
+                                    };
+                                    if awaited.contains(&id) {
+                                        info!(round = round.round, attempt = round.attempt, %site, stage = ?server.stage(), "site disconnected: the stage no longer waits for it");
+                                    }
+                                    server.disconnected(id);
+                                }
+                                continue;
+                            }
+                        };
+                        let Some(&id) = by_name.get(&site) else {
+                            continue;
+                        };
+                        if banned.contains(&site) {
+                            continue;
+                        }
+                        match msg.kind {
+                            Some(agent_message::Kind::Secagg(chunk)) => match chunks.push(&site, chunk)
+                            {
+                                Err(len) => {
+                                    // No agent sends this: its session ends, and the stage stops
+                                    // waiting for it.
+                                    let reason = format!(
+                                        "a SecAgg+ message of {len} bytes exceeds the limit of {limit}"
+                                    );
                                     self.hub.close(&site, round.round, &reason);
-                                    self.rejected.insert(site.clone());
                                     server.disconnected(id);
                                     banned.insert(site);
                                 }
-                                Ok(m) => {
-                                    if let Err(r) = server.receive(id, m, now_ms(clock)) {
-                                        warn!(round = round.round, %site, reason = %r.reason, "message rejected");
+                                Ok(None) => {}
+                                Ok(Some(bytes)) => match ClientMessage::<W>::decode(&bytes) {
+                                    Err(e) => {
+                                        let reason = format!("undecodable SecAgg+ message: {e}");
+                                        self.hub.close(&site, round.round, &reason);
+                                        self.rejected.insert(site.clone());
+                                        server.disconnected(id);
+                                        banned.insert(site);
                                     }
-                                }
+                                    Ok(m) => {
+                                        if let Err(r) = server.receive(id, m, now_ms(clock)) {
+                                            warn!(round = round.round, %site, reason = %r.reason, "message rejected");
+                                        }
+                                    }
+                                },
                             },
-                        },
-                        Some(agent_message::Kind::Decline(d)) => {
-                            warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
-                            // Only a version other than the one this round runs under explains
-                            // the decline; a site claiming otherwise is not waited for.
-                            if let Some(version) = d.trusted_manifest
-                                && Some(version) != round_manifest
-                            {
-                                self.manifest_declines.insert(site.clone(), version);
-                            }
-                            self.hub.record(&site, |s| {
-                                s.last_decline = Some((round.round, d.reason.clone()))
-                            });
-                            // Its ledger holds an input for this round (sent before a restart,
-                            // of either end): no attempt of the round can include it.
-                            if d.contributed_round.is_some_and(|r| r >= round.round) {
-                                self.spent.insert(site.clone());
-                            }
-                            if let Some(accused) = d.accused {
-                                match by_id.get(&accused) {
-                                    Some(name) if server.forwarded_share(accused, id) => {
-                                        self.accusation(round.round, &site, name);
-                                    }
-                                    other => self.baseless_accusation(
-                                        round.round,
-                                        &site,
-                                        other.map_or_else(|| format!("id {accused}"), Clone::clone),
-                                    ),
+                            Some(agent_message::Kind::Decline(d)) => {
+                                warn!(round = round.round, %site, reason = %d.reason, "site declined the round");
+                                // Only a version other than the one this round runs under explains
+                                // the decline; a site claiming otherwise is not waited for.
+                                if let Some(version) = d.trusted_manifest
+                                    && Some(version) != round_manifest
+                                {
+                                    self.manifest_declines.insert(site.clone(), version);
                                 }
+                                self.hub.record(&site, |s| {
+                                    s.last_decline = Some((round.round, d.reason.clone()))
+                                });
+                                // Its ledger holds an input for this round (sent before a restart,
+                                // of either end): no attempt of the round can include it.
+                                if d.contributed_round.is_some_and(|r| r >= round.round) {
+                                    self.spent.insert(site.clone());
+                                }
+                                if let Some(accused) = d.accused {
+                                    match by_id.get(&accused) {
+                                        Some(name) if server.forwarded_share(accused, id) => {
+                                            self.accusation(round.round, &site, name);
+                                        }
+                                        other => self.baseless_accusation(
+                                            round.round,
+                                            &site,
+                                            other.map_or_else(|| format!("id {accused}"), Clone::clone),
+                                        ),
+                                    }
+                                }
+                                // It will send nothing more: the stage need not wait for it.
+                                server.disconnected(id);
+                                banned.insert(site);
                             }
-                            // It will send nothing more: the stage need not wait for it.
-                            server.disconnected(id);
-                            banned.insert(site);
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
             }
-        }
         }
         .await;
         // Whoever's input reached the sum (or began to) has contributed to this round, however
