@@ -60,6 +60,31 @@ enum Lie {
     /// In attempts after the first, site 3 never sends its masked input: the survivors are
     /// the other three.
     DropInRedo,
+    /// The agent alone is announced other training settings than its peers.
+    TrainingForAgent,
+    /// The agent alone is sent other feature statistics than its peers.
+    StatisticsForAgent,
+    /// The agent alone is announced another model than its peers.
+    ModelForAgent,
+}
+
+impl Lie {
+    /// The round start the agent is sent: its peers', or (the lie) its own.
+    fn start_for_agent(self, start: &RoundStart) -> RoundStart {
+        let mut own = start.clone();
+        match self {
+            Lie::TrainingForAgent => {
+                own.training_toml = "learning_rate = 0.5\nbatch_size = 4\nlocal_steps = 1\n".into()
+            }
+            Lie::StatisticsForAgent => {
+                own.feature_mean = vec![0.0; 40];
+                own.feature_std = vec![1e-3; 40];
+            }
+            Lie::ModelForAgent => own.model_sha3_512 = vec![9; 64],
+            _ => {}
+        }
+        own
+    }
 }
 
 /// A certificate the CA key signs outside provisioning (so outside the manifest), as whoever
@@ -147,7 +172,13 @@ struct Round {
 impl Round {
     /// The round as the real coordinator sets it up: its context is the announcement's digest
     /// (`announced`) completed by the set-up. Returns the set-up the agent is sent.
-    fn new(pki: &Path, lie: Lie, announced: [u8; 32], attempt: u32) -> (Self, ServerMessage) {
+    /// `announced` is the digest of the peers' round start, `agent_announced` of the agent's.
+    fn new(
+        pki: &Path,
+        lie: Lie,
+        (announced, agent_announced): ([u8; 32], [u8; 32]),
+        attempt: u32,
+    ) -> (Self, ServerMessage) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -209,6 +240,12 @@ impl Round {
                 let mut own = setup.clone();
                 own.params.clip = 1.0;
                 own.round = RoundId::new(0, attempt).with_context(round_context(&announced, &own));
+                ServerMessage::Setup(own)
+            }
+            _ if agent_announced != announced => {
+                let mut own = setup.clone();
+                own.round =
+                    RoundId::new(0, attempt).with_context(round_context(&agent_announced, &own));
                 ServerMessage::Setup(own)
             }
             _ => ServerMessage::Setup(setup.clone()),
@@ -319,6 +356,9 @@ impl Round {
         match self.lie {
             Lie::Honest
             | Lie::DropInRedo
+            | Lie::TrainingForAgent
+            | Lie::StatisticsForAgent
+            | Lie::ModelForAgent
             | Lie::TamperedShare
             | Lie::GarbageFromPeer
             | Lie::RevokedPeer
@@ -372,20 +412,24 @@ impl Coordinator for Stub {
             let _ = tx.send(Ok(welcome)).await;
             for attempt in plan {
                 let start = stats_start(manifest.clone(), attempt);
-                let announced = Announcement {
-                    round: start.round,
-                    attempt: start.attempt,
-                    task: start.task,
-                    secure: start.secure,
-                    model_sha3_512: &start.model_sha3_512,
-                    training_toml: &start.training_toml,
-                    feature_mean: &start.feature_mean,
-                    feature_std: &start.feature_std,
-                }
-                .digest(&context);
+                let digest = |start: &RoundStart| {
+                    Announcement {
+                        round: start.round,
+                        attempt: start.attempt,
+                        task: start.task,
+                        secure: start.secure,
+                        model_sha3_512: &start.model_sha3_512,
+                        training_toml: &start.training_toml,
+                        feature_mean: &start.feature_mean,
+                        feature_std: &start.feature_std,
+                    }
+                    .digest(&context)
+                };
+                let agent_start = lie.start_for_agent(&start);
+                let announced = (digest(&start), digest(&agent_start));
                 let (mut round, setup) = Round::new(&pki, lie, announced, attempt);
                 for m in [
-                    send(coordinator_message::Kind::RoundStart(start)),
+                    send(coordinator_message::Kind::RoundStart(agent_start)),
                     secagg(&setup),
                 ] {
                     let _ = tx.send(Ok(m)).await;
@@ -663,4 +707,27 @@ fn a_redo_of_a_round_over_the_same_survivors_is_answered() {
         "{redo:?}"
     );
     assert_eq!(redo[0].text, redo[1].text, "the same sum");
+}
+
+/// The rest of the first attack: the agent alone is announced other training settings,
+/// feature statistics or another model than its peers (Pasquini et al., CCS 2022: a model per
+/// site eludes secure aggregation). Its set-up is sealed with the context of what it was told,
+/// as a coordinator that knows the protocol would; its key advertisement is then for another
+/// context than its peers', and the real server refuses it, so its input never joins their
+/// sum.
+#[test]
+fn a_site_told_its_own_training_settings_statistics_or_model_cannot_join_its_peers_round() {
+    for lie in [
+        Lie::TrainingForAgent,
+        Lie::StatisticsForAgent,
+        Lie::ModelForAgent,
+    ] {
+        let (reason, _) = refusal(lie);
+        assert!(
+            reason.contains("the server refused the agent")
+                && reason.contains("AdvertiseKeys")
+                && reason.contains("context"),
+            "{lie:?}: {reason}"
+        );
+    }
 }
