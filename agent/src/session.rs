@@ -1175,12 +1175,9 @@ impl Session<'_> {
         let Some(pending) = r.pending.take() else {
             return Ok(());
         };
-        let truncate = truncates(&self.cfg.faults, r.start.round);
-        let out_of_range = self.cfg.faults.iter().any(|f| {
-            f.round == r.start.round
-                && f.stage == FaultStage::MaskedInput
-                && f.action == FaultAction::OutOfRange
-        });
+        let truncate = masked_input_fault(&self.cfg.faults, r.start.round, FaultAction::Truncate);
+        let out_of_range =
+            masked_input_fault(&self.cfg.faults, r.start.round, FaultAction::OutOfRange);
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
@@ -1426,7 +1423,7 @@ impl Session<'_> {
             }
             r.survivors = Some(names);
         }
-        let truncate = truncates(&self.cfg.faults, r.start.round);
+        let truncate = masked_input_fault(&self.cfg.faults, r.start.round, FaultAction::Truncate);
         let Some(client) = r.client.as_mut() else {
             return Ok(());
         };
@@ -1561,12 +1558,12 @@ fn input<W: Word>(
         .map(|m| m.map(|m| outgoing(m, truncate))))
 }
 
-/// Whether a `truncate` fault applies to this round's masked input. A free function over the
-/// fault list so it can be asked while the round state is borrowed.
-fn truncates(faults: &[Fault], round: u64) -> bool {
-    faults.iter().any(|f| {
-        f.round == round && f.stage == FaultStage::MaskedInput && f.action == FaultAction::Truncate
-    })
+/// Whether a fault with `action` applies to this round's masked input. A free function over
+/// the fault list so it can be asked while the round state is borrowed.
+fn masked_input_fault(faults: &[Fault], round: u64, action: FaultAction) -> bool {
+    faults
+        .iter()
+        .any(|f| f.round == round && f.stage == FaultStage::MaskedInput && f.action == action)
 }
 
 /// The seed of the stochastic rounding of this site's update in `round` from `model`: secret

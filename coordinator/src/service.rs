@@ -186,10 +186,11 @@ impl Coordinator for Service {
                             // first value costs the site this attempt, never the coordinator.
                             if !uploading && let Some(err) = over_budget(budget, CHUNK_BYTES as u64)
                             {
-                                let round = hub.uploads.get(&site).map(|u| {
+                                let open = hub.uploads.get(&site);
+                                if let Some(u) = &open {
                                     u.sink.arrived_unfed();
-                                    u.round
-                                });
+                                }
+                                let round = open.map(|u| u.round);
                                 warn!(%site, ?round, %err, "upload refused: memory budget");
                                 let _ = out.send(Err(Status::resource_exhausted(err))).await;
                                 break;

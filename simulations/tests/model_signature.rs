@@ -115,6 +115,17 @@ thread_local! {
     static CONTEXT: std::cell::Cell<[u8; 32]> = const { std::cell::Cell::new([0; 32]) };
 }
 
+/// Runs `f` with the agent's policy edited by `edit`, then puts the default edit back.
+fn under_policy<T>(
+    edit: impl Fn(&mut cohort_agent::config::Policy) + 'static,
+    f: impl FnOnce() -> T,
+) -> T {
+    POLICY.with(|p| *p.borrow_mut() = Box::new(edit));
+    let out = f();
+    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    out
+}
+
 fn answer_with(
     signature: impl Fn(&[u8; 64], &Path) -> Vec<u8>,
     schema_signer: &str,
@@ -607,9 +618,10 @@ fn an_evaluation_of_the_same_model_again_out_of_order_or_beyond_the_limit_is_dec
         second.contains("policy.max_evaluations_per_round = 1"),
         "{second}"
     );
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.max_evaluations_per_round = 2));
-    let (_, allowed) = two_evaluations((4, a), (4, b));
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    let (_, allowed) = under_policy(
+        |p| p.max_evaluations_per_round = 2,
+        || two_evaluations((4, a), (4, b)),
+    );
     assert_eq!(allowed, "evaluated round 4");
 }
 
@@ -638,9 +650,10 @@ fn training_settings_that_do_not_validate_or_leave_the_sites_range_are_declined(
     );
     let reason = answer_to_attack(&|_| training_round("learning_rate = \"fast\""));
     assert!(reason.contains("do not parse"), "{reason}");
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.learning_rate = Some([1e-6, 1.0])));
-    let reason = answer_to_attack(&|_| training_round(&toml("1e-30")));
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    let reason = under_policy(
+        |p| p.learning_rate = Some([1e-6, 1.0]),
+        || answer_to_attack(&|_| training_round(&toml("1e-30"))),
+    );
     assert!(
         reason.contains("policy.learning_rate") && reason.contains("is outside [0.000001, 1]"),
         "{reason}"
@@ -650,17 +663,20 @@ fn training_settings_that_do_not_validate_or_leave_the_sites_range_are_declined(
 /// The site's clipping range: a round with a bound outside it is declined at set-up.
 #[test]
 fn a_clipping_bound_outside_the_sites_range_is_declined() {
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.clip = Some([0.5, 10.0])));
-    let reason = answer_to_attack(&|_| {
-        let (_, mut setup) = setup_with(&roster(), true);
-        setup.params.clip = 1e6;
-        seal(&mut setup);
-        vec![
-            stats_round(true),
-            secagg(cohort_protocols::secagg::ServerMessage::Setup(setup)),
-        ]
-    });
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    let reason = under_policy(
+        |p| p.clip = Some([0.5, 10.0]),
+        || {
+            answer_to_attack(&|_| {
+                let (_, mut setup) = setup_with(&roster(), true);
+                setup.params.clip = 1e6;
+                seal(&mut setup);
+                vec![
+                    stats_round(true),
+                    secagg(cohort_protocols::secagg::ServerMessage::Setup(setup)),
+                ]
+            })
+        },
+    );
     assert!(
         reason.contains("policy.clip") && reason.contains("1000000"),
         "{reason}"
@@ -701,9 +717,10 @@ fn a_round_that_withholds_advertisements_is_refused_at_the_key_exchange() {
         ]
     };
     // The site asks for all three others of a federation of four.
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|p| p.min_live_neighbours = 3));
-    let reason = answer_to_attack(&withheld);
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    let reason = under_policy(
+        |p| p.min_live_neighbours = 3,
+        || answer_to_attack(&withheld),
+    );
     assert!(
         reason.contains("only 2 other live sites") && reason.contains("requires 3"),
         "{reason}"
@@ -711,9 +728,10 @@ fn a_round_that_withholds_advertisements_is_refused_at_the_key_exchange() {
     // With the agent's default (5 live others; the stub's agent asks for 2), a round of four
     // is refused at its set-up already.
     let default = cohort_agent::config::Policy::default().min_live_neighbours;
-    POLICY.with(|p| *p.borrow_mut() = Box::new(move |p| p.min_live_neighbours = default));
-    let reason = answer_to_attack(&withheld);
-    POLICY.with(|p| *p.borrow_mut() = Box::new(|_| {}));
+    let reason = under_policy(
+        move |p| p.min_live_neighbours = default,
+        || answer_to_attack(&withheld),
+    );
     assert!(
         reason.contains("neighbourhood has 3 other sites")
             && reason.contains("policy.min_live_neighbours"),

@@ -801,13 +801,20 @@ impl Driver {
 
     /// Connected training sites a new attempt of the round may ask.
     fn eligible(&self) -> usize {
+        self.candidates().len()
+    }
+
+    /// Connected training sites not left out of the round (sidelined, or spent: they sent
+    /// their input in an earlier attempt). Evaluation-only sites hold no training data.
+    fn candidates(&self) -> Vec<(String, u32)> {
         self.hub
             .connected()
-            .iter()
+            .into_iter()
             .filter(|(name, s)| {
                 !s.evaluate_only && !self.sidelined.contains(name) && !self.spent.contains(name)
             })
-            .count()
+            .map(|(name, s)| (name, s.id))
+            .collect()
     }
 
     /// The sites taking part in a round: connected, ordered by id, at most `sites_per_round`.
@@ -815,15 +822,7 @@ impl Driver {
     /// of them (so every site gets its turn), ordered by id.
     /// Evaluation-only sites are never selected: they hold no training data.
     fn select(&self) -> Vec<(String, u32)> {
-        let mut sites: Vec<(String, u32)> = self
-            .hub
-            .connected()
-            .into_iter()
-            .filter(|(name, s)| {
-                !self.sidelined.contains(name) && !self.spent.contains(name) && !s.evaluate_only
-            })
-            .map(|(name, s)| (name, s.id))
-            .collect();
+        let mut sites = self.candidates();
         if let Some(k) = self.cfg.rounds.sites_per_round {
             sites = choose(sites, k as usize, rand::random::<u64>);
         }
