@@ -281,15 +281,20 @@ impl Ledger {
     pub fn record(&mut self, round: u64, attempt: u32, input: &Input) -> Result<(), LedgerError> {
         let mut next = self.entries.clone();
         let label = input.label();
-        let redo = next
+        let redone = next
             .contributed
             .as_ref()
-            .is_some_and(|c| c.round == round && c.input == label);
+            .filter(|c| c.round == round && c.input == label);
+        let redo = redone.is_some();
+        // A redo keeps the survivors of the attempt it redoes: every later attempt of the
+        // round is still bound to them, even when this one is refused before it learns its
+        // own (a redo can only ever be answered over the same survivors anyway).
+        let survivors = redone.and_then(|c| c.survivors.clone());
         next.contributed = Some(Contribution {
             round,
             attempt,
             input: label,
-            survivors: None,
+            survivors,
         });
         if !redo {
             match input {
@@ -420,6 +425,27 @@ mod tests {
 
     const MODEL: [u8; 64] = [7; 64];
     const OTHER: [u8; 64] = [8; 64];
+
+    /// A redo refused over other survivors (recorded before the refusal, as its input left)
+    /// must not erase the survivors it is bound to: a later attempt over them is still a redo.
+    #[test]
+    fn a_redo_keeps_the_survivors_of_the_attempt_it_redoes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let update = Input::update(&MODEL);
+        let four: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        ledger.record(5, 0, &update).unwrap();
+        ledger.record_survivors(5, 0, four.clone()).unwrap();
+        ledger.record(5, 1, &update).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.contributed().map(|c| c.attempt), Some(1));
+        assert_eq!(
+            ledger.check(5, &update, None),
+            Ok(Permit {
+                redo_of: Some(four)
+            })
+        );
+    }
 
     #[test]
     fn a_contribution_closes_its_round_and_every_earlier_one_across_a_restart() {
