@@ -45,10 +45,13 @@ pub struct AgentConfig {
     #[serde(default)]
     pub policy: Policy,
     /// Where the agent keeps what it must remember across restarts: the contribution ledger
-    /// (`ledger.toml`, see [`crate::ledger`]). Must be writable and survive restarts (a
+    /// (`ledger.toml`: what the site already contributed). Must be writable and survive restarts (a
     /// persistent volume, systemd's StateDirectory). Default: the directory of `tls.key`.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Where this site's models train: `[compute] device = "cpu"` (the default) or `"gpu"`.
+    #[serde(default)]
+    pub compute: ComputeConfig,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     /// Refused unless the agent is built with the `faults` feature (cohort-sim and the
     /// tests are; a release `cohort-agent -p` build is not).
@@ -62,6 +65,16 @@ pub enum Role {
     #[default]
     Train,
     Evaluate,
+}
+
+/// `[compute]`: the site's own choice of hardware; the coordinator neither knows nor asks.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// `"cpu"`: burn's pure-Rust backend. `"gpu"`: burn's wgpu backend on the machine's
+    /// default adapter (Vulkan, Metal, DirectX 12), in an agent built with the `wgpu` feature.
+    #[serde(default)]
+    pub device: crate::model::Compute,
 }
 
 /// A deliberate failure at one stage of one round.
@@ -104,7 +117,7 @@ pub enum FaultAction {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorAddress {
-    /// e.g. "https://coordinator.example.org:7700"
+    /// e.g. `"https://coordinator.example.org:7700"`
     pub url: String,
     /// Name in the coordinator's certificate (default: the URL's host).
     pub server_name: Option<String>,
@@ -396,6 +409,13 @@ impl AgentConfig {
                 allowed: "not with role = \"evaluate\": an evaluation-only site's data.csv is its test set",
             });
         }
+        if !cfg.compute.device.built() {
+            return Err(ConfigError::Invalid {
+                key: "compute.device",
+                value: "gpu".into(),
+                allowed: "\"cpu\": this agent was built without the `wgpu` feature (cargo build --features wgpu)",
+            });
+        }
         if !cfg.faults.is_empty() && !cfg!(feature = "faults") {
             return Err(ConfigError::Invalid {
                 key: "faults",
@@ -445,6 +465,32 @@ mod tests {
             let e = parsed.map(|_| ()).unwrap_err().to_string();
             assert!(e.starts_with("faults = 1 fault(s)"), "{e}");
         }
+    }
+
+    /// `device = "gpu"` needs the wgpu backend built in; without it the agent says how to
+    /// get it instead of training on the CPU behind the site's back. A device not named is
+    /// refused by the parser.
+    #[test]
+    fn a_gpu_device_is_accepted_only_in_a_build_with_the_wgpu_feature() {
+        let parsed = with_policy("\n[compute]\ndevice = \"gpu\"\n");
+        if cfg!(feature = "wgpu") {
+            assert_eq!(
+                parsed.map(|c| c.compute.device).ok(),
+                Some(crate::model::Compute::Gpu)
+            );
+        } else {
+            let e = parsed.map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.contains("compute.device") && e.contains("--features wgpu"),
+                "{e}"
+            );
+        }
+        let cpu = with_policy("\n[compute]\ndevice = \"cpu\"\n").unwrap();
+        assert_eq!(cpu.compute.device, crate::model::Compute::Cpu);
+        let e = with_policy("\n[compute]\ndevice = \"tpu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tpu"), "{e}");
     }
 
     #[test]

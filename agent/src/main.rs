@@ -132,7 +132,7 @@ fn main() -> ExitCode {
         Command::Status { config } => {
             return match AgentConfig::load(&config)
                 .map_err(anyhow::Error::from)
-                .and_then(|c| cohort_agent::trust::report(&c))
+                .and_then(|c| cohort_agent::status_report(&c))
             {
                 Ok(report) => {
                     println!("{report}");
@@ -154,7 +154,7 @@ fn main() -> ExitCode {
                 .and_then(|c| {
                     let bytes = std::fs::read(&manifest)
                         .map_err(|e| anyhow::anyhow!("reading {}: {e}", manifest.display()))?;
-                    let (changes, file) = cohort_agent::trust::countersign(&c, &bytes)?;
+                    let (changes, file) = cohort_agent::countersign(&c, &bytes)?;
                     std::fs::write(&out, file)
                         .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
                     Ok(changes)
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
             };
         }
         Command::Enroll { name, out } => {
-            return match cohort_agent::enroll::request(&out, &name) {
+            return match cohort_agent::certificate_request(&out, &name) {
                 Ok(csr) => {
                     println!(
                         "site {name}: key in {}, request in {} (send the request to the consortium's CA; never the key)",
@@ -227,9 +227,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<cohort_agent::failure::ConfigProblem>() => fail(format!("{e:#}"), 2),
-        Err(e) if e.is::<cohort_agent::failure::GaveUp>() => {
-            fail(format!("{e:#}"), cohort_agent::failure::EXIT_REFUSED)
+        Err(e) if e.is::<cohort_agent::ConfigProblem>() => fail(format!("{e:#}"), 2),
+        Err(e) if e.is::<cohort_agent::GaveUp>() => {
+            fail(format!("{e:#}"), cohort_agent::EXIT_REFUSED)
         }
         Err(e) => fail(format!("{e:#}"), 1),
     }
@@ -264,7 +264,7 @@ fn predict(
     images: Option<&std::path::Path>,
     out: Option<&std::path::Path>,
 ) -> ExitCode {
-    use cohort_agent::images::ImageSource;
+    use cohort_agent::data::images::ImageSource;
     let scored = cohort_agent::predict::ExportedModel::read(model).and_then(|m| {
         let s = match (csv, images) {
             (Some(csv), _) => m.score(csv)?,

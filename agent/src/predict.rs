@@ -11,7 +11,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use crate::data::rows_to_score;
-use crate::train::{self, Objective};
+use crate::model::{Evaluation, Objective, evaluate_outputs};
 
 /// A model read back from an exported file.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub struct Scored {
     pub rows: Vec<ScoredRow>,
     pub dropped: Vec<usize>,
     /// The task's metrics and loss, when the file has the label column.
-    pub evaluation: Option<train::Evaluation>,
+    pub evaluation: Option<Evaluation>,
 }
 
 impl ExportedModel {
@@ -172,12 +172,12 @@ impl ExportedModel {
 
     /// Scores every image of `source` (the schema's image data: a class-folder tree or a
     /// manifest of path,label), as the federation evaluated its sites' images.
-    pub fn score_images(&self, source: &crate::images::ImageSource) -> Result<Scored> {
+    pub fn score_images(&self, source: &crate::data::images::ImageSource) -> Result<Scored> {
         if self.schema.images.is_none() {
             bail!("the model was not trained on images (its schema has no [schema.images])");
         }
-        let listed = crate::images::list(source)?;
-        let rows = crate::images::load_files(&self.schema, &listed)?;
+        let listed = crate::data::images::list(source)?;
+        let rows = crate::data::images::load_files(&self.schema, &listed)?;
         if rows.is_empty() {
             bail!("no images (png or jpg) found");
         }
@@ -225,18 +225,13 @@ impl ExportedModel {
         rows: &crate::data::Rows,
         lines: &[usize],
         labelled: bool,
-    ) -> Result<(Vec<ScoredRow>, Option<train::Evaluation>)> {
+    ) -> Result<(Vec<ScoredRow>, Option<Evaluation>)> {
         let x = rows.standardised(&self.mean, &self.std);
         let objective = self.objective();
         let width = self.spec.outputs.max(1);
-        let outputs = train::outputs(&self.spec, &self.params, &x)?;
+        let outputs = crate::model::outputs(&self.spec, &self.params, &x)?;
         let evaluation = if labelled {
-            Some(train::evaluate_outputs(
-                &objective,
-                width,
-                &outputs,
-                &rows.labels,
-            )?)
+            Some(evaluate_outputs(&objective, width, &outputs, &rows.labels)?)
         } else {
             None
         };

@@ -1,7 +1,8 @@
 //! What a session needs from the site it runs for: its size, its feature statistics, local
 //! training and evaluation.
 //!
-//! [`SiteData`] (a CSV, trained with burn) is the one a hospital runs. The trait exists so the
+//! [`Site`] — the site's rows ([`SiteData`], which knows nothing of models) and, when the agent
+//! was built with one, its own model — is the one a hospital runs. The trait exists so the
 //! same session code — TLS, SecAgg+, chunking, faults — can be driven by a synthetic site in
 //! benchmarks that measure the aggregation rather than the training.
 
@@ -10,8 +11,7 @@ use cohort_protocols::model::{ModelSpec, TrainingConfig};
 use crate::data::SiteData;
 use std::sync::Arc;
 
-use crate::model::{Model, TomlModel};
-use crate::train::{self, Evaluation, Objective};
+use crate::model::{self, Compute, Evaluation, Model, Objective, TomlModel};
 
 pub trait LocalSite: Send + Sync + 'static {
     /// Number of model inputs after encoding.
@@ -49,13 +49,27 @@ pub trait LocalSite: Send + Sync + 'static {
     ) -> Result<Evaluation, String>;
 }
 
-impl SiteData {
+/// The site a hospital runs: its data, and its own model when the agent was built with one
+/// (`Agent::model`): rounds of a coordinator announcing that custom model use it; otherwise
+/// the TOML models are built from the coordinator's spec.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub data: SiteData,
+    pub model: Option<Arc<dyn Model>>,
+    /// Where the TOML models train (the site's own model was shaped for its device).
+    pub compute: Compute,
+}
+
+impl Site {
     /// The model that trains for a round announcing `spec`: the site's own model if it has
     /// one and the coordinator announces exactly it, a TOML model built from the spec when
     /// the coordinator announces one of those; anything else is a mismatch, named.
     pub fn model_for(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>, String> {
         match (&self.model, &spec.custom) {
-            (None, None) => Ok(Arc::new(TomlModel { spec: spec.clone() })),
+            (None, None) => Ok(Arc::new(TomlModel {
+                spec: spec.clone(),
+                compute: self.compute,
+            })),
             (Some(own), Some(_)) if own.spec() == *spec => Ok(own.clone()),
             (Some(own), _) => Err(format!(
                 "the coordinator's model is {}, this site's is {}: do both run the same model version and schema?",
@@ -75,42 +89,43 @@ impl SiteData {
         mean: &'a [f64],
         std: &'a [f64],
     ) -> Result<(&'a [f64], &'a [f64]), String> {
-        match (mean.get(..self.inputs), std.get(..self.inputs)) {
+        let inputs = self.data.inputs;
+        match (mean.get(..inputs), std.get(..inputs)) {
             (Some(m), Some(s)) => Ok((m, s)),
             _ => Err(format!(
                 "the round carries statistics for {} columns; this site's data has {} inputs",
                 mean.len().min(std.len()),
-                self.inputs
+                inputs
             )),
         }
     }
 }
 
-impl LocalSite for SiteData {
+impl LocalSite for Site {
     fn inputs(&self) -> usize {
-        self.inputs
+        self.data.inputs
     }
 
     fn stats_columns(&self) -> usize {
-        SiteData::stats_columns(self)
+        self.data.stats_columns()
     }
 
     fn outputs(&self) -> usize {
-        self.task.outputs()
+        self.data.task.outputs()
     }
 
     fn train_examples(&self) -> u64 {
-        self.train.len() as u64
+        self.data.train.len() as u64
     }
 
     fn stats_vector(&self) -> Result<Vec<u64>, String> {
-        let rows = self.stats_rows();
+        let rows = self.data.stats_rows();
         cohort_protocols::model::stats::check_site_headroom(
             rows.iter().map(Vec::as_slice),
-            SiteData::stats_columns(self),
+            self.data.stats_columns(),
         )
         .map_err(|e| e.to_string())?;
-        Ok(self.stats_vector_of(&rows))
+        Ok(self.data.stats_vector_of(&rows))
     }
 
     fn train(
@@ -121,11 +136,12 @@ impl LocalSite for SiteData {
         cfg: &TrainingConfig,
         seed: u64,
     ) -> Result<Vec<f32>, String> {
+        let d = &self.data;
         let (m, s) = self.feature_stats(mean, std)?;
-        let x = self.train.standardised(m, s);
-        let objective = Objective::with_stats(&self.task, self.inputs, mean, std);
+        let x = d.train.standardised(m, s);
+        let objective = Objective::with_stats(&d.task, d.inputs, mean, std);
         self.model_for(spec)?
-            .train(global, &x, &self.train.labels, &objective, cfg, seed)
+            .train(global, &x, &d.train.labels, &objective, cfg, seed)
             .map(|new| new.iter().zip(global).map(|(a, b)| a - b).collect())
             .map_err(|e| e.to_string())
     }
@@ -136,11 +152,12 @@ impl LocalSite for SiteData {
         params: &[f32],
         (mean, std): (&[f64], &[f64]),
     ) -> Result<Evaluation, String> {
+        let d = &self.data;
         let (m, s) = self.feature_stats(mean, std)?;
-        let x = self.test.standardised(m, s);
-        let objective = Objective::with_stats(&self.task, self.inputs, mean, std);
+        let x = d.test.standardised(m, s);
+        let objective = Objective::with_stats(&d.task, d.inputs, mean, std);
         let model = self.model_for(spec)?;
-        train::evaluate_model(model.as_ref(), &objective, params, &x, &self.test.labels)
+        model::evaluate_model(model.as_ref(), &objective, params, &x, &d.test.labels)
             .map_err(|e| e.to_string())
     }
 }
@@ -148,16 +165,20 @@ impl LocalSite for SiteData {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::BurnModel;
+    use crate::model::{BurnModel, Recipe, Shape};
     use cohort_protocols::model::{CustomSpec, DataSchema, ModelKind};
 
-    fn site() -> SiteData {
+    fn site() -> Site {
         let schema: DataSchema =
             toml::from_str("label = { column = \"num\", greater_than = 0 }\ndrop = [\"slope\", \"ca\", \"thal\"]\ncategorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }")
                 .expect("schema");
         let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../data/heart-disease/cleveland.csv");
-        SiteData::load(&schema, &csv, None, 0.34, 1).expect("data")
+        Site {
+            data: SiteData::load(&schema, &csv, None, 0.34, 1).expect("data"),
+            model: None,
+            compute: Compute::Cpu,
+        }
     }
 
     /// A user's network: one linear layer, as a burn module of its own.
@@ -192,10 +213,19 @@ mod tests {
         let err = data.model_for(&custom("gated/1", 100)).unwrap_err();
         assert!(err.contains("no such model"), "{err}");
         // A site with its own model: the TOML spec is refused, the matching custom one used.
-        let own = BurnModel::new("linear/1", 13, 1, |device| Lin {
-            layer: burn::nn::LinearConfig::new(13, 1).init(device),
-        });
-        data.model = Some(Arc::new(own));
+        let own = BurnModel::new(
+            "linear/1",
+            |shape: Shape, device: &burn::prelude::Device| Lin {
+                layer: burn::nn::LinearConfig::new(shape.inputs, shape.outputs).init(device),
+            },
+        );
+        data.model = Some(own.shaped(
+            Shape {
+                inputs: 13,
+                outputs: 1,
+            },
+            Compute::Cpu,
+        ));
         let toml_spec = ModelSpec {
             kind: ModelKind::Logreg,
             inputs: 13,
@@ -220,7 +250,7 @@ mod tests {
             .expect("the site's own model");
         // It trains through the same objective and metrics as the TOML models.
         let spec = custom("linear/1", 14);
-        let (mean, std) = cohort_protocols::model::stats::from_sum(&data.stats_vector(), 13);
+        let (mean, std) = cohort_protocols::model::stats::from_sum(&data.data.stats_vector(), 13);
         let cfg: TrainingConfig =
             toml::from_str("learning_rate = 0.01\nbatch_size = 8\nlocal_steps = 200").expect("cfg");
         let start = vec![0.0; 14];

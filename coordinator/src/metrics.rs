@@ -2,7 +2,7 @@
 //!
 //! The driver updates round metrics as rounds happen. Values that live elsewhere — connected
 //! sites, bytes, and the sharded maps' per-shard lock statistics — are copied in when a scrape
-//! arrives ([`Metrics::refresh`]), so the hot paths pay nothing for them. Per-shard lock
+//! arrives (`Metrics::refresh`), so the hot paths pay nothing for them. Per-shard lock
 //! acquisitions and wait time carry `map` and `shard` labels, so contention shows as a heat map
 //! over shards (deploy/grafana/cohort.json).
 //!

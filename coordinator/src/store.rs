@@ -123,7 +123,7 @@ pub struct Identity {
     pub format: String,
     /// SHA3-256 of the CA certificate (DER), hex.
     pub ca_sha3_256: String,
-    /// e.g. "mlp 13-[32]-1".
+    /// e.g. `"mlp 13-[32]-1"`.
     pub model: String,
     pub schema_hash: String,
     /// The `[schema]` itself, as TOML: a refusal for a changed schema can then say which key

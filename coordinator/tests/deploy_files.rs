@@ -65,7 +65,7 @@ fn the_systemd_units_are_hardened_and_pass_systemd_analyze_verify_silently() {
         } else {
             format!(
                 "RestartPreventExitStatus=2 {}\n",
-                cohort_agent::failure::EXIT_REFUSED
+                cohort_agent::EXIT_REFUSED
             )
         };
         assert!(text.contains(&never), "{unit} lacks {never:?}");

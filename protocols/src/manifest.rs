@@ -8,7 +8,7 @@
 //! current site member presenting exactly the listed key. The coordinator relays manifests
 //! but cannot forge, extend or roll one back; what it could still do is show different
 //! versions to different sites in one round, which is why the manifest's digest is part of
-//! the round context every site signs (see [`Manifest::digest`]).
+//! the round context every site signs (see [`SignedManifest::digest`]).
 //!
 //! On disk (and on the wire) a manifest is a small TOML document: the signed `body` as a
 //! string, byte for byte what was signed, and the `signature`. Parsing the body only after the

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cohort_agent::LocalSite;
-use cohort_agent::train::Evaluation;
+use cohort_agent::model::Evaluation;
 use cohort_ca::demo_keys::{ProvisionOptions, provision};
 use cohort_coordinator::CoordinatorConfig;
 use cohort_protocols::model::{ModelSpec, TrainingConfig, stats};

@@ -7,7 +7,7 @@
 //! - **alone**: each site's own model, trained and standardised on its own rows only (what a
 //!   hospital gets without the federation).
 //!
-//! Both run the agent's own training and evaluation code (`cohort_agent::train`) for as many
+//! Both run the agent's own training and evaluation code (`cohort_agent::model`) for as many
 //! rounds as the federation, with the optimiser restarted each round as an agent's is. The
 //! pooled site takes `local_steps × sites` steps per round, so it sees as many batches as the
 //! whole federation does. Every model is judged on each site's own test split, the one the
@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, anyhow};
 use cohort_agent::data::{Rows, SiteData};
-use cohort_agent::train::{self, Objective};
+use cohort_agent::model::{self, Objective};
 use cohort_coordinator::driver::{Evaluation, SiteResult};
 use cohort_protocols::model::{ModelSpec, Task, TrainingConfig, stats};
 
@@ -99,12 +99,12 @@ fn fit(
     let objective = Objective::with_stats(task, inputs, mean, std);
     let mut params = spec.init(seed);
     for r in 1..=rounds {
-        params = train::train(
+        params = model::train(
             spec,
             &objective,
             &params,
             &x,
-            rows,
+            &rows.labels,
             cfg,
             seed ^ r.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         )
@@ -128,7 +128,7 @@ fn judge(
         let inputs = spec.inputs;
         let x = s.data.test.standardised(&mean[..inputs], &std[..inputs]);
         let objective = Objective::with_stats(task, inputs, &mean, &std);
-        let e = train::evaluate(spec, &objective, &params, &x, &s.data.test.labels)
+        let e = model::evaluate(spec, &objective, &params, &x, &s.data.test.labels)
             .map_err(|e| anyhow!("{}: {e}", s.name))?;
         let metrics = e.metrics();
         results.insert(

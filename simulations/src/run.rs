@@ -204,6 +204,10 @@ struct SiteSpec {
     /// `train` (default) or `evaluate`: an evaluation-only site, whose `csv` is all test rows.
     #[serde(default)]
     role: cohort_agent::config::Role,
+    /// Where the site's agent trains: `cpu` (default) or `gpu` (burn's wgpu backend, in a
+    /// build with the agent's `wgpu` feature).
+    #[serde(default)]
+    device: cohort_agent::model::Compute,
 }
 
 impl SiteSpec {
@@ -627,6 +631,7 @@ fn run_scenario(
             // simulated one of n sites asks for all others but one (one may drop out).
             cfg.policy.min_live_neighbours = (training as u32).saturating_sub(2).clamp(1, 5);
             cfg.role = site.role;
+            cfg.compute.device = site.device;
             // A plain comparison run is chosen by whoever runs the simulation, for every site.
             cfg.policy.require_secure = secure;
             cfg.policy.max_colluders = colluders;
@@ -721,7 +726,7 @@ fn references(
                 Vec::new(),
             )?;
             cfg.role = site.role;
-            let data = cohort_agent::session::load_site_data(schema, &cfg)
+            let data = cohort_agent::load_site_data(schema, &cfg)
                 .with_context(|| format!("site {}", site.name))?;
             Ok(crate::reference::Site {
                 name: site.name.clone(),

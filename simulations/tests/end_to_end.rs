@@ -289,7 +289,7 @@ max_ms = 200
         refused
     });
     assert!(
-        err.is::<cohort_agent::failure::GaveUp>(),
+        err.is::<cohort_agent::GaveUp>(),
         "a permanent refusal: {err:#}"
     );
     assert!(

@@ -71,7 +71,7 @@ fn enrol_coordinator(ca: &Path, host: &Path) {
 /// A hospital enrols with the agent's own command.
 fn enrol_site(ca: &Path, home: &Path, site: &str) {
     let names = names();
-    let csr = cohort_agent::enroll::request(home, site).unwrap();
+    let csr = cohort_agent::certificate_request(home, site).unwrap();
     let pem = std::fs::read_to_string(&csr).unwrap();
     let bundle = cohort_ca::sign_request(
         ca,
@@ -273,7 +273,7 @@ fn a_new_member_takes_part_only_with_the_countersignatures_the_sites_ask_for() {
     let trust_of = |site: &str| {
         let cfg = config(site);
         let der = cohort_coordinator::tls::first_cert_der(&cfg.tls.ca_cert).unwrap();
-        cohort_agent::trust::Trust::load(&der, cfg.tls.manifest.as_deref(), 2).unwrap()
+        cohort_agent::Trust::load(&der, cfg.tls.manifest.as_deref(), 2).unwrap()
     };
 
     // The CA signs the newcomer's request: v6, signed by the CA only.
@@ -325,12 +325,12 @@ fn a_new_member_takes_part_only_with_the_countersignatures_the_sites_ask_for() {
     std::fs::write(&v6_path, &v6).unwrap();
     let mut files = Vec::new();
     for site in &founders[..2] {
-        let (changes, file) = cohort_agent::trust::countersign(&config(site), &v6).unwrap();
+        let (changes, file) = cohort_agent::countersign(&config(site), &v6).unwrap();
         assert!(changes.contains("+ va (site"), "{changes}");
         files.push(file);
     }
     // The newcomer's own countersignature would not count, and is refused at the site.
-    let e = cohort_agent::trust::countersign(&config(newcomer), &v6).unwrap_err();
+    let e = cohort_agent::countersign(&config(newcomer), &v6).unwrap_err();
     assert!(format!("{e:#}").contains("nothing to vouch for"), "{e:#}");
     assert_eq!(
         cohort_ca::countersign(&ca, &[files[0].as_str()]).unwrap(),

@@ -54,7 +54,7 @@ fn a_revoked_certificate_refused_by_a_terminator_that_hangs_up_is_a_permanent_fa
     let err = result.expect_err("a revoked site cannot run");
     let text = format!("{err:#}");
     assert!(
-        err.is::<cohort_agent::failure::GaveUp>(),
+        err.is::<cohort_agent::GaveUp>(),
         "gave up on permanent failures (port {port}): {text}"
     );
     assert!(

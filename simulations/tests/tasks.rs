@@ -255,7 +255,7 @@ fn an_evaluation_only_site_is_judged_apart_and_never_trains() {
 
 #[test]
 fn a_cnn_learns_generated_images_from_folders_and_a_manifest_and_its_export_reproduces_them() {
-    use cohort_agent::images::ImageSource;
+    use cohort_agent::data::images::ImageSource;
     use cohort_sim::shapes::{GenArgs, generate};
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("shapes");
@@ -269,7 +269,8 @@ fn a_cnn_learns_generated_images_from_folders_and_a_manifest_and_its_export_repr
     .unwrap();
     // site2 lists its images in a manifest instead of being read as a folder tree.
     let mut manifest = String::from("path,label\n");
-    for (path, class) in cohort_agent::images::list(&ImageSource::Folder(sites[1].clone())).unwrap()
+    for (path, class) in
+        cohort_agent::data::images::list(&ImageSource::Folder(sites[1].clone())).unwrap()
     {
         let relative = path.strip_prefix(&images).unwrap();
         manifest.push_str(&format!("{},{class}\n", relative.display()));
@@ -392,10 +393,12 @@ max_weight = 1000
         stray.join("t.png"),
     )
     .unwrap();
-    let err =
-        cohort_agent::images::load(&config.schema, &ImageSource::Folder(images.join("site3")))
-            .unwrap_err()
-            .to_string();
+    let err = cohort_agent::data::images::load(
+        &config.schema,
+        &ImageSource::Folder(images.join("site3")),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("t.png") && err.contains("\"triangle\""),
         "{err}"

@@ -2,14 +2,15 @@
 //!
 //! ```sh
 //! gated-agent init --inputs 13 --outputs 1 --out gated.init   # once, for the coordinator
-//! gated-agent run --config agent.toml                          # at each site
+//! gated-agent run --config agent.toml                          # at each site: the widths
+//!                                                              # come from the schema
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use cohort_agent::model::Shape;
 
 #[derive(Parser)]
 #[command(about = "A Cohort agent whose model is GatedNet (examples/custom-model)")]
@@ -36,11 +37,6 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
-        /// Encoded inputs of this site's data.
-        #[arg(long)]
-        inputs: usize,
-        #[arg(long, default_value_t = 1)]
-        outputs: usize,
     },
 }
 
@@ -51,24 +47,23 @@ fn main() -> ExitCode {
             inputs,
             outputs,
             out,
-        } => cohort_example_custom_model::initial(inputs, outputs).and_then(|(bytes, n)| {
-            std::fs::write(&out, bytes)?;
-            println!(
-                "[model]\nkind = \"custom\"\nname = \"{}\"\nparameters = {n}\ninit_file = {:?}",
-                cohort_example_custom_model::NAME,
-                out.display().to_string()
-            );
-            Ok(())
-        }),
-        Command::Run {
-            config,
-            inputs,
-            outputs,
-        } => cohort_agent::AgentConfig::load(&config)
+        } => cohort_example_custom_model::initial(Shape { inputs, outputs }).and_then(
+            |(bytes, n)| {
+                std::fs::write(&out, bytes)?;
+                println!(
+                    "[model]\nkind = \"custom\"\nname = \"{}\"\nparameters = {n}\ninit_file = {:?}",
+                    cohort_example_custom_model::NAME,
+                    out.display().to_string()
+                );
+                Ok(())
+            },
+        ),
+        Command::Run { config } => cohort_agent::AgentConfig::load(&config)
             .map_err(anyhow::Error::from)
             .and_then(|cfg| {
-                let model = Arc::new(cohort_example_custom_model::model(inputs, outputs));
-                tokio::runtime::Runtime::new()?.block_on(cohort_agent::run_with_model(cfg, model))
+                let model = cohort_example_custom_model::model();
+                tokio::runtime::Runtime::new()?
+                    .block_on(cohort_agent::Agent::new(cfg).model(model).run())
             }),
     };
     match result {

@@ -6,8 +6,8 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use cohort_agent::model::Shape;
 use cohort_ca::demo_keys::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
 use cohort_example_custom_model::{NAME, initial, model};
 
@@ -40,7 +40,11 @@ fn hospitals_train_a_users_burn_network_with_secure_aggregation() {
         coordinator_url: "https://127.0.0.1:0".into(),
     })
     .unwrap();
-    let (bytes, parameters) = initial(13, 1).unwrap();
+    let (bytes, parameters) = initial(Shape {
+        inputs: 13,
+        outputs: 1,
+    })
+    .unwrap();
     let init = dir.path().join("gated.init");
     std::fs::write(&init, &bytes).unwrap();
     let config = format!(
@@ -118,7 +122,7 @@ local_steps = 100
                 Vec::new(),
             )
             .unwrap();
-            tokio::spawn(cohort_agent::run_with_model(cfg, Arc::new(model(13, 1))));
+            tokio::spawn(cohort_agent::Agent::new(cfg).model(model()).run());
         }
         coordinator.await.unwrap().unwrap()
     });

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use cohort_protocols::model::{DataSchema, ImageShape, Task};
 use image::imageops::FilterType;
 
-use crate::data::{DataError, Rows};
+use super::{DataError, Rows};
 
 /// Where a site's images are.
 #[derive(Debug, Clone)]

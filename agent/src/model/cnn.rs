@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use cohort_protocols::model::cnn::{CnnSpec, Layer};
 
-use crate::model::Network;
+use super::Network;
 
 #[derive(Module, Debug)]
 pub struct CnnNet {
@@ -53,6 +53,7 @@ impl CnnNet {
 impl Network for CnnNet {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let [batch, _] = x.dims();
+        let device = x.device();
         let [c, h, w] = self.input;
         let mut image: Option<Tensor<4>> = Some(x.reshape([batch, c, h, w]));
         let mut flat: Option<Tensor<2>> = None;
@@ -97,7 +98,7 @@ impl Network for CnnNet {
             (Some(f), _) => f,
             (None, Some(t)) => flatten(t),
             // The declaration was checked: one of the two always holds the values.
-            (None, None) => Tensor::zeros([batch, 1], &Device::flex()),
+            (None, None) => Tensor::zeros([batch, 1], &device),
         };
         self.denses[dense].forward(flat)
     }

@@ -8,6 +8,8 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use chacha20::ChaCha20Rng;
+pub mod images;
+
 use cohort_protocols::model::{DataSchema, SchemaError, Task, stats};
 use rand_core::{Rng, SeedableRng};
 use thiserror::Error;
@@ -80,10 +82,6 @@ pub struct SiteData {
     pub test: Rows,
     /// Rows dropped for missing values (reported in the agent's log only).
     pub dropped_rows: usize,
-    /// The site's own model, when its agent was built with one (`run_with_model`): rounds of
-    /// a coordinator announcing a custom model use it; otherwise the TOML models are built
-    /// from the coordinator's spec.
-    pub model: Option<std::sync::Arc<dyn crate::model::Model>>,
 }
 
 use cohort_protocols::model::csv::RawRow;
@@ -231,7 +229,6 @@ impl SiteData {
             train: Rows::default(),
             test,
             dropped_rows,
-            model: None,
         })
     }
 
@@ -240,18 +237,18 @@ impl SiteData {
     /// `test_only`, every image is a test row (an evaluation-only site).
     pub fn load_images(
         schema: &DataSchema,
-        source: &crate::images::ImageSource,
-        test: Option<&crate::images::ImageSource>,
+        source: &images::ImageSource,
+        test: Option<&images::ImageSource>,
         test_fraction: f64,
         seed: u64,
         test_only: bool,
     ) -> Result<Self, DataError> {
         let inputs = schema.images.map_or(0, |i| i.inputs());
-        let all = crate::images::load(schema, source)?;
+        let all = images::load(schema, source)?;
         let (train, test) = if test_only {
             (Rows::default(), all)
         } else if let Some(t) = test {
-            (all, crate::images::load(schema, t)?)
+            (all, images::load(schema, t)?)
         } else {
             if !(test_fraction > 0.0 && test_fraction < 1.0) {
                 return Err(DataError::BadFraction(test_fraction));
@@ -264,7 +261,6 @@ impl SiteData {
             train,
             test,
             dropped_rows: 0,
-            model: None,
         })
     }
 
@@ -289,7 +285,6 @@ impl SiteData {
                 train: all,
                 test,
                 dropped_rows: dropped_rows + dropped_test,
-                model: None,
             });
         }
         if !(test_fraction > 0.0 && test_fraction < 1.0) {
@@ -302,7 +297,6 @@ impl SiteData {
             train,
             test,
             dropped_rows,
-            model: None,
         })
     }
 
