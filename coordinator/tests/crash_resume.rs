@@ -11,41 +11,29 @@ use std::time::Duration;
 
 use cohort_coordinator::store::{Identity, MARKER, Store};
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const ROUNDS: u64 = 6;
 
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16) -> String {
-    format!(
-        r#"
-listen = "127.0.0.1:{port}"
-data_dir = {data_dir:?}
-{tls}
+    config::coordinator(pki, data_dir)
+        .set("listen", format!("127.0.0.1:{port}"))
+        .merge(&format!(
+            r#"
 [rounds]
 count = {ROUNDS}
-min_sites = 4
 wait_for_sites_secs = 60
 stage_timeout_secs = 10
 train_timeout_secs = 10
 max_attempts = 5
 [storage]
 keep_checkpoints = 2
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-kind = "logreg"
-inputs = 13
 [training]
 optimizer = "adam"
-learning_rate = 0.001
-batch_size = 4
 local_steps = 50
-{SCHEMA}"#,
-        tls = coordinator_tls(pki),
-    )
+"#
+        ))
+        .to_string()
 }
 
 /// The coordinator binary with `run --exit-when-done`, logging in `log_format`.
@@ -66,7 +54,7 @@ fn start(config: &Path, log_format: &str) -> Proc {
 #[test]
 fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let port = free_port();
     let data_dir = dir.path().join("coordinator-data");
     let config = dir.path().join("coordinator.toml");
@@ -76,7 +64,13 @@ fn killed_at_any_stage_the_coordinator_resumes_and_finishes_every_round_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let agents: Vec<_> = SITES
         .iter()
-        .map(|s| rt.spawn(cohort_agent::run(agent(&pki, s, port))))
+        .map(|s| {
+            rt.spawn(cohort_agent::run(
+                config::agent(&pki, s, port)
+                    .merge(SCHEMA)
+                    .build(cohort_agent::AgentConfig::parse),
+            ))
+        })
         .collect();
 
     let minute = Duration::from_secs(60);

@@ -4,14 +4,12 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
+use cohort_testkit::prelude::*;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use cohort_testkit::repo;
 
 /// Runs a validator; None when it is missing outside CI (`.ci/run` installs it).
 fn run(tool: &str, args: &[&str]) -> Option<std::process::Output> {
@@ -36,7 +34,7 @@ fn the_systemd_units_are_hardened_and_pass_systemd_analyze_verify_silently() {
             "cohort-coordinator.service",
             PathBuf::from(env!("CARGO_BIN_EXE_cohort-coordinator")),
         ),
-        ("cohort-agent.service", common::agent_exe()),
+        ("cohort-agent.service", workspace_exe("cohort-agent")),
     ];
     let mut units = Vec::new();
     for (unit, exe) in &binaries {
@@ -215,7 +213,6 @@ fn the_kubernetes_manifests_render_and_validate_strictly() {
 /// command (`./start.sh`) and completes a secure federation against the real coordinator.
 #[test]
 fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
-    use common::{Proc, SITES, coordinator_tls, data, free_port};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let ca = dir.path().join("consortium-ca");
@@ -231,7 +228,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
     };
     ok(
         "cohort-ca init",
-        Command::new(common::ca_exe())
+        Command::new(workspace_exe("cohort-ca"))
             .args(["init", "--ca"])
             .arg(&ca),
     );
@@ -239,7 +236,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
     let sign = |csr: &Path, role: &str| {
         ok(
             "cohort-ca sign",
-            Command::new(common::ca_exe())
+            Command::new(workspace_exe("cohort-ca"))
                 .args(["sign", "--ca"])
                 .arg(&ca)
                 .arg(csr)
@@ -266,7 +263,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
         let home = dir.path().join(site);
         ok(
             "cohort-agent enroll",
-            Command::new(common::agent_exe())
+            Command::new(workspace_exe("cohort-agent"))
                 .args(["enroll", "--name", site, "--out"])
                 .arg(&home),
         );
@@ -294,7 +291,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
     // (init, coordinator, itself); the coordinator relays the newest.
     let status = ok(
         "cohort-agent status",
-        Command::new(common::agent_exe())
+        Command::new(workspace_exe("cohort-agent"))
             .args(["status", "--config"])
             .arg(dir.path().join(SITES[0]).join("agent.toml")),
     );
@@ -302,24 +299,18 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
         status.contains("manifest v3") && status.contains("(this site)"),
         "{status}"
     );
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{}\n[rounds]\ncount = 2\nmin_sites = 4\n[secagg]\nquant_bits = 20\nmax_weight = 1000\n[model]\nkind = \"logreg\"\n[training]\nlearning_rate = 0.001\nbatch_size = 4\nlocal_steps = 50\n{}",
-            dir.path().join("data"),
-            coordinator_tls(&pki),
-            common::SCHEMA.replace(
-                "[schema]",
-                "[schema]\nfeatures = [\"age\", \"sex\", \"cp\", \"trestbps\", \"chol\", \"fbs\", \"restecg\", \"thalach\", \"exang\", \"oldpeak\"]"
-            ),
-        ),
-    )
-    .unwrap();
+    // The schema lists its features, so the coordinator derives the model's inputs.
+    let config = config::coordinator(&pki, &dir.path().join("data"))
+        .set("listen", format!("127.0.0.1:{port}"))
+        .remove("model.inputs")
+        .remove("schema")
+        .merge(LISTED_SCHEMA)
+        .merge("[rounds]\ncount = 2\n[training]\nlocal_steps = 50")
+        .write(&dir.path().join("coordinator.toml"));
     let start = |site: &str| {
         let mut cmd = Command::new("sh");
         cmd.arg(dir.path().join(site).join("start.sh"))
-            .env("COHORT_AGENT", common::agent_exe());
+            .env("COHORT_AGENT", workspace_exe("cohort-agent"));
         Proc::spawn(site, cmd)
     };
     let _coordinator = Proc::coordinator(&config);
@@ -332,7 +323,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
 
     let mut agents = Vec::new();
     for site in SITES {
-        std::fs::copy(data(site), dir.path().join(site).join("data.csv")).unwrap();
+        std::fs::copy(csv(site), dir.path().join(site).join("data.csv")).unwrap();
         // What a site of a four-hospital federation adds to its bundle's agent.toml: the
         // agent's default asks for 5 live others, and there are three.
         let toml = dir.path().join(site).join("agent.toml");
@@ -357,7 +348,7 @@ fn each_site_enrols_and_then_starts_from_its_bundle_with_one_command() {
 }
 
 /// The exit code of a process that should end within two minutes.
-fn wait_exit(p: &mut common::Proc) -> Option<i32> {
+fn wait_exit(p: &mut Proc) -> Option<i32> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
         if let Some(code) = p.exit_code() {

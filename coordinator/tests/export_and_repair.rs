@@ -16,80 +16,39 @@ use std::process::Command;
 
 use cohort_coordinator::journal::{Entry, Journal};
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const ROUNDS: u64 = 5;
 
-/// The FLamby schema with its feature columns listed, so the coordinator derives 13 inputs.
-const LISTED_SCHEMA: &str = r#"
-[schema]
-label = { column = "num", greater_than = 0 }
-features = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
-
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16) -> String {
-    format!(
-        r#"
-listen = "127.0.0.1:{port}"
-data_dir = {data_dir:?}
-{tls}
+    config::coordinator(pki, data_dir)
+        .set("listen", format!("127.0.0.1:{port}"))
+        .remove("model.inputs")
+        .remove("schema")
+        .merge(LISTED_SCHEMA)
+        .merge(&format!(
+            r#"
 [rounds]
 count = {ROUNDS}
-min_sites = 4
 wait_for_sites_secs = 120
 stage_timeout_secs = 60
 train_timeout_secs = 60
 [storage]
 keep_checkpoints = 2
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-kind = "logreg"
 [training]
 optimizer = "adam"
-learning_rate = 0.001
-batch_size = 4
 local_steps = 100
-{LISTED_SCHEMA}"#,
-        tls = coordinator_tls(pki),
-    )
-}
-
-/// Every third row of a hospital's CSV is its test set, the rest its training set.
-fn split(site: &str, dir: &Path) -> (PathBuf, PathBuf) {
-    let text = std::fs::read_to_string(data(site)).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let (mut train, mut test) = (vec![header], vec![header]);
-    for (i, l) in lines.enumerate() {
-        if i % 3 == 2 {
-            test.push(l);
-        } else {
-            train.push(l);
-        }
-    }
-    let (a, b) = (
-        dir.join(format!("{site}-train.csv")),
-        dir.join(format!("{site}-test.csv")),
-    );
-    std::fs::write(&a, train.join("\n") + "\n").unwrap();
-    std::fs::write(&b, test.join("\n") + "\n").unwrap();
-    (a, b)
+"#
+        ))
+        .to_string()
 }
 
 fn agent_toml(pki: &Path, site: &str, port: u16, train: &Path, test: &Path) -> String {
-    agent_toml_with_data(
-        &pki.join("sites").join(site),
-        site,
-        port,
-        &format!("csv = {train:?}\ntest_csv = {test:?}"),
-        LISTED_SCHEMA,
-    )
+    config::agent(pki, site, port)
+        .remove("data")
+        .merge(&format!("[data]\ncsv = {train:?}\ntest_csv = {test:?}"))
+        .merge(LISTED_SCHEMA)
+        .to_string()
 }
 
 fn coordinator_cli(args: &[&str], config: &Path) -> std::process::Output {
@@ -101,52 +60,26 @@ fn coordinator_cli(args: &[&str], config: &Path) -> std::process::Output {
         .unwrap()
 }
 
-/// `python3 examples/predict.py MODEL CSV`: (probabilities by line, accuracy). None when
-/// Python or its packages are missing outside CI (`.ci/run` installs them).
+/// `examples/predict.py` on `csv`: (probability by line, accuracy). None when Python or its
+/// packages are missing outside CI.
 fn python_predict(model: &Path, csv: &Path) -> Option<(Vec<(usize, f64)>, f64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/predict.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(model)
-        .arg(csv)
-        .output();
-    let in_ci = std::env::var_os("CI").is_some();
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        Ok(o) if !in_ci && String::from_utf8_lossy(&o.stderr).contains("ModuleNotFoundError") => {
-            eprintln!("numpy/safetensors for Python are missing: the Python check is skipped");
-            return None;
-        }
-        Ok(o) => panic!(
-            "examples/predict.py failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) if !in_ci => {
-            eprintln!("python3 not found ({e}): the Python check is skipped");
-            return None;
-        }
-        Err(e) => panic!("python3 is required in CI: {e}"),
-    };
-    let probs = String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let out = cohort_testkit::predict::predict(model, csv)?;
+    assert_eq!(out.metric, "accuracy");
+    let probs = out
+        .rows
+        .iter()
         .map(|l| {
             let (line, p) = l.split_once(',').unwrap();
             (line.parse().unwrap(), p.parse().unwrap())
         })
         .collect();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let accuracy = err
-        .split_whitespace()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no accuracy from predict.py: {err}"));
-    Some((probs, accuracy))
+    Some((probs, out.value))
 }
 
 #[test]
 fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let port = free_port();
     let data_dir = dir.path().join("coordinator-data");
     let config = dir.path().join("coordinator.toml");
@@ -155,7 +88,7 @@ fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
     let mut tests = Vec::new();
     let mut agents = Vec::new();
     for site in SITES {
-        let (train, test) = split(site, dir.path());
+        let (train, test) = heart::split(site, dir.path());
         let file = dir.path().join(format!("{site}.toml"));
         std::fs::write(&file, agent_toml(&pki, site, port, &train, &test)).unwrap();
         agents.push(Proc::agent(site, &file, false));
@@ -188,7 +121,7 @@ fn the_exported_model_reproduces_cohorts_accuracy_and_damage_is_repaired() {
         let cohort = record.per_site[*site].accuracy.unwrap();
         // cohort-agent predict: the same numbers as the federation's own evaluation.
         let scores = dir.path().join(format!("{site}-scores.csv"));
-        let out = Command::new(agent_exe())
+        let out = Command::new(workspace_exe("cohort-agent"))
             .args(["predict", "--model"])
             .arg(&model)
             .arg("--csv")

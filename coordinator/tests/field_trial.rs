@@ -11,8 +11,7 @@ use std::process::Command;
 
 use cohort_coordinator::status::client::get;
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const ROUNDS: u64 = 10;
 const TOKEN: &str = "field-trial-token-0123456789";
@@ -21,16 +20,14 @@ const TOKEN: &str = "field-trial-token-0123456789";
 const DEADLINE_SECS: u64 = 300;
 
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16, status: u16) -> String {
-    format!(
-        r#"
-listen = "127.0.0.1:{port}"
-data_dir = {data_dir:?}
-{tls}
+    config::coordinator(pki, data_dir)
+        .set("listen", format!("127.0.0.1:{port}"))
+        .merge(&format!(
+            r#"
 [rounds]
 count = {ROUNDS}
 # Every round waits for all four (a site that dropped out reconnects within a second), and
 # survives the loss of one of them: SecAgg+ with k = 4 needs t = 3.
-min_sites = 4
 wait_for_sites_secs = 120
 stage_timeout_secs = {DEADLINE_SECS}
 train_timeout_secs = {DEADLINE_SECS}
@@ -39,21 +36,13 @@ max_attempts = 5
 listen = "127.0.0.1:{status}"
 token = "{TOKEN}"
 [secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
 consistency_check = true
-[model]
-kind = "logreg"
-inputs = 13
 [training]
 optimizer = "adam"
-learning_rate = 0.001
-batch_size = 4
 local_steps = 200
-{SCHEMA}"#,
-        tls = coordinator_tls(pki),
-    )
+"#
+        ))
+        .to_string()
 }
 
 fn api(rt: &tokio::runtime::Runtime, status: u16, path: &str) -> serde_json::Value {
@@ -78,7 +67,7 @@ fn metric(text: &str, name: &str) -> f64 {
 #[test]
 fn four_sites_as_separate_processes_survive_dropouts_duplicates_and_kills() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let (port, status) = (free_port(), free_port());
     let data_dir = dir.path().join("coordinator-data");
     let config = dir.path().join("coordinator.toml");
@@ -105,7 +94,7 @@ fn four_sites_as_separate_processes_survive_dropouts_duplicates_and_kills() {
         .map(|site| {
             let file = dir.path().join(format!("{site}.toml"));
             let extra = if *site == "va" { faults.as_str() } else { "" };
-            let toml = agent_toml(&pki.join("sites").join(site), site, port, extra);
+            let toml = config::agent(&pki, site, port).merge(extra).to_string();
             std::fs::write(&file, toml).unwrap();
             // One agent logs JSON, as a site feeding a log pipeline would.
             Proc::agent(site, &file, *site == "switzerland")
@@ -264,7 +253,7 @@ fn site_rounds(rt: &tokio::runtime::Runtime, status: u16, site: &str) -> u64 {
 #[test]
 fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let other = pki_in(&dir.path().join("other-project"));
     let (port, status) = (free_port(), free_port());
     let config = dir.path().join("coordinator.toml");
@@ -277,7 +266,7 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
     let file = dir.path().join("foreign.toml");
     std::fs::write(
         &file,
-        agent_toml(&other.join("sites/cleveland"), "cleveland", port, ""),
+        config::agent_in(&other.join("sites/cleveland"), "cleveland", port).to_string(),
     )
     .unwrap();
     let mut foreign = Proc::agent("foreign", &file, false);
@@ -299,7 +288,7 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
         std::fs::copy(other.join("sites/hungary").join(f), mixed.join(f)).unwrap();
     }
     let file = dir.path().join("mixed.toml");
-    std::fs::write(&file, agent_toml(&mixed, "hungary", port, "")).unwrap();
+    std::fs::write(&file, config::agent_in(&mixed, "hungary", port).to_string()).unwrap();
     let mut refused = Proc::agent("mixed", &file, false);
     assert_eq!(refused.exit_code(), Some(3), "{}", refused.log());
     assert!(
@@ -317,7 +306,7 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
     // differs, with both values, and stops at once.
     let file = dir.path().join("schema.toml");
     let pinned = SCHEMA.replace("missing = \"drop_row\"", "missing = \"impute_mean\"");
-    let toml = agent_toml(&pki.join("sites/va"), "va", port, &pinned);
+    let toml = config::agent(&pki, "va", port).merge(&pinned).to_string();
     std::fs::write(&file, toml).unwrap();
     let mut schema = Proc::agent("schema", &file, false);
     assert_eq!(schema.exit_code(), Some(3), "{}", schema.log());
@@ -339,7 +328,7 @@ fn bundles_the_coordinator_cannot_accept_end_the_agent_with_a_reason() {
 #[test]
 fn configuration_problems_exit_with_code_2_and_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let port = free_port();
     // A certificate path that does not exist: found only when the coordinator starts.
     let config = dir.path().join("coordinator.toml");
@@ -356,9 +345,11 @@ fn configuration_problems_exit_with_code_2_and_name_what_is_wrong() {
     assert!(err.contains("missing.pem"), "{err}");
     // An agent whose key file is missing.
     let file = dir.path().join("agent.toml");
-    let toml = agent_toml(&pki.join("sites/va"), "va", port, "").replace("key.pem", "nokey.pem");
+    let toml = config::agent(&pki, "va", port)
+        .to_string()
+        .replace("key.pem", "nokey.pem");
     std::fs::write(&file, toml).unwrap();
-    let out = Command::new(agent_exe())
+    let out = Command::new(workspace_exe("cohort-agent"))
         .args(["run", "--config"])
         .arg(&file)
         .output()
@@ -371,5 +362,5 @@ fn configuration_problems_exit_with_code_2_and_name_what_is_wrong() {
 /// A second, unrelated project's CA and bundles.
 fn pki_in(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    pki(dir)
+    provision(dir)
 }

@@ -32,8 +32,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const TOKEN: &str = "hostile-sites-status-token";
 
@@ -64,14 +63,12 @@ fn config_with(
     model: &str,
     tls_extra: &str,
 ) -> CoordinatorConfig {
-    CoordinatorConfig::parse(&format!(
-        r#"
-listen = "127.0.0.1:0"
-data_dir = {data:?}
-{tls}{tls_extra}
+    config::coordinator(pki, &dir.join("data"))
+        .merge(&format!("[tls]\n{tls_extra}\n[model]\n{model}"))
+        .merge(&format!(
+            r#"
 [rounds]
 count = {rounds}
-min_sites = 4
 wait_for_sites_secs = 60
 stage_timeout_secs = 4
 train_timeout_secs = 20
@@ -79,22 +76,11 @@ max_attempts = 3
 [status]
 listen = "127.0.0.1:0"
 token = "{TOKEN}"
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-inputs = 13
-{model}
 [training]
-learning_rate = 0.001
-batch_size = 4
 local_steps = 10
-{SCHEMA}"#,
-        data = dir.join("data"),
-        tls = coordinator_tls(pki),
-    ))
-    .unwrap()
+"#
+        ))
+        .build(CoordinatorConfig::parse)
 }
 
 /// Mallory's channel to the coordinator; `window` shrinks its HTTP/2 receive windows.
@@ -188,7 +174,13 @@ async fn federation<T: Send + 'static>(
     let mallory = mallory(endpoints.grpc.port(), status).await;
     let agents: Vec<_> = SITES
         .iter()
-        .map(|s| tokio::spawn(cohort_agent::run(agent(pki, s, endpoints.grpc.port()))))
+        .map(|s| {
+            tokio::spawn(cohort_agent::run(
+                config::agent(pki, s, endpoints.grpc.port())
+                    .merge(SCHEMA)
+                    .build(cohort_agent::AgentConfig::parse),
+            ))
+        })
         .collect();
     let summary = run
         .await
@@ -722,7 +714,9 @@ fn a_site_refused_in_an_aborted_attempt_is_left_out_of_the_retry() {
         let agents: Vec<_> = SITES
             .iter()
             .map(|s| {
-                let mut a = agent(&bundles, s, port);
+                let mut a = config::agent(&bundles, s, port)
+                    .merge(SCHEMA)
+                    .build(cohort_agent::AgentConfig::parse);
                 a.policy.max_colluders = 0;
                 if *s == "va" {
                     a.faults.push(Fault {

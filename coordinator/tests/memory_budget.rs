@@ -6,43 +6,28 @@
 
 use cohort_coordinator::CoordinatorConfig;
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 #[test]
 fn uploads_over_the_memory_budget_are_refused_and_the_coordinator_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
-    let config = CoordinatorConfig::parse(&format!(
-        r#"
-listen = "127.0.0.1:0"
-data_dir = {data:?}
-{tls}
+    let pki = provision(dir.path());
+    let config = config::coordinator(&pki, &dir.path().join("data"))
+        .merge(
+            r#"
 [limits]
 memory_mib = 1
 [rounds]
 count = 2
-min_sites = 4
 wait_for_sites_secs = 30
 stage_timeout_secs = 5
 train_timeout_secs = 5
 max_attempts = 2
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-kind = "logreg"
-inputs = 13
 [training]
-learning_rate = 0.001
-batch_size = 4
 local_steps = 10
-{SCHEMA}"#,
-        data = dir.path().join("data"),
-        tls = coordinator_tls(&pki),
-    ))
-    .unwrap();
+"#,
+        )
+        .build(CoordinatorConfig::parse);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let err = rt.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -50,7 +35,13 @@ local_steps = 10
         let port = rx.await.unwrap().grpc.port();
         let agents: Vec<_> = SITES
             .iter()
-            .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, port))))
+            .map(|s| {
+                tokio::spawn(cohort_agent::run(
+                    config::agent(&pki, s, port)
+                        .merge(SCHEMA)
+                        .build(cohort_agent::AgentConfig::parse),
+                ))
+            })
             .collect();
         let result = run.await.expect("the coordinator task does not panic");
         for a in agents {

@@ -20,23 +20,21 @@ use std::time::{Duration, Instant};
 
 use cohort_coordinator::status::client::get;
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const TOKEN: &str = "operator-trial-token-0123456789";
 /// Rounds before the first fault: enough for sled's file to outgrow a 512 KiB cut.
 const FIRST: u64 = 1200;
 
 fn coordinator_toml(pki: &Path, data_dir: &Path, port: u16, status: u16) -> String {
-    format!(
-        r#"
-listen = "127.0.0.1:{port}"
-data_dir = {data_dir:?}
-{tls}crl = {crl:?}
-registry = {registry:?}
+    config::coordinator(pki, data_dir)
+        .set("listen", format!("127.0.0.1:{port}"))
+        .path("tls.crl", &pki.join("coordinator/crl.pem"))
+        .path("tls.registry", &pki.join("coordinator/registry.toml"))
+        .merge(&format!(
+            r#"
 [rounds]
 count = 1000000
-min_sites = 4
 # Only an alert threshold now: the coordinator waits as long as it takes.
 wait_for_sites_secs = 2
 stage_timeout_secs = 60
@@ -48,23 +46,13 @@ keep_round_detail = 300
 [status]
 listen = "127.0.0.1:{status}"
 token = "{TOKEN}"
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-kind = "logreg"
-inputs = 13
 [training]
 optimizer = "adam"
-learning_rate = 0.001
 batch_size = 8
 local_steps = 2
-{SCHEMA}"#,
-        tls = coordinator_tls(pki),
-        crl = pki.join("coordinator/crl.pem"),
-        registry = pki.join("coordinator/registry.toml"),
-    )
+"#
+        ))
+        .to_string()
 }
 
 fn coordinator(config: &Path) -> Proc {
@@ -209,11 +197,7 @@ fn start_agents(dir: &Path, pki: &Path, port: u16) -> Vec<Proc> {
         .iter()
         .map(|site| {
             let file = dir.join(format!("{site}.toml"));
-            std::fs::write(
-                &file,
-                agent_toml(&pki.join("sites").join(site), site, port, ""),
-            )
-            .unwrap();
+            config::agent(pki, site, port).write(&file);
             Proc::agent(site, &file, false)
         })
         .collect()
@@ -255,7 +239,7 @@ fn start_or_refusal(config: &Path, status: u16) -> Result<u64, String> {
 #[test]
 fn a_federation_lives_through_what_a_hospital_network_does_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = provision(dir.path());
     let (port, status) = (free_port(), free_port());
     let data_dir = dir.path().join("coordinator-data");
     let config = dir.path().join("coordinator.toml");

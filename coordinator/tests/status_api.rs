@@ -11,8 +11,7 @@ use cohort_coordinator::CoordinatorConfig;
 use cohort_coordinator::status::client::get;
 use serde_json::Value;
 
-mod common;
-use common::*;
+use cohort_testkit::prelude::*;
 
 const TOKEN: &str = "a-status-token-for-tests";
 
@@ -103,39 +102,25 @@ async fn check(doc: &Value, base: &str, path: &str, template: &str, code: u16) -
 #[test]
 fn status_api_answers_with_auth_and_matches_its_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
-    let config = CoordinatorConfig::parse(&format!(
-        r#"
-listen = "127.0.0.1:0"
-data_dir = {data:?}
-{tls}
+    let pki = provision(dir.path());
+    let config = config::coordinator(&pki, &dir.path().join("data"))
+        .merge(&format!(
+            r#"
 [limits]
 memory_mib = 65536
 [rounds]
 count = 12
-min_sites = 4
 wait_for_sites_secs = 60
 stage_timeout_secs = 10
 train_timeout_secs = 10
 [status]
 listen = "127.0.0.1:0"
 token = "{TOKEN}"
-[secagg]
-quant_bits = 20
-modulus_bits = 64
-max_weight = 1000
-[model]
-kind = "logreg"
-inputs = 13
 [training]
-learning_rate = 0.001
-batch_size = 4
 local_steps = 50
-{SCHEMA}"#,
-        data = dir.path().join("data"),
-        tls = coordinator_tls(&pki),
-    ))
-    .unwrap();
+"#
+        ))
+        .build(CoordinatorConfig::parse);
     let doc: Value = serde_json::from_str(cohort_coordinator::status::OPENAPI).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -185,7 +170,9 @@ local_steps = 50
         let agents: Vec<_> = SITES
             .iter()
             .map(|s| {
-                let mut cfg = agent(&pki, s, endpoints.grpc.port());
+                let mut cfg = config::agent(&pki, s, endpoints.grpc.port())
+                    .merge(SCHEMA)
+                    .build(cohort_agent::AgentConfig::parse);
                 if *s == "va" {
                     cfg.faults = vec![Fault {
                         round: 2,

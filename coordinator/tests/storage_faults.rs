@@ -14,8 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-mod common;
-use common::copy_dir;
+use cohort_testkit::prelude::copy_dir;
 
 use cohort_coordinator::records::{Evaluation, RoundRecord, RoundSummary, Setup, SiteResult};
 use cohort_coordinator::store::{CheckpointRef, Identity, Retention, Store};

@@ -6,15 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cohort_sim::run::{Summary, run_file_with};
-
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use cohort_testkit::heart::{SITES, csv};
+use cohort_testkit::repo;
 
 /// The heart-disease example over `rounds` rounds, secure, with `gpu` training on wgpu.
 fn run(dir: &Path, rounds: u64, gpu: &[&str]) -> Summary {
@@ -24,7 +20,7 @@ fn run(dir: &Path, rounds: u64, gpu: &[&str]) -> Summary {
     for site in SITES {
         let shipped = format!("csv = \"../data/heart-disease/{site}.csv\"");
         assert!(text.contains(&shipped), "the example names {site}'s CSV");
-        let csv = repo().join(format!("data/heart-disease/{site}.csv"));
+        let csv = csv(site);
         let device = if gpu.contains(&site) {
             "\ndevice = \"gpu\""
         } else {
@@ -38,28 +34,9 @@ fn run(dir: &Path, rounds: u64, gpu: &[&str]) -> Summary {
     run_file_with(&path, &dir.join(name), false).expect("the scenario runs")
 }
 
-/// Whether this machine has a wgpu device to run on: Metal or DirectX, or an installed Vulkan
-/// driver (lavapipe counts). Outside CI a machine without one skips the wgpu run with a
-/// message; in CI (`.ci/run` installs lavapipe, Debian's `mesa-vulkan-drivers`) it is required.
-fn wgpu_device() -> bool {
-    let vulkan = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-        .iter()
-        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()))
-        || std::env::var_os("VK_ICD_FILENAMES").is_some();
-    let found = vulkan || cfg!(any(target_os = "macos", windows));
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "a Vulkan driver is required in CI: .ci/run installs lavapipe (mesa-vulkan-drivers)"
-    );
-    if !found {
-        eprintln!("skipped: no Vulkan driver for wgpu (apt-get install mesa-vulkan-drivers)");
-    }
-    found
-}
-
 #[test]
 fn a_site_training_on_wgpu_takes_part_in_a_secure_federation_with_the_cpu_result() {
-    if !wgpu_device() {
+    if !cohort_testkit::gpu::wgpu_device() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

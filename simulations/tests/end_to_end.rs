@@ -6,14 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use cohort_sim::run::{Summary, run_file};
-
-fn data(site: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/heart-disease")
-        .join(format!("{site}.csv"))
-        .canonicalize()
-        .expect("shipped data")
-}
+use cohort_testkit::heart::{SCHEMA, SITES, csv as data};
 
 /// A heart-disease scenario with `extra` appended (faults, overrides).
 fn scenario(dir: &Path, rounds: u64, secure: bool, extra: &str) -> PathBuf {
@@ -31,20 +24,15 @@ fn scenario(dir: &Path, rounds: u64, secure: bool, extra: &str) -> PathBuf {
         .partition(|l| l.trim_start().starts_with("secagg."));
     text.push_str(&top.join("\n"));
     text.push('\n');
-    for site in ["cleveland", "hungary", "switzerland", "va"] {
+    for site in SITES {
         text.push_str(&format!(
             "\n[[sites]]\nname = \"{site}\"\ncsv = {:?}\n",
             data(site)
         ));
     }
+    text.push_str(SCHEMA);
     text.push_str(
         r#"
-[schema]
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-
 [model]
 {MODEL}
 
@@ -227,11 +215,7 @@ wait_for_sites_secs = 3
 [model]
 kind = "logreg"
 inputs = 13
-[schema]
-label = {{ column = "num", greater_than = 0 }}
-drop = ["slope", "ca", "thal"]
-categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
-missing = "drop_row"
+{SCHEMA}
 [training]
 learning_rate = 0.001
 batch_size = 4
@@ -261,11 +245,7 @@ cert = {cert:?}
 key = {key:?}
 [data]
 csv = {csv:?}
-[schema]
-label = {{ column = "num", greater_than = 0 }}
-drop = ["slope", "ca", "thal"]
-categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
-missing = "drop_row"
+{SCHEMA}
 [reconnect]
 initial_ms = 100
 max_ms = 200
@@ -382,7 +362,7 @@ fn an_out_of_range_input_fails_its_round_and_the_next_round_runs() {
 /// A short scenario text for checking how mistakes in it are reported.
 fn small_scenario(dir: &Path, top: &str, model: &str, secagg: &str) -> PathBuf {
     let mut text = format!("rounds = 1\n{top}\n");
-    for site in ["cleveland", "hungary", "switzerland", "va"] {
+    for site in SITES {
         text.push_str(&format!(
             "\n[[sites]]\nname = \"{site}\"\ncsv = {:?}\n",
             data(site)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use cohort_ca::{DEFAULT_VALIDITY_DAYS, Enrolment};
 
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+use cohort_testkit::heart::{SCHEMA, SITES};
 
 fn data(site: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -107,11 +107,7 @@ min_sites = 4
 [model]
 kind = "logreg"
 inputs = 13
-[schema]
-label = {{ column = "num", greater_than = 0 }}
-drop = ["slope", "ca", "thal"]
-categorical = {{ cp = [1, 2, 3, 4], restecg = [0, 1, 2] }}
-missing = "drop_row"
+{SCHEMA}
 [training]
 learning_rate = 0.01
 batch_size = 16

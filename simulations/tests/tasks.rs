@@ -8,35 +8,14 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cohort_agent::predict::ExportedModel;
 use cohort_sim::run::{Summary, run_file_with};
 
-const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+use cohort_testkit::heart::{self, SITES};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Each site's CSV split into `NAME-train.csv` and `NAME-test.csv` (every third row), so the
-/// test rows are a file that predict and predict.py can read.
-fn split(dir: &Path, site: &str) -> (PathBuf, PathBuf) {
-    let text =
-        std::fs::read_to_string(repo().join(format!("data/heart-disease/{site}.csv"))).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let (mut train, mut test) = (vec![header], vec![header]);
-    for (i, l) in lines.enumerate() {
-        if i % 3 == 2 { &mut test } else { &mut train }.push(l);
-    }
-    let paths = (
-        dir.join(format!("{site}-train.csv")),
-        dir.join(format!("{site}-test.csv")),
-    );
-    std::fs::write(&paths.0, train.join("\n") + "\n").unwrap();
-    std::fs::write(&paths.1, test.join("\n") + "\n").unwrap();
-    paths
 }
 
 /// The shipped example with `rounds` rounds and each site's data as a train and a test file.
@@ -45,7 +24,7 @@ fn scenario(dir: &Path, example: &str, rounds: u64) -> PathBuf {
     assert!(text.contains("rounds = 15"));
     text = text.replace("rounds = 15", &format!("rounds = {rounds}"));
     for site in SITES {
-        let (train, test) = split(dir, site);
+        let (train, test) = heart::split(site, dir);
         let shipped = format!("csv = \"../data/heart-disease/{site}.csv\"");
         assert!(text.contains(&shipped), "{example} names {site}'s CSV");
         text = text.replace(&shipped, &format!("csv = {train:?}\ntest_csv = {test:?}"));
@@ -68,35 +47,12 @@ fn run_and_export(dir: &Path, example: &str) -> (Summary, PathBuf) {
     (summary, model)
 }
 
-/// `python3 examples/predict.py MODEL CSV`: (rows scored, the metric on stderr). None when
-/// Python or its packages are missing outside CI (`.ci/run` installs them).
+/// `examples/predict.py` on `csv`: (rows scored, the value of `metric`). None when Python
+/// or its packages are missing outside CI.
 fn python(model: &Path, csv: &Path, metric: &str) -> Option<(usize, f64)> {
-    let out = Command::new("python3")
-        .arg(repo().join("examples/predict.py"))
-        .arg(model)
-        .arg(csv)
-        .output();
-    let in_ci = std::env::var_os("CI").is_some();
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        Ok(o) if !in_ci && String::from_utf8_lossy(&o.stderr).contains("ModuleNotFoundError") => {
-            eprintln!("numpy/safetensors for Python are missing: the Python check is skipped");
-            return None;
-        }
-        Ok(o) => panic!("predict.py failed:\n{}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) if !in_ci => {
-            eprintln!("python3 not found ({e}): the Python check is skipped");
-            return None;
-        }
-        Err(e) => panic!("python3 is required in CI: {e}"),
-    };
-    let err = String::from_utf8_lossy(&out.stderr);
-    let value = err
-        .strip_prefix(&format!("{metric} "))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {metric} from predict.py: {err}"));
-    Some((String::from_utf8_lossy(&out.stdout).lines().count(), value))
+    let out = cohort_testkit::predict::predict(model, csv)?;
+    assert_eq!(out.metric, metric, "predict.py reports the task's metric");
+    Some((out.rows.len(), out.value))
 }
 
 #[test]

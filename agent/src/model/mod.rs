@@ -289,25 +289,6 @@ mod tests {
     use super::*;
 
     #[cfg(feature = "wgpu")]
-    /// Whether this machine has a wgpu device to run on: Metal or DirectX, or an installed Vulkan
-    /// driver (lavapipe counts). Outside CI a machine without one skips the wgpu run with a
-    /// message; in CI (`.ci/run` installs lavapipe, Debian's `mesa-vulkan-drivers`) it is required.
-    fn wgpu_device() -> bool {
-        let vulkan = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-            .iter()
-            .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()))
-            || std::env::var_os("VK_ICD_FILENAMES").is_some();
-        let found = vulkan || cfg!(any(target_os = "macos", windows));
-        assert!(
-            found || std::env::var_os("CI").is_none(),
-            "a Vulkan driver is required in CI: .ci/run installs lavapipe (mesa-vulkan-drivers)"
-        );
-        if !found {
-            eprintln!("skipped: no Vulkan driver for wgpu (apt-get install mesa-vulkan-drivers)");
-        }
-        found
-    }
-
     /// The same training on burn's wgpu backend (lavapipe in CI) and on its CPU backend ends
     /// within floating-point tolerance: a site's choice of hardware does not change what it
     /// contributes. Built where the agent has its `wgpu` feature (the workspace's tests).
@@ -315,7 +296,7 @@ mod tests {
     #[test]
     fn training_on_wgpu_gives_the_cpu_result_within_tolerance() {
         use cohort_protocols::model::OptimizerKind;
-        if !wgpu_device() {
+        if !cohort_testkit::gpu::wgpu_device() {
             return;
         }
         let spec = ModelSpec {

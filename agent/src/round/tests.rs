@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use cohort_ca::demo_keys::{DEFAULT_VALIDITY_DAYS, ProvisionOptions, provision};
+use cohort_ca::demo_keys::DEFAULT_VALIDITY_DAYS;
 use cohort_proto::v1::{RoundStart, Welcome};
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::metrics::Tally;
 use cohort_protocols::secagg::{
     ClientId, Output, Poll, RoundId, Server, Setup, StageTimeouts, Word,
 };
+use cohort_testkit::pki;
 
 use super::*;
 use crate::model::Evaluation;
@@ -79,14 +80,7 @@ struct Pki {
 impl Pki {
     fn new(sites: &[&str]) -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        provision(&ProvisionOptions {
-            out: dir.path().join("pki"),
-            sites: sites.iter().map(|s| s.to_string()).collect(),
-            coordinator_names: vec!["localhost".into()],
-            coordinator_url: "https://localhost:1".into(),
-            validity_days: DEFAULT_VALIDITY_DAYS,
-        })
-        .unwrap();
+        pki::provision_sites(dir.path(), sites);
         Pki {
             dir,
             sites: sites.iter().map(|s| s.to_string()).collect(),
@@ -98,29 +92,16 @@ impl Pki {
     }
 
     fn der(&self, p: &str) -> Vec<u8> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::from_pem_file(self.path(p))
-            .unwrap()
-            .as_ref()
-            .to_vec()
+        pki::cert_der(&self.path(p))
     }
 
     fn coordinator_key(&self) -> SigningKey {
-        use ed25519_dalek::pkcs8::DecodePrivateKey;
-        SigningKey::from_pkcs8_pem(
-            &std::fs::read_to_string(self.path("coordinator/key.pem")).unwrap(),
-        )
-        .unwrap()
+        pki::signing_key(&self.path("coordinator/key.pem"))
     }
 
     /// The federation manifest's digest: the context every round runs under.
     fn manifest_context(&self) -> [u8; 32] {
-        use cohort_protocols::manifest::{SignedManifest, ca_key};
-        let ca = ca_key(&self.der("ca.pem")).unwrap();
-        SignedManifest::verify(&std::fs::read(self.path("manifest.toml")).unwrap(), &ca)
-            .unwrap()
-            .digest()
+        pki::manifest_digest(&self.path(""))
     }
 
     /// The configuration of `site`'s agent, its ledger in `state`; `policy` lines replace

@@ -1,7 +1,5 @@
-//! Shared by the coordinator's integration tests: the heart-disease hospitals, their schema,
-//! provisioning and agent configurations.
-
-#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
+//! The real binaries as separate processes, the way a hospital network runs them: their
+//! stdout and stderr read line by line, so a test waits for what a process says.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,109 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use cohort_ca::demo_keys::{ProvisionOptions, provision};
-
-pub const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
-
-/// The FLamby heart-disease schema (13 inputs), identical on both sides.
-pub const SCHEMA: &str = r#"
-[schema]
-label = { column = "num", greater_than = 0 }
-drop = ["slope", "ca", "thal"]
-categorical = { cp = [1, 2, 3, 4], restecg = [0, 1, 2] }
-missing = "drop_row"
-"#;
-
-pub fn data(site: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/heart-disease")
-        .join(format!("{site}.csv"))
-        .canonicalize()
-        .expect("shipped data")
-}
-
-/// A CA, the coordinator's certificate and the four hospitals' bundles in `dir/pki`.
-pub fn pki(dir: &Path) -> PathBuf {
-    let pki = dir.join("pki");
-    provision(&ProvisionOptions {
-        validity_days: cohort_ca::DEFAULT_VALIDITY_DAYS,
-        out: pki.clone(),
-        sites: SITES.iter().map(|s| s.to_string()).collect(),
-        coordinator_names: vec!["localhost".into()],
-        coordinator_url: "https://localhost:1".into(),
-    })
-    .unwrap();
-    pki
-}
-
-/// The `[tls]` table of the coordinator's configuration.
-pub fn coordinator_tls(pki: &Path) -> String {
-    format!(
-        "[tls]\nca_cert = {:?}\ncert = {:?}\nkey = {:?}\nmanifest = {:?}\n",
-        pki.join("coordinator/ca.pem"),
-        pki.join("coordinator/cert.pem"),
-        pki.join("coordinator/key.pem"),
-        pki.join("coordinator/manifest.toml"),
-    )
-}
-
-/// An agent.toml for `site` from the bundle in `bundle`, dialling `port`: only what is local
-/// to the site (the schema comes from the coordinator), plus `extra` (which must not hold a
-/// `[policy]` table: this one asks for 2 live others, as a federation of four can).
-pub fn agent_toml(bundle: &Path, site: &str, port: u16, extra: &str) -> String {
-    let data = format!(
-        "csv = {:?}\ntest_fraction = 0.34\nsplit_seed = 42",
-        data(site)
-    );
-    agent_toml_with_data(bundle, site, port, &data, extra)
-}
-
-/// As [`agent_toml`], with `data` as the body of the `[data]` table.
-pub fn agent_toml_with_data(
-    bundle: &Path,
-    site: &str,
-    port: u16,
-    data: &str,
-    extra: &str,
-) -> String {
-    format!(
-        r#"
-site = "{site}"
-[coordinator]
-url = "https://127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-[data]
-{data}
-[reconnect]
-initial_ms = 100
-max_ms = 500
-max_refusals = 2
-{extra}
-# Four hospitals: three others, one of which may drop out (the agent's default asks for 5).
-[policy]
-min_live_neighbours = 2
-"#,
-        ca = bundle.join("ca.pem"),
-        cert = bundle.join("cert.pem"),
-        key = bundle.join("key.pem"),
-    )
-}
-
-/// An agent for `site` dialling 127.0.0.1:`port`, reconnecting quickly, pinning the schema.
-pub fn agent(pki: &Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
-    cohort_agent::AgentConfig::parse(&agent_toml(
-        &pki.join("sites").join(site),
-        site,
-        port,
-        SCHEMA,
-    ))
-    .expect("agent configuration")
-}
-
+/// A port free on 127.0.0.1 a moment ago (for a process that must be told its port before
+/// it starts; in-process servers bind port 0 instead).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -120,18 +17,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `cohort-agent`, built next to this test's binary by `cargo test --workspace`.
-pub fn agent_exe() -> PathBuf {
-    workspace_exe("cohort-agent")
-}
-
-/// The consortium's CA tool, built beside the agent.
-#[allow(dead_code)]
-pub fn ca_exe() -> PathBuf {
-    workspace_exe("cohort-ca")
-}
-
-fn workspace_exe(name: &str) -> PathBuf {
+/// A binary of the workspace (`cohort-coordinator`, `cohort-agent`, `cohort-ca`), built next
+/// to the running test by `cargo test --workspace`.
+pub fn workspace_exe(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
@@ -143,7 +31,9 @@ fn workspace_exe(name: &str) -> PathBuf {
     path
 }
 
-/// A process whose stdout and stderr lines arrive on a channel and are kept.
+/// A process whose stdout and stderr lines arrive on a channel and are kept. Dropping it
+/// kills the process.
+#[derive(Debug)]
 pub struct Proc {
     pub name: String,
     pub child: Child,
@@ -181,14 +71,16 @@ impl Proc {
         }
     }
 
+    /// `cohort-coordinator run --config config`.
     pub fn coordinator(config: &Path) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
+        let mut cmd = Command::new(workspace_exe("cohort-coordinator"));
         cmd.args(["run", "--config"]).arg(config);
         Self::spawn("coordinator", cmd)
     }
 
+    /// `cohort-agent run --config config`, logging JSON lines when `json`.
     pub fn agent(name: &str, config: &Path, json: bool) -> Self {
-        let mut cmd = Command::new(agent_exe());
+        let mut cmd = Command::new(workspace_exe("cohort-agent"));
         if json {
             cmd.args(["--log-format", "json"]);
         }
@@ -224,7 +116,7 @@ impl Proc {
         }
     }
 
-    /// Waits for the process to exit by itself; its exit code.
+    /// Waits (up to two minutes) for the process to exit by itself; its exit code.
     pub fn exit_code(&mut self) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -246,6 +138,7 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Everything the process has printed so far.
     pub fn log(&self) -> String {
         self.all.lock().unwrap().join("\n")
     }

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-mod stub;
-use stub::SITES;
+use cohort_testkit::heart::SITES;
+use cohort_testkit::{pki, stub};
 
 /// The lie told in the unmask request to the agent (site 0).
 #[derive(Debug, Clone, Copy)]
@@ -183,7 +183,7 @@ impl Round {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let verifier = Arc::new(CaVerifier::new(stub::pem_der(&pki.join("ca.pem")), now).unwrap());
+        let verifier = Arc::new(CaVerifier::new(pki::cert_der(&pki.join("ca.pem")), now).unwrap());
         let name = |i: usize| match (lie, i) {
             (Lie::MintedPeer, 1) => "puppet".to_string(),
             _ => SITES[i].to_string(),
@@ -217,8 +217,8 @@ impl Round {
                 let (signing_key, credential) = match (lie, id) {
                     (Lie::MintedPeer | Lie::ReusedName, 1) => mint(pki, &name(1)),
                     _ => (
-                        stub::key(&site.join("key.pem")),
-                        stub::pem_der(&site.join("cert.pem")),
+                        pki::signing_key(&site.join("key.pem")),
+                        pki::cert_der(&site.join("cert.pem")),
                     ),
                 };
                 let identity = SiteIdentity {
@@ -255,7 +255,7 @@ impl Round {
             attempt,
             server,
             peers,
-            hungary_key: stub::key(&pki.join("sites/hungary/key.pem")),
+            hungary_key: pki::signing_key(&pki.join("sites/hungary/key.pem")),
             lie,
             len: params.vector_len(),
         };
@@ -399,7 +399,7 @@ impl Coordinator for Stub {
         let crl = self.crl.clone();
         let manifest = self.manifest.clone();
         let (pki, lie, context) = (self.pki.clone(), self.lie, self.context);
-        let certificate = stub::pem_der(&self.pki.join("coordinator/cert.pem"));
+        let certificate = pki::cert_der(&self.pki.join("coordinator/cert.pem"));
         tokio::spawn(async move {
             let send = |kind| CoordinatorMessage { kind: Some(kind) };
             let welcome = send(coordinator_message::Kind::Welcome(Welcome {
@@ -512,20 +512,18 @@ fn refusal(lie: Lie) -> (String, Option<u32>) {
 /// lists the attempts of round 0 its session runs.
 fn answers(lie: Lie, plans: Vec<Vec<u32>>) -> Vec<Answer> {
     let dir = tempfile::tempdir().unwrap();
-    let pki = stub::provision_sites(dir.path());
+    let pki = pki::provision(dir.path());
     let manifest = std::fs::read(pki.join("manifest.toml")).unwrap();
     let crl = if matches!(lie, Lie::RevokedPeer) {
         cohort_ca::revoke(&pki, "hungary").unwrap();
         // Only the CRL is under test here: cleveland keeps the manifest that still lists
         // hungary (the revocation's new manifest is the other, stricter path).
         std::fs::write(pki.join("sites/cleveland/manifest.toml"), &manifest).unwrap();
-        cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap()[0]
-            .as_ref()
-            .to_vec()
+        pki::crl_der(&pki)
     } else {
         Vec::new()
     };
-    let ca = cohort_protocols::manifest::ca_key(&stub::pem_der(&pki.join("ca.pem"))).unwrap();
+    let ca = cohort_protocols::manifest::ca_key(&pki::cert_der(&pki.join("ca.pem"))).unwrap();
     let context = cohort_protocols::manifest::SignedManifest::verify(&manifest, &ca)
         .unwrap()
         .digest();
@@ -546,7 +544,9 @@ fn answers(lie: Lie, plans: Vec<Vec<u32>>) -> Vec<Answer> {
         let port = stub::serve(&pki, stub).await;
         let mut all = Vec::new();
         for expected in lives {
-            let agent = tokio::spawn(cohort_agent::run(stub::cleveland(&pki, port)));
+            let agent = tokio::spawn(cohort_agent::run(
+                stub::cleveland(&pki, port).build(cohort_agent::AgentConfig::parse),
+            ));
             for _ in 0..expected {
                 let answer = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                     .await

@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-mod stub;
-use stub::{SITES, pem_der};
+use cohort_testkit::heart::SITES;
+use cohort_testkit::pki::{self, cert_der as pem_der};
+use cohort_testkit::stub;
 
 /// Sends Welcome (with the real coordinator certificate) and an evaluation round whose model
 /// hash is right but whose signature is `signature`; reports what the agent answers.
@@ -92,7 +93,7 @@ impl Coordinator for Stub {
 
 /// The key at `which` in the PKI.
 fn key(pki: &Path, which: &str) -> ed25519_dalek::SigningKey {
-    stub::key(&pki.join(which))
+    pki::signing_key(&pki.join(which))
 }
 
 /// The first answer after Join, for a stub that signs models with `signature` and the schema
@@ -142,8 +143,8 @@ fn answers_with(
     n: usize,
 ) -> Result<Vec<agent_message::Kind>, String> {
     let dir = tempfile::tempdir().unwrap();
-    let pki = stub::provision_sites(dir.path());
-    CONTEXT.with(|c| c.set(stub::context(&pki)));
+    let pki = pki::provision(dir.path());
+    CONTEXT.with(|c| c.set(pki::manifest_digest(&pki)));
     let hash = model::sha3_512(&model::to_bytes(&[0.0f32; 14]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -156,7 +157,7 @@ fn answers_with(
             answers,
         };
         let port = stub::serve(&pki, stub).await;
-        let mut cfg = stub::cleveland(&pki, port);
+        let mut cfg = stub::cleveland(&pki, port).build(cohort_agent::AgentConfig::parse);
         POLICY.with(|p| p.borrow()(&mut cfg.policy));
         let mut agent = tokio::spawn(cohort_agent::run(cfg));
         let mut answers = Vec::new();

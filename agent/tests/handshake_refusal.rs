@@ -10,24 +10,16 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod stub;
-
+use cohort_testkit::{pki, stub};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[test]
 fn a_revoked_certificate_refused_by_a_terminator_that_hangs_up_is_a_permanent_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = stub::provision_sites(dir.path());
+    let pki = pki::provision(dir.path());
     cohort_ca::revoke(&pki, "cleveland").unwrap();
-    let crls = cohort_coordinator::tls::load_crls(&pki.join("coordinator/crl.pem")).unwrap();
-    let tls = cohort_coordinator::tls::server_config(
-        &pki.join("ca.pem"),
-        &pki.join("coordinator/cert.pem"),
-        &pki.join("coordinator/key.pem"),
-        &crls,
-    )
-    .unwrap();
+    let tls = pki::terminator(&pki);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let refused = Arc::new(AtomicUsize::new(0));
     let (port, result) = rt.block_on(async {
@@ -44,7 +36,7 @@ fn a_revoked_certificate_refused_by_a_terminator_that_hangs_up_is_a_permanent_fa
                 }
             }
         });
-        let agent = stub::cleveland(&pki, port);
+        let agent = stub::cleveland(&pki, port).build(cohort_agent::AgentConfig::parse);
         let result =
             tokio::time::timeout(std::time::Duration::from_secs(60), cohort_agent::run(agent))
                 .await
