@@ -8,6 +8,7 @@
 //! - [`registry`]: the CA's list of enrolled certificates the coordinator admits.
 //! - [`round_context`]: one digest of everything a site is told about a round, which every
 //!   SecAgg+ signature covers.
+//! - [`privacy`]: differential-privacy accounting (Rényi DP), what a release spends.
 //! - [`model`]: the model description, flat parameter vectors, the data schema, hashing.
 //! - [`strategy`]: how the coordinator turns an aggregated update into the next model.
 
@@ -15,6 +16,7 @@ pub mod hex;
 pub mod identity;
 pub mod manifest;
 pub mod model;
+pub mod privacy;
 pub mod registry;
 pub mod round_context;
 pub mod secagg;
