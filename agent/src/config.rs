@@ -52,6 +52,11 @@ pub struct AgentConfig {
     /// Where this site's models train: `[compute] device = "cpu"` (the default) or `"gpu"`.
     #[serde(default)]
     pub compute: ComputeConfig,
+    /// Example-level differential privacy for this site's rows: DP-SGD in every round it
+    /// trains, and a budget it will not exceed (`privacy.toml` in the state directory keeps
+    /// what it spent). Off when absent.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     /// Refused unless the agent is built with the `faults` feature (cohort-sim and the
     /// tests are; a release `cohort-agent -p` build is not).
@@ -65,6 +70,31 @@ pub enum Role {
     #[default]
     Train,
     Evaluate,
+}
+
+/// `[privacy]`: the site's own DP-SGD settings and budget; the coordinator neither sets nor
+/// can lift them.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The most ε this site's rows may ever cost, at `delta`, over all rounds.
+    pub epsilon: f64,
+    /// δ of the guarantee: well below one over the number of rows.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// σ: the noise's standard deviation in units of `max_grad_norm`. Larger costs accuracy
+    /// and buys rounds.
+    pub noise_multiplier: f64,
+    /// C: each row's gradient is scaled to at most this L2 norm.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
 }
 
 /// `[compute]`: the site's own choice of hardware; the coordinator neither knows nor asks.
@@ -416,6 +446,26 @@ impl AgentConfig {
                 allowed: "\"cpu\": this agent was built without the `wgpu` feature (cargo build --features wgpu)",
             });
         }
+        if let Some(p) = &cfg.privacy {
+            let ok = p.epsilon.is_finite()
+                && p.epsilon > 0.0
+                && p.delta > 0.0
+                && p.delta < 1.0
+                && p.noise_multiplier.is_finite()
+                && p.noise_multiplier > 0.0
+                && p.max_grad_norm.is_finite()
+                && p.max_grad_norm > 0.0;
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "privacy",
+                    value: format!(
+                        "epsilon = {}, delta = {}, noise_multiplier = {}, max_grad_norm = {}",
+                        p.epsilon, p.delta, p.noise_multiplier, p.max_grad_norm
+                    ),
+                    allowed: "epsilon > 0, 0 < delta < 1, noise_multiplier > 0 and max_grad_norm > 0 (no noise is no privacy)",
+                });
+            }
+        }
         if !cfg.faults.is_empty() && !cfg!(feature = "faults") {
             return Err(ConfigError::Invalid {
                 key: "faults",
@@ -452,6 +502,34 @@ mod tests {
         AgentConfig::parse(&format!(
             "site = \"a\"\n[coordinator]\nurl = \"https://localhost:7700\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[data]\ncsv = \"data.csv\"\n[policy]\n{policy}\n"
         ))
+    }
+
+    /// `[privacy]` without noise, with a δ of 1 or a budget of 0 is refused naming the table;
+    /// a sound one parses with the defaults filled in.
+    #[test]
+    fn privacy_settings_without_noise_or_budget_are_refused() {
+        for bad in [
+            "epsilon = 1.0\nnoise_multiplier = 0.0",
+            "epsilon = 0.0\nnoise_multiplier = 1.0",
+            "epsilon = 1.0\nnoise_multiplier = 1.0\ndelta = 1.0",
+            "epsilon = 1.0\nnoise_multiplier = 1.0\nmax_grad_norm = -1.0",
+        ] {
+            let e = with_policy(&format!("[privacy]\n{bad}"))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("privacy = "), "{bad}: {e}");
+        }
+        let cfg = with_policy("[privacy]\nepsilon = 3.0\nnoise_multiplier = 1.1").unwrap();
+        assert_eq!(
+            cfg.privacy,
+            Some(PrivacyConfig {
+                epsilon: 3.0,
+                delta: 1e-5,
+                noise_multiplier: 1.1,
+                max_grad_norm: 1.0
+            })
+        );
     }
 
     /// A production agent (built without the `faults` feature) cannot be made to misbehave by

@@ -57,6 +57,7 @@ mod enroll;
 mod failure;
 mod ledger;
 mod membership;
+mod privacy;
 mod round;
 mod session;
 mod site;

@@ -128,10 +128,23 @@ async fn run_inner(
     let compute = cfg.compute.device;
     let model = model.map(|recipe| recipe.shaped(shape, compute));
     info!(site = %cfg.site, device = ?compute, "models train on this device");
+    let privacy = match cfg.privacy {
+        None => None,
+        Some(settings) => {
+            let budget = crate::privacy::Budget::open(&cfg.state_dir(), settings)
+                .map_err(|e| failure::ConfigProblem(anyhow::anyhow!("privacy: {e}")))?;
+            let spent = budget
+                .spent()
+                .map_err(|e| anyhow::anyhow!("privacy: {e}"))?;
+            info!(site = %cfg.site, epsilon = spent.epsilon, delta = spent.delta, budget = settings.epsilon, "privacy: DP-SGD on; spent so far");
+            Some(Arc::new(budget))
+        }
+    };
     let site = crate::site::Site {
         data,
         model,
         compute,
+        privacy,
     };
     run_site(cfg, Arc::new(site)).await
 }

@@ -58,6 +58,8 @@ pub struct Site {
     pub model: Option<Arc<dyn Model>>,
     /// Where the TOML models train (the site's own model was shaped for its device).
     pub compute: Compute,
+    /// `[privacy]`: DP-SGD and the budget every round it trains is charged to.
+    pub privacy: Option<Arc<crate::privacy::Budget>>,
 }
 
 impl Site {
@@ -140,8 +142,33 @@ impl LocalSite for Site {
         let (m, s) = self.feature_stats(mean, std)?;
         let x = d.train.standardised(m, s);
         let objective = Objective::with_stats(&d.task, d.inputs, mean, std);
-        self.model_for(spec)?
-            .train(global, &x, &d.train.labels, &objective, cfg, seed)
+        let model = self.model_for(spec)?;
+        let trained = match &self.privacy {
+            None => model.train(global, &x, &d.train.labels, &objective, cfg, seed),
+            Some(budget) => {
+                // Charged (and written down) before any row is touched; a round over the
+                // budget is declined with the reason.
+                let spent = budget.spend(cfg, d.train.len())?;
+                tracing::info!(
+                    epsilon = spent.epsilon,
+                    delta = spent.delta,
+                    budget = budget.settings.epsilon,
+                    "privacy: training with DP-SGD"
+                );
+                // The noise is secret to this site: from the operating system, never from
+                // the round's seed, which the coordinator could reproduce.
+                model.train_private(
+                    global,
+                    &x,
+                    &d.train.labels,
+                    &objective,
+                    cfg,
+                    &budget.dp(),
+                    rand::random(),
+                )
+            }
+        };
+        trained
             .map(|new| new.iter().zip(global).map(|(a, b)| a - b).collect())
             .map_err(|e| e.to_string())
     }
@@ -178,6 +205,7 @@ mod tests {
             data: SiteData::load(&schema, &csv, None, 0.34, 1).expect("data"),
             model: None,
             compute: Compute::Cpu,
+            privacy: None,
         }
     }
 
@@ -259,5 +287,63 @@ mod tests {
         let e = LocalSite::evaluate(&data, &spec, &params, (&mean, &std)).expect("eval");
         assert!(e.metrics().accuracy.unwrap_or(0.0) > 0.7, "{e:?}");
         assert_eq!(model.spec(), spec);
+    }
+
+    /// A site with `[privacy]` trains with DP-SGD — the model still learns cleveland's
+    /// rows —, charges each round to its budget on disk, and declines the round that would
+    /// exceed it, naming the budget, without training.
+    #[test]
+    fn a_private_site_learns_with_dp_sgd_and_declines_the_round_over_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = site();
+        let settings = crate::config::PrivacyConfig {
+            epsilon: 3.0,
+            delta: 1e-5,
+            noise_multiplier: 2.0,
+            max_grad_norm: 1.0,
+        };
+        data.privacy = Some(Arc::new(
+            crate::privacy::Budget::open(dir.path(), settings).expect("budget"),
+        ));
+        let spec = ModelSpec {
+            kind: ModelKind::Logreg,
+            inputs: 13,
+            hidden: Vec::new(),
+            outputs: 1,
+            custom: None,
+            cnn: None,
+        };
+        let (mean, std) = cohort_protocols::model::stats::from_sum(&data.data.stats_vector(), 13);
+        let cfg: TrainingConfig = toml::from_str(
+            "optimizer = \"sgd\"\nlearning_rate = 0.5\nbatch_size = 16\nlocal_steps = 30",
+        )
+        .expect("cfg");
+        let mut params = vec![0.0; 14];
+        let mut rounds = 0;
+        let refusal = loop {
+            match LocalSite::train(&data, &spec, &params, (&mean, &std), &cfg, 3) {
+                Ok(delta) => {
+                    params = delta.iter().zip(&params).map(|(d, s)| d + s).collect();
+                    rounds += 1;
+                }
+                Err(e) => break e,
+            }
+            assert!(rounds < 50, "the budget never ran out");
+        };
+        assert!(rounds >= 1, "{refusal}");
+        assert!(refusal.starts_with("privacy budget"), "{refusal}");
+        let e = LocalSite::evaluate(&data, &spec, &params, (&mean, &std)).expect("eval");
+        assert!(
+            e.metrics().accuracy.unwrap_or(0.0) > 0.7,
+            "{rounds} private rounds: {e:?}"
+        );
+        let spent = data.privacy.as_ref().unwrap().spent().unwrap();
+        eprintln!(
+            "{rounds} private rounds, accuracy {:?}, ε {:.3}",
+            e.metrics().accuracy,
+            spent.epsilon
+        );
+        assert!(spent.epsilon <= 3.0 && spent.epsilon > 0.0, "{spent:?}");
+        assert!(dir.path().join(crate::privacy::FILE).exists());
     }
 }

@@ -89,7 +89,7 @@ fn params_1d<M: Module>(module: &M) -> Vec<Tensor<1>> {
 }
 
 /// The device a network's parameters are on, where its inputs must go.
-fn on_device<N: Network>(net: &N) -> Result<Device, TrainError> {
+pub(super) fn on_device<N: Network>(net: &N) -> Result<Device, TrainError> {
     net.devices()
         .into_iter()
         .next()

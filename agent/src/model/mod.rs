@@ -15,6 +15,7 @@ mod fit;
 mod mlp;
 mod objective;
 mod params;
+mod private;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub use fit::{fit, forward_rows};
 pub use mlp::Net;
 pub use objective::Objective;
 pub use params::{flatten, load};
+pub use private::{DpSgd, fit_private};
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -65,6 +67,28 @@ pub trait Model: Send + Sync + Debug + 'static {
 
     /// The raw outputs (`[rows, spec().outputs]`, row-major) of `params` on standardised rows.
     fn outputs(&self, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError>;
+
+    /// As [`Model::train`], with DP-SGD ([`fit_private`]): what a site with `[privacy]` in
+    /// its agent.toml trains with. `noise_seed` seeds the noise and the row sampling, and must
+    /// be secret (the agent draws it from the operating system). A model that cannot train
+    /// privately says so, and the site declines the round.
+    #[allow(clippy::too_many_arguments)]
+    fn train_private(
+        &self,
+        global: &[f32],
+        x: &[f32],
+        labels: &[f64],
+        objective: &Objective,
+        cfg: &TrainingConfig,
+        dp: &DpSgd,
+        noise_seed: [u8; 32],
+    ) -> Result<Vec<f32>, TrainError> {
+        let _ = (global, x, labels, objective, cfg, dp, noise_seed);
+        Err(TrainError::Data(format!(
+            "{} does not implement DP-SGD (Model::train_private)",
+            self.spec().describe()
+        )))
+    }
 }
 
 /// A burn network over standardised rows: `[batch, inputs]` in, `[batch, outputs]` out (logits
@@ -122,6 +146,43 @@ impl Model for TomlModel {
                 let net = Net::from_flat(&self.spec, global, &device)?;
                 flatten(&fit(net, objective, x, labels, inputs, cfg, seed)?)?
             }
+        };
+        checked(trained)
+    }
+
+    fn train_private(
+        &self,
+        global: &[f32],
+        x: &[f32],
+        labels: &[f64],
+        objective: &Objective,
+        cfg: &TrainingConfig,
+        dp: &DpSgd,
+        noise_seed: [u8; 32],
+    ) -> Result<Vec<f32>, TrainError> {
+        let device = self.compute.training_device()?;
+        let inputs = self.spec.inputs;
+        let trained = match &self.spec.cnn {
+            Some(c) => flatten(&fit_private(
+                load(self.cnn(c, &device)?, global)?,
+                objective,
+                x,
+                labels,
+                inputs,
+                cfg,
+                dp,
+                noise_seed,
+            )?)?,
+            None => flatten(&fit_private(
+                Net::from_flat(&self.spec, global, &device)?,
+                objective,
+                x,
+                labels,
+                inputs,
+                cfg,
+                dp,
+                noise_seed,
+            )?)?,
         };
         checked(trained)
     }
@@ -278,6 +339,31 @@ impl<N: Network> Model for ShapedBurnModel<N> {
         checked(flatten(&trained)?)
     }
 
+    fn train_private(
+        &self,
+        global: &[f32],
+        x: &[f32],
+        labels: &[f64],
+        objective: &Objective,
+        cfg: &TrainingConfig,
+        dp: &DpSgd,
+        noise_seed: [u8; 32],
+    ) -> Result<Vec<f32>, TrainError> {
+        let device = self.compute.training_device()?;
+        let net = load((self.build)(self.shape, &device), global)?;
+        let trained = fit_private(
+            net,
+            objective,
+            x,
+            labels,
+            self.shape.inputs,
+            cfg,
+            dp,
+            noise_seed,
+        )?;
+        checked(flatten(&trained)?)
+    }
+
     fn outputs(&self, params: &[f32], x: &[f32]) -> Result<Vec<f32>, TrainError> {
         let net = load((self.build)(self.shape, &self.compute.device()?), params)?;
         forward_rows(&net, x, self.shape.inputs)
@@ -288,7 +374,6 @@ impl<N: Network> Model for ShapedBurnModel<N> {
 mod tests {
     use super::*;
 
-    #[cfg(feature = "wgpu")]
     /// The same training on burn's wgpu backend (lavapipe in CI) and on its CPU backend ends
     /// within floating-point tolerance: a site's choice of hardware does not change what it
     /// contributes. Built where the agent has its `wgpu` feature (the workspace's tests).
