@@ -56,7 +56,7 @@ pub struct AgentConfig {
     /// trains, and a budget it will not exceed (`privacy.toml` in the state directory keeps
     /// what it spent). Off when absent.
     #[serde(default)]
-    pub privacy: Option<PrivacyConfig>,
+    pub privacy: Option<crate::privacy::PrivacyConfig>,
     /// Injected faults, for simulations and tests only: the agent misbehaves on purpose.
     /// Refused unless the agent is built with the `faults` feature (cohort-sim and the
     /// tests are; a release `cohort-agent -p` build is not).
@@ -70,31 +70,6 @@ pub enum Role {
     #[default]
     Train,
     Evaluate,
-}
-
-/// `[privacy]`: the site's own DP-SGD settings and budget; the coordinator neither sets nor
-/// can lift them.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacyConfig {
-    /// The most ε this site's rows may ever cost, at `delta`, over all rounds.
-    pub epsilon: f64,
-    /// δ of the guarantee: well below one over the number of rows.
-    #[serde(default = "default_delta")]
-    pub delta: f64,
-    /// σ: the noise's standard deviation in units of `max_grad_norm`. Larger costs accuracy
-    /// and buys rounds.
-    pub noise_multiplier: f64,
-    /// C: each row's gradient is scaled to at most this L2 norm.
-    #[serde(default = "default_max_grad_norm")]
-    pub max_grad_norm: f64,
-}
-
-fn default_delta() -> f64 {
-    1e-5
-}
-fn default_max_grad_norm() -> f64 {
-    1.0
 }
 
 /// `[compute]`: the site's own choice of hardware; the coordinator neither knows nor asks.
@@ -523,7 +498,7 @@ mod tests {
         let cfg = with_policy("[privacy]\nepsilon = 3.0\nnoise_multiplier = 1.1").unwrap();
         assert_eq!(
             cfg.privacy,
-            Some(PrivacyConfig {
+            Some(crate::privacy::PrivacyConfig {
                 epsilon: 3.0,
                 delta: 1e-5,
                 noise_multiplier: 1.1,

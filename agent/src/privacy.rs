@@ -16,8 +16,32 @@ use cohort_protocols::model::TrainingConfig;
 use cohort_protocols::privacy::{Accountant, Spent};
 use serde::{Deserialize, Serialize};
 
-use crate::config::PrivacyConfig;
 use crate::model::DpSgd;
+
+/// `[privacy]`: the site's own DP-SGD settings and budget; the coordinator neither sets nor
+/// can lift them.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The most ε this site's rows may ever cost, at `delta`, over all rounds.
+    pub epsilon: f64,
+    /// δ of the guarantee: well below one over the number of rows.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// σ: the noise's standard deviation in units of `max_grad_norm`. Larger costs accuracy
+    /// and buys rounds.
+    pub noise_multiplier: f64,
+    /// C: each row's gradient is scaled to at most this L2 norm.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
 
 /// The file in the state directory.
 pub const FILE: &str = "privacy.toml";

@@ -296,7 +296,7 @@ mod tests {
     fn a_private_site_learns_with_dp_sgd_and_declines_the_round_over_its_budget() {
         let dir = tempfile::tempdir().unwrap();
         let mut data = site();
-        let settings = crate::config::PrivacyConfig {
+        let settings = crate::privacy::PrivacyConfig {
             epsilon: 3.0,
             delta: 1e-5,
             noise_multiplier: 2.0,

@@ -95,7 +95,9 @@ fn the_model_and_data_layers_depend_on_nothing_above_them() {
     for (layer, allowed) in [
         ("model", &[][..]),
         ("data", &[][..]),
-        ("site", &["model", "data"][..]),
+        // The site's privacy budget sits under the site, over the model (DP-SGD).
+        ("privacy", &["model"][..]),
+        ("site", &["model", "data", "privacy"][..]),
     ] {
         let uses = &graph[layer];
         let above: Vec<&String> = uses
