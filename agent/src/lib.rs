@@ -67,6 +67,7 @@ pub use config::AgentConfig;
 pub use enroll::request as certificate_request;
 pub use failure::{ConfigProblem, EXIT_REFUSED, GaveUp};
 pub use membership::{countersign, report as status_report};
+pub use privacy::PrivacyReport;
 pub use session::{Agent, load_site_data, run, run_site};
 pub use site::{LocalSite, Site};
 pub use trust::Trust;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use cohort_protocols::model::TrainingConfig;
-use cohort_protocols::privacy::{Accountant, Spent};
+use cohort_protocols::privacy::{Accountant, Mechanism, Spent};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DpSgd;
@@ -50,6 +50,55 @@ pub const FILE: &str = "privacy.toml";
 struct Stored {
     orders: Vec<f64>,
     rdp: Vec<f64>,
+    /// The last round the site priced, so a restarted site can say at once whether it can
+    /// afford another like it (absent in files of older agents).
+    #[serde(default)]
+    last: Option<Priced>,
+}
+
+/// One round as the accountant prices it: `steps` releases of the subsampled Gaussian.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Priced {
+    sampling_rate: f64,
+    noise_multiplier: f64,
+    steps: u64,
+}
+
+impl Priced {
+    fn mechanism(&self) -> Mechanism {
+        Mechanism::SubsampledGaussian {
+            sampling_rate: self.sampling_rate,
+            noise_multiplier: self.noise_multiplier,
+        }
+    }
+}
+
+/// What the site tells the coordinator about its spend (`PrivacySpent` on the wire): figures
+/// only, never anything about a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyReport {
+    /// Spent so far, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// `privacy.epsilon`.
+    pub budget: f64,
+    /// ε after one more round like the last one priced; None before any was.
+    pub next_epsilon: Option<f64>,
+    pub noise_multiplier: f64,
+}
+
+impl PrivacyReport {
+    /// Another round like the last would go over the budget: the site will decline it.
+    pub fn exhausted(&self) -> bool {
+        self.next_epsilon.is_some_and(|n| n > self.budget)
+    }
+}
+
+/// The accountant and the last round it priced, under one lock.
+#[derive(Debug, Clone)]
+struct Ledger {
+    accountant: Accountant,
+    last: Option<Priced>,
 }
 
 /// The budget, its accountant and where it is kept.
@@ -58,27 +107,33 @@ pub struct Budget {
     pub settings: PrivacyConfig,
     path: PathBuf,
     /// One round trains at a time; the lock only makes the shared site `Sync`.
-    accountant: Mutex<Accountant>,
+    ledger: Mutex<Ledger>,
 }
 
 impl Budget {
     /// The budget kept in `dir` (nothing spent when the file does not exist yet).
     pub fn open(dir: &Path, settings: PrivacyConfig) -> Result<Self, String> {
         let path = dir.join(FILE);
-        let accountant = match std::fs::read_to_string(&path) {
+        let ledger = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let stored: Stored = toml::from_str(&text)
                     .map_err(|e| format!("{}: {}", path.display(), e.message()))?;
-                Accountant::resume(stored.orders, stored.rdp)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
+                Ledger {
+                    accountant: Accountant::resume(stored.orders, stored.rdp)
+                        .map_err(|e| format!("{}: {e}", path.display()))?,
+                    last: stored.last,
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Accountant::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger {
+                accountant: Accountant::new(),
+                last: None,
+            },
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         Ok(Budget {
             settings,
             path,
-            accountant: Mutex::new(accountant),
+            ledger: Mutex::new(ledger),
         })
     }
 
@@ -93,8 +148,37 @@ impl Budget {
     /// What the site has spent so far.
     pub fn spent(&self) -> Result<Spent, String> {
         self.lock()?
+            .accountant
             .epsilon(self.settings.delta)
             .map_err(|e| e.to_string())
+    }
+
+    /// What the site tells the coordinator: spent so far, and what another round like the
+    /// last one it priced would bring it to.
+    pub fn report(&self) -> Result<PrivacyReport, String> {
+        let ledger = self.lock()?;
+        let delta = self.settings.delta;
+        let spent = ledger
+            .accountant
+            .epsilon(delta)
+            .map_err(|e| e.to_string())?;
+        let next_epsilon = match ledger.last {
+            Some(p) => Some(
+                ledger
+                    .accountant
+                    .epsilon_after(p.mechanism(), p.steps, delta)
+                    .map_err(|e| e.to_string())?
+                    .epsilon,
+            ),
+            None => None,
+        };
+        Ok(PrivacyReport {
+            epsilon: spent.epsilon,
+            delta,
+            budget: self.settings.epsilon,
+            next_epsilon,
+            noise_multiplier: self.settings.noise_multiplier,
+        })
     }
 
     /// Prices a round of training with `cfg` on `rows` rows and, if it stays within the
@@ -102,12 +186,21 @@ impl Budget {
     /// budget: why not, and nothing is spent.
     pub fn spend(&self, cfg: &TrainingConfig, rows: usize) -> Result<Spent, String> {
         let (mechanism, steps) = self.dp().mechanism(cfg, rows);
-        let mut accountant = self.lock()?;
-        let after = accountant
+        let priced = Priced {
+            sampling_rate: DpSgd::sampling_rate(cfg, rows),
+            noise_multiplier: self.settings.noise_multiplier,
+            steps,
+        };
+        let mut ledger = self.lock()?;
+        let after = ledger
+            .accountant
             .epsilon_after(mechanism, steps, self.settings.delta)
             .map_err(|e| format!("privacy: {e}"))?;
         if after.epsilon > self.settings.epsilon {
-            let before = accountant
+            // Remembered (in memory) so the report says this round is out of reach.
+            ledger.last = Some(priced);
+            let before = ledger
+                .accountant
                 .epsilon(self.settings.delta)
                 .map_err(|e| e.to_string())?;
             return Err(format!(
@@ -120,27 +213,30 @@ impl Budget {
                 self.settings.delta
             ));
         }
-        let mut next = accountant.clone();
-        next.compose(mechanism, steps)
+        let mut next = ledger.clone();
+        next.accountant
+            .compose(mechanism, steps)
             .map_err(|e| format!("privacy: {e}"))?;
+        next.last = Some(priced);
         self.save(&next)?;
-        *accountant = next;
+        *ledger = next;
         Ok(after)
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Accountant>, String> {
-        self.accountant
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Ledger>, String> {
+        self.ledger
             .lock()
             .map_err(|_| "the privacy accountant's lock was poisoned".to_string())
     }
 
     /// Replaces the file atomically: a temporary file, synced, renamed over the old one, and
     /// the directory synced.
-    fn save(&self, accountant: &Accountant) -> Result<(), String> {
+    fn save(&self, ledger: &Ledger) -> Result<(), String> {
         let error = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
         let text = toml::to_string(&Stored {
-            orders: accountant.orders().to_vec(),
-            rdp: accountant.rdp().to_vec(),
+            orders: ledger.accountant.orders().to_vec(),
+            rdp: ledger.accountant.rdp().to_vec(),
+            last: ledger.last,
         })
         .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
         let tmp = self.path.with_extension("toml.tmp");
@@ -192,6 +288,9 @@ mod tests {
     fn rounds_spend_the_budget_until_the_next_would_exceed_it_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let budget = Budget::open(dir.path(), settings(2.0)).unwrap();
+        let fresh = budget.report().unwrap();
+        assert_eq!((fresh.epsilon, fresh.next_epsilon), (0.0, None));
+        assert!(!fresh.exhausted());
         let mut spent = Vec::new();
         let refusal = loop {
             match budget.spend(&round(), 200) {
@@ -221,12 +320,23 @@ mod tests {
         by_hand.compose(m, steps * spent.len() as u64).unwrap();
         assert!((by_hand.epsilon(1e-5).unwrap().epsilon - last).abs() < 1e-9);
 
+        // What the coordinator is told: the spend, and that another such round is out of
+        // reach — in this process and, from the file, in the next one.
+        let report = budget.report().unwrap();
+        assert_eq!(report.epsilon, last);
+        assert_eq!(report.budget, 2.0);
+        assert!(
+            report.next_epsilon.unwrap() > 2.0 && report.exhausted(),
+            "{report:?}"
+        );
         drop(budget);
         let again = Budget::open(dir.path(), settings(2.0)).unwrap();
         assert_eq!(again.spent().unwrap().epsilon, last);
+        assert!(again.report().unwrap().exhausted());
         assert!(again.spend(&round(), 200).is_err());
         // A larger budget set later goes on from the same spend.
         let larger = Budget::open(dir.path(), settings(4.0)).unwrap();
+        assert!(!larger.report().unwrap().exhausted());
         assert!(larger.spend(&round(), 200).unwrap().epsilon > last);
     }
 

@@ -466,6 +466,7 @@ async fn session(
             protocol_version: PROTOCOL_VERSION,
             schema_toml: toml::to_string(schema).unwrap_or_default(),
             evaluate_only: cfg.role == Role::Evaluate,
+            privacy: data.privacy().map(crate::round::privacy_spent),
         })),
     })
     .await?;

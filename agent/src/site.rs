@@ -47,6 +47,11 @@ pub trait LocalSite: Send + Sync + 'static {
         params: &[f32],
         standardise: (&[f64], &[f64]),
     ) -> Result<Evaluation, String>;
+    /// The site's differential-privacy spend when it trains with DP-SGD (`[privacy]`): told
+    /// to the coordinator when the site joins and after every round it prices.
+    fn privacy(&self) -> Option<crate::PrivacyReport> {
+        None
+    }
 }
 
 /// The site a hospital runs: its data, and its own model when the agent was built with one
@@ -106,6 +111,17 @@ impl Site {
 impl LocalSite for Site {
     fn inputs(&self) -> usize {
         self.data.inputs
+    }
+
+    fn privacy(&self) -> Option<crate::PrivacyReport> {
+        let budget = self.privacy.as_ref()?;
+        match budget.report() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "privacy: the accountant cannot say what was spent");
+                None
+            }
+        }
     }
 
     fn stats_columns(&self) -> usize {

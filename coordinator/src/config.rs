@@ -68,6 +68,26 @@ pub struct CoordinatorConfig {
     /// Local training settings, sent to the agents every round (see
     /// `cohort_protocols::model::TrainingConfig`).
     pub training: toml::Table,
+    /// What the federation asks of its sites' differential privacy.
+    #[serde(default)]
+    pub privacy: PrivacyPolicy,
+}
+
+/// `[privacy]`: the federation's side of example-level DP. Each site runs DP-SGD and enforces
+/// its own budget (`[privacy]` in agent.toml); the coordinator cannot add noise to a site's
+/// training or lift its budget, so this only decides whom it asks and when it stops.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// Every training site must train with DP-SGD: a site that joins without `[privacy]` is
+    /// refused, naming the setting.
+    #[serde(default)]
+    pub require: bool,
+    /// The federation's target ε per patient (each patient's rows are at one site, so the
+    /// guarantee is the largest site's ε). A site whose next round would pass it is not asked
+    /// even if its own budget is larger; when fewer than `rounds.min_sites` sites can go on,
+    /// training stops with a message.
+    pub epsilon: Option<f64>,
 }
 
 /// Resource limits.
@@ -643,6 +663,11 @@ impl CoordinatorConfig {
         self.strategy
             .validate()
             .map_err(|e| invalid("strategy", e.to_string(), "see docs/configuration.md"))?;
+        if let Some(e) = self.privacy.epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(invalid("privacy.epsilon", e, "must be a number above 0"));
+        }
         if s.enabled {
             let dim = self.model.spec().num_params() as u32;
             // Check the parameters for the smallest round and the largest one this

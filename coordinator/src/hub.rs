@@ -111,6 +111,64 @@ pub struct SiteState {
     pub rejections: u64,
     #[serde(default)]
     pub last_rejection: Option<(u64, String)>,
+    /// What the site's own DP accountant last reported (at its join, after each round it
+    /// priced, with a decline over its budget); None for a site without `[privacy]`.
+    #[serde(default)]
+    pub privacy: Option<SitePrivacy>,
+}
+
+/// A site's differential-privacy spend as it reports it. The coordinator can neither check
+/// nor change it: the site's accountant enforces the budget. What the coordinator does with
+/// it is say it (status API, metrics, the run summary) and not ask a site that would decline.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SitePrivacy {
+    /// ε spent so far, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The site's `privacy.epsilon`.
+    pub budget: f64,
+    /// ε after one more round like the last one the site priced.
+    pub next_epsilon: Option<f64>,
+    pub noise_multiplier: f64,
+}
+
+impl SitePrivacy {
+    /// The site's figures, or which of them makes no sense (the report is then ignored: a
+    /// garbled report must not make a site look exhausted, or fresh).
+    pub fn from_wire(p: &cohort_proto::v1::PrivacySpent) -> Result<Self, String> {
+        let check = |name: &str, v: f64, ok: bool| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(format!("privacy report: {name} = {v} is not a valid value"))
+            }
+        };
+        check("epsilon", p.epsilon, p.epsilon >= 0.0)?;
+        check("delta", p.delta, p.delta > 0.0 && p.delta < 1.0)?;
+        check("budget", p.budget, p.budget > 0.0)?;
+        check(
+            "noise_multiplier",
+            p.noise_multiplier,
+            p.noise_multiplier > 0.0,
+        )?;
+        if let Some(n) = p.next_epsilon {
+            check("next_epsilon", n, n >= p.epsilon)?;
+        }
+        Ok(SitePrivacy {
+            epsilon: p.epsilon,
+            delta: p.delta,
+            budget: p.budget,
+            next_epsilon: p.next_epsilon,
+            noise_multiplier: p.noise_multiplier,
+        })
+    }
+
+    /// Another round like the last would take the site past its budget, or past the
+    /// federation's `privacy.epsilon` when the coordinator sets one: it is not asked.
+    pub fn exhausted(&self, federation_cap: Option<f64>) -> bool {
+        let cap = federation_cap.map_or(self.budget, |c| c.min(self.budget));
+        self.next_epsilon.is_some_and(|n| n > cap)
+    }
 }
 
 impl SiteState {
@@ -134,6 +192,7 @@ impl SiteState {
             last_decline: None,
             rejections: 0,
             last_rejection: None,
+            privacy: None,
         }
     }
 }
@@ -167,6 +226,7 @@ pub struct Received {
     pub plain_updates: AtomicU64,
     pub evaluations: AtomicU64,
     pub declines: AtomicU64,
+    pub privacy_reports: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -176,6 +236,7 @@ pub struct ReceivedCounts {
     pub plain_updates: u64,
     pub evaluations: u64,
     pub declines: u64,
+    pub privacy_reports: u64,
 }
 
 impl Received {
@@ -187,6 +248,7 @@ impl Received {
             Some(Kind::PlainUpdate(_)) => &self.plain_updates,
             Some(Kind::Eval(_)) => &self.evaluations,
             Some(Kind::Decline(_)) => &self.declines,
+            Some(Kind::Privacy(_)) => &self.privacy_reports,
             None => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -199,6 +261,7 @@ impl Received {
             plain_updates: self.plain_updates.load(Ordering::Relaxed),
             evaluations: self.evaluations.load(Ordering::Relaxed),
             declines: self.declines.load(Ordering::Relaxed),
+            privacy_reports: self.privacy_reports.load(Ordering::Relaxed),
         }
     }
 }
@@ -436,6 +499,77 @@ fn unreachable_state() -> SiteState {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A site's privacy figures are taken as reported only when they make sense: a garbled
+    /// report must neither make a site look fresh nor exhausted.
+    #[test]
+    fn privacy_reports_that_make_no_sense_are_refused_and_exhaustion_honours_the_cap() {
+        let good = cohort_proto::v1::PrivacySpent {
+            epsilon: 1.0,
+            delta: 1e-5,
+            budget: 3.0,
+            next_epsilon: Some(2.0),
+            noise_multiplier: 1.5,
+        };
+        let p = SitePrivacy::from_wire(&good).unwrap();
+        assert!(!p.exhausted(None));
+        assert!(p.exhausted(Some(1.5)), "the federation's cap is lower");
+        assert!(
+            !p.exhausted(Some(10.0)),
+            "the site's own budget still binds"
+        );
+        let fresh = SitePrivacy::from_wire(&cohort_proto::v1::PrivacySpent {
+            next_epsilon: None,
+            ..good
+        })
+        .unwrap();
+        assert!(!fresh.exhausted(Some(0.1)));
+        let bad = [
+            (
+                "epsilon",
+                cohort_proto::v1::PrivacySpent {
+                    epsilon: f64::NAN,
+                    ..good
+                },
+            ),
+            (
+                "epsilon",
+                cohort_proto::v1::PrivacySpent {
+                    epsilon: -1.0,
+                    ..good
+                },
+            ),
+            (
+                "delta",
+                cohort_proto::v1::PrivacySpent { delta: 1.0, ..good },
+            ),
+            (
+                "budget",
+                cohort_proto::v1::PrivacySpent {
+                    budget: f64::INFINITY,
+                    ..good
+                },
+            ),
+            (
+                "noise_multiplier",
+                cohort_proto::v1::PrivacySpent {
+                    noise_multiplier: 0.0,
+                    ..good
+                },
+            ),
+            (
+                "next_epsilon",
+                cohort_proto::v1::PrivacySpent {
+                    next_epsilon: Some(0.5),
+                    ..good
+                },
+            ),
+        ];
+        for (field, report) in bad {
+            let e = SitePrivacy::from_wire(&report).unwrap_err();
+            assert!(e.contains(&format!("{field} = ")), "{field}: {e}");
+        }
+    }
 
     #[test]
     fn a_second_session_of_a_connected_site_is_refused_until_the_first_ends() {

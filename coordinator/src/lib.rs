@@ -358,6 +358,9 @@ async fn serve(
     let hub = Arc::new(hub::Hub::new(inbox_tx));
     let progress = Arc::new(status::Progress::default());
     let metrics = Arc::new(metrics::Metrics::new());
+    if let Some(target) = config.privacy.epsilon {
+        let _ = metrics.privacy_target.set(target);
+    }
     metrics.min_sites.set(i64::from(config.rounds.min_sites));
     // Restored before the status API answers: the sites' counters, the run's position, and
     // every metric counter at least as high as any scrape has seen.
@@ -383,7 +386,7 @@ async fn serve(
     metrics.restore(&saved_counters, &hub);
     let status_api = match (&config.status, status_token) {
         (Some(cfg), Some(token)) => {
-            let api = Arc::new(status::StatusApi::new(
+            let mut api = status::StatusApi::new(
                 saved_counters,
                 hub.clone(),
                 store.clone(),
@@ -392,7 +395,9 @@ async fn serve(
                 config.rounds.count,
                 config.rounds.min_sites,
                 token,
-            ));
+            );
+            api.privacy_target = config.privacy.epsilon;
+            let api = Arc::new(api);
             let (at, task) = status::serve(api.clone(), cfg.listen)
                 .await
                 .with_context(|| format!("binding the status API on {}", cfg.listen))
@@ -423,6 +428,7 @@ async fn serve(
             .map(|c| c.as_ref().to_vec())
             .unwrap_or_default(),
         manifest: manifest.clone(),
+        require_privacy: config.privacy.require,
     };
     let registry_task = (registry.is_some() || manifest.is_some()).then(|| {
         tokio::spawn(close_unadmitted(

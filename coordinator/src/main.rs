@@ -588,6 +588,24 @@ fn status_text(doc: &StatusDoc) -> String {
             f.get("reason").and_then(|r| r.as_str()).unwrap_or("?"),
         );
     }
+    if let Some(reason) = s["stopped"].as_str() {
+        let _ = writeln!(out, "training stopped: {reason}");
+    }
+    if let Some(p) = s["privacy"].as_object() {
+        let _ = writeln!(
+            out,
+            "privacy: ε {} at δ {} (the largest site's)   sites out of budget {}/{}{}",
+            p.get("epsilon").map_or("-".to_string(), num),
+            p.get("delta")
+                .and_then(|d| d.as_f64())
+                .map_or("-".to_string(), |d| format!("{d:e}")),
+            p.get("sites_exhausted").map_or("-".to_string(), int),
+            p.get("sites").map_or("-".to_string(), int),
+            p.get("target_epsilon")
+                .and_then(|t| t.as_f64())
+                .map_or(String::new(), |t| format!("   target ε {t}")),
+        );
+    }
     let sites: Vec<Vec<String>> = doc
         .sites
         .as_array()
@@ -657,4 +675,41 @@ fn status_text(doc: &StatusDoc) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A run the sites' budgets ended: the terminal says so, and what was spent.
+    #[test]
+    fn the_status_text_says_why_training_stopped_and_what_privacy_was_spent() {
+        let status = serde_json::json!({
+            "state": "finished", "round": 9, "attempt": 0, "stage": null,
+            "rounds_total": 60, "rounds_completed": 9, "sites_connected": 0,
+            "sites_expected": 3, "last_round": null, "seconds_since_progress": 0.0,
+            "elapsed_seconds": 3.0, "estimated_remaining_seconds": null,
+            "last_failure": null,
+            "stopped": "privacy budget: switzerland (ε = 2.899 of 3, next round 4.133) cannot afford another round",
+            "privacy": { "epsilon": 2.9763, "delta": 1e-5, "target_epsilon": null, "sites": 4, "sites_exhausted": 2 },
+        });
+        let doc = StatusDoc {
+            status,
+            sites: serde_json::json!([]),
+            rounds: serde_json::json!([]),
+            json: serde_json::Value::Null,
+        };
+        let text = status_text(&doc);
+        assert!(
+            text.contains("training stopped: privacy budget: switzerland"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "privacy: ε 2.9763 at δ 1e-5 (the largest site's)   sites out of budget 2/4"
+            ),
+            "{text}"
+        );
+    }
 }

@@ -203,6 +203,11 @@ pub struct Metrics {
     /// instead of a number written into the alert.
     pub min_sites: Gauge,
     sites_connected: Gauge,
+    /// The largest ε a training site reports (example-level DP); absent with no DP site.
+    privacy_epsilon: Gauge<f64, AtomicU64>,
+    privacy_sites_exhausted: Gauge,
+    /// The coordinator's `privacy.epsilon`, set once at start.
+    pub privacy_target: std::sync::OnceLock<f64>,
     bytes_received: Counter,
     bytes_sent: Counter,
     site_rejections: Counter,
@@ -240,6 +245,9 @@ impl Metrics {
             waiting_for_sites_seconds: Gauge::default(),
             min_sites: Gauge::default(),
             sites_connected: Gauge::default(),
+            privacy_epsilon: Gauge::default(),
+            privacy_sites_exhausted: Gauge::default(),
+            privacy_target: std::sync::OnceLock::new(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
             site_rejections: Counter::default(),
@@ -325,6 +333,16 @@ impl Metrics {
             m.sites_connected.clone(),
         );
         r.register(
+            "privacy_epsilon",
+            "The largest differential-privacy epsilon a training site reports spending (its DP-SGD accountant, at its delta); 0 with no DP site",
+            m.privacy_epsilon.clone(),
+        );
+        r.register(
+            "privacy_sites_exhausted",
+            "Training sites whose privacy budget cannot pay for another round (they are not asked to train)",
+            m.privacy_sites_exhausted.clone(),
+        );
+        r.register(
             "received_bytes",
             "Bytes received from agents",
             m.bytes_received.clone(),
@@ -354,6 +372,16 @@ impl Metrics {
         let sites = hub.sites.snapshot();
         self.sites_connected
             .set(sites.iter().filter(|(_, s)| s.connected).count() as i64);
+        let privacy: Vec<_> = sites
+            .iter()
+            .filter(|(_, s)| !s.evaluate_only)
+            .filter_map(|(_, s)| s.privacy)
+            .collect();
+        self.privacy_epsilon
+            .set(privacy.iter().map(|p| p.epsilon).fold(0.0, f64::max));
+        let cap = self.privacy_target.get().copied();
+        self.privacy_sites_exhausted
+            .set(privacy.iter().filter(|p| p.exhausted(cap)).count() as i64);
         let advance = |c: &Counter, seen: &mut u64, total: u64| {
             c.inc_by(total.saturating_sub(*seen));
             *seen = total;

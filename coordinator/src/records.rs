@@ -30,6 +30,10 @@ pub struct RoundSummary {
     /// `eval` is its evaluation (the same model is not evaluated again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// Example-level DP: the largest ε a training site had reported spending when the
+    /// round was committed (the federation's guarantee per patient); absent without DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// What one site reported about the model after a round.

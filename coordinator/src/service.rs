@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::hub::{Hub, Inbound, InboxBudget};
+use crate::hub::{Hub, Inbound, InboxBudget, SitePrivacy};
 use cohort_proto::CHUNK_BYTES;
 
 pub use cohort_proto::PROTOCOL_VERSION;
@@ -40,6 +40,8 @@ pub struct Service {
     pub crl_der: Vec<u8>,
     /// `tls.manifest`: sent in Welcome; with it, only its members are admitted.
     pub manifest: Option<Arc<crate::live_manifest::LiveManifest>>,
+    /// `privacy.require`: a training site must join with DP-SGD on.
+    pub require_privacy: bool,
 }
 
 #[tonic::async_trait]
@@ -97,6 +99,20 @@ impl Coordinator for Service {
             )));
         }
 
+        let privacy = match join.privacy.as_ref().map(SitePrivacy::from_wire) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                warn!(%site, error = %e, "join refused: unreadable privacy report");
+                return Err(Status::invalid_argument(e));
+            }
+        };
+        if self.require_privacy && privacy.is_none() && !join.evaluate_only {
+            warn!(%site, "join refused: this federation requires DP-SGD at every training site");
+            return Err(Status::failed_precondition(
+                "this federation requires differential privacy at every training site (privacy.require at the coordinator): add a [privacy] table with epsilon and noise_multiplier to agent.toml",
+            ));
+        }
         self.hub
             .received
             .joins
@@ -137,7 +153,8 @@ impl Coordinator for Service {
                 )));
             }
         };
-        info!(%site, id, examples = join.examples, evaluate_only = join.evaluate_only, %peer, "site joined");
+        self.hub.record(&site, |s| s.privacy = privacy);
+        info!(%site, id, examples = join.examples, evaluate_only = join.evaluate_only, epsilon = ?privacy.map(|p| p.epsilon), %peer, "site joined");
         let welcome = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
                 site_id: id,
@@ -206,6 +223,26 @@ impl Coordinator for Service {
                                 Err(()) => break,
                                 Ok(r) => refused = r,
                             }
+                            continue;
+                        }
+                        // A privacy report is the site's own news, for no round: it goes
+                        // to the site's record, not to the driver. One with a privacy
+                        // report inside a decline goes to both.
+                        let report = match &msg.kind {
+                            Some(agent_message::Kind::Privacy(p)) => Some(p),
+                            Some(agent_message::Kind::Decline(d)) => d.privacy.as_ref(),
+                            _ => None,
+                        };
+                        if let Some(p) = report {
+                            match SitePrivacy::from_wire(p) {
+                                Ok(p) => {
+                                    debug!(%site, epsilon = p.epsilon, next = ?p.next_epsilon, budget = p.budget, "privacy report");
+                                    hub.record(&site, |s| s.privacy = Some(p));
+                                }
+                                Err(e) => warn!(%site, error = %e, "privacy report ignored"),
+                            }
+                        }
+                        if let Some(agent_message::Kind::Privacy(_)) = &msg.kind {
                             continue;
                         }
                         // Waits while this site's earlier messages fill its share of the

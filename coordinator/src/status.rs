@@ -87,6 +87,8 @@ pub struct Progress {
     rollout: Mutex<Option<Rollout>>,
     /// The last round given up and why (see [`Progress::round_failed`]).
     last_failure: Mutex<Option<(u64, String)>>,
+    /// Why training stopped before its last round (see [`Progress::stopped`]).
+    stopped: Mutex<Option<String>>,
 }
 
 impl Default for Progress {
@@ -105,6 +107,7 @@ impl Default for Progress {
             last: Mutex::new(None),
             rollout: Mutex::new(None),
             last_failure: Mutex::new(None),
+            stopped: Mutex::new(None),
         }
     }
 }
@@ -159,6 +162,11 @@ impl Progress {
         *lock(&self.changed) = Instant::now();
     }
 
+    /// Training ended before `rounds.count`, and why (the sites' privacy budgets).
+    pub fn stopped(&self, reason: &str) {
+        *lock(&self.stopped) = Some(reason.to_string());
+    }
+
     pub fn last_failure(&self) -> Option<(u64, String)> {
         lock(&self.last_failure).clone()
     }
@@ -208,6 +216,8 @@ pub struct StatusApi {
     pub metrics: Arc<Metrics>,
     pub rounds_total: u64,
     pub sites_expected: u32,
+    /// The coordinator's `privacy.epsilon`.
+    pub privacy_target: Option<f64>,
     token: String,
     /// Set once the gRPC server is accepting connections.
     pub grpc_serving: AtomicBool,
@@ -236,6 +246,7 @@ impl StatusApi {
             metrics,
             rounds_total,
             sites_expected,
+            privacy_target: None,
             token,
             grpc_serving: AtomicBool::new(false),
             saved_counters: Mutex::new(saved),
@@ -265,6 +276,40 @@ struct StatusDoc {
     elapsed_seconds: f64,
     /// Mean round time of this process × rounds left; null until a round has completed.
     estimated_remaining_seconds: Option<f64>,
+    /// Why training stopped before `rounds_total` (the sites' privacy budgets); null
+    /// otherwise.
+    stopped: Option<String>,
+    /// The federation's differential privacy; null when no site runs DP-SGD.
+    privacy: Option<FederationPrivacyDoc>,
+}
+
+/// Example-level DP across the federation, from what the sites report.
+#[derive(Debug, Serialize)]
+struct FederationPrivacyDoc {
+    /// The largest ε a training site has spent: each patient's rows are at one site, so this
+    /// bounds what the federation's releases say about any patient (at `delta`).
+    epsilon: f64,
+    /// The largest δ among the sites.
+    delta: f64,
+    /// The coordinator's `privacy.epsilon`, if set.
+    target_epsilon: Option<f64>,
+    /// Training sites that report a privacy budget, and how many of them cannot afford
+    /// another round.
+    sites: usize,
+    sites_exhausted: usize,
+}
+
+/// A site's spend as its accountant reports it.
+#[derive(Debug, Serialize)]
+struct SitePrivacyDoc {
+    epsilon: f64,
+    delta: f64,
+    budget: f64,
+    next_epsilon: Option<f64>,
+    noise_multiplier: f64,
+    /// Another round would pass the site's budget (or the federation's target): the
+    /// coordinator no longer asks it to train.
+    exhausted: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -288,6 +333,8 @@ struct SiteDoc {
     rejections: u64,
     /// The round and reason of the last of them: what the site did wrong.
     last_rejection: Option<DeclineDoc>,
+    /// The site's DP-SGD spend; null for a site without `[privacy]`.
+    privacy: Option<SitePrivacyDoc>,
 }
 
 #[derive(Debug, Serialize)]
@@ -411,8 +458,35 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         started_unix: api.progress.started_unix,
         elapsed_seconds: api.progress.started.elapsed().as_secs_f64(),
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
+        stopped: lock(&api.progress.stopped).clone(),
+        privacy: federation_privacy(&api),
     };
     Json(doc).into_response()
+}
+
+fn federation_privacy(api: &StatusApi) -> Option<FederationPrivacyDoc> {
+    let sites: Vec<_> = api
+        .hub
+        .sites
+        .snapshot()
+        .into_iter()
+        .filter(|(_, s)| !s.evaluate_only)
+        .filter_map(|(_, s)| s.privacy)
+        .collect();
+    let first = sites.first()?;
+    Some(FederationPrivacyDoc {
+        epsilon: sites
+            .iter()
+            .map(|p| p.epsilon)
+            .fold(first.epsilon, f64::max),
+        delta: sites.iter().map(|p| p.delta).fold(first.delta, f64::max),
+        target_epsilon: api.privacy_target,
+        sites: sites.len(),
+        sites_exhausted: sites
+            .iter()
+            .filter(|p| p.exhausted(api.privacy_target))
+            .count(),
+    })
 }
 
 async fn rounds(
@@ -494,6 +568,14 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
                 .last_rejection
                 .clone()
                 .map(|(round, reason)| DeclineDoc { round, reason }),
+            privacy: s.privacy.map(|p| SitePrivacyDoc {
+                epsilon: p.epsilon,
+                delta: p.delta,
+                budget: p.budget,
+                next_epsilon: p.next_epsilon,
+                noise_multiplier: p.noise_multiplier,
+                exhausted: p.exhausted(api.privacy_target),
+            }),
         })
         .collect();
     sites.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1527,6 +1527,7 @@ mod tests {
             model_sha3_512: String::new(),
             rejected: Vec::new(),
             failed: None,
+            epsilon: None,
         }
     }
 

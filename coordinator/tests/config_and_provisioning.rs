@@ -75,6 +75,14 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "rounds.count = 0: must be at least 1",
         ),
         (
+            with("[secagg]", "[privacy]\nepsilon = 0\n\n[secagg]"),
+            "privacy.epsilon = 0: must be a number above 0",
+        ),
+        (
+            with("[secagg]", "[privacy]\nrequired = true\n\n[secagg]"),
+            "unknown field `required`",
+        ),
+        (
             with("min_sites = 4", "min_sites = 2"),
             "rounds.min_sites = 2: secure aggregation needs at least 3",
         ),

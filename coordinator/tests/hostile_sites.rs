@@ -145,6 +145,7 @@ async fn try_join(
             protocol_version: cohort_proto::PROTOCOL_VERSION,
             schema_toml: toml::to_string(&config.schema).unwrap(),
             evaluate_only: false,
+            privacy: None,
         })),
     })
     .await
@@ -366,6 +367,7 @@ fn a_flooding_site_costs_bounded_memory_and_the_others_finish() {
                         accused: None,
                         trusted_manifest: None,
                         contributed_round: None,
+                        privacy: None,
                     })),
                 };
                 match tokio::time::timeout(Duration::from_millis(200), tx.send(flood)).await {
@@ -609,6 +611,7 @@ fn an_accusation_without_evidence_is_counted_against_the_accuser() {
                     accused: Some(setup.participants[at]),
                     trusted_manifest: None,
                     contributed_round: None,
+                    privacy: None,
                 }))
             })
             .await;

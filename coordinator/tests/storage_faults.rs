@@ -53,6 +53,7 @@ fn record(round: u64) -> RoundRecord {
             model_sha3_512: format!("{round:0128}"),
             rejected: Vec::new(),
             failed: None,
+            epsilon: None,
         },
         per_site: (0..12)
             .map(|i| (format!("hospital-{i:02}"), site.clone()))

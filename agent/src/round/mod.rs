@@ -34,7 +34,8 @@ use anyhow::{Result, anyhow, bail};
 use bytes::Bytes;
 use chacha20::ChaCha20Rng;
 use cohort_proto::v1::{
-    Chunk, Decline, EvalReport, Residuals, RoundStart, Task, agent_message, coordinator_message,
+    Chunk, Decline, EvalReport, PrivacySpent, Residuals, RoundStart, Task, agent_message,
+    coordinator_message,
 };
 use cohort_protocols::identity::CaVerifier;
 use cohort_protocols::model::{self, ModelSpec, TrainingConfig};
@@ -295,6 +296,7 @@ impl<'a> Machine<'a> {
             accused: None,
             trusted_manifest: None,
             contributed_round: None,
+            privacy: None,
         });
     }
 
@@ -312,6 +314,7 @@ impl<'a> Machine<'a> {
             accused: None,
             trusted_manifest: None,
             contributed_round: r.contributed,
+            privacy: None,
         });
     }
 
@@ -640,6 +643,7 @@ impl<'a> Machine<'a> {
         result: Result<Vec<f32>, String>,
     ) -> Result<()> {
         let weight = self.data.train_examples();
+        let privacy = self.data.privacy();
         let Some(r) = self.current(round, attempt) else {
             return Ok(());
         };
@@ -649,9 +653,25 @@ impl<'a> Machine<'a> {
         let delta = match result {
             Ok(d) => d,
             Err(e) => {
-                self.decline(round, format!("local training failed: {e}"));
+                // Over the budget (or training failed and the next round would be): the
+                // coordinator is told the figures, so it stops asking.
+                self.decline_with(Decline {
+                    round,
+                    reason: format!("local training failed: {e}"),
+                    accused: None,
+                    trusted_manifest: None,
+                    contributed_round: None,
+                    privacy: privacy.filter(|p| p.exhausted()).map(privacy_spent),
+                });
                 return Ok(());
             }
+        };
+        // The spend is the site's to publish; it says nothing about a row.
+        if let Some(p) = privacy {
+            self.send(agent_message::Kind::Privacy(privacy_spent(p)));
+        }
+        let Some(r) = self.current(round, attempt) else {
+            return Ok(());
         };
         if r.start.secure {
             r.work = Work::Ready {
@@ -732,6 +752,7 @@ impl<'a> Machine<'a> {
                     accused: e.accused(),
                     trusted_manifest: None,
                     contributed_round: None,
+                    privacy: None,
                 });
                 return Ok(());
             }
@@ -836,6 +857,7 @@ impl<'a> Machine<'a> {
             accused: None,
             trusted_manifest: manifest.then_some(pinned),
             contributed_round: None,
+            privacy: None,
         })
     }
 
@@ -1051,6 +1073,17 @@ fn update<W: Word>(
 /// in every attempt of the round, so a redo after a coordinator crash sends exactly the input
 /// it sent before and the coordinator gets exactly the sum it had (see [`crate::ledger`]);
 /// with fresh randomness the redo's sum would differ by rounding noise, a second look at it.
+/// The site's privacy figures as the wire carries them.
+pub(crate) fn privacy_spent(r: crate::PrivacyReport) -> PrivacySpent {
+    PrivacySpent {
+        epsilon: r.epsilon,
+        delta: r.delta,
+        budget: r.budget,
+        next_epsilon: r.next_epsilon,
+        noise_multiplier: r.noise_multiplier,
+    }
+}
+
 fn rounding_seed(key: &SigningKey, round: u64, model_sha3_512: &[u8]) -> [u8; 32] {
     use sha3::{Digest, Sha3_256};
     let mut h = Sha3_256::new();

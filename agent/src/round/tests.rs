@@ -26,6 +26,21 @@ use crate::model::Evaluation;
 struct Fixed {
     stats: Vec<u64>,
     delta: Vec<f32>,
+    /// What the site's DP accountant says, if it has one.
+    privacy: Option<crate::PrivacyReport>,
+    /// Training fails with this (a privacy budget that refuses the round).
+    refuse: Option<String>,
+}
+
+impl Fixed {
+    fn new(stats: Vec<u64>) -> Self {
+        Fixed {
+            stats,
+            delta: vec![0.25, -0.5, 0.125],
+            privacy: None,
+            refuse: None,
+        }
+    }
 }
 
 /// Two inputs: logistic regression has three parameters.
@@ -49,7 +64,13 @@ impl LocalSite for Fixed {
         _: &TrainingConfig,
         _: u64,
     ) -> Result<Vec<f32>, String> {
-        Ok(self.delta.clone())
+        match &self.refuse {
+            Some(e) => Err(e.clone()),
+            None => Ok(self.delta.clone()),
+        }
+    }
+    fn privacy(&self) -> Option<crate::PrivacyReport> {
+        self.privacy
     }
     fn evaluate(
         &self,
@@ -169,13 +190,21 @@ impl Site {
         policy: &str,
         stats: Vec<u64>,
     ) -> Site {
+        Self::open_with(pki, name, id, state, policy, Fixed::new(stats))
+    }
+
+    fn open_with(
+        pki: &Pki,
+        name: &str,
+        id: ClientId,
+        state: &Path,
+        policy: &str,
+        fixed: Fixed,
+    ) -> Site {
         std::fs::create_dir_all(state).unwrap();
         let cfg: &'static AgentConfig = Box::leak(Box::new(pki.config(name, state, policy)));
-        let data: &'static Arc<dyn LocalSite> = Box::leak(Box::new(Arc::new(Fixed {
-            stats,
-            delta: vec![0.25, -0.5, 0.125],
-        })
-            as Arc<dyn LocalSite>));
+        let data: &'static Arc<dyn LocalSite> =
+            Box::leak(Box::new(Arc::new(fixed) as Arc<dyn LocalSite>));
         let creds = Box::leak(Box::new(crate::credentials::load_credentials(cfg).unwrap()));
         let ledger = Box::leak(Box::new(Ledger::open(&cfg.state_dir()).unwrap()));
         let faults = Box::leak(Box::new(Injector::new(&cfg.faults)));
@@ -998,4 +1027,89 @@ fn a_truncate_fault_sends_a_masked_input_one_short() {
     let out = ran.result.unwrap();
     assert_eq!(out.dropped, vec![0]);
     assert_eq!(out.survivors, vec![1, 2, 3]);
+}
+
+/// A site training with DP-SGD tells the coordinator its spend before its update; a site
+/// whose budget refuses the round declines with its accountant's figures, so the coordinator
+/// stops asking it; a failure with budget left declines without them.
+#[test]
+fn a_private_site_reports_its_spend_and_declines_over_its_budget_with_the_figures() {
+    let pki = Pki::new(&HOSPITALS);
+    let state = tempfile::tempdir().unwrap();
+    let policy = format!("{FOUR}require_secure = false\n");
+    let model = model::to_bytes(&[0.0, 0.0, 0.0]);
+    let mut plain = start(1, 0, Task::Train, &model, &pki);
+    plain.secure = false;
+    let spent = crate::PrivacyReport {
+        epsilon: 1.5,
+        delta: 1e-5,
+        budget: 3.0,
+        next_epsilon: Some(2.25),
+        noise_multiplier: 2.0,
+    };
+    let run = |name: &str, fixed: Fixed| {
+        let mut site = Site::open_with(&pki, name, 0, &state.path().join(name), &policy, fixed);
+        site.message(coordinator_message::Kind::RoundStart(plain.clone()))
+            .unwrap();
+        site.message(model_chunk(&model)).unwrap();
+        site.sent
+    };
+
+    let sent = run(
+        "cleveland",
+        Fixed {
+            privacy: Some(spent),
+            ..Fixed::new(stats_of(0))
+        },
+    );
+    let told = sent
+        .iter()
+        .position(|k| matches!(k, agent_message::Kind::Privacy(_)))
+        .expect("the spend is reported");
+    let update = sent
+        .iter()
+        .position(|k| matches!(k, agent_message::Kind::PlainUpdate(_)))
+        .expect("the update is sent");
+    assert!(told < update);
+    assert_eq!(
+        sent[told],
+        agent_message::Kind::Privacy(PrivacySpent {
+            epsilon: 1.5,
+            delta: 1e-5,
+            budget: 3.0,
+            next_epsilon: Some(2.25),
+            noise_multiplier: 2.0,
+        })
+    );
+
+    let over = crate::PrivacyReport {
+        next_epsilon: Some(3.2),
+        ..spent
+    };
+    let sent = run(
+        "hungary",
+        Fixed {
+            privacy: Some(over),
+            refuse: Some("privacy budget: this round would take ε from 1.5 to 3.2".into()),
+            ..Fixed::new(stats_of(0))
+        },
+    );
+    let [agent_message::Kind::Decline(d)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert!(d.reason.contains("privacy budget"), "{}", d.reason);
+    assert_eq!(d.privacy.as_ref().map(|p| p.next_epsilon), Some(Some(3.2)));
+
+    let sent = run(
+        "switzerland",
+        Fixed {
+            privacy: Some(spent),
+            refuse: Some("out of memory".into()),
+            ..Fixed::new(stats_of(0))
+        },
+    );
+    let [agent_message::Kind::Decline(d)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(d.privacy, None);
 }

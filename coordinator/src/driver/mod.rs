@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
-use crate::hub::{Hub, Inbound, Outgoing};
+use crate::hub::{Hub, Inbound, Outgoing, SiteState};
 use crate::metrics::Metrics;
 use crate::records::Setup;
 pub use crate::records::{Evaluation, RoundRecord, RoundSummary, SiteResult};
@@ -77,6 +77,10 @@ pub enum DriverError {
     Store(#[from] StoreError),
     #[error("the training settings: {0}")]
     Settings(#[from] toml::ser::Error),
+    /// Too few sites can afford another round under their privacy budgets: not a fault, the
+    /// end of training (see [`Driver::privacy_stop`]). `run` turns it into a finished run.
+    #[error("{0}")]
+    PrivacyBudget(String),
 }
 
 /// How a run ended. It holds the last round, not the history: a run of months would
@@ -93,6 +97,11 @@ pub struct RunSummary {
     pub model: Vec<f32>,
     /// Message kinds the coordinator received over the whole run.
     pub received: crate::hub::ReceivedCounts,
+    /// Why training stopped before `rounds.count` (the sites' privacy budgets); None when
+    /// every round ran.
+    pub stopped: Option<String>,
+    /// Each DP site's spend as it last reported it.
+    pub privacy: BTreeMap<String, crate::hub::SitePrivacy>,
     #[serde(skip)]
     data_dir: std::path::PathBuf,
 }
@@ -372,11 +381,12 @@ impl Driver {
         };
         let done = last.as_ref().map_or(0, |r: &RoundRecord| r.summary.round);
         let mut failed_in_a_row = 0;
+        let mut stopped = None;
         for r in done + 1..=self.cfg.rounds.count {
             let started = Instant::now();
             let span = info_span!("round", round = r);
             // The round's update is applied to the global model inside `train_round`.
-            let (outcome, attempts) = async {
+            let attempted = async {
                 let mut attempts = 0;
                 let result = self
                     .with_attempts(r, |d, attempt| {
@@ -387,7 +397,15 @@ impl Driver {
                 Ok::<_, DriverError>((result, attempts))
             }
             .instrument(span.clone())
-            .await?;
+            .await;
+            let (outcome, attempts) = match attempted {
+                Err(DriverError::PrivacyBudget(reason)) => {
+                    warn!(round = r, %reason, "training stops: the sites' privacy budgets are spent");
+                    stopped = Some(reason);
+                    break;
+                }
+                other => other?,
+            };
             let (total_weight, clipped, sites, dropped) = match outcome {
                 Ok(done) => done,
                 Err(reason) => {
@@ -429,6 +447,7 @@ impl Driver {
                 model_sha3_512: hex(&hash),
                 rejected: self.rejected.iter().cloned().collect(),
                 failed: None,
+                epsilon: self.federation_epsilon(),
             };
             let record = RoundRecord {
                 summary,
@@ -441,6 +460,7 @@ impl Driver {
             let headline = eval.weighted.headline();
             info!(
                 round = r,
+                epsilon = ?record.summary.epsilon,
                 metric = headline.map_or("", |h| h.0),
                 pooled = headline.map_or(f64::NAN, |h| h.1),
                 site_mean = ?eval.site_mean.headline().map(|h| h.1),
@@ -463,13 +483,19 @@ impl Driver {
             }
             last = Some(record);
         }
+        if let Some(reason) = &stopped {
+            self.progress.stopped(reason);
+        }
         self.progress.set_state(RunState::Finished);
         // Before the shutdown goes out: the sessions that end now end normally.
         self.hub
             .finished
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let shutdown = Outgoing::Message(coordinator_message::Kind::Shutdown(Shutdown {
-            reason: "training finished".into(),
+            reason: stopped.as_ref().map_or_else(
+                || "training finished".into(),
+                |r| format!("training stopped: {r}"),
+            ),
         }));
         let batches = self
             .hub
@@ -492,6 +518,14 @@ impl Driver {
             per_site,
             model: self.global.clone(),
             received: self.hub.received.snapshot(),
+            stopped,
+            privacy: self
+                .hub
+                .sites
+                .snapshot()
+                .into_iter()
+                .filter_map(|(name, s)| Some((name, s.privacy?)))
+                .collect(),
             data_dir: self.store.path().to_path_buf(),
         })
     }
@@ -526,6 +560,7 @@ impl Driver {
                 model_sha3_512: hex(&hash),
                 rejected: self.rejected.iter().cloned().collect(),
                 failed: Some(reason.clone()),
+                epsilon: self.federation_epsilon(),
             },
             per_site,
             per_site_pruned: false,
@@ -603,13 +638,88 @@ impl Driver {
     }
 
     /// Connected sites that train (evaluation-only sites never count towards `min_sites`: a
-    /// round's secure sum is over training sites only).
+    /// round's secure sum is over training sites only), leaving out those whose privacy
+    /// budget cannot pay for another round: they would only decline.
     fn training_sites_connected(&self) -> usize {
         self.hub
             .connected()
             .iter()
-            .filter(|(_, s)| !s.evaluate_only)
+            .filter(|(_, s)| !s.evaluate_only && !self.out_of_budget(s))
             .count()
+    }
+
+    /// The site reported that another round like its last would pass its privacy budget
+    /// (or the federation's `privacy.epsilon`).
+    fn out_of_budget(&self, s: &SiteState) -> bool {
+        s.privacy
+            .is_some_and(|p| p.exhausted(self.cfg.privacy.epsilon))
+    }
+
+    /// The largest ε any training site reports: the federation's guarantee per patient,
+    /// since each patient's rows are at one site. None when no site runs DP-SGD.
+    fn federation_epsilon(&self) -> Option<f64> {
+        self.hub
+            .sites
+            .snapshot()
+            .iter()
+            .filter_map(|(_, s)| s.privacy.map(|p| p.epsilon))
+            .reduce(f64::max)
+    }
+
+    /// Why training must stop: too few sites of the federation have privacy budget left for
+    /// a round of `rounds.min_sites`. The federation is the manifest's members when there
+    /// is one, and every training site the coordinator has seen (this run or before a
+    /// restart). Waiting would be forever — a site's spend never goes down — and retrying
+    /// would only collect declines. Without a manifest, a site that never joined is not
+    /// counted: the coordinator cannot know it exists.
+    fn privacy_stop(&self) -> Option<String> {
+        let sites = self.hub.sites.snapshot();
+        let mut spent: Vec<String> = sites
+            .iter()
+            .filter(|(_, s)| !s.evaluate_only && self.out_of_budget(s))
+            .map(|(name, s)| match s.privacy {
+                Some(p) => format!(
+                    "{name} (ε = {:.3} of {}, next round {:.3})",
+                    p.epsilon,
+                    p.budget,
+                    p.next_epsilon.unwrap_or(f64::NAN)
+                ),
+                None => name.clone(),
+            })
+            .collect();
+        if spent.is_empty() {
+            return None;
+        }
+        spent.sort();
+        let mut members: std::collections::BTreeSet<String> = sites
+            .iter()
+            .filter(|(_, s)| !s.evaluate_only)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(m) = &self.manifest {
+            members.extend(
+                m.get()
+                    .signed
+                    .manifest()
+                    .members
+                    .iter()
+                    .filter(|m| m.role == cohort_protocols::manifest::Role::Site)
+                    .map(|m| m.name.clone()),
+            );
+        }
+        let left = members.len().saturating_sub(spent.len());
+        let min = self.cfg.rounds.min_sites as usize;
+        (left < min).then(|| {
+            let cap = self
+                .cfg
+                .privacy
+                .epsilon
+                .map_or(String::new(), |c| format!(" or the federation's privacy.epsilon = {c}"));
+            format!(
+                "privacy budget: {} cannot afford another round within its budget{cap}; {left} site(s) left, rounds.min_sites = {min}",
+                spent.join(", ")
+            )
+        })
     }
 
     /// Waits until `min_sites` training sites are connected — for as long as it takes. A
@@ -620,6 +730,9 @@ impl Driver {
     /// alert's signal), but the coordinator keeps waiting.
     async fn wait_for_sites(&mut self, round: u64) -> Result<(), DriverError> {
         let min = self.cfg.rounds.min_sites as usize;
+        if let Some(reason) = self.privacy_stop() {
+            return Err(DriverError::PrivacyBudget(reason));
+        }
         if self.training_sites_connected() >= min {
             return Ok(());
         }
@@ -636,6 +749,10 @@ impl Driver {
             "waiting for sites before the round"
         );
         loop {
+            if let Some(reason) = self.privacy_stop() {
+                self.metrics.waiting_for_sites_seconds.set(0.0);
+                return Err(DriverError::PrivacyBudget(reason));
+            }
             let connected = self.training_sites_connected();
             if connected >= min {
                 self.metrics.waiting_for_sites_seconds.set(0.0);
@@ -806,12 +923,23 @@ impl Driver {
 
     /// Connected training sites not left out of the round (sidelined, or spent: they sent
     /// their input in an earlier attempt). Evaluation-only sites hold no training data.
+    /// Sites out of privacy budget are not asked to train (they would decline).
     fn candidates(&self) -> Vec<(String, u32)> {
+        self.candidates_to(true)
+    }
+
+    /// As [`Driver::candidates`]; `train` false for an evaluation, which spends no privacy
+    /// budget, so every site can take part in it.
+    fn candidates_to(&self, train: bool) -> Vec<(String, u32)> {
         self.hub
             .connected()
             .into_iter()
             .filter(|(name, s)| {
-                !s.evaluate_only && !self.sidelined.contains(name) && !self.spent.contains(name)
+                let left_out = s.evaluate_only
+                    || self.sidelined.contains(name)
+                    || self.spent.contains(name)
+                    || (train && self.out_of_budget(s));
+                !left_out
             })
             .map(|(name, s)| (name, s.id))
             .collect()
@@ -822,7 +950,11 @@ impl Driver {
     /// of them (so every site gets its turn), ordered by id.
     /// Evaluation-only sites are never selected: they hold no training data.
     fn select(&self) -> Vec<(String, u32)> {
-        let mut sites = self.candidates();
+        self.select_to(true)
+    }
+
+    fn select_to(&self, train: bool) -> Vec<(String, u32)> {
+        let mut sites = self.candidates_to(train);
         if let Some(k) = self.cfg.rounds.sites_per_round {
             sites = choose(sites, k as usize, rand::random::<u64>);
         }
@@ -832,7 +964,7 @@ impl Driver {
     /// The sites of an evaluation: the training sites of [`Driver::select`] and every
     /// connected evaluation-only site.
     fn select_for_evaluation(&self) -> Vec<(String, u32)> {
-        let mut sites = self.select();
+        let mut sites = self.select_to(false);
         sites.extend(
             self.hub
                 .connected()
