@@ -66,6 +66,10 @@ struct Scenario {
     secagg: Option<toml::Table>,
     #[serde(default)]
     faults: Vec<FaultSpec>,
+    /// `[privacy]` of every training site's agent.toml: DP-SGD and the site's budget
+    /// (`epsilon`, `noise_multiplier`, optional `delta` and `max_grad_norm`).
+    #[serde(default)]
+    privacy: Option<toml::Table>,
 }
 
 /// Sites that misbehave on purpose: `fraction` of the sites (the first ones in scenario
@@ -208,6 +212,9 @@ struct SiteSpec {
     /// build with the agent's `wgpu` feature).
     #[serde(default)]
     device: cohort_agent::model::Compute,
+    /// This site's own `[privacy]`, instead of the scenario's.
+    #[serde(default)]
+    privacy: Option<toml::Table>,
 }
 
 impl SiteSpec {
@@ -262,6 +269,20 @@ pub struct Summary {
     /// `--pooled`: each site's model trained on its own data alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alone: Option<Reference>,
+    /// Why training stopped before the scenario's rounds (the sites' privacy budgets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// Example-level DP: the federation's ε (the largest site's: each patient's rows are at
+    /// one site) and each DP site's spend; absent when no site runs DP-SGD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PrivacySummary {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub per_site: BTreeMap<String, cohort_coordinator::hub::SitePrivacy>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -292,6 +313,9 @@ pub struct RoundRow {
     /// Why the round was given up (the model unchanged, the run went on); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// The federation's ε after the round (example-level DP); absent without DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
     /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
     /// sites' accuracies, FLamby's convention).
     #[serde(default)]
@@ -626,7 +650,21 @@ fn run_scenario(
                 })
                 .collect();
             let data = site.data_table(base, s.test_fraction, s.split_seed);
-            let mut cfg = agent_config(&site.name, &dir, addr.port(), data, &s.schema, faults)?;
+            // Evaluation-only sites release only evaluations, which DP-SGD does not cover.
+            let privacy = site
+                .privacy
+                .as_ref()
+                .or(s.privacy.as_ref())
+                .filter(|_| !site.evaluates_only());
+            let mut cfg = private_agent_config(
+                &site.name,
+                &dir,
+                addr.port(),
+                data,
+                &s.schema,
+                faults,
+                privacy,
+            )?;
             // The agent's default (5 live others) asks for a federation of seven or more; a
             // simulated one of n sites asks for all others but one (one may drop out).
             cfg.policy.min_live_neighbours = (training as u32).saturating_sub(2).clamp(1, 5);
@@ -757,7 +795,21 @@ pub fn agent_config(
     schema: &toml::Table,
     faults: Vec<toml::Value>,
 ) -> Result<AgentConfig> {
-    let agent = table(vec![
+    private_agent_config(site, dir, port, data, schema, faults, None)
+}
+
+/// As [`agent_config`], with the site's `[privacy]` table (DP-SGD and its budget), checked
+/// as the agent checks its own file.
+fn private_agent_config(
+    site: &str,
+    dir: &Path,
+    port: u16,
+    data: toml::Table,
+    schema: &toml::Table,
+    faults: Vec<toml::Value>,
+    privacy: Option<&toml::Table>,
+) -> Result<AgentConfig> {
+    let mut agent = table(vec![
         ("site", toml::Value::String(site.to_string())),
         (
             "coordinator",
@@ -798,6 +850,9 @@ pub fn agent_config(
             )])),
         ),
     ]);
+    if let Some(p) = privacy {
+        agent.insert("privacy".into(), toml::Value::Table(p.clone()));
+    }
     AgentConfig::parse(&toml::to_string(&agent)?)
         .with_context(|| format!("agent configuration for {site}"))
 }
@@ -860,6 +915,7 @@ fn summarise(
                     clipped: r.clipped,
                     attempts: r.attempts,
                     failed: r.failed.clone(),
+                    epsilon: r.epsilon,
                     weighted_accuracy: r.eval.weighted.accuracy,
                     site_accuracy: each(&|res| res.accuracy),
                     site_metric: each(&|res| headline(&res.metrics)),
@@ -893,6 +949,12 @@ fn summarise(
         },
         pooled: None,
         alone: None,
+        stopped: run.stopped,
+        privacy: (!run.privacy.is_empty()).then(|| PrivacySummary {
+            epsilon: run.privacy.values().map(|p| p.epsilon).fold(0.0, f64::max),
+            delta: run.privacy.values().map(|p| p.delta).fold(0.0, f64::max),
+            per_site: run.privacy,
+        }),
     }
 }
 
@@ -903,13 +965,13 @@ fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
     )?;
     // Site means; a metric the task does not have is an empty cell.
     let mut csv = String::from(
-        "round,accuracy,loss,auc,seconds,sites,dropped,clipped,balanced_accuracy,f1,macro_f1,rmse,mae,r2\n",
+        "round,accuracy,loss,auc,seconds,sites,dropped,clipped,balanced_accuracy,f1,macro_f1,rmse,mae,r2,epsilon\n",
     );
     let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for r in &summary.rounds {
         let m = &r.site_mean;
         csv.push_str(&format!(
-            "{},{},{:.6},{},{:.3},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{:.6},{},{:.3},{},{},{},{},{},{},{},{},{},{}\n",
             r.round,
             cell(r.accuracy),
             r.loss,
@@ -924,6 +986,7 @@ fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
             cell(m.rmse),
             cell(m.mae),
             cell(m.r2),
+            cell(r.epsilon),
         ));
     }
     std::fs::write(out.join("rounds.csv"), csv)?;

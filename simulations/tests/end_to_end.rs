@@ -155,6 +155,57 @@ fn secure_training_learns_and_matches_plain_fedavg() {
     assert!((secure.final_.accuracy.unwrap() - plain.final_.accuracy.unwrap()).abs() < 0.02);
 }
 
+/// `[privacy]` for every site, secure aggregation on: the hospitals train with DP-SGD, the
+/// smallest (switzerland, 31 training rows) runs out of budget first, and training stops with
+/// a message once a round of four can no longer be had. summary.json and rounds.csv say what
+/// each site and the federation spent.
+#[test]
+fn a_private_federation_stops_at_the_budget_and_the_summary_says_what_was_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = run(
+        dir.path(),
+        30,
+        true,
+        "[privacy]\nepsilon = 3.0\nnoise_multiplier = 3.5\n",
+    );
+    let reason = private.stopped.clone().expect("stopped at the budget");
+    assert!(
+        reason.starts_with("privacy budget: switzerland"),
+        "{reason}"
+    );
+    // Switzerland's rounds: 3 fit in ε = 3 at this sampling rate and noise.
+    assert_eq!(private.rounds_completed, 3, "{reason}");
+    let p = private.privacy.as_ref().expect("privacy in summary.json");
+    assert_eq!(p.per_site.len(), 4);
+    assert_eq!(p.delta, 1e-5);
+    let swiss = &p.per_site["switzerland"];
+    assert!(
+        swiss.epsilon <= 3.0 && swiss.next_epsilon.unwrap() > 3.0,
+        "{swiss:?}"
+    );
+    assert_eq!(p.epsilon, swiss.epsilon, "the smallest site spends fastest");
+    for (site, s) in &p.per_site {
+        assert!(s.epsilon > 0.0 && s.epsilon <= s.budget, "{site}: {s:?}");
+    }
+    let spent: Vec<f64> = private.rounds.iter().map(|r| r.epsilon.unwrap()).collect();
+    assert!(spent.windows(2).all(|w| w[0] < w[1]), "{spent:?}");
+    assert_eq!(*spent.last().unwrap(), p.epsilon);
+    let out = dir.path().join("out-true-30-47");
+    let csv = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",epsilon"), "{csv}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(json["stopped"].as_str(), Some(reason.as_str()));
+    assert_eq!(json["privacy"]["per_site"]["va"]["budget"], 3.0);
+    // Noise costs little here: the model still learns.
+    assert!(
+        private.final_.accuracy.unwrap() > private.initial.accuracy.unwrap(),
+        "{:?} -> {:?}",
+        private.initial.accuracy,
+        private.final_.accuracy
+    );
+}
+
 #[test]
 fn a_site_that_dies_after_sharing_keys_is_recovered_over_the_network() {
     let dir = tempfile::tempdir().unwrap();
