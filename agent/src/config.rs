@@ -117,6 +117,9 @@ pub enum FaultAction {
     /// Send a well-formed masked input whose clipped-value count no honest input can have:
     /// the unmasked sum is out of range, and nothing but the sum shows it.
     OutOfRange,
+    /// Send the trained update multiplied by −10: a model-poisoning site (sign-flipped and
+    /// amplified), well-formed in every other way.
+    Poison,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -71,6 +71,9 @@ pub struct CoordinatorConfig {
     /// What the federation asks of its sites' differential privacy.
     #[serde(default)]
     pub privacy: PrivacyPolicy,
+    /// How the round's updates are combined: the mean, or a robust rule (plain mode only).
+    #[serde(default)]
+    pub aggregation: cohort_protocols::strategy::Aggregation,
 }
 
 /// `[privacy]`: the federation's side of example-level DP. Each site runs DP-SGD and enforces
@@ -663,6 +666,16 @@ impl CoordinatorConfig {
         self.strategy
             .validate()
             .map_err(|e| invalid("strategy", e.to_string(), "see docs/configuration.md"))?;
+        self.aggregation
+            .validate()
+            .map_err(|e| invalid("aggregation", e.to_string(), "see docs/configuration.md"))?;
+        if s.enabled && self.aggregation.needs_updates() {
+            return Err(invalid(
+                "aggregation.rule",
+                self.aggregation.name(),
+                "a robust rule needs each site's update, which secure aggregation hides from the coordinator: use it only with [secagg] enabled = false, or keep rule = \"mean\"",
+            ));
+        }
         if let Some(e) = self.privacy.epsilon
             && !(e.is_finite() && e > 0.0)
         {

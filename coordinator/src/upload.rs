@@ -148,6 +148,10 @@ pub struct PlainSlot {
     /// (`secagg.max_weight`): one site claiming a billion examples cannot take over the mean.
     max_weight: f64,
     state: Mutex<PlainState>,
+    /// With a robust aggregation rule (`[aggregation]`), the site's weight and update, kept
+    /// whole beside the sum: the rule needs every update, which only plain mode shows. The
+    /// site's own lock guards it.
+    kept: Option<Mutex<(f64, Vec<f32>)>>,
 }
 
 impl PlainSlot {
@@ -164,7 +168,26 @@ impl PlainSlot {
                 weight: 0.0,
                 carry: ElementCarry::default(),
             }),
+            kept: None,
         }
+    }
+
+    /// As [`PlainSlot::capped`], also keeping the update for [`PlainSlot::take_update`].
+    pub fn keeping(sum: Arc<PlainSum>, max_weight: f64) -> Self {
+        PlainSlot {
+            kept: Some(Mutex::new((0.0, Vec::new()))),
+            ..Self::capped(sum, max_weight)
+        }
+    }
+
+    /// A complete update's (capped weight, delta), once: None for a slot that keeps nothing
+    /// or whose update did not complete.
+    pub fn take_update(&self) -> Option<(f64, Vec<f32>)> {
+        let complete = matches!(*self.state(), PlainState::Complete | PlainState::Sealed);
+        let kept = self.kept.as_ref()?;
+        let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+        let whole = self.sum.len().saturating_sub(1);
+        (complete && kept.1.len() == whole).then(|| std::mem::take(&mut *kept))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PlainState> {
@@ -185,6 +208,10 @@ impl PlainSlot {
                 _ => "the site's update was already refused".into(),
             });
         };
+        let mut kept = self
+            .kept
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()));
         let result = add_chunk(
             &self.sum,
             self.max_weight,
@@ -193,6 +220,7 @@ impl PlainSlot {
             carry,
             bytes,
             last,
+            kept.as_deref_mut(),
         );
         let tainted = *added > 0;
         match result {
@@ -226,6 +254,7 @@ impl PlainSlot {
 
 /// Adds one chunk's whole elements; every element is checked before any is added, so a
 /// refused chunk leaves the sum as it was.
+#[allow(clippy::too_many_arguments)]
 fn add_chunk(
     sum: &PlainSum,
     max_weight: f64,
@@ -234,6 +263,7 @@ fn add_chunk(
     carry: &mut ElementCarry,
     bytes: &[u8],
     last: bool,
+    kept: Option<&mut (f64, Vec<f32>)>,
 ) -> Result<bool, String> {
     let (len, width) = (sum.len(), sum.width());
     let available = (carry.pending() + bytes.len()) / width;
@@ -271,6 +301,11 @@ fn add_chunk(
                 *weight = (w as f64).min(max_weight);
             }
             let w = *weight;
+            if let Some(kept) = kept {
+                kept.0 = w;
+                kept.1
+                    .extend_from_slice(&values[usize::from(at == 0).min(values.len())..]);
+            }
             acc.update(at, values.len(), |part, first| {
                 for (j, (a, v)) in part.iter_mut().zip(&values[first..]).enumerate() {
                     // Element 0 is the weight itself: Σw. The others are weighted: Σ w·Δ.
@@ -310,6 +345,27 @@ mod tests {
             .chain(delta.iter().copied())
             .flat_map(f32::to_le_bytes)
             .collect()
+    }
+
+    /// A keeping slot hands back exactly the update it summed (weight capped), once; one
+    /// that stopped part-way hands back nothing.
+    #[test]
+    fn a_keeping_slot_returns_the_whole_update_it_summed() {
+        let sum = Arc::new(PlainSum::new(4, false));
+        let a = PlainSlot::keeping(sum.clone(), 10.0);
+        let b = PlainSlot::keeping(sum.clone(), 10.0);
+        let ua = update(50.0, &[1.0, -1.0, 0.5]);
+        for (i, c) in ua.chunks(5).enumerate() {
+            let last = (i + 1) * 5 >= ua.len();
+            assert_eq!(a.feed(c, last), Ok(last));
+        }
+        assert_eq!(b.feed(&update(1.0, &[2.0])[..8], false), Ok(false));
+        assert_eq!(a.seal(), PlainOutcome::Complete);
+        assert_eq!(b.seal(), PlainOutcome::Partial);
+        assert_eq!(a.take_update(), Some((10.0, vec![1.0, -1.0, 0.5])));
+        assert_eq!(a.take_update(), None);
+        assert_eq!(b.take_update(), None);
+        assert_eq!(PlainSlot::new(sum).take_update(), None);
     }
 
     #[test]

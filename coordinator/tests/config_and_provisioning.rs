@@ -75,6 +75,17 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "rounds.count = 0: must be at least 1",
         ),
         (
+            with("[secagg]", "[aggregation]\nrule = \"median\"\n\n[secagg]"),
+            "aggregation.rule = median: a robust rule needs each site's update, which secure aggregation hides",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[aggregation]\nrule = \"trimmed_mean\"\ntrim = 0.6\n\n[secagg]\nenabled = false",
+            ),
+            "aggregation.trim = 0.6: must be in [0, 0.5)",
+        ),
+        (
             with("[secagg]", "[privacy]\nepsilon = 0\n\n[secagg]"),
             "privacy.epsilon = 0: must be a number above 0",
         ),

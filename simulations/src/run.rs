@@ -62,6 +62,9 @@ struct Scenario {
     training: toml::Table,
     #[serde(default)]
     strategy: Option<toml::Table>,
+    /// The coordinator's `[aggregation]`: a robust rule, for plain runs.
+    #[serde(default)]
+    aggregation: Option<toml::Table>,
     #[serde(default)]
     secagg: Option<toml::Table>,
     #[serde(default)]
@@ -565,6 +568,9 @@ fn run_scenario(
     ]);
     if let Some(st) = &s.strategy {
         coord.insert("strategy".into(), toml::Value::Table(st.clone()));
+    }
+    if let Some(a) = &s.aggregation {
+        coord.insert("aggregation".into(), toml::Value::Table(a.clone()));
     }
     let generated = toml::to_string(&coord)?;
     let coord_cfg =

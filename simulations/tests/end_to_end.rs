@@ -206,6 +206,39 @@ fn a_private_federation_stops_at_the_budget_and_the_summary_says_what_was_spent(
     );
 }
 
+/// Plain mode (the coordinator sees every update): one of the four hospitals — cleveland,
+/// the largest — sends −10 times its update every round. The mean follows it; the median
+/// and the trimmed mean keep the model near the clean run's.
+#[test]
+fn robust_aggregation_keeps_a_poisoned_federation_near_the_clean_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let poison = "[[faults]]\nrounds = [1, 2, 3, 4, 5]\nstage = \"masked_input\"\nfraction = 0.25\naction = \"poison\"\n";
+    let accuracy = |s: &Summary| s.final_.accuracy.unwrap();
+    let clean = run(dir.path(), 5, false, "");
+    let mean = run(dir.path(), 5, false, poison);
+    assert!(
+        accuracy(&mean) < accuracy(&clean) - 0.1,
+        "the mean should follow the poisoned site: {} vs clean {}",
+        accuracy(&mean),
+        accuracy(&clean)
+    );
+    for rule in ["rule = \"median\"", "rule = \"trimmed_mean\"\ntrim = 0.25"] {
+        let robust = run(
+            dir.path(),
+            5,
+            false,
+            &format!("{poison}\n[aggregation]\n{rule}\n"),
+        );
+        assert_eq!(robust.rounds_completed, 5);
+        assert!(
+            (accuracy(&robust) - accuracy(&clean)).abs() < 0.05,
+            "{rule}: {} vs clean {}",
+            accuracy(&robust),
+            accuracy(&clean)
+        );
+    }
+}
+
 #[test]
 fn a_site_that_dies_after_sharing_keys_is_recovered_over_the_network() {
     let dir = tempfile::tempdir().unwrap();

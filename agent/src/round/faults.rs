@@ -1,6 +1,6 @@
 //! Deliberate misbehaviour (`[[faults]]` in agent.toml) for simulations and tests: a site
-//! that vanishes or dies mid-upload at a chosen stage, or sends a truncated or out-of-range
-//! masked input.
+//! that vanishes or dies mid-upload at a chosen stage, sends a truncated or out-of-range
+//! masked input, or a poisoned update.
 //!
 //! Compiled in only with the `faults` cargo feature (cohort-sim and the coordinator's tests
 //! enable it). Without it [`Injector`] is an empty type whose methods change nothing, so a
@@ -50,6 +50,16 @@ mod enabled {
                 *c = W::from_u64_wrapping(u64::from(u32::MAX));
             }
             QuantisedInput::from_values(values)
+        }
+
+        /// The update as a poisoning site sends it (`poison`): −10 times what it trained.
+        pub(in crate::round) fn update(&self, round: u64, mut delta: Vec<f32>) -> Vec<f32> {
+            if self.alters_input(round, FaultAction::Poison) {
+                for d in &mut delta {
+                    *d *= -10.0;
+                }
+            }
+            delta
         }
 
         /// The message as a faulty site sends it: a masked input one element short
@@ -107,6 +117,10 @@ mod disabled {
         }
 
         pub(in crate::round) fn message<W: Word>(&self, _round: u64, _m: &mut ClientMessage<W>) {}
+
+        pub(in crate::round) fn update(&self, _round: u64, delta: Vec<f32>) -> Vec<f32> {
+            delta
+        }
     }
 }
 

@@ -651,7 +651,7 @@ impl<'a> Machine<'a> {
             return Ok(());
         }
         let delta = match result {
-            Ok(d) => d,
+            Ok(d) => self.faults.update(round, d),
             Err(e) => {
                 // Over the budget (or training failed and the next round would be): the
                 // coordinator is told the figures, so it stops asking.

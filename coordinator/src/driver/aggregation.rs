@@ -54,13 +54,18 @@ impl PlainAggregation {
         len: usize,
         integer: bool,
         max_weight: u64,
+        keep: bool,
     ) -> Self {
         let sum = Arc::new(PlainSum::new(len, integer));
         let uploads = OpenUploads::new(hub, round, sites);
         let slots = sites
             .iter()
             .map(|(site, _)| {
-                let slot = Arc::new(PlainSlot::capped(sum.clone(), max_weight as f64));
+                let slot = Arc::new(if keep {
+                    PlainSlot::keeping(sum.clone(), max_weight as f64)
+                } else {
+                    PlainSlot::capped(sum.clone(), max_weight as f64)
+                });
                 uploads.open(site, UploadSink::Plain(slot.clone()));
                 (site.clone(), slot)
             })
@@ -319,6 +324,7 @@ impl Driver {
                                 .filter_map(|id| by_id.get(id).cloned())
                                 .collect(),
                             dropped: dropped.len(),
+                            updates: Vec::new(),
                         });
                     }
                     Ok(Poll::Send(messages)) => {
@@ -554,10 +560,16 @@ impl Driver {
                 sites.len()
             ));
         }
+        let updates = slots
+            .iter()
+            .filter(|(site, _)| done.contains(site))
+            .filter_map(|(_, slot)| slot.take_update())
+            .collect();
         Ok(Aggregated {
             dropped: sites.len() - done.len(),
             survivors: done,
             sum: sum.take(),
+            updates,
         })
     }
 }

@@ -193,6 +193,8 @@ struct Aggregated<T> {
     sum: T,
     survivors: Vec<String>,
     dropped: usize,
+    /// Plain mode with a robust `[aggregation]` rule: each survivor's (weight, update).
+    updates: Vec<(f64, Vec<f32>)>,
 }
 
 /// How often a stage that is still waiting says for whom.

@@ -63,8 +63,8 @@ impl Driver {
     pub(super) async fn stats_round(&mut self, attempt: u32) -> Result<Vec<u64>, String> {
         let sites = self.select();
         let len = stats::vector_len(self.stats_columns());
-        let plain =
-            (!self.secure()).then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true, 0));
+        let plain = (!self.secure())
+            .then(|| PlainAggregation::open(&self.hub, 0, &sites, len, true, 0, false));
         let (start, context) = self.round_start(0, attempt, Task::Stats, None);
         let sites = self.start_round(&sites, start, None).await;
         let sum = if self.secure() {

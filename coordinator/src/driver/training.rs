@@ -28,6 +28,7 @@ impl Driver {
                 dim + 1,
                 false,
                 self.cfg.secagg.max_weight,
+                self.cfg.aggregation.needs_updates(),
             )
         });
         let bytes = Bytes::from(model::to_bytes(&self.global));
@@ -64,7 +65,12 @@ impl Driver {
             }
             Ok((a.total_weight, a.clipped, sites.len(), dropped))
         } else {
-            let Aggregated { sum, dropped, .. } = self.plain_sum(plain, &sites).await?;
+            let Aggregated {
+                sum,
+                dropped,
+                updates,
+                ..
+            } = self.plain_sum(plain, &sites).await?;
             let PlainTotals::Weighted(sum) = sum else {
                 return Err("training updates must be summed as weighted floats".into());
             };
@@ -73,7 +79,20 @@ impl Driver {
             if total <= 0.0 {
                 return Err("the surviving sites reported no examples".into());
             }
-            self.apply_ranges(&sum, 1, |v| (v / total) as f32)?;
+            if self.cfg.aggregation.needs_updates() {
+                // The rule sees every update; the server optimiser applies its result as it
+                // would the mean.
+                drop(sum);
+                let delta =
+                    self.cfg.aggregation.aggregate(&updates).map_err(|e| {
+                        format!("aggregation ({}): {e}", self.cfg.aggregation.name())
+                    })?;
+                self.strategy
+                    .apply(&mut self.global, &delta)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                self.apply_ranges(&sum, 1, |v| (v / total) as f32)?;
+            }
             Ok((total as u64, 0, sites.len(), dropped))
         }
     }

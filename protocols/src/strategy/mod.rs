@@ -9,6 +9,9 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod robust;
+pub use robust::{Aggregation, AggregationError};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StrategyConfig {
