@@ -115,6 +115,11 @@ pub struct SiteState {
     /// priced, with a decline over its budget); None for a site without `[privacy]`.
     #[serde(default)]
     pub privacy: Option<SitePrivacy>,
+    /// `privacy` came from the site in this process (its join or a later report), not from
+    /// the store: only fresh figures can end a run, because a site may come back with a
+    /// larger budget after a restart.
+    #[serde(skip)]
+    pub privacy_fresh: bool,
 }
 
 /// A site's differential-privacy spend as it reports it. The coordinator can neither check
@@ -193,6 +198,7 @@ impl SiteState {
             rejections: 0,
             last_rejection: None,
             privacy: None,
+            privacy_fresh: false,
         }
     }
 }

@@ -153,7 +153,10 @@ impl Coordinator for Service {
                 )));
             }
         };
-        self.hub.record(&site, |s| s.privacy = privacy);
+        self.hub.record(&site, |s| {
+            s.privacy = privacy;
+            s.privacy_fresh = true;
+        });
         info!(%site, id, examples = join.examples, evaluate_only = join.evaluate_only, epsilon = ?privacy.map(|p| p.epsilon), %peer, "site joined");
         let welcome = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(Welcome {
@@ -237,7 +240,10 @@ impl Coordinator for Service {
                             match SitePrivacy::from_wire(p) {
                                 Ok(p) => {
                                     debug!(%site, epsilon = p.epsilon, next = ?p.next_epsilon, budget = p.budget, "privacy report");
-                                    hub.record(&site, |s| s.privacy = Some(p));
+                                    hub.record(&site, |s| {
+                                        s.privacy = Some(p);
+                                        s.privacy_fresh = true;
+                                    });
                                 }
                                 Err(e) => warn!(%site, error = %e, "privacy report ignored"),
                             }

@@ -1,8 +1,8 @@
 //! A federation whose hospitals train with DP-SGD under their own budgets, secure
 //! aggregation on: the coordinator says what each site and the federation have spent (status
 //! API, `/metrics`, the run summary), stops asking a site whose budget cannot pay for another
-//! round, stops training with a message when too few sites are left, and stops again at once
-//! after a restart instead of waiting for sites that can never train again.
+//! round, stops training with a message when too few sites are left, and stops again after a
+//! restart as soon as the sites have said they cannot go on.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -191,10 +191,31 @@ fn private_sites_spend_their_budgets_and_training_stops_with_a_message() {
     let accuracy = summary.last.as_ref().unwrap().eval.accuracy.unwrap();
     assert!(accuracy > 0.6, "{accuracy}");
 
-    // A restarted coordinator knows the sites' spend from its store and stops at once, with
-    // the same reason, without a round and without waiting for anyone.
-    let again = rt.block_on(cohort_coordinator::run(coordinator(&pki, &data), None));
-    let again = again.unwrap();
+    // Restarted, coordinator and agents: the coordinator waits for the sites (one may come
+    // back with a larger budget), each says at its join what it has spent — from its own
+    // privacy.toml — and training stops again with the same reason, without a round.
+    // A new runtime, as a new process would have: the first one's tasks (its status server
+    // holds the store) end with it.
+    drop(rt);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let again = rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let run = tokio::spawn(cohort_coordinator::run(coordinator(&pki, &data), Some(tx)));
+        let Ok(endpoints) = rx.await else {
+            panic!("the coordinator ended before serving: {:?}", run.await);
+        };
+        let port = endpoints.grpc.port();
+        let agents: Vec<_> = SITES
+            .iter()
+            .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, port, true))))
+            .collect();
+        let summary = run.await.unwrap().unwrap();
+        for a in agents {
+            a.await.unwrap().unwrap();
+        }
+        summary
+    });
     assert_eq!(again.rounds_completed, summary.rounds_completed);
     assert_eq!(again.stopped.as_deref(), Some(reason.as_str()));
+    assert_eq!(again.privacy, summary.privacy);
 }

@@ -673,12 +673,14 @@ impl Driver {
     /// is one, and every training site the coordinator has seen (this run or before a
     /// restart). Waiting would be forever — a site's spend never goes down — and retrying
     /// would only collect declines. Without a manifest, a site that never joined is not
-    /// counted: the coordinator cannot know it exists.
+    /// counted: the coordinator cannot know it exists. Only figures a site sent to this
+    /// process count: after a restart, a site may come back with a larger budget, so the
+    /// coordinator waits for it like for any site, and stops once it has said it cannot go on.
     fn privacy_stop(&self) -> Option<String> {
         let sites = self.hub.sites.snapshot();
         let mut spent: Vec<String> = sites
             .iter()
-            .filter(|(_, s)| !s.evaluate_only && self.out_of_budget(s))
+            .filter(|(_, s)| !s.evaluate_only && s.privacy_fresh && self.out_of_budget(s))
             .map(|(name, s)| match s.privacy {
                 Some(p) => format!(
                     "{name} (ε = {:.3} of {}, next round {:.3})",
