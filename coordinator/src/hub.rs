@@ -490,6 +490,17 @@ impl Hub {
         }
     }
 
+    /// The privacy figures of every training site that reports them (evaluation-only sites
+    /// release no training, so they are no part of the federation's ε).
+    pub fn training_privacy(&self) -> Vec<SitePrivacy> {
+        self.sites
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s)| !s.evaluate_only)
+            .filter_map(|(_, s)| s.privacy)
+            .collect()
+    }
+
     pub fn record(&self, site: &str, f: impl FnOnce(&mut SiteState)) {
         self.sites.update(&site.to_string(), unreachable_state, f);
     }

@@ -372,11 +372,7 @@ impl Metrics {
         let sites = hub.sites.snapshot();
         self.sites_connected
             .set(sites.iter().filter(|(_, s)| s.connected).count() as i64);
-        let privacy: Vec<_> = sites
-            .iter()
-            .filter(|(_, s)| !s.evaluate_only)
-            .filter_map(|(_, s)| s.privacy)
-            .collect();
+        let privacy = hub.training_privacy();
         self.privacy_epsilon
             .set(privacy.iter().map(|p| p.epsilon).fold(0.0, f64::max));
         let cap = self.privacy_target.get().copied();

@@ -465,14 +465,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
 }
 
 fn federation_privacy(api: &StatusApi) -> Option<FederationPrivacyDoc> {
-    let sites: Vec<_> = api
-        .hub
-        .sites
-        .snapshot()
-        .into_iter()
-        .filter(|(_, s)| !s.evaluate_only)
-        .filter_map(|(_, s)| s.privacy)
-        .collect();
+    let sites = api.hub.training_privacy();
     let first = sites.first()?;
     Some(FederationPrivacyDoc {
         epsilon: sites

@@ -661,10 +661,9 @@ impl Driver {
     /// since each patient's rows are at one site. None when no site runs DP-SGD.
     fn federation_epsilon(&self) -> Option<f64> {
         self.hub
-            .sites
-            .snapshot()
+            .training_privacy()
             .iter()
-            .filter_map(|(_, s)| s.privacy.map(|p| p.epsilon))
+            .map(|p| p.epsilon)
             .reduce(f64::max)
     }
 
