@@ -65,6 +65,18 @@ struct Priced {
 }
 
 impl Priced {
+    fn of(mechanism: Mechanism, steps: u64) -> Self {
+        let Mechanism::SubsampledGaussian {
+            sampling_rate,
+            noise_multiplier,
+        } = mechanism;
+        Priced {
+            sampling_rate,
+            noise_multiplier,
+            steps,
+        }
+    }
+
     fn mechanism(&self) -> Mechanism {
         Mechanism::SubsampledGaussian {
             sampling_rate: self.sampling_rate,
@@ -186,11 +198,7 @@ impl Budget {
     /// budget: why not, and nothing is spent.
     pub fn spend(&self, cfg: &TrainingConfig, rows: usize) -> Result<Spent, String> {
         let (mechanism, steps) = self.dp().mechanism(cfg, rows);
-        let priced = Priced {
-            sampling_rate: DpSgd::sampling_rate(cfg, rows),
-            noise_multiplier: self.settings.noise_multiplier,
-            steps,
-        };
+        let priced = Priced::of(mechanism, steps);
         let mut ledger = self.lock()?;
         let after = ledger
             .accountant

@@ -180,14 +180,17 @@ impl PlainSlot {
         }
     }
 
-    /// A complete update's (capped weight, delta), once: None for a slot that keeps nothing
-    /// or whose update did not complete.
+    /// The kept (capped weight, delta), once, for a slot that sealed
+    /// [`PlainOutcome::Complete`] (the driver asks no other): None for a slot that keeps
+    /// nothing, and for one whose update stopped short of the model's length.
     pub fn take_update(&self) -> Option<(f64, Vec<f32>)> {
-        let complete = matches!(*self.state(), PlainState::Complete | PlainState::Sealed);
-        let kept = self.kept.as_ref()?;
-        let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self
+            .kept
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let whole = self.sum.len().saturating_sub(1);
-        (complete && kept.1.len() == whole).then(|| std::mem::take(&mut *kept))
+        (kept.1.len() == whole).then(|| std::mem::take(&mut *kept))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PlainState> {

@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::CoordinatorConfig;
-use crate::hub::{Hub, Inbound, Outgoing, SiteState};
+use crate::hub::{Hub, Inbound, Outgoing, SitePrivacy, SiteState};
 use crate::metrics::Metrics;
 use crate::records::Setup;
 pub use crate::records::{Evaluation, RoundRecord, RoundSummary, SiteResult};
@@ -677,52 +677,54 @@ impl Driver {
     /// coordinator waits for it like for any site, and stops once it has said it cannot go on.
     fn privacy_stop(&self) -> Option<String> {
         let sites = self.hub.sites.snapshot();
-        let mut spent: Vec<String> = sites
+        let mut spent: Vec<(&String, SitePrivacy)> = sites
             .iter()
             .filter(|(_, s)| !s.evaluate_only && s.privacy_fresh && self.out_of_budget(s))
-            .map(|(name, s)| match s.privacy {
-                Some(p) => format!(
-                    "{name} (ε = {:.3} of {}, next round {:.3})",
-                    p.epsilon,
-                    p.budget,
-                    p.next_epsilon.unwrap_or(f64::NAN)
-                ),
-                None => name.clone(),
-            })
+            .filter_map(|(name, s)| Some((name, s.privacy?)))
             .collect();
         if spent.is_empty() {
             return None;
         }
-        spent.sort();
-        let mut members: std::collections::BTreeSet<String> = sites
+        let mut members: std::collections::BTreeSet<&String> = sites
             .iter()
             .filter(|(_, s)| !s.evaluate_only)
-            .map(|(name, _)| name.clone())
+            .map(|(name, _)| name)
             .collect();
-        if let Some(m) = &self.manifest {
+        let manifest = self.manifest.as_ref().map(|m| m.get());
+        if let Some(m) = &manifest {
             members.extend(
-                m.get()
-                    .signed
+                m.signed
                     .manifest()
                     .members
                     .iter()
                     .filter(|m| m.role == cohort_protocols::manifest::Role::Site)
-                    .map(|m| m.name.clone()),
+                    .map(|m| &m.name),
             );
         }
         let left = members.len().saturating_sub(spent.len());
         let min = self.cfg.rounds.min_sites as usize;
-        (left < min).then(|| {
-            let cap = self
-                .cfg
-                .privacy
-                .epsilon
-                .map_or(String::new(), |c| format!(" or the federation's privacy.epsilon = {c}"));
-            format!(
-                "privacy budget: {} cannot afford another round within its budget{cap}; {left} site(s) left, rounds.min_sites = {min}",
-                spent.join(", ")
-            )
-        })
+        if left >= min {
+            return None;
+        }
+        spent.sort_by(|a, b| a.0.cmp(b.0));
+        let spent: Vec<String> = spent
+            .iter()
+            .map(|(name, p)| {
+                format!(
+                    "{name} (ε = {:.3} of {}, next round {:.3})",
+                    p.epsilon,
+                    p.budget,
+                    p.next_epsilon.unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        let cap = self.cfg.privacy.epsilon.map_or(String::new(), |c| {
+            format!(" or the federation's privacy.epsilon = {c}")
+        });
+        Some(format!(
+            "privacy budget: {} cannot afford another round within its budget{cap}; {left} site(s) left, rounds.min_sites = {min}",
+            spent.join(", ")
+        ))
     }
 
     /// Waits until `min_sites` training sites are connected — for as long as it takes. A
