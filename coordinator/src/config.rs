@@ -418,6 +418,7 @@ impl SecAggConfig {
             modulus: Modulus::from_bits(self.modulus_bits).unwrap_or(Modulus::Bits64),
             max_weight: self.max_weight,
             consistency_check: self.consistency_check,
+            noise: None,
         }
     }
 }

@@ -96,6 +96,15 @@ mod tests {
         }
     }
 
+    fn noisy(sigma: f64, min_survivors: u32) -> Setup {
+        let mut s = setup(1.0);
+        s.params.noise = Some(crate::secagg::Noise {
+            sigma,
+            min_survivors,
+        });
+        s
+    }
+
     #[test]
     fn every_part_of_what_a_site_is_told_changes_the_context() {
         let a = Announcement {
@@ -156,7 +165,16 @@ mod tests {
                     ..setup(1.0)
                 },
             ),
+            // Site-level DP: a site told less noise than its peers (or none) is in another
+            // round, so it cannot verify them and the round fails before any input is sent.
+            round_context(&a.digest(&m), &noisy(300.0, 3)),
+            round_context(&a.digest(&m), &noisy(30.0, 3)),
+            round_context(&a.digest(&m), &noisy(300.0, 4)),
         ];
+        assert_ne!(
+            round_context(&a.digest(&m), &noisy(300.0, 3)),
+            round_context(&a.digest(&m), &noisy(300.0 * (1.0 + f64::EPSILON), 3))
+        );
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i}");
         }

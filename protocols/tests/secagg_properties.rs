@@ -86,6 +86,7 @@ fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
                     modulus,
                     max_weight: 100,
                     consistency_check: consistency,
+                    noise: None,
                 };
                 Case {
                     params,

@@ -7,10 +7,15 @@
 //! agent keeps one for its own patients (example-level DP-SGD: the Poisson-subsampled
 //! Gaussian mechanism) and asks it before every release whether the budget allows it.
 //!
+//! Under secure aggregation the noise is added by the sites themselves, as integers, before
+//! masking ([`discrete_gaussian`]); [`distributed_discrete_gaussian`] prices the sum.
+//!
 //! Pure arithmetic, no I/O: the curve is a vector the caller persists, so a restarted agent
 //! cannot forget what it already spent. The numbers are checked against Google's
 //! `dp-accounting` (an independent implementation) in `tests/accountant_reference.rs`.
 
+mod discrete;
 mod rdp;
 
+pub use discrete::{discrete_gaussian, distributed_discrete_gaussian, sum_divergence};
 pub use rdp::{Accountant, DEFAULT_ORDERS, Mechanism, PrivacyError, Spent};

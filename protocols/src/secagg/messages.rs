@@ -9,14 +9,14 @@
 
 use thiserror::Error;
 
-use super::params::{Modulus, Params};
+use super::params::{Modulus, Noise, Params};
 use super::shamir::{SHARE_BYTES, Share};
 use super::word::Word;
 use super::{ClientId, RoundId};
 
 const MAGIC: &[u8; 3] = b"CSA";
 /// Version of the encoding. Bumped on any incompatible change; decoders refuse other versions.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// A [`RoundId`] on the wire: round, attempt, context.
 const ROUND_BYTES: usize = 8 + 4 + 32;
 const HEADER: usize = 5;
@@ -457,9 +457,18 @@ fn write_params(w: &mut Writer, p: &Params) {
     w.u8(p.modulus.bits() as u8);
     w.u64(p.max_weight);
     w.u8(p.consistency_check as u8);
+    match p.noise {
+        None => w.u8(0),
+        Some(n) => {
+            w.u8(1);
+            w.u64(n.sigma.to_bits());
+            w.u32(n.min_survivors);
+        }
+    }
 }
 
-const PARAMS_BYTES: usize = 4 * 5 + 1 + 1 + 8 + 1;
+/// The fixed part of the parameters; noise, when present, adds 12 bytes.
+const PARAMS_BYTES: usize = 4 * 5 + 1 + 1 + 8 + 1 + 1;
 
 fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
     let sites = r.u32("params.sites")?;
@@ -483,6 +492,19 @@ fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
         modulus,
         max_weight: r.u64("params.max_weight")?,
         consistency_check: r.bool("params.consistency_check")?,
+        noise: match r.u8("params.noise")? {
+            0 => None,
+            1 => Some(Noise {
+                sigma: f64::from_bits(r.u64("params.noise.sigma")?),
+                min_survivors: r.u32("params.noise.min_survivors")?,
+            }),
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "params.noise",
+                    detail: format!("kind {other}, expected 0 (none) or 1 (discrete Gaussian)"),
+                });
+            }
+        },
     })
 }
 

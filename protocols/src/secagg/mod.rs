@@ -37,7 +37,7 @@ pub use messages::{
     NeighbourKeys, RevealedShare, ServerMessage, Setup, ShareKeys, ShareKind, SignedShareList,
     UnmaskRequest, UnmaskShares, VERSION,
 };
-pub use params::{MAX_DIM, Modulus, ParamError, Params};
+pub use params::{MAX_DIM, Modulus, NOISE_TAIL, Noise, ParamError, Params};
 pub use prg::{MaskCipher, MaskSeed, MaskStream, Sign, apply_mask, keystream};
 pub use quant::{
     Aggregate, ClipReport, Dequantiser, QuantError, QuantisedInput, dequantise, quantise,

@@ -60,7 +60,34 @@ pub struct Params {
     /// Run the consistency-check stage of Bonawitz et al. (clients sign the survivor set before
     /// revealing shares). Needed against a server that lies about who dropped out.
     pub consistency_check: bool,
+    /// Site-level differential privacy: each site's own noise, added before masking. Part of
+    /// the set-up, hence of the round context every site signs under, so no site can be told a
+    /// smaller σ than its peers.
+    pub noise: Option<Noise>,
 }
+
+/// The distributed discrete Gaussian (Kairouz, Liu and Steinke, ICML 2021): with it, every
+/// site scales its whole update to L2 norm at most [`Params::clip`], quantises it, adds
+/// N_Z(0, σ²) to every value and only then masks it. No one — not the coordinator, not a peer
+/// — ever sees a value without noise, and the unmasked sum carries the noise of every
+/// survivor: variance survivors × σ² per value.
+///
+/// With noise every site counts once (the weight element is 1, the mean unweighted: a
+/// site's example count would be a second, unnoised release about it) and the clipped
+/// counter is not sent (whether a site's norm was clipped is a fact about its data too; the
+/// site logs it itself).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Noise {
+    /// σ of the discrete Gaussian each site adds to each value, in quantisation steps.
+    pub sigma: f64,
+    /// The fewest survivors the noise was sized for. A sum over fewer carries less noise than
+    /// the guarantee assumes, so it is refused when dequantised.
+    pub min_survivors: u32,
+}
+
+/// How many standard deviations of the summed noise the modulus must leave room for on each
+/// side. P[|N(0, 1)| > 20] < 6e-89: no honest sum ever wraps around.
+pub const NOISE_TAIL: f64 = 20.0;
 
 /// The largest model dimension the protocol accepts (2^31 - 3, so `d + 2` fits an `i32`).
 pub const MAX_DIM: u32 = (1 << 31) - 3;
@@ -119,6 +146,23 @@ pub enum ParamError {
     },
     #[error("max_weight = 0: the weight cap must be at least 1")]
     BadMaxWeight,
+    #[error(
+        "noise sigma = {sigma}: the discrete Gaussian's standard deviation must be a finite number of at least 1 quantisation step"
+    )]
+    BadNoise { sigma: f64 },
+    #[error(
+        "noise min_survivors = {min_survivors} with sites = {sites}: the noise must be sized for between 1 and the round's sites"
+    )]
+    BadMinSurvivors { min_survivors: u32, sites: u32 },
+    #[error(
+        "sites = {sites} with quant_bits = {quant_bits} and noise sigma = {sigma}: the sum plus {NOISE_TAIL} standard deviations of its noise on each side does not fit the modulus 2^{modulus_bits}, so an honest sum could wrap around; use fewer quant_bits, less noise or modulus 64"
+    )]
+    NoiseOverflow {
+        sites: u32,
+        quant_bits: u32,
+        sigma: f64,
+        modulus_bits: u32,
+    },
     #[error(
         "sites x {what} = {sites} x {value} does not fit the modulus 2^{modulus_bits}: the sum would wrap around and be wrong; {advice}"
     )]
@@ -184,7 +228,18 @@ impl Params {
             modulus: Modulus::Bits32,
             max_weight: 1000,
             consistency_check: false,
+            noise: None,
         }
+    }
+
+    /// With [`Params::noise`]: how far one site's quantised input can move the sum, in L2 norm
+    /// and quantisation steps, between its real update and none at all (the neighbouring
+    /// federation in which the site sends a zero update). The update scaled to norm `clip` is
+    /// `clip × s = (2^q − 1)/2` steps long whatever `clip` is; stochastic rounding moves each
+    /// of the `d` values of either input by less than a step, which adds under 2√d.
+    pub fn l2_sensitivity(&self) -> f64 {
+        let top = ((1u64 << self.quant_bits) - 1) as f64;
+        top / 2.0 + 2.0 * f64::from(self.dim).sqrt()
     }
 
     /// Length of the masked vector: weight, clipped count, then `dim` quantised values.
@@ -282,6 +337,30 @@ impl Params {
                 "use modulus 64 for models this large".to_string(),
             ),
         ];
+        if let Some(noise) = self.noise {
+            if !(noise.sigma.is_finite() && noise.sigma >= 1.0) {
+                return Err(ParamError::BadNoise { sigma: noise.sigma });
+            }
+            if noise.min_survivors == 0 || noise.min_survivors > n {
+                return Err(ParamError::BadMinSurvivors {
+                    min_survivors: noise.min_survivors,
+                    sites: n,
+                });
+            }
+            // Unmasking reads the sum as a signed offset from its centre n(2^q − 1)/2, so
+            // the whole span of honest sums must be narrower than the modulus.
+            let span = n as f64 * q_max as f64
+                + 2.0 * NOISE_TAIL * noise.sigma * f64::from(n).sqrt()
+                + 2.0;
+            if span >= limit as f64 {
+                return Err(ParamError::NoiseOverflow {
+                    sites: n,
+                    quant_bits: self.quant_bits,
+                    sigma: noise.sigma,
+                    modulus_bits: bits,
+                });
+            }
+        }
         for (what, value, advice) in checks {
             if n as u128 * value as u128 >= limit {
                 return Err(ParamError::Overflow {
@@ -404,6 +483,47 @@ mod tests {
                 },
                 "max_weight <= 429496729",
             ),
+            (
+                Params {
+                    noise: Some(Noise {
+                        sigma: 0.5,
+                        min_survivors: 6,
+                    }),
+                    ..base.clone()
+                },
+                "noise sigma = 0.5",
+            ),
+            (
+                Params {
+                    noise: Some(Noise {
+                        sigma: f64::INFINITY,
+                        min_survivors: 6,
+                    }),
+                    ..base.clone()
+                },
+                "noise sigma = inf",
+            ),
+            (
+                Params {
+                    noise: Some(Noise {
+                        sigma: 100.0,
+                        min_survivors: 11,
+                    }),
+                    ..base.clone()
+                },
+                "min_survivors = 11 with sites = 10",
+            ),
+            (
+                // 2^32 − 10 × (2^16 − 1) leaves room for ±20 σ√10 only while σ < about 3.39e7.
+                Params {
+                    noise: Some(Noise {
+                        sigma: 4e7,
+                        min_survivors: 6,
+                    }),
+                    ..base.clone()
+                },
+                "could wrap around",
+            ),
         ];
         for (p, needle) in cases {
             let err = p.validate().expect_err("must be rejected").to_string();
@@ -417,5 +537,31 @@ mod tests {
             ..base
         };
         assert_eq!(classic.validate(), Ok(()));
+        let noisy = Params {
+            noise: Some(Noise {
+                sigma: 3e7,
+                min_survivors: 6,
+            }),
+            ..classic
+        };
+        assert_eq!(noisy.validate(), Ok(()));
+        assert_eq!(
+            Params {
+                modulus: Modulus::Bits64,
+                ..noisy.clone()
+            }
+            .with_noise_sigma(4e7)
+            .validate(),
+            Ok(())
+        );
+    }
+
+    impl Params {
+        fn with_noise_sigma(mut self, sigma: f64) -> Self {
+            if let Some(n) = self.noise.as_mut() {
+                n.sigma = sigma;
+            }
+            self
+        }
     }
 }

@@ -14,8 +14,9 @@
 use rand_core::Rng;
 use thiserror::Error;
 
-use super::params::Params;
+use super::params::{NOISE_TAIL, Noise, Params};
 use super::word::Word;
+use crate::privacy::discrete_gaussian;
 
 /// Index of the weight in the vector.
 pub const WEIGHT_INDEX: usize = 0;
@@ -48,6 +49,20 @@ pub enum QuantError {
         "summed value {index} is {value}, above survivors x (2^quant_bits - 1) = {max}: a site sent an element outside the quantisation range"
     )]
     ValueOutOfRange { index: usize, value: u64, max: u64 },
+    #[error(
+        "summed value {index} lies {offset:.0} quantisation steps from the centre of the range, more than the {max:.0} that values plus {NOISE_TAIL} standard deviations of the survivors' noise can reach: a site sent an element outside the quantisation range"
+    )]
+    NoisyValueOutOfRange { index: usize, offset: f64, max: f64 },
+    #[error(
+        "{survivors} survivor(s), fewer than the {min} the noise was sized for: the sum carries less noise than the privacy guarantee assumes"
+    )]
+    TooFewForNoise { survivors: usize, min: u32 },
+    #[error(
+        "with noise every site's weight element is 1, but the survivors' weights sum to {total} for {survivors} survivor(s)"
+    )]
+    NoisyWeight { total: u64, survivors: usize },
+    #[error("with noise no site sends a clipped count, but the survivors' counts sum to {clipped}")]
+    NoisyClipped { clipped: u64 },
 }
 
 /// A site's quantised input, ready to be masked. Zeroised on drop: it is the site's update.
@@ -96,7 +111,8 @@ fn scale(params: &Params) -> f64 {
     ((1u64 << params.quant_bits) - 1) as f64 / (2.0 * params.clip as f64)
 }
 
-/// Quantises `delta` (length `params.dim`) with example count `weight`.
+/// Quantises `delta` (length `params.dim`) with example count `weight`; with
+/// [`Params::noise`], [`quantise_noisy`] instead (the weight is then not used).
 pub fn quantise<W: Word, R: Rng + ?Sized>(
     params: &Params,
     delta: &[f32],
@@ -111,6 +127,9 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
     }
     if let Some((index, &value)) = delta.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(QuantError::NotFinite { index, value });
+    }
+    if let Some(noise) = params.noise {
+        return Ok(quantise_noisy(params, noise, delta, rng));
     }
     let capped = weight.min(params.max_weight);
     let w_frac = capped as f64 / params.max_weight as f64;
@@ -144,6 +163,51 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
     ))
 }
 
+/// Site-level DP: `delta` scaled to L2 norm at most `clip`, quantised (stochastic rounding),
+/// then N_Z(0, σ²) added to every value, wrapping in the ring. The weight element is 1 and the
+/// clipped counter 0 (see [`Noise`]); [`ClipReport::clipped`] is 1 when the norm was scaled
+/// down, for the site's own log.
+///
+/// The noise is drawn from `rng`, the same generator as the rounding: seeded per round and
+/// model, a redo of the round sends the same noisy input, so the coordinator gets no second
+/// noisy look at the same update.
+fn quantise_noisy<W: Word, R: Rng + ?Sized>(
+    params: &Params,
+    noise: Noise,
+    delta: &[f32],
+    rng: &mut R,
+) -> (QuantisedInput<W>, ClipReport) {
+    let c = params.clip as f64;
+    let norm = delta
+        .iter()
+        .map(|&d| f64::from(d) * f64::from(d))
+        .sum::<f64>()
+        .sqrt();
+    let factor = if norm > c { c / norm } else { 1.0 };
+    let s = scale(params);
+    let top = ((1u64 << params.quant_bits) - 1) as f64;
+    let mut values = Vec::with_capacity(params.vector_len());
+    values.push(W::from_u64_wrapping(1));
+    values.push(W::ZERO);
+    for &d in delta {
+        // |d · factor| ≤ c, so r is in [0, top] up to float rounding, which the clamp removes.
+        let r = ((f64::from(d) * factor + c) * s).clamp(0.0, top);
+        let floor = r.floor();
+        let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        let z = if u < r - floor { floor + 1.0 } else { floor };
+        let noisy = (z.min(top) as i64).wrapping_add(discrete_gaussian(noise.sigma, rng));
+        // Two's complement: a negative value wraps to 2^b − |v|, which is what the ring needs.
+        values.push(W::from_u64_wrapping(noisy as u64));
+    }
+    (
+        QuantisedInput { values },
+        ClipReport {
+            clipped: u32::from(norm > c),
+            weight_capped: false,
+        },
+    )
+}
+
 /// The server's view of a round's result after dequantisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Aggregate {
@@ -154,8 +218,12 @@ pub struct Aggregate {
     pub survivors: usize,
     /// Σ w Δ / Σ w with capped weights: the FedAvg update.
     pub mean: Vec<f32>,
-    /// Bound on |mean - exact weighted mean of the clipped deltas|, per element.
+    /// Bound on |mean - exact weighted mean of the clipped deltas|, per element, from
+    /// rounding (the noise below is not an error: it is the point).
     pub error_bound: f64,
+    /// With noise: the standard deviation of the noise in each value of the mean,
+    /// √survivors · σ / (s · survivors). 0 without.
+    pub noise_std: f64,
 }
 
 /// Turns the unmasked sum of `survivors` quantised vectors into the weighted mean delta.
@@ -173,7 +241,12 @@ pub fn dequantise<W: Word>(
         clipped: sum[CLIPPED_INDEX].to_u64(),
         survivors,
         mean: sum[VALUES_OFFSET..].iter().map(|z| d.mean(*z)).collect(),
-        error_bound: error_bound(params, survivors, d.total_weight),
+        error_bound: if params.noise.is_some() {
+            survivors as f64 / (d.scale * survivors as f64)
+        } else {
+            error_bound(params, survivors, d.total_weight)
+        },
+        noise_std: d.noise_std(),
     })
 }
 
@@ -188,6 +261,21 @@ pub struct Dequantiser {
     scale: f64,
     offset: f64,
     w_frac_sum: f64,
+    noisy: Option<Noisy>,
+}
+
+/// How a noisy sum is read: as a signed distance from the centre of the survivors' range,
+/// since noise can push a value below 0 (wrapping to the top of the ring) or above the range.
+#[derive(Debug, Clone, Copy)]
+struct Noisy {
+    /// ⌊survivors · (2^q − 1) / 2⌋, the integer the distance is measured from.
+    centre: u64,
+    /// survivors · (2^q − 1) / 2 − centre: 0 or ½.
+    centre_frac: f64,
+    /// The largest |distance| an honest sum reaches: half the range plus the noise's tail.
+    max_offset: f64,
+    /// Standard deviation of the summed noise, in steps.
+    sum_sigma: f64,
 }
 
 impl Dequantiser {
@@ -215,6 +303,37 @@ impl Dequantiser {
         if total_weight == 0 {
             return Err(QuantError::ZeroWeight);
         }
+        let top = (1u64 << params.quant_bits) - 1;
+        if let Some(noise) = params.noise {
+            if survivors < noise.min_survivors as usize {
+                return Err(QuantError::TooFewForNoise {
+                    survivors,
+                    min: noise.min_survivors,
+                });
+            }
+            if total_weight != survivors as u64 {
+                return Err(QuantError::NoisyWeight {
+                    total: total_weight,
+                    survivors,
+                });
+            }
+            let half = survivors as f64 * top as f64 / 2.0;
+            let sum_sigma = noise.sigma * (survivors as f64).sqrt();
+            return Ok(Dequantiser {
+                total_weight,
+                survivors: survivors as u64,
+                max_value: 0,
+                scale: scale(params),
+                offset: 0.0,
+                w_frac_sum: survivors as f64,
+                noisy: Some(Noisy {
+                    centre: half.floor() as u64,
+                    centre_frac: half - half.floor(),
+                    max_offset: half + NOISE_TAIL * sum_sigma + 1.0,
+                    sum_sigma,
+                }),
+            });
+        }
         let max = (survivors as u64).saturating_mul(params.max_weight);
         if total_weight > max {
             return Err(QuantError::WeightOutOfRange {
@@ -222,7 +341,6 @@ impl Dequantiser {
                 max,
             });
         }
-        let top = (1u64 << params.quant_bits) - 1;
         Ok(Dequantiser {
             total_weight,
             survivors: survivors as u64,
@@ -231,7 +349,20 @@ impl Dequantiser {
             offset: survivors as f64 * params.clip as f64,
             // Σ w' = Σ w / W
             w_frac_sum: total_weight as f64 / params.max_weight as f64,
+            noisy: None,
         })
+    }
+
+    /// The standard deviation of the noise in each value of the mean (0 without noise).
+    pub fn noise_std(&self) -> f64 {
+        self.noisy
+            .map_or(0.0, |n| n.sum_sigma / (self.scale * self.survivors as f64))
+    }
+
+    /// A noisy summed value as its signed distance from the centre, in steps.
+    fn offset_of<W: Word>(n: &Noisy, z: W) -> f64 {
+        let d = z.wrapping_sub(W::from_u64_wrapping(n.centre)).to_signed();
+        d as f64 - n.centre_frac
     }
 
     /// Checks a summed element `z` at `index` of the sum: from [`VALUES_OFFSET`] on each is a
@@ -239,6 +370,25 @@ impl Dequantiser {
     /// value and survivor. Run over the whole sum before any of it is applied.
     pub fn check<W: Word>(&self, index: usize, z: W, dim: u32) -> Result<(), QuantError> {
         let value = z.to_u64();
+        if let Some(n) = &self.noisy {
+            return match index {
+                WEIGHT_INDEX => Ok(()),
+                CLIPPED_INDEX if value != 0 => Err(QuantError::NoisyClipped { clipped: value }),
+                CLIPPED_INDEX => Ok(()),
+                _ => {
+                    let offset = Self::offset_of(n, z);
+                    if offset.abs() > n.max_offset {
+                        Err(QuantError::NoisyValueOutOfRange {
+                            index,
+                            offset,
+                            max: n.max_offset,
+                        })
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+        }
         match index {
             WEIGHT_INDEX => Ok(()),
             CLIPPED_INDEX => {
@@ -264,6 +414,10 @@ impl Dequantiser {
     /// The weighted mean of one summed element (one of the sum's values, from
     /// [`VALUES_OFFSET`] on).
     pub fn mean<W: Word>(&self, z: W) -> f32 {
+        if let Some(n) = &self.noisy {
+            // The centre is the sum of survivors zero updates: the distance is Σ x · s + noise.
+            return (Self::offset_of(n, z) / self.scale / self.w_frac_sum) as f32;
+        }
         ((z.to_u64() as f64 / self.scale - self.offset) / self.w_frac_sum) as f32
     }
 }
@@ -360,6 +514,113 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         let (x, _) = quantise::<u32, _>(&p, &[-1.0, 1.0], 500, &mut rng).unwrap();
         assert_eq!(x.values(), &[500, 0, 0, 255]);
+    }
+
+    fn noisy(dim: u32, sigma: f64, min_survivors: u32) -> Params {
+        Params {
+            noise: Some(Noise {
+                sigma,
+                min_survivors,
+            }),
+            ..params(dim, 16, 1.0)
+        }
+    }
+
+    /// With noise: the update is scaled to L2 norm `clip`, each site counts once, and values
+    /// that noise pushed below 0 (wrapping to the top of the ring) or above the range decode
+    /// to where they belong.
+    #[test]
+    fn a_noisy_sum_decodes_around_the_unweighted_mean_of_the_clipped_updates() {
+        let p = noisy(3, 40.0, 2);
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        // Norm 5: scaled to (0.6, -0.8, 0); norm 0.5: kept.
+        let (a, ra) = quantise::<u32, _>(&p, &[3.0, -4.0, 0.0], 10, &mut rng).unwrap();
+        let (b, rb) = quantise::<u32, _>(&p, &[0.0, -0.5, 0.0], 900, &mut rng).unwrap();
+        assert_eq!((ra.clipped, rb.clipped), (1, 0));
+        assert_eq!(&a.values()[..2], &[1, 0]);
+        let mut sum = vec![0u32; p.vector_len()];
+        crate::secagg::word::add_assign(&mut sum, a.values());
+        crate::secagg::word::add_assign(&mut sum, b.values());
+        let agg = dequantise(&p, &sum, 2).unwrap();
+        assert_eq!((agg.total_weight, agg.clipped), (2, 0));
+        let s = 65535.0 / 2.0;
+        assert!((agg.noise_std - 40.0 * 2f64.sqrt() / (s * 2.0)).abs() < 1e-12);
+        for (got, want) in agg.mean.iter().zip([0.3, -0.65, 0.0]) {
+            // 6 noise standard deviations plus rounding.
+            let err = (f64::from(*got) - want).abs();
+            assert!(
+                err < 6.0 * agg.noise_std + agg.error_bound,
+                "{got} vs {want}"
+            );
+        }
+        // A value at the bottom of the range: noise wraps about half the inputs around 0.
+        let p = noisy(1, 50.0, 3);
+        let mut wrapped = 0;
+        for _ in 0..100 {
+            let mut sum = vec![0u64; p.vector_len()];
+            for _ in 0..3 {
+                let (x, _) = quantise::<u64, _>(&p, &[-1.0], 1, &mut rng).unwrap();
+                wrapped += usize::from(x.values()[VALUES_OFFSET] > u64::MAX / 2);
+                crate::secagg::word::add_assign(&mut sum, x.values());
+            }
+            let agg = dequantise(&p, &sum, 3).unwrap();
+            let err = (f64::from(agg.mean[0]) + 1.0).abs();
+            assert!(
+                err < 6.0 * agg.noise_std + agg.error_bound,
+                "{:?}",
+                agg.mean
+            );
+        }
+        assert!(
+            (100..200).contains(&wrapped),
+            "{wrapped} of 300 inputs wrapped"
+        );
+    }
+
+    #[test]
+    fn a_noisy_sum_no_honest_sites_can_make_is_refused() {
+        let p = noisy(2, 10.0, 3);
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let mut sum = vec![0u32; p.vector_len()];
+        for _ in 0..3 {
+            let (x, _) = quantise::<u32, _>(&p, &[0.1, 0.2], 1, &mut rng).unwrap();
+            crate::secagg::word::add_assign(&mut sum, x.values());
+        }
+        assert!(dequantise(&p, &sum, 3).is_ok());
+        // Fewer survivors than the noise was sized for.
+        assert_eq!(
+            dequantise(&p, &sum, 2).unwrap_err(),
+            QuantError::TooFewForNoise {
+                survivors: 2,
+                min: 3
+            }
+        );
+        // A weight element other than 1 per site.
+        let mut heavy = sum.clone();
+        heavy[WEIGHT_INDEX] = 4;
+        assert!(matches!(
+            dequantise(&p, &heavy, 3),
+            Err(QuantError::NoisyWeight { total: 4, .. })
+        ));
+        let mut counted = sum.clone();
+        counted[CLIPPED_INDEX] = 1;
+        assert_eq!(
+            dequantise(&p, &counted, 3).unwrap_err(),
+            QuantError::NoisyClipped { clipped: 1 }
+        );
+        // A site that adds 2^30 to a value: far beyond the range plus 20 σ√3.
+        let mut pushed = sum.clone();
+        pushed[VALUES_OFFSET] = pushed[VALUES_OFFSET].wrapping_add(1 << 30);
+        assert!(matches!(
+            dequantise(&p, &pushed, 3),
+            Err(QuantError::NoisyValueOutOfRange { index: 2, .. })
+        ));
+        let mut pulled = sum;
+        pulled[VALUES_OFFSET + 1] = pulled[VALUES_OFFSET + 1].wrapping_sub(1 << 30);
+        assert!(matches!(
+            dequantise(&p, &pulled, 3),
+            Err(QuantError::NoisyValueOutOfRange { index: 3, .. })
+        ));
     }
 
     #[test]

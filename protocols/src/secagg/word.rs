@@ -26,13 +26,15 @@ pub trait Word: Copy + Default + Eq + Ord + Debug + Send + Sync + 'static + seal
     /// Reduces `v` modulo 2^BITS.
     fn from_u64_wrapping(v: u64) -> Self;
     fn to_u64(self) -> u64;
+    /// The element read as a two's-complement signed number of BITS bits.
+    fn to_signed(self) -> i64;
     /// Reads one little-endian element; `bytes.len()` must be `Self::BYTES`.
     fn read_le(bytes: &[u8]) -> Self;
     fn write_le(self, out: &mut Vec<u8>);
 }
 
 macro_rules! impl_word {
-    ($t:ty) => {
+    ($t:ty, $s:ty) => {
         impl Word for $t {
             const BITS: u32 = <$t>::BITS;
             const BYTES: usize = std::mem::size_of::<$t>();
@@ -55,6 +57,10 @@ macro_rules! impl_word {
                 self as u64
             }
             #[inline(always)]
+            fn to_signed(self) -> i64 {
+                self as $s as i64
+            }
+            #[inline(always)]
             fn read_le(bytes: &[u8]) -> Self {
                 let mut b = [0u8; std::mem::size_of::<$t>()];
                 b.copy_from_slice(bytes);
@@ -68,8 +74,8 @@ macro_rules! impl_word {
     };
 }
 
-impl_word!(u32);
-impl_word!(u64);
+impl_word!(u32, i32);
+impl_word!(u64, i64);
 
 /// `acc[i] += x[i]` modulo 2^BITS. The plain loop vectorises; it is the server's hot path when
 /// masked inputs arrive.

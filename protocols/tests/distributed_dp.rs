@@ -1,0 +1,158 @@
+//! Site-level differential privacy through the real SecAgg+ state machines: every site adds
+//! its own discrete Gaussian noise before masking, and the unmasked sum carries exactly the
+//! noise of the sites whose input is in it.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod harness;
+
+use std::collections::BTreeMap;
+
+use chacha20::ChaCha20Rng;
+use cohort_protocols::secagg::*;
+use harness::{DropAt, run_round};
+use rand_core::SeedableRng;
+
+const SITES: u32 = 8;
+const DIM: u32 = 20_000;
+const SIGMA: f64 = 300.0;
+
+fn params(min_survivors: u32) -> Params {
+    Params {
+        noise: Some(Noise {
+            sigma: SIGMA,
+            min_survivors,
+        }),
+        ..Params::with_defaults(SITES, DIM)
+    }
+}
+
+/// Site `id`'s update: small values (norm well below the clip of 1), different per site.
+fn delta(id: ClientId) -> Vec<f32> {
+    (0..DIM as usize)
+        .map(|j| ((id as usize * 7 + j) % 11) as f32 * 1e-4 - 5e-4)
+        .collect()
+}
+
+/// Every site's quantised noisy input, as the agent would mask it.
+fn inputs(p: &Params) -> BTreeMap<ClientId, Vec<u32>> {
+    (0..SITES)
+        .map(|id| {
+            let mut rng = ChaCha20Rng::seed_from_u64(1000 + u64::from(id));
+            let (x, report) = quantise::<u32, _>(p, &delta(id), 50, &mut rng).unwrap();
+            assert_eq!(report.clipped, 0);
+            (id, x.values().to_vec())
+        })
+        .collect()
+}
+
+fn variance(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    (mean, xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n)
+}
+
+/// Two sites vanish before sending their input; the six survivors' sum, unmasked by the
+/// server, holds Σ of their clipped updates plus noise of variance 6σ² per value — what the
+/// round's privacy is priced on — and every site's own input, the only thing that leaves it,
+/// already carried σ² of noise.
+#[test]
+fn the_unmasked_sum_carries_the_noise_of_every_survivor_and_each_input_its_own() {
+    let p = params(6);
+    p.validate().unwrap();
+    // The noise travels in the set-up every site decodes (and signs under).
+    let setup = ServerMessage::Setup(Setup::new(
+        RoundId::new(4, 0),
+        p.clone(),
+        [3; 32],
+        &[(0, "a".into()), (1, "b".into()), (2, "c".into())],
+    ));
+    assert_eq!(ServerMessage::decode(&setup.encode()).unwrap(), setup);
+    let inputs = inputs(&p);
+    let s = 65535.0 / 2.0;
+    // Each input minus its noiseless quantisation (z − (x + c)·s) is noise plus rounding.
+    for (id, x) in &inputs {
+        let residual: Vec<f64> = x[2..]
+            .iter()
+            .zip(delta(*id))
+            .map(|(z, d)| (*z as i32) as f64 - (f64::from(d) + 1.0) * s)
+            .collect();
+        let (_, var) = variance(&residual);
+        // σ² plus rounding (≤ 1/4); the estimate's relative standard error is √(2/20000) = 1%.
+        assert!(
+            (var / (SIGMA * SIGMA) - 1.0).abs() < 0.05,
+            "site {id}: variance {var}"
+        );
+    }
+    let drops = BTreeMap::from([(1, DropAt::MaskedInput), (6, DropAt::MaskedInput)]);
+    let ids: Vec<ClientId> = (0..SITES).collect();
+    let run = run_round::<u32>(&p, &ids, &drops, 21, &|id, i| inputs[&id][i]);
+    let out = run.result.expect("the round completes with six survivors");
+    assert_eq!(out.survivors, vec![0, 2, 3, 4, 5, 7]);
+    let agg = dequantise::<u32>(&p, &out.sum.to_vec(), 6).unwrap();
+    assert_eq!(agg.total_weight, 6);
+    let sum_noise: Vec<f64> = (0..DIM as usize)
+        .map(|j| {
+            let exact: f64 = out
+                .survivors
+                .iter()
+                .map(|id| f64::from(delta(*id)[j]))
+                .sum();
+            (f64::from(agg.mean[j]) * 6.0 - exact) * s
+        })
+        .collect();
+    let (mean, var) = variance(&sum_noise);
+    let expected = 6.0 * SIGMA * SIGMA;
+    // Mean: 5 standard errors of √(6σ²/20000); variance: 5 relative standard errors of 1%.
+    assert!(
+        mean.abs() < 5.0 * (expected / f64::from(DIM)).sqrt(),
+        "mean {mean}"
+    );
+    assert!(
+        (var / expected - 1.0).abs() < 0.05,
+        "variance {var}, expected {expected}"
+    );
+    assert!((agg.noise_std - (expected.sqrt() / (s * 6.0))).abs() < 1e-12);
+}
+
+/// The noise was sized for seven survivors; with six the sum carries less than the
+/// guarantee assumes, and is refused rather than used.
+#[test]
+fn a_sum_over_fewer_survivors_than_the_noise_was_sized_for_is_refused() {
+    let p = params(7);
+    let inputs = inputs(&p);
+    let drops = BTreeMap::from([(1, DropAt::MaskedInput), (6, DropAt::MaskedInput)]);
+    let ids: Vec<ClientId> = (0..SITES).collect();
+    let run = run_round::<u32>(&p, &ids, &drops, 22, &|id, i| inputs[&id][i]);
+    let out = run.result.expect("the protocol completes");
+    assert_eq!(
+        dequantise::<u32>(&p, &out.sum.to_vec(), out.survivors.len()).unwrap_err(),
+        QuantError::TooFewForNoise {
+            survivors: 6,
+            min: 7
+        }
+    );
+}
+
+/// A site that leaves out its noise is not caught (nothing can tell noise from data), but
+/// one that sends a value beyond the range plus the noise's tail is, in the sum.
+#[test]
+fn a_value_beyond_the_range_and_the_noise_tail_is_caught_in_the_sum() {
+    let p = params(6);
+    let inputs = inputs(&p);
+    let ids: Vec<ClientId> = (0..SITES).collect();
+    let lying = |id: ClientId, i: usize| {
+        if id == 3 && i == 9 {
+            inputs[&id][i].wrapping_add(1 << 28)
+        } else {
+            inputs[&id][i]
+        }
+    };
+    let run = run_round::<u32>(&p, &ids, &BTreeMap::new(), 23, &lying);
+    let out = run.result.expect("the protocol itself cannot see the lie");
+    let err = dequantise::<u32>(&p, &out.sum.to_vec(), out.survivors.len()).unwrap_err();
+    assert!(
+        matches!(err, QuantError::NoisyValueOutOfRange { index: 9, .. }),
+        "{err}"
+    );
+}
