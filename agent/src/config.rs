@@ -231,6 +231,14 @@ pub struct Policy {
     /// any valid bound.
     #[serde(default)]
     pub clip: Option<[f32; 2]>,
+    /// Train in a round only when every site, this one included, adds site-level noise to its
+    /// update before masking (the coordinator's `[privacy.site_level]`) of at least this
+    /// noise multiplier: σ√m / Δ₂, the noise of the m fewest survivors the round accepts over
+    /// one site's sensitivity. The figure is in the round's set-up, which every site signs
+    /// under, so no site can be told less than its peers. None (the default): no
+    /// requirement.
+    #[serde(default)]
+    pub min_noise_multiplier: Option<f64>,
     /// Send at most this many training updates computed from one model (the contribution
     /// ledger counts them). None (the default): no limit. 1 closes the last way to difference
     /// two sums of this site without differential privacy — the same model sent in two rounds
@@ -281,6 +289,7 @@ impl Default for Policy {
             manifest_quorum: 0,
             learning_rate: None,
             clip: None,
+            min_noise_multiplier: None,
             updates_per_model: None,
             max_evaluations_per_round: one(),
             evaluation_granularity: one_u64(),
@@ -382,6 +391,15 @@ impl AgentConfig {
                 key: "policy.clip",
                 value: format!("[{low}, {high}]"),
                 allowed: "[low, high] with 0 < low <= high",
+            });
+        }
+        if let Some(z) = cfg.policy.min_noise_multiplier
+            && !(z.is_finite() && z > 0.0)
+        {
+            return Err(ConfigError::Invalid {
+                key: "policy.min_noise_multiplier",
+                value: z.to_string(),
+                allowed: "a number above 0 (leave it out to require no site-level noise)",
             });
         }
         if cfg.policy.updates_per_model == Some(0)
@@ -559,6 +577,8 @@ mod tests {
             ("learning_rate = [0.0, 1.0]", "policy.learning_rate"),
             ("clip = [-1.0, 1.0]", "policy.clip"),
             ("clip = [2.0, 1.0]", "policy.clip"),
+            ("min_noise_multiplier = 0.0", "policy.min_noise_multiplier"),
+            ("min_noise_multiplier = nan", "policy.min_noise_multiplier"),
         ] {
             let e = with_policy(bad).map(|_| ()).unwrap_err().to_string();
             assert!(e.starts_with(key), "{bad}: {e}");

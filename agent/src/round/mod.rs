@@ -878,7 +878,11 @@ impl<'a> Machine<'a> {
             return Ok(());
         }
         let round = r.start.round;
-        if let Some(reason) = policy::policy_refusal(&self.cfg.policy, setup) {
+        if let Some(reason) = policy::policy_refusal(&self.cfg.policy, setup).or_else(|| {
+            (Task::try_from(r.start.task) == Ok(Task::Train))
+                .then(|| policy::noise_refusal(&self.cfg.policy, setup))
+                .flatten()
+        }) {
             self.decline(round, reason);
             return Ok(());
         }
@@ -1054,7 +1058,15 @@ fn update<W: Word>(
     round: u64,
 ) -> Result<Result<Option<Outgoing>, ClientError>, String> {
     let (q, report) = quantise::<W, _>(params, delta, weight, rng).map_err(|e| e.to_string())?;
-    if report.clipped > 0 {
+    if report.clipped > 0 && params.noise.is_some() {
+        // Site-level DP: the whole update is scaled, and not reported (it says something
+        // about this site's data that the noise does not cover).
+        warn!(
+            clip = params.clip,
+            "update scaled down to L2 norm {} before noise (site-level DP; not reported)",
+            params.clip
+        );
+    } else if report.clipped > 0 {
         warn!(
             clipped = report.clipped,
             "update values clipped to [-{}, {}] (reported to the coordinator only as a sum)",
@@ -1068,11 +1080,6 @@ fn update<W: Word>(
         .map(|m| m.map(|m| outgoing(faults, round, m))))
 }
 
-/// The seed of the stochastic rounding of this site's update in `round` from `model`: secret
-/// (derived from the site's key, so the coordinator cannot predict the rounding), and the same
-/// in every attempt of the round, so a redo after a coordinator crash sends exactly the input
-/// it sent before and the coordinator gets exactly the sum it had (see [`crate::ledger`]);
-/// with fresh randomness the redo's sum would differ by rounding noise, a second look at it.
 /// The site's privacy figures as the wire carries them.
 pub(crate) fn privacy_spent(r: crate::PrivacyReport) -> PrivacySpent {
     PrivacySpent {
@@ -1084,6 +1091,13 @@ pub(crate) fn privacy_spent(r: crate::PrivacyReport) -> PrivacySpent {
     }
 }
 
+/// The seed of the stochastic rounding of this site's update in `round` from `model`: secret
+/// (derived from the site's key, so the coordinator cannot predict the rounding), and the same
+/// in every attempt of the round, so a redo after a coordinator crash sends exactly the input
+/// it sent before and the coordinator gets exactly the sum it had (see [`crate::ledger`]);
+/// with fresh randomness the redo's sum would differ by rounding noise, a second look at it.
+/// With site-level DP the noise is drawn from the same generator, for the same reason: a
+/// redo releases the very same noisy input, not a second independent draw to average.
 fn rounding_seed(key: &SigningKey, round: u64, model_sha3_512: &[u8]) -> [u8; 32] {
     use sha3::{Digest, Sha3_256};
     let mut h = Sha3_256::new();

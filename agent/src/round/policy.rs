@@ -95,6 +95,28 @@ pub(super) fn policy_refusal(
     None
 }
 
+/// Why this site's `policy.min_noise_multiplier` refuses a training round with `setup`: the
+/// round adds no site-level noise, or less than the site requires.
+pub(super) fn noise_refusal(
+    policy: &crate::config::Policy,
+    setup: &cohort_protocols::secagg::Setup,
+) -> Option<String> {
+    let min = policy.min_noise_multiplier?;
+    let p = &setup.params;
+    let Some(noise) = p.noise else {
+        return Some(format!(
+            "policy: the round adds no site-level noise, this site requires a noise multiplier of at least {min} (policy.min_noise_multiplier)"
+        ));
+    };
+    let z = noise.sigma * f64::from(noise.min_survivors).sqrt() / p.l2_sensitivity();
+    (z < min).then(|| {
+        format!(
+            "policy: the round's noise gives a multiplier of {z:.3} over its {} fewest survivors, this site requires at least {min} (policy.min_noise_multiplier)",
+            noise.min_survivors
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +194,35 @@ mod tests {
             ..policy
         };
         assert_eq!(policy_refusal(&lenient, &setup(5, 4, false)), None);
+    }
+
+    #[test]
+    fn a_site_that_requires_site_level_noise_refuses_rounds_with_less() {
+        let policy = Policy {
+            min_noise_multiplier: Some(0.8),
+            ..Policy::default()
+        };
+        assert_eq!(noise_refusal(&Policy::default(), &setup(5, 4, true)), None);
+        let none = noise_refusal(&policy, &setup(5, 4, true)).unwrap_or_default();
+        assert!(
+            none.contains("no site-level noise") && none.contains("policy.min_noise_multiplier"),
+            "{none}"
+        );
+        let with = |sigma: f64, min_survivors: u32| {
+            let mut s = setup(5, 4, true);
+            s.params.noise = Some(cohort_protocols::secagg::Noise {
+                sigma,
+                min_survivors,
+            });
+            s
+        };
+        // Δ₂ = 65535/2 + 2√10 ≈ 32774; σ = 15000 over 4 survivors gives 0.915.
+        assert_eq!(noise_refusal(&policy, &with(15_000.0, 4)), None);
+        // The same σ sized for 2 survivors gives 0.647.
+        let weak = noise_refusal(&policy, &with(15_000.0, 2)).unwrap_or_default();
+        assert!(
+            weak.contains("multiplier of 0.647 over its 2 fewest survivors"),
+            "{weak}"
+        );
     }
 }
