@@ -91,6 +91,39 @@ pub struct PrivacyPolicy {
     /// even if its own budget is larger; when fewer than `rounds.min_sites` sites can go on,
     /// training stops with a message.
     pub epsilon: Option<f64>,
+    /// Site-level DP under secure aggregation: every site adds discrete Gaussian noise to its
+    /// clipped update before masking, and the coordinator accounts for every sum it unmasks.
+    #[serde(default)]
+    pub site_level: Option<SiteLevelPrivacy>,
+}
+
+/// `[privacy.site_level]`: the distributed discrete Gaussian (Kairouz, Liu and Steinke, 2021).
+/// The guarantee is per site: two federations that differ in one site's whole update (that
+/// site sending a zero update instead) are hard to tell apart from everything the
+/// coordinator unmasks, at (ε, δ). It holds against the coordinator itself, as long as the
+/// `min_survivors` sites whose noise makes up the sum are honest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteLevelPrivacy {
+    /// z: the standard deviation of the summed noise of `min_survivors` sites over one
+    /// site's sensitivity (its update's L2 bound, in the same units). Each site adds
+    /// σ = z · Δ₂ / √min_survivors; more survivors mean more noise, never less.
+    pub noise_multiplier: f64,
+    /// C: every site scales its update to at most this L2 norm; for training rounds it
+    /// replaces `secagg.clip` (every value then lies in [−C, C]).
+    pub clip: f32,
+    /// The federation's site-level budget: training stops before a round would take ε past
+    /// it.
+    pub epsilon: f64,
+    #[serde(default = "default_site_delta")]
+    pub delta: f64,
+    /// The fewest survivors a round's noise is sized for; an honest site refuses to help
+    /// unmask a sum over fewer. Default `rounds.min_sites`.
+    pub min_survivors: Option<u32>,
+}
+
+fn default_site_delta() -> f64 {
+    1e-5
 }
 
 /// Resource limits.
@@ -424,6 +457,31 @@ impl SecAggConfig {
 }
 
 impl CoordinatorConfig {
+    /// SecAgg+ parameters of a training round: `secagg`'s, plus, with
+    /// `[privacy.site_level]`, the L2 clip and the noise each site adds (σ = z Δ₂ / √m).
+    pub fn training_params(&self, sites: u32, dim: u32) -> Params {
+        let mut p = self.secagg.params(sites, dim);
+        if let Some(dp) = &self.privacy.site_level {
+            p.clip = dp.clip;
+            let m = self.min_survivors();
+            p.noise = Some(cohort_protocols::secagg::Noise {
+                sigma: dp.noise_multiplier * p.l2_sensitivity() / f64::from(m).sqrt(),
+                min_survivors: m,
+            });
+        }
+        p
+    }
+
+    /// The survivors site-level noise is sized for (`privacy.site_level.min_survivors`,
+    /// default `rounds.min_sites`).
+    pub fn min_survivors(&self) -> u32 {
+        self.privacy
+            .site_level
+            .as_ref()
+            .and_then(|d| d.min_survivors)
+            .unwrap_or(self.rounds.min_sites)
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
@@ -682,6 +740,54 @@ impl CoordinatorConfig {
         {
             return Err(invalid("privacy.epsilon", e, "must be a number above 0"));
         }
+        if let Some(dp) = &self.privacy.site_level {
+            if !s.enabled {
+                return Err(invalid(
+                    "privacy.site_level",
+                    "given",
+                    "site-level noise is added by the sites under secure aggregation: set [secagg] enabled = true (central DP in plain mode is not implemented)",
+                ));
+            }
+            if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
+                return Err(invalid(
+                    "privacy.site_level.noise_multiplier",
+                    dp.noise_multiplier,
+                    "must be a number above 0",
+                ));
+            }
+            if !(dp.clip.is_finite() && dp.clip > 0.0) {
+                return Err(invalid(
+                    "privacy.site_level.clip",
+                    dp.clip,
+                    "must be a number above 0 (the L2 bound of each site's update)",
+                ));
+            }
+            if !(dp.epsilon.is_finite() && dp.epsilon > 0.0) {
+                return Err(invalid(
+                    "privacy.site_level.epsilon",
+                    dp.epsilon,
+                    "must be a number above 0",
+                ));
+            }
+            if !(dp.delta > 0.0 && dp.delta < 1.0) {
+                return Err(invalid(
+                    "privacy.site_level.delta",
+                    dp.delta,
+                    "must be strictly between 0 and 1",
+                ));
+            }
+            let m = self.min_survivors();
+            if m == 0 || m > r.min_sites {
+                return Err(invalid(
+                    "privacy.site_level.min_survivors",
+                    m,
+                    format!(
+                        "between 1 and rounds.min_sites = {} (every round must be able to reach it)",
+                        r.min_sites
+                    ),
+                ));
+            }
+        }
         if s.enabled {
             let dim = self.model.spec().num_params() as u32;
             // Check the parameters for the smallest round and the largest one this
@@ -690,7 +796,7 @@ impl CoordinatorConfig {
             let largest = r.sites_per_round.unwrap_or(r.min_sites).max(r.min_sites);
             let c = self.secagg.max_colluders;
             for sites in [r.min_sites, largest] {
-                let p = self.secagg.params(sites, dim);
+                let p = self.training_params(sites, dim);
                 if self.secagg.threshold.is_none() && p.threshold >= p.neighbours {
                     return Err(invalid(
                         "secagg.max_colluders",

@@ -206,6 +206,8 @@ pub struct Metrics {
     /// The largest ε a training site reports (example-level DP); absent with no DP site.
     privacy_epsilon: Gauge<f64, AtomicU64>,
     privacy_sites_exhausted: Gauge,
+    /// Site-level DP: the federation's ε per site over every noisy sum it unmasked.
+    pub site_epsilon: Gauge<f64, AtomicU64>,
     /// The coordinator's `privacy.epsilon`, set once at start.
     pub privacy_target: std::sync::OnceLock<f64>,
     bytes_received: Counter,
@@ -246,6 +248,7 @@ impl Metrics {
             min_sites: Gauge::default(),
             sites_connected: Gauge::default(),
             privacy_epsilon: Gauge::default(),
+            site_epsilon: Gauge::default(),
             privacy_sites_exhausted: Gauge::default(),
             privacy_target: std::sync::OnceLock::new(),
             bytes_received: Counter::default(),
@@ -336,6 +339,11 @@ impl Metrics {
             "privacy_epsilon",
             "The largest differential-privacy epsilon a training site reports spending (its DP-SGD accountant, at its delta); 0 with no DP site",
             m.privacy_epsilon.clone(),
+        );
+        r.register(
+            "privacy_site_epsilon",
+            "Site-level differential privacy (privacy.site_level): the federation's epsilon per site over every noisy secure sum the coordinator unmasked; 0 without it",
+            m.site_epsilon.clone(),
         );
         r.register(
             "privacy_sites_exhausted",

@@ -34,6 +34,10 @@ pub struct RoundSummary {
     /// round was committed (the federation's guarantee per patient); absent without DP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Site-level DP (`[privacy.site_level]`): the federation's ε per site after this round,
+    /// at `privacy.site_level.delta`, counting every noisy sum unmasked so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_epsilon: Option<f64>,
 }
 
 /// What one site reported about the model after a round.
@@ -150,6 +154,13 @@ pub struct RoundRecord {
     /// refused sites) is kept for every round.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub per_site_pruned: bool,
+    /// Site-level DP: the federation accountant's RDP curve (at the accountant's default
+    /// orders) after this round, committed with it, so a restarted coordinator — or one
+    /// whose store was rebuilt from the journal — resumes the account instead of forgetting
+    /// what was spent. Dropped from rounds older than `storage.keep_round_detail`: only the
+    /// last is ever read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_level_rdp: Option<Vec<f64>>,
 }
 
 impl RoundRecord {
@@ -157,6 +168,7 @@ impl RoundRecord {
     pub fn prune_detail(&mut self) {
         self.per_site.clear();
         self.per_site_pruned = true;
+        self.site_level_rdp = None;
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Progress {
     last_failure: Mutex<Option<(u64, String)>>,
     /// Why training stopped before its last round (see [`Progress::stopped`]).
     stopped: Mutex<Option<String>>,
+    /// Site-level DP spent so far (see [`Progress::site_level`]).
+    site_level: Mutex<Option<crate::driver::SiteLevelSpent>>,
 }
 
 impl Default for Progress {
@@ -108,6 +110,7 @@ impl Default for Progress {
             rollout: Mutex::new(None),
             last_failure: Mutex::new(None),
             stopped: Mutex::new(None),
+            site_level: Mutex::new(None),
         }
     }
 }
@@ -160,6 +163,11 @@ impl Progress {
     pub fn round_failed(&self, round: u64, reason: &str) {
         *lock(&self.last_failure) = Some((round, reason.to_string()));
         *lock(&self.changed) = Instant::now();
+    }
+
+    /// Site-level DP: the federation's account after the last unmasked sum.
+    pub fn site_level(&self, spent: crate::driver::SiteLevelSpent) {
+        *lock(&self.site_level) = Some(spent);
     }
 
     /// Training ended before `rounds.count`, and why (the sites' privacy budgets).
@@ -281,6 +289,8 @@ struct StatusDoc {
     stopped: Option<String>,
     /// The federation's differential privacy; null when no site runs DP-SGD.
     privacy: Option<FederationPrivacyDoc>,
+    /// Site-level DP under secure aggregation (`[privacy.site_level]`); null without it.
+    site_level_privacy: Option<crate::driver::SiteLevelSpent>,
 }
 
 /// Example-level DP across the federation, from what the sites report.
@@ -460,6 +470,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
         stopped: lock(&api.progress.stopped).clone(),
         privacy: federation_privacy(&api),
+        site_level_privacy: *lock(&api.progress.site_level),
     };
     Json(doc).into_response()
 }

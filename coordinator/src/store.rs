@@ -1528,6 +1528,7 @@ mod tests {
             rejected: Vec::new(),
             failed: None,
             epsilon: None,
+            site_epsilon: None,
         }
     }
 
@@ -1585,6 +1586,7 @@ mod tests {
                     ("va".to_string(), site_result()),
                 ]),
                 per_site_pruned: false,
+                site_level_rdp: None,
             };
             store.commit_round(&record, &ckpt, &[], retention).unwrap();
         }
@@ -1890,6 +1892,7 @@ mod tests {
             summary: summary(3),
             per_site: BTreeMap::new(),
             per_site_pruned: false,
+            site_level_rdp: None,
         };
         let err = store
             .commit_round(

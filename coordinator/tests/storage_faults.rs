@@ -54,11 +54,13 @@ fn record(round: u64) -> RoundRecord {
             rejected: Vec::new(),
             failed: None,
             epsilon: None,
+            site_epsilon: None,
         },
         per_site: (0..12)
             .map(|i| (format!("hospital-{i:02}"), site.clone()))
             .collect(),
         per_site_pruned: false,
+        site_level_rdp: None,
     }
 }
 

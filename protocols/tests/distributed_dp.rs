@@ -115,16 +115,34 @@ fn the_unmasked_sum_carries_the_noise_of_every_survivor_and_each_input_its_own()
     assert!((agg.noise_std - (expected.sqrt() / (s * 6.0))).abs() < 1e-12);
 }
 
-/// The noise was sized for seven survivors; with six the sum carries less than the
-/// guarantee assumes, and is refused rather than used.
+/// The noise was sized for seven survivors; with six the sum would carry less than the
+/// guarantee assumes. The honest sites see the survivor set before they reveal a share and
+/// refuse, so the server never gets the sum (and the dequantiser would refuse it too).
 #[test]
-fn a_sum_over_fewer_survivors_than_the_noise_was_sized_for_is_refused() {
+fn a_sum_over_fewer_survivors_than_the_noise_was_sized_for_is_never_unmasked() {
     let p = params(7);
     let inputs = inputs(&p);
     let drops = BTreeMap::from([(1, DropAt::MaskedInput), (6, DropAt::MaskedInput)]);
     let ids: Vec<ClientId> = (0..SITES).collect();
     let run = run_round::<u32>(&p, &ids, &drops, 22, &|id, i| inputs[&id][i]);
-    let out = run.result.expect("the protocol completes");
+    let abort = run.result.expect_err("no sum over six survivors");
+    assert!(
+        run.client_errors.iter().any(|(_, e)| matches!(
+            e,
+            ClientError::TooFewSurvivors {
+                survivors: 6,
+                required: 7
+            }
+        )),
+        "{abort:?}: {:?}",
+        run.client_errors
+    );
+    // The same sum with the floor at six is unmasked, and read as six survivors' noise.
+    let p6 = params(6);
+    let run = run_round::<u32>(&p6, &ids, &drops, 22, &|id, i| inputs[&id][i]);
+    let out = run
+        .result
+        .expect("six survivors are enough for noise sized for six");
     assert_eq!(
         dequantise::<u32>(&p, &out.sum.to_vec(), out.survivors.len()).unwrap_err(),
         QuantError::TooFewForNoise {

@@ -10,10 +10,12 @@
 mod aggregation;
 mod broadcast;
 mod evaluation;
+mod site_privacy;
 mod statistics;
 mod training;
 
 use aggregation::PlainAggregation;
+pub use site_privacy::SiteLevelSpent;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -102,6 +104,8 @@ pub struct RunSummary {
     pub stopped: Option<String>,
     /// Each DP site's spend as it last reported it.
     pub privacy: BTreeMap<String, crate::hub::SitePrivacy>,
+    /// Site-level DP (`[privacy.site_level]`): what the federation's unmasked sums spent.
+    pub site_level: Option<SiteLevelSpent>,
     #[serde(skip)]
     data_dir: std::path::PathBuf,
 }
@@ -145,6 +149,8 @@ pub struct Driver {
     /// refuse any other attempt of the round, so retries go on without them. Cleared when a
     /// new round starts.
     spent: HashSet<String>,
+    /// `[privacy.site_level]`: the federation's account of the noisy sums it unmasked.
+    site_level: Option<site_privacy::SiteLevel>,
     /// Sites that declined the current attempt because they pin another manifest version
     /// than the one the round ran under, with the version they pin.
     manifest_declines: BTreeMap<String, u64>,
@@ -327,6 +333,7 @@ impl Driver {
             training.insert("cnn".into(), toml::Value::try_from(&c.layers)?);
         }
         let training_toml = toml::to_string(&training)?;
+        let site_level = site_privacy::SiteLevel::new(&cfg);
         Ok(Driver {
             hub,
             inbox,
@@ -342,6 +349,7 @@ impl Driver {
             sidelined: HashSet::new(),
             rejected: std::collections::BTreeSet::new(),
             spent: HashSet::new(),
+            site_level,
             manifest_declines: BTreeMap::new(),
             store: ops.store,
             resume: ops.resume,
@@ -381,6 +389,12 @@ impl Driver {
             Some(resume) => self.restore(resume)?,
             None => (self.first_setup().await?, None),
         };
+        self.resume_site_level(last.as_ref()).map_err(|detail| {
+            DriverError::Store(StoreError::Corrupt {
+                path: self.store.path().to_path_buf(),
+                detail,
+            })
+        })?;
         let done = last.as_ref().map_or(0, |r: &RoundRecord| r.summary.round);
         let mut failed_in_a_row = 0;
         let mut stopped = None;
@@ -450,11 +464,13 @@ impl Driver {
                 rejected: self.rejected.iter().cloned().collect(),
                 failed: None,
                 epsilon: self.federation_epsilon(),
+                site_epsilon: self.site_epsilon(),
             };
             let record = RoundRecord {
                 summary,
                 per_site,
                 per_site_pruned: false,
+                site_level_rdp: self.site_level_rdp(),
             };
             // Durable before the next round is announced: a crash from here on resumes
             // after this round, never redoes or loses it.
@@ -463,6 +479,7 @@ impl Driver {
             info!(
                 round = r,
                 epsilon = ?record.summary.epsilon,
+                site_epsilon = ?record.summary.site_epsilon,
                 metric = headline.map_or("", |h| h.0),
                 pooled = headline.map_or(f64::NAN, |h| h.1),
                 site_mean = ?eval.site_mean.headline().map(|h| h.1),
@@ -521,6 +538,7 @@ impl Driver {
             model: self.global.clone(),
             received: self.hub.received.snapshot(),
             stopped,
+            site_level: self.site_level_spent(),
             privacy: self
                 .hub
                 .sites
@@ -563,9 +581,11 @@ impl Driver {
                 rejected: self.rejected.iter().cloned().collect(),
                 failed: Some(reason.clone()),
                 epsilon: self.federation_epsilon(),
+                site_epsilon: self.site_epsilon(),
             },
             per_site,
             per_site_pruned: false,
+            site_level_rdp: self.site_level_rdp(),
         };
         self.commit(&record, hash)?;
         warn!(round, %reason, "round given up: the model is unchanged; the run goes on with the next round");
@@ -676,6 +696,9 @@ impl Driver {
     /// process count: after a restart, a site may come back with a larger budget, so the
     /// coordinator waits for it like for any site, and stops once it has said it cannot go on.
     fn privacy_stop(&self) -> Option<String> {
+        if let Some(reason) = self.site_level_stop() {
+            return Some(reason);
+        }
         let sites = self.hub.sites.snapshot();
         let mut spent: Vec<(&String, SitePrivacy)> = sites
             .iter()

@@ -40,17 +40,19 @@ impl Driver {
             self.hub.record(s, |st| st.rounds_joined += 1);
         }
         if self.secure() {
-            let params = self.cfg.secagg.params(sites.len() as u32, dim as u32);
+            let params = self.cfg.training_params(sites.len() as u32, dim as u32);
             let id = RoundId::new(round, attempt).with_context(context);
             // The sum stays in the round's own word size (a 2^32 sum is half the memory) and
             // in its ranges, dequantised and applied range by range.
             let (a, dropped) = match params.modulus {
                 Modulus::Bits32 => {
                     let agg = self.secagg::<u32>(id, &sites, params.clone()).await?;
+                    self.spend_site_level(&params, agg.survivors.len())?;
                     (self.apply_masked(&params, &agg)?, agg.dropped)
                 }
                 Modulus::Bits64 => {
                     let agg = self.secagg::<u64>(id, &sites, params.clone()).await?;
+                    self.spend_site_level(&params, agg.survivors.len())?;
                     (self.apply_masked(&params, &agg)?, agg.dropped)
                 }
             };

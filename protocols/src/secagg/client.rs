@@ -374,16 +374,25 @@ impl<W: Word> Client<W> {
     }
 
     /// The site's floor on survivors: participants of the roster only, each once (the list
-    /// is checked sorted and duplicate-free first).
+    /// is checked sorted and duplicate-free first). With site-level noise the floor is at
+    /// least the survivors the noise was sized for: a sum over fewer carries less noise than
+    /// the round's guarantee, and an honest site does not reveal the shares that would unmask
+    /// it — so the coordinator cannot see such a sum, not merely promise not to use it.
     fn require_survivors(&self, survivors: &[ClientId]) -> Result<(), ClientError> {
         let n = survivors
             .iter()
             .filter(|s| self.roster.contains_key(s))
             .count();
-        if n < self.min_survivors as usize {
+        let noise_floor = self
+            .params
+            .as_ref()
+            .and_then(|p| p.noise)
+            .map_or(0, |noise| noise.min_survivors);
+        let required = self.min_survivors.max(noise_floor);
+        if n < required as usize {
             return Err(ClientError::TooFewSurvivors {
                 survivors: n,
-                required: self.min_survivors,
+                required,
             });
         }
         Ok(())
