@@ -606,6 +606,19 @@ fn status_text(doc: &StatusDoc) -> String {
                 .map_or(String::new(), |t| format!("   target ε {t}")),
         );
     }
+    if let Some(p) = s["site_level_privacy"].as_object() {
+        let _ = writeln!(
+            out,
+            "site-level privacy: ε {} of {} at δ {}   noise multiplier {} over {} survivors",
+            p.get("epsilon").map_or("-".to_string(), num),
+            p.get("budget").map_or("-".to_string(), num),
+            p.get("delta")
+                .and_then(|d| d.as_f64())
+                .map_or("-".to_string(), |d| format!("{d:e}")),
+            p.get("noise_multiplier").map_or("-".to_string(), num),
+            p.get("min_survivors").map_or("-".to_string(), int),
+        );
+    }
     let sites: Vec<Vec<String>> = doc
         .sites
         .as_array()
@@ -693,6 +706,7 @@ mod tests {
             "last_failure": null,
             "stopped": "privacy budget: switzerland (ε = 2.899 of 3, next round 4.133) cannot afford another round",
             "privacy": { "epsilon": 2.9763, "delta": 1e-5, "target_epsilon": null, "sites": 4, "sites_exhausted": 2 },
+            "site_level_privacy": { "epsilon": 7.5, "delta": 1e-5, "budget": 8.0, "noise_multiplier": 2.0, "min_survivors": 3 },
         });
         let doc = StatusDoc {
             status,
@@ -708,6 +722,12 @@ mod tests {
         assert!(
             text.contains(
                 "privacy: ε 2.9763 at δ 1e-5 (the largest site's)   sites out of budget 2/4"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "site-level privacy: ε 7.5 of 8 at δ 1e-5   noise multiplier 2 over 3 survivors"
             ),
             "{text}"
         );

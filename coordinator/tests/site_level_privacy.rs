@@ -87,7 +87,9 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
         while let Some(record) = report.recv().await {
             let s = record.summary;
             assert_eq!(s.failed, None, "round {}", s.round);
-            let eps = s.site_epsilon.expect("every round records the site-level ε");
+            let eps = s
+                .site_epsilon
+                .expect("every round records the site-level ε");
             let (_, body) = get(&format!("{base}/api/v1/status"), Some(TOKEN))
                 .await
                 .unwrap();
@@ -132,8 +134,8 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
     // the budget, and not before.
     let reason = summary.stopped.clone().expect("stopped at the budget");
     assert!(reason.starts_with("site-level privacy budget"), "{reason}");
-    let worst = distributed_discrete_gaussian(3, noise.sigma, p.l2_sensitivity(), dim.into())
-        .unwrap();
+    let worst =
+        distributed_discrete_gaussian(3, noise.sigma, p.l2_sensitivity(), dim.into()).unwrap();
     assert!(acc.epsilon_after(worst, 1, 1e-5).unwrap().epsilon > BUDGET);
     assert!(rounds.len() >= 5 && summary.rounds_completed == rounds.len() as u64);
     let spent = summary.site_level.expect("the summary carries the account");

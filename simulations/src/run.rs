@@ -73,6 +73,11 @@ struct Scenario {
     /// (`epsilon`, `noise_multiplier`, optional `delta` and `max_grad_norm`).
     #[serde(default)]
     privacy: Option<toml::Table>,
+    /// The coordinator's `[privacy.site_level]`: every site adds discrete Gaussian noise
+    /// under secure aggregation (`noise_multiplier`, `clip`, `epsilon`, optional `delta`,
+    /// `min_survivors`).
+    #[serde(default)]
+    site_level_privacy: Option<toml::Table>,
 }
 
 /// Sites that misbehave on purpose: `fraction` of the sites (the first ones in scenario
@@ -279,6 +284,10 @@ pub struct Summary {
     /// one site) and each DP site's spend; absent when no site runs DP-SGD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// Site-level DP (`[site_level_privacy]`): the federation's ε per site over every noisy
+    /// sum, its δ and budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_level_privacy: Option<cohort_coordinator::driver::SiteLevelSpent>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -319,6 +328,9 @@ pub struct RoundRow {
     /// The federation's ε after the round (example-level DP); absent without DP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// The federation's site-level ε after the round (`[site_level_privacy]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_epsilon: Option<f64>,
     /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
     /// sites' accuracies, FLamby's convention).
     #[serde(default)]
@@ -571,6 +583,15 @@ fn run_scenario(
     }
     if let Some(a) = &s.aggregation {
         coord.insert("aggregation".into(), toml::Value::Table(a.clone()));
+    }
+    if let Some(p) = &s.site_level_privacy {
+        coord.insert(
+            "privacy".into(),
+            toml::Value::Table(toml::Table::from_iter([(
+                "site_level".to_string(),
+                toml::Value::Table(p.clone()),
+            )])),
+        );
     }
     let generated = toml::to_string(&coord)?;
     let coord_cfg =
@@ -922,6 +943,7 @@ fn summarise(
                     attempts: r.attempts,
                     failed: r.failed.clone(),
                     epsilon: r.epsilon,
+                    site_epsilon: r.site_epsilon,
                     weighted_accuracy: r.eval.weighted.accuracy,
                     site_accuracy: each(&|res| res.accuracy),
                     site_metric: each(&|res| headline(&res.metrics)),
@@ -956,6 +978,7 @@ fn summarise(
         pooled: None,
         alone: None,
         stopped: run.stopped,
+        site_level_privacy: run.site_level,
         privacy: (!run.privacy.is_empty()).then(|| PrivacySummary {
             epsilon: run.privacy.values().map(|p| p.epsilon).fold(0.0, f64::max),
             delta: run.privacy.values().map(|p| p.delta).fold(0.0, f64::max),
@@ -971,13 +994,13 @@ fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
     )?;
     // Site means; a metric the task does not have is an empty cell.
     let mut csv = String::from(
-        "round,accuracy,loss,auc,seconds,sites,dropped,clipped,balanced_accuracy,f1,macro_f1,rmse,mae,r2,epsilon\n",
+        "round,accuracy,loss,auc,seconds,sites,dropped,clipped,balanced_accuracy,f1,macro_f1,rmse,mae,r2,epsilon,site_epsilon\n",
     );
     let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for r in &summary.rounds {
         let m = &r.site_mean;
         csv.push_str(&format!(
-            "{},{},{:.6},{},{:.3},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{:.6},{},{:.3},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.round,
             cell(r.accuracy),
             r.loss,
@@ -993,6 +1016,7 @@ fn write_outputs(summary: &Summary, out: &Path) -> Result<()> {
             cell(m.mae),
             cell(m.r2),
             cell(r.epsilon),
+            cell(r.site_epsilon),
         ));
     }
     std::fs::write(out.join("rounds.csv"), csv)?;

@@ -206,6 +206,48 @@ fn a_private_federation_stops_at_the_budget_and_the_summary_says_what_was_spent(
     );
 }
 
+/// Site-level DP under secure aggregation through cohort-sim: every hospital adds discrete
+/// Gaussian noise before masking; the federation's ε grows every round, the run stops before
+/// the budget, and summary.json and rounds.csv say what was spent.
+#[test]
+fn a_site_level_private_federation_stops_before_its_budget_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(
+        dir.path(),
+        30,
+        true,
+        "[site_level_privacy]\nnoise_multiplier = 2.0\nclip = 0.5\nepsilon = 6.0\n",
+    );
+    let reason = s.stopped.clone().expect("stopped at the budget");
+    assert!(reason.starts_with("site-level privacy budget"), "{reason}");
+    let spent = s
+        .site_level_privacy
+        .expect("site_level_privacy in summary.json");
+    assert!(spent.epsilon > 0.0 && spent.epsilon <= 6.0, "{spent:?}");
+    assert_eq!((spent.budget, spent.delta), (6.0, 1e-5));
+    assert!(
+        s.rounds_completed >= 2 && s.rounds_completed < 30,
+        "{reason}"
+    );
+    let eps: Vec<f64> = s.rounds.iter().map(|r| r.site_epsilon.unwrap()).collect();
+    assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+    assert_eq!(*eps.last().unwrap(), spent.epsilon);
+    assert!(
+        s.rounds
+            .iter()
+            .all(|r| r.clipped == 0 && r.failed.is_none())
+    );
+    let out = dir.path().join("out-true-30-69");
+    let csv = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",epsilon,site_epsilon"),
+        "{csv}"
+    );
+}
+
 /// Plain mode (the coordinator sees every update): one of the four hospitals — cleveland,
 /// the largest — sends −10 times its update every round. The mean follows it; the median
 /// and the trimmed mean keep the model near the clean run's.

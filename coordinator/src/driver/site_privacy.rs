@@ -11,7 +11,7 @@
 
 use cohort_protocols::privacy::{Accountant, DEFAULT_ORDERS, distributed_discrete_gaussian};
 use cohort_protocols::secagg::Params;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
@@ -24,7 +24,7 @@ pub(super) struct SiteLevel {
 }
 
 /// Site-level DP as the status API and the run summary show it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SiteLevelSpent {
     /// The federation's ε per site so far, at `delta`.
     pub epsilon: f64,
