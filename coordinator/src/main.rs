@@ -727,7 +727,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "site-level privacy: ε 7.5 of 8 at δ 1e-5   noise multiplier 2 over 3 survivors"
+                "site-level privacy: ε 7.5000 of 8.0000 at δ 1e-5   noise multiplier 2.0000 over 3 survivors"
             ),
             "{text}"
         );
