@@ -174,3 +174,74 @@ fn a_value_beyond_the_range_and_the_noise_tail_is_caught_in_the_sum() {
         "{err}"
     );
 }
+
+/// Kolmogorov–Smirnov distance between two samples.
+fn ks(a: &mut [f64], b: &mut [f64]) -> f64 {
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut d) = (0, 0, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+/// Plain mode with central DP and secure mode with site-level DP, set to the same total
+/// noise, release the same distribution: the coordinator's single N_Z(0, 8σ²) against eight
+/// sites' N_Z(0, σ²) summed under masks. Compared by variance, by kurtosis and by a
+/// two-sample Kolmogorov–Smirnov test at α = 0.001 (critical distance 1.949·√(2/20000)), so a
+/// correct pair fails with probability 1e-3 for a random seed, and never with these.
+#[test]
+fn plain_central_dp_and_secure_site_level_dp_release_the_same_distribution() {
+    let p = params(8);
+    let inputs = inputs(&p);
+    let ids: Vec<ClientId> = (0..SITES).collect();
+    let run = run_round::<u32>(&p, &ids, &BTreeMap::new(), 24, &|id, i| inputs[&id][i]);
+    let out = run.result.expect("the round completes");
+    let secure = dequantise::<u32>(&p, &out.sum.to_vec(), 8).unwrap();
+    let deltas: Vec<Vec<f32>> = ids.iter().map(|id| delta(*id)).collect();
+    let views: Vec<&[f32]> = deltas.iter().map(|d| d.as_slice()).collect();
+    let z = 8f64.sqrt() * SIGMA / p.l2_sensitivity();
+    let mut rng = ChaCha20Rng::seed_from_u64(99);
+    let (central, scaled) = central_release(&p, &views, z, &mut rng).unwrap();
+    assert_eq!(scaled, 0);
+    assert!((central.noise_std - secure.noise_std).abs() < 1e-12 * secure.noise_std);
+    let s = 65535.0 / 2.0;
+    let noise = |agg: &Aggregate| -> Vec<f64> {
+        (0..DIM as usize)
+            .map(|j| {
+                let exact: f64 = deltas.iter().map(|d| f64::from(d[j])).sum();
+                (f64::from(agg.mean[j]) * 8.0 - exact) * s
+            })
+            .collect()
+    };
+    let (mut a, mut b) = (noise(&secure), noise(&central));
+    let moments = |xs: &[f64]| {
+        let (_, var) = variance(xs);
+        let k = xs.iter().map(|x| x.powi(4)).sum::<f64>() / xs.len() as f64 / (var * var);
+        (var, k)
+    };
+    let ((va, ka), (vb, kb)) = (moments(&a), moments(&b));
+    let expected = 8.0 * SIGMA * SIGMA;
+    assert!((va / expected - 1.0).abs() < 0.05, "secure variance {va}");
+    assert!((vb / expected - 1.0).abs() < 0.05, "central variance {vb}");
+    // A Gaussian's kurtosis is 3; its estimate's standard error is √(24/n) ≈ 0.035.
+    assert!(
+        (ka - 3.0).abs() < 0.18 && (kb - 3.0).abs() < 0.18,
+        "{ka} {kb}"
+    );
+    let d = ks(&mut a, &mut b);
+    assert!(d < 1.949 * (2.0 / f64::from(DIM)).sqrt(), "KS distance {d}");
+    // The test sees a real difference: the central noise at 1.1× the σ.
+    let mut rng = ChaCha20Rng::seed_from_u64(100);
+    let (wider, _) = central_release(&p, &views, z * 1.1, &mut rng).unwrap();
+    let mut c = noise(&wider);
+    assert!(ks(&mut a, &mut c) > 1.949 * (2.0 / f64::from(DIM)).sqrt());
+}

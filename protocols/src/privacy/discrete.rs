@@ -115,6 +115,31 @@ pub fn distributed_discrete_gaussian(
     })
 }
 
+/// Central DP with adaptive clipping: one release of a clipped sum with discrete Gaussian
+/// noise of `noise_multiplier` × its sensitivity, together with a count of unclipped updates
+/// (sensitivity 1) with N_Z(0, `count_noise`²). The two are one Gaussian release of the
+/// vector (sum, count) with per-part noise, whose RDP is α/2 · (1/z² + 1/σ_b²): the
+/// multiplier returned is 1/√(1/z² + 1/σ_b²) (Andrew et al. 2021, §3).
+pub fn central_gaussian(
+    noise_multiplier: f64,
+    count_noise: Option<f64>,
+) -> Result<Mechanism, PrivacyError> {
+    if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
+        return Err(PrivacyError::NoiseMultiplier(noise_multiplier));
+    }
+    let mut rho = 1.0 / (noise_multiplier * noise_multiplier);
+    if let Some(b) = count_noise {
+        if !(b.is_finite() && b > 0.0) {
+            return Err(PrivacyError::NoiseMultiplier(b));
+        }
+        rho += 1.0 / (b * b);
+    }
+    Ok(Mechanism::SubsampledGaussian {
+        sampling_rate: 1.0,
+        noise_multiplier: 1.0 / rho.sqrt(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +251,21 @@ mod tests {
         assert!(distributed_discrete_gaussian(0, 1.0, 1.0, 1).is_err());
         assert!(distributed_discrete_gaussian(3, 0.0, 1.0, 1).is_err());
         assert!(distributed_discrete_gaussian(3, 1.0, f64::NAN, 1).is_err());
+    }
+
+    /// The count's noise adds its own term: z = 1 with σ_b = 1 is priced as z = 1/√2, and
+    /// without a count as z itself.
+    #[test]
+    fn a_central_release_with_a_noisy_count_is_priced_as_one_gaussian() {
+        let z = |m: Mechanism| match m {
+            Mechanism::SubsampledGaussian {
+                noise_multiplier, ..
+            } => noise_multiplier,
+        };
+        assert_eq!(z(central_gaussian(1.5, None).unwrap()), 1.5);
+        assert!((z(central_gaussian(1.0, Some(1.0)).unwrap()) - 0.5f64.sqrt()).abs() < 1e-12);
+        assert!(central_gaussian(0.0, None).is_err());
+        assert!(central_gaussian(1.0, Some(-1.0)).is_err());
     }
 
     #[test]

@@ -17,5 +17,7 @@
 mod discrete;
 mod rdp;
 
-pub use discrete::{discrete_gaussian, distributed_discrete_gaussian, sum_divergence};
+pub use discrete::{
+    central_gaussian, discrete_gaussian, distributed_discrete_gaussian, sum_divergence,
+};
 pub use rdp::{Accountant, DEFAULT_ORDERS, Mechanism, PrivacyError, Spent};

@@ -40,7 +40,8 @@ pub use messages::{
 pub use params::{MAX_DIM, Modulus, NOISE_TAIL, Noise, ParamError, Params};
 pub use prg::{MaskCipher, MaskSeed, MaskStream, Sign, apply_mask, keystream};
 pub use quant::{
-    Aggregate, ClipReport, Dequantiser, QuantError, QuantisedInput, dequantise, quantise,
+    Aggregate, ClipReport, Dequantiser, QuantError, QuantisedInput, central_release, dequantise,
+    next_clip, quantise,
 };
 pub use server::{
     Abort, AbortReason, Output, Poll, RejectReason, Rejection, Server, ServerStage, StageTimeouts,

@@ -129,7 +129,7 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
         return Err(QuantError::NotFinite { index, value });
     }
     if let Some(noise) = params.noise {
-        return Ok(quantise_noisy(params, noise, delta, rng));
+        return Ok(quantise_l2(params, delta, noise.sigma, rng));
     }
     let capped = weight.min(params.max_weight);
     let w_frac = capped as f64 / params.max_weight as f64;
@@ -164,17 +164,17 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
 }
 
 /// Site-level DP: `delta` scaled to L2 norm at most `clip`, quantised (stochastic rounding),
-/// then N_Z(0, σ²) added to every value, wrapping in the ring. The weight element is 1 and the
-/// clipped counter 0 (see [`Noise`]); [`ClipReport::clipped`] is 1 when the norm was scaled
-/// down, for the site's own log.
+/// then N_Z(0, σ²) added to every value (none when `sigma` is 0), wrapping in the ring. The
+/// weight element is 1 and the clipped counter 0 (see [`Noise`]); [`ClipReport::clipped`] is 1
+/// when the norm was scaled down, for the site's own log.
 ///
 /// The noise is drawn from `rng`, the same generator as the rounding: seeded per round and
 /// model, a redo of the round sends the same noisy input, so the coordinator gets no second
 /// noisy look at the same update.
-fn quantise_noisy<W: Word, R: Rng + ?Sized>(
+fn quantise_l2<W: Word, R: Rng + ?Sized>(
     params: &Params,
-    noise: Noise,
     delta: &[f32],
+    sigma: f64,
     rng: &mut R,
 ) -> (QuantisedInput<W>, ClipReport) {
     let c = params.clip as f64;
@@ -195,7 +195,12 @@ fn quantise_noisy<W: Word, R: Rng + ?Sized>(
         let floor = r.floor();
         let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let z = if u < r - floor { floor + 1.0 } else { floor };
-        let noisy = (z.min(top) as i64).wrapping_add(discrete_gaussian(noise.sigma, rng));
+        let noise = if sigma > 0.0 {
+            discrete_gaussian(sigma, rng)
+        } else {
+            0
+        };
+        let noisy = (z.min(top) as i64).wrapping_add(noise);
         // Two's complement: a negative value wraps to 2^b − |v|, which is what the ring needs.
         values.push(W::from_u64_wrapping(noisy as u64));
     }
@@ -206,6 +211,81 @@ fn quantise_noisy<W: Word, R: Rng + ?Sized>(
             weight_capped: false,
         },
     )
+}
+
+/// Central DP (plain mode, a coordinator trusted with the updates): what every site does under
+/// site-level DP, done once by the coordinator for all of them. Each update is scaled to L2
+/// norm `params.clip` and quantised, the quantised updates are summed, and one N_Z(0, σ²) is
+/// added to every value of the sum, with σ = `noise_multiplier` × [`Params::l2_sensitivity`].
+/// The result is read exactly as a secure round's noisy sum, so a plain and a secure round
+/// with the same total noise release the same distribution and are priced alike; and the
+/// noise is drawn on the integer grid, never as a float Gaussian, whose low-order bits give
+/// the value away (Mironov, CCS 2012).
+///
+/// Returns the aggregate (`mean` is the unweighted mean of the clipped updates plus noise)
+/// and how many updates were scaled down. `params.noise` is ignored.
+pub fn central_release<R: Rng + ?Sized>(
+    params: &Params,
+    updates: &[&[f32]],
+    noise_multiplier: f64,
+    rng: &mut R,
+) -> Result<(Aggregate, usize), QuantError> {
+    if updates.is_empty() {
+        return Err(QuantError::NoSurvivors);
+    }
+    let n = updates.len();
+    let sigma = noise_multiplier * params.l2_sensitivity();
+    // Read back as n survivors whose noise shares sum to N_Z(0, σ²).
+    let p = Params {
+        noise: Some(Noise {
+            sigma: sigma / (n as f64).sqrt(),
+            min_survivors: 1,
+        }),
+        ..params.clone()
+    };
+    if let Some(e) = delta_len_mismatch(params, updates) {
+        return Err(e);
+    }
+    let mut sum = vec![0u64; p.vector_len()];
+    let mut scaled = 0;
+    for u in updates {
+        if let Some((index, &value)) = u.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(QuantError::NotFinite { index, value });
+        }
+        let (x, report) = quantise_l2::<u64, _>(&p, u, 0.0, rng);
+        scaled += report.clipped as usize;
+        crate::secagg::word::add_assign(&mut sum, x.values());
+    }
+    for v in sum.iter_mut().skip(VALUES_OFFSET) {
+        *v = v.wrapping_add(discrete_gaussian(sigma, rng) as u64);
+    }
+    Ok((dequantise(&p, &sum, n)?, scaled))
+}
+
+fn delta_len_mismatch(params: &Params, updates: &[&[f32]]) -> Option<QuantError> {
+    updates
+        .iter()
+        .find(|u| u.len() != params.dim as usize)
+        .map(|u| QuantError::WrongLength {
+            got: u.len(),
+            expected: params.dim as usize,
+        })
+}
+
+/// Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021): the clip moves
+/// geometrically toward the `target_quantile` of the updates' norms, from the noisy count of
+/// updates that were *not* clipped. With a target of 0.5 the clip follows the median norm, so
+/// the noise (proportional to the clip) follows the updates as they shrink over training.
+/// `unclipped` is the noisy count, `n` the updates it counts.
+pub fn next_clip(
+    clip: f64,
+    unclipped: f64,
+    n: usize,
+    target_quantile: f64,
+    learning_rate: f64,
+) -> f64 {
+    let fraction = (unclipped / n.max(1) as f64).clamp(0.0, 1.0);
+    clip * (-learning_rate * (fraction - target_quantile)).exp()
 }
 
 /// The server's view of a round's result after dequantisation.
@@ -621,6 +701,48 @@ mod tests {
             dequantise(&p, &pulled, 3),
             Err(QuantError::NoisyValueOutOfRange { index: 3, .. })
         ));
+    }
+
+    /// With the exact count, adaptive clipping settles at the target quantile of the norms:
+    /// 10 updates of norms 0.1 … 1.0, median target, from a clip 4× too large.
+    #[test]
+    fn adaptive_clipping_follows_the_target_quantile_of_the_norms() {
+        let norms: Vec<f64> = (1..=10).map(|i| f64::from(i) / 10.0).collect();
+        let mut clip = 4.0;
+        for _ in 0..300 {
+            let unclipped = norms.iter().filter(|n| **n <= clip).count() as f64;
+            clip = next_clip(clip, unclipped, norms.len(), 0.5, 0.2);
+        }
+        assert!((0.45..=0.65).contains(&clip), "{clip}");
+        // A larger target keeps more updates whole.
+        let mut high = 4.0;
+        for _ in 0..300 {
+            let unclipped = norms.iter().filter(|n| **n <= high).count() as f64;
+            high = next_clip(high, unclipped, norms.len(), 0.9, 0.2);
+        }
+        assert!(high > clip && (0.85..=1.05).contains(&high), "{high}");
+    }
+
+    #[test]
+    fn a_central_release_refuses_what_it_cannot_price() {
+        let p = params(3, 16, 1.0);
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        assert_eq!(
+            central_release(&p, &[], 1.0, &mut rng).unwrap_err(),
+            QuantError::NoSurvivors
+        );
+        assert!(matches!(
+            central_release(&p, &[&[0.0, 1.0]], 1.0, &mut rng),
+            Err(QuantError::WrongLength { got: 2, .. })
+        ));
+        assert!(matches!(
+            central_release(&p, &[&[0.0, f32::INFINITY, 0.0]], 1.0, &mut rng),
+            Err(QuantError::NotFinite { index: 1, .. })
+        ));
+        // Scaled to norm 1: (0.6, 0.8, 0) from (3, 4, 0), one update counted as scaled.
+        let (agg, scaled) = central_release(&p, &[&[3.0, 4.0, 0.0]], 1.0, &mut rng).unwrap();
+        assert_eq!((scaled, agg.total_weight, agg.survivors), (1, 1, 1));
+        assert!((agg.noise_std - p.l2_sensitivity() / (65535.0 / 2.0)).abs() < 1e-12);
     }
 
     #[test]
