@@ -118,8 +118,39 @@ pub struct SiteLevelPrivacy {
     #[serde(default = "default_site_delta")]
     pub delta: f64,
     /// The fewest survivors a round's noise is sized for; an honest site refuses to help
-    /// unmask a sum over fewer. Default `rounds.min_sites`.
+    /// unmask a sum over fewer. Default `rounds.min_sites`. (Secure mode only: in plain mode
+    /// the coordinator adds the whole noise itself.)
     pub min_survivors: Option<u32>,
+    /// Plain mode only: move `clip` every round toward a quantile of the updates' norms.
+    pub adaptive_clip: Option<AdaptiveClip>,
+}
+
+/// `[privacy.site_level.adaptive_clip]`: adaptive clipping (Andrew, Thakkar, McMahan and
+/// Ramaswamy, NeurIPS 2021). A fixed clip is either too small (updates lose their signal) or
+/// too large (the noise, proportional to it, drowns them) and the right value shrinks as
+/// training converges; this follows the norms, from a noisy count of unclipped updates that is
+/// priced with the round.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClip {
+    /// γ: the fraction of updates the clip should leave whole.
+    #[serde(default = "half")]
+    pub target_quantile: f64,
+    /// η: the clip is multiplied by exp(−η (fraction unclipped − γ)) each round.
+    #[serde(default = "fifth")]
+    pub learning_rate: f64,
+    /// σ_b: the standard deviation of the discrete Gaussian on the count (Andrew et al.
+    /// suggest the expected number of sites / 20). Smaller costs privacy: the round is priced
+    /// at 1/√(1/z² + 1/σ_b²).
+    pub count_noise: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn fifth() -> f64 {
+    0.2
 }
 
 fn default_site_delta() -> f64 {
@@ -461,7 +492,9 @@ impl CoordinatorConfig {
     /// `[privacy.site_level]`, the L2 clip and the noise each site adds (σ = z Δ₂ / √m).
     pub fn training_params(&self, sites: u32, dim: u32) -> Params {
         let mut p = self.secagg.params(sites, dim);
-        if let Some(dp) = &self.privacy.site_level {
+        if let Some(dp) = &self.privacy.site_level
+            && self.secagg.enabled
+        {
             p.clip = dp.clip;
             let m = self.min_survivors();
             p.noise = Some(cohort_protocols::secagg::Noise {
@@ -741,12 +774,42 @@ impl CoordinatorConfig {
             return Err(invalid("privacy.epsilon", e, "must be a number above 0"));
         }
         if let Some(dp) = &self.privacy.site_level {
-            if !s.enabled {
+            if s.enabled && dp.adaptive_clip.is_some() {
                 return Err(invalid(
-                    "privacy.site_level",
+                    "privacy.site_level.adaptive_clip",
                     "given",
-                    "site-level noise is added by the sites under secure aggregation: set [secagg] enabled = true (central DP in plain mode is not implemented)",
+                    "adaptive clipping needs the count of clipped updates, which secure aggregation hides: use it only with [secagg] enabled = false (central DP)",
                 ));
+            }
+            if self.aggregation.needs_updates() {
+                return Err(invalid(
+                    "aggregation.rule",
+                    self.aggregation.name(),
+                    "[privacy.site_level] prices the mean of clipped updates; a robust rule is outside that analysis: keep rule = \"mean\"",
+                ));
+            }
+            if let Some(a) = &dp.adaptive_clip {
+                if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                    return Err(invalid(
+                        "privacy.site_level.adaptive_clip.target_quantile",
+                        a.target_quantile,
+                        "strictly between 0 and 1",
+                    ));
+                }
+                if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                    return Err(invalid(
+                        "privacy.site_level.adaptive_clip.learning_rate",
+                        a.learning_rate,
+                        "must be a number above 0",
+                    ));
+                }
+                if !(a.count_noise.is_finite() && a.count_noise > 0.0) {
+                    return Err(invalid(
+                        "privacy.site_level.adaptive_clip.count_noise",
+                        a.count_noise,
+                        "must be a number above 0 (a noiseless count is not private)",
+                    ));
+                }
             }
             if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
                 return Err(invalid(
@@ -774,6 +837,29 @@ impl CoordinatorConfig {
                     "privacy.site_level.delta",
                     dp.delta,
                     "must be strictly between 0 and 1",
+                ));
+            }
+            // A budget that cannot pay for one round is a configuration error, not a run
+            // that stops before it starts.
+            let count_noise = dp.adaptive_clip.as_ref().map(|a| a.count_noise);
+            let one = cohort_protocols::privacy::central_gaussian(dp.noise_multiplier, count_noise)
+                .and_then(|m| {
+                    cohort_protocols::privacy::Accountant::new().epsilon_after(m, 1, dp.delta)
+                })
+                .map_or(f64::INFINITY, |s| s.epsilon);
+            if one > dp.epsilon {
+                return Err(invalid(
+                    "privacy.site_level.epsilon",
+                    dp.epsilon,
+                    format!(
+                        "one round alone spends ε = {one:.3} at this noise (δ = {}): raise privacy.site_level.noise_multiplier{}, or the budget",
+                        dp.delta,
+                        if count_noise.is_some() {
+                            " or adaptive_clip.count_noise"
+                        } else {
+                            ""
+                        }
+                    ),
                 ));
             }
             let m = self.min_survivors();

@@ -38,6 +38,10 @@ pub struct RoundSummary {
     /// at `privacy.site_level.delta`, counting every noisy sum unmasked so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_epsilon: Option<f64>,
+    /// Central DP in plain mode: the L2 clip this round's updates were scaled to (it moves
+    /// with `adaptive_clip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_clip: Option<f64>,
 }
 
 /// What one site reported about the model after a round.
@@ -161,6 +165,10 @@ pub struct RoundRecord {
     /// last is ever read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_level_rdp: Option<Vec<f64>>,
+    /// Central DP with adaptive clipping: the clip the next round starts from, committed
+    /// with the round so a restart goes on from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_level_clip: Option<f64>,
 }
 
 impl RoundRecord {
@@ -169,6 +177,7 @@ impl RoundRecord {
         self.per_site.clear();
         self.per_site_pruned = true;
         self.site_level_rdp = None;
+        self.site_level_clip = None;
     }
 }
 

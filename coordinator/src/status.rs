@@ -470,7 +470,7 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         estimated_remaining_seconds: (done > 0).then(|| seconds / done as f64 * left as f64),
         stopped: lock(&api.progress.stopped).clone(),
         privacy: federation_privacy(&api),
-        site_level_privacy: *lock(&api.progress.site_level),
+        site_level_privacy: lock(&api.progress.site_level).clone(),
     };
     Json(doc).into_response()
 }

@@ -1529,6 +1529,7 @@ mod tests {
             failed: None,
             epsilon: None,
             site_epsilon: None,
+            site_clip: None,
         }
     }
 
@@ -1587,6 +1588,7 @@ mod tests {
                 ]),
                 per_site_pruned: false,
                 site_level_rdp: None,
+                site_level_clip: None,
             };
             store.commit_round(&record, &ckpt, &[], retention).unwrap();
         }
@@ -1893,6 +1895,7 @@ mod tests {
             per_site: BTreeMap::new(),
             per_site_pruned: false,
             site_level_rdp: None,
+            site_level_clip: None,
         };
         let err = store
             .commit_round(

@@ -94,6 +94,48 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "unknown field `required`",
         ),
         (
+            with(
+                "[secagg]",
+                "[privacy.site_level]\nnoise_multiplier = 1.0\nclip = 1.0\nepsilon = 8\n[privacy.site_level.adaptive_clip]\ncount_noise = 5.0\n\n[secagg]",
+            ),
+            "privacy.site_level.adaptive_clip = given: adaptive clipping needs the count of clipped updates, which secure aggregation hides",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[privacy.site_level]\nnoise_multiplier = 1.0\nclip = 1.0\nepsilon = 2\n\n[secagg]",
+            ),
+            "privacy.site_level.epsilon = 2: one round alone spends ε = 4.",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[privacy.site_level]\nnoise_multiplier = 2.0\nclip = 1.0\nepsilon = 8\nmin_survivors = 5\n\n[secagg]",
+            ),
+            "privacy.site_level.min_survivors = 5: between 1 and rounds.min_sites = 4",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[privacy.site_level]\nnoise_multiplier = 2.0\nclip = 0\nepsilon = 8\n\n[secagg]",
+            ),
+            "privacy.site_level.clip = 0: must be a number above 0",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[aggregation]\nrule = \"median\"\n[privacy.site_level]\nnoise_multiplier = 2.0\nclip = 1.0\nepsilon = 8\n\n[secagg]\nenabled = false",
+            ),
+            "aggregation.rule = median: [privacy.site_level] prices the mean of clipped updates",
+        ),
+        (
+            with(
+                "[secagg]",
+                "[privacy.site_level]\nnoise_multiplier = 2.0\nclip = 1.0\nepsilon = 8\n[privacy.site_level.adaptive_clip]\ncount_noise = 0\n\n[secagg]\nenabled = false",
+            ),
+            "privacy.site_level.adaptive_clip.count_noise = 0: must be a number above 0",
+        ),
+        (
             with("min_sites = 4", "min_sites = 2"),
             "rounds.min_sites = 2: secure aggregation needs at least 3",
         ),

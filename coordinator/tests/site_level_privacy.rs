@@ -8,7 +8,7 @@
 
 use cohort_coordinator::CoordinatorConfig;
 use cohort_coordinator::status::client::get;
-use cohort_protocols::privacy::{Accountant, distributed_discrete_gaussian};
+use cohort_protocols::privacy::{Accountant, central_gaussian, distributed_discrete_gaussian};
 use serde_json::Value;
 
 use cohort_testkit::prelude::*;
@@ -99,6 +99,8 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
             assert_eq!(p["budget"], BUDGET, "{status}");
             assert_eq!(p["noise_multiplier"], Z, "{status}");
             assert_eq!(p["min_survivors"], 3, "{status}");
+            assert_eq!(p["mode"], "distributed", "{status}");
+            assert_eq!(p["clip"], 0.5, "{status}");
             let (_, text) = get(&format!("{base}/metrics"), Some(TOKEN)).await.unwrap();
             assert_eq!(metric(&text, "cohort_privacy_site_epsilon"), eps);
             rounds.push((s.sites, s.dropped, s.clipped, eps));
@@ -138,7 +140,10 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
         distributed_discrete_gaussian(3, noise.sigma, p.l2_sensitivity(), dim.into()).unwrap();
     assert!(acc.epsilon_after(worst, 1, 1e-5).unwrap().epsilon > BUDGET);
     assert!(rounds.len() >= 5 && summary.rounds_completed == rounds.len() as u64);
-    let spent = summary.site_level.expect("the summary carries the account");
+    let spent = summary
+        .site_level
+        .clone()
+        .expect("the summary carries the account");
     assert_eq!(spent.epsilon, last);
     assert!(summary.model.iter().all(|v| v.is_finite()));
 
@@ -152,4 +157,127 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
     assert_eq!(again.rounds_completed, summary.rounds_completed);
     assert_eq!(again.stopped.as_deref(), Some(reason.as_str()));
     assert_eq!(again.site_level, summary.site_level);
+}
+
+fn plain_coordinator(
+    pki: &std::path::Path,
+    data: &std::path::Path,
+    budget: f64,
+) -> CoordinatorConfig {
+    config::coordinator(pki, data)
+        .merge(&format!(
+            r#"
+[rounds]
+count = 60
+min_sites = 3
+wait_for_sites_secs = 60
+stage_timeout_secs = 20
+train_timeout_secs = 60
+[secagg]
+enabled = false
+[training]
+learning_rate = 0.05
+batch_size = 16
+local_steps = 20
+[privacy.site_level]
+noise_multiplier = 2.0
+clip = 4.0
+epsilon = {budget}
+[privacy.site_level.adaptive_clip]
+target_quantile = 0.5
+learning_rate = 0.5
+count_noise = 5.0
+"#
+        ))
+        .build(CoordinatorConfig::parse)
+}
+
+fn plain_agent(pki: &std::path::Path, site: &str, port: u16) -> cohort_agent::AgentConfig {
+    config::agent(pki, site, port)
+        .merge(SCHEMA)
+        .set("policy.require_secure", false)
+        .build(cohort_agent::AgentConfig::parse)
+}
+
+/// Runs a plain coordinator with the four hospitals until it stops; returns the summary and
+/// each round's (site_clip, site_epsilon).
+fn run_plain(
+    pki: &std::path::Path,
+    data: &std::path::Path,
+    budget: f64,
+) -> (cohort_coordinator::driver::RunSummary, Vec<(f64, f64)>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn(cohort_coordinator::run_with_progress(
+            plain_coordinator(pki, data, budget),
+            Some(tx),
+            Some(report_tx),
+        ));
+        let port = rx.await.unwrap().grpc.port();
+        let agents: Vec<_> = SITES
+            .iter()
+            .map(|s| tokio::spawn(cohort_agent::run(plain_agent(pki, s, port))))
+            .collect();
+        let mut rounds = Vec::new();
+        while let Some(record) = report.recv().await {
+            let s = record.summary;
+            assert_eq!(s.failed, None, "round {}", s.round);
+            rounds.push((s.site_clip.unwrap(), s.site_epsilon.unwrap()));
+        }
+        let summary = run.await.unwrap().unwrap();
+        for a in agents {
+            a.await.unwrap().unwrap();
+        }
+        (summary, rounds)
+    })
+}
+
+/// Plain mode, a coordinator trusted with the updates: it clips them, adds the noise itself
+/// on the integer grid, moves the clip toward the median norm from a noisy count, prices
+/// each round with the count, stops at the budget, and — restarted with a larger budget —
+/// resumes both the account and the clip where they were.
+#[test]
+fn central_dp_in_plain_mode_adapts_its_clip_and_resumes_the_account_and_the_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = provision(dir.path());
+    let data = dir.path().join("data");
+    let (summary, rounds) = run_plain(&pki, &data, 10.0);
+    let reason = summary.stopped.clone().expect("stopped at the budget");
+    assert!(reason.starts_with("site-level privacy budget"), "{reason}");
+    let per_round = central_gaussian(2.0, Some(5.0)).unwrap();
+    let mut acc = Accountant::new();
+    for (i, (_, eps)) in rounds.iter().enumerate() {
+        acc.compose(per_round, 1).unwrap();
+        let expected = acc.epsilon(1e-5).unwrap().epsilon;
+        assert!(
+            (eps - expected).abs() < 1e-9,
+            "round {}: {eps} vs {expected}",
+            i + 1
+        );
+    }
+    assert!(acc.epsilon_after(per_round, 1, 1e-5).unwrap().epsilon > 10.0);
+    // The clip starts at 4 and moves every round with the noisy count (with four sites
+    // and σ_b = 5 the count is mostly noise: the unit test `adaptive_clipping_follows_the_
+    // target_quantile_of_the_norms` shows where an exact count takes it).
+    assert_eq!(rounds[0].0, 4.0);
+    assert!(rounds.iter().any(|r| r.0 != 4.0), "{rounds:?}");
+    let spent = summary.site_level.clone().unwrap();
+    assert_eq!(spent.mode, "central");
+    assert!(spent.clip.is_finite() && spent.clip > 0.0, "{spent:?}");
+    assert!(summary.model.iter().all(|v| v.is_finite()));
+
+    // The operator raises the budget and restarts: the account goes on from where it was
+    // (the first new round's ε is the next composition, not a fresh start), and so does
+    // the clip.
+    let (more, next) = run_plain(&pki, &data, 13.0);
+    assert!(!next.is_empty(), "{:?}", more.stopped);
+    assert_eq!(next[0].0, spent.clip, "the first round after the restart");
+    acc.compose(per_round, 1).unwrap();
+    assert!((next[0].1 - acc.epsilon(1e-5).unwrap().epsilon).abs() < 1e-9);
+    assert_eq!(
+        more.rounds_completed,
+        summary.rounds_completed + next.len() as u64
+    );
 }

@@ -55,12 +55,14 @@ fn record(round: u64) -> RoundRecord {
             failed: None,
             epsilon: None,
             site_epsilon: None,
+            site_clip: None,
         },
         per_site: (0..12)
             .map(|i| (format!("hospital-{i:02}"), site.clone()))
             .collect(),
         per_site_pruned: false,
         site_level_rdp: None,
+        site_level_clip: None,
     }
 }
 

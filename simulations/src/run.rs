@@ -331,6 +331,9 @@ pub struct RoundRow {
     /// The federation's site-level ε after the round (`[site_level_privacy]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_epsilon: Option<f64>,
+    /// Central DP (plain mode): the L2 clip the round used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_clip: Option<f64>,
     /// Test accuracy weighted by each site's test examples (`accuracy` is the mean of the
     /// sites' accuracies, FLamby's convention).
     #[serde(default)]
@@ -944,6 +947,7 @@ fn summarise(
                     failed: r.failed.clone(),
                     epsilon: r.epsilon,
                     site_epsilon: r.site_epsilon,
+                    site_clip: r.site_clip,
                     weighted_accuracy: r.eval.weighted.accuracy,
                     site_accuracy: each(&|res| res.accuracy),
                     site_metric: each(&|res| headline(&res.metrics)),

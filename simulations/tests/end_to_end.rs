@@ -248,6 +248,32 @@ fn a_site_level_private_federation_stops_before_its_budget_and_says_so() {
     );
 }
 
+/// Central DP in plain mode through cohort-sim: the coordinator clips and noises the mean
+/// itself, moving the clip with adaptive clipping; summary.json says which mode and where
+/// the clip went.
+#[test]
+fn a_central_dp_federation_reports_its_mode_and_its_moving_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(
+        dir.path(),
+        6,
+        false,
+        "[site_level_privacy]\nnoise_multiplier = 3.0\nclip = 1.0\nepsilon = 50.0\nadaptive_clip = { count_noise = 4.0 }\n",
+    );
+    assert_eq!(s.stopped, None);
+    assert_eq!(s.rounds_completed, 6);
+    let spent = s
+        .site_level_privacy
+        .expect("site_level_privacy in summary.json");
+    assert_eq!(spent.mode, "central");
+    let clips: Vec<f64> = s.rounds.iter().map(|r| r.site_clip.unwrap()).collect();
+    assert_eq!(clips[0], 1.0);
+    assert!(clips.iter().all(|c| c.is_finite() && *c > 0.0), "{clips:?}");
+    let eps: Vec<f64> = s.rounds.iter().map(|r| r.site_epsilon.unwrap()).collect();
+    assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+    assert!(s.final_.accuracy.is_some());
+}
+
 /// Plain mode (the coordinator sees every update): one of the four hospitals — cleveland,
 /// the largest — sends −10 times its update every round. The mean follows it; the median
 /// and the trimmed mean keep the model near the clean run's.

@@ -465,12 +465,14 @@ impl Driver {
                 failed: None,
                 epsilon: self.federation_epsilon(),
                 site_epsilon: self.site_epsilon(),
+                site_clip: self.round_clip(),
             };
             let record = RoundRecord {
                 summary,
                 per_site,
                 per_site_pruned: false,
                 site_level_rdp: self.site_level_rdp(),
+                site_level_clip: self.next_site_clip(),
             };
             // Durable before the next round is announced: a crash from here on resumes
             // after this round, never redoes or loses it.
@@ -582,10 +584,12 @@ impl Driver {
                 failed: Some(reason.clone()),
                 epsilon: self.federation_epsilon(),
                 site_epsilon: self.site_epsilon(),
+                site_clip: None,
             },
             per_site,
             per_site_pruned: false,
             site_level_rdp: self.site_level_rdp(),
+            site_level_clip: self.next_site_clip(),
         };
         self.commit(&record, hash)?;
         warn!(round, %reason, "round given up: the model is unchanged; the run goes on with the next round");

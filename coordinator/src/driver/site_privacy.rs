@@ -1,5 +1,7 @@
-//! Site-level DP under secure aggregation (`[privacy.site_level]`): the federation's account
-//! of every noisy sum the coordinator unmasked, and the stop before the budget is passed.
+//! Site-level DP (`[privacy.site_level]`): the federation's account of every noisy sum the
+//! coordinator released, and the stop before the budget is passed. Under secure aggregation
+//! the sites add the noise; in plain mode the coordinator does (central DP, with adaptive
+//! clipping if asked): the same quantised mechanism, priced the same way.
 //!
 //! The sites add the noise (the set-up tells them σ; see `CoordinatorConfig::training_params`)
 //! and refuse to unmask a sum over fewer survivors than it was sized for, so the
@@ -9,8 +11,11 @@
 //! survivors resends the same noisy inputs (the sites' ledger allows nothing else) and
 //! releases nothing new, but is counted again — the account errs on the side of spending.
 
-use cohort_protocols::privacy::{Accountant, DEFAULT_ORDERS, distributed_discrete_gaussian};
-use cohort_protocols::secagg::Params;
+use cohort_protocols::privacy::{
+    Accountant, DEFAULT_ORDERS, Mechanism, central_gaussian, discrete_gaussian,
+    distributed_discrete_gaussian,
+};
+use cohort_protocols::secagg::{Params, central_release, next_clip};
 use serde::{Deserialize, Serialize};
 
 use super::*;
@@ -21,10 +26,14 @@ pub(super) struct SiteLevel {
     accountant: Accountant,
     delta: f64,
     budget: f64,
+    /// Central DP: the L2 clip of the next round (moved by adaptive clipping).
+    clip: f64,
+    /// Central DP: the clip the current round used, for its record.
+    used: Option<f64>,
 }
 
 /// Site-level DP as the status API and the run summary show it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteLevelSpent {
     /// The federation's ε per site so far, at `delta`.
     pub epsilon: f64,
@@ -35,6 +44,11 @@ pub struct SiteLevelSpent {
     /// accepts, over one site's sensitivity.
     pub noise_multiplier: f64,
     pub min_survivors: u32,
+    /// "distributed" (the sites add the noise under secure aggregation) or "central" (the
+    /// coordinator adds it, plain mode).
+    pub mode: String,
+    /// The L2 clip: fixed, or where adaptive clipping has moved it.
+    pub clip: f64,
 }
 
 impl SiteLevel {
@@ -44,6 +58,8 @@ impl SiteLevel {
             accountant: Accountant::new(),
             delta: dp.delta,
             budget: dp.epsilon,
+            clip: f64::from(dp.clip),
+            used: None,
         })
     }
 }
@@ -59,6 +75,12 @@ impl Driver {
         };
         acc.accountant = Accountant::resume(DEFAULT_ORDERS.to_vec(), rdp)
             .map_err(|e| format!("the site-level privacy account of the last round: {e}"))?;
+        if let Some(clip) = last.and_then(|r| r.site_level_clip) {
+            if !(clip.is_finite() && clip > 0.0) {
+                return Err(format!("the adaptive clip of the last round is {clip}"));
+            }
+            acc.clip = clip;
+        }
         self.publish_site_level();
         Ok(())
     }
@@ -86,9 +108,94 @@ impl Driver {
         Ok(())
     }
 
+    /// Central DP (plain mode): the round's mean from each site's update, scaled to the
+    /// current clip, with the coordinator's noise; counted before it is returned. With
+    /// adaptive clipping the clip moves for the next round from the noisy count of updates
+    /// left whole.
+    pub(super) fn central_mean(&mut self, updates: &[(f64, Vec<f32>)]) -> Result<Vec<f32>, String> {
+        let dim = self.spec.num_params() as u32;
+        let quant_bits = self.cfg.secagg.quant_bits;
+        let (Some(acc), Some(dp)) = (
+            self.site_level.as_mut(),
+            self.cfg.privacy.site_level.as_ref(),
+        ) else {
+            return Err("central DP without [privacy.site_level]".into());
+        };
+        let params = Params {
+            clip: acc.clip as f32,
+            quant_bits,
+            modulus: cohort_protocols::secagg::Modulus::Bits64,
+            ..Params::with_defaults(3, dim)
+        };
+        let views: Vec<&[f32]> = updates.iter().map(|(_, u)| u.as_slice()).collect();
+        let mut rng = rand::rng();
+        let (agg, scaled) = central_release(&params, &views, dp.noise_multiplier, &mut rng)
+            .map_err(|e| format!("central DP: {e}"))?;
+        let count_noise = dp.adaptive_clip.as_ref().map(|a| a.count_noise);
+        let mechanism = central_gaussian(dp.noise_multiplier, count_noise)
+            .map_err(|e| format!("site-level privacy: {e}"))?;
+        acc.accountant
+            .compose(mechanism, 1)
+            .map_err(|e| format!("site-level privacy: {e}"))?;
+        acc.used = Some(acc.clip);
+        if let Some(a) = &dp.adaptive_clip {
+            let whole = (updates.len() - scaled) as f64;
+            let noisy = whole + discrete_gaussian(a.count_noise, &mut rng) as f64;
+            acc.clip = next_clip(
+                acc.clip,
+                noisy,
+                updates.len(),
+                a.target_quantile,
+                a.learning_rate,
+            );
+        }
+        self.publish_site_level();
+        Ok(agg.mean)
+    }
+
+    /// Plain mode with `[privacy.site_level]`: the coordinator adds the noise.
+    pub(super) fn central_dp(&self) -> bool {
+        !self.secure() && self.site_level.is_some()
+    }
+
+    /// Central DP: the clip the round that just finished used.
+    pub(super) fn round_clip(&self) -> Option<f64> {
+        self.site_level.as_ref()?.used
+    }
+
+    /// Central DP: the clip the next round starts from (committed with the round).
+    pub(super) fn next_site_clip(&self) -> Option<f64> {
+        let acc = self.site_level.as_ref()?;
+        (!self.secure()).then_some(acc.clip)
+    }
+
+    /// What one more round costs at most: under secure aggregation the sum over the fewest
+    /// survivors a round accepts; in plain mode the coordinator's own noise (and count).
+    fn next_round(&self) -> Option<Mechanism> {
+        let dp = self.cfg.privacy.site_level.as_ref()?;
+        if !self.secure() {
+            return central_gaussian(
+                dp.noise_multiplier,
+                dp.adaptive_clip.as_ref().map(|a| a.count_noise),
+            )
+            .ok();
+        }
+        let p = self
+            .cfg
+            .training_params(self.cfg.rounds.min_sites, self.spec.num_params() as u32);
+        let noise = p.noise?;
+        distributed_discrete_gaussian(
+            self.cfg.min_survivors(),
+            noise.sigma,
+            p.l2_sensitivity(),
+            u64::from(p.dim),
+        )
+        .ok()
+    }
+
     fn publish_site_level(&self) {
         if let Some(s) = self.site_level_spent() {
-            self.progress.site_level(s);
+            self.progress.site_level(s.clone());
             self.metrics.site_epsilon.set(s.epsilon);
         }
     }
@@ -102,6 +209,17 @@ impl Driver {
             budget: acc.budget,
             noise_multiplier: dp.noise_multiplier,
             min_survivors: self.cfg.min_survivors(),
+            mode: if self.secure() {
+                "distributed"
+            } else {
+                "central"
+            }
+            .into(),
+            clip: if self.secure() {
+                f64::from(dp.clip)
+            } else {
+                acc.clip
+            },
         })
     }
 
@@ -115,20 +233,15 @@ impl Driver {
             .map(|a| a.accountant.rdp().to_vec())
     }
 
-    /// Why training must stop: one more round, even over exactly the fewest survivors it
-    /// accepts (the most a round can cost), would take the federation past its budget.
+    /// Why training must stop: one more round at its most expensive (under secure
+    /// aggregation, over exactly the fewest survivors it accepts) would take the federation
+    /// past its budget.
     pub(super) fn site_level_stop(&self) -> Option<String> {
         let acc = self.site_level.as_ref()?;
-        let m = self.cfg.min_survivors();
-        let p = self
-            .cfg
-            .training_params(self.cfg.rounds.min_sites, self.spec.num_params() as u32);
-        let noise = p.noise?;
-        let next =
-            distributed_discrete_gaussian(m, noise.sigma, p.l2_sensitivity(), u64::from(p.dim))
-                .and_then(|mech| acc.accountant.epsilon_after(mech, 1, acc.delta))
-                .map(|s| s.epsilon)
-                .unwrap_or(f64::INFINITY);
+        let next = self
+            .next_round()
+            .and_then(|mech| acc.accountant.epsilon_after(mech, 1, acc.delta).ok())
+            .map_or(f64::INFINITY, |s| s.epsilon);
         if next <= acc.budget {
             return None;
         }

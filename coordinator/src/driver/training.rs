@@ -28,7 +28,7 @@ impl Driver {
                 dim + 1,
                 false,
                 self.cfg.secagg.max_weight,
-                self.cfg.aggregation.needs_updates(),
+                self.cfg.aggregation.needs_updates() || self.central_dp(),
             )
         });
         let bytes = Bytes::from(model::to_bytes(&self.global));
@@ -81,7 +81,14 @@ impl Driver {
             if total <= 0.0 {
                 return Err("the surviving sites reported no examples".into());
             }
-            if self.cfg.aggregation.needs_updates() {
+            if self.central_dp() {
+                // Central DP: each update clipped, the mean noised, counted before it is used.
+                drop(sum);
+                let delta = self.central_mean(&updates)?;
+                self.strategy
+                    .apply(&mut self.global, &delta)
+                    .map_err(|e| e.to_string())?;
+            } else if self.cfg.aggregation.needs_updates() {
                 // The rule sees every update; the server optimiser applies its result as it
                 // would the mean.
                 drop(sum);
