@@ -38,10 +38,12 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .filter_map(|p| p.1.map(|v| (p.0, v)))
         .collect();
     let last = points.last().map_or(1, |p| p.0).max(1);
-    let title = if summary.secure {
-        "secure aggregation"
-    } else {
-        "plain (insecure)"
+    let epsilon = epsilon_series(summary);
+    let title = match (summary.secure, epsilon.as_ref().and_then(|e| e.1.last())) {
+        (true, Some((_, eps))) => format!("secure aggregation, ε = {eps:.2}"),
+        (false, Some((_, eps))) => format!("plain (insecure), ε = {eps:.2}"),
+        (true, None) => "secure aggregation".to_string(),
+        (false, None) => "plain (insecure)".to_string(),
     };
 
     let sites = site_series(summary);
@@ -106,22 +108,72 @@ pub fn accuracy_png(summary: &Summary, path: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
 
     let max_loss = points.iter().map(|p| p.2).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let max_eps = epsilon.as_ref().map_or(1.0, |e| {
+        e.1.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.1
+    });
+    let caption = match &epsilon {
+        Some((kind, _)) => format!("Test loss and {kind} ε spent"),
+        None => "Test loss (example-weighted)".to_string(),
+    };
     let mut loss = ChartBuilder::on(&right)
-        .caption("Test loss (example-weighted)", ("sans-serif", 18))
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
+        .right_y_label_area_size(if epsilon.is_some() { 48 } else { 0 })
         .build_cartesian_2d(0u64..last, 0f64..max_loss)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| anyhow!("{e}"))?
+        .set_secondary_coord(0u64..last, 0f64..max_eps);
     loss.configure_mesh()
         .x_desc("round")
         .y_desc("loss (training objective)")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     loss.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &RED))
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| anyhow!("{e}"))?
+        .label("loss (example-weighted)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+    if let Some((kind, series)) = &epsilon {
+        loss.configure_secondary_axes()
+            .y_desc(format!("ε ({kind}, at the run's δ)"))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        let green = GREEN.mix(0.9).stroke_width(2);
+        loss.draw_secondary_series(LineSeries::new(series.iter().copied(), green))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(format!("ε ({kind})"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], green));
+        loss.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// The ε the run spent after each round (from round 0 at 0), and which kind: site-level when
+/// the run has it (it is the guarantee for a whole hospital), else example-level.
+fn epsilon_series(summary: &Summary) -> Option<(&'static str, Vec<(u64, f64)>)> {
+    let pick = |f: fn(&crate::run::RoundRow) -> Option<f64>| -> Vec<(u64, f64)> {
+        std::iter::once((0, 0.0))
+            .chain(
+                summary
+                    .rounds
+                    .iter()
+                    .filter_map(|r| f(r).map(|e| (r.round, e))),
+            )
+            .collect()
+    };
+    let site = pick(|r| r.site_epsilon);
+    if site.len() > 1 {
+        return Some(("site-level", site));
+    }
+    let example = pick(|r| r.epsilon);
+    (example.len() > 1).then_some(("example-level", example))
 }
 
 /// Each site's value of the run's metric per round, by site name.
