@@ -192,7 +192,13 @@ fn a_private_federation_stops_at_the_budget_and_the_summary_says_what_was_spent(
     assert_eq!(*spent.last().unwrap(), p.epsilon);
     let out = dir.path().join("out-true-30-47");
     let csv = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().ends_with(",epsilon"), "{csv}");
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",epsilon,site_epsilon"),
+        "{csv}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(json["stopped"].as_str(), Some(reason.as_str()));

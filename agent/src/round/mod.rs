@@ -708,10 +708,15 @@ impl<'a> Machine<'a> {
         };
         let round = r.start.round;
         let faults = &*self.faults;
+        let sent: &[f32] = match &input {
+            Pending::Delta { delta, .. } => delta,
+            Pending::Stats(_) => &[],
+        };
         let mut rng = ChaCha20Rng::from_seed(rounding_seed(
             &self.creds.signing_key,
             round,
             &r.start.model_sha3_512,
+            sent,
         ));
         let params = &protocol.params;
         let reply = match (&mut protocol.client, input) {
@@ -1098,13 +1103,25 @@ pub(crate) fn privacy_spent(r: crate::PrivacyReport) -> PrivacySpent {
 /// with fresh randomness the redo's sum would differ by rounding noise, a second look at it.
 /// With site-level DP the noise is drawn from the same generator, for the same reason: a
 /// redo releases the very same noisy input, not a second independent draw to average.
-fn rounding_seed(key: &SigningKey, round: u64, model_sha3_512: &[u8]) -> [u8; 32] {
+///
+/// The update itself is hashed in too. A site whose training is not deterministic (DP-SGD
+/// draws fresh noise every time it trains) sends a different update in a redo; with a seed
+/// of the round and model alone its site-level noise would then be the same draw on a
+/// different update, and the difference of the two sums would hold the two updates'
+/// difference with no site-level noise at all. Bound to the update, the same update gets
+/// the same noise (a redo tells nothing new) and another update fresh noise (a new release,
+/// which the coordinator's account counts at every unmasking).
+fn rounding_seed(key: &SigningKey, round: u64, model_sha3_512: &[u8], update: &[f32]) -> [u8; 32] {
     use sha3::{Digest, Sha3_256};
     let mut h = Sha3_256::new();
-    h.update(b"cohort stochastic rounding v1");
+    h.update(b"cohort stochastic rounding v2");
     h.update(key.to_bytes());
     h.update(round.to_le_bytes());
     h.update(model_sha3_512);
+    h.update((update.len() as u64).to_le_bytes());
+    for v in update {
+        h.update(v.to_bits().to_le_bytes());
+    }
     h.finalize().into()
 }
 

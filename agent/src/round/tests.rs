@@ -1113,3 +1113,46 @@ fn a_private_site_reports_its_spend_and_declines_over_its_budget_with_the_figure
     };
     assert_eq!(d.privacy, None);
 }
+
+/// A site whose training is not deterministic (DP-SGD) sends another update when a round is
+/// redone. Its site-level noise must be a fresh draw then: were it the same draw, the
+/// difference of the two inputs would be the two updates' difference with no noise left.
+/// The same update, on the other hand, gets the same noise (a redo says nothing new).
+#[test]
+fn a_redo_with_another_update_gets_fresh_site_level_noise() {
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let model = [1u8; 64];
+    let params = cohort_protocols::secagg::Params {
+        noise: Some(cohort_protocols::secagg::Noise {
+            sigma: 1000.0,
+            min_survivors: 3,
+        }),
+        ..cohort_protocols::secagg::Params::with_defaults(3, 2000)
+    };
+    let first: Vec<f32> = (0..2000).map(|i| (i % 13) as f32 * 1e-3).collect();
+    let second: Vec<f32> = first.iter().map(|v| v + 1e-4).collect();
+    let input = |delta: &[f32]| {
+        let mut rng = ChaCha20Rng::from_seed(rounding_seed(&key, 5, &model, delta));
+        let (q, _) = quantise::<u64, _>(&params, delta, 1, &mut rng).unwrap();
+        q.values()[2..]
+            .iter()
+            .map(|v| *v as i64)
+            .collect::<Vec<i64>>()
+    };
+    assert_eq!(input(&first), input(&first));
+    // (input₂ − input₁) minus the updates' own difference in steps: noise₂ − noise₁ (plus
+    // rounding). Independent draws: variance 2σ²; one draw reused: variance below 1.
+    let s = 65535.0 / 2.0;
+    let (a, b) = (input(&first), input(&second));
+    let residual: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .zip(first.iter().zip(&second))
+        .map(|((x, y), (d1, d2))| (y - x) as f64 - f64::from(d2 - d1) * s)
+        .collect();
+    let var = residual.iter().map(|r| r * r).sum::<f64>() / residual.len() as f64;
+    assert!(
+        (var / (2.0 * 1000.0 * 1000.0) - 1.0).abs() < 0.15,
+        "variance {var}: the noise was not drawn afresh"
+    );
+}
