@@ -120,6 +120,10 @@ pub enum FaultAction {
     /// Send the trained update multiplied by −10: a model-poisoning site (sign-flipped and
     /// amplified), well-formed in every other way.
     Poison,
+    /// Send the trained update with its sign flipped (−1 ×): poisoning without amplification.
+    SignFlip,
+    /// Send noise instead of an update (every value from N(0, 1)).
+    Random,
 }
 
 #[derive(Debug, Clone, Deserialize)]

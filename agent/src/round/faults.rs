@@ -52,11 +52,27 @@ mod enabled {
             QuantisedInput::from_values(values)
         }
 
-        /// The update as a poisoning site sends it (`poison`): −10 times what it trained.
+        /// The update as a poisoning site sends it: −10 times what it trained (`poison`),
+        /// its sign flipped (`sign_flip`), or noise unrelated to its data (`random`: each
+        /// value from N(0, 1), drawn from a generator seeded by the round, so runs repeat).
         pub(in crate::round) fn update(&self, round: u64, mut delta: Vec<f32>) -> Vec<f32> {
             if self.alters_input(round, FaultAction::Poison) {
                 for d in &mut delta {
                     *d *= -10.0;
+                }
+            }
+            if self.alters_input(round, FaultAction::SignFlip) {
+                for d in &mut delta {
+                    *d = -*d;
+                }
+            }
+            if self.alters_input(round, FaultAction::Random) {
+                use rand_core::{Rng, SeedableRng};
+                let mut rng = chacha20::ChaCha20Rng::seed_from_u64(round);
+                let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                for d in &mut delta {
+                    let (u, v) = (uniform(), uniform());
+                    *d = ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32;
                 }
             }
             delta
