@@ -80,6 +80,9 @@ pub struct Contribution {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Permit {
     pub redo_of: Option<Vec<String>>,
+    /// A DP site's fresh release ([`Ledger::check_release`]): recorded as a contribution of
+    /// its own, never as a redo.
+    pub fresh: bool,
 }
 
 /// What a contribution was computed from, as the ledger names it.
@@ -226,6 +229,7 @@ impl Ledger {
             Some(c) if round == c.round => match &c.survivors {
                 Some(survivors) => Ok(Permit {
                     redo_of: Some(survivors.clone()),
+                    fresh: false,
                 }),
                 None => Err(Self::already(
                     c,
@@ -275,16 +279,75 @@ impl Ledger {
         }
     }
 
+    /// Whether a site that trains with DP-SGD may send a training update from `input`'s
+    /// model in `round`. Every update it trains is a fresh release that its own accountant
+    /// prices before training (DP-SGD draws new noise each time), so a later attempt of a
+    /// round it already sent an input for is allowed, over any survivors: the difference of
+    /// two sums then holds two releases that were each paid for, where [`Ledger::check`]
+    /// would allow only a redo of the same input. Rounds before the last it sent for stay
+    /// refused, and `updates_per_model` still binds.
+    pub fn check_release(
+        &self,
+        round: u64,
+        input: &Input,
+        updates_per_model: Option<u32>,
+    ) -> Result<Permit, Refusal> {
+        if let Some(c) = &self.entries.contributed
+            && round < c.round
+        {
+            return Err(Self::already(c, ""));
+        }
+        if let Input::Update(model) = input {
+            let sent = self.entries.updates.get(model).copied().unwrap_or(0);
+            if let Some(limit) = updates_per_model
+                && sent >= limit
+            {
+                return Err(Refusal {
+                    reason: format!(
+                        "ledger: this site already sent {sent} update(s) computed from this model (policy.updates_per_model = {limit})"
+                    ),
+                    contributed: None,
+                });
+            }
+            return Ok(Permit {
+                redo_of: None,
+                fresh: true,
+            });
+        }
+        self.check(round, input, updates_per_model)
+    }
+
     /// Records that this site is about to send its masked input for (`round`, `attempt`),
     /// durably: call before the input leaves, and send nothing if it fails. A redo of the
     /// last contribution (same round, same input) counts no second time.
     pub fn record(&mut self, round: u64, attempt: u32, input: &Input) -> Result<(), LedgerError> {
+        self.record_as(round, attempt, input, false)
+    }
+
+    /// As [`Ledger::record`] for a fresh release ([`Ledger::check_release`]): a contribution
+    /// of its own, with no survivors yet, counted against `updates_per_model`.
+    pub fn record_release(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        input: &Input,
+    ) -> Result<(), LedgerError> {
+        self.record_as(round, attempt, input, true)
+    }
+
+    fn record_as(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        input: &Input,
+        fresh: bool,
+    ) -> Result<(), LedgerError> {
         let mut next = self.entries.clone();
         let label = input.label();
         let redone = next
             .contributed
             .as_ref()
-            .filter(|c| c.round == round && c.input == label);
+            .filter(|c| !fresh && c.round == round && c.input == label);
         let redo = redone.is_some();
         // A redo keeps the survivors of the attempt it redoes: every later attempt of the
         // round is still bound to them, even when this one is refused before it learns its
@@ -442,8 +505,50 @@ mod tests {
         assert_eq!(
             ledger.check(5, &update, None),
             Ok(Permit {
-                redo_of: Some(four)
+                redo_of: Some(four),
+                fresh: false,
             })
+        );
+    }
+
+    /// A DP site: another attempt of a round it sent for is a fresh release, allowed over
+    /// any survivors and recorded as a contribution of its own; earlier rounds and the
+    /// per-model limit still refuse. A site without DP gets only the redo.
+    #[test]
+    fn a_private_site_may_send_a_fresh_release_in_a_later_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let update = Input::update(&[3u8; 64]);
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        ledger.record(5, 0, &update).unwrap();
+        ledger.record_survivors(5, 0, three.clone()).unwrap();
+        assert_eq!(ledger.check(5, &update, None).unwrap().redo_of, Some(three));
+        let fresh = ledger.check_release(5, &update, None).unwrap();
+        assert_eq!(
+            fresh,
+            Permit {
+                redo_of: None,
+                fresh: true
+            }
+        );
+        ledger.record_release(5, 1, &update).unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let c = ledger.contributed().unwrap();
+        assert_eq!((c.round, c.attempt, c.survivors.clone()), (5, 1, None));
+        // Two updates from this model are on record now.
+        let limit = ledger.check_release(5, &update, Some(2)).unwrap_err();
+        assert!(
+            limit.reason.contains("already sent 2 update(s)"),
+            "{}",
+            limit.reason
+        );
+        assert!(ledger.check_release(5, &update, Some(3)).is_ok());
+        assert!(ledger.check_release(4, &update, None).is_err());
+        // Statistics are not a DP release: the ordinary rules.
+        assert!(
+            ledger
+                .check_release(5, &Input::statistics(&[1, 2]), None)
+                .is_err()
         );
     }
 

@@ -585,6 +585,56 @@ fn an_out_of_range_input_fails_its_round_and_the_next_round_runs() {
     assert!(s.final_.loss < s.initial.loss);
 }
 
+/// The same refused sum in a federation whose sites all train with DP-SGD: each update a
+/// site sends is a release its own accountant prices, so the round is retried with the same
+/// sites (their ledgers allow a fresh release) instead of given up after one attempt — and
+/// every attempt is paid for: the sites end the run having spent more than in the same run
+/// without the fault.
+#[test]
+fn a_private_federation_retries_a_refused_round_and_pays_for_every_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let privacy = "[privacy]\nepsilon = 100.0\nnoise_multiplier = 1.0\n";
+    let clean = run(dir.path(), 3, true, &format!("min_sites = 4\n{privacy}"));
+    assert!(
+        clean
+            .rounds
+            .iter()
+            .all(|r| r.attempts == 1 && r.failed.is_none())
+    );
+    let s = run(
+        dir.path(),
+        3,
+        true,
+        &format!(
+            "min_sites = 4\n{privacy}[[faults]]\nrounds = [2]\nstage = \"masked_input\"\naction = \"out_of_range\"\nfraction = 0.25\n"
+        ),
+    );
+    assert_eq!(s.rounds_completed, 3);
+    let round2 = &s.rounds[1];
+    assert!(
+        round2
+            .failed
+            .as_deref()
+            .unwrap_or_default()
+            .contains("the unmasked sum is refused"),
+        "{:?}",
+        s.rounds
+    );
+    assert_eq!(
+        round2.attempts, 3,
+        "retried with the same private sites: {:?}",
+        s.rounds
+    );
+    assert_eq!(s.rounds[2].failed, None);
+    let spent = |s: &Summary| s.privacy.as_ref().unwrap().epsilon;
+    assert!(
+        spent(&s) > spent(&clean),
+        "three attempts cost more than one: {} vs {}",
+        spent(&s),
+        spent(&clean)
+    );
+}
+
 /// A short scenario text for checking how mistakes in it are reported.
 fn small_scenario(dir: &Path, top: &str, model: &str, secagg: &str) -> PathBuf {
     let mut text = format!("rounds = 1\n{top}\n");

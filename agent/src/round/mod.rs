@@ -409,6 +409,13 @@ impl<'a> Machine<'a> {
         let round = start.round;
         match task {
             Task::Stats => self.ledger.check_round(round),
+            // A site that trains with DP-SGD pays for every update it sends, so it may send
+            // another in a later attempt of the round (see `Ledger::check_release`).
+            Task::Train if self.data.privacy().is_some() => self.ledger.check_release(
+                round,
+                &ledger::Input::update(&start.model_sha3_512),
+                self.cfg.policy.updates_per_model,
+            ),
             Task::Train => self.ledger.check(
                 round,
                 &ledger::Input::update(&start.model_sha3_512),
@@ -774,6 +781,7 @@ impl<'a> Machine<'a> {
                 _ => None,
             };
             let recorded = match origin {
+                Some(input) if r.permit.fresh => self.ledger.record_release(round, attempt, &input),
                 Some(input) => self.ledger.record(round, attempt, &input),
                 None => Err(ledger::LedgerError::Corrupt {
                     path: self.ledger.path().to_path_buf(),

@@ -472,9 +472,11 @@ impl Driver {
         }
         .await;
         // Whoever's input reached the sum (or began to) has contributed to this round, however
-        // the attempt ended.
+        // the attempt ended — except, in a training round, a site that trains with DP-SGD:
+        // it pays for each update it sends with its own accountant, so a retry may ask it
+        // again (its ledger allows a fresh release, `Ledger::check_release`).
         for (site, slot) in opened {
-            if slot.started() {
+            if slot.started() && !(round.round > 0 && self.pays_per_update(&site)) {
                 self.spent.insert(site);
             }
         }

@@ -674,6 +674,15 @@ impl Driver {
             .count()
     }
 
+    /// The site told this process it trains with DP-SGD: every update it sends is a release
+    /// its own accountant prices, so it may be asked again in a later attempt of a round.
+    fn pays_per_update(&self, site: &str) -> bool {
+        self.hub
+            .sites
+            .get(&site.to_string())
+            .is_some_and(|s| !s.evaluate_only && s.privacy_fresh && s.privacy.is_some())
+    }
+
     /// The site reported that another round like its last would pass its privacy budget
     /// (or the federation's `privacy.epsilon`).
     fn out_of_budget(&self, s: &SiteState) -> bool {
@@ -922,8 +931,9 @@ impl Driver {
                     last = reason;
                     // A retry may only ask sites that sent nothing for this round: another
                     // sum over an overlapping set would difference out a site's input (the
-                    // sites' ledgers refuse it anyway). A refused sum spends every
-                    // survivor, so it ends here.
+                    // sites' ledgers refuse it anyway). DP-SGD sites are the exception (each
+                    // update is a release they pay for; see `pays_per_update`). A refused sum
+                    // spends every other survivor, so without them it ends here.
                     let left = self.eligible();
                     if !self.spent.is_empty() && left < self.cfg.rounds.min_sites as usize {
                         let mut spent: Vec<_> = self.spent.iter().cloned().collect();
