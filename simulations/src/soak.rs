@@ -9,6 +9,14 @@
 //! in memory shows it as memory growing with rounds; one that exits when its sites are away
 //! shows it as a failure here.
 //!
+//! With `--kill-every K` the coordinator is also killed with SIGKILL every K rounds (mid-round,
+//! wherever it is) and started again on the same data directory. With `--site-level-dp z`
+//! every hospital adds site-level noise under secure aggregation (`[privacy.site_level]`,
+//! budget out of reach), and at the end the coordinator's ε is checked against an independent
+//! recomputation from the journal's rounds: one noisy sum per completed round, over its
+//! survivors — a restart that forgot the account, or counted a sum twice, shows as a
+//! mismatch (exit 1).
+//!
 //! Binaries are taken from beside this one (`cargo build --release` builds all three).
 
 use std::path::{Path, PathBuf};
@@ -41,6 +49,13 @@ pub struct SoakArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Kill the coordinator with SIGKILL every this many rounds and start it again (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub kill_every: u64,
+    /// Site-level DP with this noise multiplier (`[privacy.site_level]`, clip 1, a budget
+    /// out of reach); the final ε is checked against the journal.
+    #[arg(long)]
+    pub site_level_dp: Option<f64>,
 }
 
 /// One reading of the coordinator.
@@ -69,6 +84,14 @@ pub struct Report {
     pub peak_rss_mib: f64,
     /// Exit code of the coordinator on SIGTERM, both times (0 expected).
     pub exits: Vec<Option<i32>>,
+    /// SIGKILLs of the coordinator (`--kill-every`).
+    pub kills: u64,
+    /// `--site-level-dp`: the coordinator's ε after the last round, and the same recomputed
+    /// from the journal's rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_epsilon: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_epsilon_expected: Option<f64>,
 }
 
 const TOKEN: &str = "cohort-soak-status-token-0123456789";
@@ -282,7 +305,9 @@ local_steps = 2
             registry = pki.join("coordinator/registry.toml"),
             manifest = pki.join("coordinator/manifest.toml"),
             rounds = args.rounds,
-        ),
+        ) + &args.site_level_dp.map_or(String::new(), |z| {
+            format!("[privacy.site_level]\nnoise_multiplier = {z}\nclip = 1.0\nepsilon = 1e12\n")
+        }),
     )?;
     let run = Run {
         coordinator_exe,
@@ -295,7 +320,8 @@ local_steps = 2
     };
     let started = Instant::now();
     let mut coordinator = run.coordinator("coordinator.log")?;
-    let pid = coordinator.id();
+    let mut pid = coordinator.id();
+    let mut kills = 0u64;
     let mut agents = run.agents()?;
     let mut samples = Vec::new();
     let mut marks: Vec<(u64, bool)> = args
@@ -308,8 +334,27 @@ local_steps = 2
         marks.push((args.away_at, true));
     }
     marks.sort();
+    // SIGKILLs between the marks: each waits for its round, kills, restarts.
+    let mut kill_at: Vec<u64> = if args.kill_every > 0 {
+        (1..)
+            .map(|i| i * args.kill_every)
+            .take_while(|r| *r < args.rounds)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    kill_at.reverse();
     let mut away = Duration::ZERO;
     for (round, leave) in marks {
+        while kill_at.last().is_some_and(|k| *k <= round) {
+            let k = kill_at.pop().unwrap_or(round);
+            run.wait_rounds(&mut coordinator, k)?;
+            let _ = coordinator.kill();
+            let _ = coordinator.wait();
+            kills += 1;
+            coordinator = run.coordinator(&format!("coordinator-{kills}.log"))?;
+            pid = coordinator.id();
+        }
         run.wait_rounds(&mut coordinator, round)?;
         if !leave {
             samples.push(run.sample(pid, format!("round {round}")));
@@ -339,8 +384,19 @@ local_steps = 2
         away += left.elapsed();
         agents = run.agents()?;
     }
+    while let Some(k) = kill_at.pop() {
+        run.wait_rounds(&mut coordinator, k)?;
+        let _ = coordinator.kill();
+        let _ = coordinator.wait();
+        kills += 1;
+        coordinator = run.coordinator(&format!("coordinator-{kills}.log"))?;
+        pid = coordinator.id();
+    }
     run.wait_rounds(&mut coordinator, args.rounds)?;
     let running = started.elapsed().saturating_sub(away);
+    let site_epsilon = args
+        .site_level_dp
+        .and_then(|_| run.status()?["site_level_privacy"]["epsilon"].as_f64());
     let peak = rss_mib_of(&pid.to_string(), "VmHWM:");
     stop_all(&mut agents);
     sigterm(&coordinator);
@@ -367,7 +423,14 @@ local_steps = 2
         }
         _ => f64::NAN,
     };
+    let site_epsilon_expected = match args.site_level_dp {
+        Some(_) => Some(expected_site_epsilon(&run.config, &run.data_dir)?),
+        None => None,
+    };
     let report = Report {
+        kills,
+        site_epsilon,
+        site_epsilon_expected,
         rounds: args.rounds,
         wall_seconds: started.elapsed().as_secs_f64(),
         seconds_per_round: running.as_secs_f64() / args.rounds.max(1) as f64,
@@ -403,10 +466,52 @@ local_steps = 2
             report.db_bytes_per_round, report.journal_bytes_per_round, peak, report.exits
         );
     }
-    let clean = report.exits.iter().all(|c| *c == Some(0));
+    if let (Some(got), Some(want)) = (report.site_epsilon, report.site_epsilon_expected) {
+        println!("site-level ε: the coordinator says {got}, the journal's rounds give {want}");
+    }
+    let accounted = report.site_epsilon == report.site_epsilon_expected;
+    let clean = report.exits.iter().all(|c| *c == Some(0)) && accounted;
     Ok(if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The federation's site-level ε recomputed from the journal, independently of the
+/// coordinator's account: one distributed discrete Gaussian per completed round, over the
+/// round's survivors, with the σ the configuration gives.
+fn expected_site_epsilon(config: &Path, data_dir: &Path) -> Result<f64> {
+    use cohort_protocols::privacy::{Accountant, distributed_discrete_gaussian};
+    let cfg = cohort_coordinator::CoordinatorConfig::load(config)?;
+    let dp = cfg
+        .privacy
+        .site_level
+        .clone()
+        .context("no [privacy.site_level] in the configuration")?;
+    let dim = cfg.model.spec().num_params() as u32;
+    let mut acc = Accountant::new();
+    let mut reader = cohort_coordinator::journal::Reader::open(data_dir)?;
+    while let Some(entry) = reader.next_entry()? {
+        let cohort_coordinator::journal::Entry::Round { record, .. } = entry else {
+            continue;
+        };
+        let r = record.summary;
+        if r.failed.is_some() {
+            continue;
+        }
+        let survivors = (r.sites - r.dropped) as u32;
+        let p = cfg.training_params(survivors, dim);
+        let noise = p.noise.context("training rounds carry noise")?;
+        acc.compose(
+            distributed_discrete_gaussian(
+                survivors,
+                noise.sigma,
+                p.l2_sensitivity(),
+                u64::from(dim),
+            )?,
+            1,
+        )?;
+    }
+    Ok(acc.epsilon(dp.delta)?.epsilon)
 }
