@@ -325,6 +325,10 @@ pub struct SecAggConfig {
     pub threshold: Option<u32>,
     #[serde(default = "default_clip")]
     pub clip: f32,
+    /// B: honest sites scale their whole update to at most this L2 norm before masking, and
+    /// an unmasked sum beyond what such inputs can reach is refused (see
+    /// `cohort_protocols::secagg::Params::norm_bound`). None: the per-value clip only.
+    pub norm_bound: Option<f32>,
     #[serde(default = "default_q")]
     pub quant_bits: u32,
     #[serde(default = "default_modulus")]
@@ -370,6 +374,7 @@ impl Default for SecAggConfig {
             neighbours: None,
             threshold: None,
             clip: default_clip(),
+            norm_bound: None,
             quant_bits: default_q(),
             modulus_bits: default_modulus(),
             max_weight: default_weight(),
@@ -483,6 +488,7 @@ impl SecAggConfig {
             max_weight: self.max_weight,
             consistency_check: self.consistency_check,
             noise: None,
+            norm_bound: self.norm_bound,
         }
     }
 }
@@ -496,6 +502,8 @@ impl CoordinatorConfig {
             && self.secagg.enabled
         {
             p.clip = dp.clip;
+            // The noise's clip is the L2 bound.
+            p.norm_bound = None;
             let m = self.min_survivors();
             p.noise = Some(cohort_protocols::secagg::Noise {
                 sigma: dp.noise_multiplier * p.l2_sensitivity() / f64::from(m).sqrt(),

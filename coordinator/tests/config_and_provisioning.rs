@@ -144,6 +144,10 @@ fn bad_configurations_are_refused_with_a_precise_message() {
             "secagg.modulus_bits = 48: 32 or 64",
         ),
         (
+            with("modulus_bits = 64", "modulus_bits = 64\nnorm_bound = -1.0"),
+            "norm_bound = -1: the L2 bound on each update must be a finite number greater than 0",
+        ),
+        (
             with("kind = \"logreg\"", "kind = \"rnn\""),
             "unknown variant `rnn`",
         ),

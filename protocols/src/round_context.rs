@@ -170,6 +170,12 @@ mod tests {
             round_context(&a.digest(&m), &noisy(300.0, 3)),
             round_context(&a.digest(&m), &noisy(30.0, 3)),
             round_context(&a.digest(&m), &noisy(300.0, 4)),
+            // A site told a looser norm bound than its peers is in another round too.
+            round_context(&a.digest(&m), &{
+                let mut s = setup(1.0);
+                s.params.norm_bound = Some(0.5);
+                s
+            }),
         ];
         assert_ne!(
             round_context(&a.digest(&m), &noisy(300.0, 3)),

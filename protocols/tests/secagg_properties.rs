@@ -87,6 +87,7 @@ fn case(modulus: Modulus) -> impl Strategy<Value = Case> {
                     max_weight: 100,
                     consistency_check: consistency,
                     noise: None,
+                    norm_bound: None,
                 };
                 Case {
                     params,

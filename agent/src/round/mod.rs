@@ -1079,10 +1079,12 @@ fn update<W: Word>(
             "update scaled down to L2 norm {} before noise (site-level DP; not reported)",
             params.clip
         );
-    } else if report.clipped > 0 {
+    } else if report.norm_scaled || report.clipped > 0 {
         warn!(
             clipped = report.clipped,
-            "update values clipped to [-{}, {}] (reported to the coordinator only as a sum)",
+            norm_scaled = report.norm_scaled,
+            norm_bound = ?params.norm_bound,
+            "update scaled to the round's norm bound, or values clipped to [-{}, {}] (the clipped count reaches the coordinator only as a sum)",
             params.clip,
             params.clip
         );

@@ -124,13 +124,19 @@ impl Driver {
         // The whole sum is checked before any of it moves the model: a value no sum of valid
         // inputs can hold fails the attempt and leaves the model as it was.
         let mut index = 0;
+        let mut sq = 0.0;
         for part in sum.parts() {
             for z in part {
                 d.check(index, *z, params.dim)
                     .map_err(|e| format!("the unmasked sum is refused: {e}"))?;
+                if index >= VALUES_OFFSET {
+                    sq += d.weighted_sum(*z).powi(2);
+                }
                 index += 1;
             }
         }
+        d.check_norm(sq)
+            .map_err(|e| format!("the unmasked sum is refused: {e}"))?;
         self.apply_ranges(sum, VALUES_OFFSET, |z| d.mean(z))?;
         Ok(Unmasked {
             total_weight: d.total_weight,

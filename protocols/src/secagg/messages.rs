@@ -465,10 +465,17 @@ fn write_params(w: &mut Writer, p: &Params) {
             w.u32(n.min_survivors);
         }
     }
+    match p.norm_bound {
+        None => w.u8(0),
+        Some(b) => {
+            w.u8(1);
+            w.u32(b.to_bits());
+        }
+    }
 }
 
-/// The fixed part of the parameters; noise, when present, adds 12 bytes.
-const PARAMS_BYTES: usize = 4 * 5 + 1 + 1 + 8 + 1 + 1;
+/// The fixed part of the parameters; noise, when present, adds 12 bytes, a norm bound 4.
+const PARAMS_BYTES: usize = 4 * 5 + 1 + 1 + 8 + 1 + 1 + 1;
 
 fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
     let sites = r.u32("params.sites")?;
@@ -502,6 +509,16 @@ fn read_params(r: &mut Reader<'_>) -> Result<Params, DecodeError> {
                 return Err(DecodeError::Invalid {
                     what: "params.noise",
                     detail: format!("kind {other}, expected 0 (none) or 1 (discrete Gaussian)"),
+                });
+            }
+        },
+        norm_bound: match r.u8("params.norm_bound")? {
+            0 => None,
+            1 => Some(f32::from_bits(r.u32("params.norm_bound")?)),
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "params.norm_bound",
+                    detail: format!("flag {other}, expected 0 or 1"),
                 });
             }
         },

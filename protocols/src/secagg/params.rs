@@ -64,6 +64,12 @@ pub struct Params {
     /// the set-up, hence of the round context every site signs under, so no site can be told a
     /// smaller σ than its peers.
     pub noise: Option<Noise>,
+    /// B: honest sites scale their update to at most this L2 norm before quantising it (the
+    /// per-value `clip` still applies after). Secure aggregation hides each update, so this is
+    /// the one bound on a site's influence the coordinator can have sites apply; the unmasked
+    /// sum is refused if its norm is beyond what inputs within it can reach. In the set-up,
+    /// so in the round context. Without noise only (with noise, `clip` is the L2 bound).
+    pub norm_bound: Option<f32>,
 }
 
 /// The distributed discrete Gaussian (Kairouz, Liu and Steinke, ICML 2021): with it, every
@@ -147,6 +153,10 @@ pub enum ParamError {
     #[error("max_weight = 0: the weight cap must be at least 1")]
     BadMaxWeight,
     #[error(
+        "norm_bound = {bound}: the L2 bound on each update must be a finite number greater than 0, and is not used with site-level noise (whose clip is the L2 bound)"
+    )]
+    BadNormBound { bound: f32 },
+    #[error(
         "noise sigma = {sigma}: the discrete Gaussian's standard deviation must be a finite number of at least 1 quantisation step"
     )]
     BadNoise { sigma: f64 },
@@ -229,6 +239,7 @@ impl Params {
             max_weight: 1000,
             consistency_check: false,
             noise: None,
+            norm_bound: None,
         }
     }
 
@@ -337,6 +348,11 @@ impl Params {
                 "use modulus 64 for models this large".to_string(),
             ),
         ];
+        if let Some(bound) = self.norm_bound
+            && (!(bound.is_finite() && bound > 0.0) || self.noise.is_some())
+        {
+            return Err(ParamError::BadNormBound { bound });
+        }
         if let Some(noise) = self.noise {
             if !(noise.sigma.is_finite() && noise.sigma >= 1.0) {
                 return Err(ParamError::BadNoise { sigma: noise.sigma });
@@ -512,6 +528,24 @@ mod tests {
                     ..base.clone()
                 },
                 "min_survivors = 11 with sites = 10",
+            ),
+            (
+                Params {
+                    norm_bound: Some(0.0),
+                    ..base.clone()
+                },
+                "norm_bound = 0",
+            ),
+            (
+                Params {
+                    norm_bound: Some(1.0),
+                    noise: Some(Noise {
+                        sigma: 100.0,
+                        min_survivors: 6,
+                    }),
+                    ..base.clone()
+                },
+                "not used with site-level noise",
             ),
             (
                 // 2^32 − 10 × (2^16 − 1) leaves room for ±20 σ√10 only while σ < about 3.39e7.

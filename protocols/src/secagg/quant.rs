@@ -54,6 +54,10 @@ pub enum QuantError {
     )]
     NoisyValueOutOfRange { index: usize, offset: f64, max: f64 },
     #[error(
+        "the unmasked sum has L2 norm {norm:.6}, beyond the {max:.6} that inputs within norm_bound can reach: a site sent an update beyond the bound"
+    )]
+    NormOutOfRange { norm: f64, max: f64 },
+    #[error(
         "{survivors} survivor(s), fewer than the {min} the noise was sized for: the sum carries less noise than the privacy guarantee assumes"
     )]
     TooFewForNoise { survivors: usize, min: u32 },
@@ -105,6 +109,8 @@ pub struct ClipReport {
     pub clipped: u32,
     /// Whether the example count was above `max_weight` and capped.
     pub weight_capped: bool,
+    /// Whether the update was scaled down to [`Params::norm_bound`].
+    pub norm_scaled: bool,
 }
 
 fn scale(params: &Params) -> f64 {
@@ -134,6 +140,16 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
     let capped = weight.min(params.max_weight);
     let w_frac = capped as f64 / params.max_weight as f64;
     let c = params.clip as f64;
+    // The norm bound first (the whole update scaled), then the per-value clip.
+    let norm = delta
+        .iter()
+        .map(|&d| f64::from(d) * f64::from(d))
+        .sum::<f64>()
+        .sqrt();
+    let factor = match params.norm_bound {
+        Some(b) if norm > f64::from(b) => f64::from(b) / norm,
+        _ => 1.0,
+    };
     let s = scale(params);
     let top = ((1u64 << params.quant_bits) - 1) as f64;
     let mut values = Vec::with_capacity(params.vector_len());
@@ -141,7 +157,7 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
     values.push(W::ZERO);
     let mut clipped = 0u32;
     for &d in delta {
-        let d = d as f64;
+        let d = d as f64 * factor;
         let clamped = d.clamp(-c, c);
         if clamped != d {
             clipped += 1;
@@ -159,6 +175,7 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
         ClipReport {
             clipped,
             weight_capped: weight > params.max_weight,
+            norm_scaled: factor < 1.0,
         },
     ))
 }
@@ -209,6 +226,7 @@ fn quantise_l2<W: Word, R: Rng + ?Sized>(
         ClipReport {
             clipped: u32::from(norm > c),
             weight_capped: false,
+            norm_scaled: norm > c,
         },
     )
 }
@@ -313,9 +331,14 @@ pub fn dequantise<W: Word>(
     survivors: usize,
 ) -> Result<Aggregate, QuantError> {
     let d = Dequantiser::new(params, sum.len(), sum.get(WEIGHT_INDEX).copied(), survivors)?;
+    let mut sq = 0.0;
     for (i, z) in sum.iter().enumerate() {
         d.check(i, *z, params.dim)?;
+        if i >= VALUES_OFFSET {
+            sq += d.weighted_sum(*z).powi(2);
+        }
     }
+    d.check_norm(sq)?;
     Ok(Aggregate {
         total_weight: d.total_weight,
         clipped: sum[CLIPPED_INDEX].to_u64(),
@@ -342,6 +365,8 @@ pub struct Dequantiser {
     offset: f64,
     w_frac_sum: f64,
     noisy: Option<Noisy>,
+    /// With [`Params::norm_bound`]: the largest L2 norm Σ w'Δ can have, rounding included.
+    max_norm: Option<f64>,
 }
 
 /// How a noisy sum is read: as a signed distance from the centre of the survivors' range,
@@ -412,6 +437,7 @@ impl Dequantiser {
                     max_offset: half + NOISE_TAIL * sum_sigma + 1.0,
                     sum_sigma,
                 }),
+                max_norm: None,
             });
         }
         let max = (survivors as u64).saturating_mul(params.max_weight);
@@ -430,7 +456,36 @@ impl Dequantiser {
             // Σ w' = Σ w / W
             w_frac_sum: total_weight as f64 / params.max_weight as f64,
             noisy: None,
+            // ‖Σ w'Δ‖ ≤ Σ w'·B; each site's rounding moves each value by under one step.
+            max_norm: params.norm_bound.map(|b| {
+                let w_frac_sum = total_weight as f64 / params.max_weight as f64;
+                w_frac_sum * f64::from(b)
+                    + survivors as f64 * f64::from(params.dim).sqrt() / scale(params)
+            }),
         })
+    }
+
+    /// Σ w'Δ for one summed value (from [`VALUES_OFFSET`] on), before the division by Σ w'
+    /// that gives the mean: what [`Dequantiser::check_norm`] sums the squares of.
+    pub fn weighted_sum<W: Word>(&self, z: W) -> f64 {
+        if let Some(n) = &self.noisy {
+            return Self::offset_of(n, z) / self.scale;
+        }
+        z.to_u64() as f64 / self.scale - self.offset
+    }
+
+    /// With a norm bound: refuses a sum whose L2 norm (`sum_sq`, the sum of the squares of
+    /// [`Dequantiser::weighted_sum`] over every value) no inputs within the bound can reach.
+    /// Catches a site that skipped the scaling only when its update is large enough to push
+    /// the whole sum out; that is all a sum can show.
+    pub fn check_norm(&self, sum_sq: f64) -> Result<(), QuantError> {
+        match self.max_norm {
+            Some(max) if sum_sq.sqrt() > max => Err(QuantError::NormOutOfRange {
+                norm: sum_sq.sqrt(),
+                max,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The standard deviation of the noise in each value of the mean (0 without noise).
@@ -567,14 +622,16 @@ mod tests {
             ra,
             ClipReport {
                 clipped: 2,
-                weight_capped: false
+                weight_capped: false,
+                norm_scaled: false
             }
         );
         assert_eq!(
             rb,
             ClipReport {
                 clipped: 1,
-                weight_capped: true
+                weight_capped: true,
+                norm_scaled: false
             }
         );
         let mut sum = vec![0u64; p.vector_len()];
@@ -655,6 +712,44 @@ mod tests {
             (100..200).contains(&wrapped),
             "{wrapped} of 300 inputs wrapped"
         );
+    }
+
+    /// With a norm bound, honest sites scale their whole update down to it (then the
+    /// per-value clip); a sum of such inputs passes, and one with an input that skipped the
+    /// scaling — every value in range, the norm far beyond — is refused by its norm.
+    #[test]
+    fn a_norm_bound_scales_updates_and_a_sum_beyond_it_is_refused() {
+        let p = Params {
+            norm_bound: Some(0.5),
+            ..params(4, 16, 1.0)
+        };
+        p.validate().unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        // Norm 2: scaled to 0.5 → (0.25, 0.25, 0.25, 0.25).
+        let (a, ra) = quantise::<u64, _>(&p, &[1.0, 1.0, 1.0, 1.0], 500, &mut rng).unwrap();
+        assert!(ra.norm_scaled && ra.clipped == 0, "{ra:?}");
+        let (b, rb) = quantise::<u64, _>(&p, &[0.1, 0.0, 0.0, 0.0], 500, &mut rng).unwrap();
+        assert!(!rb.norm_scaled);
+        let mut sum = vec![0u64; p.vector_len()];
+        crate::secagg::word::add_assign(&mut sum, a.values());
+        crate::secagg::word::add_assign(&mut sum, b.values());
+        let agg = dequantise(&p, &sum, 2).unwrap();
+        assert!((agg.mean[1] - 0.125).abs() < 1e-3, "{:?}", agg.mean);
+        // A site that skipped the scaling: (1, 1, 1, 1), every value within the clip.
+        let unscaled = Params {
+            norm_bound: None,
+            ..p.clone()
+        };
+        let (c, _) = quantise::<u64, _>(&unscaled, &[1.0, 1.0, 1.0, 1.0], 500, &mut rng).unwrap();
+        let mut sum = vec![0u64; p.vector_len()];
+        crate::secagg::word::add_assign(&mut sum, c.values());
+        crate::secagg::word::add_assign(&mut sum, b.values());
+        assert!(matches!(
+            dequantise(&p, &sum, 2),
+            Err(QuantError::NormOutOfRange { .. })
+        ));
+        // The same sum without a bound passes: only the bound sees it.
+        assert!(dequantise(&unscaled, &sum, 2).is_ok());
     }
 
     #[test]
