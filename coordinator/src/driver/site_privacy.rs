@@ -3,13 +3,15 @@
 //! the sites add the noise; in plain mode the coordinator does (central DP, with adaptive
 //! clipping if asked): the same quantised mechanism, priced the same way.
 //!
-//! The sites add the noise (the set-up tells them σ; see `CoordinatorConfig::training_params`)
-//! and refuse to unmask a sum over fewer survivors than it was sized for, so the
-//! coordinator cannot spend more than it accounts here; what it can get wrong is only its own
-//! report. It therefore counts a sum when it is unmasked, before the sum is checked or used:
-//! an attempt whose sum is then refused still released it. A redo of a round over the same
-//! survivors resends the same noisy inputs (the sites' ledger allows nothing else) and
-//! releases nothing new, but is counted again — the account errs on the side of spending.
+//! Under secure aggregation the sites add the noise (the set-up tells them σ; see
+//! `CoordinatorConfig::training_params`) and refuse to unmask a sum over fewer survivors than
+//! it was sized for, so the coordinator cannot spend more than it accounts here; what it can
+//! get wrong is only its own report. It therefore counts a sum when it is unmasked, before
+//! the sum is checked or used: an attempt whose sum is then refused still released it. A
+//! redo of a round in which a site sends the same update resends the same noisy input (its
+//! noise is seeded by the update) and releases nothing new, but is counted again — the
+//! account errs on the side of spending; a DP-SGD site's fresh update is a new release, and
+//! counted as one.
 
 use cohort_protocols::privacy::{
     Accountant, DEFAULT_ORDERS, Mechanism, central_gaussian, discrete_gaussian,
@@ -19,6 +21,11 @@ use cohort_protocols::secagg::{Params, central_release, next_clip};
 use serde::{Deserialize, Serialize};
 
 use super::*;
+
+/// Central DP quantises on a grid of 2C/2^24 per value: far finer than the noise it then
+/// adds (σ = z·2^23 steps), and fixed, because `[secagg]` (whose quant_bits plain mode does
+/// not validate) is not in use.
+const CENTRAL_QUANT_BITS: u32 = 24;
 
 /// The running account, resumed from the last committed round's curve.
 #[derive(Debug, Clone)]
@@ -67,10 +74,18 @@ impl SiteLevel {
 impl Driver {
     /// Picks up the account from the last committed round, if it carried one.
     pub(super) fn resume_site_level(&mut self, last: Option<&RoundRecord>) -> Result<(), String> {
-        let (Some(acc), Some(rdp)) = (
-            self.site_level.as_mut(),
-            last.and_then(|r| r.site_level_rdp.clone()),
-        ) else {
+        let Some(acc) = self.site_level.as_mut() else {
+            return Ok(());
+        };
+        let Some(rdp) = last.and_then(|r| r.site_level_rdp.clone()) else {
+            if let Some(r) = last {
+                // Rounds before it released updates without this noise: the ε from here on
+                // says nothing about them.
+                warn!(
+                    after_round = r.summary.round,
+                    "[privacy.site_level] turned on in a run whose committed rounds carried no site-level noise: the federation's ε covers only the rounds from here on"
+                );
+            }
             return Ok(());
         };
         acc.accountant = Accountant::resume(DEFAULT_ORDERS.to_vec(), rdp)
@@ -114,7 +129,6 @@ impl Driver {
     /// left whole.
     pub(super) fn central_mean(&mut self, updates: &[(f64, Vec<f32>)]) -> Result<Vec<f32>, String> {
         let dim = self.spec.num_params() as u32;
-        let quant_bits = self.cfg.secagg.quant_bits;
         let (Some(acc), Some(dp)) = (
             self.site_level.as_mut(),
             self.cfg.privacy.site_level.as_ref(),
@@ -123,7 +137,7 @@ impl Driver {
         };
         let params = Params {
             clip: acc.clip as f32,
-            quant_bits,
+            quant_bits: CENTRAL_QUANT_BITS,
             modulus: cohort_protocols::secagg::Modulus::Bits64,
             ..Params::with_defaults(3, dim)
         };
