@@ -243,6 +243,15 @@ pub struct Policy {
     /// requirement.
     #[serde(default)]
     pub min_noise_multiplier: Option<f64>,
+    /// This site's own site-level budget: the ε its noisy updates may spend, counted in its
+    /// contribution ledger (each round priced at the fewest survivors it accepts, the most it
+    /// can cost) whatever the coordinator's account says. A training round that would pass
+    /// it, or that adds no site-level noise, is declined with the figures. None: no budget.
+    #[serde(default)]
+    pub site_level_epsilon: Option<f64>,
+    /// δ of `site_level_epsilon`.
+    #[serde(default = "site_delta")]
+    pub site_level_delta: f64,
     /// Send at most this many training updates computed from one model (the contribution
     /// ledger counts them). None (the default): no limit. 1 closes the last way to difference
     /// two sums of this site without differential privacy — the same model sent in two rounds
@@ -258,6 +267,10 @@ pub struct Policy {
     /// counts answer fewer questions about single test rows.
     #[serde(default = "one_u64")]
     pub evaluation_granularity: u64,
+}
+
+fn site_delta() -> f64 {
+    1e-5
 }
 
 fn one_u64() -> u64 {
@@ -294,6 +307,8 @@ impl Default for Policy {
             learning_rate: None,
             clip: None,
             min_noise_multiplier: None,
+            site_level_epsilon: None,
+            site_level_delta: site_delta(),
             updates_per_model: None,
             max_evaluations_per_round: one(),
             evaluation_granularity: one_u64(),
@@ -395,6 +410,22 @@ impl AgentConfig {
                 key: "policy.clip",
                 value: format!("[{low}, {high}]"),
                 allowed: "[low, high] with 0 < low <= high",
+            });
+        }
+        if let Some(e) = cfg.policy.site_level_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(ConfigError::Invalid {
+                key: "policy.site_level_epsilon",
+                value: e.to_string(),
+                allowed: "a number above 0",
+            });
+        }
+        if !(cfg.policy.site_level_delta > 0.0 && cfg.policy.site_level_delta < 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "policy.site_level_delta",
+                value: cfg.policy.site_level_delta.to_string(),
+                allowed: "strictly between 0 and 1",
             });
         }
         if let Some(z) = cfg.policy.min_noise_multiplier

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use cohort_protocols::privacy::{Accountant, DEFAULT_ORDERS, Mechanism};
 use serde::{Deserialize, Serialize};
 use sha3::{Digest, Sha3_256};
 use thiserror::Error;
@@ -121,7 +122,7 @@ pub struct Refusal {
     pub contributed: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entries {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +145,11 @@ struct Entries {
     /// it was when the same round asks for the same model (a coordinator that restarted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_report: Option<(u64, String, String)>,
+    /// Site-level DP (`policy.site_level_epsilon`): the RDP curve, at the accountant's
+    /// default orders, of every noisy masked input this site sent, each priced at the fewest
+    /// survivors its round accepted; empty before the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    site_level_rdp: Vec<f64>,
 }
 
 /// What the ledger allows for an evaluation.
@@ -456,6 +462,67 @@ impl Ledger {
         Ok(())
     }
 
+    fn site_accountant(&self) -> Result<Accountant, String> {
+        if self.entries.site_level_rdp.is_empty() {
+            return Ok(Accountant::new());
+        }
+        Accountant::resume(DEFAULT_ORDERS.to_vec(), self.entries.site_level_rdp.clone())
+            .map_err(|e| format!("ledger {}: site_level_rdp: {e}", self.path.display()))
+    }
+
+    /// The site-level ε this site's noisy inputs have spent, at `delta`.
+    pub fn site_level_epsilon(&self, delta: f64) -> Result<f64, String> {
+        Ok(self
+            .site_accountant()?
+            .epsilon(delta)
+            .map_err(|e| e.to_string())?
+            .epsilon)
+    }
+
+    /// Whether one more noisy input priced as `mechanism` keeps this site within its own
+    /// site-level `budget` (`policy.site_level_epsilon`), whatever the coordinator's account
+    /// says: Ok(ε after it), or why not, with the figures.
+    pub fn check_site_level(
+        &self,
+        mechanism: Mechanism,
+        budget: f64,
+        delta: f64,
+    ) -> Result<f64, String> {
+        let acc = self.site_accountant()?;
+        let before = acc.epsilon(delta).map_err(|e| e.to_string())?.epsilon;
+        let after = acc
+            .epsilon_after(mechanism, 1, delta)
+            .map_err(|e| e.to_string())?
+            .epsilon;
+        if after > budget {
+            return Err(format!(
+                "site-level privacy budget: this round would take this site's ε from {before:.3} to {after:.3}, over its budget of {budget} at δ = {delta} (policy.site_level_epsilon)"
+            ));
+        }
+        Ok(after)
+    }
+
+    /// Counts one noisy input, durably: called before the input leaves (a crash after this
+    /// over-counts an input never sent, which errs on the site's side).
+    pub fn spend_site_level(&mut self, mechanism: Mechanism) -> Result<(), LedgerError> {
+        let mut acc = self
+            .site_accountant()
+            .map_err(|error| LedgerError::Corrupt {
+                path: self.path.clone(),
+                error,
+            })?;
+        acc.compose(mechanism, 1)
+            .map_err(|e| LedgerError::Corrupt {
+                path: self.path.clone(),
+                error: e.to_string(),
+            })?;
+        let mut next = self.entries.clone();
+        next.site_level_rdp = acc.rdp().to_vec();
+        self.save(&next)?;
+        self.entries = next;
+        Ok(())
+    }
+
     /// Replaces the file atomically with `entries`.
     fn save(&self, entries: &Entries) -> Result<(), LedgerError> {
         let error = |error| LedgerError::Write {
@@ -658,5 +725,37 @@ mod tests {
             e.contains("cannot be written") && e.contains("state_dir"),
             "{e}"
         );
+    }
+
+    /// The site's own site-level account: checked against its budget before a round, spent
+    /// durably before a noisy input leaves, kept across a reopen; a round that would pass the
+    /// budget is refused with both figures.
+    #[test]
+    fn the_site_level_account_is_checked_spent_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let round = Mechanism::SubsampledGaussian {
+            sampling_rate: 1.0,
+            noise_multiplier: 2.0,
+        };
+        assert_eq!(ledger.site_level_epsilon(1e-5).unwrap(), 0.0);
+        let first = ledger.check_site_level(round, 8.0, 1e-5).unwrap();
+        ledger.spend_site_level(round).unwrap();
+        let ledger2 = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger2.site_level_epsilon(1e-5).unwrap(), first);
+        let mut ledger = ledger2;
+        let mut spent = first;
+        while let Ok(after) = ledger.check_site_level(round, 8.0, 1e-5) {
+            ledger.spend_site_level(round).unwrap();
+            assert!(after > spent);
+            spent = after;
+        }
+        let refusal = ledger.check_site_level(round, 8.0, 1e-5).unwrap_err();
+        assert!(
+            refusal.contains(&format!("from {spent:.3}"))
+                && refusal.contains("policy.site_level_epsilon"),
+            "{refusal}"
+        );
+        assert!(spent <= 8.0);
     }
 }

@@ -281,3 +281,81 @@ fn central_dp_in_plain_mode_adapts_its_clip_and_resumes_the_account_and_the_clip
         summary.rounds_completed + next.len() as u64
     );
 }
+
+/// A hospital keeps its own site-level budget in its contribution ledger, priced at the
+/// fewest survivors a round accepts, whatever the coordinator's account says. Here the
+/// coordinator would go on to ε = 8 (it prices the four survivors it gets); every site's own
+/// budget is 5. The sites decline once their count would pass it, naming the setting, the
+/// rounds fail, and the run stops for the operator — with no site past its own budget.
+#[test]
+fn each_site_keeps_its_own_site_level_budget_whatever_the_coordinator_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = provision(dir.path());
+    let data = dir.path().join("data");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (result, declines) = rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn(cohort_coordinator::run_with_progress(
+            coordinator(&pki, &data),
+            Some(tx),
+            Some(report_tx),
+        ));
+        let endpoints = rx.await.unwrap();
+        let base = format!("http://{}", endpoints.status.unwrap());
+        let port = endpoints.grpc.port();
+        let agents: Vec<_> = SITES
+            .iter()
+            .map(|s| {
+                let cfg = config::agent(&pki, s, port)
+                    .merge(SCHEMA)
+                    .set("policy.max_colluders", 0)
+                    .set("policy.site_level_epsilon", 5.0)
+                    .build(cohort_agent::AgentConfig::parse);
+                tokio::spawn(cohort_agent::run(cfg))
+            })
+            .collect();
+        let mut declines = Vec::new();
+        while let Some(record) = report.recv().await {
+            if record.summary.failed.is_some() {
+                let (_, body) = get(&format!("{base}/api/v1/sites"), Some(TOKEN))
+                    .await
+                    .unwrap();
+                let sites: Value = serde_json::from_str(&body).unwrap();
+                for s in sites["sites"].as_array().unwrap() {
+                    if let Some(reason) = s["last_decline"]["reason"].as_str() {
+                        declines.push(reason.to_string());
+                    }
+                }
+            }
+        }
+        let result = run.await.unwrap();
+        for a in agents {
+            a.abort();
+        }
+        (result, declines)
+    });
+    let err = result.expect_err("the rounds fail once the sites' budgets are spent");
+    assert!(format!("{err:#}").contains("given up"), "{err:#}");
+    assert!(
+        declines
+            .iter()
+            .any(|d| d.contains("site-level privacy budget")
+                && d.contains("policy.site_level_epsilon")),
+        "{declines:?}"
+    );
+    for site in SITES {
+        let text = std::fs::read_to_string(pki::bundle(&pki, site).join("ledger.toml")).unwrap();
+        let ledger: toml::Table = toml::from_str(&text).unwrap();
+        let rdp: Vec<f64> = ledger["site_level_rdp"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_float().unwrap())
+            .collect();
+        let acc =
+            Accountant::resume(cohort_protocols::privacy::DEFAULT_ORDERS.to_vec(), rdp).unwrap();
+        let eps = acc.epsilon(1e-5).unwrap().epsilon;
+        assert!(eps > 0.0 && eps <= 5.0, "{site}: ε = {eps}");
+    }
+}

@@ -780,7 +780,28 @@ impl<'a> Machine<'a> {
                 Work::Fed { origin } => origin.take(),
                 _ => None,
             };
+            // A noisy training input spends this site's own site-level budget first (checked
+            // at the set-up), so a crash between the two over-counts rather than forgets.
+            let site_level = match (&r.secagg, self.cfg.policy.site_level_epsilon, r.task) {
+                (SecAgg::Running(p), Some(_), Task::Train) => {
+                    policy::site_level_mechanism(&p.params)
+                }
+                _ => None,
+            };
+            let spent = match site_level {
+                Some(m) => self.ledger.spend_site_level(m).inspect(|()| {
+                    info!(
+                        site = %self.cfg.site,
+                        round,
+                        site_level_epsilon = ?self.ledger.site_level_epsilon(self.cfg.policy.site_level_delta).ok(),
+                        budget = ?self.cfg.policy.site_level_epsilon,
+                        "site-level privacy spent (this site's own count)"
+                    );
+                }),
+                None => Ok(()),
+            };
             let recorded = match origin {
+                _ if spent.is_err() => spent,
                 Some(input) if r.permit.fresh => self.ledger.record_release(round, attempt, &input),
                 Some(input) => self.ledger.record(round, attempt, &input),
                 None => Err(ledger::LedgerError::Corrupt {
@@ -893,7 +914,11 @@ impl<'a> Machine<'a> {
         let round = r.start.round;
         if let Some(reason) = policy::policy_refusal(&self.cfg.policy, setup).or_else(|| {
             (Task::try_from(r.start.task) == Ok(Task::Train))
-                .then(|| policy::noise_refusal(&self.cfg.policy, setup))
+                .then(|| {
+                    policy::noise_refusal(&self.cfg.policy, setup).or_else(|| {
+                        policy::site_budget_refusal(&self.cfg.policy, self.ledger, setup)
+                    })
+                })
                 .flatten()
         }) {
             self.decline(round, reason);

@@ -117,6 +117,39 @@ pub(super) fn noise_refusal(
     })
 }
 
+/// How this site prices one noisy input of a round with `params` against its own site-level
+/// budget: at the fewest survivors the round accepts (the most the round can cost it).
+pub(super) fn site_level_mechanism(
+    params: &cohort_protocols::secagg::Params,
+) -> Option<cohort_protocols::privacy::Mechanism> {
+    let noise = params.noise?;
+    cohort_protocols::privacy::distributed_discrete_gaussian(
+        noise.min_survivors,
+        noise.sigma,
+        params.l2_sensitivity(),
+        u64::from(params.dim),
+    )
+    .ok()
+}
+
+/// Why this site's own site-level budget (`policy.site_level_epsilon`) refuses a training
+/// round with `setup`: no noise, or more than the budget has left.
+pub(super) fn site_budget_refusal(
+    policy: &crate::config::Policy,
+    ledger: &crate::ledger::Ledger,
+    setup: &cohort_protocols::secagg::Setup,
+) -> Option<String> {
+    let budget = policy.site_level_epsilon?;
+    let Some(m) = site_level_mechanism(&setup.params) else {
+        return Some(
+            "policy: the round adds no site-level noise, and this site spends its updates only under it (policy.site_level_epsilon)".into(),
+        );
+    };
+    ledger
+        .check_site_level(m, budget, policy.site_level_delta)
+        .err()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
