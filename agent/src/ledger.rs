@@ -269,19 +269,22 @@ impl Ledger {
                     contributed: None,
                 })
             }
-            Input::Update(model) => {
-                let sent = self.entries.updates.get(model).copied().unwrap_or(0);
-                match updates_per_model {
-                    Some(limit) if sent >= limit => Err(Refusal {
-                        reason: format!(
-                            "ledger: this site already sent {sent} update(s) computed from this model (policy.updates_per_model = {limit})"
-                        ),
-                        contributed: None,
-                    }),
-                    _ => Ok(permit),
-                }
-            }
+            Input::Update(model) => self.model_limit(model, updates_per_model).map(|()| permit),
             Input::Statistics(_) => Ok(permit),
+        }
+    }
+
+    /// `policy.updates_per_model`: at most that many updates computed from `model`.
+    fn model_limit(&self, model: &str, updates_per_model: Option<u32>) -> Result<(), Refusal> {
+        let sent = self.entries.updates.get(model).copied().unwrap_or(0);
+        match updates_per_model {
+            Some(limit) if sent >= limit => Err(Refusal {
+                reason: format!(
+                    "ledger: this site already sent {sent} update(s) computed from this model (policy.updates_per_model = {limit})"
+                ),
+                contributed: None,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -304,17 +307,7 @@ impl Ledger {
             return Err(Self::already(c, ""));
         }
         if let Input::Update(model) = input {
-            let sent = self.entries.updates.get(model).copied().unwrap_or(0);
-            if let Some(limit) = updates_per_model
-                && sent >= limit
-            {
-                return Err(Refusal {
-                    reason: format!(
-                        "ledger: this site already sent {sent} update(s) computed from this model (policy.updates_per_model = {limit})"
-                    ),
-                    contributed: None,
-                });
-            }
+            self.model_limit(model, updates_per_model)?;
             return Ok(Permit {
                 redo_of: None,
                 fresh: true,

@@ -198,6 +198,17 @@ impl Run {
         }
     }
 
+    /// Waits for round `at`, kills the coordinator with SIGKILL wherever it is, and starts it
+    /// again on the same data directory (its log: `coordinator-{kills}.log`).
+    fn kill_and_restart(&self, c: &mut Child, at: u64, kills: &mut u64) -> Result<()> {
+        self.wait_rounds(c, at)?;
+        let _ = c.kill();
+        let _ = c.wait();
+        *kills += 1;
+        *c = self.coordinator(&format!("coordinator-{kills}.log"))?;
+        Ok(())
+    }
+
     /// Waits for `rounds` committed rounds, failing if the coordinator exits meanwhile.
     fn wait_rounds(&self, c: &mut Child, rounds: u64) -> Result<()> {
         loop {
@@ -346,13 +357,8 @@ local_steps = 2
     kill_at.reverse();
     let mut away = Duration::ZERO;
     for (round, leave) in marks {
-        while kill_at.last().is_some_and(|k| *k <= round) {
-            let k = kill_at.pop().unwrap_or(round);
-            run.wait_rounds(&mut coordinator, k)?;
-            let _ = coordinator.kill();
-            let _ = coordinator.wait();
-            kills += 1;
-            coordinator = run.coordinator(&format!("coordinator-{kills}.log"))?;
+        while let Some(k) = kill_at.pop_if(|k| *k <= round) {
+            run.kill_and_restart(&mut coordinator, k, &mut kills)?;
             pid = coordinator.id();
         }
         run.wait_rounds(&mut coordinator, round)?;
@@ -385,11 +391,7 @@ local_steps = 2
         agents = run.agents()?;
     }
     while let Some(k) = kill_at.pop() {
-        run.wait_rounds(&mut coordinator, k)?;
-        let _ = coordinator.kill();
-        let _ = coordinator.wait();
-        kills += 1;
-        coordinator = run.coordinator(&format!("coordinator-{kills}.log"))?;
+        run.kill_and_restart(&mut coordinator, k, &mut kills)?;
         pid = coordinator.id();
     }
     run.wait_rounds(&mut coordinator, args.rounds)?;
@@ -482,7 +484,7 @@ local_steps = 2
 /// coordinator's account: one distributed discrete Gaussian per completed round, over the
 /// round's survivors, with the σ the configuration gives.
 fn expected_site_epsilon(config: &Path, data_dir: &Path) -> Result<f64> {
-    use cohort_protocols::privacy::{Accountant, distributed_discrete_gaussian};
+    use cohort_protocols::privacy::Accountant;
     let cfg = cohort_coordinator::CoordinatorConfig::load(config)?;
     let dp = cfg
         .privacy
@@ -501,17 +503,11 @@ fn expected_site_epsilon(config: &Path, data_dir: &Path) -> Result<f64> {
             continue;
         }
         let survivors = (r.sites - r.dropped) as u32;
-        let p = cfg.training_params(survivors, dim);
-        let noise = p.noise.context("training rounds carry noise")?;
-        acc.compose(
-            distributed_discrete_gaussian(
-                survivors,
-                noise.sigma,
-                p.l2_sensitivity(),
-                u64::from(dim),
-            )?,
-            1,
-        )?;
+        let mechanism = cfg
+            .training_params(survivors, dim)
+            .noise_mechanism(survivors)
+            .context("training rounds carry noise")?;
+        acc.compose(mechanism, 1)?;
     }
     Ok(acc.epsilon(dp.delta)?.epsilon)
 }

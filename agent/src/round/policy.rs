@@ -122,14 +122,7 @@ pub(super) fn noise_refusal(
 pub(super) fn site_level_mechanism(
     params: &cohort_protocols::secagg::Params,
 ) -> Option<cohort_protocols::privacy::Mechanism> {
-    let noise = params.noise?;
-    cohort_protocols::privacy::distributed_discrete_gaussian(
-        noise.min_survivors,
-        noise.sigma,
-        params.l2_sensitivity(),
-        u64::from(params.dim),
-    )
-    .ok()
+    params.noise_mechanism(params.noise?.min_survivors)
 }
 
 /// Why this site's own site-level budget (`policy.site_level_epsilon`) refuses a training

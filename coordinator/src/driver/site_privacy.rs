@@ -15,7 +15,6 @@
 
 use cohort_protocols::privacy::{
     Accountant, DEFAULT_ORDERS, Mechanism, central_gaussian, discrete_gaussian,
-    distributed_discrete_gaussian,
 };
 use cohort_protocols::secagg::{Params, central_release, next_clip};
 use serde::{Deserialize, Serialize};
@@ -106,16 +105,12 @@ impl Driver {
         params: &Params,
         survivors: usize,
     ) -> Result<(), String> {
-        let (Some(acc), Some(noise)) = (self.site_level.as_mut(), params.noise) else {
+        let (Some(acc), Some(_)) = (self.site_level.as_mut(), params.noise) else {
             return Ok(());
         };
-        let mechanism = distributed_discrete_gaussian(
-            survivors as u32,
-            noise.sigma,
-            params.l2_sensitivity(),
-            u64::from(params.dim),
-        )
-        .map_err(|e| format!("site-level privacy: {e}"))?;
+        let mechanism = params
+            .noise_mechanism(survivors as u32)
+            .ok_or("site-level privacy: the round's noise cannot be priced")?;
         acc.accountant
             .compose(mechanism, 1)
             .map_err(|e| format!("site-level privacy: {e}"))?;
@@ -197,14 +192,7 @@ impl Driver {
         let p = self
             .cfg
             .training_params(self.cfg.rounds.min_sites, self.spec.num_params() as u32);
-        let noise = p.noise?;
-        distributed_discrete_gaussian(
-            self.cfg.min_survivors(),
-            noise.sigma,
-            p.l2_sensitivity(),
-            u64::from(p.dim),
-        )
-        .ok()
+        p.noise_mechanism(self.cfg.min_survivors())
     }
 
     fn publish_site_level(&self) {

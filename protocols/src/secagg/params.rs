@@ -243,6 +243,20 @@ impl Params {
         }
     }
 
+    /// With [`Params::noise`]: one unmasked sum over `survivors` sites, as the accountant
+    /// prices it (see [`crate::privacy::distributed_discrete_gaussian`]). None without noise
+    /// or for parameters no accountant prices.
+    pub fn noise_mechanism(&self, survivors: u32) -> Option<crate::privacy::Mechanism> {
+        let noise = self.noise?;
+        crate::privacy::distributed_discrete_gaussian(
+            survivors,
+            noise.sigma,
+            self.l2_sensitivity(),
+            u64::from(self.dim),
+        )
+        .ok()
+    }
+
     /// With [`Params::noise`]: how far one site's quantised input can move the sum, in L2 norm
     /// and quantisation steps, between its real update and none at all (the neighbouring
     /// federation in which the site sends a zero update). The update scaled to norm `clip` is

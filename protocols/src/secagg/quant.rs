@@ -113,6 +113,27 @@ pub struct ClipReport {
     pub norm_scaled: bool,
 }
 
+/// `r` rounded up with probability equal to its fractional part (E = r), capped at `top`.
+fn round_stochastic<R: Rng + ?Sized>(r: f64, top: f64, rng: &mut R) -> f64 {
+    let floor = r.floor();
+    let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    let z = if u < r - floor { floor + 1.0 } else { floor };
+    z.min(top)
+}
+
+/// The factor that scales `delta` to L2 norm at most `bound` (1 within it).
+fn l2_factor(delta: &[f32], bound: Option<f64>) -> f64 {
+    let Some(bound) = bound else {
+        return 1.0;
+    };
+    let norm = delta
+        .iter()
+        .map(|&d| f64::from(d) * f64::from(d))
+        .sum::<f64>()
+        .sqrt();
+    if norm > bound { bound / norm } else { 1.0 }
+}
+
 fn scale(params: &Params) -> f64 {
     ((1u64 << params.quant_bits) - 1) as f64 / (2.0 * params.clip as f64)
 }
@@ -141,15 +162,7 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
     let w_frac = capped as f64 / params.max_weight as f64;
     let c = params.clip as f64;
     // The norm bound first (the whole update scaled), then the per-value clip.
-    let norm = delta
-        .iter()
-        .map(|&d| f64::from(d) * f64::from(d))
-        .sum::<f64>()
-        .sqrt();
-    let factor = match params.norm_bound {
-        Some(b) if norm > f64::from(b) => f64::from(b) / norm,
-        _ => 1.0,
-    };
+    let factor = l2_factor(delta, params.norm_bound.map(f64::from));
     let s = scale(params);
     let top = ((1u64 << params.quant_bits) - 1) as f64;
     let mut values = Vec::with_capacity(params.vector_len());
@@ -163,11 +176,7 @@ pub fn quantise<W: Word, R: Rng + ?Sized>(
             clipped += 1;
         }
         let r = ((w_frac * clamped + c) * s).clamp(0.0, top);
-        let floor = r.floor();
-        // Round up with probability equal to the fractional part: E[z] = r.
-        let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        let z = if u < r - floor { floor + 1.0 } else { floor };
-        values.push(W::from_u64_wrapping(z.min(top) as u64));
+        values.push(W::from_u64_wrapping(round_stochastic(r, top, rng) as u64));
     }
     values[CLIPPED_INDEX] = W::from_u64_wrapping(clipped as u64);
     Ok((
@@ -195,12 +204,7 @@ fn quantise_l2<W: Word, R: Rng + ?Sized>(
     rng: &mut R,
 ) -> (QuantisedInput<W>, ClipReport) {
     let c = params.clip as f64;
-    let norm = delta
-        .iter()
-        .map(|&d| f64::from(d) * f64::from(d))
-        .sum::<f64>()
-        .sqrt();
-    let factor = if norm > c { c / norm } else { 1.0 };
+    let factor = l2_factor(delta, Some(c));
     let s = scale(params);
     let top = ((1u64 << params.quant_bits) - 1) as f64;
     let mut values = Vec::with_capacity(params.vector_len());
@@ -209,24 +213,22 @@ fn quantise_l2<W: Word, R: Rng + ?Sized>(
     for &d in delta {
         // |d · factor| ≤ c, so r is in [0, top] up to float rounding, which the clamp removes.
         let r = ((f64::from(d) * factor + c) * s).clamp(0.0, top);
-        let floor = r.floor();
-        let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        let z = if u < r - floor { floor + 1.0 } else { floor };
+        let z = round_stochastic(r, top, rng);
         let noise = if sigma > 0.0 {
             discrete_gaussian(sigma, rng)
         } else {
             0
         };
-        let noisy = (z.min(top) as i64).wrapping_add(noise);
+        let noisy = (z as i64).wrapping_add(noise);
         // Two's complement: a negative value wraps to 2^b − |v|, which is what the ring needs.
         values.push(W::from_u64_wrapping(noisy as u64));
     }
     (
         QuantisedInput { values },
         ClipReport {
-            clipped: u32::from(norm > c),
+            clipped: u32::from(factor < 1.0),
             weight_capped: false,
-            norm_scaled: norm > c,
+            norm_scaled: factor < 1.0,
         },
     )
 }
