@@ -467,6 +467,7 @@ async fn session(
             schema_toml: toml::to_string(schema).unwrap_or_default(),
             evaluate_only: cfg.role == Role::Evaluate,
             privacy: data.privacy().map(crate::round::privacy_spent),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
         })),
     })
     .await?;

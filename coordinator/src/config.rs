@@ -177,6 +177,22 @@ pub struct StatusConfig {
     /// Environment variable holding the token, read at start-up.
     #[serde(default = "default_token_env")]
     pub token_env: String,
+    /// Serve the API and the dashboard over HTTPS (TLS 1.3) with this certificate, so they
+    /// can be reached beyond a private network. Absent: plain HTTP, for a loopback address
+    /// or a network the operator trusts (the bearer token then travels in the clear).
+    #[serde(default)]
+    pub tls: Option<StatusTls>,
+}
+
+/// `[status.tls]`: the status server's own certificate, usually from the hospital's or a
+/// public web CA (browsers do not trust the project CA, which only vouches for sites).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusTls {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
 }
 
 fn default_token_env() -> String {
@@ -596,7 +612,13 @@ impl CoordinatorConfig {
         .chain(self.tls.registry.as_mut())
         .chain(self.tls.manifest.as_mut())
         .chain(self.model.init_file.as_mut())
-        {
+        .chain(
+            self.status
+                .as_mut()
+                .and_then(|s| s.tls.as_mut())
+                .into_iter()
+                .flat_map(|t| [&mut t.cert, &mut t.key]),
+        ) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

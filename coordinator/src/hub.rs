@@ -120,6 +120,12 @@ pub struct SiteState {
     /// larger budget after a restart.
     #[serde(skip)]
     pub privacy_fresh: bool,
+    /// The release the site's agent reported at its last join (None before it said).
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// When the client certificate of the site's last session expires (Unix seconds).
+    #[serde(default)]
+    pub certificate_expires_unix: Option<i64>,
 }
 
 /// A site's differential-privacy spend as it reports it. The coordinator can neither check
@@ -199,6 +205,8 @@ impl SiteState {
             last_rejection: None,
             privacy: None,
             privacy_fresh: false,
+            agent_version: None,
+            certificate_expires_unix: None,
         }
     }
 }

@@ -3,7 +3,9 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod contention;
 pub mod crash;
+pub mod dashboard;
 pub mod driver;
 pub mod enrol;
 pub mod export;
@@ -300,6 +302,16 @@ async fn serve(
         .map(|s| s.token())
         .transpose()
         .map_err(config_problem)?;
+    // Before anything listens, like the token: a status certificate that does not load is
+    // configuration to fix, not a dashboard that silently falls back to plain HTTP.
+    let status_tls = config
+        .status
+        .as_ref()
+        .and_then(|s| s.tls.as_ref())
+        .map(|t| tls::status_server_config(&t.cert, &t.key))
+        .transpose()
+        .context("loading the status server's certificate (status.tls)")
+        .map_err(config_problem)?;
     // Read once: the handshake checks it, and Welcome hands it to the agents.
     let crls = config
         .tls
@@ -397,12 +409,14 @@ async fn serve(
                 token,
             );
             api.privacy_target = config.privacy.epsilon;
+            api.secure = config.secagg.enabled;
+            api.manifest = manifest.clone();
             let api = Arc::new(api);
-            let (at, task) = status::serve(api.clone(), cfg.listen)
+            let (at, task) = status::serve(api.clone(), cfg.listen, status_tls.clone())
                 .await
                 .with_context(|| format!("binding the status API on {}", cfg.listen))
                 .map_err(config_problem)?;
-            info!(addr = %at, "status API listening (bearer token required)");
+            info!(addr = %at, tls = status_tls.is_some(), "status API and dashboard listening (bearer token required)");
             Some((api, at, task))
         }
         _ => None,

@@ -42,6 +42,30 @@ pub struct RoundSummary {
     /// with `adaptive_clip`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_clip: Option<f64>,
+    /// Each attempt of the round: how long its stages took and, for an aborted one, why.
+    /// Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempt_log: Vec<AttemptLog>,
+}
+
+/// One attempt of a round, as the dashboard and `status` show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    pub attempt: u32,
+    /// From the attempt's start (after the wait for sites) to its end.
+    pub seconds: f64,
+    /// The SecAgg+ stages in the order they ran, each with its duration (none in plain mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageTime>,
+    /// Why the attempt was aborted; absent for the attempt that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageTime {
+    pub stage: String,
+    pub seconds: f64,
 }
 
 /// What one site reported about the model after a round.

@@ -52,7 +52,7 @@ impl Coordinator for Service {
         &self,
         request: Request<SchemaRequest>,
     ) -> Result<Response<SchemaReply>, Status> {
-        let (site, peer, _) = self.authenticate(&request)?;
+        let (site, peer, _, _) = self.authenticate(&request)?;
         debug!(%site, %peer, "schema sent");
         Ok(Response::new(self.schema_reply.clone()))
     }
@@ -61,7 +61,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let (site, peer, serial) = self.authenticate(&request)?;
+        let (site, peer, serial, not_after) = self.authenticate(&request)?;
 
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -153,9 +153,18 @@ impl Coordinator for Service {
                 )));
             }
         };
+        // The agent's version is what it says of itself: shown, never trusted for anything.
+        let agent_version = join
+            .agent_version
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(40)
+            .collect::<String>();
         self.hub.record(&site, |s| {
             s.privacy = privacy;
             s.privacy_fresh = true;
+            s.agent_version = (!agent_version.is_empty()).then_some(agent_version);
+            s.certificate_expires_unix = Some(not_after);
         });
         info!(%site, id, examples = join.examples, evaluate_only = join.evaluate_only, epsilon = ?privacy.map(|p| p.epsilon), %peer, "site joined");
         let welcome = CoordinatorMessage {
@@ -306,7 +315,10 @@ impl Coordinator for Service {
 impl Service {
     /// The site a request comes from (its certificate's name) and the peer's address.
     /// rustls has already checked the chain; this extracts the identity it vouches for.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<(String, String, String), Status> {
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(String, String, String, i64), Status> {
         let certs = request
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -340,7 +352,7 @@ impl Service {
                     Status::permission_denied(format!("client certificate: {e}"))
                 })?;
         }
-        Ok((cert.common_name, peer, cert.serial))
+        Ok((cert.common_name, peer, cert.serial, cert.not_after_unix))
     }
 }
 

@@ -1,11 +1,12 @@
 //! The read-only status API (axum, its own port): what the coordinator is doing, the rounds
 //! it has committed, the sites it knows, Prometheus metrics, health and readiness.
 //!
-//! Everything but `/healthz` and `/readyz` needs `Authorization: Bearer <token>`. Nothing here
-//! can change the run, and nothing it returns is a site's data or update: sites appear with
-//! their counters and last evaluation metrics only. The OpenAPI document served at
-//! `/api/v1/openapi.json` is `coordinator/openapi.json`, checked against live responses by
-//! the tests.
+//! Everything but `/healthz`, `/readyz` and the dashboard's own files (`/`, see
+//! [`crate::dashboard`]) needs `Authorization: Bearer <token>`. Nothing here can change the
+//! run, and nothing it returns is a site's data or update: sites appear with their counters
+//! and last evaluation metrics only. The OpenAPI document served at `/api/v1/openapi.json`
+//! is `coordinator/openapi.json`, checked against live responses by the tests, and against
+//! every request the dashboard makes by the browser test.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::contention::Contention;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::records::{Evaluation, RoundRecord, RoundSummary};
@@ -226,6 +228,12 @@ pub struct StatusApi {
     pub sites_expected: u32,
     /// The coordinator's `privacy.epsilon`.
     pub privacy_target: Option<f64>,
+    /// `secagg.enabled`: the coordinator only ever sees sums (else each site's update).
+    pub secure: bool,
+    /// `tls.manifest`: the federation manifest in force, whose version the page shows.
+    pub manifest: Option<Arc<crate::live_manifest::LiveManifest>>,
+    /// The sharded maps' lock contention over the last minutes (`/api/v1/shards`).
+    pub contention: Arc<Contention>,
     token: String,
     /// Set once the gRPC server is accepting connections.
     pub grpc_serving: AtomicBool,
@@ -255,6 +263,9 @@ impl StatusApi {
             rounds_total,
             sites_expected,
             privacy_target: None,
+            secure: true,
+            manifest: None,
+            contention: Arc::new(Contention::default()),
             token,
             grpc_serving: AtomicBool::new(false),
             saved_counters: Mutex::new(saved),
@@ -291,6 +302,12 @@ struct StatusDoc {
     privacy: Option<FederationPrivacyDoc>,
     /// Site-level DP under secure aggregation (`[privacy.site_level]`); null without it.
     site_level_privacy: Option<crate::driver::SiteLevelSpent>,
+    /// Secure aggregation is on: the coordinator sees only sums of the sites' updates.
+    secure_aggregation: bool,
+    /// The version of the federation manifest in force (`tls.manifest`); null without one.
+    manifest_version: Option<u64>,
+    /// The coordinator's release.
+    coordinator_version: &'static str,
 }
 
 /// Example-level DP across the federation, from what the sites report.
@@ -345,6 +362,11 @@ struct SiteDoc {
     last_rejection: Option<DeclineDoc>,
     /// The site's DP-SGD spend; null for a site without `[privacy]`.
     privacy: Option<SitePrivacyDoc>,
+    /// The release the site's agent reported when it last joined.
+    agent_version: Option<String>,
+    /// When the client certificate of the site's last session expires (Unix seconds): the
+    /// site can no longer connect after it. The dashboard warns 30 days ahead.
+    certificate_expires_unix: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -365,6 +387,9 @@ struct RoundsPage {
 struct PageQuery {
     page: Option<usize>,
     per_page: Option<usize>,
+    /// Rounds after this one instead of a page: how a client that has rounds up to N asks
+    /// for the new ones only (the dashboard does, every few seconds).
+    after: Option<u64>,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -379,6 +404,7 @@ pub fn router(api: Arc<StatusApi>) -> Router {
         .route("/api/v1/rounds/{n}", get(round))
         .route("/api/v1/sites", get(sites))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/shards", get(shards))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth));
     Router::new()
@@ -387,24 +413,86 @@ pub fn router(api: Arc<StatusApi>) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(ready))
+        .route("/", get(crate::dashboard::index))
+        .route("/dashboard.js", get(crate::dashboard::script))
+        .route("/dashboard.css", get(crate::dashboard::style))
         .merge(private)
         .with_state(api)
 }
 
-/// Serves the API on `listen` until the task is dropped; returns the bound address.
+/// Serves the API on `listen` until the task is dropped, over TLS when `tls` is given;
+/// returns the bound address. The lock-contention sampler lives and dies with it.
 pub async fn serve(
     api: Arc<StatusApi>,
     listen: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let sampler = crate::contention::run(api.contention.clone(), api.hub.clone());
     let app = router(api);
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "status API stopped");
+        let served = async move {
+            match tls {
+                None => axum::serve(listener, app).await,
+                Some(tls) => serve_tls(listener, app, tls).await,
+            }
+        };
+        tokio::select! {
+            result = served => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "status API stopped");
+                }
+            }
+            () = sampler => {}
         }
     });
     Ok((addr, task))
+}
+
+/// HTTPS: each connection's TLS handshake (bounded by 10 s, so a silent client holds
+/// nothing) and then HTTP/1.1 on it, in a task of its own. A failed handshake — a
+/// scanner, a browser that distrusts the certificate — is logged at debug and forgotten.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, say: keep serving once it passes.
+                tracing::warn!(error = %e, "status API: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "status API: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "status API: connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Constant-time comparison, so the response time does not reveal how much of a guess matched.
@@ -471,6 +559,9 @@ async fn status(State(api): State<Arc<StatusApi>>) -> Response {
         stopped: lock(&api.progress.stopped).clone(),
         privacy: federation_privacy(&api),
         site_level_privacy: lock(&api.progress.site_level).clone(),
+        secure_aggregation: api.secure,
+        manifest_version: api.manifest.as_ref().map(|m| m.get().signed.version()),
+        coordinator_version: env!("CARGO_PKG_VERSION"),
     };
     Json(doc).into_response()
 }
@@ -512,7 +603,12 @@ async fn rounds(
     };
     let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
     let page = q.page.unwrap_or(1).max(1);
-    match api.store.rounds_page((page - 1) * per_page, per_page) {
+    let offset = match q.after {
+        Some(after) => usize::try_from(after).unwrap_or(usize::MAX),
+        None => (page - 1).saturating_mul(per_page),
+    };
+    let page = if q.after.is_some() { 1 } else { page };
+    match api.store.rounds_page(offset, per_page) {
         Ok((rounds, total)) => Json(RoundsPage {
             rounds,
             page,
@@ -580,10 +676,16 @@ async fn sites(State(api): State<Arc<StatusApi>>) -> Response {
                 noise_multiplier: p.noise_multiplier,
                 exhausted: p.exhausted(api.privacy_target),
             }),
+            agent_version: s.agent_version,
+            certificate_expires_unix: s.certificate_expires_unix,
         })
         .collect();
     sites.sort_by(|a, b| a.name.cmp(&b.name));
     Json(json!({ "sites": sites })).into_response()
+}
+
+async fn shards(State(api): State<Arc<StatusApi>>) -> Response {
+    Json(api.contention.doc()).into_response()
 }
 
 async fn openapi() -> Response {

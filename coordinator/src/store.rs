@@ -1530,6 +1530,7 @@ mod tests {
             epsilon: None,
             site_epsilon: None,
             site_clip: None,
+            attempt_log: Vec::new(),
         }
     }
 

@@ -94,6 +94,20 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The status server's TLS configuration (`[status.tls]`): TLS 1.3, HTTP/1.1, no client
+/// certificate — browsers of consortium members log in with the status token instead.
+pub fn status_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", cert.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Why a TLS handshake failed, in words an operator can act on.
 pub fn handshake_reason(e: &std::io::Error) -> String {
     use rustls::{CertificateError, Error};

@@ -146,6 +146,7 @@ async fn try_join(
             schema_toml: toml::to_string(&config.schema).unwrap(),
             evaluate_only: false,
             privacy: None,
+            agent_version: "hostile".into(),
         })),
     })
     .await

@@ -165,6 +165,49 @@ local_steps = 50
         assert_eq!(code, 200);
         assert_eq!(serde_json::from_str::<Value>(&served).unwrap(), doc);
 
+        // The dashboard's files need no token and hold no data; the lock-contention samples
+        // for its heat map arrive every two seconds, one number per shard of the three maps.
+        let (code, page) = get(&format!("{base}/"), None).await.unwrap();
+        assert_eq!(code, 200);
+        assert!(page.contains(r#"<script src="/dashboard.js" defer></script>"#));
+        assert_eq!(
+            get(&format!("{base}/dashboard.js"), None).await.unwrap().0,
+            200
+        );
+        assert_eq!(
+            get(&format!("{base}/dashboard.css"), None).await.unwrap().0,
+            200
+        );
+        let (doc_ref, base_ref) = (&doc, &base);
+        let shards = |min: usize| async move {
+            for _ in 0..100 {
+                let got = check(doc_ref, base_ref, "/api/v1/shards", "/api/v1/shards", 200).await;
+                if got["samples"].as_array().unwrap().len() >= min {
+                    return got;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("fewer than {min} lock-contention samples within 10 s");
+        };
+        let before = shards(1).await["samples"].as_array().unwrap().len();
+        for _ in 0..3 {
+            check(&doc, &base, "/api/v1/status", "/api/v1/status", 200).await;
+        }
+        let after = shards(before + 1).await;
+        let names = after["shards"].as_array().unwrap();
+        assert_eq!(names.len(), 48, "{after}");
+        let samples = &after["samples"].as_array().unwrap()[before..];
+        // Each status request reads the sites map, shard by shard: three requests, at least
+        // three acquisitions of every sites shard since the last sample before them.
+        for (row, name) in names.iter().enumerate() {
+            let taken: u64 = samples
+                .iter()
+                .map(|s| s["acquisitions"][row].as_u64().unwrap())
+                .sum();
+            if name.as_str().unwrap().starts_with("sites/") {
+                assert!(taken >= 3, "{name}: {taken} in {after}");
+            }
+        }
         // va sends an input in round 2 that no honest site can (round-integrity review: the run
         // stopped after `max_attempts`); the round fails and the run goes on.
         let agents: Vec<_> = SITES
@@ -235,6 +278,68 @@ local_steps = 50
         assert_eq!(status["last_failure"]["round"], 2, "{status}");
         let two = check(&doc, &base, "/api/v1/rounds/2", "/api/v1/rounds/{n}", 200).await;
         assert_eq!(two["summary"]["failed"].as_str(), Some(reason.as_str()));
+        // Its attempts are in the record: each aborted, with why and how long its stages took.
+        let log = two["summary"]["attempt_log"].as_array().unwrap();
+        assert_eq!(
+            log.len() as u64,
+            two["summary"]["attempts"].as_u64().unwrap()
+        );
+        for a in log {
+            assert!(a["aborted"].as_str().is_some(), "{a}");
+            assert!(!a["stages"].as_array().unwrap().is_empty(), "{a}");
+        }
+        let one = check(&doc, &base, "/api/v1/rounds/1", "/api/v1/rounds/{n}", 200).await;
+        let log = one["summary"]["attempt_log"].as_array().unwrap();
+        let last = log.last().unwrap();
+        assert!(last.get("aborted").is_none(), "{last}");
+        let stages: Vec<&str> = last["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                "AdvertiseKeys",
+                "ShareKeys",
+                "MaskedInput",
+                "ConsistencyCheck",
+                "Unmask"
+            ]
+        );
+        // `after` pages from a given round: what the dashboard polls for new rounds.
+        let newer = check(
+            &doc,
+            &base,
+            "/api/v1/rounds?after=1&per_page=1",
+            "/api/v1/rounds",
+            200,
+        )
+        .await;
+        assert_eq!(newer["rounds"][0]["summary"]["round"], 2, "{newer}");
+        let none = check(
+            &doc,
+            &base,
+            "/api/v1/rounds?after=999",
+            "/api/v1/rounds",
+            200,
+        )
+        .await;
+        assert_eq!(none["rounds"].as_array().unwrap().len(), 0);
+        // The overview's facts, and what the sites table shows of each site.
+        assert_eq!(status["secure_aggregation"], true);
+        assert_eq!(status["coordinator_version"], env!("CARGO_PKG_VERSION"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let sites = check(&doc, &base, "/api/v1/sites", "/api/v1/sites", 200).await;
+        for site in sites["sites"].as_array().unwrap() {
+            assert_eq!(site["agent_version"], env!("CARGO_PKG_VERSION"), "{site}");
+            let expires = site["certificate_expires_unix"].as_i64().unwrap();
+            assert!(expires > now + 30 * 86_400, "{site}");
+        }
         // The run goes on.
         let third = report.recv().await.expect("round 3");
         assert_eq!(third.summary.failed, None);

@@ -56,6 +56,7 @@ fn record(round: u64) -> RoundRecord {
             epsilon: None,
             site_epsilon: None,
             site_clip: None,
+            attempt_log: Vec::new(),
         },
         per_site: (0..12)
             .map(|i| (format!("hospital-{i:02}"), site.clone()))

@@ -131,6 +131,9 @@ pub struct SiteCertificate {
     pub client_auth: bool,
     /// The serial number, lowercase hex (what the CA's registry records).
     pub serial: String,
+    /// When the certificate stops being valid (seconds since the Unix epoch): the status
+    /// API warns before a site is locked out by its own certificate.
+    pub not_after_unix: i64,
 }
 
 impl CaVerifier {
@@ -291,6 +294,7 @@ impl CaVerifier {
             key,
             client_auth,
             serial,
+            not_after_unix: cert.validity().not_after.timestamp(),
         })
     }
 }

@@ -179,14 +179,20 @@ impl Driver {
 
     /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
     fn stage_changed(
-        &self,
+        &mut self,
         state: RunState,
         round: RoundId,
         stage: &mut (ServerStage, Instant),
         now: ServerStage,
     ) {
-        self.metrics
-            .stage(&format!("{:?}", stage.0), stage.1.elapsed().as_secs_f64());
+        let seconds = stage.1.elapsed().as_secs_f64();
+        self.metrics.stage(&format!("{:?}", stage.0), seconds);
+        if let Some(log) = self.attempt_log.last_mut() {
+            log.stages.push(crate::records::StageTime {
+                stage: format!("{:?}", stage.0),
+                seconds,
+            });
+        }
         let open = !matches!(now, ServerStage::Done | ServerStage::Aborted);
         self.progress.set_stage(
             state,
@@ -290,6 +296,13 @@ impl Driver {
             loop {
                 match server.poll(now_ms(clock)) {
                     Err(abort) => {
+                        // The stage that was open when the attempt ended, for its log.
+                        if let Some(log) = self.attempt_log.last_mut() {
+                            log.stages.push(crate::records::StageTime {
+                                stage: format!("{:?}", stage.0),
+                                seconds: stage.1.elapsed().as_secs_f64(),
+                            });
+                        }
                         // Whoever was refused in the failed attempt is counted, and left out of
                         // the round's next attempts: one lying site must not abort them all.
                         let rejected = self.record_rejections(round.round, &by_id, server.rejections());

@@ -154,6 +154,9 @@ pub struct Driver {
     /// Sites that declined the current attempt because they pin another manifest version
     /// than the one the round ran under, with the version they pin.
     manifest_declines: BTreeMap<String, u64>,
+    /// The current round's attempts so far, with their stage durations and abort reasons:
+    /// committed with the round (`attempt_log`) so the dashboard can show where time went.
+    attempt_log: Vec<crate::records::AttemptLog>,
     store: Store,
     resume: Option<Resume>,
     signing_key: SigningKey,
@@ -351,6 +354,7 @@ impl Driver {
             spent: HashSet::new(),
             site_level,
             manifest_declines: BTreeMap::new(),
+            attempt_log: Vec::new(),
             store: ops.store,
             resume: ops.resume,
             signing_key: ops.signing_key,
@@ -466,6 +470,7 @@ impl Driver {
                 epsilon: self.federation_epsilon(),
                 site_epsilon: self.site_epsilon(),
                 site_clip: self.round_clip(),
+                attempt_log: std::mem::take(&mut self.attempt_log),
             };
             let record = RoundRecord {
                 summary,
@@ -585,6 +590,7 @@ impl Driver {
                 epsilon: self.federation_epsilon(),
                 site_epsilon: self.site_epsilon(),
                 site_clip: None,
+                attempt_log: std::mem::take(&mut self.attempt_log),
             },
             per_site,
             per_site_pruned: false,
@@ -911,6 +917,7 @@ impl Driver {
         self.sidelined.clear();
         self.rejected.clear();
         self.spent.clear();
+        self.attempt_log.clear();
         // Every attempt gets a number of its own (fresh keys, a fresh round id); only the
         // failures that a retry may fix count towards max_attempts.
         let mut failures = 0;
@@ -918,7 +925,16 @@ impl Driver {
         while failures < self.cfg.rounds.max_attempts {
             self.wait_for_sites(round).await?;
             self.manifest_declines.clear();
+            let begun = Instant::now();
+            self.attempt_log.push(crate::records::AttemptLog {
+                attempt,
+                ..Default::default()
+            });
             let result = f(self, attempt).await;
+            if let Some(log) = self.attempt_log.last_mut() {
+                log.seconds = begun.elapsed().as_secs_f64();
+                log.aborted = result.as_ref().err().cloned();
+            }
             attempt = attempt.saturating_add(1);
             match result {
                 Ok(v) => {
