@@ -1,7 +1,7 @@
 //! `cohort-coordinator`: run the coordinator, enrol its key, repair, export and watch it.
 //! Certificate authority operations are `cohort-ca`'s, which the coordinator's host never needs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -71,9 +71,14 @@ enum Command {
     /// refuses the token, 3 the run is stalled: no progress for --stalled-after seconds
     /// (waiting for sites included).
     Status {
-        /// Base URL of the status API, e.g. http://127.0.0.1:7701.
+        /// Base URL of the status API, e.g. http://127.0.0.1:7701 (https:// when the
+        /// coordinator has `[status.tls]`; then give --ca-cert).
         #[arg(long, default_value = "http://127.0.0.1:7701")]
         url: String,
+        /// PEM certificate of the CA that issued the status server's certificate (`status.tls`),
+        /// for an https:// URL.
+        #[arg(long, env = "COHORT_STATUS_CA_CERT", value_name = "PEM")]
+        ca_cert: Option<PathBuf>,
         /// Bearer token (default: the COHORT_STATUS_TOKEN environment variable).
         #[arg(long, env = "COHORT_STATUS_TOKEN", hide_env_values = true)]
         token: String,
@@ -144,11 +149,12 @@ fn main() -> ExitCode {
         Command::Repair { config, undo } => repair(&config, undo, out),
         Command::Status {
             url,
+            ca_cert,
             token,
             watch,
             json,
             stalled_after,
-        } => status(&url, &token, watch, json, stalled_after),
+        } => status(&url, ca_cert.as_deref(), &token, watch, json, stalled_after),
         Command::Enroll { names, out: dir } => match enrol::coordinator_request(&dir, &names) {
             Ok(csr) => {
                 println!(
@@ -399,7 +405,14 @@ fn run(
 /// Exit code of `status` for a run that has not progressed for `--stalled-after` seconds.
 const EXIT_STALLED: u8 = 3;
 
-fn status(url: &str, token: &str, watch: Option<u64>, json: bool, stalled_after: u64) -> ExitCode {
+fn status(
+    url: &str,
+    ca_cert: Option<&Path>,
+    token: &str,
+    watch: Option<u64>,
+    json: bool,
+    stalled_after: u64,
+) -> ExitCode {
     use std::io::IsTerminal;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -412,7 +425,7 @@ fn status(url: &str, token: &str, watch: Option<u64>, json: bool, stalled_after:
     // Screen control only for a person at a terminal; a pipe or a file gets plain blocks.
     let terminal = std::io::stdout().is_terminal();
     loop {
-        let code = match rt.block_on(fetch_status(base, token)) {
+        let code = match rt.block_on(fetch_status(base, ca_cert, token)) {
             Ok(doc) => {
                 if watch.is_some() {
                     if terminal && !json {
@@ -469,10 +482,10 @@ impl StatusDoc {
     }
 }
 
-async fn fetch_status(base: &str, token: &str) -> Result<StatusDoc> {
-    use cohort_coordinator::status::client::get;
+async fn fetch_status(base: &str, ca_cert: Option<&Path>, token: &str) -> Result<StatusDoc> {
+    use cohort_coordinator::status::client::get_with;
     let fetch = |path: String| async move {
-        let (code, body) = get(&format!("{base}{path}"), Some(token)).await?;
+        let (code, body) = get_with(&format!("{base}{path}"), Some(token), ca_cert).await?;
         if code != 200 {
             anyhow::bail!("{base}{path} answered {code}: {body}");
         }
@@ -481,21 +494,10 @@ async fn fetch_status(base: &str, token: &str) -> Result<StatusDoc> {
     };
     let status = fetch("/api/v1/status".into()).await?;
     let sites = fetch("/api/v1/sites".into()).await?;
-    // The last five committed rounds: the last page of five.
+    // The last five committed rounds.
     let completed = status["rounds_completed"].as_u64().unwrap_or(0);
-    let page = completed.saturating_sub(1) / 5 + 1;
-    let mut rounds = fetch(format!("/api/v1/rounds?per_page=5&page={page}")).await?;
-    if let Some(list) = rounds["rounds"].as_array_mut()
-        && list.len() < 5
-        && page > 1
-        && let Ok(earlier) = fetch(format!("/api/v1/rounds?per_page=5&page={}", page - 1)).await
-        && let Some(before) = earlier["rounds"].as_array()
-    {
-        let mut all = before.clone();
-        all.append(list);
-        let keep = all.len().saturating_sub(5);
-        *list = all.split_off(keep);
-    }
+    let after = completed.saturating_sub(5);
+    let mut rounds = fetch(format!("/api/v1/rounds?per_page=5&after={after}")).await?;
     let rounds = rounds["rounds"].take();
     let json = serde_json::json!({
         "status": status,
@@ -579,6 +581,29 @@ fn status_text(doc: &StatusDoc) -> String {
             .as_f64()
             .map_or("?".to_string(), |x| format!("{x:.0} s")),
     );
+    let _ = writeln!(
+        out,
+        "aggregation {}   federation manifest {}   coordinator {}",
+        if s["secure_aggregation"] == false {
+            "plain (the coordinator sees each update)"
+        } else {
+            "secure (SecAgg+)"
+        },
+        s["manifest_version"]
+            .as_u64()
+            .map_or("none".to_string(), |v| format!("v{v}")),
+        s["coordinator_version"].as_str().unwrap_or("?"),
+    );
+    if let Some(r) = s["last_rollout"].as_object() {
+        let _ = writeln!(
+            out,
+            "last roll-out: round {}'s model to {} sites, {} verified and reported, in {:.2} s",
+            r.get("round").map_or("?".to_string(), int),
+            r.get("sites").map_or("?".to_string(), int),
+            r.get("acknowledged").map_or("?".to_string(), int),
+            r.get("seconds").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        );
+    }
     if let Some(f) = s["last_failure"].as_object() {
         let _ = writeln!(
             out,
@@ -639,6 +664,25 @@ fn status_text(doc: &StatusDoc) -> String {
                 int(&site["bytes_received"]),
                 int(&site["bytes_sent"]),
                 num(&site["last_accuracy"]),
+                site["last_seen_unix"]
+                    .as_u64()
+                    .map_or("never".to_string(), |t| {
+                        format!("{} s ago", unix_now().saturating_sub(t))
+                    }),
+                site["certificate_expires_unix"]
+                    .as_i64()
+                    .map_or("-".to_string(), |t| {
+                        let days = (t - unix_now() as i64).div_euclid(86_400);
+                        // The dashboard's warning, as text: a site is locked out at expiry.
+                        if days < 0 {
+                            "EXPIRED".to_string()
+                        } else if days < 30 {
+                            format!("{days} d (renew!)")
+                        } else {
+                            format!("{days} d")
+                        }
+                    }),
+                site["agent_version"].as_str().unwrap_or("-").to_string(),
             ]
         })
         .collect();
@@ -653,10 +697,29 @@ fn status_text(doc: &StatusDoc) -> String {
             "received",
             "sent",
             "accuracy",
+            "last seen",
+            "certificate",
+            "agent",
         ],
         &sites,
-        &[false, false, true, true, true, true, true, true],
+        &[
+            false, false, true, true, true, true, true, true, true, true, false,
+        ],
     ));
+    // Why sites said no, or were refused: one line each, after the table (reasons are long).
+    for site in doc.sites.as_array().into_iter().flatten() {
+        let name = site["name"].as_str().unwrap_or("?");
+        for (what, key) in [("declined", "last_decline"), ("refused", "last_rejection")] {
+            if let Some(d) = site[key].as_object() {
+                let _ = writeln!(
+                    out,
+                    "  {name} {what} round {}: {}",
+                    d.get("round").map_or("?".to_string(), int),
+                    d.get("reason").and_then(|r| r.as_str()).unwrap_or("?"),
+                );
+            }
+        }
+    }
     let rounds: Vec<Vec<String>> = doc
         .rounds
         .as_array()
@@ -666,6 +729,12 @@ fn status_text(doc: &StatusDoc) -> String {
             let s = &r["summary"];
             vec![
                 int(&s["round"]),
+                if s["failed"].is_string() {
+                    "given up"
+                } else {
+                    "committed"
+                }
+                .to_string(),
                 int(&s["attempts"]),
                 int(&s["sites"]),
                 int(&s["dropped"]),
@@ -681,10 +750,10 @@ fn status_text(doc: &StatusDoc) -> String {
         let _ = writeln!(out);
         out.push_str(&table(
             &[
-                "round", "attempts", "sites", "dropped", "seconds", "accuracy", "loss",
+                "round", "result", "attempts", "sites", "dropped", "seconds", "accuracy", "loss",
             ],
             &rounds,
-            &[true; 7],
+            &[true, false, true, true, true, true, true, true],
         ));
     }
     out

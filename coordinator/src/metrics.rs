@@ -420,11 +420,12 @@ impl Metrics {
             self.shard_acquisitions
                 .get_or_create(&labels)
                 .inc_by(s.acquisitions.saturating_sub(was.0));
+            // Created even at zero, so every shard has a series from the first scrape (a
+            // heat map with holes reads as missing data, not as a quiet shard).
             let waited = s.wait_nanos.saturating_sub(was.1);
+            let wait = self.shard_wait_seconds.get_or_create(&labels);
             if waited > 0 {
-                self.shard_wait_seconds
-                    .get_or_create(&labels)
-                    .inc_by(waited as f64 / 1e9);
+                wait.inc_by(waited as f64 / 1e9);
             }
             *was = (s.acquisitions, s.wait_nanos);
         }

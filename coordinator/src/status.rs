@@ -738,6 +738,92 @@ pub mod client {
 
     /// GETs `url` with the bearer `token`; returns the status code and the body.
     pub async fn get(url: &str, token: Option<&str>) -> Result<(u16, String)> {
+        get_with(url, token, None).await
+    }
+
+    /// As [`get`], and an https:// `url` (a status server with `[status.tls]`) is checked
+    /// against the CA certificate in the PEM file `ca_cert`.
+    pub async fn get_with(
+        url: &str,
+        token: Option<&str>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<(u16, String)> {
+        if url.starts_with("https://") {
+            let ca = ca_cert.with_context(|| {
+                format!("{url} is https: give the CA certificate of the status server (--ca-cert)")
+            })?;
+            return tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                get_tls(url, token, ca),
+            )
+            .await
+            .with_context(|| format!("{url}: no answer within 10 s"))?;
+        }
+        get_plain(url, token).await
+    }
+
+    /// HTTP/1.1 over TLS 1.3, one request per connection (the `status` command's pace).
+    async fn get_tls(
+        url: &str,
+        token: Option<&str>,
+        ca: &std::path::Path,
+    ) -> Result<(u16, String)> {
+        use std::sync::Arc;
+        let uri: hyper::Uri = url
+            .parse()
+            .with_context(|| format!("{url} is not a valid URL"))?;
+        let host = uri
+            .host()
+            .with_context(|| format!("{url} has no host"))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs(ca)? {
+            roots
+                .add(cert)
+                .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("{host:?} is not a server name"))?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .with_context(|| format!("connecting to {host}:{port}"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with {host}:{port}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .with_context(|| format!("HTTP with {host}:{port}"))?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = hyper::Request::get(path).header(hyper::header::HOST, host.as_str());
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<bytes::Bytes>::new())?)
+            .await
+            .with_context(|| format!("requesting {url}"))?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("reading the answer from {url}"))?
+            .to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn get_plain(url: &str, token: Option<&str>) -> Result<(u16, String)> {
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
         let mut req = hyper::Request::get(url);
         if let Some(t) = token {

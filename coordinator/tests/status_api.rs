@@ -648,3 +648,115 @@ fn the_alert_rules_and_scrape_config_pass_promtool() {
         None,
     );
 }
+
+/// `[status.tls]`: the API and the dashboard over HTTPS with the server's own certificate,
+/// which a client must trust; plain HTTP on that port gets nothing; `status --ca-cert` reads
+/// it; a certificate that does not load stops the start with the key named.
+#[test]
+fn the_status_server_speaks_tls_with_its_own_certificate() {
+    use cohort_coordinator::status::client::get_with;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = provision(dir.path());
+    // A web certificate, as a hospital's own CA would issue one (self-signed here).
+    let web =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = dir.path().join("status-cert.pem");
+    let key = dir.path().join("status-key.pem");
+    std::fs::write(&cert, web.cert.pem()).unwrap();
+    std::fs::write(&key, web.signing_key.serialize_pem()).unwrap();
+    let toml = |cert: &Path| {
+        config::coordinator(&pki, &dir.path().join("data")).merge(&format!(
+            r#"
+[rounds]
+count = 1
+wait_for_sites_secs = 60
+[training]
+local_steps = 1
+[status]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+[status.tls]
+cert = {cert:?}
+key = {key:?}
+"#
+        ))
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let missing = toml(&dir.path().join("nowhere.pem")).build(CoordinatorConfig::parse);
+        let refused = cohort_coordinator::run_with_progress(missing, None, None)
+            .await
+            .expect_err("a status certificate that is not there");
+        let said = format!("{refused:#}");
+        assert!(
+            said.contains("status.tls") && said.contains("nowhere.pem"),
+            "{said}"
+        );
+
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let run = tokio::spawn(cohort_coordinator::run_with_progress(
+            toml(&cert).build(CoordinatorConfig::parse),
+            Some(tx),
+            None,
+        ));
+        let at = rx.await.unwrap().status.expect("status API configured");
+        let base = format!("https://127.0.0.1:{}", at.port());
+        let (code, body) = get_with(&format!("{base}/api/v1/status"), Some(TOKEN), Some(&cert))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let status: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["state"], "waiting_for_sites");
+        let (code, page) = get_with(&format!("{base}/"), None, Some(&cert))
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        assert!(page.contains("<title>Cohort"), "{page}");
+        // Still the token behind TLS.
+        let (code, _) = get_with(&format!("{base}/api/v1/sites"), None, Some(&cert))
+            .await
+            .unwrap();
+        assert_eq!(code, 401);
+        // A client that trusts another CA (the project's) refuses this server.
+        let other = get_with(
+            &format!("{base}/healthz"),
+            None,
+            Some(&pki.join("coordinator/ca.pem")),
+        )
+        .await;
+        assert!(other.is_err(), "{other:?}");
+        // Plain HTTP to the TLS port gets no answer.
+        let plain = get(&format!("http://127.0.0.1:{}/healthz", at.port()), None).await;
+        assert!(plain.is_err(), "{plain:?}");
+        // Without --ca-cert the command says what is missing; with it, it reads the run.
+        let cli = |ca: Option<&Path>| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cohort-coordinator"));
+            cmd.args(["status", "--url", &base, "--token", TOKEN])
+                .env_remove("COHORT_STATUS_CA_CERT");
+            if let Some(ca) = ca {
+                cmd.arg("--ca-cert").arg(ca);
+            }
+            cmd.output().unwrap()
+        };
+        let out = cli(None);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--ca-cert"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cli(Some(&cert));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Waiting for sites from the start is no stall yet: exit 0.
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("state waiting_for_sites"), "{text}");
+        assert!(text.contains("aggregation secure (SecAgg+)"), "{text}");
+        run.abort();
+    });
+}
