@@ -220,6 +220,24 @@ def main():
         page.screenshot(path=f"{args.shots}/dashboard-after-restart.png", full_page=True)
         say("OK recovered after the restart; rounds", number(fact(page, "completed")))
 
+        # A site's words are shown as text, never run: a decline reason holding markup (what
+        # a hostile agent could send) is injected into the API's answer to the page.
+        hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+        def poisoned(route):
+            body = json.loads(route.fetch().text())
+            body["sites"][0]["last_decline"] = {"round": 1, "reason": hostile}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+        page.route("**/api/v1/sites", poisoned)
+        first_site = api.get("/api/v1/sites")["sites"][0]["name"]
+        wait("the hostile reason is shown as text",
+             lambda: hostile in page.locator(f'tr[data-site="{first_site}"]').inner_text())
+        check(page.evaluate("window.__pwned") is None, "markup from the API ran in the page")
+        check(page.locator("#sites-table img, #sites-table script").count() == 0, "markup from the API became elements")
+        page.unroute("**/api/v1/sites")
+        say("OK a decline reason with markup is shown as text")
+
         # Every request the page made is a GET of a path in the OpenAPI document.
         paths = sorted({(m, re.sub(r"^https?://[^/]+", "", u).split("?")[0]) for m, u in requests})
         for method, path in paths:
