@@ -391,7 +391,8 @@ function lineChart(container, id, title, seriesList) {
   }
   for (let i = 0; i <= 5; i++) {
     const x = Math.round(x0 + (x1 - x0) * i / 5);
-    svg.append(el("text", { x: sx(x), y: H - 8, "text-anchor": "middle" }, fmtNum(x)));
+    const anchor = i === 0 ? "start" : i === 5 ? "end" : "middle";
+    svg.append(el("text", { x: sx(x), y: H - 8, "text-anchor": anchor }, fmtNum(x)));
   }
   svg.append(el("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
   svg.append(el("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
@@ -529,13 +530,13 @@ function renderHeatmap() {
   const rows = doc.shards.length, cols = doc.samples.length;
   canvas.dataset.rows = rows;
   canvas.dataset.columns = cols;
-  const LW = 78, CW = 3, RH = 9, TH = 14;
+  const LW = 84, CW = 3, RH = 10, TH = 14;
   canvas.width = LW + Math.max(cols, 100) * CW + 4;
   canvas.height = TH + rows * RH + 4;
   const g = canvas.getContext("2d");
   g.fillStyle = "#ffffff";
   g.fillRect(0, 0, canvas.width, canvas.height);
-  g.font = "8px system-ui, sans-serif";
+  g.font = "9px system-ui, sans-serif";
   g.fillStyle = "#4a5560";
   g.fillText(cols ? `${fmtTime(doc.samples[0].unix).slice(11, 19)} → ${fmtTime(doc.samples[cols - 1].unix).slice(11, 19)}` : "", LW, 10);
   let max = 0;
@@ -545,7 +546,7 @@ function renderHeatmap() {
   }
   doc.shards.forEach((name, r) => {
     g.fillStyle = "#4a5560";
-    g.fillText(name, 2, TH + r * RH + 7);
+    g.fillText(name, 2, TH + r * RH + 8);
     doc.samples.forEach((s, c) => {
       const v = s[which][r];
       const t = max > 0 ? Math.log1p(v) / Math.log1p(max) : 0;
@@ -561,8 +562,8 @@ function renderHeatmap() {
   const busiest = totals.map((v, i) => [v, i]).sort((a, b) => b[0] - a[0]).slice(0, 3);
   const unit = which === "acquisitions" ? (v) => `${fmtNum(v)} acquisitions` : (v) => `${fmtDuration(v)} waited`;
   $("heat-summary").textContent =
-    `${rows} shards × ${cols} samples of ${doc.interval_seconds} s. Busiest over this window: ` +
-    busiest.map(([v, i]) => `${doc.shards[i]} (${unit(v)})`).join(", ") + ".";
+    `${rows} shards × ${cols} samples of ${doc.interval_seconds} s; the darkest cell is ${unit(max)} in one interval, light grey none. ` +
+    `Busiest over this window: ` + busiest.map(([v, i]) => `${doc.shards[i]} (${unit(v)})`).join(", ") + ".";
 }
 
 // ---- start -------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ def main():
         # Every control has a label.
         unlabelled = page.evaluate("[...document.querySelectorAll('input,select')].filter(e => e.labels.length === 0).map(e => e.id)")
         check(unlabelled == [], f"controls without a label: {unlabelled}")
+        page.evaluate("document.activeElement.blur()")
         page.screenshot(path=f"{args.shots}/dashboard.png", full_page=True)
         page.set_viewport_size({"width": 390, "height": 844})
         time.sleep(0.5)
