@@ -50,3 +50,29 @@ pub async fn script() -> Response {
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every API path the script names is in the OpenAPI document (the browser test checks
+    /// the requests it actually sees; this catches a new path before a browser is involved).
+    #[test]
+    fn every_api_path_the_script_names_is_documented() {
+        let doc: serde_json::Value = serde_json::from_str(crate::status::OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let named: Vec<&str> = SCRIPT
+            .split('"')
+            .filter(|s| s.starts_with("/api/") || *s == "/metrics")
+            .collect();
+        assert!(named.len() >= 4, "{named:?}");
+        for path in named {
+            assert!(paths.contains_key(path), "{path} is not in openapi.json");
+        }
+        for file in ["/", "/dashboard.js", "/dashboard.css"] {
+            assert!(paths.contains_key(file), "{file} is not in openapi.json");
+            assert!(INDEX_HTML.contains(&format!("\"{file}")) || file == "/");
+        }
+    }
+}

@@ -801,4 +801,52 @@ mod tests {
             "{text}"
         );
     }
+
+    /// The sites table warns of certificates about to lock their sites out, as the
+    /// dashboard does, and the reasons sites gave follow it.
+    #[test]
+    fn the_status_text_warns_of_expiring_certificates_and_gives_the_sites_reasons() {
+        let now = unix_now() as i64;
+        let site = |name: &str, expires: i64| {
+            serde_json::json!({
+                "name": name, "connected": true, "rounds_joined": 3, "dropouts": 0,
+                "rejections": 0, "bytes_received": 1, "bytes_sent": 1, "last_accuracy": 0.8,
+                "last_seen_unix": now, "certificate_expires_unix": expires,
+                "agent_version": "0.1.0", "last_decline": null, "last_rejection": null,
+            })
+        };
+        let mut va = site("va", now + 10 * 86_400 + 60);
+        va["last_decline"] =
+            serde_json::json!({ "round": 4, "reason": "policy: too few neighbours" });
+        let doc = StatusDoc {
+            status: serde_json::json!({ "state": "training", "secure_aggregation": false, "manifest_version": 3 }),
+            sites: serde_json::json!([
+                site("cleveland", now + 200 * 86_400 + 60),
+                va,
+                site("hungary", now - 86_400),
+            ]),
+            rounds: serde_json::json!([]),
+            json: serde_json::Value::Null,
+        };
+        let text = status_text(&doc);
+        assert!(
+            text.contains(
+                "aggregation plain (the coordinator sees each update)   federation manifest v3"
+            ),
+            "{text}"
+        );
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(line("cleveland").contains("200 d  0.1.0"), "{text}");
+        assert!(line("va").contains("10 d (renew!)"), "{text}");
+        assert!(line("hungary").contains("EXPIRED"), "{text}");
+        assert!(
+            text.contains("  va declined round 4: policy: too few neighbours"),
+            "{text}"
+        );
+    }
 }

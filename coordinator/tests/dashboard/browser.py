@@ -225,9 +225,14 @@ def main():
         # a hostile agent could send) is injected into the API's answer to the page.
         hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
+        # And two certificates near their end, which the sites table must flag.
+        now = int(time.time())
+
         def poisoned(route):
             body = json.loads(route.fetch().text())
             body["sites"][0]["last_decline"] = {"round": 1, "reason": hostile}
+            body["sites"][1]["certificate_expires_unix"] = now + 10 * 86400 + 3600
+            body["sites"][2]["certificate_expires_unix"] = now - 3600
             route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
         page.route("**/api/v1/sites", poisoned)
@@ -236,8 +241,17 @@ def main():
              lambda: hostile in page.locator(f'tr[data-site="{first_site}"]').inner_text())
         check(page.evaluate("window.__pwned") is None, "markup from the API ran in the page")
         check(page.locator("#sites-table img, #sites-table script").count() == 0, "markup from the API became elements")
+        rows = sites_on_page(page)
+        soon = page.locator(f'tr[data-site="{rows[1]["name"]}"] td[data-days]')
+        gone = page.locator(f'tr[data-site="{rows[2]["name"]}"] td[data-days]')
+        check(soon.get_attribute("class") == "warning" and "in 10 days" in soon.inner_text(),
+              f"a certificate ending in 10 days: {soon.inner_text()!r} ({soon.get_attribute('class')})")
+        check(gone.get_attribute("class") == "bad" and "expired" in gone.inner_text(),
+              f"an expired certificate: {gone.inner_text()!r} ({gone.get_attribute('class')})")
+        ok = page.locator(f'tr[data-site="{rows[3]["name"]}"] td[data-days]')
+        check(ok.get_attribute("class") is None, "a certificate with a year left is not flagged")
         page.unroute("**/api/v1/sites")
-        say("OK a decline reason with markup is shown as text")
+        say("OK a decline reason with markup is shown as text; expiring certificates are flagged")
 
         # Every request the page made is a GET of a path in the OpenAPI document.
         paths = sorted({(m, re.sub(r"^https?://[^/]+", "", u).split("?")[0]) for m, u in requests})
