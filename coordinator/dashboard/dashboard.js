@@ -13,6 +13,8 @@ const API = {
   shards: "/api/v1/shards",
 };
 const TOKEN_KEY = "cohort.status.token";
+// The coordinator process last seen, so a reload during an outage still notices a restart.
+const STARTED_KEY = "cohort.started_unix";
 const POLL_MS = 2000;
 const ROUNDS_PAGE = 500;
 const STAGES = [
@@ -102,7 +104,9 @@ function fmtDuration(s) {
 
 function fmtAgo(unix) {
   if (!unix) return "never";
-  return `${fmtDuration(Date.now() / 1000 - unix)} ago`;
+  // The API counts in whole seconds: anything under two is "now".
+  const s = Date.now() / 1000 - unix;
+  return s < 2 ? "just now" : `${fmtDuration(s)} ago`;
 }
 
 function fmtTime(unix) {
@@ -120,6 +124,7 @@ function showLogin(message) {
   state.timer = null;
   state.token = null;
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(STARTED_KEY);
   // No data stays on the page once the token is gone or refused.
   Object.assign(state, { rounds: [], lastRound: 0, startedUnix: null, status: null, sites: [], shards: null });
   for (const id of ["overview-facts", "stages", "metric-chart", "loss-chart", "heldout-chart", "rollout", "heat-summary", "footer"]) {
@@ -135,15 +140,20 @@ function showLogin(message) {
   $("token").focus();
 }
 
-async function logIn(token) {
+// `remembered`: the token this tab already logged in with (a reload). If the coordinator is
+// down at that moment the page stays logged in and waits for it, as it does when it goes down
+// later; a token typed in now is only kept once the coordinator has accepted it.
+async function logIn(token, remembered) {
   state.token = token;
   try {
     await api(API.status);
   } catch (e) {
-    showLogin(e instanceof AuthError
-      ? "Wrong token: the coordinator refused it (HTTP 401). Ask the operator for the status token."
-      : `The coordinator did not answer: ${e.message}`);
-    return;
+    if (e instanceof AuthError || !remembered) {
+      showLogin(e instanceof AuthError
+        ? "Wrong token: the coordinator refused it (HTTP 401). Ask the operator for the status token."
+        : `The coordinator did not answer: ${e.message}`);
+      return;
+    }
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   $("login").hidden = true;
@@ -185,6 +195,7 @@ async function refresh() {
       state.lastRound = 0;
     }
     state.startedUnix = status.started_unix;
+    sessionStorage.setItem(STARTED_KEY, String(status.started_unix));
     state.status = status;
     state.sites = sites.sites;
     state.shards = shards;
@@ -571,13 +582,15 @@ function renderHeatmap() {
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    logIn($("token").value.trim());
+    logIn($("token").value.trim(), false);
   });
   $("logout").addEventListener("click", () => showLogin("Logged out."));
   $("metric-select").addEventListener("change", (ev) => { state.metric = ev.target.value; if (state.status) render(); });
   $("range-select").addEventListener("change", () => { if (state.status) render(); });
   $("heat-select").addEventListener("change", () => { if (state.shards) renderHeatmap(); });
   const saved = sessionStorage.getItem(TOKEN_KEY);
-  if (saved) logIn(saved);
+  const started = Number(sessionStorage.getItem(STARTED_KEY));
+  if (started > 0) state.startedUnix = started;
+  if (saved) logIn(saved, true);
   else $("token").focus();
 });

@@ -215,6 +215,11 @@ def main():
         check(after["started_unix"] >= before, "a new process")
         check(after["rounds_completed"] == n, f"the restarted coordinator resumed at {after['rounds_completed']} rounds, not {n}")
         wait("the page shows the resumed run", lambda: number(fact(page, "completed")) == n)
+        # Reloaded once it is back: still logged in (the token is the tab's), same run.
+        page.reload()
+        wait("live after a reload", lambda: page.locator("#connection").get_attribute("data-state") == "live")
+        check(page.locator("#login").is_hidden(), "a reload keeps the tab logged in")
+        check(number(fact(page, "completed")) == n, "the reloaded page shows the resumed run")
         action("start-agents")
         wait("rounds advance after the restart", lambda: number(fact(page, "completed")) >= n + 2, timeout=180)
         wait("va connected again", lambda: [s for s in sites_on_page(page) if s["name"] == "va"][0]["connected"], timeout=60)
@@ -252,6 +257,24 @@ def main():
         check(ok.get_attribute("class") is None, "a certificate with a year left is not flagged")
         page.unroute("**/api/v1/sites")
         say("OK a decline reason with markup is shown as text; expiring certificates are flagged")
+
+        # A run with differential privacy: the overview says what was spent, of what. (This run
+        # has none; the figures are put into the status the page reads, in the API's format.)
+        def private(route):
+            body = json.loads(route.fetch().text())
+            body["privacy"] = {"epsilon": 1.234, "delta": 1e-5, "target_epsilon": 3.0, "sites": 4, "sites_exhausted": 1}
+            body["site_level_privacy"] = {"epsilon": 0.5, "delta": 1e-5, "budget": 8.0, "noise_multiplier": 1.1,
+                                          "min_survivors": 3, "mode": "distributed", "clip": 1.0}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+        page.route("**/api/v1/status", private)
+        wait("the privacy budget is shown", lambda: "site-level" in fact(page, "privacy"))
+        spent = fact(page, "privacy")
+        check("example-level ε = 1.23 of 3 at δ = 1e-5 (1 of 4 sites exhausted)" in spent, spent)
+        check("site-level ε = 0.50 of 8 at δ = 1e-5 (distributed)" in spent, spent)
+        page.unroute("**/api/v1/status")
+        wait("no privacy again", lambda: fact(page, "privacy") == "no differential privacy in this run")
+        say("OK the privacy budget spent is shown")
 
         # Every request the page made is a GET of a path in the OpenAPI document.
         paths = sorted({(m, re.sub(r"^https?://[^/]+", "", u).split("?")[0]) for m, u in requests})
