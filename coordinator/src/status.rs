@@ -813,14 +813,7 @@ pub mod client {
             .send_request(req.body(Empty::<bytes::Bytes>::new())?)
             .await
             .with_context(|| format!("requesting {url}"))?;
-        let code = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .with_context(|| format!("reading the answer from {url}"))?
-            .to_bytes();
-        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+        answer(url, resp).await
     }
 
     async fn get_plain(url: &str, token: Option<&str>) -> Result<(u16, String)> {
@@ -836,6 +829,14 @@ pub mod client {
             .await
             .with_context(|| format!("{url}: no answer within 10 s"))?
             .with_context(|| format!("requesting {url}"))?;
+        answer(url, resp).await
+    }
+
+    /// The status code and the body, read whole (the API's answers are small).
+    async fn answer(
+        url: &str,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<(u16, String)> {
         let code = resp.status().as_u16();
         let body = resp
             .into_body()
