@@ -602,12 +602,10 @@ async fn rounds(
         }
     };
     let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
-    let page = q.page.unwrap_or(1).max(1);
-    let offset = match q.after {
-        Some(after) => usize::try_from(after).unwrap_or(usize::MAX),
-        None => (page - 1).saturating_mul(per_page),
+    let (offset, page) = match (q.after, q.page.unwrap_or(1).max(1)) {
+        (Some(after), _) => (usize::try_from(after).unwrap_or(usize::MAX), 1),
+        (None, page) => ((page - 1).saturating_mul(per_page), page),
     };
-    let page = if q.after.is_some() { 1 } else { page };
     match api.store.rounds_page(offset, per_page) {
         Ok((rounds, total)) => Json(RoundsPage {
             rounds,

@@ -60,6 +60,35 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is not in the scrape:\n{text}"))
 }
 
+/// A running coordinator of this file's tests: the run, the status API's base URL (when
+/// configured), the gRPC port, and each committed round as it comes.
+struct Started {
+    run: tokio::task::JoinHandle<anyhow::Result<cohort_coordinator::driver::RunSummary>>,
+    base: String,
+    port: u16,
+    report: tokio::sync::mpsc::UnboundedReceiver<cohort_coordinator::driver::RoundRecord>,
+}
+
+/// Starts `cfg` in the current runtime and waits until it listens.
+async fn start(cfg: CoordinatorConfig) -> Started {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (report_tx, report) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(cohort_coordinator::run_with_progress(
+        cfg,
+        Some(tx),
+        Some(report_tx),
+    ));
+    let endpoints = rx.await.unwrap();
+    Started {
+        run,
+        base: endpoints
+            .status
+            .map_or_else(String::new, |a| format!("http://{a}")),
+        port: endpoints.grpc.port(),
+        report,
+    }
+}
+
 #[test]
 fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,16 +98,12 @@ fn the_federation_accounts_for_every_noisy_sum_and_stops_before_its_budget() {
     let dim = cfg.model.spec().num_params() as u32;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (summary, rounds) = rt.block_on(async {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
-        let run = tokio::spawn(cohort_coordinator::run_with_progress(
-            coordinator(&pki, &data),
-            Some(tx),
-            Some(report_tx),
-        ));
-        let endpoints = rx.await.unwrap();
-        let base = format!("http://{}", endpoints.status.unwrap());
-        let port = endpoints.grpc.port();
+        let Started {
+            run,
+            base,
+            port,
+            mut report,
+        } = start(coordinator(&pki, &data)).await;
         let agents: Vec<_> = SITES
             .iter()
             .map(|s| tokio::spawn(cohort_agent::run(agent(&pki, s, port))))
@@ -208,14 +233,12 @@ fn run_plain(
 ) -> (cohort_coordinator::driver::RunSummary, Vec<(f64, f64)>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
-        let run = tokio::spawn(cohort_coordinator::run_with_progress(
-            plain_coordinator(pki, data, budget),
-            Some(tx),
-            Some(report_tx),
-        ));
-        let port = rx.await.unwrap().grpc.port();
+        let Started {
+            run,
+            port,
+            mut report,
+            ..
+        } = start(plain_coordinator(pki, data, budget)).await;
         let agents: Vec<_> = SITES
             .iter()
             .map(|s| tokio::spawn(cohort_agent::run(plain_agent(pki, s, port))))
@@ -294,16 +317,12 @@ fn each_site_keeps_its_own_site_level_budget_whatever_the_coordinator_counts() {
     let data = dir.path().join("data");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (result, declines) = rt.block_on(async {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (report_tx, mut report) = tokio::sync::mpsc::unbounded_channel();
-        let run = tokio::spawn(cohort_coordinator::run_with_progress(
-            coordinator(&pki, &data),
-            Some(tx),
-            Some(report_tx),
-        ));
-        let endpoints = rx.await.unwrap();
-        let base = format!("http://{}", endpoints.status.unwrap());
-        let port = endpoints.grpc.port();
+        let Started {
+            run,
+            base,
+            port,
+            mut report,
+        } = start(coordinator(&pki, &data)).await;
         let agents: Vec<_> = SITES
             .iter()
             .map(|s| {

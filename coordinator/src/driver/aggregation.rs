@@ -177,6 +177,19 @@ impl Driver {
         self.sidelined.insert(accuser.to_string());
     }
 
+    /// Adds the time of `stage` (the stage and when it opened), ended now, to the current
+    /// attempt's log; returns its name and seconds.
+    fn log_stage(&mut self, stage: &(ServerStage, Instant)) -> (String, f64) {
+        let (name, seconds) = (format!("{:?}", stage.0), stage.1.elapsed().as_secs_f64());
+        if let Some(log) = self.attempt_log.last_mut() {
+            log.stages.push(crate::records::StageTime {
+                stage: name.clone(),
+                seconds,
+            });
+        }
+        (name, seconds)
+    }
+
     /// Records the end of SecAgg+ stage `stage.0` (its duration) and the start of `now`.
     fn stage_changed(
         &mut self,
@@ -185,14 +198,8 @@ impl Driver {
         stage: &mut (ServerStage, Instant),
         now: ServerStage,
     ) {
-        let seconds = stage.1.elapsed().as_secs_f64();
-        self.metrics.stage(&format!("{:?}", stage.0), seconds);
-        if let Some(log) = self.attempt_log.last_mut() {
-            log.stages.push(crate::records::StageTime {
-                stage: format!("{:?}", stage.0),
-                seconds,
-            });
-        }
+        let (name, seconds) = self.log_stage(stage);
+        self.metrics.stage(&name, seconds);
         let open = !matches!(now, ServerStage::Done | ServerStage::Aborted);
         self.progress.set_stage(
             state,
@@ -297,12 +304,7 @@ impl Driver {
                 match server.poll(now_ms(clock)) {
                     Err(abort) => {
                         // The stage that was open when the attempt ended, for its log.
-                        if let Some(log) = self.attempt_log.last_mut() {
-                            log.stages.push(crate::records::StageTime {
-                                stage: format!("{:?}", stage.0),
-                                seconds: stage.1.elapsed().as_secs_f64(),
-                            });
-                        }
+                        self.log_stage(&stage);
                         // Whoever was refused in the failed attempt is counted, and left out of
                         // the round's next attempts: one lying site must not abort them all.
                         let rejected = self.record_rejections(round.round, &by_id, server.rejections());
